@@ -1,0 +1,100 @@
+"""``slm info``: what a model dir holds, read from its files without building the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from slmkit.models import checks, formats, lineage
+from slmkit.models.io import load_config
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+          "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
+    """Describe a model: architecture, parameters, dtypes, size, format and lineage.
+
+    Parameters are counted from the safetensors headers (tied weights are stored once).
+    Sparsity (fraction of exact zeros in 2-D weights) is measured by reading the tensors.
+    """
+    model_dir, config = load_config(ref)
+    files = checks.weight_files(model_dir)
+    headers = [checks.check_safetensors(f) for f in files]
+    dtypes: Counter[str] = Counter()
+    n_params = 0
+    weight_bytes = 0
+    expert_params = 0
+    for header in headers:
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for d in t["shape"]:
+                n *= d
+            n_params += n
+            dtypes[t["dtype"]] += n
+            weight_bytes += n * _BYTES.get(t["dtype"], 4)
+            if ".experts" in name:
+                expert_params += n
+    n_exp = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    k = getattr(config, "num_experts_per_tok", None)
+    active = n_params - expert_params + expert_params * k // n_exp if (n_exp and k) else n_params
+    fmt = formats.format_of(config)
+    info: dict[str, Any] = {
+        "path": str(model_dir),
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "model_type": config.model_type,
+        "params": n_params,
+        "active_params": active,
+        "dtype": dtypes.most_common(1)[0][0].lower() if dtypes else None,
+        "dtypes": dict(dtypes),
+        "weight_bytes": weight_bytes,
+        "size_on_disk": dir_size(model_dir),
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "context": getattr(config, "max_position_embeddings", None),
+        "format": fmt or "dense",
+        "compression": getattr(config, "slmkit", None) or {},
+        "quantization_config": _plain(getattr(config, "quantization_config", None)),
+        "lineage": lineage.read_lineage(model_dir, ref=os.fspath(ref)),
+    }
+    if sparsity:
+        info["sparsity"] = _sparsity(files)
+    return info
+
+
+def _plain(value):
+    if value is None:
+        return None
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
+def _sparsity(files: list[Path]) -> float:
+    """Fraction of exact zeros over all floating 2-D weight matrices."""
+    import torch
+    from safetensors import safe_open
+
+    zeros = total = 0
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                if not name.endswith("weight"):
+                    continue
+                t = st.get_slice(name)
+                if len(t.get_shape()) != 2 or t.get_dtype() not in ("F32", "F16", "BF16"):
+                    continue
+                w = st.get_tensor(name)
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    return zeros / total if total else 0.0

@@ -1,0 +1,1 @@
+"""YAML recipes chaining steps, and the quickstart."""
