@@ -107,7 +107,7 @@ def info(
     chain = data["lineage"]
     print_table("lineage (oldest first)", [
         (str(i), e.get("step") or "?", e.get("ref") or "", _short(e.get("params")),
-         _short(e.get("metrics")), (e.get("created_utc") or "")[:19])
+         _short(e.get("metrics")), (e.get("created_utc") or "")[:16].replace("T", " "))
         for i, e in enumerate(chain)], header=("#", "step", "model", "params", "metrics", "utc"))
 
 

@@ -115,8 +115,11 @@ def print_table(title: str, rows: Sequence[tuple[str, Any]] | Sequence[Sequence[
     table = Table(title=title, title_justify="left", show_header=header is not None)
     cols = header or ("", "")
     for i, name in enumerate(cols):
+        numeric = header is not None and i > 0 and all(
+            isinstance(row[i], (int, float)) or row[i] in (None, "")
+            for row in rows if i < len(row))
         table.add_column(str(name), style="bold" if i == 0 and header is None else None,
-                         justify="right" if i > 0 and header is not None else "left")
+                         justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
     console.print(table)
