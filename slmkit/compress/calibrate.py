@@ -1,0 +1,320 @@
+"""Layer-by-layer calibration: run a model one decoder block at a time on calibration data.
+
+Calibrated compression (GPTQ, AWQ, Wanda, SparseGPT, activation-aware SVD) needs the
+inputs each linear layer sees. Running the whole model with hooks everywhere keeps every
+block's activations alive and compresses block ``i`` against *dense* inputs. Instead
+(Frantar et al., 2022, "GPTQ", section 4; llm-compressor's sequential pipeline):
+
+1. capture the inputs of decoder block 0 on the calibration batches (the model runs only
+   up to block 0, then stops);
+2. for each block ``i``: call a per-block callback, which may hook the block's linears
+   (:func:`capture_linear_inputs`), run the block on its inputs (:meth:`BlockInputs.run`),
+   and compress it in place;
+3. run the *compressed* block ``i`` on its inputs; the outputs are block ``i+1``'s inputs.
+
+Peak extra memory is then one block's activations for the calibration set, and the errors
+of earlier compressed blocks are seen (and compensated) by later ones.
+
+Typical use (what GPTQ and SparseGPT do)::
+
+    batches = calibration_batches(tok, "stdlib", n_samples=128, seq_len=512)
+    def on_block(index, name, block, inputs):
+        linears = match_linears(block, targets, ignore)
+        for group in sequential_groups(block, inputs, linears):   # true-sequential
+            acc = {n: HessianAccumulator(linears[n]) for n in group}
+            with capture_linear_inputs({n: linears[n] for n in group},
+                                       lambda n, x: acc[n].add(x)):
+                inputs.run(block)
+            for n in group: compress(linears[n], acc[n].finalize())
+    calibrate_layer_by_layer(model, batches, on_block)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit.errors import DataError, ModelLoadError
+
+#: Where decoder blocks live in common architectures (tried in order).
+BLOCK_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
+               "transformer.blocks", "model.language_model.layers")
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 hook to stop the model once block 0's inputs are captured."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Locate the decoder blocks of a causal LM.
+
+    Returns:
+        ``(dotted_name, module_list)``, e.g. ``("model.layers", ModuleList[...])``.
+
+    Raises:
+        ModelLoadError: no known block list is found.
+    """
+    for path in BLOCK_PATHS:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path, mod
+    # Fallback: the longest ModuleList of identical module types.
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and \
+                len({type(m) for m in mod}) == 1 and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise ModelLoadError(f"Cannot find the decoder blocks of {type(model).__name__}; "
+                             "layer-by-layer compression supports decoder-only transformers "
+                             "with a list of blocks (model.layers / transformer.h).")
+    return best
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class BlockInputs:
+    """What one decoder block receives, for every calibration batch.
+
+    Attributes:
+        hidden: per batch, the hidden states ``[batch, seq, hidden]``.
+        args: per batch, the other positional arguments the model passed to the block.
+        kwargs: per batch, the keyword arguments (attention mask, position embeddings, ...).
+    """
+
+    hidden: list[torch.Tensor]
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @torch.no_grad()
+    def run(self, block: nn.Module) -> list[torch.Tensor]:
+        """Run ``block`` on every batch; returns the output hidden states per batch."""
+        outs = []
+        for h, a, kw in zip(self.hidden, self.args, self.kwargs):
+            out = block(h, *a, **kw)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outs
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
+        """The same masks/positions with new hidden states (the next block's inputs)."""
+        return BlockInputs(hidden=hidden, args=self.args, kwargs=self.kwargs)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> BlockInputs:
+    """Run the model on each batch of token ids until decoder block 0; record its inputs.
+
+    Args:
+        model: a causal LM (HF ``PreTrainedModel``).
+        batches: token id tensors ``[batch, seq]``.
+
+    Returns:
+        :class:`BlockInputs` for block 0.
+    """
+    _, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    captured = BlockInputs(hidden=[])
+
+    def hook(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        if rest:  # GPT-2 passes the cache positionally: drop it
+            rest = tuple(None if _is_cache(a) else a for a in rest)
+        captured.hidden.append(hidden.detach())
+        captured.args.append(_detach(rest))
+        captured.kwargs.append(_detach(kwargs))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _is_cache(value: Any) -> bool:
+    return type(value).__name__.endswith("Cache")
+
+
+@contextmanager
+def capture_linear_inputs(linears: dict[str, nn.Module],
+                          fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, x)`` with each listed linear's input while the context is open.
+
+    ``x`` is flattened to ``[tokens, in_features]`` (``x.reshape(-1, in)``), detached.
+    Works for ``nn.Linear``, GPT-2 ``Conv1D`` and slmkit's wrapped layers alike.
+    """
+    handles = []
+    for name, module in linears.items():
+        def hook(_m, args, _name=name):
+            x = args[0]
+            fn(_name, x.detach().reshape(-1, x.shape[-1]))  # [B, T, in] -> [B*T, in]
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, inputs: BlockInputs,
+                      linears: dict[str, nn.Module]) -> list[list[str]]:
+    """Group a block's linears by shared input, in execution order ("true sequential").
+
+    Linears that read the very same tensor (q/k/v after the attention norm, gate/up after
+    the MLP norm) form one group; groups come in the order the block runs them. GPTQ and
+    SparseGPT compress group by group, re-collecting statistics after each, so a later
+    group sees the already-compressed earlier ones.
+
+    Returns:
+        e.g. ``[["...q_proj", "...k_proj", "...v_proj"], ["...o_proj"],
+        ["...gate_proj", "...up_proj"], ["...down_proj"]]`` for a Llama block.
+    """
+    order: list[tuple[str, int]] = []
+    seen: set[str] = set()
+
+    def record(name: str, x: torch.Tensor) -> None:
+        if name not in seen:
+            seen.add(name)
+            order.append((name, id(x._base if x._base is not None else x)))
+
+    one = BlockInputs(inputs.hidden[:1], inputs.args[:1], inputs.kwargs[:1])
+    handles = []
+    for name, module in linears.items():
+        def hook(_m, args, _name=name):
+            record(_name, args[0])
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        one.run(block)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_key = None
+    for name, key in order:
+        if groups and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    groups += [[n] for n in linears if n not in seen]  # never ran (e.g. unused experts)
+    return groups
+
+
+BlockCallback = Callable[[int, str, nn.Module, BlockInputs], None]
+
+
+@torch.no_grad()
+def calibrate_layer_by_layer(model: nn.Module, batches: list[torch.Tensor],
+                             on_block: BlockCallback, desc: str = "calibrating") -> None:
+    """Run ``on_block`` on every decoder block in order, feeding compressed outputs forward.
+
+    Args:
+        model: a causal LM; modified in place by the callback.
+        batches: calibration token ids, a list of ``[batch, seq]`` tensors.
+        on_block: ``on_block(index, block_name, block, inputs)``; compresses ``block`` in
+            place. ``block_name`` is the full dotted name (``"model.layers.3"``) so that
+            ``match_linears(model, within=block_name)`` gives full linear names.
+        desc: progress bar label.
+    """
+    from slmkit.console import progress
+
+    path, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, batches)
+    with progress(desc, total=len(blocks)) as update:
+        for i, block in enumerate(blocks):
+            on_block(i, f"{path}.{i}", block, inputs)
+            inputs = inputs.with_hidden(inputs.run(block))
+            update(1, info=f"block {i + 1}/{len(blocks)}")
+
+
+def calibration_batches(tokenizer, data: str = "stdlib", split: str = "train",
+                        n_samples: int = 128, seq_len: int = 512, batch_size: int = 8,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """Random windows of ``seq_len`` tokens from a corpus, as ``[batch, seq]`` tensors.
+
+    Uses the corpus token cache (``slmkit.data.tokens.token_stream``) when available.
+
+    Raises:
+        DataError: the corpus has fewer than ``seq_len + 1`` tokens, or fewer tokens than
+            ``n_samples * seq_len / 4`` (too little for meaningful statistics).
+    """
+    import numpy as np
+
+    stream = _token_stream(data, tokenizer, split)
+    need = max(seq_len + 1, n_samples * seq_len // 4)
+    if len(stream) < need:
+        raise DataError(f"Calibration data '{data}' ({split} split) has only {len(stream):,} "
+                        f"tokens, fewer than the {need:,} needed for {n_samples} samples of "
+                        f"{seq_len} tokens; give more text or lower --calib-samples / "
+                        "--calib-seq-len.")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - seq_len, size=n_samples)
+    windows = np.stack([np.asarray(stream[s:s + seq_len], dtype=np.int64) for s in starts])
+    ids = torch.from_numpy(windows)  # [n_samples, seq_len]
+    return list(ids.split(batch_size))
+
+
+def _token_stream(data: str, tokenizer, split: str):
+    try:
+        from slmkit.data.tokens import token_stream
+    except ImportError:
+        token_stream = None
+    if token_stream is not None:
+        return token_stream(data, tokenizer, split)
+    # Fallback until the corpus layer exists: a slice of the stdlib, or a text file.
+    import numpy as np
+    from pathlib import Path
+
+    if data == "stdlib":
+        from slmkit.models.tokenizer import stdlib_sample
+
+        texts = list(stdlib_sample(max_files=60, max_bytes=2_000_000))
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise DataError(f"Calibration data '{data}' is not a file; pass a text file or "
+                            "'stdlib'.")
+        texts = [path.read_text(encoding="utf-8", errors="replace")]
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None
+                                                                      else [])
+    return np.asarray(ids, dtype=np.int64)
+
