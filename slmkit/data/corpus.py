@@ -1,0 +1,332 @@
+"""Corpora: turn a ``--data`` spec into a stream of documents.
+
+A spec is one string (or a list of them), each of:
+
+* ``"stdlib"``: the built-in corpus, the Python standard library's own source without its
+  test folders, plus the pydoc topics. Ids are ``"stdlib:<path relative to the stdlib
+  root>"`` (e.g. ``"stdlib:json/decoder.py"``) and ``"stdlib:pydoc_topics/<topic>"``.
+* a text file (``.txt``, ``.md``, ``.py``, ...): one document; files above
+  :data:`CHUNK_BYTES` are cut at line boundaries into documents ``"<path>#<n>"`` so that a
+  file larger than RAM still streams with bounded memory.
+* a ``.jsonl`` file: one document per line, with a ``text`` field, ``prompt``/``completion``
+  fields, or chat ``messages``. Ids are ``"<path>:<line>"``.
+* a directory (all files below it, recursively, hidden ones skipped) or a glob.
+
+Everything is streamed file by file; nothing joins the corpus into one string. Binary
+files are skipped and counted; non-UTF-8 text is decoded with replacement characters and
+counted, or refused when more than :data:`MAX_BAD_FRACTION` of a file is affected.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmkit.data.split import check_split, check_val_fraction, in_split
+from slmkit.errors import DataError
+
+#: Text files above this size are cut into documents of about this many bytes.
+CHUNK_BYTES = 4 << 20
+#: Share of a file's characters that may be undecodable before the file is refused.
+MAX_BAD_FRACTION = 0.01
+#: Folders left out of the stdlib corpus (tests, installed packages, caches).
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
+                    "__pycache__"}
+_SNIFF_BYTES = 8192
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus.
+
+    Attributes:
+        id: stable id; the train/val split is a hash of it.
+        text: the document as one string (what pretraining and tokenizer training read).
+        prompt: for ``prompt``/``completion`` JSONL rows, the prompt part; ``text`` is then
+            ``prompt + completion`` and SFT can mask the prompt tokens.
+        messages: for chat JSONL rows, the ``[{"role", "content"}, ...]`` list; ``text`` is
+            then the ChatML rendering of it.
+    """
+
+    id: str
+    text: str
+    prompt: str | None = None
+    messages: list | None = None
+
+
+@dataclass
+class CorpusStats:
+    """What a pass over a corpus saw; filled in by :func:`iter_documents`."""
+
+    files: int = 0
+    documents: int = 0          # documents in the corpus, before the split
+    yielded: int = 0            # documents of the requested split
+    chars: int = 0              # characters in the yielded documents
+    bytes: int = 0              # UTF-8 bytes in the yielded documents
+    skipped_binary: int = 0
+    skipped_empty: int = 0
+    replaced_files: int = 0     # non-UTF-8 files decoded with replacement characters
+    replaced_chars: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def note_skip(self, path: str) -> None:
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(path)
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """Key/value rows for a result table (what was read and what was skipped)."""
+        rows = [("documents", f"{self.yielded:,} of {self.documents:,} "
+                              f"({self.files:,} files)"),
+                ("text", f"{self.bytes:,} bytes")]
+        if self.skipped_binary:
+            rows.append(("skipped (binary)", f"{self.skipped_binary:,} files, e.g. "
+                                             f"{', '.join(self.skipped_examples[:2])}"))
+        if self.skipped_empty:
+            rows.append(("skipped (empty)", f"{self.skipped_empty:,}"))
+        if self.replaced_files:
+            rows.append(("non-UTF-8 (replaced)", f"{self.replaced_files:,} files, "
+                                                 f"{self.replaced_chars:,} characters"))
+        return rows
+
+
+def stdlib_root() -> Path:
+    """The directory holding the running Python's standard library source."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def iter_documents(spec: str | list[str], split: str = "all", val_fraction: float = 0.05,
+                   stats: CorpusStats | None = None) -> Iterator[Document]:
+    """Stream the documents of a corpus, in a deterministic order.
+
+    Args:
+        spec: ``"stdlib"``, a file, a directory, a glob or a ``.jsonl`` file, or a list.
+        split: ``"all"``, ``"train"`` or ``"val"`` (see :mod:`slmkit.data.split`).
+        val_fraction: share of documents held out for validation.
+        stats: filled in while iterating (files, documents, skipped, replaced).
+
+    Yields:
+        :class:`Document` objects of the requested split.
+
+    Raises:
+        DataError: a path that does not exist, a glob matching nothing, malformed JSONL
+            (naming file and line), a file with too much undecodable text, or a corpus
+            with no documents at all.
+    """
+    check_split(split)
+    val_fraction = check_val_fraction(val_fraction)
+    stats = stats if stats is not None else CorpusStats()
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise DataError("--data is empty; pass 'stdlib', a file, a directory, a glob or a "
+                        ".jsonl file.")
+    sources = [_resolve(os.fspath(s)) for s in specs]   # fail fast before streaming
+    for source in sources:
+        for doc in source(stats):
+            stats.documents += 1
+            if in_split(doc.id, split, val_fraction):
+                stats.yielded += 1
+                stats.chars += len(doc.text)
+                stats.bytes += len(doc.text.encode("utf-8", errors="replace"))
+                yield doc
+    if stats.documents == 0:
+        raise DataError(f"The corpus '{_describe(specs)}' has no documents (all files are "
+                        "empty or binary); point --data at text files.")
+
+
+def _describe(specs: list) -> str:
+    text = ", ".join(os.fspath(s) for s in specs)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _resolve(spec: str):
+    """Turn one spec string into a function ``stats -> Iterator[Document]``."""
+    if spec == "stdlib":
+        return _stdlib_documents
+    if any(c in _GLOB_CHARS for c in spec) and not Path(spec).exists():
+        matches = sorted(p for p in globlib.glob(os.path.expanduser(spec), recursive=True)
+                         if Path(p).is_file())
+        if not matches:
+            raise DataError(f"The glob '{spec}' matches no files; check the pattern (quote it "
+                            "so the shell does not expand it).")
+        return lambda stats: _files_documents([Path(p) for p in matches], stats)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in _walk(path))
+        return lambda stats: _files_documents(files, stats)
+    if path.is_file():
+        return lambda stats: _files_documents([path], stats)
+    raise DataError(f"--data '{spec}' does not exist; pass 'stdlib', an existing file, a "
+                    "directory, a glob or a .jsonl file.")
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _files_documents(files: list[Path], stats: CorpusStats) -> Iterator[Document]:
+    for path in files:
+        if path.suffix.lower() == ".jsonl":
+            stats.files += 1
+            yield from _jsonl_documents(path, stats)
+        else:
+            yield from _text_documents(path, str(path), stats)
+
+
+# --------------------------------------------------------------------------- text files
+
+def _text_documents(path: Path, doc_id: str, stats: CorpusStats,
+                    strict_limit: bool = True) -> Iterator[Document]:
+    """One text file as one document, or as line-aligned chunks when it is large.
+
+    Binary files (a NUL byte in the first 8 KiB) are skipped and counted. Undecodable bytes
+    become U+FFFD; above :data:`MAX_BAD_FRACTION` of the file the file is refused
+    (``strict_limit``) or skipped.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"Cannot read '{path}' ({e.strerror}); check its permissions.") from None
+    with f:
+        head = f.read(_SNIFF_BYTES)
+        if b"\x00" in head:
+            stats.skipped_binary += 1
+            stats.note_skip(str(path))
+            return
+        stats.files += 1
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        chunk_index, pending, bad, total, data = 0, "", 0, 0, head
+        while True:
+            more = f.read(min(1 << 20, max(CHUNK_BYTES, 4096)))
+            text = decoder.decode(data, final=not more)
+            bad += text.count("\ufffd")
+            total += len(text)
+            pending += text
+            if bad > MAX_BAD_FRACTION * total and total >= 100:
+                if strict_limit:
+                    raise DataError(
+                        f"'{path}' is not UTF-8 text ({bad:,} of {total:,} characters cannot "
+                        "be decoded); convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
+                        "or remove it from --data.")
+                stats.skipped_binary += 1
+                stats.note_skip(str(path))
+                return
+            # Emit documents of about CHUNK_BYTES cut after a line break; at EOF, the rest.
+            while pending and (len(pending) >= CHUNK_BYTES or not more):
+                cut = (pending.rfind("\n", 0, CHUNK_BYTES) + 1 or CHUNK_BYTES) if more \
+                    else len(pending)
+                piece, pending = pending[:cut], pending[cut:]
+                chunked = chunk_index > 0 or bool(more) or bool(pending)   # cut: "#n" ids
+                if piece.strip():
+                    yield Document(f"{doc_id}#{chunk_index}" if chunked else doc_id, piece)
+                    chunk_index += 1
+            if not more:
+                break
+            data = more
+        if chunk_index == 0:
+            stats.skipped_empty += 1
+        if bad:
+            stats.replaced_files += 1
+            stats.replaced_chars += bad
+
+
+# --------------------------------------------------------------------------- JSONL
+
+def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[Document]:
+    """One document per JSONL line: ``text``, ``prompt``/``completion`` or ``messages``."""
+    try:
+        f = open(path, encoding="utf-8", errors="strict")
+    except OSError as e:
+        raise DataError(f"Cannot read '{path}' ({e.strerror}); check its permissions.") from None
+    with f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise DataError(f"{path} line {lineno + 1} is not UTF-8; re-save the file "
+                                "as UTF-8.") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg} at column "
+                                f"{e.colno}); fix or remove that line.") from None
+            doc = _row_document(row, f"{path}:{lineno}", path, lineno)
+            if doc.text.strip():
+                yield doc
+            else:
+                stats.skipped_empty += 1
+
+
+def _row_document(row, doc_id: str, path: Path, lineno: int) -> Document:
+    where = f"{path} line {lineno}"
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is a JSON {type(row).__name__}, not an object; each line "
+                        "needs a 'text', 'prompt'/'completion' or 'messages' field.")
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise DataError(f"{where} has a non-string 'text' field; make it a string.")
+        return Document(doc_id, row["text"])
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{where} has a non-string 'prompt' or 'completion'; make both "
+                            "strings.")
+        return Document(doc_id, prompt + completion, prompt=prompt)
+    if "messages" in row:
+        messages = row["messages"]
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)
+        if not ok:
+            raise DataError(f"{where} has a malformed 'messages' field; it must be a non-empty "
+                            'list of {"role": ..., "content": ...} objects with string values.')
+        return Document(doc_id, render_chatml(messages), messages=messages)
+    raise DataError(f"{where} has none of the fields 'text', 'prompt'+'completion' or "
+                    f"'messages' (found: {', '.join(sorted(row)) or 'none'}); add one.")
+
+
+def render_chatml(messages: list[dict]) -> str:
+    """Render chat messages as ChatML text (the template :mod:`slmkit.models.tokenizer` uses)."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+# --------------------------------------------------------------------------- stdlib
+
+def _stdlib_documents(stats: CorpusStats) -> Iterator[Document]:
+    """The stdlib's ``.py`` files (sorted, test folders skipped), then the pydoc topics."""
+    root = stdlib_root()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            rel = (rel_dir / name).as_posix()
+            if rel == "pydoc_data/topics.py":   # its content comes as topic documents below
+                continue
+            yield from _text_documents(Path(dirpath) / name, f"stdlib:{rel}", stats,
+                                       strict_limit=False)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - some distributions strip pydoc_data
+        return
+    for name in sorted(topics):
+        stats.files += 1
+        yield Document(f"stdlib:pydoc_topics/{name}", topics[name])
