@@ -20,6 +20,7 @@ from slmkit.errors import ModelLoadError
 #: format name -> "module:function". The function is called as
 #: ``fn(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, device: str) -> nn.Module``.
 FORMATS: dict[str, str] = {}
+FORMATS["lowrank"] = "slmkit.nn.lowrank:load_lowrank"  # slm factorize (B @ A factors)
 
 
 def register_format(name: str, target: str) -> None:

@@ -1,0 +1,1 @@
+"""Low-rank factorization: SVD and activation-aware SVD (``slm factorize``)."""
