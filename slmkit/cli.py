@@ -56,24 +56,17 @@ def init(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Create a randomly initialised model from a preset."""
-    from slmkit.models import load_tokenizer, save_model
-    from slmkit.models.presets import count_params, init_model, parse_overrides
+    from slmkit.models.presets import InitConfig, parse_overrides, run_init
 
-    overrides = parse_overrides(set_)
-    tok = load_tokenizer(tokenizer)
-    model = init_model(preset, tok, overrides, seed=seed)
-    counts = count_params(model)
-    params = {"preset": preset, "tokenizer": str(tokenizer), "overrides": overrides, "seed": seed}
-    final = save_model(model, tok, out, step="init", params=params,
-                       metrics={"params": counts["total"], "active_params": counts["active"]},
-                       overwrite=overwrite)
-    from slmkit.models.info import dir_size
-
-    rows = [("preset", preset), ("architecture", type(model).__name__),
-            ("parameters", f"{counts['total']:,} ({human_count(counts['total'])})")]
-    if counts["active"] != counts["total"]:
-        rows.append(("active per token", f"{counts['active']:,} ({human_count(counts['active'])})"))
-    rows += [("size on disk", human_bytes(dir_size(final))), ("written to", str(final))]
+    cfg = InitConfig(preset=preset, tokenizer=str(tokenizer), out=str(out),
+                     set=parse_overrides(set_), seed=seed, overwrite=overwrite)
+    res = run_init(cfg)
+    rows = [("preset", preset), ("architecture", res["architecture"]),
+            ("parameters", f"{res['params']:,} ({human_count(res['params'])})")]
+    if res["active_params"] != res["params"]:
+        rows.append(("active per token",
+                     f"{res['active_params']:,} ({human_count(res['active_params'])})"))
+    rows += [("size on disk", human_bytes(res["size_on_disk"])), ("written to", res["out"])]
     print_table("slm init", rows)
 
 

@@ -135,3 +135,40 @@ def count_params(model) -> dict[str, int]:
     if n_exp and k and experts:
         active = total - experts + experts * k // n_exp
     return {"total": total, "active": active}
+
+
+# --------------------------------------------------------------------------- the `init` step
+
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+
+class InitConfig(BaseModel):
+    """Options of ``slm init`` and of the ``init`` recipe step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field(description="nano, micro, small, base, micro-swa or micro-moe")
+    tokenizer: str = Field(description="tokenizer (or model) directory")
+    out: str | None = Field(default=None, description="output model directory")
+    set: dict[str, Any] = Field(default_factory=dict, description="config field overrides")
+    seed: int = 0
+    overwrite: bool = False
+
+
+def run_init(cfg: InitConfig) -> dict[str, Any]:
+    """Create and save a preset model; returns the figures the CLI prints."""
+    from slmkit.models.info import dir_size
+    from slmkit.models.io import load_tokenizer, save_model
+
+    if cfg.out is None:
+        raise ConfigError("init needs an output directory; pass --out DIR.")
+    tok = load_tokenizer(cfg.tokenizer)
+    model = init_model(cfg.preset, tok, cfg.set, seed=cfg.seed)
+    counts = count_params(model)
+    params = {"preset": cfg.preset, "tokenizer": cfg.tokenizer, "overrides": cfg.set,
+              "seed": cfg.seed}
+    final = save_model(model, tok, cfg.out, step="init", params=params,
+                       metrics={"params": counts["total"], "active_params": counts["active"]},
+                       overwrite=cfg.overwrite)
+    return {"architecture": type(model).__name__, "params": counts["total"],
+            "active_params": counts["active"], "size_on_disk": dir_size(final), "out": str(final)}
