@@ -111,6 +111,38 @@ def _short(d: dict | None, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# --------------------------------------------------------------------------- tokenizer, train
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: list[str] = typer.Option(["stdlib"], "--data", "-d", help="Corpus: 'stdlib', a file, "
+                                   "dir, glob or .jsonl (repeatable)."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Total vocabulary size."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output tokenizer directory."),
+    val_fraction: float = typer.Option(0.05, help="Share of documents held out to measure "
+                                       "bytes per token."),
+    min_frequency: int = typer.Option(2, help="Minimum pair count for a merge."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Train a byte-level BPE tokenizer (GPT-2 regex, bos/eos/pad, ChatML template)."""
+    from slmkit.models.tokenizer import train_tokenizer_on_corpus
+
+    spec = data[0] if len(data) == 1 else data
+    res = train_tokenizer_on_corpus(spec, vocab_size, out, val_fraction=val_fraction,
+                                    min_frequency=min_frequency, overwrite=overwrite)
+    val = res["val"]
+    rows = [("vocabulary", res["vocab_size"]), *res["train"].summary_rows()]
+    if val:
+        rows.append(("val bytes/token", f"{val['bytes_per_token']:.3f}  ({val['documents']:,} "
+                                        f"docs, {val['tokens']:,} tokens)"))
+    rows.append(("written to", res["out"]))
+    print_table("slm tokenizer train", rows)
+
+
 # --------------------------------------------------------------------------- quickstart
 
 @app.command()

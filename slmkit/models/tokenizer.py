@@ -97,3 +97,58 @@ def stdlib_sample(max_files: int = 200, max_bytes: int = 4_000_000) -> Iterator[
         yield text
         if total >= max_bytes:
             break
+
+
+def bytes_per_token(tokenizer, texts: Iterable[str]) -> dict:
+    """Compression of ``tokenizer`` on ``texts``: UTF-8 bytes per token (higher is better).
+
+    Returns:
+        ``{"documents", "bytes", "tokens", "bytes_per_token"}``.
+    """
+    n_docs = n_bytes = n_tokens = 0
+    for batch in _batches(texts, 64):
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        n_docs += len(batch)
+        n_bytes += sum(len(t.encode("utf-8", errors="replace")) for t in batch)
+        n_tokens += sum(len(x) for x in ids)
+    return {"documents": n_docs, "bytes": n_bytes, "tokens": n_tokens,
+            "bytes_per_token": n_bytes / max(n_tokens, 1)}
+
+
+def train_tokenizer_on_corpus(data, vocab_size: int, out, val_fraction: float = 0.05,
+                              min_frequency: int = 2, overwrite: bool = False) -> dict:
+    """Train a tokenizer on the train split of a corpus and save it as a HF tokenizer dir.
+
+    Only training documents are seen during training; compression (bytes per token) is
+    measured on the validation split, so the figure is not flattered by memorised merges.
+
+    Args:
+        data: corpus spec (see :func:`slmkit.data.corpus.iter_documents`).
+        vocab_size: total vocabulary size.
+        out: output directory (written atomically; must not exist unless ``overwrite``).
+        val_fraction: share of documents held out for the compression figure.
+
+    Returns:
+        A dict of results: ``out``, ``vocab_size``, ``train`` (a ``CorpusStats``), and the
+        validation ``bytes_per_token`` figures (empty when the split has no documents).
+    """
+    from slmkit.console import track
+    from slmkit.data.corpus import CorpusStats, iter_documents
+    from slmkit.models.io import atomic_dir, prepare_out_dir
+    from slmkit.models.lineage import make_record, write_record
+
+    prepare_out_dir(out, overwrite)[1].rmdir()   # fail fast on a bad --out, before training
+    stats = CorpusStats()
+    docs = (d.text for d in track(iter_documents(data, "train", val_fraction, stats=stats),
+                                  "reading corpus"))
+    tok = train_tokenizer(docs, vocab_size=vocab_size, min_frequency=min_frequency)
+    val_texts = (d.text for d in iter_documents(data, "val", val_fraction))
+    val = bytes_per_token(tok, val_texts) if val_fraction > 0 else {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        tok.save_pretrained(tmp)
+        params = {"data": data, "vocab_size": vocab_size, "val_fraction": val_fraction,
+                  "min_frequency": min_frequency}
+        write_record(tmp, make_record("tokenizer", params, {
+            "vocab_size": len(tok), "val_bytes_per_token": val.get("bytes_per_token"),
+            "train_documents": stats.yielded, "train_bytes": stats.bytes}, []))
+    return {"out": str(out), "vocab_size": len(tok), "train": stats, "val": val}
