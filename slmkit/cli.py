@@ -143,6 +143,71 @@ def tokenizer_train(
     print_table("slm tokenizer train", rows)
 
 
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", "-m", help="Preset (nano, micro, ...) or model "
+                              "dir for continued pretraining."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer dir "
+                                             "(required with a preset)."),
+    data: list[str] = typer.Option(["stdlib"], "--data", "-d", help="Corpus: 'stdlib', a "
+                                   "file, dir, glob or .jsonl (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many training tokens."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+    seq_len: int = typer.Option(256, help="Tokens per training sequence."),
+    batch_size: int = typer.Option(16, help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate."),
+    warmup_steps: int = typer.Option(50, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.1, help="AdamW decay (matrices only)."),
+    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm (0 = off)."),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (default: bf16 where "
+                                            "the CPU supports it)."),
+    val_fraction: float = typer.Option(0.05, help="Share of documents held out."),
+    eval_every: int = typer.Option(100, help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(100, help="Checkpoint every N steps."),
+    keep_checkpoints: int = typer.Option(2, help="Keep the last K checkpoints."),
+    seed: int = typer.Option(0, help="Seed for init, data order and dropout."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+) -> None:
+    """Pretrain (or continue pretraining) a causal LM with the LM objective."""
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.run import run_training
+
+    cfg = TrainConfig.from_cli(
+        model=model, tokenizer=str(tokenizer) if tokenizer else None,
+        data=data[0] if len(data) == 1 else data, out=str(out), max_steps=max_steps,
+        max_tokens=max_tokens, max_minutes=max_minutes, seq_len=seq_len,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, precision=precision,
+        val_fraction=val_fraction, eval_every=eval_every, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, seed=seed, resume=resume, overwrite=overwrite,
+        compile=compile_)
+    result = run_training(cfg)
+    print_table("slm train", result.summary_rows())
+
+
+# --------------------------------------------------------------------------- recipes
+
+@app.command("run")
+def run_recipe_cmd(
+    recipe: Path = typer.Argument(..., help="A YAML recipe (see recipes/)."),
+    workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; run nothing."),
+    force: bool = typer.Option(False, help="Rerun every step, ignoring the cache."),
+) -> None:
+    """Run a YAML recipe: a chain of steps, cached by config hash."""
+    from slmkit.pipeline.recipe import load_recipe
+    from slmkit.pipeline.runner import print_summary, run_recipe
+
+    rec = load_recipe(recipe, workdir)
+    results = run_recipe(rec, dry_run=dry_run, force=force)
+    print_summary(results, title=f"slm run {recipe}" + (" (dry run)" if dry_run else ""))
+
+
 # --------------------------------------------------------------------------- quickstart
 
 @app.command()
@@ -153,6 +218,153 @@ def quickstart(
     from slmkit.pipeline.quickstart import run_quickstart
 
     run_quickstart(out)
+
+
+# --------------------------------------------------------------------------- prune / factorize
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    method: str = typer.Option("wanda", "--method", "-m",
+                               help="magnitude, wanda or sparsegpt (unstructured / N:M)."),
+    sparsity: float = typer.Option(0.5, help="Fraction of weights to remove, in [0, 1)."),
+    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4."),
+    structured: bool = typer.Option(False, "--structured", help="Remove whole heads, MLP "
+                                    "channels, hidden channels and layers (smaller dense model)."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Structured: "
+                                                  "keep this fraction of parameters, e.g. 0.75."),
+    heads: Optional[int] = typer.Option(None, help="Structured: attention heads to remove per "
+                                        "layer."),
+    mlp_channels: Optional[int] = typer.Option(None, "--mlp-channels", help="Structured: MLP "
+                                               "channels to remove per layer."),
+    hidden: Optional[int] = typer.Option(None, help="Structured: hidden (embedding) channels to "
+                                         "remove."),
+    drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="Structured: whole "
+                                              "layers to remove."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Regex of linears to "
+                                                "prune (repeatable; default all but lm_head)."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Regex of linears to "
+                                               "skip (repeatable; default lm_head)."),
+    data: str = typer.Option("stdlib", help="Calibration corpus (stdlib, file, dir, glob)."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration windows."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per window."),
+    damp: float = typer.Option(0.01, help="SparseGPT relative Hessian dampening."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Prune weights (magnitude, Wanda, SparseGPT, N:M) or structure (--structured)."""
+    from slmkit.models import load_model, save_model
+    from slmkit.models.info import dir_size
+
+    if structured:
+        from slmkit.compress.prune.structured import StructuredSettings, structured_prune
+
+        st = StructuredSettings(target_params=target_params, heads=heads,
+                                mlp_channels=mlp_channels, hidden=hidden,
+                                drop_layers=drop_layers, data=data, calib_samples=calib_samples,
+                                calib_seq_len=calib_seq_len)
+        st.validate_shape_free()
+        net, tok = load_model(model)
+        result = structured_prune(net, tok, st)
+        final = save_model(result.model, tok, out, step="prune", overwrite=overwrite,
+                           params={"structured": True, **st.as_dict()}, metrics=result.metrics())
+        print_table("removed", result.removed_rows(), header=("part", "before", "after",
+                                                               "removed"))
+        print_table("slm prune --structured", [
+            ("parameters", f"{result.params_before:,} -> {result.params_after:,} "
+                           f"({result.params_after / result.params_before:.1%})"),
+            ("calibration loss", f"{result.loss_before:.3f} -> {result.loss_after:.3f}"),
+            ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
+        return
+
+    from slmkit.compress.prune.modifier import PruneSettings, prune_model
+
+    settings = PruneSettings(method=method, sparsity=sparsity, pattern=pattern, targets=targets,
+                             ignore=ignore, data=data, calib_samples=calib_samples,
+                             calib_seq_len=calib_seq_len, damp=damp)
+    settings.validate()
+    net, tok = load_model(model)
+    report = prune_model(net, tok, settings)
+    params = {k: v for k, v in vars(settings).items() if v is not None}
+    if settings.method == "magnitude":
+        for k in ("data", "calib_samples", "calib_seq_len", "damp", "block_size", "seed"):
+            params.pop(k, None)
+    final = save_model(net, tok, out, step="prune", overwrite=overwrite, params=params,
+                       metrics={"sparsity": round(report.overall, 6),
+                                "layer_sparsity": {k: round(v, 6)
+                                                   for k, v in report.layers.items()}})
+    print_table("achieved sparsity per layer",
+                [(name, f"{s:.1%}") for name, s in report.layers.items()],
+                header=("layer", "sparsity"))
+    print_table("slm prune", [
+        ("method", settings.method + (f" {settings.pattern}" if settings.pattern else "")),
+        ("layers pruned", len(report.layers)),
+        ("sparsity (pruned layers)", f"{report.overall:.1%}"),
+        ("zeros", f"{report.zeros:,} of {report.total:,}"),
+        ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
+
+
+@app.command()
+def factorize(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    method: str = typer.Option("svd", "--method", "-m", help="svd or asvd (activation-aware)."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction of each layer's parameters to "
+                                          "keep, in (0, 1) (default 0.8)."),
+    energy: Optional[float] = typer.Option(None, help="Fraction of spectral energy to keep "
+                                           "(instead of --ratio)."),
+    merge: bool = typer.Option(False, "--merge", help="Write a dense model (B @ A merged "
+                               "back); on a low-rank input, only merge."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Regex of linears to "
+                                                "factorize (repeatable; default all but lm_head)."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Regex of linears to "
+                                               "skip (repeatable; default lm_head)."),
+    data: str = typer.Option("stdlib", help="Calibration corpus for asvd."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration windows."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per window."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Replace linears by low-rank factors B @ A (SVD or activation-aware SVD)."""
+    from slmkit.compress.factorize.modifier import FactorizeSettings, factorize_model
+    from slmkit.models import load_model, save_model
+    from slmkit.models.info import dir_size
+    from slmkit.nn.lowrank import lowrank_modules, merge_lowrank
+
+    settings = FactorizeSettings(method=method, ratio=ratio, energy=energy, targets=targets,
+                                 ignore=ignore, data=data, calib_samples=calib_samples,
+                                 calib_seq_len=calib_seq_len)
+    net, tok = load_model(model)
+    if lowrank_modules(net):
+        if not merge:
+            raise SlmError(f"'{model}' is already factorized; pass --merge to turn it back "
+                           "into a dense model, or factorize its dense parent.")
+        n = merge_lowrank(net)
+        final = save_model(net, tok, out, step="factorize-merge", overwrite=overwrite,
+                           params={"merge": True})
+        print_table("slm factorize --merge", [("layers merged", n),
+                                              ("size on disk", human_bytes(dir_size(final))),
+                                              ("written to", str(final))])
+        return
+    settings.validate()
+    report = factorize_model(net, tok, settings)
+    ranks = dict(report.ranks)
+    if merge:
+        merge_lowrank(net)
+    params = {k: v for k, v in vars(settings).items() if v is not None}
+    params["merge"] = merge
+    final = save_model(net, tok, out, step="factorize", overwrite=overwrite, params=params,
+                       metrics={"factored_params": report.factored_params,
+                                "dense_params": report.dense_params, "ranks": ranks})
+    print_table("ranks per layer", [(n, r) for n, r in ranks.items()] +
+                [(n, "dense (no saving)") for n in report.skipped], header=("layer", "rank"))
+    print_table("slm factorize", [
+        ("method", settings.method), ("target", f"ratio {settings.ratio}" if settings.ratio
+                                      else f"energy {settings.energy}"),
+        ("layers factorized", f"{len(ranks)} (kept dense: {len(report.skipped)})"),
+        ("targeted parameters", f"{report.dense_params:,} -> {report.factored_params:,} "
+                                f"({report.factored_params / max(1, report.dense_params):.1%})"),
+        ("format", "dense (merged)" if merge else "lowrank"),
+        ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
 
 
 # --------------------------------------------------------------------------- entry point

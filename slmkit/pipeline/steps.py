@@ -1,0 +1,48 @@
+"""The recipe step kinds: each maps to the same pydantic config and library call as its verb.
+
+A step kind is registered as ``"module:ConfigClass"`` and ``"module:run_function"``. The
+runner sets the config's output field to the step's directory, so recipes never name
+outputs; they refer to earlier steps by name (``model: ${teacher}``).
+
+``run_function(config) -> dict`` writes the step's output (atomically) and returns the
+figures it measured, which appear in the run's summary table.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """How to validate and run one kind of recipe step."""
+
+    config: str            # "module:PydanticModel"
+    run: str               # "module:function" taking the validated config
+    out_field: str = "out"  # config field that receives the step's output directory
+    resumable: bool = False  # the run function accepts resume=True after an interruption
+    description: str = ""
+
+    def config_class(self):
+        return _resolve(self.config)
+
+    def run_function(self) -> Callable[..., dict[str, Any] | None]:
+        return _resolve(self.run)
+
+
+def _resolve(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+#: Step kinds available in this version. Names follow the CLI verbs.
+STEP_KINDS: dict[str, StepKind] = {
+    "init": StepKind("slmkit.models.presets:InitConfig", "slmkit.models.presets:run_init",
+                     description="a randomly initialised model from a preset"),
+}
+
+#: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
+PLANNED = ("tokenizer", "train", "distill", "prune", "quantize", "factorize", "finetune",
+           "augment", "eval", "compare", "export")

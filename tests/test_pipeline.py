@@ -1,0 +1,148 @@
+"""Recipes: validation errors with file:line:field, caching, downstream invalidation."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from slmkit.errors import ConfigError
+from slmkit.pipeline.recipe import load_recipe
+from slmkit.pipeline.runner import plan, run_recipe
+
+
+def _write(tmp_path, body: str, name: str = "r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _chain(tok: str, layers: int = 2, wd: str = "work") -> str:
+    return f"""\
+        workdir: {wd}
+        steps:
+          - name: a
+            step: init
+            preset: nano
+            tokenizer: {tok}
+            set: {{num_hidden_layers: {layers}}}
+          - name: b
+            step: init
+            preset: nano
+            tokenizer: ${{a}}
+          - name: c
+            step: init
+            preset: nano
+            tokenizer: {tok}
+        """
+
+
+@pytest.mark.parametrize("body, line, fragment", [
+    ("""\
+     steps:
+       - name: a
+         step: teleport
+     """, 3, "unknown step kind 'teleport'"),
+    ("""\
+     steps:
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: t
+         sed: 3
+     """, 6, "'sed' is not an option of the 'init' step"),
+    ("""\
+     steps:
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: t
+         seed: lots
+     """, 6, "field 'seed'"),
+    ("""\
+     steps:
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: ${ghost}
+     """, 5, "${ghost} names no step"),
+    ("""\
+     steps:
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: ${b}
+       - name: b
+         step: init
+         preset: nano
+         tokenizer: ${a}
+     """, None, "cycle"),
+    ("""\
+     steps:
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: t
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: t
+     """, 6, "already used on line 2"),
+    ("""\
+     steps:
+       - name: a
+         step: init
+         preset: nano
+         tokenizer: t
+         out: somewhere
+     """, 6, "set by the pipeline"),
+    ("steps: [oops\n", 2, "invalid YAML"),
+])
+def test_validation_errors_name_file_line_field(tmp_path, body, line, fragment):
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}:"), msg
+    if line is not None:
+        assert msg.startswith(f"{path}:{line}:"), msg
+    assert fragment in msg
+
+
+def test_cache_hits_misses_and_downstream_invalidation(tmp_path, tokenizer_dir):
+    path = _write(tmp_path, _chain(tokenizer_dir, wd=str(tmp_path / "work")))
+    recipe = load_recipe(path)
+    assert [s.name for s in recipe.steps] == ["a", "b", "c"]
+    first = run_recipe(recipe)
+    assert [r.status for r in first] == ["ran", "ran", "ran"]
+    again = run_recipe(load_recipe(path))
+    assert [r.status for r in again] == ["cached", "cached", "cached"]
+    # change an option of `a`: a and its dependant b rerun; c does not
+    path = _write(tmp_path, _chain(tokenizer_dir, layers=3, wd=str(tmp_path / "work")))
+    changed = load_recipe(path)
+    assert [cached for _, _, cached in plan(changed)] == [False, False, True]
+    third = run_recipe(changed)
+    assert [r.status for r in third] == ["ran", "ran", "cached"]
+    import json
+
+    cfg = json.loads((tmp_path / "work" / "a" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+
+
+def test_lost_output_reruns(tmp_path, tokenizer_dir):
+    import shutil
+
+    path = _write(tmp_path, _chain(tokenizer_dir, wd=str(tmp_path / "work")))
+    run_recipe(load_recipe(path))
+    shutil.rmtree(tmp_path / "work" / "c")
+    assert [r.status for r in run_recipe(load_recipe(path))] == ["cached", "cached", "ran"]
+
+
+def test_cli_dry_run_and_errors(cli, tmp_path, tokenizer_dir):
+    path = _write(tmp_path, _chain(tokenizer_dir, wd=str(tmp_path / "work")))
+    r = cli("run", path, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("planned: run") == 3 and not (tmp_path / "work").exists()
+    bad = _write(tmp_path, "steps:\n  - name: a\n    step: teleport\n", "bad.yaml")
+    r = cli("run", bad)
+    assert r.returncode == 2 and f"{bad}:3:" in r.stderr and "Traceback" not in r.stderr
