@@ -1,0 +1,201 @@
+"""Model runners: run a batch of rows, each continuing its own sequence in a cache slot.
+
+Two runners share one interface, :meth:`forward(tokens, slots, starts) -> logits`:
+
+* :class:`FastRunner` for the Llama family (Llama, Qwen2, Mistral): our own decoder loop
+  over the model's modules with a static :class:`~slmkit.engine.cache.KVCache`, one-pass
+  prefill and batched decode of rows at different positions. It only *calls* the model's
+  modules (norms, projections, MLP, embedding, LM head), never reads their weights, so a
+  ``QuantLinear``, a LoRA wrapper or a low-rank layer with the same call signature runs
+  unchanged, in whatever activation dtype the model uses (e.g. bf16).
+* :class:`GenericRunner` for everything else (GPT-2, Phi-3, Mixtral, ...): the model's own
+  ``forward`` with one transformers ``DynamicCache`` per slot, row by row. Slower, but it
+  is exactly what ``generate()`` does, so it is never wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmkit.engine import ops
+from slmkit.engine.cache import KVCache
+
+#: model_type values whose decoder layer is (norm, attention q/k/v/o + RoPE, norm, MLP).
+FAST_FAMILIES = {"llama", "qwen2", "mistral"}
+#: RoPE variants whose tables do not depend on the sequence length (safe to precompute).
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def fast_path_reason(model) -> str | None:
+    """None when :class:`FastRunner` can run ``model``; otherwise why not (for logs)."""
+    cfg = model.config
+    if cfg.model_type not in FAST_FAMILIES:
+        return f"model_type '{cfg.model_type}' is not in the fast families"
+    core = getattr(model, "model", None)
+    if core is None or not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm",
+                                                           "rotary_emb")):
+        return "unexpected module layout"
+    attn = core.layers[0].self_attn
+    if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+        return "unexpected attention layout"
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in _STATIC_ROPE:
+        return f"RoPE type '{rope}' depends on the sequence length"
+    return None
+
+
+def sliding_windows(config, n_layers: int) -> list[int | None]:
+    """Per-layer sliding-window size (None = full attention), as transformers decides it."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None and len(types) == n_layers:
+        return [window if t == "sliding_attention" else None for t in types]
+    if config.model_type == "mistral":
+        return [window] * n_layers
+    return [None] * n_layers
+
+
+class FastRunner:
+    """Decoder loop with a static KV cache for Llama-family models.
+
+    Args:
+        model: a ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``MistralForCausalLM`` (possibly
+            with compressed or adapted linear modules).
+        n_slots: concurrent sequences the cache holds.
+        max_seq_len: tokens per sequence (prompt plus output).
+    """
+
+    fast = True
+
+    def __init__(self, model, n_slots: int, max_seq_len: int):
+        core = model.model
+        self.model = model
+        self.embed, self.layers, self.norm = core.embed_tokens, list(core.layers), core.norm
+        self.lm_head = model.lm_head
+        weight = self.embed.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_kv = cfg.num_key_value_heads
+        self.windows = sliding_windows(cfg, len(self.layers))
+        self.max_seq_len = max_seq_len
+        self.n_slots = n_slots
+        self.cache = KVCache(len(self.layers), n_slots, n_kv, max_seq_len, self.head_dim,
+                             self.dtype, str(self.device))
+        with torch.inference_mode():
+            positions = torch.arange(max_seq_len, device=self.device)[None]  # [1, S]
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = core.rotary_emb(probe, positions)                     # [1, S, D]
+        self.cos, self.sin = cos[0], sin[0]                                   # [S, D]
+
+    def release(self, slot: int) -> None:
+        """Forget a slot's sequence (its cache rows are simply overwritten later)."""
+        self.cache.lengths[slot] = 0
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """Run new tokens through the model and return the logits of each row's last one.
+
+        Args:
+            tokens: ``[B, T]`` int64; row ``b`` continues the sequence in ``slots[b]`` whose
+                cache already holds ``starts[b]`` tokens.
+            slots: ``B`` distinct slot indices.
+            starts: ``B`` start positions.
+
+        Returns:
+            ``[B, V]`` float32 logits.
+        """
+        B, T = tokens.shape
+        key_len = max(starts) + T
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        start_t = torch.tensor(starts, dtype=torch.long)
+        first = slots[0] if slots == list(range(slots[0], slots[0] + B)) else None
+        pos = start_t[:, None] + torch.arange(T)                     # [B, T]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]    # [B, 1, T, D]
+        aligned = T == 1 and all(s == key_len - 1 for s in starts)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for w in set(self.windows):
+            if aligned and (w is None or key_len <= w):
+                masks[w] = None  # every row attends to all of its keys
+            else:
+                masks[w] = ops.attention_mask(start_t, T, key_len, w).to(self.device)
+        D = self.head_dim
+        h = self.embed(tokens.to(self.device))                       # [B, T, hidden]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, H, T, D]
+            k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, Hkv, T, D]
+            v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, Hkv, T, D]
+            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+            self.cache.write(i, slot_t, start_t, k, v)
+            keys, values = self.cache.read(i, slot_t, key_len, first)  # [B, Hkv, L, D]
+            o = ops.attention(q, keys, values, masks[self.windows[i]], attn.scaling)
+            o = o.transpose(1, 2).reshape(B, T, -1)                  # [B, T, H * D]
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.cache.lengths[slot_t] = start_t + T
+        last = self.norm(h[:, -1])                                   # [B, hidden]
+        return self.lm_head(last).float()                            # [B, V]
+
+
+class GenericRunner:
+    """Any causal LM through its own ``forward`` and one ``DynamicCache`` per slot.
+
+    Rows are run one at a time, so batching brings no speed-up here, but the result is
+    exactly what transformers computes.
+    """
+
+    fast = False
+
+    def __init__(self, model, n_slots: int, max_seq_len: int):
+        self.model = model
+        self.n_slots = n_slots
+        self.max_seq_len = max_seq_len
+        self.device = next(model.parameters()).device
+        self._caches: list = [None] * n_slots
+        self._keep_arg = True
+
+    def release(self, slot: int) -> None:
+        self._caches[slot] = None
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """Same contract as :meth:`FastRunner.forward`; returns ``[B, V]`` float32."""
+        from transformers import DynamicCache
+
+        out = []
+        for b, slot in enumerate(slots):
+            if starts[b] == 0 or self._caches[slot] is None:
+                self._caches[slot] = DynamicCache(config=self.model.config)
+            ids = tokens[b:b + 1].to(self.device)                    # [1, T]
+            kwargs = dict(input_ids=ids, past_key_values=self._caches[slot], use_cache=True)
+            if self._keep_arg:
+                try:
+                    result = self.model(**kwargs, logits_to_keep=1)
+                except TypeError:
+                    self._keep_arg = False
+                    result = self.model(**kwargs)
+            else:
+                result = self.model(**kwargs)
+            self._caches[slot] = result.past_key_values
+            out.append(result.logits[0, -1].float())
+        return torch.stack(out)                                      # [B, V]
+
+
+def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None):
+    """The fastest runner that is correct for ``model``.
+
+    Args:
+        fast: None picks automatically; False forces the generic path; True requires the
+            fast path (raises ConfigError when the model is not supported).
+    """
+    from slmkit.errors import ConfigError
+
+    reason = fast_path_reason(model)
+    if fast is True and reason is not None:
+        raise ConfigError(f"The fast engine path cannot run this model ({reason}); drop "
+                          "--fast or use the generic path.")
+    if reason is None and fast is not False:
+        return FastRunner(model, n_slots, max_seq_len)
+    return GenericRunner(model, n_slots, max_seq_len)

@@ -1,0 +1,137 @@
+"""Sampling parameters and the per-request sampler.
+
+Each request owns its sampler, with its own ``torch.Generator``: a seeded request draws
+the same tokens whether it runs alone or inside a batch, because no random state is
+shared between requests.
+
+The processing order matches ``transformers`` ``generate()``: repetition penalty, then
+temperature, top-k, top-p, min-p, then a multinomial draw (or argmax when
+``temperature == 0``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from slmkit.engine import ops
+from slmkit.errors import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded.
+
+    Attributes:
+        max_tokens: new tokens to generate at most (finish reason ``"length"``).
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+        min_p: drop tokens below ``min_p * p_max`` (0 = off).
+        repetition_penalty: CTRL penalty over prompt and output tokens (1.0 = off).
+        seed: seed of this request's generator; None draws a fresh random seed.
+        stop: stop strings. Generation ends when the text contains one; the text returned
+            ends just before it (the stop string is not included).
+        stop_token_ids: extra token ids that end generation (not included in the text).
+        ignore_eos: do not stop at the model's end-of-sequence tokens.
+        logprobs: report the log-probability of each chosen token.
+        top_logprobs: also report the N most likely alternatives at each step.
+
+    Log-probabilities are those of the model's raw distribution (``log_softmax`` of the
+    logits before penalty, temperature and filters), so they can be compared across
+    sampling settings and summed into a sequence log-likelihood.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 turns it off)"),
+            (0 <= self.top_logprobs <= 20, "top_logprobs must be between 0 and 20"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"Invalid sampling parameters: {message}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Choice:
+    """One sampled token with its log-probability information."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class RequestSampler:
+    """Turns one request's logits into tokens; holds its generator and its seen tokens.
+
+    Args:
+        params: the request's sampling parameters.
+        prompt_ids: the prompt (counts for the repetition penalty, as in transformers).
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int]):
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._seen = list(prompt_ids)
+        self._seen_tensor: torch.Tensor | None = None
+
+    def choose(self, logits: torch.Tensor) -> Choice:
+        """Pick the next token from ``[V]`` float32 logits and record it as seen."""
+        p = self.params
+        logits = logits.float()
+        processed = logits
+        if p.repetition_penalty != 1.0:
+            if self._seen_tensor is None or self._seen_tensor.numel() != len(self._seen):
+                self._seen_tensor = torch.tensor(self._seen, dtype=torch.long)
+            processed = ops.apply_repetition_penalty(processed, self._seen_tensor,
+                                                     p.repetition_penalty)
+        if p.greedy:
+            token = int(torch.argmax(processed))
+        else:
+            processed = processed / p.temperature
+            processed = ops.filter_top_k(processed, p.top_k)
+            processed = ops.filter_top_p(processed, p.top_p)
+            processed = ops.filter_min_p(processed, p.min_p)
+            probs = torch.softmax(processed, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        self._seen.append(token)
+        choice = Choice(token)
+        if p.logprobs or p.top_logprobs:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            choice.logprob = float(logprobs[token])
+            if p.top_logprobs:
+                choice.top_logprobs = ops.top_logprobs(logprobs, p.top_logprobs)
+        return choice
