@@ -198,12 +198,14 @@ def run_recipe_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; run nothing."),
     force: bool = typer.Option(False, help="Rerun every step, ignoring the cache."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a step option: "
+                                             "step.field=value (repeatable)."),
 ) -> None:
     """Run a YAML recipe: a chain of steps, cached by config hash."""
     from slmkit.pipeline.recipe import load_recipe
     from slmkit.pipeline.runner import print_summary, run_recipe
 
-    rec = load_recipe(recipe, workdir)
+    rec = load_recipe(recipe, workdir, overrides=set_)
     results = run_recipe(rec, dry_run=dry_run, force=force)
     print_summary(results, title=f"slm run {recipe}" + (" (dry run)" if dry_run else ""))
 

@@ -146,3 +146,18 @@ def test_cli_dry_run_and_errors(cli, tmp_path, tokenizer_dir):
     bad = _write(tmp_path, "steps:\n  - name: a\n    step: teleport\n", "bad.yaml")
     r = cli("run", bad)
     assert r.returncode == 2 and f"{bad}:3:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_overrides_change_options_and_hash(tmp_path, tokenizer_dir):
+    path = _write(tmp_path, _chain(tokenizer_dir, wd=str(tmp_path / "work")))
+    base = plan(load_recipe(path))
+    changed = load_recipe(path, overrides=["c.seed=7"])
+    assert next(s for s in changed.steps if s.name == "c").options["seed"] == 7
+    assert [h for _, h, _ in plan(changed)][:2] == [h for _, h, _ in base][:2]
+    assert plan(changed)[2][1] != base[2][1]
+    for bad, fragment in [("c.seed", "step.field=value"), ("zz.seed=1", "names no step"),
+                          ("c.step=init", "cannot change")]:
+        with pytest.raises(ConfigError, match=fragment):
+            load_recipe(path, overrides=[bad])
+    with pytest.raises(ConfigError, match="field 'seed'"):
+        load_recipe(path, overrides=["c.seed=many"])

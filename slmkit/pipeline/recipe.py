@@ -64,8 +64,15 @@ def _node_lines(node: yaml.MappingNode) -> dict[str, int]:
     return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
-def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, workdir: str | Path | None = None,
+                overrides: list[str] | None = None) -> Recipe:
     """Parse and fully validate a recipe file.
+
+    Args:
+        path: the YAML recipe.
+        workdir: overrides the recipe's ``workdir``.
+        overrides: ``step.field=value`` items (YAML values) applied on top of the file,
+            e.g. ``teacher.max_steps=5``.
 
     Raises:
         ConfigError: ``file:line: message`` for the first problem found.
@@ -120,6 +127,7 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
         options = {k: v for k, v in raw.items() if k not in _RESERVED}
         steps.append(Step(name, kind, options, line, lines))
 
+    _apply_overrides(path, steps, overrides or [])
     names = {s.name for s in steps}
     for s in steps:
         for key, value in s.options.items():
@@ -139,6 +147,26 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
     for s in ordered:
         validate_step(recipe, s)
     return recipe
+
+
+def _apply_overrides(path: Path, steps: list[Step], overrides: list[str]) -> None:
+    by_name = {s.name: s for s in steps}
+    for item in overrides:
+        target, sep, raw = item.partition("=")
+        name, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set '{item}' is not step.field=value; write e.g. --set "
+                              "teacher.max_steps=5.")
+        if name not in by_name:
+            raise ConfigError(f"--set '{item}' names no step of {path}; steps: "
+                              f"{', '.join(by_name)}.")
+        if key in _RESERVED:
+            raise ConfigError(f"--set '{item}' cannot change a step's {key}.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        by_name[name].options[key] = value
 
 
 def _refs(value: Any) -> list[str]:
