@@ -369,6 +369,182 @@ def factorize(
         ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
 
 
+# --------------------------------------------------------------------------- generate / chat
+
+def _sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                     stop=None, ignore_eos=False):
+    from slmkit.engine import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                          seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens at most."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p * p_max."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-text."),
+    chat_template: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat "
+                                       "template as one user message."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: "
+                                          "physical cores)."),
+) -> None:
+    """Generate text from a prompt, streaming it to the terminal, then report tokens/s."""
+    from slmkit.engine import Engine
+    from slmkit.engine.generate import chat_stop_ids, encode_prompt
+    from slmkit.models import load_model
+
+    params = _sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                              seed, stop, ignore_eos)
+    lm, tok = load_model(model, dtype=dtype)
+    ids = encode_prompt(tok, prompt, chat=chat_template)
+    if chat_template:
+        params.stop_token_ids = chat_stop_ids(tok)
+    context = getattr(lm.config, "max_position_embeddings", None) or len(ids) + max_tokens + 1
+    engine = Engine(lm, tok, max_batch=1, background=False, threads=threads,
+                    max_seq_len=max(2, min(len(ids) + max_tokens + 1, context)))
+    handle = engine.submit(ids, params)
+    if not chat_template:
+        sys.stdout.write(prompt)
+    for delta in handle.text_deltas():
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    c = handle.result()
+    rate = c.decode_tokens_per_s
+    print_table("slm generate", [
+        ("path", "fast (static KV cache)" if engine.fast else "generic (transformers forward)"),
+        ("prompt tokens", c.prompt_tokens), ("generated tokens", c.completion_tokens),
+        ("finish reason", c.finish_reason),
+        ("time to first token", f"{c.ttft_s * 1000:.0f} ms"),
+        ("decode speed", f"{rate:.1f} tok/s" if rate else "n/a"),
+        ("threads", _torch_threads())])
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="Model directory or hub id (with a chat template)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Reply tokens at most."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p * p_max."),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="1 = off."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+) -> None:
+    """Chat with a model in the terminal (streaming, history; /reset, /exit)."""
+    import time
+
+    from slmkit.engine.chat import ChatSession
+    from slmkit.models import load_model
+
+    params = _sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                              seed)
+    lm, tok = load_model(model, dtype=dtype)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    session = ChatSession(lm, tok, params, system=system)
+    console.print(f"[bold]slm chat[/bold] {model}  ·  /reset clears the history, /exit or "
+                  "Ctrl-D quits", highlight=False)
+    turns = tokens = 0
+    seconds = 0.0
+    while True:
+        try:
+            message = console.input("[bold green]you>[/bold green] ")
+        except EOFError:
+            console.print()
+            break
+        text = message.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            console.print("[dim](history cleared)[/dim]")
+            continue
+        console.print("[bold blue]model>[/bold blue] ", end="")
+        start = time.perf_counter()
+        try:
+            for delta in session.send(text):
+                console.out(delta, end="", highlight=False)
+        except KeyboardInterrupt:
+            console.print("[dim] (stopped)[/dim]", end="")
+        console.print()
+        c = session.last
+        if c is not None:
+            turns += 1
+            tokens += c.completion_tokens
+            seconds += time.perf_counter() - start
+            rate = c.decode_tokens_per_s
+            note = f"{c.completion_tokens} tokens" + (f", {rate:.1f} tok/s" if rate else "")
+            if session.dropped_turns:
+                note += f", {session.dropped_turns} oldest turn(s) dropped to fit the context"
+            console.print(f"[dim]({note})[/dim]")
+    session.close()
+    print_table("slm chat", [("turns", turns), ("generated tokens", tokens),
+                             ("average tok/s", f"{tokens / seconds:.1f}" if seconds else "n/a")])
+
+
+# --------------------------------------------------------------------------- export
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    format_: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp, Ollama) or onnx "
+                                "(ONNX Runtime)."),
+    out: Path = typer.Option(..., "--out", "-o", help="GGUF: the .gguf file; ONNX: a "
+                             "directory."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF tensor type: f32, f16, "
+                                        "bf16, q8_0, q4_0 or q4_1 (default f16; quantized "
+                                        "models keep their calibrated blocks)."),
+    ollama: bool = typer.Option(False, "--ollama", help="GGUF: also write a Modelfile for "
+                                "`ollama create`."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX: ONNX Runtime dynamic int8 "
+                              "quantization of the matrices."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Export to GGUF (llama.cpp / Ollama) or ONNX (ONNX Runtime)."""
+    fmt = format_.lower()
+    if fmt == "gguf":
+        if int8:
+            raise SlmError("--int8 is an ONNX option; for GGUF use --quant q8_0.")
+        from slmkit.export.gguf_export import export_gguf
+
+        res = export_gguf(model, out, quant=quant, ollama=ollama, overwrite=overwrite)
+        print_table("slm export --format gguf", res.rows())
+    elif fmt == "onnx":
+        if quant or ollama:
+            raise SlmError("--quant and --ollama are GGUF options; for ONNX use --int8.")
+        from slmkit.export.onnx_export import export_onnx
+
+        res = export_onnx(model, out, int8=int8, overwrite=overwrite)
+        print_table("slm export --format onnx", res.rows())
+    else:
+        raise SlmError(f"--format '{format_}' is not supported; use gguf or onnx.")
+
+
 # --------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,183 @@
+"""``slm factorize --method {svd,asvd}``: replace linears by low-rank ``B @ A`` factors.
+
+State lives here (calibration hooks, module swaps); the math is in ``ops.py`` and the
+layer in ``slmkit.nn.lowrank``.
+
+* ``svd`` needs no data: each targeted linear is truncated to the rank its target allows.
+* ``asvd`` runs the model block by block on calibration data (``compress.calibrate``),
+  records ``mean |X_j|`` per input feature of every linear in the block, scales the weight
+  by it before the SVD and unscales after (ASVD, arXiv:2312.05821). Later blocks see the
+  outputs of already-factorized blocks.
+
+The rank of each layer comes from ``--ratio`` (keep that fraction of its parameters) or
+``--energy`` (keep that fraction of its spectral energy; for ASVD, of the scaled weight).
+A layer where the rank would not save parameters stays dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slmkit.compress.factorize import ops
+from slmkit.compress.match import is_conv1d, match_linears, set_module, weight_matrix
+from slmkit.errors import ConfigError
+from slmkit.nn.lowrank import FORMAT, LowRankLinear
+
+METHODS = ("svd", "asvd")
+
+
+@dataclass
+class FactorizeSettings:
+    """Options of a factorization run (recorded in ``slmkit.json``).
+
+    Attributes:
+        method: ``svd`` or ``asvd``.
+        ratio: fraction of each layer's parameters to keep, in (0, 1).
+        energy: fraction of spectral energy to keep, in (0, 1] (instead of ratio).
+        targets / ignore: regexes selecting linears (``compress.match``).
+        alpha: ASVD scaling exponent, ``s = mean|X| ** alpha``.
+        data / calib_samples / calib_seq_len: calibration corpus and size (asvd).
+    """
+
+    method: str = "svd"
+    ratio: float | None = None
+    energy: float | None = None
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    alpha: float = 0.5
+    data: str = "stdlib"
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method '{self.method}' is unknown; use svd or asvd.")
+        if self.ratio is not None and self.energy is not None:
+            raise ConfigError("Both --ratio and --energy were given; pass only one of them.")
+        if self.ratio is None and self.energy is None:
+            self.ratio = 0.8
+        if self.ratio is not None:
+            ops.check_ratio(self.ratio)
+        else:
+            ops.check_energy(self.energy)
+
+
+@dataclass
+class FactorizeReport:
+    """Per-layer ranks and the parameter saving."""
+
+    ranks: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    dense_params: int = 0
+    factored_params: int = 0
+
+
+def _check_ranks(linears: dict[str, nn.Module], settings: FactorizeSettings) -> None:
+    """Fail before any work when a ratio gives rank 0 for some layer."""
+    if settings.ratio is None:
+        return
+    for name, module in linears.items():
+        out_f, in_f = weight_matrix(module).shape
+        ops.rank_for_ratio(out_f, in_f, settings.ratio, name)
+
+
+@torch.no_grad()
+def _factorize_layer(model: nn.Module, name: str, module: nn.Module,
+                     settings: FactorizeSettings, act_abs_mean: torch.Tensor | None,
+                     report: FactorizeReport) -> None:
+    w = weight_matrix(module).float()
+    out_f, in_f = w.shape
+    scale = ops.asvd_scale(act_abs_mean, settings.alpha) if act_abs_mean is not None else None
+    u, s, vh = ops.svd(w, scale)
+    if settings.ratio is not None:
+        rank = ops.rank_for_ratio(out_f, in_f, settings.ratio, name)
+    else:
+        rank = ops.rank_for_energy(s, settings.energy)
+    report.dense_params += out_f * in_f
+    if not ops.saves_params(out_f, in_f, rank):
+        report.skipped.append(name)
+        report.factored_params += out_f * in_f
+        return
+    a, b = ops.factors_from_svd(u, s, vh, rank, scale=scale, dtype=module.weight.dtype)
+    bias = module.bias.detach() if module.bias is not None else None
+    set_module(model, name, LowRankLinear.from_factors(a.to(w.device), b.to(w.device), bias))
+    report.ranks[name] = rank
+    report.factored_params += rank * (out_f + in_f)
+
+
+@torch.no_grad()
+def factorize_model(model: nn.Module, tokenizer, settings: FactorizeSettings) -> FactorizeReport:
+    """Factorize the targeted linears of ``model`` in place and tag its config.
+
+    Args:
+        model: a causal LM with ``nn.Linear`` layers (GPT-2 ``Conv1D`` is refused).
+        tokenizer: its tokenizer (for ASVD calibration data).
+        settings: see :class:`FactorizeSettings`.
+
+    Returns:
+        :class:`FactorizeReport`; ``model.config.slmkit`` records the ranks so that the
+        saved dir loads through ``slmkit.load_model`` (format ``"lowrank"``).
+
+    Raises:
+        ConfigError: bad ratio/energy/method, a ratio that gives rank 0, targets that
+            match nothing, Conv1D layers, or nothing worth factorizing.
+    """
+    settings.validate()
+    linears = match_linears(model, settings.targets, settings.ignore)
+    if not linears:
+        raise ConfigError(f"--targets {settings.targets} matched no linear layer of "
+                          f"{type(model).__name__}; check the regexes (e.g. 'proj').")
+    conv = [n for n, m in linears.items() if is_conv1d(m)]
+    if conv:
+        raise ConfigError(f"'{conv[0]}' is a GPT-2 Conv1D layer, which slm factorize does not "
+                          "support; use a Llama/Qwen2/Mistral-style model.")
+    _check_ranks(linears, settings)
+    report = FactorizeReport()
+    if settings.method == "svd":
+        from slmkit.console import track
+
+        for name, module in track(list(linears.items()), "svd factorization"):
+            _factorize_layer(model, name, module, settings, None, report)
+    else:
+        _asvd(model, tokenizer, linears, settings, report)
+    if not report.ranks:
+        raise ConfigError(f"No targeted layer would save parameters at --energy "
+                          f"{settings.energy}; lower --energy or use --ratio.")
+    model.config.slmkit = {"format": FORMAT, "method": settings.method,
+                           "ranks": dict(report.ranks)}
+    return report
+
+
+def _asvd(model, tokenizer, linears, settings, report) -> None:
+    from slmkit.compress.calibrate import (
+        calibrate_layer_by_layer,
+        calibration_batches,
+        capture_linear_inputs,
+    )
+
+    batches = calibration_batches(tokenizer, settings.data, n_samples=settings.calib_samples,
+                                  seq_len=settings.calib_seq_len, seed=settings.seed)
+
+    def on_block(index, block_name, block, inputs):
+        mine = {n: m for n, m in linears.items() if n.startswith(block_name + ".")}
+        if not mine:
+            return
+        sums = {n: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64)
+                for n, m in mine.items()}
+        counts = dict.fromkeys(mine, 0)
+
+        def collect(name: str, x: torch.Tensor) -> None:
+            sums[name] += x.double().abs().sum(0).cpu()  # [tokens, in] -> [in]
+            counts[name] += x.shape[0]
+
+        with capture_linear_inputs(mine, collect):
+            inputs.run(block)
+        for name, module in mine.items():
+            mean_abs = sums[name] / max(1, counts[name])  # [in]
+            _factorize_layer(model, name, module, settings, mean_abs.float(), report)
+
+    calibrate_layer_by_layer(model, batches, on_block, desc="asvd factorization")

@@ -1,0 +1,187 @@
+"""``slm prune --method {magnitude,wanda,sparsegpt}``: unstructured and N:M pruning of a model.
+
+State lives here (calibration hooks, per-layer statistics); the math is in ``ops.py``.
+
+* ``magnitude`` needs no data: each targeted linear keeps its largest weights per row.
+* ``wanda`` runs the model block by block on calibration data (``compress.calibrate``),
+  accumulates ``||X_j||^2`` per input feature of every linear in the block, and prunes by
+  ``|W| * ||X||`` per output row. Later blocks see the outputs of already-pruned blocks.
+* ``sparsegpt`` uses the same block-by-block pipeline with "true sequential" groups
+  (q/k/v, then o, then gate/up, then down) and the Hessian machinery shared with GPTQ
+  (``compress.hessian``), then reconstructs with the OBS update in ``ops.sparsegpt_prune``.
+
+Masks are applied as exact zeros in dense weights, so the result is a normal HF model dir
+that loads in plain transformers and keeps its zeros through save/load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slmkit.compress.match import match_linears, set_weight_matrix, weight_matrix
+from slmkit.compress.prune import ops
+from slmkit.errors import ConfigError
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class PruneSettings:
+    """Options of an unstructured / N:M pruning run (recorded in ``slmkit.json``).
+
+    Attributes:
+        method: ``magnitude``, ``wanda`` or ``sparsegpt``.
+        sparsity: fraction of weights to remove per row, in ``[0, 1)`` (ignored with pattern).
+        pattern: ``"N:M"`` semi-structured pattern, e.g. ``"2:4"``, or None.
+        targets / ignore: regexes selecting linears (``compress.match``).
+        data / calib_samples / calib_seq_len: calibration corpus and size (wanda, sparsegpt).
+        damp: relative Hessian dampening (sparsegpt).
+        block_size: SparseGPT lazy-update block (columns).
+    """
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str | None = None
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    data: str = "stdlib"
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    damp: float = 0.01
+    block_size: int = 128
+    seed: int = 0
+
+    def validate(self) -> tuple[int, int] | None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method '{self.method}' is unknown; use one of "
+                              f"{', '.join(METHODS)} (or --structured).")
+        if self.pattern:
+            return ops.parse_pattern(self.pattern)
+        ops.check_sparsity(self.sparsity)
+        return None
+
+
+@dataclass
+class PruneReport:
+    """What was pruned: per-layer achieved sparsity and the overall figure."""
+
+    layers: dict[str, float] = field(default_factory=dict)
+    zeros: int = 0
+    total: int = 0
+
+    def add(self, name: str, w: torch.Tensor) -> None:
+        z = int((w == 0).sum())
+        self.layers[name] = z / w.numel()
+        self.zeros += z
+        self.total += w.numel()
+
+    @property
+    def overall(self) -> float:
+        return self.zeros / max(1, self.total)
+
+
+def _select(model: nn.Module, settings: PruneSettings, nm) -> dict[str, nn.Module]:
+    linears = match_linears(model, settings.targets, settings.ignore)
+    if not linears:
+        raise ConfigError(f"--targets {settings.targets} matched no linear layer of "
+                          f"{type(model).__name__}; check the regexes (e.g. 'proj').")
+    if nm is not None:
+        for name, module in linears.items():
+            ops.check_pattern_fits(weight_matrix(module).shape[1], nm[1], name)
+    return linears
+
+
+def _mask(scores: torch.Tensor, settings: PruneSettings, nm) -> torch.Tensor:
+    return ops.nm_mask(scores, *nm) if nm is not None else ops.row_mask(scores, settings.sparsity)
+
+
+@torch.no_grad()
+def _apply(module: nn.Module, w: torch.Tensor) -> None:
+    set_weight_matrix(module, w.to(module.weight.dtype))
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, tokenizer, settings: PruneSettings) -> PruneReport:
+    """Prune ``model`` in place.
+
+    Args:
+        model: a causal LM (Llama, Qwen2, Mistral, GPT-2, ... any with linear layers).
+        tokenizer: its tokenizer (for calibration data).
+        settings: see :class:`PruneSettings`.
+
+    Returns:
+        :class:`PruneReport` with the achieved sparsity per targeted layer and overall.
+
+    Raises:
+        ConfigError: bad sparsity/pattern/method, a pattern that does not divide a layer,
+            or targets that match nothing.
+    """
+    nm = settings.validate()
+    linears = _select(model, settings, nm)
+    report = PruneReport()
+    if settings.method == "magnitude":
+        from slmkit.console import track
+
+        for name, module in track(list(linears.items()), "magnitude pruning"):
+            w = weight_matrix(module).float()
+            _apply(module, w * _mask(ops.magnitude_scores(w), settings, nm))
+            report.add(name, weight_matrix(module))
+        return report
+
+    from slmkit.compress.calibrate import calibrate_layer_by_layer, calibration_batches
+
+    batches = calibration_batches(tokenizer, settings.data, n_samples=settings.calib_samples,
+                                  seq_len=settings.calib_seq_len, seed=settings.seed)
+    on_block = _wanda_block if settings.method == "wanda" else _sparsegpt_block
+
+    def callback(index, block_name, block, inputs):
+        mine = {n: m for n, m in linears.items() if n.startswith(block_name + ".")}
+        if mine:
+            on_block(mine, block, inputs, settings, nm, report)
+
+    calibrate_layer_by_layer(model, batches, callback, desc=f"{settings.method} pruning")
+    return report
+
+
+def _wanda_block(linears, block, inputs, settings, nm, report) -> None:
+    """Wanda on one block: accumulate ``sum x_j^2`` per input feature, prune every linear."""
+    sq = {n: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64)
+          for n, m in linears.items()}
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        sq[name] += x.double().pow(2).sum(0).cpu()  # [tokens, in] -> [in]
+
+    from slmkit.compress.calibrate import capture_linear_inputs
+
+    with capture_linear_inputs(linears, collect):
+        inputs.run(block)
+    for name, module in linears.items():
+        w = weight_matrix(module).float()
+        scores = ops.wanda_scores(w, sq[name].sqrt().float().to(w.device))
+        _apply(module, w * _mask(scores, settings, nm))
+        report.add(name, weight_matrix(module))
+
+
+def _sparsegpt_block(linears, block, inputs, settings, nm, report) -> None:
+    """SparseGPT on one block, group by group (true sequential)."""
+    from slmkit.compress.calibrate import capture_linear_inputs, sequential_groups
+    from slmkit.compress.hessian import HessianAccumulator, cholesky_inverse_upper, dead_inputs
+
+    for group in sequential_groups(block, inputs, linears):
+        acc = {n: HessianAccumulator.for_layer(linears[n]) for n in group}
+        with capture_linear_inputs({n: linears[n] for n in group},
+                                   lambda n, x: acc[n].add(x)):
+            inputs.run(block)
+        for name in group:
+            module = linears[name]
+            h = acc[name].hessian
+            w = weight_matrix(module).float().clone()
+            w[:, dead_inputs(h)] = 0.0  # inputs that were always zero carry no signal
+            hinv = cholesky_inverse_upper(h, settings.damp)
+            pruned, _ = ops.sparsegpt_prune(w, hinv, sparsity=settings.sparsity, nm=nm,
+                                            block_size=settings.block_size)
+            _apply(module, pruned)
+            report.add(name, weight_matrix(module))
