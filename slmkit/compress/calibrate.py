@@ -268,7 +268,8 @@ def calibration_batches(tokenizer, data: str = "stdlib", split: str = "train",
                         seed: int = 0) -> list[torch.Tensor]:
     """Random windows of ``seq_len`` tokens from a corpus, as ``[batch, seq]`` tensors.
 
-    Uses the corpus token cache (``slmkit.data.tokens.token_stream``) when available.
+    Tokens come from the corpus token cache (``slmkit.data.tokens.token_stream``), so the
+    corpus is tokenized once per tokenizer.
 
     Raises:
         DataError: the corpus has fewer than ``seq_len + 1`` tokens, or fewer tokens than
@@ -291,30 +292,6 @@ def calibration_batches(tokenizer, data: str = "stdlib", split: str = "train",
 
 
 def _token_stream(data: str, tokenizer, split: str):
-    try:
-        from slmkit.data.tokens import token_stream
-    except ImportError:
-        token_stream = None
-    if token_stream is not None:
-        return token_stream(data, tokenizer, split)
-    # Fallback until the corpus layer exists: a slice of the stdlib, or a text file.
-    import numpy as np
-    from pathlib import Path
+    from slmkit.data.tokens import token_stream
 
-    if data == "stdlib":
-        from slmkit.models.tokenizer import stdlib_sample
-
-        texts = list(stdlib_sample(max_files=60, max_bytes=2_000_000))
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise DataError(f"Calibration data '{data}' is not a file; pass a text file or "
-                            "'stdlib'.")
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None
-                                                                      else [])
-    return np.asarray(ids, dtype=np.int64)
-
+    return token_stream(data, tokenizer, split)

@@ -1,0 +1,162 @@
+"""Quantize a model, or turn a quantized one back into a dense one.
+
+    >>> from slmkit.compress.quantize import quantize_model, make_config
+    >>> model, tok = slmkit.load_model("runs/teacher")
+    >>> summary = quantize_model(model, tok, make_config(method="gptq", bits=4))
+    >>> slmkit.save_model(model, tok, "runs/teacher-gptq4", step="quantize", ...)
+
+:func:`quantize` is the whole model dir -> model dir step used by ``slm quantize``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit.compress.match import is_conv1d, linear_shape, match_linears, set_module
+from slmkit.compress.quantize.config import QuantizeConfig
+from slmkit.compress.quantize.ops import check_scheme, effective_bits
+from slmkit.errors import ConfigError
+from slmkit.nn.quant_linear import QuantLinear
+
+FORMAT = "quant"
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the model already holds ``QuantLinear`` layers or says it is quantized."""
+    section = getattr(getattr(model, "config", None), "slmkit", None)
+    if isinstance(section, dict) and section.get("format") == FORMAT:
+        return True
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def _check_layers(linears: dict[str, nn.Module], cfg: QuantizeConfig) -> None:
+    for name, module in linears.items():
+        _, in_features = linear_shape(module)
+        check_scheme(cfg.bits, cfg.group_size, in_features, name)
+        if cfg.bits == 4 and in_features % 2:
+            raise ConfigError(f"{name} has an odd number of input features ({in_features}), "
+                              "which 4-bit packing cannot store; --ignore it or use --bits 8.")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str, Any]:
+    """Quantize ``model``'s selected linears in place and mark its config as quantized.
+
+    Args:
+        model: a dense causal LM (fp32 recommended).
+        tokenizer: its tokenizer (for calibration data).
+        cfg: the run's options.
+
+    Returns:
+        A summary: ``layers``, ``quantized_params``, ``bits_per_weight`` (effective, over
+        the quantized weights).
+
+    Raises:
+        ConfigError: the model is already quantized, nothing matches the targets, or the
+            scheme does not fit a layer's shape.
+        DataError: calibration data too short.
+    """
+    from slmkit.compress.calibrate import calibrate_layer_by_layer, calibration_batches
+    from slmkit.compress.quantize.modifiers import MODIFIERS
+
+    if is_quantized(model):
+        raise ConfigError("This model is already quantized; quantize the original dense "
+                          "model instead (or `slm quantize --dequantize` it first).")
+    linears = match_linears(model, cfg.targets, cfg.ignore)
+    if not linears:
+        raise ConfigError(f"No linear layer matches --targets {cfg.targets} (minus --ignore "
+                          f"{cfg.ignore}); check the patterns against `slm info` layer names.")
+    _check_layers(linears, cfg)
+    model_type = getattr(model.config, "model_type", "")
+    modifier = MODIFIERS[cfg.method](cfg, linears, model_type)
+    if cfg.needs_calibration:
+        batches = calibration_batches(tokenizer, cfg.calib_data, "train", cfg.calib_samples,
+                                      cfg.calib_seq_len, seed=cfg.seed)
+        calibrate_layer_by_layer(model, batches, modifier.on_block,
+                                 desc=f"{cfg.method} {cfg.bits}-bit")
+    else:
+        from slmkit.console import track
+
+        for name in track(list(linears), f"rtn {cfg.bits}-bit"):
+            modifier.quantize_rtn(name)
+    modifier.quantize_remaining()
+
+    dtype = next(model.parameters()).dtype
+    total_bits = n_params = 0
+    for name, r in modifier.results.items():
+        old = linears[name]
+        bias = old.bias if getattr(old, "bias", None) is not None else None
+        layer = QuantLinear.from_codes(r.codes, r.scale, r.zero, cfg.bits, cfg.group_size,
+                                       cfg.sym, bias=bias, input_scale=r.input_scale,
+                                       conv1d=is_conv1d(old), dtype=dtype)
+        set_module(model, name, layer)
+        n = layer.in_features * layer.out_features
+        n_params += n
+        total_bits += n * layer.bits_per_weight
+    bpw = total_bits / n_params
+    _mark_config(model, cfg, modifier.results, bpw)
+    return {"layers": len(modifier.results), "quantized_params": n_params,
+            "bits_per_weight": round(bpw, 3)}
+
+
+def _mark_config(model: nn.Module, cfg: QuantizeConfig, results: dict, bpw: float) -> None:
+    scheme = cfg.scheme()
+    model.config.slmkit = {"format": FORMAT, **scheme, "bits_per_weight": round(bpw, 3),
+                           "modules": sorted(results),
+                           "input_scale": sorted(n for n, r in results.items()
+                                                 if r.input_scale is not None)}
+    model.config.quantization_config = {"quant_method": "slmkit", **scheme,
+                                        "zero_point": not cfg.sym,
+                                        "storage": "uint8 codes (int4 packed two per byte), "
+                                                   "fp16 scales, uint8 zeros"}
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every ``QuantLinear`` by the equivalent dense layer, in place; unmark config."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            set_module(model, name, module.to_dense())
+    for attr in ("slmkit", "quantization_config"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    return model
+
+
+def quantize(ref: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig,
+             overwrite: bool = False) -> dict[str, Any]:
+    """``slm quantize``: load ``ref``, quantize, save to ``out`` (atomic), return a summary."""
+    from slmkit.models.io import load_model, save_model
+    from slmkit.models.info import dir_size
+
+    model, tok = load_model(ref, dtype="fp32")
+    if is_quantized(model):
+        raise ConfigError(f"'{ref}' is already quantized; quantize the original dense model "
+                          "instead (or `slm quantize --dequantize` it first).")
+    from slmkit.models.io import prepare_out_dir, discard_out_dir
+
+    final, tmp = prepare_out_dir(out, overwrite)  # fail early, before the long part
+    discard_out_dir(tmp)
+    summary = quantize_model(model, tok, cfg)
+    saved = save_model(model, tok, final, step="quantize", params=cfg.model_dump(),
+                       metrics=summary, overwrite=overwrite)
+    summary["size_on_disk"] = dir_size(saved)
+    summary["out"] = str(saved)
+    return summary
+
+
+def dequantize(ref: str | os.PathLike, out: str | os.PathLike,
+               overwrite: bool = False) -> Path:
+    """``slm quantize --dequantize``: a dense copy of a quantized model dir."""
+    from slmkit.models.io import load_model, save_model
+
+    model, tok = load_model(ref, dtype="fp32")
+    if not is_quantized(model):
+        raise ConfigError(f"'{ref}' is not quantized, so there is nothing to dequantize; "
+                          "pass a model made by `slm quantize`.")
+    dequantize_model(model)
+    return save_model(model, tok, out, step="dequantize", params={}, overwrite=overwrite)

@@ -1,0 +1,80 @@
+"""The ``"quant"`` on-disk format: rebuild ``QuantLinear`` layers when loading.
+
+``config.json`` holds ``"slmkit": {"format": "quant", "bits", "group_size", "sym",
+"modules": [...], "input_scale": [...]}``; ``model.safetensors`` holds each quantized
+layer's ``qweight`` / ``scales`` / ``zeros`` / ``bias`` / ``input_scale`` under the
+layer's name, and every other tensor as in a dense checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from slmkit.compress.match import is_conv1d, linear_shape, set_module
+from slmkit.errors import ModelLoadError
+from slmkit.nn.quant_linear import QuantLinear
+
+
+def load(model_dir: Path, config, dtype: torch.dtype, device: str):
+    """Formats-registry loader: ``fn(model_dir, config, dtype, device) -> model``."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.models import checks
+
+    section = config.slmkit
+    try:
+        bits, group_size, sym = section["bits"], section["group_size"], section["sym"]
+        modules = list(section["modules"])
+    except (KeyError, TypeError):
+        raise ModelLoadError(f"'{model_dir}' has an incomplete slmkit quant section in "
+                             "config.json; re-create it with `slm quantize`.") from None
+    scaled = set(section.get("input_scale", []))
+    # Dense tensors load through transformers (it knows each architecture's checkpoint
+    # layout, e.g. Mixtral's per-expert keys); the quantized layers' own weights are
+    # reported missing there and filled in below.
+    dense_config = copy.deepcopy(config)
+    for attr in ("quantization_config", "slmkit"):
+        if hasattr(dense_config, attr):
+            delattr(dense_config, attr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, config=dense_config, dtype=dtype, use_safetensors=True,
+            local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ModelLoadError(f"'{model_dir}' could not be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]}); re-create it with "
+                             "`slm quantize`.") from None
+    model.config.slmkit = config.slmkit
+    model.config.quantization_config = getattr(config, "quantization_config", None)
+    state = {}
+    for f in checks.weight_files(model_dir):
+        state.update(load_file(str(f)))
+    for name in modules:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"'{model_dir}' lists quantized layer '{name}', which its "
+                                 "architecture does not have; re-create it with "
+                                 "`slm quantize`.") from None
+        out_f, in_f = linear_shape(old)
+        layer = QuantLinear(in_f, out_f, bits, group_size, sym,
+                            bias=getattr(old, "bias", None) is not None,
+                            input_scale=name in scaled, conv1d=is_conv1d(old), dtype=dtype)
+        own = {k: state.get(f"{name}.{k}") for k in layer.state_dict()}
+        missing = [k for k, v in own.items() if v is None]
+        if missing:
+            raise ModelLoadError(f"'{model_dir}' has no '{name}.{missing[0]}' tensor for a "
+                                 "quantized layer; the checkpoint is incomplete, re-create "
+                                 "it with `slm quantize`.")
+        try:
+            layer.load_state_dict(own, strict=True)
+        except RuntimeError as e:
+            raise ModelLoadError(f"'{model_dir}' has wrongly shaped tensors for quantized "
+                                 f"layer '{name}' ({str(e).splitlines()[-1].strip()[:100]}); "
+                                 "re-create it with `slm quantize`.") from None
+        set_module(model, name, layer)
+    return model.to(device)
