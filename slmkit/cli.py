@@ -269,14 +269,21 @@ def prune(
         net, tok = load_model(model)
         result = structured_prune(net, tok, st)
         final = save_model(result.model, tok, out, step="prune", overwrite=overwrite,
-                           params={"structured": True, **st.as_dict()}, metrics=result.metrics())
+                           params={"structured": True, **st.as_dict()}, metrics=metrics)
         print_table("removed", result.removed_rows(), header=("part", "before", "after",
                                                                "removed"))
-        print_table("slm prune --structured", [
-            ("parameters", f"{result.params_before:,} -> {result.params_after:,} "
-                           f"({result.params_after / result.params_before:.1%})"),
-            ("calibration loss", f"{result.loss_before:.3f} -> {result.loss_after:.3f}"),
-            ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
+        rows = [("parameters", f"{result.params_before:,} -> {result.params_after:,} "
+                               f"({result.params_after / result.params_before:.1%})"),
+                ("calibration loss", f"{result.loss_before:.3f} -> {result.loss_after:.3f} "
+                                     "(before any retraining)")]
+        if result.candidates > 1:
+            rows.append(("split", f"best of {result.candidates} by calibration loss"))
+        if speed:
+            rows.append(("decode tok/s", f"{speed['decode_tok_s_before']:.1f} -> "
+                                         f"{speed['decode_tok_s']:.1f} "
+                                         f"(x{speed['decode_speedup']:.2f})"))
+        rows += [("size on disk", human_bytes(dir_size(final))), ("written to", str(final))]
+        print_table("slm prune --structured", rows)
         return
 
     from slmkit.compress.prune.modifier import PruneSettings, prune_model
@@ -387,8 +394,12 @@ def generate(
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens at most."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+        from slmkit.compress.prune.structured import decode_speeds
+
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p * p_max."),
+        speed = decode_speeds(net, result.model, tok)
+        metrics = {**result.metrics(), **speed}
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),

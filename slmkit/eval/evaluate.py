@@ -1,0 +1,175 @@
+"""``slm eval``: every figure for one model, measured in one call and recorded in its lineage.
+
+:func:`evaluate_model` loads a model (any format ``load_model`` loads), then measures
+perplexity / bits per byte, task accuracy, speed, memory and size, and merges a flat
+summary into the model's ``slmkit.json`` metrics. ``slm compare`` calls it once per model
+with the same data and the same task items.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import ConfigError, DataError
+
+#: Default text budget for perplexity: the same bytes for every tokenizer, a few seconds
+#: per small model on 2 cores. 0/None scores the whole split.
+DEFAULT_MAX_BYTES = 200_000
+EXAMPLES_KEPT = 5
+
+
+def resolve_tasks(specs: list[str] | None, data: Any = "stdlib", split: str = "val",
+                  val_fraction: float = 0.05, limit: int | None = 100
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """Turn task names and files into ``{task: items}``.
+
+    Args:
+        specs: built-in names (``stdlib-funcname``...), ``"stdlib"`` for all built-ins, or
+            paths to ``.jsonl`` task files (task name = file stem).
+        data, split, val_fraction: where built-in tasks are mined (the corpus split).
+        limit: items per task (first ``limit`` of a file; mined sets are cut the same way).
+    """
+    from slmkit.eval.mining import BUILTIN_TASKS, mine_tasks
+    from slmkit.eval.tasks import read_task_file
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    builtin: list[str] = []
+    for spec in specs or []:
+        spec = spec.strip()
+        if not spec:
+            continue
+        if spec == "stdlib":
+            builtin += [t for t in BUILTIN_TASKS if t not in builtin]
+        elif spec in BUILTIN_TASKS:
+            if spec not in builtin:
+                builtin.append(spec)
+        elif spec.endswith(".jsonl") or os.path.sep in spec or Path(spec).exists():
+            out[Path(spec).stem] = read_task_file(spec)[:limit]
+        else:
+            raise ConfigError(f"Unknown task '{spec}'; use a built-in task "
+                              f"({', '.join(BUILTIN_TASKS)}, or 'stdlib' for all) or a "
+                              ".jsonl task file.")
+    if builtin:
+        data_spec = data if isinstance(data, (str, list)) else "stdlib"
+        mined = mine_tasks(builtin, data=data_spec, split=split, val_fraction=val_fraction,
+                           limit=limit)
+        for name in builtin:
+            if not mined[name]:
+                raise DataError(f"Task '{name}' found no items in {data_spec!r} (split "
+                                f"'{split}'); use --data with Python source or a .jsonl "
+                                "task file.")
+            out[name] = mined[name]
+    return out
+
+
+def evaluate_model(ref: str | os.PathLike, data: Any = "stdlib", split: str = "val",
+                   val_fraction: float = 0.05, seq_len: int | None = None,
+                   stride: int | None = None, max_tokens: int | None = None,
+                   max_bytes: int | None = DEFAULT_MAX_BYTES,
+                   tasks: dict[str, list[dict[str, Any]]] | None = None,
+                   perplexity: bool = True, speed: bool = True, decode_tokens: int = 32,
+                   dtype: Any = None, device: str | None = "cpu",
+                   record: bool = True) -> dict[str, Any]:
+    """Measure one model: quality, task accuracy, speed, memory, size.
+
+    Args:
+        ref: model dir or hub id.
+        data, split, val_fraction, seq_len, stride, max_tokens, max_bytes: perplexity data
+            and window (see :func:`slmkit.eval.perplexity.perplexity`).
+        tasks: ``{task: items}`` from :func:`resolve_tasks` (None: no task accuracy).
+        perplexity: measure perplexity / bits per byte.
+        speed: measure prefill/decode speed and TTFT.
+        decode_tokens: tokens generated for the decode figure.
+        dtype, device: how to load the model.
+        record: merge the summary into the model dir's ``slmkit.json`` (local dirs only).
+
+    Returns:
+        A JSON-ready dict: ``model``, ``path``, ``architecture``, ``format``, size stats,
+        ``perplexity``, ``tasks``, ``speed``, ``peak_rss_bytes``, ``summary`` (the flat
+        figures written to ``slmkit.json``).
+    """
+    from slmkit.eval.perplexity import perplexity as measure_ppl
+    from slmkit.eval.speed import measure_speed, peak_rss, reset_peak_rss, size_stats
+    from slmkit.eval.tasks import score_task
+    from slmkit.models.io import load_config, load_model
+    from slmkit.models.lineage import read_lineage, update_metrics, utc_now
+
+    t0 = time.perf_counter()
+    model_dir, config = load_config(ref)
+    gc.collect()
+    rss_reset = reset_peak_rss()
+    model, tokenizer = load_model(ref, dtype=dtype, device=device)
+    result: dict[str, Any] = {
+        "model": os.fspath(ref), "path": str(model_dir),
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "model_type": config.model_type, "vocab_size": len(tokenizer),
+        "format": _format_name(config), "dtype": str(next(model.parameters()).dtype)
+        .replace("torch.", ""),
+        **size_stats(model_dir, config),
+        "lineage": read_lineage(model_dir, ref=os.fspath(ref)),
+    }
+    if perplexity:
+        result["perplexity"] = measure_ppl(model, tokenizer, data=data, split=split,
+                                           seq_len=seq_len, stride=stride,
+                                           max_tokens=max_tokens, max_bytes=max_bytes,
+                                           val_fraction=val_fraction)
+    result["tasks"] = {}
+    for name, items in (tasks or {}).items():
+        scored = score_task(model, tokenizer, items)
+        scored["examples"] = scored.pop("predictions")[:EXAMPLES_KEPT]
+        result["tasks"][name] = scored
+    if speed:
+        result["speed"] = measure_speed(model, tokenizer, decode_tokens=decode_tokens)
+    result["peak_rss_bytes"] = peak_rss()
+    result["peak_rss_scope"] = "model" if rss_reset else "process"
+    result["eval_seconds"] = time.perf_counter() - t0
+    result["evaluated_utc"] = utc_now()
+    result["summary"] = summarize(result, data, split)
+    del model
+    gc.collect()
+    if record and Path(os.fspath(ref)).expanduser().is_dir():
+        update_metrics(model_dir, result["summary"])
+    return result
+
+
+def _format_name(config) -> str:
+    from slmkit.models.formats import format_of
+
+    fmt = format_of(config)
+    if fmt:
+        return fmt
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else \
+            getattr(quant, "quant_method", None)
+        return f"hf-{method or 'quantized'}"
+    return "dense"
+
+
+def summarize(result: dict[str, Any], data: Any = None, split: str | None = None
+              ) -> dict[str, Any]:
+    """The flat figures that go into ``slmkit.json`` metrics and the comparison table."""
+    s: dict[str, Any] = {}
+    ppl = result.get("perplexity")
+    if ppl:
+        s.update(ppl=ppl["ppl"], bits_per_byte=ppl["bits_per_byte"], eval_loss=ppl["loss"],
+                 eval_tokens=ppl["tokens"], eval_bytes=ppl["bytes"])
+        s["eval_data"] = data if isinstance(data, (str, list)) else "custom"
+        s["eval_split"] = split
+    for name, t in (result.get("tasks") or {}).items():
+        s[f"{name}:{t['metric']}"] = t["score"]
+    sp = result.get("speed")
+    if sp:
+        for n, v in sp["prefill_tok_s"].items():
+            s[f"prefill_tok_s@{n}"] = v
+        s.update(ttft_s=sp["ttft_s"], decode_tok_s=sp["decode_tok_s"])
+    for key in ("peak_rss_bytes", "size_on_disk", "params", "active_params",
+                "bits_per_weight"):
+        if result.get(key) is not None:
+            s[key] = result[key]
+    s["evaluated_utc"] = result.get("evaluated_utc")
+    return s

@@ -1,0 +1,91 @@
+"""Greedy generation for evaluation: the engine's fast path when present, else a plain loop.
+
+Evaluation never has its own generation code path to maintain: :func:`get_stream_tokens`
+returns ``slmkit.engine.stream_tokens`` when that package imports (the engine issue's
+fastest path per model), and otherwise :func:`plain_stream_tokens`, a plain transformers
+KV-cache loop with the same signature. Speed figures and generation tasks both go through
+it, so they pick the engine up with no change here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+
+def plain_stream_tokens(model, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+    """Greedy decoding with the transformers KV cache; yields one token id at a time.
+
+    The first id is yielded right after the prefill forward pass (so the time to the first
+    yield is the time to first token); each later one after one single-token decode step.
+
+    Args:
+        model: a causal LM.
+        prompt_ids: the prompt, ``len >= 1``.
+        max_new_tokens: how many ids to yield (no early stop on eos: callers decide).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        x = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+        out = model(input_ids=x, use_cache=True)
+        past = out.past_key_values
+        for i in range(max_new_tokens):
+            next_id = int(out.logits[0, -1].argmax())
+            yield next_id
+            if i + 1 == max_new_tokens:
+                break
+            step = torch.tensor([[next_id]], dtype=torch.long, device=device)  # (1, 1)
+            out = model(input_ids=step, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+
+
+def get_stream_tokens() -> tuple[Callable[..., Iterator[int]], str]:
+    """``(stream_tokens, name)``: the engine's when ``slmkit.engine`` imports, else ours."""
+    try:
+        from slmkit.engine import stream_tokens
+    except ImportError:
+        return plain_stream_tokens, "transformers"
+    return stream_tokens, "slmkit.engine"
+
+
+def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
+                    stop: Sequence[str] = ("\n",), stream=None) -> str:
+    """Greedy completion of ``prompt``, cut at the first stop string or end-of-text.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        prompt: text to continue.
+        max_new_tokens: generation budget.
+        stop: strings that end the completion (not included in it).
+        stream: a ``stream_tokens`` function; default :func:`get_stream_tokens`.
+
+    Returns:
+        The completion text (without the prompt and the stop string).
+    """
+    stream = stream or get_stream_tokens()[0]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
+    limit = _context(model)
+    if limit and len(ids) + max_new_tokens > limit:
+        ids = ids[-max(1, limit - max_new_tokens):]
+    eos = tokenizer.eos_token_id
+    new: list[int] = []
+    text = ""
+    for tid in stream(model, list(ids), max_new_tokens):
+        if tid == eos:
+            break
+        new.append(tid)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if any(s and s in text for s in stop):
+            break
+    cut = min((text.index(s) for s in stop if s and s in text), default=len(text))
+    return text[:cut]
+
+
+def _context(model) -> int | None:
+    from slmkit.eval.perplexity import context_length
+
+    return context_length(model)

@@ -1,0 +1,85 @@
+"""Built-in task mining (determinism, no train/val leak) and JSONL task files."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from slmkit.data.split import is_val
+from slmkit.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def mined():
+    from slmkit.eval.mining import BUILTIN_TASKS, mine_tasks
+
+    return {split: mine_tasks(BUILTIN_TASKS, split=split, limit=40) for split in ("val", "train")}
+
+
+def test_mining_is_deterministic(mined):
+    from slmkit.eval.mining import BUILTIN_TASKS, mine_tasks
+
+    again = mine_tasks(BUILTIN_TASKS, split="val", limit=40)
+    assert again == mined["val"]
+    for name in BUILTIN_TASKS:
+        assert len(mined["val"][name]) == 40, name
+        assert len({it["id"] for it in mined["val"][name]}) == 40
+
+
+def test_mined_items_follow_the_corpus_split(mined):
+    from slmkit.eval.tasks import validate_item
+
+    val_docs = set()
+    for split, tasks in mined.items():
+        for name, items in tasks.items():
+            for it in items:
+                assert it["split"] == split
+                assert is_val(it["source"]) == (split == "val"), it["id"]
+                assert it["source"].startswith("stdlib:")
+                validate_item(dict(it), name)
+                if split == "val":
+                    val_docs.add(it["source"])
+    train_docs = {it["source"] for items in mined["train"].values() for it in items}
+    assert val_docs and not val_docs & train_docs
+    # no validation text shows up in training items (prompts or distractors)
+    train_text = "\n".join(json.dumps(it) for its in mined["train"].values() for it in its)
+    for it in mined["val"]["stdlib-docstring"]:
+        assert it["prompt"] not in train_text
+
+
+def test_mined_items_carry_real_labels(mined):
+    funcname = mined["val"]["stdlib-funcname"]
+    for it in funcname:
+        assert re.search(rf"\b{re.escape(it['answer'])}\b", it["prompt"]) is None
+        assert "def ___" in it["prompt"]
+    for it in mined["val"]["stdlib-docstring-mc"]:
+        assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+        assert it["context"].endswith('.__doc__ = """')
+    for it in mined["val"]["stdlib-nextline"]:
+        assert it["answer"] == it["answer"].strip() and it["answer"]
+
+
+def test_task_file_roundtrip_and_malformed_lines(tmp_path):
+    from slmkit.eval.tasks import read_task_file, write_task_file
+
+    items = [{"id": "1", "type": "multiple_choice", "context": "x =", "choices": [" 1", " 2"],
+              "answer": 0}]
+    path = write_task_file(tmp_path / "mine.jsonl", items)
+    assert read_task_file(path) == items
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(items[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_task_file(bad)
+    bad.write_text(json.dumps({**items[0], "answer": 5}) + "\n")
+    with pytest.raises(DataError, match="line 1 needs 'answer'"):
+        read_task_file(bad)
+    bad.write_text(json.dumps({"type": "essay"}) + "\n")
+    with pytest.raises(DataError, match="'type'"):
+        read_task_file(bad)
+    bad.write_text("\n\n")
+    with pytest.raises(DataError, match="no task items"):
+        read_task_file(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        read_task_file(tmp_path / "nope.jsonl")
