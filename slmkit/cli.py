@@ -556,6 +556,44 @@ def export(
         raise SlmError(f"--format '{format_}' is not supported; use gguf or onnx.")
 
 
+# --------------------------------------------------------------------------- export
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    format_: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp, Ollama) or onnx "
+                                "(ONNX Runtime)."),
+    out: Path = typer.Option(..., "--out", "-o", help="GGUF: the .gguf file; ONNX: a "
+                             "directory."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF tensor type: f32, f16, "
+                                        "bf16, q8_0, q4_0 or q4_1 (default f16; quantized "
+                                        "models keep their calibrated blocks)."),
+    ollama: bool = typer.Option(False, "--ollama", help="GGUF: also write a Modelfile for "
+                                "`ollama create`."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX: ONNX Runtime dynamic int8 "
+                              "quantization of the matrices."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Export to GGUF (llama.cpp / Ollama) or ONNX (ONNX Runtime)."""
+    fmt = format_.lower()
+    if fmt == "gguf":
+        if int8:
+            raise SlmError("--int8 is an ONNX option; for GGUF use --quant q8_0.")
+        from slmkit.export.gguf_export import export_gguf
+
+        res = export_gguf(model, out, quant=quant, ollama=ollama, overwrite=overwrite)
+        print_table("slm export --format gguf", res.rows())
+    elif fmt == "onnx":
+        if quant or ollama:
+            raise SlmError("--quant and --ollama are GGUF options; for ONNX use --int8.")
+        from slmkit.export.onnx_export import export_onnx
+
+        res = export_onnx(model, out, int8=int8, overwrite=overwrite)
+        print_table("slm export --format onnx", res.rows())
+    else:
+        raise SlmError(f"--format '{format_}' is not supported; use gguf or onnx.")
+
+
 # --------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,249 @@
+"""GGUF metadata: per-architecture hyperparameters, tensor names and tokenizer fields.
+
+The facts here are llama.cpp's conventions (``llama-arch.cpp``, ``llama-vocab.cpp``), stated
+in small tables so that adding an architecture is adding a row:
+
+* Llama and Mistral are written as llama.cpp's ``llama`` architecture; Qwen2 as ``qwen2``.
+* llama.cpp's ``llama`` architecture applies RoPE to *interleaved* pairs (GPT-J style), while
+  Hugging Face Llama rotates the two *halves* of each head (GPT-NeoX style). The Q and K
+  projection rows are therefore permuted on export (:func:`permute_rope_rows`). ``qwen2``
+  uses NeoX-style RoPE in llama.cpp, so its rows are written as they are.
+* Byte-level BPE tokenizers are written as tokenizer model ``gpt2`` with a pre-tokenizer name
+  from :data:`PRE_TOKENIZERS`; llama.cpp refuses a file whose pre-tokenizer name it does not
+  know, so an unrecognised tokenizer is refused here instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slmkit.errors import ConfigError
+
+#: HF model_type -> (llama.cpp architecture, rows of Q/K permuted for interleaved RoPE).
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+}
+
+#: Pre-tokenizer regexes llama.cpp knows (``llama-vocab.cpp``), by the name it expects.
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
+                 r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?"
+                r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"llama-bpe": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
+
+# llama.cpp token types (gguf.TokenType values).
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 6
+
+
+def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
+    """``(llama.cpp arch name, permute Q/K rows)`` for a HF config, or a clear refusal."""
+    kind = getattr(config, "model_type", "?")
+    if kind not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ConfigError(f"'{model_ref}' is a '{kind}' model, which GGUF export does not "
+                          f"support yet (supported: {known}); export it with --format onnx.")
+    if getattr(config, "num_local_experts", 0):
+        raise ConfigError(f"'{model_ref}' is a mixture-of-experts model, which GGUF export "
+                          "does not support yet; export it with --format onnx.")
+    rope = _rope(config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise ConfigError(f"'{model_ref}' uses RoPE scaling '{rope_type}', which GGUF export "
+                          "does not write yet; only default and linear RoPE are supported.")
+    return ARCHITECTURES[kind]
+
+
+def _rope(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    params = dict(params or {})
+    if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
+        params["rope_theta"] = config.rope_theta
+    return params
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def context_length(config) -> int:
+    """The context to declare: the sliding window when it is shorter than the positions.
+
+    llama.cpp's ``llama`` architecture has no sliding-window attention, so a Mistral model
+    behaves the same only within its window; declaring the window keeps users inside it.
+    """
+    ctx = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        ctx = min(ctx, int(window))
+    return ctx
+
+
+def write_hparams(writer, config, arch: str) -> None:
+    """The full hyperparameters, under llama.cpp's ``{arch}.*`` keys."""
+    import gguf
+
+    hd = head_dim(config)
+    writer.add_context_length(context_length(config))
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None)
+                             or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    rope = _rope(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(hd)
+    if hd != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
+    if rope.get("rope_type", rope.get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"This {arch} model uses activation '{config.hidden_act}', but "
+                          "llama.cpp's graph for it is SiLU-gated; GGUF export cannot keep "
+                          "its behaviour.")
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder Q/K projection rows from NeoX (halves) to GPT-J (interleaved) RoPE pairs.
+
+    Within each head, HF rotates dims ``(i, i + hd/2)`` together; llama.cpp rotates
+    ``(2i, 2i + 1)``. Row ``i`` of the first half goes to ``2i``, of the second to ``2i + 1``.
+
+    Args:
+        weight: ``[n_heads * hd, ...]`` (a weight ``[out, in]``, a bias ``[out]``, or packed
+            quantized rows ``[out, bytes]``: only whole rows move).
+        n_heads: heads in this projection (the KV heads for K).
+    """
+    rows = weight.shape[0]
+    hd = rows // n_heads
+    rest = weight.shape[1:]
+    w = weight.reshape(n_heads, 2, hd // 2, *rest)  # [H, half, hd/2, ...]
+    return w.transpose(1, 2).reshape(rows, *rest)   # [H, hd/2, half, ...] -> [H*hd, ...]
+
+
+def tensor_name_map(arch: str, n_blocks: int):
+    import gguf
+
+    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    return gguf.get_tensor_name_map(arch_enum, n_blocks)
+
+
+def gguf_tensor_name(name_map, hf_name: str) -> str:
+    """HF parameter name -> GGUF name (``model.layers.0.self_attn.q_proj.weight`` ->
+    ``blk.0.attn_q.weight``)."""
+    new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if new is None:
+        raise ConfigError(f"Tensor '{hf_name}' has no GGUF name; this model has parts the "
+                          "llama.cpp graph does not know, so it cannot be exported to GGUF.")
+    return new
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+@dataclass
+class TokenizerMeta:
+    """What llama.cpp needs to rebuild a byte-level BPE tokenizer."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    eot_id: int | None
+    add_bos: bool
+    chat_template: str | None
+
+
+def detect_pre_tokenizer(pre: dict | None, model_ref: str) -> str:
+    """The llama.cpp pre-tokenizer name for a ``tokenizer.json`` ``pre_tokenizer`` section."""
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"                  # the GPT-2 regex (slmkit's own tokenizers)
+    if pre and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+                and steps[1].get("use_regex", True):
+            return "smollm"             # SmolLM: single digits, then the GPT-2 regex
+        split = next((s for s in steps if s.get("type") == "Split"), None)
+        if split is not None:
+            regex = split.get("pattern", {}).get("Regex")
+            for name, known in PRE_TOKENIZERS.items():
+                if regex == known:
+                    return name
+    raise ConfigError(f"'{model_ref}' has a tokenizer whose pre-tokenizer llama.cpp would not "
+                      "recognise (it refuses such files); use a byte-level BPE tokenizer with "
+                      "the GPT-2, Llama-3 or Qwen2 regex, e.g. one from `slm tokenizer train`.")
+
+
+def tokenizer_meta(model_dir: Path, tokenizer, vocab_size: int, model_ref: str) -> TokenizerMeta:
+    """Read vocab, merges and special tokens from ``tokenizer.json`` for GGUF.
+
+    Token strings are kept in their byte-level form (``Ġ`` for a space), which is what the
+    ``gpt2`` tokenizer model in llama.cpp expects. Ids past the tokenizer's vocabulary (a
+    config vocab padded to a multiple) are filled with unused ``[PAD{i}]`` tokens.
+    """
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"'{model_ref}' has no tokenizer.json (a fast byte-level BPE "
+                          "tokenizer), which GGUF export needs; re-save the tokenizer.")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ConfigError(f"'{model_ref}' has a {model.get('type', '?')} tokenizer"
+                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
+                          "; GGUF export supports byte-level BPE tokenizers only.")
+    pre = detect_pre_tokenizer(spec.get("pre_tokenizer"), model_ref)
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise ConfigError(f"'{model_ref}' has a tokenizer of {n} tokens but an embedding of "
+                          f"only {vocab_size} rows; the model and tokenizer do not match.")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [UNUSED] * vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        types[i] = NORMAL if t is None else (CONTROL if t.get("special") else USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    add_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    eot = vocab.get("<|im_end|>")
+    return TokenizerMeta(tokens=tokens, types=types, merges=merges, pre=pre,
+                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, eot_id=eot, add_bos=add_bos,
+                         chat_template=getattr(tokenizer, "chat_template", None))
+
+
+def write_tokenizer(writer, meta: TokenizerMeta) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(meta.pre)
+    writer.add_token_list(meta.tokens)
+    writer.add_token_types(meta.types)
+    writer.add_token_merges(meta.merges)
+    for value, add in ((meta.bos_id, writer.add_bos_token_id),
+                       (meta.eos_id, writer.add_eos_token_id),
+                       (meta.pad_id, writer.add_pad_token_id),
+                       (meta.eot_id, writer.add_eot_token_id)):
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(meta.add_bos)
+    writer.add_add_eos_token(False)
+    if meta.chat_template:
+        writer.add_chat_template(meta.chat_template)
