@@ -266,8 +266,12 @@ def prune(
                                 drop_layers=drop_layers, data=data, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len)
         st.validate_shape_free()
+        from slmkit.compress.prune.structured import decode_speeds
+
         net, tok = load_model(model)
         result = structured_prune(net, tok, st)
+        speed = decode_speeds(net, result.model, tok)
+        metrics = {**result.metrics(), **speed}
         final = save_model(result.model, tok, out, step="prune", overwrite=overwrite,
                            params={"structured": True, **st.as_dict()}, metrics=metrics)
         print_table("removed", result.removed_rows(), header=("part", "before", "after",
@@ -394,12 +398,8 @@ def generate(
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens at most."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-        from slmkit.compress.prune.structured import decode_speeds
-
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p * p_max."),
-        speed = decode_speeds(net, result.model, tok)
-        metrics = {**result.metrics(), **speed}
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),

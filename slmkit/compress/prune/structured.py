@@ -1,0 +1,414 @@
+"""``slm prune --structured``: remove heads, MLP channels, hidden channels and whole layers.
+
+Minitron / LLM-Pruner style structured pruning (arXiv:2407.14679, arXiv:2305.11627): one
+calibration pass records activation-based importance (``structured_ops``), then the
+least important heads (KV groups under GQA), MLP channels, hidden channels and layers
+are cut out of the weights. The result is a genuinely smaller *dense* model: a smaller
+``config.json`` whose weights match it, which loads in plain transformers and runs faster.
+
+Width is cut uniformly across layers (every layer keeps the same number of heads and
+channels, as HF configs require) but *which* heads/channels go is chosen per layer.
+
+With ``--target-params 0.75`` the tool enumerates splits (layers dropped x heads x hidden,
+with the MLP cut solved to reach the target), scores each by calibration loss and keeps
+the best. Supported: Llama, Qwen2 and Mistral layouts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from slmkit.compress.prune import structured_ops as sops
+from slmkit.errors import ConfigError
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class StructuredSettings:
+    """Options of a structured pruning run (recorded in ``slmkit.json``).
+
+    Attributes:
+        target_params: keep this fraction of parameters; the tool picks the split.
+        heads: query heads to remove per layer (whole KV groups when divisible).
+        mlp_channels: MLP channels to remove per layer.
+        hidden: hidden (embedding) channels to remove.
+        drop_layers: decoder layers to remove.
+        data / calib_samples / calib_seq_len: calibration corpus and size.
+    """
+
+    target_params: float | None = None
+    heads: int | None = None
+    mlp_channels: int | None = None
+    hidden: int | None = None
+    drop_layers: int | None = None
+    data: str = "stdlib"
+    calib_samples: int = 32
+    calib_seq_len: int = 256
+    seed: int = 0
+
+    def explicit(self) -> bool:
+        return any(v is not None for v in (self.heads, self.mlp_channels, self.hidden,
+                                            self.drop_layers))
+
+    def validate_shape_free(self) -> None:
+        """Checks that need no model: one kind of target, sane numbers."""
+        if self.target_params is not None and self.explicit():
+            raise ConfigError("--target-params and explicit --heads/--mlp-channels/--hidden/"
+                              "--drop-layers were both given; pass one or the other.")
+        if self.target_params is None and not self.explicit():
+            raise ConfigError("--structured needs --target-params (e.g. 0.75) or at least one "
+                              "of --heads, --mlp-channels, --hidden, --drop-layers.")
+        if self.target_params is not None and not 0.0 < self.target_params < 1.0:
+            raise ConfigError(f"--target-params {self.target_params} is outside (0, 1); pass "
+                              "the fraction of parameters to keep, e.g. 0.75.")
+        for flag, v in (("--heads", self.heads), ("--mlp-channels", self.mlp_channels),
+                        ("--hidden", self.hidden), ("--drop-layers", self.drop_layers)):
+            if v is not None and v < 0:
+                raise ConfigError(f"{flag} {v} is negative; pass how many to remove.")
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Plan:
+    """How much to remove: counts, uniform over layers."""
+
+    heads: int = 0
+    mlp_channels: int = 0
+    hidden: int = 0
+    drop_layers: int = 0
+
+
+@dataclass
+class Importance:
+    """Calibration importance of every prunable unit of the original model."""
+
+    heads: torch.Tensor  # [L, H]
+    mlp: torch.Tensor  # [L, I]
+    hidden: torch.Tensor  # [D]
+    layers: torch.Tensor  # [L] block influence
+
+
+@dataclass
+class StructuredResult:
+    """The pruned model and what was measured."""
+
+    model: nn.Module
+    plan: Plan
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    candidates: int = 1
+
+    def metrics(self) -> dict:
+        return {"params": self.params_after, "params_before": self.params_before,
+                "param_fraction": round(self.params_after / max(1, self.params_before), 4),
+                "calib_loss_before": round(self.loss_before, 4),
+                "calib_loss_after": round(self.loss_after, 4), "dropped_layers": self.dropped,
+                "shape_before": self.before, "shape_after": self.after}
+
+    def removed_rows(self) -> list[tuple]:
+        rows = []
+        for key in ("layers", "heads", "kv_heads", "mlp_channels", "hidden"):
+            b, a = self.before[key], self.after[key]
+            rows.append((key, b, a, b - a))
+        return rows
+
+
+def _shape(config) -> dict:
+    return {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads, "mlp_channels": config.intermediate_size,
+            "hidden": config.hidden_size}
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_supported(model: nn.Module) -> None:
+    kind = getattr(model.config, "model_type", "?")
+    if kind not in SUPPORTED:
+        raise ConfigError(f"Structured pruning supports {', '.join(SUPPORTED)} models, not "
+                          f"'{kind}'; use unstructured pruning (--method wanda) instead.")
+
+
+def head_mode(config, remove: int) -> str:
+    """``"groups"`` / ``"within"`` for removing ``remove`` query heads, or a ConfigError."""
+    h, kv = config.num_attention_heads, config.num_key_value_heads
+    group = h // kv
+    if remove >= h:
+        raise ConfigError(f"--heads {remove} would prune all {h} attention heads of each layer "
+                          f"(or more); remove fewer than {h}.")
+    if remove % group == 0:
+        return "groups"
+    if remove % kv == 0:
+        return "within"
+    raise ConfigError(f"--heads {remove} does not fit {h} heads in {kv} KV groups; remove a "
+                      f"multiple of {group} (whole groups) or of {kv} (heads in every group).")
+
+
+def check_plan(config, plan: Plan) -> None:
+    """Refuse plans that remove everything (or more) of some dimension."""
+    if plan.heads:
+        head_mode(config, plan.heads)
+    for flag, n, total in (("--mlp-channels", plan.mlp_channels, config.intermediate_size),
+                           ("--hidden", plan.hidden, config.hidden_size),
+                           ("--drop-layers", plan.drop_layers, config.num_hidden_layers)):
+        if n >= total:
+            raise ConfigError(f"{flag} {n} would remove all {total} (or more) of the model's "
+                              f"{flag.lstrip('-').replace('-', ' ')}; remove fewer than {total}.")
+
+
+# --------------------------------------------------------------------------- importance
+
+@torch.no_grad()
+def collect_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importance:
+    """One pass over the calibration batches with hooks on every layer (full model)."""
+    cfg = model.config
+    layers = model.model.layers
+    n_layers, n_heads = len(layers), cfg.num_attention_heads
+    heads = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    mlp = torch.zeros(n_layers, cfg.intermediate_size, dtype=torch.float64)
+    hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+    influence = torch.zeros(n_layers, dtype=torch.float64)
+    tokens = torch.zeros(n_layers, dtype=torch.float64)
+    handles = []
+
+    def flat(x):
+        return x.reshape(-1, x.shape[-1])  # [B, T, C] -> [B*T, C]
+
+    for i, layer in enumerate(layers):
+        def on_o(_m, args, i=i):
+            heads[i] += sops.head_energy(flat(args[0]), n_heads)
+
+        def on_down(_m, args, i=i):
+            mlp[i] += sops.channel_abs_sum(flat(args[0]))
+
+        def on_norm(_m, _args, out):
+            hidden.add_(sops.channel_abs_sum(flat(out)))
+
+        def on_block(_m, args, kwargs, out, i=i):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = out[0] if isinstance(out, (tuple, list)) else out
+            s, n = sops.block_influence(flat(x_in), flat(x_out))
+            influence[i] += s
+            tokens[i] += n
+
+        handles += [layer.self_attn.o_proj.register_forward_pre_hook(on_o),
+                    layer.mlp.down_proj.register_forward_pre_hook(on_down),
+                    layer.input_layernorm.register_forward_hook(on_norm),
+                    layer.post_attention_layernorm.register_forward_hook(on_norm),
+                    layer.register_forward_hook(on_block, with_kwargs=True)]
+    handles.append(model.model.norm.register_forward_hook(lambda m, a, o: on_norm(m, a, o)))
+    try:
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return Importance(heads, mlp, hidden, influence / tokens.clamp_min(1))
+
+
+# --------------------------------------------------------------------------- slicing
+
+def pruned_config(config, plan: Plan, kept_layers: list[int]):
+    """A copy of ``config`` with the plan's smaller dimensions."""
+    new = copy.deepcopy(config)
+    h, kv = config.num_attention_heads, config.num_key_value_heads
+    new.head_dim = head_dim_of(config)  # keep it explicit: hidden may shrink
+    if plan.heads:
+        if head_mode(config, plan.heads) == "groups":
+            new.num_key_value_heads = kv - plan.heads // (h // kv)
+        new.num_attention_heads = h - plan.heads
+    new.intermediate_size = config.intermediate_size - plan.mlp_channels
+    new.hidden_size = config.hidden_size - plan.hidden
+    new.num_hidden_layers = len(kept_layers)
+    if getattr(config, "layer_types", None):
+        new.layer_types = [config.layer_types[i] for i in kept_layers]
+    if hasattr(new, "max_window_layers"):
+        new.max_window_layers = min(new.max_window_layers, len(kept_layers))
+    return new
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, imp: Importance, plan: Plan) -> tuple[nn.Module, list[int]]:
+    """Build the smaller dense model (a new module; ``model`` is untouched).
+
+    Returns:
+        ``(pruned_model, dropped_layer_indices)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    drop = sorted(torch.topk(imp.layers, plan.drop_layers, largest=False).indices.tolist()) \
+        if plan.drop_layers else []
+    kept_layers = [i for i in range(n_layers) if i not in drop]
+    new_cfg = pruned_config(cfg, plan, kept_layers)
+    d = head_dim_of(cfg)
+    hid = sops.keep_top(imp.hidden, cfg.hidden_size - plan.hidden) if plan.hidden else None
+    mode = head_mode(cfg, plan.heads) if plan.heads else None
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in sd:
+            out[name] = sops.take(sd[name], cols=hid)
+    out["model.norm.weight"] = sops.take(sd["model.norm.weight"], rows=hid)
+    for new_i, old_i in enumerate(kept_layers):
+        src, dst = f"model.layers.{old_i}.", f"model.layers.{new_i}."
+        q_rows = kv_rows = None
+        if plan.heads:
+            q_heads, kv_heads = sops.heads_to_keep(imp.heads[old_i], cfg.num_key_value_heads,
+                                                   plan.heads, mode)
+            q_rows = sops.head_channels(q_heads, d)
+            kv_rows = sops.head_channels(kv_heads, d) if mode == "groups" else None
+        m_rows = sops.keep_top(imp.mlp[old_i], cfg.intermediate_size - plan.mlp_channels) \
+            if plan.mlp_channels else None
+        cuts = {"self_attn.q_proj": (q_rows, hid), "self_attn.k_proj": (kv_rows, hid),
+                "self_attn.v_proj": (kv_rows, hid), "self_attn.o_proj": (hid, q_rows),
+                "mlp.gate_proj": (m_rows, hid), "mlp.up_proj": (m_rows, hid),
+                "mlp.down_proj": (hid, m_rows)}
+        for key, value in sd.items():
+            if not key.startswith(src):
+                continue
+            local = key[len(src):]
+            module, _, kind = local.rpartition(".")
+            if module in cuts:
+                rows, cols = cuts[module]
+                out[dst + local] = sops.take(value, rows=rows, cols=cols if kind == "weight"
+                                             else None)
+            elif module.endswith("layernorm"):
+                out[dst + local] = sops.take(value, rows=hid)
+            else:
+                out[dst + local] = value.clone()
+    dtype = next(model.parameters()).dtype
+    new = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
+    missing, unexpected = new.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and new_cfg.tie_word_embeddings)]
+    if missing or unexpected:  # a layout this module does not know: a bug, not user input
+        raise RuntimeError(f"structured pruning produced mismatched weights: "
+                           f"missing={missing[:3]} unexpected={unexpected[:3]}")
+    new.tie_weights()
+    return new.eval(), drop
+
+
+# --------------------------------------------------------------------------- search
+
+def count_params(config) -> int:
+    """Parameters of a model built from ``config`` (shared tensors once), without memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in m.parameters())
+
+
+@torch.no_grad()
+def calib_loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    total, n = 0.0, 0
+    for ids in batches:
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        total += float(out.loss) * ids.numel()
+        n += ids.numel()
+    return total / max(1, n)
+
+
+def candidate_plans(config, target: int) -> list[Plan]:
+    """Splits that reach ``target`` parameters: layers x heads x hidden, MLP cut solved."""
+    h, kv, n_layers = config.num_attention_heads, config.num_key_value_heads, \
+        config.num_hidden_layers
+    group = h // kv
+    head_opts = sorted({0} | {r for r in (group, kv, 2 * kv) if r < h and
+                              (r % group == 0 or r % kv == 0)})
+    d = config.hidden_size
+    hidden_opts = sorted({0} | {int(d * f) // 8 * 8 for f in (0.125, 0.25)})
+    plans = []
+    for drop in range(0, n_layers // 2 + 1):
+        for heads in head_opts:
+            for hidden in hidden_opts:
+                base = Plan(heads=heads, hidden=hidden, drop_layers=drop)
+                kept = list(range(n_layers - drop))
+                p0 = count_params(pruned_config(config, base, kept))
+                if p0 <= target:
+                    if p0 >= 0.97 * target:
+                        plans.append(base)
+                    continue
+                per_channel = 3 * (d - hidden) * (n_layers - drop)
+                need = math.ceil((p0 - target) / per_channel)
+                need = math.ceil(need / 8) * 8
+                if need <= 0.75 * config.intermediate_size:
+                    plans.append(Plan(heads, need, hidden, drop))
+    return plans
+
+
+def structured_prune(model: nn.Module, tokenizer, settings: StructuredSettings) -> StructuredResult:
+    """Prune ``model`` structurally (see module docstring); returns a new, smaller model.
+
+    Raises:
+        ConfigError: unsupported architecture, conflicting or impossible targets.
+    """
+    from slmkit.compress.calibrate import calibration_batches
+    from slmkit.console import log, track
+
+    settings.validate_shape_free()
+    check_supported(model)
+    cfg = model.config
+    if settings.explicit():
+        plans = [Plan(settings.heads or 0, settings.mlp_channels or 0, settings.hidden or 0,
+                      settings.drop_layers or 0)]
+        check_plan(cfg, plans[0])
+    batches = calibration_batches(tokenizer, settings.data, n_samples=settings.calib_samples,
+                                  seq_len=settings.calib_seq_len, seed=settings.seed)
+    held_out = calibration_batches(tokenizer, settings.data, n_samples=8,
+                                   seq_len=settings.calib_seq_len, seed=settings.seed + 1)
+    imp = collect_importance(model, list(track(batches, "importance")))
+    params_before = count_params(cfg)
+    if not settings.explicit():
+        plans = candidate_plans(cfg, int(settings.target_params * params_before))
+        if not plans:
+            raise ConfigError(f"--target-params {settings.target_params} cannot be reached "
+                              "by removing at most half the layers and 3/4 of the MLP "
+                              "channels; use a larger fraction or explicit --drop-layers.")
+    best = None
+    for plan in track(plans, "scoring splits"):
+        pruned, dropped = apply_plan(model, imp, plan)
+        loss = calib_loss(pruned, held_out)
+        log.debug("plan %s: loss %.4f", plan, loss)
+        if best is None or loss < best[0]:
+            best = (loss, plan, pruned, dropped)
+    loss, plan, pruned, dropped = best
+    return StructuredResult(
+        model=pruned, plan=plan, before=_shape(cfg), after=_shape(pruned.config),
+        dropped=dropped, params_before=params_before, params_after=count_params(pruned.config),
+        loss_before=calib_loss(model, held_out), loss_after=loss, candidates=len(plans))
+
+
+def decode_speeds(before: nn.Module, after: nn.Module, tokenizer, tokens: int = 32) -> dict:
+    """Batch-1 decode tokens/s of the dense and the pruned model, measured side by side.
+
+    Uses ``slmkit.eval.speed.measure_speed`` (the engine's fastest path); returns {} when
+    the eval layer is not installed.
+    """
+    try:
+        from slmkit.eval.speed import measure_speed
+    except ImportError:
+        return {}
+    runs = {name: [] for name in ("before", "after")}
+    for _ in range(2):  # interleave to share the machine's noise
+        for name, model in (("before", before), ("after", after)):
+            runs[name].append(measure_speed(model, tokenizer, prompt_lengths=(32,),
+                                            decode_tokens=tokens, repeats=1)["decode_tok_s"])
+    b, a = max(runs["before"]), max(runs["after"])
+    return {"decode_tok_s_before": round(b, 2), "decode_tok_s": round(a, 2),
+            "decode_speedup": round(a / b, 3) if b else None}
