@@ -190,6 +190,60 @@ def train(
     print_table("slm train", result.summary_rows())
 
 
+# --------------------------------------------------------------------------- distill
+
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model dir (any format, "
+                                "quantized included)."),
+    student: str = typer.Option(..., "--student", "-s", help="Preset (fresh init), a pruned "
+                                "teacher (`slm prune --structured`) or any model dir with the "
+                                "teacher's tokenizer."),
+    data: list[str] = typer.Option(["stdlib"], "--data", "-d", help="Corpus: 'stdlib', a "
+                                   "file, dir, glob or .jsonl (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    loss: str = typer.Option("fkl", help="fkl (forward KL), rkl (reverse KL, MiniLLM) or jsd "
+                             "(generalised JSD, GKD)."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature of both models."),
+    alpha: float = typer.Option(0.5, help="Weight of the plain LM loss (KD gets 1 - alpha)."),
+    beta: float = typer.Option(0.5, help="JSD mixture weight on the teacher, in (0, 1)."),
+    topk_cache: Optional[int] = typer.Option(None, "--topk-cache", help="Cache the teacher's "
+                                             "top-K log-probs on disk; later epochs skip it."),
+    on_policy_fraction: float = typer.Option(0.0, help="Share of batches whose second half "
+                                             "the student samples (GKD on-policy)."),
+    chunk_size: int = typer.Option(1024, help="Positions per vocabulary-projection chunk."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many training tokens."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+    seq_len: int = typer.Option(256, help="Tokens per training sequence."),
+    batch_size: int = typer.Option(16, help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (lower it for pruned students)."),
+    warmup_steps: int = typer.Option(50, help="Linear warmup steps."),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (default: bf16 where "
+                                            "the CPU supports it)."),
+    val_fraction: float = typer.Option(0.05, help="Share of documents held out."),
+    eval_every: int = typer.Option(100, help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(100, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, help="Seed for init, data order and sampling."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Distill a teacher into a student (KD objective in the training loop)."""
+    from slmkit.train.distill import DistillConfig, run_distillation
+
+    cfg = DistillConfig.from_cli(
+        teacher=teacher, student=student, data=data[0] if len(data) == 1 else data,
+        out=str(out), loss=loss, temperature=temperature, alpha=alpha, beta=beta,
+        topk_cache=topk_cache, on_policy_fraction=on_policy_fraction, chunk_size=chunk_size,
+        max_steps=max_steps, max_tokens=max_tokens, max_minutes=max_minutes, seq_len=seq_len,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+        precision=precision, val_fraction=val_fraction, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, seed=seed, resume=resume, overwrite=overwrite)
+    result = run_distillation(cfg)
+    print_table("slm distill", result.summary_rows())
+
+
 # --------------------------------------------------------------------------- recipes
 
 @app.command("run")

@@ -1,0 +1,265 @@
+"""``slm distill``: train a student to imitate a teacher, in the one training loop.
+
+The student is a preset (fresh init), a structurally pruned copy of the teacher (the
+Minitron path: Muralidharan et al. 2024, "Compact language models via pruning and knowledge
+distillation") or any model dir with the teacher's tokenizer. The teacher is anything
+:func:`slmkit.models.load_model` loads, quantized formats included. The loss is
+:class:`~slmkit.train.objectives_kd.KDObjective`; budgets, bf16, validation, checkpoints and
+``--resume`` are the loop's own. The output dir has the same shape as ``slm train``'s.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from slmkit.errors import ConfigError, ModelLoadError
+from slmkit.train.config import TrainConfig
+from slmkit.train.run import TrainResult
+
+CACHE_DIR = "kd-cache"
+
+
+class DistillConfig(TrainConfig):
+    """Options of ``slm distill``: every ``slm train`` option plus the teacher and the loss.
+
+    ``model`` (the student) is filled from ``student``.
+    """
+
+    model: str | None = Field(default=None, description="(set from student)")
+    teacher: str = Field(description="teacher model dir (any format load_model reads)")
+    student: str = Field(description="preset name (fresh init) or student model dir")
+    loss: Literal["fkl", "rkl", "jsd"] = Field(default="fkl", description="KD divergence")
+    temperature: float = Field(default=1.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the LM loss")
+    beta: float = Field(default=0.5, gt=0, lt=1, description="JSD mixture weight")
+    topk_cache: int | None = Field(default=None, ge=1, description="cache teacher top-K")
+    chunk_size: int = Field(default=1024, ge=1, description="rows per vocabulary chunk")
+    on_policy_fraction: float = Field(default=0.0, ge=0, le=1)
+    teacher_precision: Literal["fp32", "bf16"] | None = Field(
+        default=None, description="None: bf16 where the CPU supports it")
+
+    @model_validator(mode="after")
+    def _student_is_model(self) -> "DistillConfig":
+        self.model = self.student
+        return self
+
+
+@dataclass
+class DistillResult(TrainResult):
+    """A :class:`TrainResult` plus the distillation facts."""
+
+    kd_rows: list[tuple[str, Any]] | None = None
+
+    def summary_rows(self) -> list[tuple[str, Any]]:
+        return [*(self.kd_rows or []), *super().summary_rows()]
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map every string to the same ids (vocab + added tokens)."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def load_teacher(cfg: DistillConfig):
+    """The teacher in eval mode, frozen; a load failure names ``--teacher``."""
+    from slmkit.models import load_model
+
+    try:
+        teacher, tok = load_model(cfg.teacher)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"--teacher: {e}") from None
+    teacher.eval().requires_grad_(False)
+    return teacher, tok
+
+
+def load_student(cfg: DistillConfig, teacher_tok):
+    """A preset initialised on the teacher's tokenizer, or a model dir with the same one."""
+    from slmkit.models import load_model, load_tokenizer
+    from slmkit.models.presets import PRESETS, init_model
+
+    if cfg.student in PRESETS:
+        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else teacher_tok
+        if not same_tokenizer(tok, teacher_tok):
+            raise ConfigError(f"--tokenizer '{cfg.tokenizer}' differs from the teacher's; drop "
+                              "--tokenizer to use the teacher's (cross-tokenizer distillation "
+                              "is not supported).")
+        return init_model(cfg.student, tok, seed=cfg.seed), tok
+    try:
+        model, tok = load_model(cfg.student, dtype="fp32")
+    except ModelLoadError as e:
+        raise ModelLoadError(f"--student: {e}") from None
+    if not same_tokenizer(tok, teacher_tok):
+        raise ConfigError(f"The student '{cfg.student}' has a different tokenizer "
+                          f"({len(tok):,} tokens) than the teacher '{cfg.teacher}' "
+                          f"({len(teacher_tok):,} tokens); cross-tokenizer distillation is not "
+                          "supported, so use a student built on the teacher's tokenizer.")
+    return model, tok
+
+
+def shared_vocab(student, teacher, tok) -> int:
+    """Rows both output layers have; padding beyond the tokenizer is allowed to differ."""
+    rows_s = student.get_output_embeddings().weight.shape[0]
+    rows_t = teacher.get_output_embeddings().weight.shape[0]
+    vocab = min(rows_s, rows_t)
+    if len(tok) > vocab:
+        raise ConfigError(f"The tokenizer has {len(tok):,} tokens but the "
+                          f"{'student' if rows_s < rows_t else 'teacher'} predicts only "
+                          f"{vocab:,}; use models that cover the whole tokenizer.")
+    return vocab
+
+
+def run_distillation(cfg: DistillConfig) -> DistillResult:
+    """Run ``slm distill`` end to end and return what it measured.
+
+    Raises:
+        ConfigError, DataError, ModelLoadError, OutputError: bad options or inputs, each a
+        one-sentence message; no output dir is left half-written.
+    """
+    import torch
+
+    from slmkit.data.corpus import CorpusStats
+    from slmkit.data.tokens import token_stream
+    from slmkit.models.presets import count_params
+    from slmkit.train import checkpoint as ckpt
+    from slmkit.train.batches import PackedBatches
+    from slmkit.train.loop import Trainer
+    from slmkit.train.objectives_kd import IndexedBatches, KDObjective, KDSettings, TopKCache
+    from slmkit.train.run import _prepare_out
+
+    out, ck_root = _prepare_out(cfg)
+    if not cfg.resume:
+        shutil.rmtree(out / CACHE_DIR, ignore_errors=True)   # another run's teacher targets
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    teacher, teacher_tok = load_teacher(cfg)
+    model, tok = load_student(cfg, teacher_tok)
+    vocab = shared_vocab(model, teacher, tok)
+    for name, net in (("student", model), ("teacher", teacher)):
+        max_pos = getattr(net.config, "max_position_embeddings", None) or \
+            getattr(net.config, "n_positions", None)
+        if max_pos and cfg.seq_len > max_pos:
+            raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the {name}'s context of "
+                              f"{max_pos} tokens; lower --seq-len.")
+
+    stats = CorpusStats()
+    train_tokens = token_stream(cfg.data, tok, "train", cfg.val_fraction, stats=stats)
+    val_b, val_bpt = _validation_set(cfg, tok)
+    packed = PackedBatches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    precision = cfg.resolved_precision()
+    settings = KDSettings(loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                          beta=cfg.beta, chunk_size=cfg.chunk_size, topk=cfg.topk_cache,
+                          on_policy_fraction=cfg.on_policy_fraction,
+                          teacher_bf16=(cfg.teacher_precision or precision) == "bf16")
+    cache = None
+    if cfg.topk_cache:
+        meta = {"teacher": str(Path(cfg.teacher).resolve()), "temperature": cfg.temperature,
+                "tokens": train_tokens.meta.get("key") if hasattr(train_tokens, "meta")
+                else len(train_tokens), "seed": cfg.seed, "vocab": vocab,
+                "teacher_bf16": settings.teacher_bf16}
+        cache = TopKCache(out / CACHE_DIR, packed.n_chunks, cfg.seq_len, cfg.topk_cache, meta)
+    objective = KDObjective(teacher, settings, vocab, cache)
+
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(model, objective, IndexedBatches(packed), cfg, val_batches=val_b,
+                      val_bytes_per_token=val_bpt, checkpoint_root=ck_root)
+    latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
+    if latest is not None:
+        trainer.resume(latest)
+    state = trainer.fit()
+
+    kd_rows = [("teacher", f"{cfg.teacher} ({count_params(teacher)['total']:,} params)"),
+               ("student", cfg.student),
+               ("loss", f"{cfg.loss}, T={cfg.temperature:g}, alpha={cfg.alpha:g}"
+                        + (f", beta={cfg.beta:g}" if cfg.loss == "jsd" else ""))]
+    if cache is not None:
+        kd_rows.append(("top-K cache", f"K={cfg.topk_cache}, {cache.hits:,} hits / "
+                                       f"{cache.misses:,} teacher runs"))
+    if cfg.on_policy_fraction:
+        kd_rows.append(("on-policy batches", objective.on_policy_batches))
+    extra = {"kd_loss": _tail_mean(state.history, "kd_loss")}
+    shutil.rmtree(out / CACHE_DIR, ignore_errors=True)
+    metrics = _finish(cfg, model, tok, state, out, ck_root, extra)
+    skipped = [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
+    return DistillResult(out=out, metrics=metrics, params=count_params(model)["total"],
+                         precision=trainer.precision, skipped=skipped, kd_rows=kd_rows)
+
+
+def _validation_set(cfg: DistillConfig, tok):
+    """Fixed validation batches and their bytes per token (None, None without a val split)."""
+    from slmkit.data.tokens import token_stream
+    from slmkit.errors import DataError
+    from slmkit.train.batches import eval_batches
+    from slmkit.train.run import _val_bytes_per_token
+
+    if cfg.val_fraction <= 0:
+        return None, None
+    try:
+        val_tokens = token_stream(cfg.data, tok, "val", cfg.val_fraction)
+    except DataError as e:
+        from slmkit.console import log
+        log.warning("no validation: %s", e)
+        return None, None
+    val_b = eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
+    return val_b, _val_bytes_per_token(tok, val_b)
+
+
+def _finish(cfg: DistillConfig, model, tok, state, out: Path, ck_root: Path,
+            extra: dict[str, Any]) -> dict[str, Any]:
+    """Save the student with lineage, curve and log; move checkpoints in; one atomic rename.
+
+    Mirrors the tail of :func:`slmkit.train.run.run_training` so both verbs leave the same
+    output shape.
+    """
+    import json
+    import math
+    import os
+
+    from slmkit.models import save_model
+    from slmkit.models.io import commit_out_dir
+    from slmkit.train.plot import loss_curve_png
+
+    hist, val_hist = state.history, state.val_history
+    tail = hist[-max(1, min(10, len(hist))):]
+    metrics: dict[str, Any] = {
+        "steps": state.step, "tokens": state.tokens, "train_minutes": state.elapsed / 60,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / max(len(tail), 1),
+        "mfu": sum(r["mfu"] for r in tail) / max(len(tail), 1),
+        "train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else math.nan,
+        **{k: v for k, v in extra.items() if v is not None}}
+    if val_hist:
+        metrics.update({k: v for k, v in val_hist[-1].items() if k.startswith("val_")})
+    png = loss_curve_png(hist, val_hist, title=f"distill {cfg.student} from {cfg.teacher}")
+    log_json = json.dumps({"history": hist, "val_history": val_hist}, indent=1)
+    params = cfg.model_dump(mode="json", exclude={"resume", "overwrite", "out", "model"})
+    staging = out.parent / f".{out.name}.final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, tok, staging, step="distill", params=params, metrics=metrics,
+               extra_files={"loss_curve.png": png, "train_log.json": log_json})
+    try:
+        if ck_root.is_dir():
+            os.replace(ck_root, staging / "checkpoints")
+        commit_out_dir(staging, out)
+    except BaseException:
+        if (staging / "checkpoints").is_dir() and not ck_root.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "checkpoints", ck_root)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return metrics
+
+
+def _tail_mean(history: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in history[-10:] if key in r]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
+    """Recipe step entry point: distill, return the measured figures."""
+    if resume:
+        cfg = cfg.model_copy(update={"resume": True})
+    result = run_distillation(cfg)
+    return {**result.metrics, "params": result.params, "out": str(result.out)}
