@@ -572,6 +572,77 @@ def chat(
                              ("average tok/s", f"{tokens / seconds:.1f}" if seconds else "n/a")])
 
 
+# --------------------------------------------------------------------------- serve
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback "
+                             "by default; 0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port (0 = any free port)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients use (default: "
+                                       "the model directory's name)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: "
+                                          "Bearer KEY' (also $SLM_API_KEY)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API "
+                                                "key from this file."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir to "
+                                           "merge into the model."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", help="Requests decoded at "
+                                        "once (engine batch slots)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a "
+                                  "slot; more get 429."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="Longest "
+                                                    "prompt accepted (default: context - 1)."),
+    max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", help="Largest "
+                                                 "max_tokens accepted (default: context)."),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per "
+                                          "request before 504."),
+    shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", help="Seconds streams "
+                                           "get to finish on SIGTERM."),
+    cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="Allow this "
+                                                    "browser origin (repeatable; off by "
+                                                    "default)."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Include prompt text in "
+                                     "the request log (off for privacy)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+) -> None:
+    """Serve a model with an OpenAI-compatible API and a web chat page at /."""
+    from pydantic import ValidationError
+
+    from slmkit.errors import ConfigError
+    from slmkit.serve import ServeConfig, load_for_serving, resolve_api_key, run_server
+
+    key = resolve_api_key(api_key, api_key_file)
+    try:
+        config = ServeConfig(
+            name=name or Path(model.rstrip("/")).name or "slm", host=host, port=port,
+            api_key=key, cors_origins=list(cors_origin or []), max_concurrency=max_concurrency,
+            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+            max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
+            shutdown_timeout=shutdown_timeout, log_prompts=log_prompts)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}.") from None
+    lm, tok = load_for_serving(model, adapter=adapter, dtype=dtype)
+    started = {}
+
+    def ready(bound_host: str, bound_port: int) -> None:
+        started["url"] = f"http://{bound_host}:{bound_port}"
+        print_table("slm serve", [
+            ("model", f"{config.name} ({model})" + (f" + adapter {adapter}" if adapter else "")),
+            ("chat page", started["url"] + "/"),
+            ("OpenAI base URL", started["url"] + "/v1"),
+            ("auth", "Bearer API key" if key else "none (loopback only is safest)"),
+            ("slots / queue", f"{max_concurrency} / {max_queue}"),
+            ("CORS", ", ".join(config.cors_origins) or "off")])
+        console.print("[dim]Ctrl-C or SIGTERM stops gracefully; one JSON log line per request "
+                      "follows on stderr.[/dim]", highlight=False)
+
+    run_server(lm, tok, config, on_ready=ready)
+    print_table("slm serve", [("stopped", "cleanly"), ("served at", started.get("url", "-"))])
+
+
 # --------------------------------------------------------------------------- export
 
 @app.command()

@@ -1,0 +1,205 @@
+"""The FastAPI app: OpenAI routes, auth, CORS, metrics, per-request logs, the chat page.
+
+Routes:
+
+* ``GET /`` -- the web chat page (one static file, ``chat.html``);
+* ``GET /health`` -- liveness plus queue state (no auth, for probes);
+* ``GET /metrics`` -- Prometheus text (:mod:`slmkit.serve.metrics`);
+* ``GET /v1/models``, ``GET /v1/models/{id}``;
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`slmkit.serve.service`).
+
+:class:`Gate` is a plain ASGI middleware in front of everything: it gives each request an
+id (``X-Request-Id``), checks ``Authorization: Bearer`` for ``/v1/*`` and ``/metrics`` when
+an API key is set (constant-time comparison of SHA-256 digests, so neither the content nor
+the length of the key leaks through timing), counts every answer by status, and writes one
+JSON log line per request -- without prompt text unless ``log_prompts`` is on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slmkit.serve.config import ServeConfig
+from slmkit.serve.metrics import Metrics
+from slmkit.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body,
+                                   parse_request)
+from slmkit.serve.service import GenerationService
+
+log = logging.getLogger("slmkit.serve.access")
+
+#: Paths reported by name in metrics; anything else is "other" (bounded label values).
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions",
+             "/v1/chat/completions")
+
+
+def needs_auth(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+def bearer_matches(authorization: bytes, key_digest: bytes) -> bool:
+    """True when ``authorization`` is ``Bearer <key>`` (constant time in the key)."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    given = hashlib.sha256(token.strip()).digest()
+    return hmac.compare_digest(given, key_digest) and scheme.lower() == b"bearer"
+
+
+class Gate:
+    """ASGI middleware: request id, bearer auth, request metrics and the access log."""
+
+    def __init__(self, app, config: ServeConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+        self.key_digest = hashlib.sha256(config.api_key.encode()).digest() \
+            if config.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = secrets.token_hex(6)
+        path = scope["path"]
+        record = {"request_id": rid, "method": scope["method"], "path": path,
+                  "client": (scope.get("client") or ("?",))[0]}
+        scope["slmkit"] = record
+        sent = {"status": 500}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            if (self.key_digest is not None and needs_auth(path)
+                    and scope["method"] != "OPTIONS"
+                    and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""),
+                                           self.key_digest)):
+                record["error"] = "missing or wrong API key"
+                response = JSONResponse(
+                    error_body("Missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                               type="authentication_error", code="invalid_api_key"),
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            status = record.pop("status", None) or sent["status"]
+            endpoint = path if path in ENDPOINTS else (
+                "/v1/models" if path.startswith("/v1/models/") else "other")
+            self.metrics.record_request(endpoint, status)
+            line = {"ts": round(time.time(), 3), **record, "status": status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 1)}
+            log.info(json.dumps(line, ensure_ascii=False, default=str))
+
+
+def chat_page() -> str:
+    """The web chat page shipped in the package."""
+    return resources.files("slmkit.serve").joinpath("chat.html").read_text(encoding="utf-8")
+
+
+def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
+    """Build the server app for a loaded model.
+
+    Args:
+        model, tokenizer: from :func:`slmkit.load_model` (adapters already merged).
+        config: settings; defaults to :class:`ServeConfig()`.
+
+    The engine thread starts now and stops when the app's lifespan ends.
+    """
+    config = config or ServeConfig()
+    metrics = Metrics()
+    service = GenerationService(model, tokenizer, config, metrics)
+    page = chat_page()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()
+
+    app = FastAPI(title="slmkit server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service, app.state.metrics, app.state.config = service, metrics, config
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        request.scope.setdefault("slmkit", {})["error"] = exc.message
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = (f"No route {request.method} {request.url.path}; see /v1/models, "
+                   "/v1/completions and /v1/chat/completions.") if exc.status_code in (404, 405) \
+            else str(exc.detail)
+        return JSONResponse(error_body(message), status_code=exc.status_code)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(page, headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                       "style-src 'self' 'unsafe-inline'"})
+
+    @app.get("/health")
+    async def health():
+        e = service.engine
+        return {"status": "ok", "model": config.name, "running": e.running,
+                "queued": e.queue_depth, "free_slots": e.engine.free_slots}
+
+    @app.get("/metrics")
+    async def prometheus():
+        e = service.engine
+        return PlainTextResponse(metrics.render(e.queue_depth, e.running, e.engine.free_slots),
+                                 media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        return {"id": config.name, "object": "model", "created": created, "owned_by": "slmkit",
+                "max_model_len": service.max_seq_len}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        service.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_request(await request.body(), CompletionRequest)
+        service.check_model(req.model)
+        params = service.sampling(req)
+        ids = service.encode_completion(req)
+        if config.log_prompts:
+            request.scope["slmkit"]["prompt"] = req.prompt
+        return await service.run(request, req, ids, params)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(await request.body(), ChatRequest)
+        service.check_model(req.model)
+        params = service.sampling(req)
+        ids = service.encode_chat(req)
+        if config.log_prompts:
+            request.scope["slmkit"]["prompt"] = [m.model_dump() for m in req.messages]
+        return await service.run(request, req, ids, params)
+
+    app.add_middleware(Gate, config=config, metrics=metrics)
+    if config.cors_origins:  # outermost, so that 401s and 429s carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins,
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After", "X-Request-Id"])
+    return app

@@ -1,0 +1,118 @@
+"""Load a model (optionally with a LoRA adapter merged in) and run the server.
+
+``slm serve`` calls :func:`load_for_serving` then :func:`run_server`. Shutdown on SIGTERM
+or Ctrl-C is graceful: uvicorn stops accepting connections, in-flight streams get
+``shutdown_timeout`` seconds to finish, the rest are cancelled (their engine slots freed),
+the engine thread stops, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from slmkit.errors import ConfigError, ModelLoadError
+from slmkit.serve.config import ServeConfig
+
+
+def merge_adapter(model, adapter_dir: str | Path):
+    """Load a PEFT LoRA adapter over ``model`` and merge it into the weights.
+
+    The merged model is plain dense again, so the engine's fast path serves it at full
+    speed. Only ``adapter_model.safetensors`` is read (never pickles).
+
+    Raises:
+        ModelLoadError: peft missing, or the directory is not a safetensors PEFT adapter.
+    """
+    adapter = Path(adapter_dir)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError("--adapter needs the peft package; install it with "
+                          "`pip install peft`.") from None
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not a PEFT adapter directory (no "
+                             "adapter_config.json); pass the folder a LoRA run saved.")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"{adapter} has no adapter_model.safetensors; re-save the adapter "
+                             "with safe_serialization=True (pickled weights are refused).")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        merged = peft_model.merge_and_unload()
+    except Exception as e:  # shape mismatch: adapter trained on another base
+        raise ModelLoadError(f"Cannot apply the adapter {adapter} to this model ({e}); serve it "
+                             "on the base model it was trained from.") from None
+    return merged.eval()
+
+
+def load_for_serving(model_ref: str, adapter: str | Path | None = None, dtype: str = "fp32"):
+    """``(model, tokenizer)`` ready for :func:`slmkit.serve.create_app`."""
+    from slmkit.models import load_model
+
+    model, tokenizer = load_model(model_ref, dtype=dtype)
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
+    return model, tokenizer
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
+def configure_access_log(stream=None) -> None:
+    """One JSON line per request on stderr (the records are already JSON)."""
+    logger = logging.getLogger("slmkit.serve.access")
+    if not any(getattr(h, "_slmkit", False) for h in logger.handlers):
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(_JsonLines())
+        handler._slmkit = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run_server(model, tokenizer, config: ServeConfig, on_ready=None) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully and return.
+
+    Args:
+        on_ready: called with the bound ``(host, port)`` once the server accepts requests.
+    """
+    import uvicorn
+
+    from slmkit.serve.app import create_app
+
+    app = create_app(model, tokenizer, config)
+    configure_access_log()
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                               access_log=False, timeout_graceful_shutdown=config.shutdown_timeout,
+                               lifespan="on")
+    server = uvicorn.Server(uv_config)
+    if on_ready is not None:
+        startup = server.startup
+
+        async def startup_then_report(sockets=None):
+            await startup(sockets=sockets)
+            if server.started:
+                sock = server.servers[0].sockets[0]
+                on_ready(*sock.getsockname()[:2])
+
+        server.startup = startup_then_report
+    # uvicorn re-raises the signal it caught once it is done; with the default handler
+    # that would kill us with 143. A no-op handler makes a graceful stop exit 0.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits 1 when it cannot bind
+        server.started = False
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not server.started:
+        raise ConfigError(f"Could not listen on {config.host}:{config.port} (port in use or "
+                          "not allowed); pick another --port or --host.")
+    logging.getLogger("slmkit.serve.access").info(json.dumps({"event": "shutdown",
+                                                              "clean": True}))

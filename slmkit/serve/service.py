@@ -1,0 +1,332 @@
+"""The generation side of the server: prompts, sampling, streaming and collecting.
+
+:class:`GenerationService` turns a validated OpenAI request into engine work and the
+engine's events back into OpenAI responses. It knows nothing about HTTP routing; the
+FastAPI app (:mod:`slmkit.serve.app`) calls :meth:`GenerationService.completion` and
+:meth:`GenerationService.chat`.
+
+Lifecycle of one request:
+
+1. encode the prompt (chat template for chat) and check it against the prompt cap;
+2. build :class:`~slmkit.engine.SamplingParams` (``max_tokens`` against the cap);
+3. submit through :class:`~slmkit.serve.backend.AsyncEngine` (429 when full);
+4. a watcher task cancels the generation as soon as the client disconnects, which frees
+   the engine slot at its next step;
+5. non-streaming: collect events until the finish event (504 past the deadline);
+   streaming: wait for the first event (so a timeout in the queue is still a clean 504),
+   then send SSE frames; a disconnect cancels the stream (Starlette cancels the body
+   task), a timeout mid-stream sends an error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from slmkit.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+from slmkit.engine.generate import chat_stop_ids
+from slmkit.errors import ConfigError
+from slmkit.serve import responses as R
+from slmkit.serve.backend import AsyncEngine, Generation
+from slmkit.serve.config import ServeConfig
+from slmkit.serve.metrics import Metrics
+from slmkit.serve.protocol import (MAX_TOP_LOGPROBS, APIError, ChatRequest, CompletionRequest,
+                                   check_common, error_body, stop_list)
+
+#: Status recorded for a client that left before its answer was complete (nginx's 499).
+CLIENT_CLOSED = 499
+
+
+async def _cancel_on_disconnect(request: Request, generation: Generation) -> None:
+    """Wait for the client to hang up, then cancel its generation."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            generation.cancel("cancelled")
+            return
+
+
+class GenerationService:
+    """Serve one model through one continuous-batching engine.
+
+    Args:
+        model, tokenizer: the loaded model (any format :func:`slmkit.load_model` reads).
+        config: server settings (limits, name, timeouts).
+        metrics: where counters and histograms go.
+    """
+
+    def __init__(self, model, tokenizer, config: ServeConfig, metrics: Metrics):
+        self.config, self.metrics = config, metrics
+        engine = Engine(model, tokenizer, max_batch=config.max_concurrency,
+                        max_seq_len=config.max_seq_len, background=True)
+        self.engine = AsyncEngine(engine, config.max_queue, on_finish=self._on_finish)
+        # the engine thread detokenizes with `tokenizer`; the event loop gets its own copy
+        # (Rust tokenizers refuse concurrent use of one instance from two threads).
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.logprobs = R.LogprobFormatter(self.tokenizer)
+        self.max_seq_len = engine.max_seq_len
+        self.max_prompt = min(config.max_prompt_tokens or engine.max_seq_len - 1,
+                              engine.max_seq_len - 1)
+        self.max_tokens_cap = min(config.max_tokens_cap or engine.max_seq_len,
+                                  engine.max_seq_len)
+        self.eos = engine.eos
+        self.chat_stops = chat_stop_ids(tokenizer)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # ------------------------------------------------------------------ prompts, params
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.name:
+            raise APIError(400, f"The model '{name}' does not exist here; this server serves "
+                           f"'{self.config.name}' (see GET /v1/models).", param="model",
+                           code="model_not_found")
+
+    def _check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"The '{param}' is empty; send at least one token of text.",
+                           param=param)
+        if len(ids) > self.max_prompt:
+            raise APIError(400, f"The prompt is {len(ids)} tokens, over this server's limit of "
+                           f"{self.max_prompt}; shorten the '{param}'.", param=param,
+                           code="context_length_exceeded")
+        return ids
+
+    def encode_completion(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "Invalid 'prompt': send one prompt per request (this "
+                               "server does not batch prompts in one request).", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+            if bad:
+                raise APIError(400, f"Invalid 'prompt': token id {bad[0]} is outside the "
+                               f"vocabulary (0..{len(self.tokenizer) - 1}).", param="prompt")
+        return self._check_prompt(ids, "prompt")
+
+    def encode_chat(self, req: ChatRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "This model's tokenizer has no chat template; use "
+                           "/v1/completions instead.", param="messages")
+        if not req.messages:
+            raise APIError(400, "Invalid 'messages': send at least one message.",
+                           param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.text()} for m in req.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True)
+        except Exception as e:  # a template that rejects this conversation (jinja error)
+            raise APIError(400, f"The chat template rejected these messages ({e}).",
+                           param="messages") from None
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return self._check_prompt([int(t) for t in ids], "messages")
+
+    def sampling(self, req: CompletionRequest | ChatRequest) -> SamplingParams:
+        """SamplingParams for a request, after every range check."""
+        check_common(req)
+        chat = isinstance(req, ChatRequest)
+        param, max_tokens = "max_tokens", req.max_tokens
+        if chat and req.max_completion_tokens is not None:
+            param, max_tokens = "max_completion_tokens", req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = min(self.config.default_max_tokens, self.max_tokens_cap)
+        elif max_tokens < 1:
+            raise APIError(400, f"Invalid '{param}': {max_tokens} must be at least 1.",
+                           param=param)
+        elif max_tokens > self.max_tokens_cap:
+            raise APIError(400, f"Invalid '{param}': {max_tokens} is over this server's cap of "
+                           f"{self.max_tokens_cap}; ask for fewer tokens.", param=param)
+        if chat:
+            top = req.top_logprobs or 0
+            want_logprobs = bool(req.logprobs)
+            if top and not want_logprobs:
+                raise APIError(400, "Invalid 'top_logprobs': it needs 'logprobs': true.",
+                               param="top_logprobs")
+            top_param = "top_logprobs"
+        else:
+            top = req.logprobs or 0
+            want_logprobs = req.logprobs is not None
+            top_param = "logprobs"
+            if req.echo:
+                raise APIError(400, "Invalid 'echo': echoing the prompt is not supported.",
+                               param="echo")
+            if req.suffix or (req.best_of or 1) != 1:
+                raise APIError(400, "'suffix' and 'best_of' are not supported by this server.",
+                               param="suffix" if req.suffix else "best_of")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"Invalid '{top_param}': {top} is outside 0..{MAX_TOP_LOGPROBS}.",
+                           param=top_param)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+            seed=req.seed, stop=stop_list(req.stop), ignore_eos=bool(req.ignore_eos),
+            stop_token_ids=self.chat_stops if chat else [],
+            logprobs=want_logprobs, top_logprobs=top)
+
+    # ------------------------------------------------------------------ running
+
+    def _submit(self, ids: list[int], params: SamplingParams, record: dict) -> Generation:
+        try:
+            generation = self.engine.submit(ids, params, request_id=record.get("request_id"))
+        except ConfigError as e:
+            raise APIError(400, str(e)) from None
+        generation.context = record
+        return generation
+
+    def _on_finish(self, generation: Generation, event: FinishEvent) -> None:
+        """Once per generation, on the event loop: metrics and the log record."""
+        c = event.completion
+        reason = generation.cancel_reason if event.reason == "cancelled" else event.reason
+        reason = reason or event.reason
+        self.metrics.record_generation(reason, c.prompt_tokens, c.completion_tokens,
+                                       c.ttft_s, c.duration_s)
+        generation.context.update(
+            prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+            finish_reason=reason,
+            ttft_ms=None if c.ttft_s is None else round(c.ttft_s * 1000, 1))
+
+    def _is_stop_token(self, event: TokenEvent, params: SamplingParams) -> bool:
+        return event.token_id in params.stop_token_ids or (
+            not params.ignore_eos and event.token_id in self.eos)
+
+    async def run(self, request: Request, req: CompletionRequest | ChatRequest,
+                  ids: list[int], params: SamplingParams) -> Response:
+        """Generate for a validated request; returns the JSON or SSE response."""
+        record = request.scope.setdefault("slmkit", {})
+        record.update(model=req.model, stream=bool(req.stream))
+        deadline = time.monotonic() + self.config.request_timeout
+        generation = self._submit(ids, params, record)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
+        try:
+            first = await generation.next_event(deadline)
+        except TimeoutError:
+            watcher.cancel()
+            raise self._timeout(generation) from None
+        except BaseException:
+            watcher.cancel()
+            generation.cancel()
+            raise
+        if isinstance(first, FinishEvent) and generation.cancel_reason == "cancelled":
+            watcher.cancel()  # the client left while the request waited for a slot
+            record["status"] = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
+        if req.stream:
+            watcher.cancel()  # from here on Starlette watches the connection
+            return StreamingResponse(self._stream(req, generation, params, first, deadline),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        try:
+            return await self._collect(req, generation, params, first, deadline)
+        finally:
+            watcher.cancel()
+
+    def _timeout(self, generation: Generation) -> APIError:
+        generation.cancel("timeout")
+        return APIError(504, f"The request took longer than the server's limit of "
+                        f"{self.config.request_timeout:g} s; ask for fewer tokens or retry "
+                        "when the server is less busy.", type="timeout_error", code="timeout")
+
+    async def _collect(self, req, generation: Generation, params: SamplingParams,
+                       event, deadline: float) -> Response:
+        entries = []
+        while True:
+            if isinstance(event, TokenEvent) and params.logprobs \
+                    and not self._is_stop_token(event, params):
+                entries.append((event.token_id, event.logprob, event.top_logprobs))
+            if isinstance(event, FinishEvent):
+                break
+            try:
+                event = await generation.next_event(deadline)
+            except TimeoutError:
+                raise self._timeout(generation) from None
+        c = event.completion
+        if event.reason == "cancelled":  # the client left; nobody reads this
+            generation.context["status"] = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
+        if event.reason == "error":
+            raise APIError(500, f"Generation failed: {c.error}.", type="server_error")
+        use = R.usage(c.prompt_tokens, c.completion_tokens)
+        rid = f"{'chatcmpl' if isinstance(req, ChatRequest) else 'cmpl'}-{generation.handle.id}"
+        created, finish = R.now(), R.FINISH_REASONS[event.reason]
+        if isinstance(req, ChatRequest):
+            lp = [self.logprobs.chat_entry(*e) for e in entries] if params.logprobs else None
+            body = R.chat_response(rid, created, req.model, c.text, finish, lp, use)
+        else:
+            lp = self.logprobs.completion_block(entries, 0) if params.logprobs else None
+            body = R.completion_response(rid, created, req.model, c.text, finish, lp, use)
+        return JSONResponse(body)
+
+    async def _stream(self, req, generation: Generation, params: SamplingParams, event,
+                      deadline: float) -> AsyncIterator[bytes]:
+        """SSE frames in OpenAI's shape; cancels the generation if the client leaves."""
+        chat = isinstance(req, ChatRequest)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{generation.handle.id}"
+        created, model = R.now(), req.model
+        with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        offset = 0
+        try:
+            if chat:
+                yield R.sse(R.chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
+                                         with_usage=with_usage))
+            while True:
+                entry = None
+                if isinstance(event, TokenEvent) and params.logprobs \
+                        and not self._is_stop_token(event, params):
+                    entry = (event.token_id, event.logprob, event.top_logprobs)
+                if event.text or entry is not None:
+                    if chat:
+                        lp = [self.logprobs.chat_entry(*entry)] if entry else None
+                        chunk = R.chat_chunk(rid, created, model, {"content": event.text},
+                                             logprobs=lp, with_usage=with_usage)
+                    else:
+                        lp = self.logprobs.completion_block([entry], offset) if entry else None
+                        chunk = R.completion_chunk(rid, created, model, event.text,
+                                                   logprobs=lp, with_usage=with_usage)
+                    offset += len(event.text)
+                    yield R.sse(chunk)
+                if isinstance(event, FinishEvent):
+                    break
+                try:
+                    event = await generation.next_event(deadline)
+                except TimeoutError:
+                    error = self._timeout(generation)
+                    generation.context["status"] = 504
+                    yield R.sse(error.body())
+                    return
+            if event.reason == "error":
+                generation.context["status"] = 500
+                yield R.sse(error_body(f"Generation failed: {event.completion.error}.",
+                                       type="server_error"))
+                return
+            finish = R.FINISH_REASONS[event.reason]
+            if chat:
+                yield R.sse(R.chat_chunk(rid, created, model, {}, finish, with_usage=with_usage))
+            else:
+                yield R.sse(R.completion_chunk(rid, created, model, "", finish,
+                                               with_usage=with_usage))
+            if with_usage:
+                c = event.completion
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield R.sse(R.usage_chunk(rid, created, model, obj,
+                                          R.usage(c.prompt_tokens, c.completion_tokens)))
+            yield R.sse("[DONE]")
+        finally:
+            if not generation.done and generation.cancel_reason is None:  # client gone
+                generation.cancel("cancelled")
+                generation.context["status"] = CLIENT_CLOSED
