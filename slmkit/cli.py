@@ -209,6 +209,8 @@ def distill(
     beta: float = typer.Option(0.5, help="JSD mixture weight on the teacher, in (0, 1)."),
     topk_cache: Optional[int] = typer.Option(None, "--topk-cache", help="Cache the teacher's "
                                              "top-K log-probs on disk; later epochs skip it."),
+    topk_cache_dir: Optional[Path] = typer.Option(None, "--topk-cache-dir", help="Keep the "
+                                                  "top-K cache here and reuse it across runs."),
     on_policy_fraction: float = typer.Option(0.0, help="Share of batches whose second half "
                                              "the student samples (GKD on-policy)."),
     chunk_size: int = typer.Option(1024, help="Positions per vocabulary-projection chunk."),
@@ -236,6 +238,7 @@ def distill(
         teacher=teacher, student=student, data=data[0] if len(data) == 1 else data,
         out=str(out), loss=loss, temperature=temperature, alpha=alpha, beta=beta,
         topk_cache=topk_cache, on_policy_fraction=on_policy_fraction, chunk_size=chunk_size,
+        topk_cache_dir=str(topk_cache_dir) if topk_cache_dir else None,
         max_steps=max_steps, max_tokens=max_tokens, max_minutes=max_minutes, seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         precision=precision, val_fraction=val_fraction, eval_every=eval_every,
@@ -274,6 +277,73 @@ def quickstart(
     from slmkit.pipeline.quickstart import run_quickstart
 
     run_quickstart(out)
+
+
+# --------------------------------------------------------------------------- quantize
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn, gptq or awq."),
+    bits: int = typer.Option(4, "--bits", "-b", help="8 or 4 (3 is experimental)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="32, 64, 128 or "
+                                             "-1 (per channel); default 128 for 4 bit, -1 "
+                                             "for 8 bit."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid, or asymmetric with "
+                             "zero points."),
+    calib_data: str = typer.Option("stdlib", "--calib-data", help="Calibration corpus (train "
+                                   "split): stdlib, a file, dir, glob or .jsonl."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per window."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Regex of linears to "
+                                                "quantize (repeatable; default all)."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Regex of linears to "
+                                               "skip (repeatable; default lm_head)."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ relative Hessian dampening."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns in "
+                                   "order of decreasing Hessian diagonal."),
+    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search "
+                                  "per-group clipping ratios."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Instead: write a dense copy "
+                                    "of a quantized MODEL (for tools that need one)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Quantize linear weights to int8 / int4 (RTN, GPTQ or AWQ), or --dequantize."""
+    from slmkit.models.info import dir_size
+
+    if dequantize:
+        from slmkit.compress.quantize import dequantize as dequantize_dir
+
+        final = dequantize_dir(model, out, overwrite=overwrite)
+        print_table("slm quantize --dequantize", [
+            ("input", model), ("size on disk", human_bytes(dir_size(final))),
+            ("written to", str(final))])
+        return
+    from slmkit.compress.quantize import make_config, quantize as quantize_dir
+    from slmkit.models.io import resolve_ref
+
+    fields = dict(method=method, bits=bits, group_size=group_size, sym=sym,
+                  calib_data=calib_data, calib_samples=calib_samples,
+                  calib_seq_len=calib_seq_len, damp=damp, act_order=act_order,
+                  awq_clip=awq_clip)
+    if targets:
+        fields["targets"] = targets
+    if ignore:
+        fields["ignore"] = ignore
+    cfg = make_config(**fields)
+    summary = quantize_dir(model, out, cfg, overwrite=overwrite)
+    src = dir_size(resolve_ref(model))
+    rows = [("method", f"{cfg.method} {cfg.bits}-bit, group {cfg.group_size}, "
+                       f"{'sym' if cfg.sym else 'asym'}"),
+            ("layers quantized", summary["layers"]),
+            ("weights quantized", f"{summary['quantized_params']:,}"),
+            ("bits per weight", f"{summary['bits_per_weight']:.3f} "
+                                f"({summary['bits_per_weight'] / 16:.1%} of fp16)"),
+            ("size on disk", f"{human_bytes(summary['size_on_disk'])} (input "
+                             f"{human_bytes(src)})"),
+            ("written to", summary["out"])]
+    print_table("slm quantize", rows)
 
 
 # --------------------------------------------------------------------------- prune / factorize
@@ -681,42 +751,145 @@ def export(
         raise SlmError(f"--format '{format_}' is not supported; use gguf or onnx.")
 
 
-# --------------------------------------------------------------------------- export
+# --------------------------------------------------------------------------- eval / compare
+
+def _eval_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _split_tasks(tasks: Optional[list[str]]) -> list[str]:
+    return [t for item in tasks or [] for t in item.split(",") if t.strip()]
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model directory or hub id (omit with "
+                                          "--write-tasks to only write the task files)."),
+    data: str = typer.Option("stdlib", "--data", "-d", help="Text for perplexity and where "
+                             "built-in tasks are mined: stdlib, a file, dir, glob or .jsonl."),
+    split: str = typer.Option("val", help="Corpus split: val, train or all."),
+    val_fraction: float = typer.Option(0.05, help="Validation share of the corpus split."),
+    tasks: Optional[list[str]] = typer.Option(
+        None, "--tasks", "-t", help="Comma-separated: stdlib (all built-ins), stdlib-funcname, "
+        "stdlib-docstring-mc, stdlib-nextline, stdlib-docstring, or .jsonl task files. "
+        'JSONL lines: {"type":"multiple_choice","context":..,"choices":[..],"answer":i} or '
+        '{"type":"generation","prompt":..,"answer":..,"stop":["\\n"]}.'),
+    task_limit: int = typer.Option(100, help="Items per task (0: all)."),
+    write_tasks: Optional[Path] = typer.Option(None, help="Write the task sets as JSONL "
+                                               "into this new directory."),
+    seq_len: Optional[int] = typer.Option(None, help="Perplexity window (default "
+                                          "min(context, 512))."),
+    stride: Optional[int] = typer.Option(None, help="New tokens per window (default half)."),
+    max_bytes: int = typer.Option(200_000, help="Text budget in bytes, the same for every "
+                                  "tokenizer (0: the whole split)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score at most this many tokens."),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="Measure perplexity."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure speed and TTFT."),
+    decode_tokens: int = typer.Option(32, help="Tokens generated for the decode speed."),
+    dtype: Optional[str] = typer.Option(None, help="fp32 (default), bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (default: torch's)."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Append the results to "
+                                "the model's slmkit.json metrics."),
+    overwrite: bool = typer.Option(False, help="Replace --write-tasks if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """Measure a model: perplexity and bits/byte, task accuracy, speed, memory and size."""
+    from slmkit.errors import ConfigError
+    from slmkit.eval.evaluate import evaluate_model, resolve_tasks
+
+    _eval_threads(threads)
+    task_sets = resolve_tasks(_split_tasks(tasks), data, split, val_fraction,
+                              task_limit or None)
+    if write_tasks is not None:
+        from slmkit.eval.tasks import write_task_file
+        from slmkit.models import atomic_dir
+
+        if not task_sets:
+            raise ConfigError("--write-tasks needs --tasks, e.g. --tasks stdlib.")
+        with atomic_dir(write_tasks, overwrite=overwrite) as tmp:
+            for name, items in task_sets.items():
+                write_task_file(tmp / f"{name}.jsonl", items)
+        if model is None:
+            print_table("slm eval --write-tasks", [
+                (f"{write_tasks}/{n}.jsonl", f"{len(i)} {i[0]['type']} items")
+                for n, i in task_sets.items()], header=("file", "items"))
+            return
+    if model is None:
+        raise ConfigError("slm eval needs a MODEL directory (or --write-tasks DIR to only "
+                          "write the task sets).")
+    res = evaluate_model(model, data=data, split=split, val_fraction=val_fraction,
+                         seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                         max_bytes=max_bytes or None, tasks=task_sets, perplexity=ppl,
+                         speed=speed, decode_tokens=decode_tokens, dtype=dtype,
+                         device=device, record=record)
+    if as_json:
+        res.pop("lineage", None)
+        sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
+        return
+    from slmkit.eval.evaluate import result_rows
+
+    print_table(f"slm eval {model}", result_rows(res))
+    if record and res.get("recorded"):
+        console.print(f"[dim]metrics appended to {res['path']}/slmkit.json[/dim]")
+
 
 @app.command()
-def export(
-    model: str = typer.Argument(..., help="Model directory or hub id."),
-    format_: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp, Ollama) or onnx "
-                                "(ONNX Runtime)."),
-    out: Path = typer.Option(..., "--out", "-o", help="GGUF: the .gguf file; ONNX: a "
-                             "directory."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF tensor type: f32, f16, "
-                                        "bf16, q8_0, q4_0 or q4_1 (default f16; quantized "
-                                        "models keep their calibrated blocks)."),
-    ollama: bool = typer.Option(False, "--ollama", help="GGUF: also write a Modelfile for "
-                                "`ollama create`."),
-    int8: bool = typer.Option(False, "--int8", help="ONNX: ONNX Runtime dynamic int8 "
-                              "quantization of the matrices."),
+def compare(
+    models: list[str] = typer.Argument(..., help="Model directories or hub ids."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory to create."),
+    data: str = typer.Option("stdlib", "--data", "-d", help="Text for bits per byte (the "
+                             "same bytes for every model) and for built-in tasks."),
+    split: str = typer.Option("val", help="Corpus split: val, train or all."),
+    val_fraction: float = typer.Option(0.05, help="Validation share of the corpus split."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", "-t", help="As for slm eval."),
+    task_limit: int = typer.Option(100, help="Items per task (0: all)."),
+    seq_len: Optional[int] = typer.Option(None, help="Perplexity window."),
+    stride: Optional[int] = typer.Option(None, help="New tokens per window."),
+    max_bytes: int = typer.Option(200_000, help="Text budget in bytes (0: the whole split)."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure speed and TTFT."),
+    decode_tokens: int = typer.Option(32, help="Tokens generated for the decode speed."),
+    dtype: Optional[str] = typer.Option(None, help="fp32 (default), bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (default: torch's)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print results.json to stdout too."),
 ) -> None:
-    """Export to GGUF (llama.cpp / Ollama) or ONNX (ONNX Runtime)."""
-    fmt = format_.lower()
-    if fmt == "gguf":
-        if int8:
-            raise SlmError("--int8 is an ONNX option; for GGUF use --quant q8_0.")
-        from slmkit.export.gguf_export import export_gguf
+    """Compare models side by side: table, plots and an HTML/Markdown report."""
+    from slmkit.eval.compare import compare as run_compare
+    from slmkit.eval.report import cell_value, columns, format_cell, pareto_labels
 
-        res = export_gguf(model, out, quant=quant, ollama=ollama, overwrite=overwrite)
-        print_table("slm export --format gguf", res.rows())
-    elif fmt == "onnx":
-        if quant or ollama:
-            raise SlmError("--quant and --ollama are GGUF options; for ONNX use --int8.")
-        from slmkit.export.onnx_export import export_onnx
-
-        res = export_onnx(model, out, int8=int8, overwrite=overwrite)
-        print_table("slm export --format onnx", res.rows())
-    else:
-        raise SlmError(f"--format '{format_}' is not supported; use gguf or onnx.")
+    _eval_threads(threads)
+    res = run_compare(models, out, data=data, split=split, val_fraction=val_fraction,
+                      task_specs=_split_tasks(tasks), task_limit=task_limit or None,
+                      overwrite=overwrite, seq_len=seq_len, stride=stride,
+                      max_bytes=max_bytes or None, speed=speed, decode_tokens=decode_tokens,
+                      dtype=dtype, device=device)
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
+        return
+    cols = [c for c in columns(res) if c[1] in ("size_on_disk", "bits_per_byte",
+                                                  "decode_tok_s", "peak_rss_bytes")
+            or ":" in c[1]]
+    fronts = pareto_labels(res)
+    rows, failed = [], []
+    for m in res["models"]:
+        if m.get("error"):
+            failed.append((m["label"], m["error"]))
+            rows.append([m["label"], "failed"] + ["–"] * len(cols))
+            continue
+        rows.append([m["label"], ",".join(fronts[m["label"]])]
+                    + [format_cell(cell_value(m, key), spec, m, key)
+                       for _, key, spec, _ in cols])
+    heads = [c[0].replace("stdlib-", "").replace("exact_match", "EM") for c in cols]
+    print_table("slm compare", rows, header=["model", "Pareto"] + heads)
+    for label, error in failed:
+        console.print(f"[red]{label} failed:[/red] {error}")
+    console.print(f"report: {res['out']}/report.html  (results.json, report.md, "
+                  "quality_vs_size.png, quality_vs_speed.png)")
 
 
 # --------------------------------------------------------------------------- entry point

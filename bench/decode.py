@@ -1,0 +1,193 @@
+"""Decode benchmark: slmkit engine vs transformers generate(), side by side in one run.
+
+Model: a random SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads / 3 KV heads,
+MLP 1536, vocabulary 49152, tied embeddings) built from a config, so no download is needed.
+
+Figures (all measured in this run, 2 threads by default):
+
+* prefill tok/s, batch-1 decode tok/s and time to first token (TTFT) for slmkit
+  (``stream_tokens``) and for ``transformers`` ``generate()``;
+* aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams;
+* each as a fraction of the bandwidth limit ``bandwidth / weight bytes`` (about 30 GB/s on
+  the team machines; ``--bandwidth`` to change it).
+
+llama.cpp is not built here (llama-cpp-python takes 12+ minutes to compile on 2 cores); the
+published figures from issue 8, measured on the same kind of machine, are printed as
+context: f32 GGUF 46.5 tok/s, Q8_0 131 tok/s, transformers fp32 ~17 tok/s.
+
+Run timings under the team lock::
+
+    flock /tmp/slmkit-bench.lock .venv/bin/python bench/decode.py
+
+Writes ``bench/results/decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slmkit.console import print_table  # noqa: E402
+from slmkit.engine import Engine, SamplingParams, stream_tokens  # noqa: E402
+
+LLAMA_CPP_PUBLISHED = {"fp32": 46.5, "int8": 131.0}  # decode tok/s, issue 8, 2 threads
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                    max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, hidden_act="silu", bos_token_id=0, eos_token_id=0)
+
+
+def build_model(dtype: torch.dtype):
+    """The random 135M-shaped Llama, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype).eval()
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes read per decode step: every parameter once (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    for b in model.buffers():
+        if b.data_ptr() not in seen and b.dtype in (torch.int8, torch.uint8, torch.int32):
+            seen.add(b.data_ptr())
+            total += b.numel() * b.element_size()
+    return total
+
+
+def time_transformers(model, prompt: list[int], n: int) -> dict:
+    """TTFT, prefill and decode rates of ``generate()`` (greedy, KV cache on)."""
+    ids = torch.tensor([prompt])
+
+    def run(k):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return time.perf_counter() - t
+
+    run(2)  # warm up
+    t1 = min(run(1) for _ in range(2))
+    tn = run(n)
+    return {"ttft_s": t1, "prefill_tok_s": len(prompt) / t1, "decode_tok_s": (n - 1) / (tn - t1)}
+
+
+def time_slmkit(model, prompt: list[int], n: int) -> dict:
+    """TTFT, prefill and decode rates of ``stream_tokens`` (greedy)."""
+    for _ in stream_tokens(model, prompt[:8], 4):  # warm up
+        pass
+    best = None
+    for _ in range(2):
+        t0 = time.perf_counter()
+        stream = stream_tokens(model, prompt, n)
+        next(stream)
+        t1 = time.perf_counter()
+        count = sum(1 for _ in stream)
+        t2 = time.perf_counter()
+        run = {"ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0),
+               "decode_tok_s": count / (t2 - t1)}
+        if best is None or run["decode_tok_s"] > best["decode_tok_s"]:
+            best = run
+    return best
+
+
+def time_streams(model, streams: int, prompt_len: int, n: int) -> dict:
+    """Aggregate generated tok/s of the Engine with ``streams`` concurrent requests."""
+    engine = Engine(model, None, max_batch=streams, max_seq_len=prompt_len + n + 8,
+                    prefill_chunk=256, background=False)
+    g = torch.Generator().manual_seed(streams)
+    prompts = [torch.randint(1, 49152, (prompt_len,), generator=g).tolist()
+               for _ in range(streams)]
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    engine.generate(prompts[0][:8], SamplingParams(max_tokens=3, temperature=0))  # warm up
+    t0 = time.perf_counter()
+    handles = [engine.submit(p, params) for p in prompts]
+    while engine.step():
+        pass
+    wall = time.perf_counter() - t0
+    tokens = sum(h.result().completion_tokens for h in handles)
+    decode = [h.result().decode_tokens_per_s for h in handles]
+    return {"streams": streams, "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
+            "per_stream_decode_tok_s": sum(decode) / len(decode)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--streams", default="1,4,8,16")
+    ap.add_argument("--bandwidth", type=float, default=30e9, help="bytes/s")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate()")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    model = build_model(dtype)
+    wbytes = weight_bytes(model)
+    limit = args.bandwidth / wbytes
+    prompt = torch.randint(1, 49152, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(1)).tolist()
+
+    results = {"model": "random SmolLM2-135M shape", "dtype": args.dtype,
+               "threads": args.threads, "weight_bytes": wbytes, "limit_tok_s": limit,
+               "torch": torch.__version__, "machine": platform.machine(),
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    results["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
+    if not args.skip_hf:
+        results["transformers"] = time_transformers(model, prompt, args.new_tokens)
+    results["streams"] = [time_streams(model, int(s), 32, args.new_tokens)
+                          for s in args.streams.split(",")]
+
+    rows = []
+    for name in ("slmkit", "transformers"):
+        if name in results:
+            r = results[name]
+            rows.append((name, f"{r['prefill_tok_s']:.0f}", f"{r['ttft_s'] * 1000:.0f}",
+                         f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / limit:.0%}"))
+    published = LLAMA_CPP_PUBLISHED.get(args.dtype)
+    if published:
+        rows.append((f"llama.cpp (published, issue 8)", "-", "-", f"{published}",
+                     f"{published / limit:.0%}"))
+    print_table(f"batch-1, {args.dtype}, {args.threads} threads, weights "
+                f"{wbytes / 1e6:.0f} MB, bandwidth limit {limit:.1f} tok/s", rows,
+                header=("runtime", "prefill tok/s", "TTFT ms", "decode tok/s", "of limit"))
+    base = results["streams"][0]["agg_tok_s"]
+    print_table("continuous batching (Engine, 32-token prompts)", [
+        (s["streams"], f"{s['agg_tok_s']:.1f}", f"{s['agg_tok_s'] / base:.2f}x",
+         f"{s['per_stream_decode_tok_s']:.1f}", f"{s['agg_tok_s'] / limit:.0%}")
+        for s in results["streams"]],
+        header=("streams", "aggregate tok/s", "vs 1 stream", "per-stream decode", "of limit"))
+    ratios = {}
+    if "transformers" in results:
+        ratios["decode_vs_transformers"] = (results["slmkit"]["decode_tok_s"]
+                                            / results["transformers"]["decode_tok_s"])
+    if published:
+        ratios["decode_vs_llama_cpp_published"] = results["slmkit"]["decode_tok_s"] / published
+    eight = [s for s in results["streams"] if s["streams"] == 8]
+    if eight:
+        ratios["8_streams_vs_1"] = eight[0]["agg_tok_s"] / base
+    results["ratios"] = ratios
+    print_table("bars", [(k, f"{v:.2f}x") for k, v in ratios.items()])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
