@@ -131,7 +131,8 @@ def evaluate_model(ref: str | os.PathLike, data: Any = "stdlib", split: str = "v
     result["summary"] = summarize(result, data, split)
     del model
     gc.collect()
-    if record and Path(os.fspath(ref)).expanduser().is_dir():
+    result["recorded"] = bool(record and Path(os.fspath(ref)).expanduser().is_dir())
+    if result["recorded"]:
         update_metrics(model_dir, result["summary"])
     return result
 
@@ -173,3 +174,43 @@ def summarize(result: dict[str, Any], data: Any = None, split: str | None = None
             s[key] = result[key]
     s["evaluated_utc"] = result.get("evaluated_utc")
     return s
+
+
+def result_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
+    """Key/value rows for the ``slm eval`` result table."""
+    from slmkit.console import human_bytes, human_count
+
+    rows: list[tuple[str, str]] = [
+        ("model", f"{res['architecture']} · {res['format']} · {res['dtype']}"),
+        ("parameters", human_count(res["params"]) + (
+            f" ({human_count(res['active_params'])} active per token)"
+            if res["active_params"] != res["params"] else "")),
+        ("size on disk", human_bytes(res["size_on_disk"])),
+        ("bits per weight", f"{res['bits_per_weight']:.2f}" if res["bits_per_weight"] else "–")]
+    p = res.get("perplexity")
+    if p:
+        rows += [("perplexity", f"{p['ppl']:.3f}  (loss {p['loss']:.4f} nats/token)"),
+                 ("bits per byte", f"{p['bits_per_byte']:.4f}"),
+                 ("scored", f"{p['tokens']:,} tokens, {p['bytes']:,} bytes, "
+                            f"{p['documents']} docs (split {p['split']}, window {p['seq_len']}, "
+                            f"stride {p['stride']})")]
+    for name, t in (res.get("tasks") or {}).items():
+        if t["type"] == "multiple_choice":
+            text = f"acc {t['acc']:.3f}  acc_norm {t['acc_norm']:.3f}"
+        else:
+            text = f"EM {t['exact_match']:.3f}  F1 {t['f1']:.3f}  ROUGE-L {t['rouge_l']:.3f}"
+        rows.append((f"{name} (n={t['n']})", text))
+    sp = res.get("speed")
+    if sp:
+        for n, v in sp["prefill_tok_s"].items():
+            rows.append((f"prefill @{n} tokens", f"{v:,.0f} tok/s" if v else
+                         "– (beyond the model's context)"))
+        rows.append(("time to first token", f"{sp['ttft_s'] * 1000:.1f} ms"
+                     if sp["ttft_s"] else "–"))
+        rows.append(("decode (batch 1)", f"{sp['decode_tok_s']:,.1f} tok/s"
+                     if sp["decode_tok_s"] else "–"))
+        rows.append(("generation path", f"{sp['backend']}, {sp['threads']} threads"))
+    rows.append(("peak RSS", human_bytes(res["peak_rss_bytes"])
+                 + ("" if res.get("peak_rss_scope") == "model" else " (process)")))
+    rows.append(("took", f"{res['eval_seconds']:.1f} s"))
+    return rows

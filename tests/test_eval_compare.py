@@ -1,0 +1,116 @@
+"""slm eval / slm compare end to end: report files, every model present, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+MC_ITEMS = [{"id": f"q{i}", "type": "multiple_choice", "context": "def add(a, b):\n    return",
+             "choices": [" a + b", " a - b", " None"], "answer": 0} for i in range(3)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    from slmkit.eval.tasks import write_task_file
+
+    return write_task_file(tmp_path / "addition.jsonl", MC_ITEMS)
+
+
+def test_compare_report_contains_every_model(tiny_model_dirs, tmp_path, task_file):
+    from slmkit.eval.compare import compare
+
+    refs = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"]),
+            str(tiny_model_dirs["mixtral"]), str(tmp_path / "no-such-model")]
+    out = tmp_path / "report"
+    res = compare(refs, out, task_specs=[str(task_file)], max_bytes=3000, decode_tokens=4,
+                  seq_len=128)
+    names = {p.name for p in out.iterdir()}
+    assert names == {"results.json", "report.md", "report.html", "quality_vs_size.png",
+                     "quality_vs_speed.png"}
+    saved = json.loads((out / "results.json").read_text())
+    assert [m["label"] for m in saved["models"]] == ["llama", "gpt2", "mixtral",
+                                                      "no-such-model"]
+    ok, failed = saved["models"][:3], saved["models"][3]
+    assert "does not exist" in failed["error"]
+    for m in ok:
+        s = m["summary"]
+        assert m["error"] is None and s["eval_bytes"] == 3000  # same text for everyone
+        assert 0 < s["bits_per_byte"] < 20 and s["decode_tok_s"] > 0
+        assert 0 <= s["addition:acc"] <= 1 and m["tasks"]["addition"]["n"] == 3
+    moe = ok[2]["summary"]
+    assert moe["active_params"] < moe["params"]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for label in ("llama", "gpt2", "mixtral", "no-such-model"):
+        assert label in md and label in page
+    assert page.count("data:image/png;base64,") == 2 and "http" not in page.split("<body>")[1]
+    for png in ("quality_vs_size.png", "quality_vs_speed.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["out"] == str(out)
+
+
+def test_compare_refuses_existing_out_before_work(tiny_model_dirs, tmp_path):
+    from slmkit.errors import OutputError
+    from slmkit.eval.compare import compare
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        compare([str(tiny_model_dirs["llama"])], tmp_path / "taken")
+
+
+def test_cli_eval_json_records_metrics(cli, llama_dir, tmp_path, task_file):
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    r = cli("eval", model, "--json", "--threads", "1", "--max-bytes", "2000", "--tasks",
+            task_file, "--decode-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["perplexity"]["bytes"] == 2000 and res["tasks"]["addition"]["n"] == 3
+    assert set(res["speed"]["prefill_tok_s"]) == {"128", "512"}
+    assert res["speed"]["prefill_tok_s"]["512"] is None  # beyond the 256-token context
+    metrics = json.loads((model / "slmkit.json").read_text())["metrics"]
+    assert metrics["bits_per_byte"] == pytest.approx(res["perplexity"]["bits_per_byte"])
+    assert "addition:acc" in metrics and metrics["decode_tok_s"] > 0
+
+
+def test_cli_write_tasks_then_use_them(cli, llama_dir, tmp_path):
+    out = tmp_path / "tasks"
+    r = cli("eval", "--tasks", "stdlib-nextline,stdlib-docstring-mc", "--task-limit", "3",
+            "--write-tasks", out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["stdlib-docstring-mc.jsonl",
+                                                     "stdlib-nextline.jsonl"]
+    lines = (out / "stdlib-nextline.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["split"] == "val"
+    r = cli("eval", llama_dir, "--no-ppl", "--no-speed", "--no-record", "--threads", "1",
+            "--tasks", out / "stdlib-nextline.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert "stdlib-nextline (n=3)" in r.stdout
+
+
+def test_cli_bad_input_is_one_line_exit_2(cli, llama_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad_tasks = tmp_path / "bad.jsonl"
+    bad_tasks.write_text(json.dumps(MC_ITEMS[0]) + "\n{\"type\": \"multiple_choice\",\n")
+    cases = [
+        (("eval", tmp_path / "missing-model"), "does not exist"),
+        (("eval", llama_dir, "--data", empty, "--no-record"), "no"),
+        (("eval", llama_dir, "--tasks", bad_tasks, "--no-record"), "line 2"),
+        (("eval", llama_dir, "--tasks", "stdlib-nosuchtask", "--no-record"), "Unknown task"),
+    ]
+    for args, needle in cases:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
