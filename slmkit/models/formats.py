@@ -21,6 +21,7 @@ from slmkit.errors import ModelLoadError
 #: ``fn(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, device: str) -> nn.Module``.
 FORMATS: dict[str, str] = {}
 FORMATS["lowrank"] = "slmkit.nn.lowrank:load_lowrank"  # slm factorize (B @ A factors)
+FORMATS["quant"] = "slmkit.compress.quantize.format:load"  # slm quantize (int8/int4)
 
 
 def register_format(name: str, target: str) -> None:

@@ -28,6 +28,8 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     model_dir, config = load_config(ref)
     files = checks.weight_files(model_dir)
     headers = [checks.check_safetensors(f) for f in files]
+    quant = getattr(config, "slmkit", None) or {}
+    quant_bits = quant.get("bits") if quant.get("format") == "quant" else None
     dtypes: Counter[str] = Counter()
     n_params = 0
     weight_bytes = 0
@@ -39,9 +41,10 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
             n = 1
             for d in t["shape"]:
                 n *= d
+            weight_bytes += n * _BYTES.get(t["dtype"], 4)
+            n = _quant_params(name, n, quant_bits)
             n_params += n
             dtypes[t["dtype"]] += n
-            weight_bytes += n * _BYTES.get(t["dtype"], 4)
             if ".experts" in name:
                 expert_params += n
     n_exp = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
@@ -70,6 +73,18 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     if sparsity:
         info["sparsity"] = _sparsity(files)
     return info
+
+
+def _quant_params(name: str, n: int, bits: int | None) -> int:
+    """Parameters a tensor stands for: packed int4 codes hold two weights per byte, and a
+    quantized layer's scales / zero points / input scales are not parameters."""
+    if bits is None:
+        return n
+    if name.endswith(".qweight"):
+        return n * 2 if bits == 4 else n
+    if name.endswith((".scales", ".zeros", ".input_scale")):
+        return 0
+    return n
 
 
 def _plain(value):

@@ -106,10 +106,9 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str
 
 def _mark_config(model: nn.Module, cfg: QuantizeConfig, results: dict, bpw: float) -> None:
     scheme = cfg.scheme()
+    # The quantized layers themselves are recognised by their ``.qweight`` tensors.
     model.config.slmkit = {"format": FORMAT, **scheme, "bits_per_weight": round(bpw, 3),
-                           "modules": sorted(results),
-                           "input_scale": sorted(n for n, r in results.items()
-                                                 if r.input_scale is not None)}
+                           "layers": len(results)}
     model.config.quantization_config = {"quant_method": "slmkit", **scheme,
                                         "zero_point": not cfg.sym,
                                         "storage": "uint8 codes (int4 packed two per byte), "

@@ -1,9 +1,10 @@
 """The ``"quant"`` on-disk format: rebuild ``QuantLinear`` layers when loading.
 
-``config.json`` holds ``"slmkit": {"format": "quant", "bits", "group_size", "sym",
-"modules": [...], "input_scale": [...]}``; ``model.safetensors`` holds each quantized
-layer's ``qweight`` / ``scales`` / ``zeros`` / ``bias`` / ``input_scale`` under the
-layer's name, and every other tensor as in a dense checkpoint.
+``config.json`` holds ``"slmkit": {"format": "quant", "method", "bits", "group_size",
+"sym", "bits_per_weight", "layers"}`` (plus a descriptive ``quantization_config``);
+``model.safetensors`` holds each quantized layer's ``qweight`` / ``scales`` / ``zeros`` /
+``bias`` / ``input_scale`` under the layer's name (a ``.qweight`` tensor marks a quantized
+layer), and every other tensor as in a dense checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from slmkit.nn.quant_linear import QuantLinear
 
 def load(model_dir: Path, config, dtype: torch.dtype, device: str):
     """Formats-registry loader: ``fn(model_dir, config, dtype, device) -> model``."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from slmkit.models import checks
@@ -28,11 +28,9 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
     section = config.slmkit
     try:
         bits, group_size, sym = section["bits"], section["group_size"], section["sym"]
-        modules = list(section["modules"])
     except (KeyError, TypeError):
         raise ModelLoadError(f"'{model_dir}' has an incomplete slmkit quant section in "
                              "config.json; re-create it with `slm quantize`.") from None
-    scaled = set(section.get("input_scale", []))
     # Dense tensors load through transformers (it knows each architecture's checkpoint
     # layout, e.g. Mixtral's per-expert keys); the quantized layers' own weights are
     # reported missing there and filled in below.
@@ -50,9 +48,11 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
                              "`slm quantize`.") from None
     model.config.slmkit = config.slmkit
     model.config.quantization_config = getattr(config, "quantization_config", None)
-    state = {}
-    for f in checks.weight_files(model_dir):
-        state.update(load_file(str(f)))
+    state = _quantized_tensors(checks.weight_files(model_dir))
+    modules = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    if not modules:
+        raise ModelLoadError(f"'{model_dir}' says it is quantized but holds no quantized "
+                             "layers (*.qweight); re-create it with `slm quantize`.")
     for name in modules:
         try:
             old = model.get_submodule(name)
@@ -63,7 +63,7 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
         out_f, in_f = linear_shape(old)
         layer = QuantLinear(in_f, out_f, bits, group_size, sym,
                             bias=getattr(old, "bias", None) is not None,
-                            input_scale=name in scaled, conv1d=is_conv1d(old), dtype=dtype)
+                            input_scale=f"{name}.input_scale" in state, conv1d=is_conv1d(old), dtype=dtype)
         own = {k: state.get(f"{name}.{k}") for k in layer.state_dict()}
         missing = [k for k, v in own.items() if v is None]
         if missing:
@@ -78,3 +78,18 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
                                  "re-create it with `slm quantize`.") from None
         set_module(model, name, layer)
     return model.to(device)
+
+
+def _quantized_tensors(files) -> dict[str, torch.Tensor]:
+    """Only the tensors of quantized layers (those beside a ``.qweight``), read lazily."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys = list(st.keys())
+            layers = {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
+            for k in keys:
+                if k.rpartition(".")[0] in layers:
+                    state[k] = st.get_tensor(k)
+    return state

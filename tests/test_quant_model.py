@@ -1,0 +1,164 @@
+"""Whole-model quantization: every architecture, save/load, dequantize, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slmkit.compress.quantize import (
+    dequantize_model,
+    is_quantized,
+    make_config,
+    quantize_model,
+)
+from slmkit.errors import ConfigError, DataError
+from slmkit.models import load_model, save_model
+from slmkit.nn.quant_linear import QuantLinear, set_kernel_mode
+from tests.conftest import ARCHS, build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    """A small corpus dir (30 stdlib files) and a private token cache."""
+    from slmkit.models.tokenizer import stdlib_sample
+
+    root = tmp_path_factory.mktemp("calib")
+    for i, text in enumerate(stdlib_sample(max_files=30, max_bytes=400_000)):
+        (root / f"doc{i}.py").write_text(text)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SLMKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield root
+    mp.undo()
+
+
+def _cfg(calib_dir, **kw):
+    base = dict(method="rtn", bits=4, group_size=32, calib_data=str(calib_dir),
+                calib_samples=8, calib_seq_len=64)
+    return make_config(**{**base, **kw})
+
+
+def _ids(tokenizer, n=48):
+    text = "def quantize(weight, bits):\n    return round(weight * 2 ** bits)\n" * 4
+    return torch.tensor(tokenizer(text)["input_ids"][:n])[None]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_quantizes_saves_and_reloads(arch, tokenizer, calib_dir, tmp_path):
+    model = build_tiny_model(arch, tokenizer)
+    x = _ids(tokenizer)
+    with torch.no_grad():
+        dense = model(x).logits
+    summary = quantize_model(model, tokenizer, _cfg(calib_dir, method="gptq"))
+    assert summary["layers"] > 0 and summary["bits_per_weight"] == pytest.approx(4.5)
+    assert is_quantized(model)
+    assert not any(type(m).__name__ in ("Linear", "Conv1D") and "layers" in n
+                   for n, m in model.named_modules() if n.count(".") >= 4)
+    with torch.no_grad():
+        quant = model(x).logits
+    rel = float((quant - dense).abs().mean() / dense.abs().mean())
+    assert rel < 0.2, f"{arch}: quantized logits drift {rel:.2%}"
+    save_model(model, tokenizer, tmp_path / arch, step="quantize")
+    loaded, _ = load_model(tmp_path / arch)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == summary["layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, quant)
+
+
+def test_awq_folds_scales_on_llama_and_keeps_them_inside_on_gpt2(tokenizer, calib_dir,
+                                                                 tmp_path):
+    llama = build_tiny_model("llama", tokenizer)
+    quantize_model(llama, tokenizer, _cfg(calib_dir, method="awq"))
+    kept = {n.rsplit(".", 1)[1] for n, m in llama.named_modules()
+            if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert kept <= {"o_proj"}  # grouped-query attention: v_proj -> o_proj cannot fold
+    norm = llama.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm))  # 1/s folded into the RMSNorm
+    gpt2 = build_tiny_model("gpt2", tokenizer)
+    quantize_model(gpt2, tokenizer, _cfg(calib_dir, method="awq"))
+    scaled = [m for m in gpt2.modules() if isinstance(m, QuantLinear)
+              and m.input_scale is not None]
+    assert scaled and all(m.conv1d for m in scaled)
+    save_model(gpt2, tokenizer, tmp_path / "gpt2", step="quantize")
+    loaded, _ = load_model(tmp_path / "gpt2")
+    x = _ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, gpt2(x).logits)
+
+
+def test_dequantize_gives_a_plain_transformers_model(tokenizer, calib_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model("qwen2", tokenizer)
+    quantize_model(model, tokenizer, _cfg(calib_dir))
+    x = _ids(tokenizer)
+    set_kernel_mode("dequant")
+    try:
+        with torch.no_grad():
+            quant = model(x).logits
+    finally:
+        set_kernel_mode("auto")
+    dequantize_model(model)
+    save_model(model, tokenizer, tmp_path / "dense", step="dequantize")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "slmkit" not in config and "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, quant, atol=1e-4, rtol=1e-4)
+
+
+def test_4bit_g128_file_is_under_30_percent_of_fp16(tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    model = build_tiny_model("llama", tokenizer, hidden_size=256, intermediate_size=512,
+                             num_attention_heads=4, num_key_value_heads=4)
+    dense_params = sum(p.numel() for n, p in model.named_parameters()
+                       if "embed" not in n and "lm_head" not in n)
+    quantize_model(model, tokenizer, make_config(method="rtn", bits=4, group_size=128))
+    save_model(model, tokenizer, tmp_path / "q", step="quantize")
+    stored = 0
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as st:
+        for k in st.keys():
+            if "embed" not in k and "lm_head" not in k:
+                t = st.get_tensor(k)
+                stored += t.numel() * t.element_size()
+    assert stored <= 0.30 * dense_params * 2
+
+
+def test_bad_input_is_refused_clearly(tokenizer, calib_dir, tmp_path):
+    model = build_tiny_model("llama", tokenizer)
+    with pytest.raises(ConfigError, match="does not divide the 64 input features"):
+        quantize_model(model, tokenizer, _cfg(calib_dir, group_size=128))
+    with pytest.raises(ConfigError, match="No linear layer matches"):
+        quantize_model(model, tokenizer, _cfg(calib_dir, targets=["nothing_here"]))
+    with pytest.raises(DataError, match="has only .* tokens"):
+        quantize_model(model, tokenizer, _cfg(calib_dir, method="gptq", calib_samples=2000,
+                                              calib_seq_len=512))
+    quantize_model(model, tokenizer, _cfg(calib_dir))
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_model(model, tokenizer, _cfg(calib_dir))
+
+
+@pytest.mark.slow
+def test_cli_quantize_info_requantize_and_dequantize(llama_dir, calib_dir, tmp_path, cli):
+    import os
+
+    env = {"SLMKIT_CACHE_DIR": os.environ["SLMKIT_CACHE_DIR"]}
+    out = tmp_path / "q"
+    r = cli("quantize", llama_dir, "--out", out, "--method", "gptq", "--bits", "4",
+            "--group-size", "32", "--calib-data", calib_dir, "--calib-samples", "8",
+            "--calib-seq-len", "64", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "bits per weight" in r.stdout and "4.500" in r.stdout
+    from slmkit.models.info import model_info
+
+    data = model_info(out)
+    assert data["format"] == "quant" and data["compression"]["bits_per_weight"] == 4.5
+    assert data["params"] == model_info(llama_dir)["params"]  # packed int4 counted as weights
+    again = cli("quantize", out, "--out", tmp_path / "qq", env=env)
+    assert again.returncode == 2 and "already quantized" in again.stderr
+    assert "Traceback" not in again.stderr and not (tmp_path / "qq").exists()
+    dense = cli("quantize", out, "--dequantize", "--out", tmp_path / "dense")
+    assert dense.returncode == 0, dense.stderr
+    assert model_info(tmp_path / "dense")["format"] == "dense"
