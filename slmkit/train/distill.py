@@ -38,6 +38,10 @@ class DistillConfig(TrainConfig):
     alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the LM loss")
     beta: float = Field(default=0.5, gt=0, lt=1, description="JSD mixture weight")
     topk_cache: int | None = Field(default=None, ge=1, description="cache teacher top-K")
+    topk_cache_dir: str | None = Field(
+        default=None, description="shared cache folder, kept and reused by runs with the "
+        "same teacher, data, seq_len, temperature and K (default: <out>/kd-cache, deleted "
+        "at the end)")
     chunk_size: int = Field(default=1024, ge=1, description="rows per vocabulary chunk")
     on_policy_fraction: float = Field(default=0.0, ge=0, le=1)
     teacher_precision: Literal["fp32", "bf16"] | None = Field(
@@ -156,11 +160,13 @@ def run_distillation(cfg: DistillConfig) -> DistillResult:
                           teacher_bf16=(cfg.teacher_precision or precision) == "bf16")
     cache = None
     if cfg.topk_cache:
-        meta = {"teacher": str(Path(cfg.teacher).resolve()), "temperature": cfg.temperature,
+        meta = {"teacher": _teacher_stamp(cfg.teacher), "temperature": cfg.temperature,
                 "tokens": train_tokens.meta.get("key") if hasattr(train_tokens, "meta")
-                else len(train_tokens), "seed": cfg.seed, "vocab": vocab,
+                else len(train_tokens), "vocab": vocab,
                 "teacher_bf16": settings.teacher_bf16}
-        cache = TopKCache(out / CACHE_DIR, packed.n_chunks, cfg.seq_len, cfg.topk_cache, meta)
+        cache_dir = Path(cfg.topk_cache_dir).expanduser() if cfg.topk_cache_dir \
+            else out / CACHE_DIR
+        cache = TopKCache(cache_dir, packed.n_chunks, cfg.seq_len, cfg.topk_cache, meta)
     objective = KDObjective(teacher, settings, vocab, cache)
 
     torch.manual_seed(cfg.seed)
@@ -250,6 +256,13 @@ def _finish(cfg: DistillConfig, model, tok, state, out: Path, ck_root: Path,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return metrics
+
+
+def _teacher_stamp(ref: str) -> str:
+    """Teacher path plus size and mtime of its weights: a changed teacher misses the cache."""
+    root = Path(ref).expanduser().resolve()
+    files = sorted(root.glob("*.safetensors"))
+    return f"{root}:" + ",".join(f"{f.stat().st_size}@{f.stat().st_mtime_ns}" for f in files)
 
 
 def _tail_mean(history: list[dict], key: str) -> float | None:

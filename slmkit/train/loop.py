@@ -1,0 +1,232 @@
+"""The one training loop. Objectives (LM, distillation, SFT) plug in; the loop does not change.
+
+``Trainer(model, objective, batches, cfg).fit()`` runs AdamW (decoupled decay on matrices
+only) with warmup + cosine decay, gradient clipping and accumulation, optional bf16 autocast
+over fp32 master weights, periodic validation, a live progress line (loss, tokens/s, MFU,
+ETA) and atomic checkpoints that :meth:`Trainer.resume` continues from bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slmkit.console import log, progress
+from slmkit.train import checkpoint as ckpt
+from slmkit.train.batches import BatchSource
+from slmkit.train.config import TrainConfig
+from slmkit.train.objectives import IGNORE_INDEX, Objective
+from slmkit.train.ops import (
+    cosine_progress,
+    lr_at,
+    measured_peak_flops,
+    param_groups,
+    train_flops_per_token,
+)
+
+
+@dataclass
+class TrainState:
+    """Counters and history; saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0            # seconds of training (evals and checkpoints included)
+    history: list[dict] = field(default_factory=list)      # train records, one per log
+    val_history: list[dict] = field(default_factory=list)  # one per evaluation
+
+
+class Trainer:
+    """State of one training run: model, objective, optimizer, counters and checkpoints.
+
+    Args:
+        model: the causal LM (fp32 parameters: the master weights).
+        objective: ``objective(model, batch) -> (loss, metrics)``.
+        batches: a :class:`BatchSource`; micro-batch ``i`` is ``batches.batch(i)``.
+        cfg: the training config (budget, optimiser, precision, intervals).
+        val_batches: fixed validation batches (None: no validation).
+        val_bytes_per_token: UTF-8 bytes per target token of ``val_batches``, for
+            bits-per-byte.
+        checkpoint_root: folder for checkpoints (None: no checkpoints).
+    """
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, batches: BatchSource,
+                 cfg: TrainConfig, val_batches: list[dict] | None = None,
+                 val_bytes_per_token: float | None = None,
+                 checkpoint_root: str | Path | None = None):
+        self.model, self.objective, self.batches, self.cfg = model, objective, batches, cfg
+        self.val_batches, self.val_bpt = val_batches or [], val_bytes_per_token
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
+        self.precision = cfg.resolved_precision()
+        self.device = next(model.parameters()).device
+        self.state = TrainState()
+        self.optimizer = self._build_optimizer()
+        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.flops_per_token = train_flops_per_token(model, cfg.seq_len)
+        self._peak = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        kwargs = dict(lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):   # fused kernel unavailable for this device/dtype
+            return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def peak_flops(self) -> float:
+        if self._peak is None:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self._peak = measured_peak_flops(dtype, self.device.type)
+        return self._peak
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint dir: weights, optimizer, RNG, counters and history."""
+        data = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.state = TrainState(**data["state"])
+        log.info("resumed from %s (step %d, %s tokens)", path, self.state.step,
+                 f"{self.state.tokens:,}")
+
+    # ------------------------------------------------------------------ budget and schedule
+
+    def _progress(self) -> float:
+        """Share of the budget spent (the max over the step, token and time budgets)."""
+        cfg, s = self.cfg, self.state
+        parts = []
+        if cfg.max_steps:
+            parts.append(s.step / cfg.max_steps)
+        if cfg.max_tokens:
+            parts.append(s.tokens / cfg.max_tokens)
+        if cfg.max_minutes:
+            parts.append(s.elapsed / (cfg.max_minutes * 60))
+        return max(parts)
+
+    def _lr(self) -> float:
+        total = self.cfg.total_steps()
+        if total is not None:
+            p = cosine_progress(self.state.step, self.cfg.warmup_steps, total)
+        else:  # time budget only: decay over the wall-clock budget
+            p = self.state.elapsed / (self.cfg.max_minutes * 60)
+        return lr_at(self.state.step, self.cfg.lr, self.cfg.warmup_steps, p,
+                     self.cfg.min_lr_ratio)
+
+    def done(self) -> bool:
+        return self._progress() >= 1.0
+
+    # ------------------------------------------------------------------ the loop
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        lr = self._lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = self.batches.batch(self.state.step * cfg.grad_accum + micro)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                loss, metrics = self.objective(self.forward_model, batch)
+            (loss / cfg.grad_accum).backward()
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            sums["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += tokens
+        return {**sums, "lr": lr, "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted validation loss, perplexity and bits per byte on ``val_batches``."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.val_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                loss, _ = self.objective(self.forward_model, batch)
+            n = int((batch["labels"] != IGNORE_INDEX).sum())
+            total += float(loss) * n
+            count += n
+        loss = total / max(count, 1)
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if self.val_bpt:
+            out["val_bpb"] = loss / math.log(2) / self.val_bpt
+        return out
+
+    def fit(self, until_step: int | None = None) -> TrainState:
+        """Train until the budget is spent; validate and checkpoint on their intervals.
+
+        Args:
+            until_step: pause after this step (checkpointing there) even though budget is
+                left; a later :meth:`resume` + :meth:`fit` continues on the same schedule.
+        """
+        cfg, s = self.cfg, self.state
+        total = cfg.total_steps()
+        start_time, start_elapsed = time.perf_counter(), s.elapsed
+        window: list[dict] = []
+        window_t = 0.0      # seconds spent in train steps (not evals/checkpoints) this window
+        window_tokens, speed, mfu = 0, 0.0, 0.0
+        with progress("training", total) as update:
+            if s.step:
+                update(s.step)
+            while not self.done() and (until_step is None or s.step < until_step):
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                window_t += time.perf_counter() - t0
+                s.elapsed = start_elapsed + time.perf_counter() - start_time
+                window.append(metrics)
+                window_tokens += metrics["tokens"]
+                last = self.done() or s.step == until_step
+                if s.step % cfg.log_every == 0 or last:
+                    speed = window_tokens / max(window_t, 1e-9)
+                    mfu = speed * self.flops_per_token / self.peak_flops()
+                    record = {"step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
+                              "tokens_per_s": speed, "mfu": mfu}
+                    for k in window[0]:
+                        if k != "tokens":
+                            record[k] = sum(m[k] for m in window) / len(window)
+                    s.history.append(record)
+                    window, window_t, window_tokens = [], 0.0, 0
+                if self.val_batches and (s.step % cfg.eval_every == 0 or last):
+                    s.val_history.append({"step": s.step, "tokens": s.tokens,
+                                          "elapsed": round(s.elapsed, 3), **self.evaluate()})
+                if self.checkpoint_root and (s.step % cfg.checkpoint_every == 0 or last):
+                    self.save_checkpoint()
+                update(1, info=self._info(speed, mfu))
+        return s
+
+    def _info(self, speed: float, mfu: float) -> str:
+        s = self.state
+        loss = s.history[-1]["loss"] if s.history and "loss" in s.history[-1] else float("nan")
+        parts = [f"loss {loss:.3f}"]
+        if s.val_history:
+            parts.append(f"val {s.val_history[-1]['val_loss']:.3f}")
+        parts += [f"{speed:,.0f} tok/s", f"MFU {mfu:.1%}"]
+        p = self._progress()
+        if self.cfg.total_steps() is None and p > 0:
+            parts.append(f"eta {s.elapsed * (1 - p) / p:,.0f}s")
+        return " · ".join(parts)
+
+    def save_checkpoint(self) -> Path:
+        state = {"state": asdict(self.state), "config": self.cfg.model_dump(mode="json")}
+        return ckpt.save_checkpoint(self.checkpoint_root, self.model, self.optimizer, state,
+                                    self.state.step, self.cfg.keep_checkpoints)

@@ -1,0 +1,197 @@
+"""``slm train``: load or build the model, tokenize the corpus, run the loop, save the result.
+
+The output is a normal model dir (loads in plain transformers) with lineage, plus
+``loss_curve.png``, ``train_log.json`` and ``checkpoints/`` (the last K). While training,
+``<out>/checkpoints/`` is all that exists, so an interrupted run is visibly unfinished and
+``--resume`` continues it; the model files appear in one atomic rename at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmkit.console import human_count, log
+from slmkit.errors import ConfigError, DataError, OutputError
+from slmkit.train.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """What :func:`run_training` did and measured."""
+
+    out: Path
+    metrics: dict[str, Any]
+    params: int
+    precision: str
+    skipped: list[tuple[str, str]]
+
+    def summary_rows(self) -> list[tuple[str, Any]]:
+        m = self.metrics
+        rows = [("parameters", f"{self.params:,} ({human_count(self.params)})"),
+                ("precision", self.precision),
+                ("steps", m["steps"]), ("tokens", f"{m['tokens']:,}"),
+                ("time", f"{m['train_minutes']:.1f} min"),
+                ("throughput", f"{m['tokens_per_s']:,.0f} tokens/s  (MFU {m['mfu']:.1%})"),
+                ("train loss", m.get("train_loss"))]
+        if "val_loss" in m:
+            rows += [("val loss", m["val_loss"]), ("val perplexity", m["val_ppl"])]
+        if "val_bpb" in m:
+            rows.append(("val bits/byte", m["val_bpb"]))
+        rows += self.skipped
+        rows += [("loss curve", str(self.out / "loss_curve.png")), ("written to", str(self.out))]
+        return rows
+
+
+def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
+    if not cfg.out:
+        raise ConfigError("train needs an output directory; pass --out DIR.")
+    out = Path(cfg.out).expanduser()
+    ck_root = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"Output '{cfg.out}' is an existing file; choose a directory path.")
+    if out.exists() and not cfg.resume:
+        if not cfg.overwrite:
+            raise OutputError(f"Output directory '{cfg.out}' already exists; pass --resume to "
+                              "continue its training, --overwrite to start over, or a new "
+                              "--out.")
+        shutil.rmtree(ck_root, ignore_errors=True)   # stale checkpoints of an older run
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"Cannot create the parent of '{cfg.out}' ({e.strerror}); choose a "
+                          "writable location.") from None
+    return out, ck_root
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    """A preset initialised with ``cfg.seed``, or an existing model dir (fp32 masters)."""
+    from slmkit.models import load_model, load_tokenizer
+    from slmkit.models.presets import PRESETS, init_model
+
+    if cfg.model in PRESETS:
+        if not cfg.tokenizer:
+            raise ConfigError(f"--model {cfg.model} is a preset, which needs --tokenizer DIR "
+                              "(train one with `slm tokenizer train`).")
+        tok = load_tokenizer(cfg.tokenizer)
+        return init_model(cfg.model, tok, seed=cfg.seed), tok
+    model, tok = load_model(cfg.model, dtype="fp32")
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise ConfigError(f"The tokenizer has {len(tok):,} tokens but '{cfg.model}' embeds "
+                          f"only {rows:,}; use the model's own tokenizer.")
+    return model, tok
+
+
+def _val_bytes_per_token(tok, batches: list[dict]) -> float:
+    """UTF-8 bytes per target token of the validation batches (special tokens: 0 bytes)."""
+    n_bytes = n_tokens = 0
+    for b in batches:
+        for row in b["labels"].tolist():
+            n_bytes += len(tok.decode(row, skip_special_tokens=True).encode("utf-8"))
+            n_tokens += len(row)
+    return n_bytes / max(n_tokens, 1)
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Run ``slm train`` end to end and return what it measured.
+
+    Raises:
+        ConfigError, DataError, ModelLoadError, OutputError: bad options or inputs, each a
+        one-sentence message; no output dir is left half-written.
+    """
+    import torch
+
+    from slmkit.data.corpus import CorpusStats
+    from slmkit.data.tokens import token_stream
+    from slmkit.models import save_model
+    from slmkit.models.io import commit_out_dir
+    from slmkit.models.presets import count_params
+    from slmkit.train import checkpoint as ckpt
+    from slmkit.train.batches import PackedBatches, eval_batches
+    from slmkit.train.loop import Trainer
+    from slmkit.train.objectives import LMObjective
+    from slmkit.train.plot import loss_curve_png
+
+    out, ck_root = _prepare_out(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load_model_and_tokenizer(cfg)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or \
+        getattr(model.config, "n_positions", None)
+    if max_pos and cfg.seq_len > max_pos:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_pos} "
+                          "tokens; lower --seq-len.")
+
+    stats = CorpusStats()
+    train_tokens = token_stream(cfg.data, tok, "train", cfg.val_fraction, stats=stats)
+    val_b, val_bpt = None, None
+    if cfg.val_fraction > 0:
+        try:
+            val_tokens = token_stream(cfg.data, tok, "val", cfg.val_fraction)
+            val_b = eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
+            val_bpt = _val_bytes_per_token(tok, val_b)
+        except DataError as e:
+            log.warning("no validation: %s", e)
+    batches = PackedBatches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(model, LMObjective(), batches, cfg, val_batches=val_b,
+                      val_bytes_per_token=val_bpt, checkpoint_root=ck_root)
+    latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
+    if latest is not None:
+        trainer.resume(latest)
+    elif cfg.resume and ck_root.exists():
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", ck_root)
+    log.info("training %s (%s params, %s) on %s train tokens, %d per step",
+             cfg.model, human_count(count_params(model)["total"]), trainer.precision,
+             f"{len(train_tokens):,}", cfg.tokens_per_step())
+    state = trainer.fit()
+
+    hist, val_hist = state.history, state.val_history
+    tail = hist[-max(1, min(10, len(hist))):]
+    metrics: dict[str, Any] = {
+        "steps": state.step, "tokens": state.tokens,
+        "train_minutes": state.elapsed / 60,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / max(len(tail), 1),
+        "mfu": sum(r["mfu"] for r in tail) / max(len(tail), 1),
+        "train_loss": sum(r["loss"] for r in tail) / max(len(tail), 1) if tail else math.nan,
+    }
+    if val_hist:
+        metrics.update({k: v for k, v in val_hist[-1].items() if k.startswith("val_")})
+    png = loss_curve_png(hist, val_hist, title=f"{cfg.model} on {cfg.data}")
+    log_json = json.dumps({"history": hist, "val_history": val_hist}, indent=1)
+    params = cfg.model_dump(mode="json", exclude={"resume", "overwrite", "out"})
+    staging = out.parent / f".{out.name}.final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, tok, staging, step="train", params=params, metrics=metrics,
+               extra_files={"loss_curve.png": png, "train_log.json": log_json})
+    try:
+        if ck_root.is_dir():
+            os.replace(ck_root, staging / "checkpoints")
+        commit_out_dir(staging, out)
+    except BaseException:
+        if (staging / "checkpoints").is_dir() and not ck_root.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "checkpoints", ck_root)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    model.slmkit_ref = str(out)
+    skipped = [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
+    return TrainResult(out=out, metrics=metrics, params=count_params(model)["total"],
+                       precision=trainer.precision, skipped=skipped)
+
+
+def run_train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Recipe step entry point: train, return the measured figures (``resume`` continues)."""
+    if resume:
+        cfg = cfg.model_copy(update={"resume": True})
+    result = run_training(cfg)
+    return {**result.metrics, "params": result.params, "out": str(result.out)}
