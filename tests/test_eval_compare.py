@@ -68,6 +68,7 @@ def test_compare_refuses_existing_out_before_work(tiny_model_dirs, tmp_path):
         compare([str(tiny_model_dirs["llama"])], tmp_path / "taken")
 
 
+@pytest.mark.slow
 def test_cli_eval_json_records_metrics(cli, llama_dir, tmp_path, task_file):
     model = tmp_path / "model"
     shutil.copytree(llama_dir, model)
@@ -83,6 +84,7 @@ def test_cli_eval_json_records_metrics(cli, llama_dir, tmp_path, task_file):
     assert "addition:acc" in metrics and metrics["decode_tok_s"] > 0
 
 
+@pytest.mark.slow
 def test_cli_write_tasks_then_use_them(cli, llama_dir, tmp_path):
     out = tmp_path / "tasks"
     r = cli("eval", "--tasks", "stdlib-nextline,stdlib-docstring-mc", "--task-limit", "3",
@@ -99,18 +101,30 @@ def test_cli_write_tasks_then_use_them(cli, llama_dir, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_exit_2(cli, llama_dir, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
     bad_tasks = tmp_path / "bad.jsonl"
     bad_tasks.write_text(json.dumps(MC_ITEMS[0]) + "\n{\"type\": \"multiple_choice\",\n")
     cases = [
         (("eval", tmp_path / "missing-model"), "does not exist"),
-        (("eval", llama_dir, "--data", empty, "--no-record"), "no"),
         (("eval", llama_dir, "--tasks", bad_tasks, "--no-record"), "line 2"),
-        (("eval", llama_dir, "--tasks", "stdlib-nosuchtask", "--no-record"), "Unknown task"),
     ]
     for args, needle in cases:
         r = cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_input_in_the_library(llama_dir, tmp_path):
+    from slmkit.errors import ConfigError, DataError, ModelLoadError
+    from slmkit.eval.evaluate import evaluate_model, resolve_tasks
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        evaluate_model(llama_dir, data=str(empty), speed=False, record=False)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        evaluate_model(tmp_path / "nope", record=False)
+    with pytest.raises(ConfigError, match="Unknown task"):
+        resolve_tasks(["stdlib-nosuchtask"])
+    before = json.loads((llama_dir / "slmkit.json").read_text())
+    assert "bits_per_byte" not in before["metrics"]  # record=False never touched it
