@@ -120,3 +120,10 @@ def test_stop_filter_holds_back_partial_matches():
     g = StopStringFilter(["END"])
     assert g.push("xx EN") == ("xx ", False) and g.flush() == "EN"
     assert StopStringFilter([]).push("EN") == ("EN", False)
+
+
+def test_rolled_rope_is_bit_identical():
+    torch.manual_seed(2)
+    x, ang = torch.randn(2, 3, 4, 16), torch.randn(2, 1, 4, 16)
+    ref = ops.apply_rope(x, ang.cos(), ang.sin())
+    assert torch.equal(ops.apply_rope_rolled(x, ang.cos(), ops.signed_sin(ang.sin())), ref)

@@ -34,6 +34,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, for :func:`apply_rope_rolled`. ``[..., D]``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in 4 ops instead of 7, bit-identical.
+
+    ``rotate_half(x) * sin == roll(x, D/2) * signed_sin(sin)`` element by element
+    (``-x2 * s == x2 * -s`` exactly in IEEE arithmetic), and ``roll`` is one kernel where
+    ``rotate_half`` is two slices, a negation and a concatenation.
+
+    Args:
+        x: ``[B, heads, T, D]``.
+        cos, sin_signed: ``[B, 1, T, D]``.
+    """
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
+
+
 def attention_mask(starts: torch.Tensor, new_tokens: int, key_len: int,
                    window: int | None = None) -> torch.Tensor:
     """Boolean attention mask for rows that each continue their own sequence.

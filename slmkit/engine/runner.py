@@ -86,7 +86,10 @@ class FastRunner:
             positions = torch.arange(max_seq_len, device=self.device)[None]  # [1, S]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = core.rotary_emb(probe, positions)                     # [1, S, D]
-        self.cos, self.sin = cos[0], sin[0]                                   # [S, D]
+        self.cos, self.sin = cos[0], ops.signed_sin(sin[0])                   # [S, D]
+        self.norms = [(_norm_fn(layer.input_layernorm), _norm_fn(layer.post_attention_layernorm))
+                      for layer in self.layers]
+        self.final_norm = _norm_fn(self.norm)
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence (its cache rows are simply overwritten later)."""
@@ -123,20 +126,40 @@ class FastRunner:
         h = self.embed(tokens.to(self.device))                       # [B, T, hidden]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            norm_in, norm_post = self.norms[i]
+            x = norm_in(h)
             q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, H, T, D]
             k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, Hkv, T, D]
             v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, Hkv, T, D]
-            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+            q, k = ops.apply_rope_rolled(q, cos, sin), ops.apply_rope_rolled(k, cos, sin)
             self.cache.write(i, slot_t, start_t, k, v)
             keys, values = self.cache.read(i, slot_t, key_len, first)  # [B, Hkv, L, D]
             o = ops.attention(q, keys, values, masks[self.windows[i]], attn.scaling)
             o = o.transpose(1, 2).reshape(B, T, -1)                  # [B, T, H * D]
             h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(norm_post(h))
         self.cache.lengths[slot_t] = start_t + T
-        last = self.norm(h[:, -1])                                   # [B, hidden]
+        last = self.final_norm(h[:, -1])                                 # [B, hidden]
         return self.lm_head(last).float()                            # [B, V]
+
+
+_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}
+
+
+def _norm_fn(module):
+    """A norm as one fused ``F.rms_norm`` call when that is bit-identical, else the module.
+
+    The transformers RMSNorm of these families is 6 kernels (cast, pow, mean, add, rsqrt,
+    two muls); ``F.rms_norm`` is one. In fp32 the two agree exactly; for other dtypes the
+    module runs as is (it rounds at a different point).
+    """
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if (type(module).__name__ in _RMS_NORMS and weight is not None and eps is not None
+            and weight.dtype == torch.float32):
+        shape = (weight.shape[0],)
+        return lambda x: torch.nn.functional.rms_norm(x, shape, weight, eps)
+    return module
 
 
 class GenericRunner:
