@@ -92,20 +92,9 @@ def export_onnx(model_ref: str, out: str | os.PathLike, int8: bool = False,
     prepare_out_dir(out, overwrite)[1].rmdir()   # fail fast on a bad --out
     model, tok = load_model(model_ref, dtype="fp32")
     dequantized = _to_dense(model)
-    decoder = ExportDecoder(model).eval()
+    ExportDecoder(model)                          # refuses other architectures before writing
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        raw = tmp / ("model.fp32.onnx" if int8 else MODEL_FILE)
-        _export(decoder, raw)
-        if int8:
-            _quantize_int8(raw, tmp / MODEL_FILE)
-            raw.unlink()
-        _check(tmp / MODEL_FILE)
-        inputs, outputs = decoder.io_names()
-        meta = {"inputs": inputs, "outputs": outputs, "num_layers": decoder.n_layers,
-                "num_kv_heads": decoder.n_kv, "head_dim": decoder.head_dim,
-                "int8": int8, "opset": OPSET, "eos_token_id": tok.eos_token_id,
-                "model_type": model.config.model_type}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_decoder(model, tmp, int8=int8, eos_token_id=tok.eos_token_id)
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         err, same = _verify(model, tmp, probe_tokens)
@@ -117,6 +106,36 @@ def export_onnx(model_ref: str, out: str | os.PathLike, int8: bool = False,
     return OnnxResult(out=Path(out), arch=model.config.model_type, int8=int8,
                       size_bytes=size, max_logit_error=err, greedy_match=same,
                       dequantized=dequantized)
+
+
+def write_decoder(model, out_dir: Path, int8: bool = False,
+                  eos_token_id: int | None = None) -> dict:
+    """Export ``model`` as ``model.onnx`` + ``onnx.json`` into an existing directory.
+
+    Args:
+        model: a dense Llama / Mistral / Qwen2 causal LM (float32).
+        out_dir: where to write (the caller makes it atomic).
+        int8: apply ONNX Runtime dynamic int8 quantization.
+
+    Returns:
+        The ``onnx.json`` contents (names and cache layout for :class:`OnnxRunner`).
+    """
+    from slmkit.export.onnx_graph import ExportDecoder
+
+    decoder = ExportDecoder(model).eval()
+    raw = out_dir / ("model.fp32.onnx" if int8 else MODEL_FILE)
+    _export(decoder, raw)
+    if int8:
+        _quantize_int8(raw, out_dir / MODEL_FILE)
+        raw.unlink()
+    _check(out_dir / MODEL_FILE)
+    inputs, outputs = decoder.io_names()
+    meta = {"inputs": inputs, "outputs": outputs, "num_layers": decoder.n_layers,
+            "num_kv_heads": decoder.n_kv, "head_dim": decoder.head_dim, "int8": int8,
+            "opset": OPSET, "eos_token_id": eos_token_id,
+            "model_type": model.config.model_type}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 def _to_dense(model) -> int:
