@@ -128,7 +128,8 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem}
 .wrap{overflow-x:auto;border:1px solid #d0d7de;border-radius:8px}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:.45rem .7rem;border-bottom:1px solid #eaeef2;white-space:nowrap}
-th{background:#f6f8fa;text-align:right;font-weight:600;font-size:12px;color:#57606a}
+th{background:#f6f8fa;text-align:right;font-weight:600;font-size:12px;color:#57606a;
+ white-space:normal;vertical-align:bottom;max-width:7.5rem}
 th:first-child,td:first-child{text-align:left}td{text-align:right}
 td.s{text-align:left}tr:last-child td{border-bottom:none}
 td.best{font-weight:700;color:#1a7f37}
@@ -149,7 +150,7 @@ def render_html(results: dict[str, Any], images: dict[str, Path]) -> str:
     best: dict[str, Any] = {}
     for _, key, _, lower in cols:
         vals = [cell_value(m, key) for m in ok if cell_value(m, key) is not None]
-        if lower is not None and len(vals) > 1:
+        if lower is not None and len(set(vals)) > 1:  # a tie everywhere is no "best"
             best[key] = min(vals) if lower else max(vals)
     head = "".join(f"<th>{esc(c[0])}</th>" for c in cols)
     rows = []
