@@ -41,6 +41,16 @@ def _resolve(target: str):
 STEP_KINDS: dict[str, StepKind] = {
     "init": StepKind("slmkit.models.presets:InitConfig", "slmkit.models.presets:run_init",
                      description="a randomly initialised model from a preset"),
+    "tokenizer": StepKind("slmkit.pipeline.adapters:TokenizerStep",
+                          "slmkit.pipeline.adapters:run_tokenizer",
+                          description="a byte-level BPE tokenizer trained on a corpus"),
+    "train": StepKind("slmkit.train.config:TrainConfig", "slmkit.train.run:run_train",
+                      resumable=True, description="pretraining with the LM objective"),
+    "distill": StepKind("slmkit.train.distill:DistillConfig", "slmkit.train.distill:run_distill",
+                        resumable=True, description="knowledge distillation into a student"),
+    "quantize": StepKind("slmkit.pipeline.adapters:QuantizeStep",
+                         "slmkit.pipeline.adapters:run_quantize",
+                         description="RTN / GPTQ / AWQ weight quantization"),
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
