@@ -102,6 +102,7 @@ def evaluate_model(ref: str | os.PathLike, data: Any = "stdlib", split: str = "v
     model_dir, config = load_config(ref)
     gc.collect()
     rss_reset = reset_peak_rss()
+    rss_before = peak_rss()  # right after the reset: the current RSS, before the model
     model, tokenizer = load_model(ref, dtype=dtype, device=device)
     result: dict[str, Any] = {
         "model": os.fspath(ref), "path": str(model_dir),
@@ -126,6 +127,9 @@ def evaluate_model(ref: str | os.PathLike, data: Any = "stdlib", split: str = "v
         result["speed"] = measure_speed(model, tokenizer, decode_tokens=decode_tokens)
     result["peak_rss_bytes"] = peak_rss()
     result["peak_rss_scope"] = "model" if rss_reset else "process"
+    # what loading and running this model added on top of the process (torch, libraries)
+    result["peak_rss_added_bytes"] = result["peak_rss_bytes"] - rss_before \
+        if rss_reset else None
     result["eval_seconds"] = time.perf_counter() - t0
     result["evaluated_utc"] = utc_now()
     result["summary"] = summarize(result, data, split)
@@ -168,7 +172,7 @@ def summarize(result: dict[str, Any], data: Any = None, split: str | None = None
         for n, v in sp["prefill_tok_s"].items():
             s[f"prefill_tok_s@{n}"] = v
         s.update(ttft_s=sp["ttft_s"], decode_tok_s=sp["decode_tok_s"])
-    for key in ("peak_rss_bytes", "size_on_disk", "params", "active_params",
+    for key in ("peak_rss_bytes", "peak_rss_added_bytes", "size_on_disk", "params", "active_params",
                 "bits_per_weight"):
         if result.get(key) is not None:
             s[key] = result[key]
@@ -210,7 +214,9 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("decode (batch 1)", f"{sp['decode_tok_s']:,.1f} tok/s"
                      if sp["decode_tok_s"] else "–"))
         rows.append(("generation path", f"{sp['backend']}, {sp['threads']} threads"))
-    rows.append(("peak RSS", human_bytes(res["peak_rss_bytes"])
-                 + ("" if res.get("peak_rss_scope") == "model" else " (process)")))
+    added = res.get("peak_rss_added_bytes")
+    rows.append(("peak RSS", human_bytes(res["peak_rss_bytes"]) + (
+        f"  (+{human_bytes(added)} for this model)" if added is not None
+        else "  (whole process)")))
     rows.append(("took", f"{res['eval_seconds']:.1f} s"))
     return rows

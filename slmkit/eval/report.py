@@ -26,7 +26,7 @@ _COLUMNS: list[tuple[str, str, str, bool | None]] = [
     ("prefill tok/s @512", "prefill_tok_s@512", ",.0f", False),
     ("decode tok/s", "decode_tok_s", ",.1f", False),
     ("TTFT ms", "ttft_ms", ",.1f", True),
-    ("peak RSS", "peak_rss_bytes", "bytes", True),
+    ("peak RSS (+model)", "peak_rss_bytes", "bytes", True),
 ]
 
 
@@ -47,6 +47,9 @@ def format_cell(value, spec: str, model: dict[str, Any] | None = None, key: str 
     if spec == "s":
         return str(value)
     if spec == "bytes":
+        added = (model or {}).get("summary", {}).get("peak_rss_added_bytes")
+        if key == "peak_rss_bytes" and added is not None:
+            return f"{human_bytes(value)} (+{human_bytes(added)})"
         return human_bytes(value)
     if spec == "count":
         text = human_count(value)
@@ -55,6 +58,10 @@ def format_cell(value, spec: str, model: dict[str, Any] | None = None, key: str 
             text += f" ({human_count(active)} active)"
         return text
     return format(value, spec)
+
+
+def _docs(n: int) -> str:
+    return f"{n} document" + ("" if n == 1 else "s")
 
 
 def columns(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
@@ -100,7 +107,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     fronts = pareto_labels(results)
     lines = [f"# slm compare — {len(results['models'])} models", "",
              f"Data: `{results['data']}` split `{results['split']}`, "
-             f"{results['text_bytes']:,} bytes in {results['documents']} documents, "
+             f"{results['text_bytes']:,} bytes in {_docs(results['documents'])}, "
              "scored in bits per byte (fair across tokenizers). "
              f"Created {results['created_utc']}.", "",
              "| model | Pareto | " + " | ".join(c[0] for c in cols) + " |",
@@ -180,7 +187,7 @@ def render_html(results: dict[str, Any], images: dict[str, Path]) -> str:
 <h1>slm compare — {len(results['models'])} models</h1>
 <div class="meta">Text: <code>{esc(str(results['data']))}</code>, split
 <code>{esc(results['split'])}</code>, {results['text_bytes']:,} bytes in
-{results['documents']} documents, the same for every model; quality is bits per byte
+{_docs(results['documents'])}, the same for every model; quality is bits per byte
 (lower is better, fair across tokenizers). Tasks: {tasks}. Created
 {esc(results['created_utc'])}. <b style="color:#1a7f37">Green</b>: best in column;
 <span class="tag">size</span>/<span class="tag">speed</span>: Pareto-optimal.</div>
