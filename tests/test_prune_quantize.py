@@ -28,7 +28,7 @@ def _prune_then_quantize(tokenizer, corpus, tmp_path, **quant):
     return {n: int((linears[n].weight[mask] != 0).sum()) for n, mask in masks.items()}, masks
 
 
-@pytest.mark.parametrize("quant", [dict(method="rtn", bits=4), dict(method="rtn", bits=8),
+@pytest.mark.parametrize("quant", [dict(method="rtn", bits=8),
                                    dict(method="rtn", bits=4, sym=False),
                                    dict(method="awq", bits=4)])
 def test_pruned_zeros_stay_zero_through_quantization(quant, tokenizer, tmp_path,
@@ -43,3 +43,17 @@ def test_pruned_zeros_stay_zero_through_quantization(quant, tokenizer, tmp_path,
 def test_pruned_zeros_stay_zero_through_gptq(tokenizer, tmp_path, calib_corpus):  # noqa: F811
     refilled, _ = _prune_then_quantize(tokenizer, calib_corpus, tmp_path, method="gptq", bits=4)
     assert sum(refilled.values()) == 0
+
+
+def test_compressed_models_are_refused(tokenizer, calib_corpus):  # noqa: F811
+    from slmkit.compress.factorize.modifier import FactorizeSettings, factorize_model
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.errors import ConfigError
+
+    model = build_tiny_model("llama", tokenizer)
+    quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=8))
+    with pytest.raises(ConfigError, match="already compressed"):
+        prune_model(model, tokenizer, PruneSettings(method="magnitude"))
+    with pytest.raises(ConfigError, match="already compressed"):
+        factorize_model(model, tokenizer, FactorizeSettings(method="svd"))

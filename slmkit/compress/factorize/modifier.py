@@ -126,7 +126,10 @@ def factorize_model(model: nn.Module, tokenizer, settings: FactorizeSettings) ->
         ConfigError: bad ratio/energy/method, a ratio that gives rank 0, targets that
             match nothing, Conv1D layers, or nothing worth factorizing.
     """
+    from slmkit.compress.prune.modifier import refuse_compressed
+
     settings.validate()
+    refuse_compressed(model, "factorize")
     linears = match_linears(model, settings.targets, settings.ignore)
     if not linears:
         raise ConfigError(f"--targets {settings.targets} matched no linear layer of "

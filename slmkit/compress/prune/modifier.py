@@ -83,6 +83,14 @@ class PruneReport:
         return self.zeros / max(1, self.total)
 
 
+def refuse_compressed(model: nn.Module, verb: str) -> None:
+    """Pruning and factorization work on dense weights: refuse quantized/low-rank models."""
+    fmt = (getattr(model.config, "slmkit", None) or {}).get("format")
+    if fmt or getattr(model.config, "quantization_config", None):
+        raise ConfigError(f"This model is already compressed (format '{fmt or 'quantized'}'); "
+                          f"{verb} its dense parent instead, then compress the result.")
+
+
 def _select(model: nn.Module, settings: PruneSettings, nm) -> dict[str, nn.Module]:
     linears = match_linears(model, settings.targets, settings.ignore)
     if not linears:
@@ -120,6 +128,7 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings) -> PruneRe
             or targets that match nothing.
     """
     nm = settings.validate()
+    refuse_compressed(model, "prune")
     linears = _select(model, settings, nm)
     report = PruneReport()
     if settings.method == "magnitude":

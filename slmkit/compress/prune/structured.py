@@ -361,7 +361,10 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredSettings) 
     from slmkit.compress.calibrate import calibration_batches
     from slmkit.console import log, track
 
+    from slmkit.compress.prune.modifier import refuse_compressed
+
     settings.validate_shape_free()
+    refuse_compressed(model, "prune")
     check_supported(model)
     cfg = model.config
     if settings.explicit():
