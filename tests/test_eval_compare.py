@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -27,14 +28,28 @@ def task_file(tmp_path):
     return write_task_file(tmp_path / "addition.jsonl", MC_ITEMS)
 
 
-def test_compare_report_contains_every_model(tiny_model_dirs, tmp_path, task_file):
+@pytest.fixture(scope="module")
+def report(tiny_model_dirs, tmp_path_factory):
+    """One comparison of three architectures and a missing model, shared by the tests."""
     from slmkit.eval.compare import compare
+    from slmkit.eval.tasks import write_task_file
 
+    tmp = tmp_path_factory.mktemp("compare")
+    task = write_task_file(tmp / "addition.jsonl", MC_ITEMS)
     refs = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"]),
-            str(tiny_model_dirs["mixtral"]), str(tmp_path / "no-such-model")]
-    out = tmp_path / "report"
-    res = compare(refs, out, task_specs=[str(task_file)], max_bytes=3000, decode_tokens=4,
-                  seq_len=128)
+            str(tiny_model_dirs["mixtral"]), str(tmp / "no-such-model")]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = compare(refs, tmp / "report", task_specs=[str(task)], max_bytes=3000,
+                      decode_tokens=4, seq_len=128)
+    finally:
+        torch.set_num_threads(before)
+    return tmp / "report", res
+
+
+def test_compare_report_contains_every_model(report):
+    out, res = report
     names = {p.name for p in out.iterdir()}
     assert names == {"results.json", "report.md", "report.html", "quality_vs_size.png",
                      "quality_vs_speed.png"}
@@ -57,6 +72,20 @@ def test_compare_report_contains_every_model(tiny_model_dirs, tmp_path, task_fil
     for png in ("quality_vs_size.png", "quality_vs_speed.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["out"] == str(out)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    shot = tmp_path / "report.png"
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--window-size=1400,1200", f"--screenshot={shot}",
+                        (report[0] / "report.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
 def test_compare_refuses_existing_out_before_work(tiny_model_dirs, tmp_path):
