@@ -216,3 +216,22 @@ def test_request_timeout_gets_504(serve_model, tokenizer):
         assert ok.status_code == 200
     finally:
         server.stop()
+
+
+def test_small_context_and_prompt_cap(serve_model, tokenizer):
+    server = start_server(serve_model, tokenizer, max_seq_len=64, max_prompt_tokens=16,
+                          max_tokens_cap=32)
+    try:
+        url = server.url
+        assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 64
+        r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "word " * 40})
+        assert "limit of 16" in assert_error(r, 400, "prompt", "context_length_exceeded")[
+            "message"]
+        r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "x",
+                                                      "max_tokens": 33})
+        assert "cap of 32" in assert_error(r, 400, "max_tokens")["message"]
+        r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "x y z",
+                                                      "max_tokens": 32, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32
+    finally:
+        server.stop()

@@ -71,6 +71,9 @@ def test_resolve_api_key(tmp_path, monkeypatch):
     assert resolve_api_key(None, key) == "from-file"
     with pytest.raises(ConfigError, match="not both"):
         resolve_api_key("a", key)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        resolve_api_key(None, tmp_path / "empty")
     with pytest.raises(ConfigError, match="Cannot read"):
         resolve_api_key(None, tmp_path / "missing")
     with pytest.raises(ConfigError, match="whitespace"):
