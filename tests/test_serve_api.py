@@ -24,13 +24,16 @@ NAME = "tiny"
 class LiveServer:
     """uvicorn serving ``app`` on a free loopback port in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, drain_after: float | None = None):
         import uvicorn
+
+        from slmkit.serve.server import DrainingServer
 
         self.app = app
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
+                                access_log=False, lifespan="on", timeout_graceful_shutdown=30)
+        self.server = uvicorn.Server(config) if drain_after is None else \
+            DrainingServer(config, app.state.service, drain_after)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -50,11 +53,11 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(model, tokenizer, **settings) -> LiveServer:
+def start_server(model, tokenizer, drain_after: float | None = None, **settings) -> LiveServer:
     from slmkit.serve import ServeConfig, create_app
 
     config = ServeConfig(name=NAME, **{"max_concurrency": 4, **settings})
-    return LiveServer(create_app(model, tokenizer, config))
+    return LiveServer(create_app(model, tokenizer, config), drain_after)
 
 
 def wait_idle(live: LiveServer, timeout: float = 10.0) -> None:

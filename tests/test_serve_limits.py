@@ -235,3 +235,20 @@ def test_small_context_and_prompt_cap(serve_model, tokenizer):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32
     finally:
         server.stop()
+
+
+def test_shutdown_cancels_long_streams_cleanly(serve_model, tokenizer):
+    server = start_server(serve_model, tokenizer, drain_after=0.2)
+    service = server.service
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={**LONG, "stream": True}) as s:
+        lines = s.iter_lines()
+        assert next(lines).startswith("data: ")
+        server.server.should_exit = True  # what SIGTERM does
+        frames = [line for line in lines if line.startswith("data: ")]
+    assert '"code":"shutting_down"' in frames[-1]
+    server.thread.join(timeout=30)
+    assert not server.thread.is_alive()
+    assert service.engine.in_flight == 0 and service.engine.engine.free_slots == 4
+    assert service.metrics.generations["shutdown"] == 1
+    assert service.metrics.requests[("/v1/completions", 503)] == 1

@@ -79,6 +79,7 @@ class AsyncEngine:
         self.in_flight = 0
         self._latency_ewma = 1.0  # seconds, for Retry-After
         self.on_finish = on_finish
+        self.active: set[Generation] = set()
 
     @property
     def running(self) -> int:
@@ -116,6 +117,7 @@ class AsyncEngine:
 
         def finished(event: FinishEvent) -> None:
             self.in_flight -= 1
+            self.active.discard(generation)
             self._latency_ewma = 0.8 * self._latency_ewma + 0.2 * (time.monotonic() - started)
             if self.on_finish is not None:
                 self.on_finish(generation, event)
@@ -132,7 +134,14 @@ class AsyncEngine:
                                     request_id=request_id)
         self.in_flight += 1
         generation = Generation(handle, events)
+        self.active.add(generation)
         return generation
+
+    def drain(self, reason: str = "shutdown") -> int:
+        """Cancel every request in flight (server shutdown); returns how many."""
+        for generation in list(self.active):
+            generation.cancel(reason)
+        return len(self.active)
 
     def close(self) -> None:
         """Cancel everything and stop the engine thread."""

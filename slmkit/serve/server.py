@@ -8,11 +8,14 @@ the engine thread stops, and the process exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
+
+import uvicorn
 
 from slmkit.errors import ConfigError, ModelLoadError
 from slmkit.serve.config import ServeConfig
@@ -75,22 +78,43 @@ def configure_access_log(stream=None) -> None:
     logger.propagate = False
 
 
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that cancels in-flight generations ``drain_after`` s into shutdown.
+
+    uvicorn alone waits for open responses and finally cancels their tasks with a
+    traceback in the log; cancelling the generations instead lets every stream end with an
+    OpenAI error frame (503, ``shutting_down``) and frees the engine before it stops.
+    """
+
+    def __init__(self, config: uvicorn.Config, service, drain_after: float):
+        super().__init__(config)
+        self.service, self.drain_after = service, drain_after
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.drain_after,
+                                                      self.service.engine.drain)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def run_server(model, tokenizer, config: ServeConfig, on_ready=None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully and return.
 
     Args:
         on_ready: called with the bound ``(host, port)`` once the server accepts requests.
     """
-    import uvicorn
-
     from slmkit.serve.app import create_app
 
     app = create_app(model, tokenizer, config)
     configure_access_log()
+    # uvicorn's own deadline is only a backstop: at shutdown_timeout we cancel what is
+    # still generating ourselves, so every stream ends with a proper error frame.
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                               access_log=False, timeout_graceful_shutdown=config.shutdown_timeout,
-                               lifespan="on")
-    server = uvicorn.Server(uv_config)
+                               access_log=False, lifespan="on",
+                               timeout_graceful_shutdown=config.shutdown_timeout + 10)
+    server = DrainingServer(uv_config, app.state.service, config.shutdown_timeout)
     if on_ready is not None:
         startup = server.startup
 

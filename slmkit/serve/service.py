@@ -225,6 +225,9 @@ class GenerationService:
             watcher.cancel()  # the client left while the request waited for a slot
             record["status"] = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
+        if isinstance(first, FinishEvent) and generation.cancel_reason == "shutdown":
+            watcher.cancel()
+            raise self._shutdown_error()
         if req.stream:
             watcher.cancel()  # from here on Starlette watches the connection
             return StreamingResponse(self._stream(req, generation, params, first, deadline),
@@ -235,6 +238,12 @@ class GenerationService:
             return await self._collect(req, generation, params, first, deadline)
         finally:
             watcher.cancel()
+
+    @staticmethod
+    def _shutdown_error() -> APIError:
+        return APIError(503, "The server is shutting down and stopped this request; retry "
+                        "when it is back.", type="server_error", code="shutting_down",
+                        headers={"Retry-After": "5"})
 
     def _timeout(self, generation: Generation) -> APIError:
         generation.cancel("timeout")
@@ -256,6 +265,8 @@ class GenerationService:
             except TimeoutError:
                 raise self._timeout(generation) from None
         c = event.completion
+        if event.reason == "cancelled" and generation.cancel_reason == "shutdown":
+            raise self._shutdown_error()
         if event.reason == "cancelled":  # the client left; nobody reads this
             generation.context["status"] = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
@@ -309,6 +320,10 @@ class GenerationService:
                     generation.context["status"] = 504
                     yield R.sse(error.body())
                     return
+            if event.reason == "cancelled" and generation.cancel_reason == "shutdown":
+                generation.context["status"] = 503
+                yield R.sse(self._shutdown_error().body())
+                return
             if event.reason == "error":
                 generation.context["status"] = 500
                 yield R.sse(error_body(f"Generation failed: {event.completion.error}.",
