@@ -726,8 +726,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="GGUF: the .gguf file; ONNX: a "
                              "directory."),
     quant: Optional[str] = typer.Option(None, "--quant", help="GGUF tensor type: f32, f16, "
-                                        "bf16, q8_0, q4_0 or q4_1 (default f16; quantized "
-                                        "models keep their calibrated blocks)."),
+                                        "bf16, q8_0, q4_0 or q4_1 (default f16). Models "
+                                        "from `slm quantize` keep their calibrated g32 "
+                                        "blocks; --quant sets their other matrices."),
     ollama: bool = typer.Option(False, "--ollama", help="GGUF: also write a Modelfile for "
                                 "`ollama create`."),
     int8: bool = typer.Option(False, "--int8", help="ONNX: ONNX Runtime dynamic int8 "
