@@ -224,8 +224,11 @@ class QuantLinear(nn.Module):
         """``x``: ``[..., in]`` -> ``[..., out]`` in ``x``'s dtype."""
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
-        kernel = self.kernel_name(x.device)
-        if torch.is_grad_enabled() and x.requires_grad:
+        key = (x.device.type, _MODE["kernel"])
+        kernel = self._cache.get(key)
+        if kernel is None:
+            kernel = self._cache[key] = self.kernel_name(x.device)
+        if x.requires_grad and torch.is_grad_enabled():
             kernel = "dequant"  # the packed kernels have no backward
         shape = x.shape
         if kernel == "dequant":

@@ -1,10 +1,21 @@
-"""Weight quantization: RTN, GPTQ, AWQ to int8 / int4 (see ``api.py`` for the entry points)."""
+"""Weight quantization: RTN, GPTQ, AWQ to int8 / int4 (see ``api.py`` for the entry points).
 
-from slmkit.compress.quantize.api import (  # noqa: F401
-    dequantize,
-    dequantize_model,
-    is_quantized,
-    quantize,
-    quantize_model,
-)
-from slmkit.compress.quantize.config import QuantizeConfig, make_config  # noqa: F401
+Names are resolved lazily so that ``slmkit.nn.quant_linear`` can import ``ops`` without a
+cycle through ``api``.
+"""
+
+_API = ("dequantize", "dequantize_model", "is_quantized", "quantize", "quantize_model")
+_CONFIG = ("QuantizeConfig", "make_config")
+__all__ = list(_API + _CONFIG)
+
+
+def __getattr__(name):
+    if name in _API:
+        from slmkit.compress.quantize import api
+
+        return getattr(api, name)
+    if name in _CONFIG:
+        from slmkit.compress.quantize import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'slmkit.compress.quantize' has no attribute {name!r}")
