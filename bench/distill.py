@@ -11,9 +11,9 @@ stdlib train split, in the same order (same seed, sequence length and batch):
 * **(d)** (c) without any retraining;
 * **(e)** a freshly initialised model of (c)'s exact shape with KD (the control for (c)).
 
-All KD runs use forward KL, ``T = 1``, ``alpha = 0.5`` over the full vocabulary unless
-``--topk`` is given (then one shared top-K cache: the teacher runs once per chunk for all
-students). Learning rates: 3e-3 from scratch, ``--pruned-lr`` (1e-3) for the pruned
+All KD runs use forward KL, ``T = 1``, ``alpha = 0.5`` and one shared top-K cache
+(``--topk 64``): the teacher runs once per training chunk, in (b); (c) and (e) read its
+targets from disk. ``--topk 0`` uses full-vocabulary targets instead. Learning rates: 3e-3 from scratch, ``--pruned-lr`` (1e-3) for the pruned
 teacher, whose weights are already trained (continued-pretraining practice).
 
 Each model is scored with ``slmkit.eval.perplexity.perplexity`` on the stdlib validation
@@ -66,7 +66,8 @@ def distill(args, teacher: Path, student: str | Path, out: Path, lr: float) -> d
 
     cache = str(args.work / "topk-cache") if args.topk else None
     cfg = DistillConfig(teacher=str(teacher), student=str(student), out=str(out), lr=lr,
-                        loss="fkl", temperature=1.0, alpha=args.alpha, topk_cache=args.topk,
+                        loss="fkl", temperature=1.0, alpha=args.alpha,
+                        topk_cache=args.topk or None,
                         topk_cache_dir=cache, **common_options(args))
     return run_distillation(cfg).metrics
 
@@ -125,18 +126,24 @@ def score(model_dir: Path, teacher_model, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", type=Path, help="teacher dir (default: the reference model)")
-    ap.add_argument("--tokens", type=int, default=400_000, help="training tokens per student")
+    ap.add_argument("--tokens", type=int, default=131_072, help="training tokens per student")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.5, help="LM-loss weight in KD runs")
-    ap.add_argument("--topk", type=int, default=None, help="top-K cache shared by KD runs")
+    ap.add_argument("--topk", type=int, default=64, help="top-K cache shared by KD runs "
+                    "(0: full-vocabulary targets, teacher runs for every student)")
     ap.add_argument("--prune-to", type=float, default=0.5, help="(c) parameter fraction")
     ap.add_argument("--pruned-lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="students to (re)run, e.g. a b")
+    ap.add_argument("--reuse", action="store_true", help="score students already trained in "
+                    "--work instead of training them again")
+    ap.add_argument("--train-only", action="store_true", help="with --only a: train (a) "
+                    "(it needs only --tokenizer), score later with --reuse")
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer for --train-only a")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-distill")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill.json")
     args = ap.parse_args(argv)
@@ -148,21 +155,31 @@ def main(argv=None) -> int:
 
     configure()
     torch.set_num_threads(args.threads)
-    if args.teacher is None:
+    args.work.mkdir(parents=True, exist_ok=True)
+    w = args.work
+    if args.teacher is None and not args.train_only:
         sys.path.insert(0, str(ROOT / "bench"))
         from reference import reference_model_dir
 
         args.teacher = reference_model_dir()
-    args.work.mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        for key in args.only or []:
+            if key == "a":        # needs only the tokenizer, so it can run before the teacher
+                train_lm(args, args.tokenizer or args.teacher, w / "a")
+        return 0
     teacher_model, _ = load_model(args.teacher)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results: dict = previous.get("results", {}) if args.only else {}
-    w = args.work
 
     def want(key):
         return not args.only or key in args.only
 
-    def timed(key, fn):
+    def timed(key, fn, model_dir):
+        if args.reuse and key != "teacher" and (model_dir / "config.json").is_file():
+            record = json.loads((model_dir / "slmkit.json").read_text())
+            train = record.get("metrics", {})    # trained by an earlier (--train-only) run
+            return {"train_minutes": train.get("train_minutes", 0.0),
+                    "train_tokens": train.get("tokens"), "train": train, "reused": True}
         t0 = time.perf_counter()
         train = fn()
         return {"train_minutes": (time.perf_counter() - t0) / 60,
@@ -180,7 +197,7 @@ def main(argv=None) -> int:
     for key, fn, model_dir in steps:
         if not want(key) and key in results:
             continue
-        run = timed(key, fn)
+        run = timed(key, fn, model_dir)
         results[key] = {**run, **score(model_dir, teacher_model, args), "dir": str(model_dir)}
         print(f"{key}: ppl {results[key]['ppl']:.3f}", file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -212,3 +212,15 @@ def test_cli_distills_a_preset_and_refuses_a_teacher_that_does_not_load(
     with pytest.raises(ModelLoadError):
         from slmkit.train.distill import load_teacher
         load_teacher(_cfg(tmp_path / "missing", "nano", corpus, tmp_path / "x"))
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(loss="kl"), "--loss"), (dict(beta=1.0), "--beta"),
+                                       (dict(alpha=1.5), "--alpha"),
+                                       (dict(max_steps=None), "budget")])
+def test_bad_options_are_one_sentence_config_errors(bad, flag):
+    from slmkit.train.distill import DistillConfig
+
+    opts = {**dict(teacher="t", student="nano", out="o", max_steps=1), **bad}
+    with pytest.raises(ConfigError, match=flag):
+        DistillConfig.from_cli(**opts)
+    assert DistillConfig(teacher="t", student="nano", max_steps=1).model == "nano"
