@@ -209,10 +209,19 @@ class Trainer:
                 if self.val_batches and (s.step % cfg.eval_every == 0 or last):
                     s.val_history.append({"step": s.step, "tokens": s.tokens,
                                           "elapsed": round(s.elapsed, 3), **self.evaluate()})
+                    self._log_eval(speed, mfu)
                 if self.checkpoint_root and (s.step % cfg.checkpoint_every == 0 or last):
                     self.save_checkpoint()
                 update(1, info=self._info(speed, mfu))
         return s
+
+    def _log_eval(self, speed: float, mfu: float) -> None:
+        """One log line per evaluation (what a non-interactive log file keeps)."""
+        s, v = self.state, self.state.val_history[-1]
+        bpb = f", {v['val_bpb']:.3f} bits/byte" if "val_bpb" in v else ""
+        log.info("step %d (%s tokens, %.1f min): val loss %.4f, ppl %.2f%s; %s tok/s, MFU "
+                 "%.1f%%", s.step, f"{s.tokens:,}", s.elapsed / 60, v["val_loss"],
+                 v["val_ppl"], bpb, f"{speed:,.0f}", 100 * mfu)
 
     def _info(self, speed: float, mfu: float) -> str:
         s = self.state

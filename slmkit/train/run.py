@@ -48,7 +48,7 @@ class TrainResult:
         return rows
 
 
-def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
+def prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
     if not cfg.out:
         raise ConfigError("train needs an output directory; pass --out DIR.")
     out = Path(cfg.out).expanduser()
@@ -90,7 +90,7 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     return model, tok
 
 
-def _val_bytes_per_token(tok, batches: list[dict]) -> float:
+def val_bytes_per_token(tok, batches: list[dict]) -> float:
     """UTF-8 bytes per target token of the validation batches (special tokens: 0 bytes)."""
     n_bytes = n_tokens = 0
     for b in batches:
@@ -98,6 +98,76 @@ def _val_bytes_per_token(tok, batches: list[dict]) -> float:
             n_bytes += len(tok.decode(row, skip_special_tokens=True).encode("utf-8"))
             n_tokens += len(row)
     return n_bytes / max(n_tokens, 1)
+
+
+def validation_set(cfg: TrainConfig, tok) -> tuple[list[dict] | None, float | None]:
+    """Fixed validation batches and their bytes per target token (None, None without one)."""
+    from slmkit.data.tokens import token_stream
+    from slmkit.train.batches import eval_batches
+
+    if cfg.val_fraction <= 0:
+        return None, None
+    try:
+        val_tokens = token_stream(cfg.data, tok, "val", cfg.val_fraction)
+    except DataError as e:
+        log.warning("no validation: %s", e)
+        return None, None
+    val_b = eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
+    return val_b, val_bytes_per_token(tok, val_b)
+
+
+def finish_run(cfg: TrainConfig, model, tok, state, out: Path, ck_root: Path, step: str,
+               title: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save the trained model as ``out``: lineage, loss curve, log, checkpoints; one rename.
+
+    Every objective's verb (train, distill, finetune) ends with this, so all leave the same
+    output shape. The model files are staged beside ``out``; the run's ``checkpoints/``
+    folder is moved in, and the staged dir replaces ``out`` atomically.
+
+    Args:
+        state: the :class:`~slmkit.train.loop.TrainState` after :meth:`Trainer.fit`.
+        step: lineage step name (``"train"``, ``"distill"``, ...).
+        title: loss-curve title.
+        extra: more metrics to record (None values are dropped).
+
+    Returns:
+        The metrics recorded in ``slmkit.json``.
+    """
+    from slmkit.models import save_model
+    from slmkit.models.io import commit_out_dir
+    from slmkit.train.plot import loss_curve_png
+
+    hist, val_hist = state.history, state.val_history
+    tail = hist[-max(1, min(10, len(hist))):]
+    metrics: dict[str, Any] = {
+        "steps": state.step, "tokens": state.tokens,
+        "train_minutes": state.elapsed / 60,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / max(len(tail), 1),
+        "mfu": sum(r["mfu"] for r in tail) / max(len(tail), 1),
+        "train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else math.nan,
+        **{k: v for k, v in (extra or {}).items() if v is not None},
+    }
+    if val_hist:
+        metrics.update({k: v for k, v in val_hist[-1].items() if k.startswith("val_")})
+    png = loss_curve_png(hist, val_hist, title=title)
+    log_json = json.dumps({"history": hist, "val_history": val_hist}, indent=1)
+    params = cfg.model_dump(mode="json", exclude={"resume", "overwrite", "out"})
+    staging = out.parent / f".{out.name}.final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, tok, staging, step=step, params=params, metrics=metrics,
+               extra_files={"loss_curve.png": png, "train_log.json": log_json})
+    try:
+        if ck_root.is_dir():
+            os.replace(ck_root, staging / "checkpoints")
+        commit_out_dir(staging, out)
+    except BaseException:
+        if (staging / "checkpoints").is_dir() and not ck_root.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "checkpoints", ck_root)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    model.slmkit_ref = str(out)
+    return metrics
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -111,16 +181,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     from slmkit.data.corpus import CorpusStats
     from slmkit.data.tokens import token_stream
-    from slmkit.models import save_model
-    from slmkit.models.io import commit_out_dir
     from slmkit.models.presets import count_params
     from slmkit.train import checkpoint as ckpt
-    from slmkit.train.batches import PackedBatches, eval_batches
+    from slmkit.train.batches import PackedBatches
     from slmkit.train.loop import Trainer
     from slmkit.train.objectives import LMObjective
-    from slmkit.train.plot import loss_curve_png
 
-    out, ck_root = _prepare_out(cfg)
+    out, ck_root = prepare_out(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model_and_tokenizer(cfg)
@@ -132,14 +199,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     stats = CorpusStats()
     train_tokens = token_stream(cfg.data, tok, "train", cfg.val_fraction, stats=stats)
-    val_b, val_bpt = None, None
-    if cfg.val_fraction > 0:
-        try:
-            val_tokens = token_stream(cfg.data, tok, "val", cfg.val_fraction)
-            val_b = eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
-            val_bpt = _val_bytes_per_token(tok, val_b)
-        except DataError as e:
-            log.warning("no validation: %s", e)
+    val_b, val_bpt = validation_set(cfg, tok)
     batches = PackedBatches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)
@@ -155,38 +215,17 @@ def run_training(cfg: TrainConfig) -> TrainResult:
              f"{len(train_tokens):,}", cfg.tokens_per_step())
     state = trainer.fit()
 
-    hist, val_hist = state.history, state.val_history
-    tail = hist[-max(1, min(10, len(hist))):]
-    metrics: dict[str, Any] = {
-        "steps": state.step, "tokens": state.tokens,
-        "train_minutes": state.elapsed / 60,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / max(len(tail), 1),
-        "mfu": sum(r["mfu"] for r in tail) / max(len(tail), 1),
-        "train_loss": sum(r["loss"] for r in tail) / max(len(tail), 1) if tail else math.nan,
-    }
-    if val_hist:
-        metrics.update({k: v for k, v in val_hist[-1].items() if k.startswith("val_")})
-    png = loss_curve_png(hist, val_hist, title=f"{cfg.model} on {cfg.data}")
-    log_json = json.dumps({"history": hist, "val_history": val_hist}, indent=1)
-    params = cfg.model_dump(mode="json", exclude={"resume", "overwrite", "out"})
-    staging = out.parent / f".{out.name}.final-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_model(model, tok, staging, step="train", params=params, metrics=metrics,
-               extra_files={"loss_curve.png": png, "train_log.json": log_json})
-    try:
-        if ck_root.is_dir():
-            os.replace(ck_root, staging / "checkpoints")
-        commit_out_dir(staging, out)
-    except BaseException:
-        if (staging / "checkpoints").is_dir() and not ck_root.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / "checkpoints", ck_root)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    metrics = finish_run(cfg, model, tok, state, out, ck_root, step="train",
+                         title=f"{cfg.model} on {cfg.data}")
     model.slmkit_ref = str(out)
     skipped = [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
     return TrainResult(out=out, metrics=metrics, params=count_params(model)["total"],
                        precision=trainer.precision, skipped=skipped)
+
+
+#: Old private names, still imported by slmkit.train.distill.
+_prepare_out = prepare_out
+_val_bytes_per_token = val_bytes_per_token
 
 
 def run_train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
