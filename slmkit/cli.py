@@ -305,6 +305,8 @@ def quantize(
                                    "order of decreasing Hessian diagonal."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search "
                                   "per-group clipping ratios."),
+    preserve_zeros: bool = typer.Option(False, "--preserve-zeros", help="GPTQ: keep pruned "
+                                        "(exactly zero) weights at zero."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Instead: write a dense copy "
                                     "of a quantized MODEL (for tools that need one)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -326,7 +328,7 @@ def quantize(
     fields = dict(method=method, bits=bits, group_size=group_size, sym=sym,
                   calib_data=calib_data, calib_samples=calib_samples,
                   calib_seq_len=calib_seq_len, damp=damp, act_order=act_order,
-                  awq_clip=awq_clip)
+                  awq_clip=awq_clip, preserve_zeros=preserve_zeros)
     if targets:
         fields["targets"] = targets
     if ignore:

@@ -182,3 +182,20 @@ def test_awq_helps_with_salient_channels_and_clip_never_hurts():
     plain = layer_output_error(xs, ws, fake_quantize(ws, 4, 32, True))
     clipped = layer_output_error(xs, ws, fake_quantize(ws, 4, 32, True, clip=ratios))
     assert clipped <= plain * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_preserve_zeros_keeps_pruned_weights_at_zero(act_order):
+    torch.manual_seed(4)
+    w = torch.nn.Linear(64, 48).weight.detach().clone()
+    w[torch.rand_like(w) < 0.5] = 0  # 50% unstructured sparsity
+    x = _correlated_inputs(seed=5)
+    h = hessian_reference(x).float()
+    q, s, z = gptq_quantize_weight(w, h, 4, 16, sym=False, act_order=act_order)
+    assert (dequantize_codes(q, s, z, 16)[w == 0] != 0).any()  # plain GPTQ refills them
+    q, s, z = gptq_quantize_weight(w, h, 4, 16, sym=False, act_order=act_order,
+                                   preserve_zeros=True)
+    w_hat = dequantize_codes(q, s, z, 16)
+    assert torch.all(w_hat[w == 0] == 0)
+    assert layer_output_error(x, w, w_hat) < layer_output_error(x, w, fake_quantize(w, 4, 16,
+                                                                                   False))

@@ -25,7 +25,8 @@ class QuantizeConfig(BaseModel):
         targets / ignore: regexes over linear names (see ``match_linears``).
         calib_data / calib_samples / calib_seq_len: calibration corpus (train split) and
             how many windows of how many tokens (GPTQ and AWQ only).
-        damp, act_order, block_size: GPTQ options.
+        damp, act_order, block_size: GPTQ options; ``preserve_zeros`` keeps exactly-zero
+            (pruned) weights at zero (RTN and AWQ always do).
         awq_grid, awq_clip: AWQ scale grid size and whether to search clipping ratios.
     """
 
@@ -42,6 +43,7 @@ class QuantizeConfig(BaseModel):
     calib_seq_len: int = 512
     damp: float = 0.01
     act_order: bool = False
+    preserve_zeros: bool = False
     block_size: int = 128
     awq_grid: int = 20
     awq_clip: bool = True

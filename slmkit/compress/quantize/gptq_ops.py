@@ -34,7 +34,7 @@ def _quant_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 @torch.no_grad()
 def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                          sym: bool, damp: float = 0.01, block_size: int = 128,
-                         act_order: bool = False):
+                         act_order: bool = False, preserve_zeros: bool = False):
     """Quantize ``w`` with GPTQ given its layer Hessian.
 
     Args:
@@ -44,6 +44,9 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
         damp: relative dampening of ``H``.
         block_size: columns per lazy-update block.
         act_order: quantize columns in descending ``diag(H)`` order.
+        preserve_zeros: weights that are exactly zero in ``w`` (pruned) stay exactly zero;
+            their rounding "error" is compensated like any other (mask-aware GPTQ, as in
+            SparseGPT's joint sparsify-and-quantize). Zero is always on the grid.
 
     Returns:
         ``(codes [out, in] uint8, scale [out, G], zero [out, G])`` in original column order.
@@ -53,6 +56,7 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
     W = w.detach().clone().float()                          # [out, in]
     H = hessian.float()
     W[:, dead_inputs(H)] = 0
+    pruned = (W == 0) if preserve_zeros else None           # [out, in]
 
     if group_size == -1 or act_order:  # all grids up front
         scale, zero = compute_qparams(W, bits, group_size, sym)   # [out, G]
@@ -67,6 +71,7 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        pruned = pruned[:, perm] if pruned is not None else None
     U = cholesky_inverse_upper(H, damp)                     # [in, in], H⁻¹ = UᵀU
     Q = torch.zeros_like(W)
 
@@ -85,6 +90,8 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
                 s, z = compute_qparams(ahead, bits, -1, sym)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
             q = _quant_column(W1[:, i], scale[:, grp], zero[:, grp], bits)
+            if pruned is not None:
+                q = torch.where(pruned[:, i1 + i], torch.zeros_like(q), q)
             Q1[:, i] = q
             err = (W1[:, i] - q) / U1[i, i]                 # [out]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # [out, 1] x [1, b-i]

@@ -110,7 +110,8 @@ class GPTQModifier(QuantizeModifier):
                 w = weight_matrix(linears[name])
                 codes, scale, zero = gptq_quantize_weight(
                     w, acc[name].hessian, cfg.bits, cfg.group_size, cfg.sym, damp=cfg.damp,
-                    block_size=cfg.block_size, act_order=cfg.act_order)
+                    block_size=cfg.block_size, act_order=cfg.act_order,
+                    preserve_zeros=cfg.preserve_zeros)
                 self.record(name, codes, scale, zero)
 
 
