@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -100,6 +101,31 @@ def fresh_like(shape_dir: Path, out: Path, seed: int = 0) -> None:
                params={"like": str(shape_dir), "seed": seed})
 
 
+def teacher_from_checkpoint(ckpt: Path, work: Path) -> Path:
+    """A model dir from a checkpoint of the reference run (micro preset, reference tokenizer).
+
+    For when the reference is still training: its ``checkpoints/step-N`` holds the weights
+    only. The result is recorded as a partially trained reference.
+    """
+    from safetensors.torch import load_model as load_safetensors
+
+    from reference import RECIPE, reference_tokenizer_dir
+    from slmkit.models import load_tokenizer, save_model
+    from slmkit.models.presets import init_model
+
+    out = work / f"teacher-{ckpt.name}"
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(reference_tokenizer_dir())
+    model = init_model(RECIPE["model"], tok)
+    load_safetensors(model, str(ckpt / "model.safetensors"))
+    state = json.loads((ckpt / "state.json").read_text())["state"]
+    save_model(model, tok, out, step="train", overwrite=True,
+               params={"reference_checkpoint": str(ckpt)},
+               metrics={"steps": state["step"], "tokens": state["tokens"]})
+    return out
+
+
 def score(model_dir: Path, teacher_model, args) -> dict:
     """Held-out perplexity / bits per byte, size, and decode speed next to the teacher's."""
     from slmkit.eval.perplexity import perplexity
@@ -115,7 +141,8 @@ def score(model_dir: Path, teacher_model, args) -> dict:
         return measure_speed(m, tok, prompt_lengths=(32,), decode_tokens=args.decode_tokens,
                              repeats=3)["decode_tok_s"]
 
-    s_teacher, s_model = speed(teacher_model), speed(model)
+    s_teacher, s_model = (math.nan, math.nan) if args.skip_speed else \
+        (speed(teacher_model), speed(model))
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     return {"ppl": ppl["ppl"], "loss": ppl["loss"], "bits_per_byte": ppl["bits_per_byte"],
             "eval_tokens": ppl["tokens"], "params": count_params(model)["total"],
@@ -144,6 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-only", action="store_true", help="with --only a: train (a) "
                     "(it needs only --tokenizer), score later with --reuse")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer for --train-only a")
+    ap.add_argument("--teacher-checkpoint", type=Path, help="a reference-run checkpoint dir "
+                    "(checkpoints/step-N) to use as the teacher while the reference trains")
+    ap.add_argument("--skip-speed", action="store_true", help="no decode timing (when the "
+                    "bench lock is not held); perplexity does not depend on load")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-distill")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill.json")
     args = ap.parse_args(argv)
@@ -157,8 +188,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     w = args.work
+    sys.path.insert(0, str(ROOT / "bench"))
+    if args.teacher_checkpoint is not None:
+        args.teacher = teacher_from_checkpoint(args.teacher_checkpoint, w)
     if args.teacher is None and not args.train_only:
-        sys.path.insert(0, str(ROOT / "bench"))
         from reference import reference_model_dir
 
         args.teacher = reference_model_dir()
