@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -61,8 +62,8 @@ def weight_bytes(model) -> int:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
-    for b in model.buffers():
-        if b.data_ptr() not in seen and b.dtype in (torch.int8, torch.uint8, torch.int32):
+    for name, b in model.named_buffers():
+        if b.data_ptr() not in seen and "inv_freq" not in name:
             seen.add(b.data_ptr())
             total += b.numel() * b.element_size()
     return total
@@ -123,70 +124,146 @@ def time_streams(model, streams: int, prompt_len: int, n: int) -> dict:
             "per_stream_decode_tok_s": sum(decode) / len(decode)}
 
 
+def quantize(model, precision: str):
+    """RTN int8 (per channel) / int4 (groups of 32) through slmkit's QuantLinear, in place."""
+    if precision == "fp32":
+        return model
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import QuantizeConfig
+
+    bits, group = (8, -1) if precision == "int8" else (4, 32)  # int4 in Q4_0-sized blocks
+    quantize_model(model, None, QuantizeConfig(method="rtn", bits=bits, group_size=group))
+    return model
+
+
+def memory_child(max_seq_len: int, prompt_len: int, new_tokens: int) -> None:
+    """Peak RSS of a fresh process that builds the fp32 model and decodes (prints JSON)."""
+    import resource
+
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    model = build_model(torch.float32)
+    engine = Engine(model, None, max_batch=1, max_seq_len=max_seq_len, background=False)
+    kv = engine.runner.cache.nbytes
+    prompt = list(range(1, prompt_len + 1))
+    engine.generate(prompt, SamplingParams(max_tokens=new_tokens, temperature=0,
+                                           ignore_eos=True))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weight_bytes": weight_bytes(model),
+                      "kv_bytes": kv}))
+
+
+def measure_memory(args) -> dict:
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--memory-child", "--prompt-len",
+                          str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                          "--threads", str(args.threads)], capture_output=True, text=True,
+                         check=True).stdout
+    m = json.loads(out.strip().splitlines()[-1])
+    budget = m["weight_bytes"] + m["kv_bytes"]
+    m["peak_over_weights_kv"] = m["peak_rss"] / budget
+    m["added_over_weights_kv"] = (m["peak_rss"] - m["baseline_rss"]) / budget
+    return m
+
+
+def bench_precision(precision: str, args, prompt: list[int]) -> dict:
+    model = quantize(build_model(torch.float32), precision)
+    wbytes = weight_bytes(model)
+    res = {"precision": precision, "weight_bytes": wbytes,
+           "limit_tok_s": args.bandwidth / wbytes}
+    res["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
+    if not args.skip_hf:
+        res["transformers"] = time_transformers(model, prompt, args.new_tokens)
+    res["streams"] = [time_streams(model, int(s), 32, args.stream_tokens)
+                      for s in args.streams.split(",")]
+    del model
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--stream-tokens", type=int, default=32, help="tokens per stream")
     ap.add_argument("--streams", default="1,4,8,16")
+    ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--bandwidth", type=float, default=30e9, help="bytes/s")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate()")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    model = build_model(dtype)
-    wbytes = weight_bytes(model)
-    limit = args.bandwidth / wbytes
+    if args.memory_child:
+        memory_child(args.prompt_len + args.new_tokens + 8, args.prompt_len, args.new_tokens)
+        return
     prompt = torch.randint(1, 49152, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
-
-    results = {"model": "random SmolLM2-135M shape", "dtype": args.dtype,
-               "threads": args.threads, "weight_bytes": wbytes, "limit_tok_s": limit,
+    results = {"model": "random SmolLM2-135M shape", "threads": args.threads,
                "torch": torch.__version__, "machine": platform.machine(),
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-    results["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
-    if not args.skip_hf:
-        results["transformers"] = time_transformers(model, prompt, args.new_tokens)
-    results["streams"] = [time_streams(model, int(s), 32, args.new_tokens)
-                          for s in args.streams.split(",")]
-
-    rows = []
-    for name in ("slmkit", "transformers"):
-        if name in results:
-            r = results[name]
-            rows.append((name, f"{r['prefill_tok_s']:.0f}", f"{r['ttft_s'] * 1000:.0f}",
-                         f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / limit:.0%}"))
-    published = LLAMA_CPP_PUBLISHED.get(args.dtype)
-    if published:
-        rows.append((f"llama.cpp (published, issue 8)", "-", "-", f"{published}",
-                     f"{published / limit:.0%}"))
-    print_table(f"batch-1, {args.dtype}, {args.threads} threads, weights "
-                f"{wbytes / 1e6:.0f} MB, bandwidth limit {limit:.1f} tok/s", rows,
-                header=("runtime", "prefill tok/s", "TTFT ms", "decode tok/s", "of limit"))
-    base = results["streams"][0]["agg_tok_s"]
-    print_table("continuous batching (Engine, 32-token prompts)", [
-        (s["streams"], f"{s['agg_tok_s']:.1f}", f"{s['agg_tok_s'] / base:.2f}x",
-         f"{s['per_stream_decode_tok_s']:.1f}", f"{s['agg_tok_s'] / limit:.0%}")
-        for s in results["streams"]],
-        header=("streams", "aggregate tok/s", "vs 1 stream", "per-stream decode", "of limit"))
-    ratios = {}
-    if "transformers" in results:
-        ratios["decode_vs_transformers"] = (results["slmkit"]["decode_tok_s"]
-                                            / results["transformers"]["decode_tok_s"])
-    if published:
-        ratios["decode_vs_llama_cpp_published"] = results["slmkit"]["decode_tok_s"] / published
-    eight = [s for s in results["streams"] if s["streams"] == 8]
-    if eight:
-        ratios["8_streams_vs_1"] = eight[0]["agg_tok_s"] / base
-    results["ratios"] = ratios
-    print_table("bars", [(k, f"{v:.2f}x") for k, v in ratios.items()])
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "loadavg_start": os.getloadavg()[0], "runs": []}
+    for precision in args.precisions.split(","):
+        results["runs"].append(bench_precision(precision, args, prompt))
+    if not args.skip_memory:
+        results["memory"] = measure_memory(args)
+    results["loadavg_end"] = os.getloadavg()[0]
+    report(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
+
+
+def report(results: dict) -> None:
+    """Print the batch-1, batching, bars and memory tables."""
+    rows, stream_rows, bars = [], [], []
+    for run in results["runs"]:
+        p, limit = run["precision"], run["limit_tok_s"]
+        for name in ("slmkit", "transformers"):
+            if name in run:
+                r = run[name]
+                rows.append((p, name, f"{r['prefill_tok_s']:.0f}", f"{r['ttft_s'] * 1000:.0f}",
+                             f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / limit:.0%}"))
+        published = LLAMA_CPP_PUBLISHED.get(p)
+        if published:
+            rows.append((p, "llama.cpp (published)", "-", "-", f"{published}",
+                         f"{published / limit:.0%}"))
+            bars.append((f"{p} decode vs llama.cpp (published)",
+                         run["slmkit"]["decode_tok_s"] / published, ">= 1.0"))
+        if "transformers" in run:
+            bars.append((f"{p} decode vs transformers", run["slmkit"]["decode_tok_s"]
+                         / run["transformers"]["decode_tok_s"], ">= 3.0 (fp32)"))
+        base = run["streams"][0]["agg_tok_s"]
+        for s in run["streams"]:
+            stream_rows.append((p, s["streams"], f"{s['agg_tok_s']:.1f}",
+                                f"{s['agg_tok_s'] / base:.2f}x",
+                                f"{s['per_stream_decode_tok_s']:.1f}",
+                                f"{s['agg_tok_s'] / limit:.0%}"))
+            if s["streams"] == 8:
+                bars.append((f"{p} 8 streams vs 1", s["agg_tok_s"] / base, ">= 4.0"))
+        run["ratios"] = {name: value for name, value, _ in bars if name.startswith(p)}
+    print_table(f"batch 1, {results['threads']} threads, prompt {results['prompt_len']}, "
+                f"{results['new_tokens']} new tokens (load avg {results['loadavg_start']:.1f} "
+                f"-> {results['loadavg_end']:.1f})", rows,
+                header=("precision", "runtime", "prefill tok/s", "TTFT ms", "decode tok/s",
+                        "of bandwidth limit"))
+    print_table("continuous batching (Engine, 32-token prompts)", stream_rows,
+                header=("precision", "streams", "aggregate tok/s", "vs 1 stream",
+                        "per-stream decode", "of limit"))
+    print_table("bars", [(n, f"{v:.2f}x", goal) for n, v, goal in bars],
+                header=("ratio", "measured", "goal"))
+    m = results.get("memory")
+    if m:
+        print_table("memory (fp32, separate process)", [
+            ("weights + KV cache", f"{(m['weight_bytes'] + m['kv_bytes']) / 1e6:.0f} MB"),
+            ("peak RSS", f"{m['peak_rss'] / 1e6:.0f} MB ({m['peak_over_weights_kv']:.2f}x)"),
+            ("peak RSS above torch import", f"{(m['peak_rss'] - m['baseline_rss']) / 1e6:.0f} MB "
+             f"({m['added_over_weights_kv']:.2f}x)")])
 
 
 if __name__ == "__main__":

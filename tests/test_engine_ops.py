@@ -127,3 +127,29 @@ def test_rolled_rope_is_bit_identical():
     x, ang = torch.randn(2, 3, 4, 16), torch.randn(2, 1, 4, 16)
     ref = ops.apply_rope(x, ang.cos(), ang.sin())
     assert torch.equal(ops.apply_rope_rolled(x, ang.cos(), ops.signed_sin(ang.sin())), ref)
+
+
+def test_fusion_shares_memory_and_keeps_outputs(tokenizer, tmp_path):
+    from slmkit.engine.fuse import fused_mlp, fused_qkv
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model("qwen2", tokenizer)  # q/k/v with biases
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        want = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp(x))
+        qkv, run_mlp = fused_qkv(attn), fused_mlp(mlp)
+        got = (*qkv(x), run_mlp(x))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+    fused_weight = attn._slmkit_qkv[0]
+    # the module weights are now views into the fused matrix: no extra memory
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused_weight.untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path / "m")  # and the model still saves
+
+    class Wrapped(torch.nn.Linear):  # stands in for QuantLinear / LoRA: never fused
+        pass
+
+    other = build_tiny_model("llama", tokenizer).model.layers[0].self_attn
+    other.k_proj = Wrapped(64, 32, bias=False)
+    assert fused_qkv(other) is None

@@ -69,7 +69,10 @@ class ChatSession:
         """Stream the assistant's reply to ``message`` as text deltas; record the turn."""
         self.last = None
         ids = self._prompt_ids(message)
-        handle = self.engine.submit(ids, self.params)
+        params = self.params
+        if params.seed is not None:  # reproducible, but a fresh draw for every turn
+            params = SamplingParams(**{**params.__dict__, "seed": params.seed + len(self.history)})
+        handle = self.engine.submit(ids, params)
         reply = []
         try:
             for event in handle:

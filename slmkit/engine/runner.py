@@ -19,6 +19,7 @@ import torch
 
 from slmkit.engine import ops
 from slmkit.engine.cache import KVCache
+from slmkit.engine.fuse import fused_mlp, fused_qkv
 
 #: model_type values whose decoder layer is (norm, attention q/k/v/o + RoPE, norm, MLP).
 FAST_FAMILIES = {"llama", "qwen2", "mistral"}
@@ -67,7 +68,7 @@ class FastRunner:
 
     fast = True
 
-    def __init__(self, model, n_slots: int, max_seq_len: int):
+    def __init__(self, model, n_slots: int, max_seq_len: int, fuse: bool = True):
         core = model.model
         self.model = model
         self.embed, self.layers, self.norm = core.embed_tokens, list(core.layers), core.norm
@@ -90,6 +91,10 @@ class FastRunner:
         self.norms = [(_norm_fn(layer.input_layernorm), _norm_fn(layer.post_attention_layernorm))
                       for layer in self.layers]
         self.final_norm = _norm_fn(self.norm)
+        # one matmul for q/k/v and one for gate/up where the linears are plain nn.Linear
+        self.qkv = [fused_qkv(layer.self_attn) if fuse else None for layer in self.layers]
+        self.mlps = [(fused_mlp(layer.mlp) if fuse else None) or layer.mlp
+                     for layer in self.layers]
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence (its cache rows are simply overwritten later)."""
@@ -128,16 +133,20 @@ class FastRunner:
             attn = layer.self_attn
             norm_in, norm_post = self.norms[i]
             x = norm_in(h)
-            q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, H, T, D]
-            k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, Hkv, T, D]
-            v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)     # [B, Hkv, T, D]
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](x)                             # [B, T, N*] views
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(B, T, -1, D).transpose(1, 2)                  # [B, H, T, D]
+            k = k.view(B, T, -1, D).transpose(1, 2)                  # [B, Hkv, T, D]
+            v = v.view(B, T, -1, D).transpose(1, 2)                  # [B, Hkv, T, D]
             q, k = ops.apply_rope_rolled(q, cos, sin), ops.apply_rope_rolled(k, cos, sin)
             self.cache.write(i, slot_t, start_t, k, v)
             keys, values = self.cache.read(i, slot_t, key_len, first)  # [B, Hkv, L, D]
             o = ops.attention(q, keys, values, masks[self.windows[i]], attn.scaling)
             o = o.transpose(1, 2).reshape(B, T, -1)                  # [B, T, H * D]
             h = h + attn.o_proj(o)
-            h = h + layer.mlp(norm_post(h))
+            h = h + self.mlps[i](norm_post(h))
         self.cache.lengths[slot_t] = start_t + T
         last = self.final_norm(h[:, -1])                                 # [B, hidden]
         return self.lm_head(last).float()                            # [B, V]
