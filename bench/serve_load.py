@@ -14,7 +14,9 @@ client count); the clients are asyncio ``httpx`` streams of ``/v1/chat/completio
 * TTFT: request sent -> first SSE frame (the server sends its first frame only once the
   first token exists), p50 / p99;
 * latency: request sent -> ``[DONE]``, p50 / p99;
-* errors: non-200 answers, error frames, streams without ``[DONE]``.
+* errors: non-200 answers, error frames, streams without ``[DONE]``;
+* the bare engine's aggregate tok/s at the same concurrency (no HTTP, same run), so the
+  table separates what the server costs from what the machine's batching can give.
 
 Bar (issue 9): at 8 clients >= 4x the single-client throughput, with zero errors.
 llama.cpp's server is the baseline only when ``llama_cpp`` imports in this venv (not built
@@ -83,7 +85,8 @@ def start_server(model_dir: Path, slots: int, threads: int) -> tuple[subprocess.
     log = open(CACHE / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(model_dir),
                              "--port", "0", "--name", "bench", "--max-concurrency", str(slots),
-                             "--max-queue", "1024", "--request-timeout", "3600"],
+                             "--max-queue", "1024", "--request-timeout", "3600",
+                             "--threads", str(threads)],
                             stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     seen = ""
     deadline = time.monotonic() + 300
@@ -159,6 +162,36 @@ async def run_level(url: str, clients: int, requests: int, body: dict) -> dict:
             "mean_ttft_s": statistics.fmean(ttft) if ttft else float("nan")}
 
 
+def engine_baseline(model_dir: Path, levels: list[int], messages: list[dict],
+                    max_tokens: int, threads: int) -> dict[int, float]:
+    """Aggregate tok/s of the bare :class:`~slmkit.engine.Engine` (no HTTP) per level.
+
+    The same model, prompt and token count as the server run, in this process, before the
+    server starts: the ceiling the server can reach on this machine right now.
+    """
+    import torch
+
+    from slmkit.engine import Engine, SamplingParams
+    from slmkit.models import load_model
+
+    model, tok = load_model(model_dir)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    out = {}
+    with Engine(model, tok, max_batch=max(levels), background=False, threads=threads) as engine:
+        engine.generate(ids, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+        for n in levels:
+            t0 = time.perf_counter()
+            handles = [engine.submit(ids, params) for _ in range(n)]
+            while not all(h.done for h in handles):
+                engine.step()
+            out[n] = sum(len(h.result().token_ids) for h in handles) / (time.perf_counter() - t0)
+    del model
+    torch.set_num_threads(threads)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
@@ -176,11 +209,12 @@ def main(argv=None) -> int:
     from slmkit.console import console, print_table
 
     model_dir = build_model_dir(args.fp32, args.layers)
+    messages = [{"role": "user", "content": " ".join(["def compute"] * (args.prompt_words // 2))}]
+    bare = engine_baseline(model_dir, levels, messages, args.max_tokens, args.threads)
     proc, url = start_server(model_dir, max(levels), args.threads)
     body = {"model": "bench", "max_tokens": args.max_tokens, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": " ".join(["def compute"] *
-                                                             (args.prompt_words // 2))}]}
+            "messages": messages}
     try:
         asyncio.run(run_level(url, 2, 2, {**body, "max_tokens": 4}))  # warm-up
         rows = [asyncio.run(run_level(url, c, c * args.requests_per_client, body))
@@ -191,6 +225,9 @@ def main(argv=None) -> int:
     base = rows[0]["throughput_tok_s"]
     for r in rows:
         r["vs_1_client"] = r["throughput_tok_s"] / base
+        r["engine_only_tok_s"] = bare[r["clients"]]
+        r["engine_only_vs_1"] = bare[r["clients"]] / bare[levels[0]]
+        r["server_vs_engine"] = r["throughput_tok_s"] / bare[r["clients"]]
     try:
         import llama_cpp  # noqa: F401
         baseline = "llama_cpp importable, but the llama.cpp server baseline is not wired in"
@@ -200,11 +237,15 @@ def main(argv=None) -> int:
     print_table(f"slm serve load, random SmolLM2-135M shape, {weights}, "
                 f"{args.max_tokens} tok/request", [
         (r["clients"], r["requests"], f"{r['throughput_tok_s']:.1f}", f"{r['vs_1_client']:.2f}x",
-         f"{r['ttft_p50_s'] * 1000:.0f}", f"{r['ttft_p99_s'] * 1000:.0f}",
-         f"{r['latency_p50_s']:.2f}", f"{r['latency_p99_s']:.2f}", r["errors"]) for r in rows],
-        header=["clients", "reqs", "tok/s", "x 1 client", "TTFT p50", "TTFT p99", "lat p50",
-                "lat p99", "errors"])
-    console.print("[dim]TTFT in ms, latency (lat) in s[/dim]", highlight=False)
+         f"{r['engine_only_tok_s']:.1f}", f"{r['engine_only_vs_1']:.2f}x",
+         f"{r['server_vs_engine']:.2f}", f"{r['ttft_p50_s'] * 1000:.0f}",
+         f"{r['ttft_p99_s'] * 1000:.0f}", f"{r['latency_p50_s']:.2f}",
+         f"{r['latency_p99_s']:.2f}", r["errors"]) for r in rows],
+        header=["clients", "reqs", "tok/s", "x 1", "engine tok/s", "engine x 1", "srv/eng",
+                "TTFT p50", "TTFT p99", "lat p50", "lat p99", "errors"])
+    console.print("[dim]engine = the bare Engine, same model/prompt/tokens, no HTTP, measured "
+                  "in this run; srv/eng = server tok/s over engine tok/s; TTFT in ms, latency "
+                  "(lat) in s[/dim]", highlight=False)
     at8 = next((r for r in rows if r["clients"] == 8), None)
     bar = None if at8 is None or levels[0] != 1 else (
         at8["vs_1_client"] >= 4 and at8["errors"] == 0)

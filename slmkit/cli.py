@@ -680,6 +680,8 @@ def serve(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Prompt + reply "
                                               "tokens per request (KV cache per slot; "
                                               "default: the model's context, at most 2048)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the engine "
+                                          "(default: physical cores)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API and a web chat page at /."""
@@ -695,7 +697,8 @@ def serve(
             api_key=key, cors_origins=list(cors_origin or []), max_concurrency=max_concurrency,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
             max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
-            shutdown_timeout=shutdown_timeout, log_prompts=log_prompts, max_seq_len=max_seq_len)
+            shutdown_timeout=shutdown_timeout, log_prompts=log_prompts, max_seq_len=max_seq_len,
+            threads=threads)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}.") from None

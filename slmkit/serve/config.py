@@ -31,6 +31,7 @@ class ServeConfig(BaseModel):
         shutdown_timeout: seconds in-flight streams get to finish on SIGTERM before they
             are cancelled.
         max_seq_len: prompt + output tokens per request (None = model context, <= 2048).
+        threads: torch threads of the engine (None = physical cores).
         log_prompts: put prompt text in the per-request log line (off for privacy).
     """
 
@@ -47,6 +48,7 @@ class ServeConfig(BaseModel):
     request_timeout: float = Field(300.0, gt=0)
     shutdown_timeout: float = Field(10.0, ge=0)
     max_seq_len: int | None = Field(None, ge=2)
+    threads: int | None = Field(None, ge=1)
     log_prompts: bool = False
 
 

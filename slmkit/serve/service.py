@@ -63,7 +63,8 @@ class GenerationService:
     def __init__(self, model, tokenizer, config: ServeConfig, metrics: Metrics):
         self.config, self.metrics = config, metrics
         engine = Engine(model, tokenizer, max_batch=config.max_concurrency,
-                        max_seq_len=config.max_seq_len, background=True)
+                        max_seq_len=config.max_seq_len, threads=config.threads,
+                        background=True)
         self.engine = AsyncEngine(engine, config.max_queue, on_finish=self._on_finish)
         # the engine thread detokenizes with `tokenizer`; the event loop gets its own copy
         # (Rust tokenizers refuse concurrent use of one instance from two threads).
