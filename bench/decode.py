@@ -73,16 +73,20 @@ def time_transformers(model, prompt: list[int], n: int) -> dict:
     """TTFT, prefill and decode rates of ``generate()`` (greedy, KV cache on)."""
     ids = torch.tensor([prompt])
 
+    out = {}
+
     def run(k):
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+            seq = model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        out["tokens"] = seq[0, len(prompt):].tolist()
         return time.perf_counter() - t
 
     run(2)  # warm up
     t1 = min(run(1) for _ in range(2))
     tn = run(n)
-    return {"ttft_s": t1, "prefill_tok_s": len(prompt) / t1, "decode_tok_s": (n - 1) / (tn - t1)}
+    return {"ttft_s": t1, "prefill_tok_s": len(prompt) / t1, "decode_tok_s": (n - 1) / (tn - t1),
+            "tokens": out["tokens"]}
 
 
 def time_slmkit(model, prompt: list[int], n: int) -> dict:
@@ -93,12 +97,12 @@ def time_slmkit(model, prompt: list[int], n: int) -> dict:
     for _ in range(2):
         t0 = time.perf_counter()
         stream = stream_tokens(model, prompt, n)
-        next(stream)
+        tokens = [next(stream)]
         t1 = time.perf_counter()
-        count = sum(1 for _ in stream)
+        tokens += list(stream)
         t2 = time.perf_counter()
         run = {"ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0),
-               "decode_tok_s": count / (t2 - t1)}
+               "decode_tok_s": (len(tokens) - 1) / (t2 - t1), "tokens": tokens}
         if best is None or run["decode_tok_s"] > best["decode_tok_s"]:
             best = run
     return best
@@ -176,6 +180,8 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
     res["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
     if not args.skip_hf:
         res["transformers"] = time_transformers(model, prompt, args.new_tokens)
+    if "transformers" in res:
+        res["greedy_equal_to_transformers"] = res["slmkit"]["tokens"] == res["transformers"]["tokens"]
     res["streams"] = [time_streams(model, int(s), 32, args.stream_tokens)
                       for s in args.streams.split(",")]
     del model
@@ -238,6 +244,9 @@ def report(results: dict) -> None:
         if "transformers" in run:
             bars.append((f"{p} decode vs transformers", run["slmkit"]["decode_tok_s"]
                          / run["transformers"]["decode_tok_s"], ">= 3.0 (fp32)"))
+        if "greedy_equal_to_transformers" in run:
+            bars.append((f"{p} greedy tokens == transformers",
+                         float(run["greedy_equal_to_transformers"]), "1 (yes)"))
         base = run["streams"][0]["agg_tok_s"]
         for s in run["streams"]:
             stream_rows.append((p, s["streams"], f"{s['agg_tok_s']:.1f}",
