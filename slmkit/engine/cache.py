@@ -3,49 +3,16 @@
 The whole cache is allocated once: ``[layers, slots, kv_heads, max_seq_len, head_dim]``
 for keys and the same for values. A request borrows one slot for its lifetime, writes its
 keys/values in place at its own positions, and gives the slot back when it finishes or is
-cancelled. Nothing is reallocated per token.
+cancelled. Nothing is reallocated per token. The :class:`~slmkit.engine.engine.Engine`
+hands out the lowest free slot, which keeps running slots contiguous most of the time, so
+the batched decode step reads the cache through a view instead of a gather.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from slmkit.errors import ConfigError
-
-
-class SlotPool:
-    """Thread-safe allocator of cache slot indices; always hands out the lowest free one.
-
-    Handing out the lowest index keeps the running slots contiguous most of the time, so
-    the batched decode step can read the cache through a view instead of a gather.
-    """
-
-    def __init__(self, n_slots: int):
-        self.n_slots = n_slots
-        self._free = set(range(n_slots))
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int | None:
-        """The lowest free slot, or None when all are taken."""
-        with self._lock:
-            if not self._free:
-                return None
-            slot = min(self._free)
-            self._free.remove(slot)
-            return slot
-
-    def release(self, slot: int) -> None:
-        with self._lock:
-            if slot in self._free or not 0 <= slot < self.n_slots:
-                raise ValueError(f"slot {slot} is not in use")
-            self._free.add(slot)
-
-    @property
-    def n_free(self) -> int:
-        with self._lock:
-            return len(self._free)
 
 
 class KVCache:
