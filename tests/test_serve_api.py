@@ -8,6 +8,7 @@ long request stays busy for a few seconds when a test needs one). Clients: the o
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -226,3 +227,13 @@ def test_completion_sse_bytes_without_usage(live):
         assert c["object"] == "text_completion"
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_chat_page_is_one_self_contained_file(live):
+    r = httpx.get(live.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "/v1/chat/completions" in page and "Authorization" in page
+    # no CDN, no external script/style/font: nothing is fetched from another origin
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page and "default-src 'self'" in r.headers["content-security-policy"]
