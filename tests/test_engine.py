@@ -78,14 +78,25 @@ def test_batched_equals_alone_with_chunked_prefill(models, tokenizer, arch):
     assert [h.result().token_ids for h in handles] == alone
 
 
-def test_background_thread_and_callbacks(models, tokenizer):
-    seen = []
-    with Engine(models["llama"], tokenizer, max_batch=4, max_seq_len=96) as engine:
-        handles = [engine.submit(_prompt(tokenizer)[:20 + i], SamplingParams(
-            max_tokens=8, temperature=0, ignore_eos=True), on_event=seen.append)
-            for i in range(6)]
-        results = [h.result(timeout=60) for h in handles]
-    assert all(r.completion_tokens == 8 and r.finish_reason == "length" for r in results)
+def test_background_thread_with_concurrent_submitters(models, tokenizer):
+    import threading
+
+    model, base = models["llama"], _prompt(tokenizer)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = Engine(model, tokenizer, max_batch=1, max_seq_len=96, background=False)
+    expected = {i: alone.generate(base[:20 + i], params).token_ids for i in range(6)}
+    seen, results = [], {}
+    with Engine(model, tokenizer, max_batch=4, max_seq_len=96) as engine:
+        def client(i):
+            handle = engine.submit(base[:20 + i], params, on_event=seen.append)
+            results[i] = [e.token_id for e in handle if isinstance(e, TokenEvent)]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert results == expected  # 6 clients on 4 slots, from 6 threads: same as alone
     assert sum(isinstance(e, FinishEvent) for e in seen) == 6
     assert sum(isinstance(e, TokenEvent) for e in seen) == 48
 
