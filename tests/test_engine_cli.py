@@ -68,3 +68,14 @@ def test_chat_rejects_bad_sampling(llama_dir, bad):
     r = subprocess.run([sys.executable, "-m", "slmkit.cli", "chat", str(llama_dir), bad],
                        input="", capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.startswith("error: Invalid sampling")
+
+
+def test_chat_prompt_and_stop_ids(tokenizer):
+    from slmkit.engine.generate import chat_stop_ids, encode_prompt
+
+    ids = encode_prompt(tokenizer, "hi", chat=True, history=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    text = tokenizer.decode(ids)
+    assert text == ("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert chat_stop_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
