@@ -52,3 +52,70 @@ def run_quantize(cfg: QuantizeStep) -> dict[str, Any]:
 
     qcfg = QuantizeConfig(**cfg.model_dump(exclude={"model", "out", "overwrite"}))
     return quantize(cfg.model, cfg.out, qcfg, overwrite=cfg.overwrite)
+
+
+class ExportStep(BaseModel):
+    """``slm export`` options. In a recipe the output is a directory holding the file(s):
+    ``model.gguf`` (+ ``Modelfile`` with ``ollama``) or the ONNX export."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    format: str = Field(default="gguf", pattern="^(gguf|onnx)$")
+    quant: str | None = None
+    ollama: bool = False
+    int8: bool = False
+    out: str | None = None
+    overwrite: bool = False
+
+
+def run_export(cfg: ExportStep) -> dict[str, Any]:
+    from slmkit.models.io import atomic_dir
+
+    if cfg.format == "onnx":
+        from slmkit.export.onnx_export import export_onnx
+
+        export_onnx(cfg.model, cfg.out, int8=cfg.int8, overwrite=cfg.overwrite)
+        return {}
+    from slmkit.export.gguf_export import export_gguf
+
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        export_gguf(cfg.model, tmp / "model.gguf", quant=cfg.quant, ollama=cfg.ollama)
+        size = (tmp / "model.gguf").stat().st_size
+    return {"gguf_bytes": size}
+
+
+class CompareStep(BaseModel):
+    """``slm compare`` options (the output is the report directory)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=1)
+    data: str = "stdlib"
+    split: str = "val"
+    val_fraction: float = 0.05
+    tasks: list[str] | None = None
+    task_limit: int = 100
+    seq_len: int | None = None
+    stride: int | None = None
+    max_bytes: int = 200_000
+    speed: bool = True
+    decode_tokens: int = 32
+    dtype: str | None = None
+    device: str = "cpu"
+    out: str | None = None
+    overwrite: bool = False
+
+
+def run_compare(cfg: CompareStep) -> dict[str, Any]:
+    from slmkit.eval.compare import compare
+
+    tasks = [t.strip() for spec in (cfg.tasks or []) for t in spec.split(",") if t.strip()]
+    res = compare(cfg.models, cfg.out, data=cfg.data, split=cfg.split,
+                  val_fraction=cfg.val_fraction, task_specs=tasks,
+                  task_limit=cfg.task_limit or None, overwrite=cfg.overwrite,
+                  seq_len=cfg.seq_len, stride=cfg.stride, max_bytes=cfg.max_bytes or None,
+                  speed=cfg.speed, decode_tokens=cfg.decode_tokens, dtype=cfg.dtype,
+                  device=cfg.device)
+    ok = [m for m in res["models"] if not m.get("error")]
+    return {"models": len(res["models"]), "failed": len(res["models"]) - len(ok)}

@@ -121,18 +121,35 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+#: The figures worth a glance in the summary, in order of preference (at most three shown).
+HEADLINES = (("val_ppl", "val ppl"), ("val_bpb", "bits/byte"), ("sparsity", "sparsity"),
+             ("param_fraction", "params kept"), ("decode_speedup", "decode ×"),
+             ("bits_per_weight", "bits/weight"), ("params", "params"),
+             ("vocab_size", "vocab"), ("val_bytes_per_token", "bytes/token"),
+             ("factored_params", "factored params"), ("models", "models"),
+             ("failed", "failed"), ("size_on_disk", "size"), ("gguf_bytes", "size"))
+
+
+def headline(metrics: dict[str, Any], limit: int = 3) -> str:
+    from slmkit.console import human_bytes, human_count
+
+    parts = []
+    for key, label in HEADLINES:
+        if key in metrics and len(parts) < limit:
+            v = metrics[key]
+            if key in ("size_on_disk", "gguf_bytes"):
+                text = human_bytes(v)
+            elif key in ("params", "factored_params"):
+                text = human_count(v)
+            elif key in ("sparsity", "param_fraction"):
+                text = f"{v:.0%}"
+            else:
+                text = f"{v:.4g}" if isinstance(v, float) else f"{v:,}"
+            parts.append(f"{label} {text}")
+    return ", ".join(parts)
+
+
 def print_summary(results: list[StepResult], title: str = "slm run") -> None:
-    rows = []
-    for r in results:
-        shown = ", ".join(f"{k}={_num(v)}" for k, v in list(r.metrics.items())[:4])
-        rows.append((r.name, r.kind, r.status, f"{r.seconds:.1f}s" if r.seconds else "",
-                     r.out, shown))
+    rows = [(r.name, r.kind, r.status, f"{r.seconds:.1f}s" if r.seconds else "", r.out,
+             headline(r.metrics)) for r in results]
     print_table(title, rows, header=("step", "kind", "status", "time", "output", "figures"))
-
-
-def _num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)

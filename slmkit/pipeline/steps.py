@@ -51,6 +51,17 @@ STEP_KINDS: dict[str, StepKind] = {
     "quantize": StepKind("slmkit.pipeline.adapters:QuantizeStep",
                          "slmkit.pipeline.adapters:run_quantize",
                          description="RTN / GPTQ / AWQ weight quantization"),
+    "prune": StepKind("slmkit.compress.prune.api:PruneConfig", "slmkit.compress.prune.api:run_prune",
+                      description="unstructured, N:M or structured pruning"),
+    "factorize": StepKind("slmkit.compress.factorize.api:FactorizeConfig",
+                          "slmkit.compress.factorize.api:run_factorize",
+                          description="SVD / activation-aware SVD low-rank factorization"),
+    "compare": StepKind("slmkit.pipeline.adapters:CompareStep",
+                        "slmkit.pipeline.adapters:run_compare",
+                        description="side-by-side evaluation report of several models"),
+    "export": StepKind("slmkit.pipeline.adapters:ExportStep",
+                       "slmkit.pipeline.adapters:run_export",
+                       description="GGUF (llama.cpp, Ollama) or ONNX export"),
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
