@@ -15,8 +15,15 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+#: Subfolders that travel with a model dir but are not part of the model (training state).
+NOT_MODEL = {"checkpoints"}
+
+
 def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of the files that make up the model (training checkpoints excluded)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*")
+               if f.is_file() and not NOT_MODEL.intersection(f.relative_to(path).parts[:-1]))
 
 
 def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
