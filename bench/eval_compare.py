@@ -5,7 +5,7 @@ model that the compression verbs make, then runs one comparison on the same vali
 text and task items, and prints each figure as a ratio to the reference measured in the
 same run::
 
-    flock /tmp/slmkit-bench.lock .venv/bin/python bench/eval_compare.py [--quick]
+    flock /tmp/slmkit-bench.lock .venv/bin/python bench/eval_compare.py [--quick] [--model DIR]
 
 Writes ``bench/results/eval_compare/`` (the report directory: results.json, report.md,
 report.html, plots) and ``bench/results/eval_compare.json`` (the ratio table).
@@ -59,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="20 kB of text, 20 task items")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="base model dir (default: the shared reference model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,8 +69,8 @@ def main() -> None:
     from slmkit.eval.compare import compare
 
     configure()
-    reference = reference_model_dir()
-    work = ROOT / ".cache" / "bench-eval"
+    reference = args.model or reference_model_dir()
+    work = ROOT / ".cache" / "bench-eval" / reference.name
     work.mkdir(parents=True, exist_ok=True)
     models = [reference, *build_variants(reference, work)]
     out = ROOT / "bench" / "results" / "eval_compare"

@@ -114,8 +114,9 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]],
     """Sum of log-probabilities of each continuation given its context (lm-eval style).
 
     Context and continuation are tokenized together and split where the context's own
-    tokens end, so a merge across the boundary does not change the text scored. Inputs
-    longer than the model's context keep their most recent tokens.
+    tokens end, so a merge across the boundary does not change the text scored. Every
+    input starts with the end-of-text token (as documents do in perplexity and training),
+    and inputs longer than the model's context keep their most recent tokens.
 
     Args:
         requests: ``[(context, continuation), ...]``.
@@ -159,6 +160,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]],
             for row, i in enumerate(idx):
                 seq, n_cont = encoded[i]
                 inputs_len = len(seq) - 1
+                n_cont = min(n_cont, inputs_len)  # a continuation longer than the context
                 targets = torch.tensor(seq[-n_cont:], device=device)  # (n_cont,)
                 lp = target_logprobs(logits[row, inputs_len - n_cont:inputs_len], targets)
                 out[i] = float(lp.double().sum())
