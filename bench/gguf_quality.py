@@ -4,7 +4,8 @@ Setup, on the reference model (``bench/reference.py``, micro Llama trained on th
 
 * export f32 with ``slm export``; quantize that file with llama.cpp's own quantizer
   (``llama_model_quantize``) to Q8_0, Q4_0 and Q4_1: its default tensor mix (the tied
-  embedding / output matrix is kept in Q6_K) and ``pure`` (every matrix in the named type);
+  embedding / output matrix is kept in Q6_K, or Q8_0 when its rows are not a multiple of
+  256, as in ``micro``) and ``pure`` (every matrix in the named type);
 * export slmkit's RTN Q8_0/Q4_0/Q4_1 packing directly (bit-exact with llama.cpp's RTN);
 * quantize with slmkit RTN, GPTQ and AWQ (4 bit, symmetric, group size 32) and export the
   calibrated weights directly as Q4_0 blocks, with the remaining matrix (the tied

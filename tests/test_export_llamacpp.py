@@ -122,3 +122,19 @@ def test_reference_model_quantized_files_keep_the_text(tmp_path):
         texts[quant] = llamacpp.greedy(llamacpp.load(tmp_path / f"{quant}.gguf"), prompt, 8)
     assert texts["q8_0"][:8] == texts["f32"][:8]
     assert texts["q4_0"][:4] == texts["f32"][:4]
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
+def test_our_blocks_equal_llama_cpp_quantizer_bytes(quant, trained_ish, tmp_path):
+    """slmkit's RTN packing vs llama.cpp's own quantizer (``pure``) on the same f32 file."""
+    import gguf
+
+    export_gguf(str(trained_ish["llama"]), tmp_path / "f32.gguf", quant="f32")
+    theirs = llamacpp.quantize(tmp_path / "f32.gguf", tmp_path / "lcpp.gguf", quant, pure=True)
+    export_gguf(str(trained_ish["llama"]), tmp_path / "ours.gguf", quant=quant)
+    a = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert a.keys() == b.keys()
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type, name
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(b[name].data), name)
