@@ -271,12 +271,20 @@ def run_recipe_cmd(
 
 @app.command()
 def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Working directory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Working directory "
+                                       "(default runs/quickstart)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A real pretrained model "
+                                        "(hub id or dir): run the compression and evaluation "
+                                        "half on it instead."),
+    mini: bool = typer.Option(False, "--mini", help="A miniature run with tiny budgets (to "
+                              "check an installation in about two minutes)."),
+    force: bool = typer.Option(False, help="Rerun every step, ignoring the cache."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; run nothing."),
 ) -> None:
     """Run the built-in end-to-end job on the stdlib corpus (what `make demo` runs)."""
     from slmkit.pipeline.quickstart import run_quickstart
 
-    run_quickstart(out)
+    run_quickstart(out, model=model, mini=mini, force=force, dry_run=dry_run)
 
 
 # --------------------------------------------------------------------------- quantize

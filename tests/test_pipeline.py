@@ -161,3 +161,24 @@ def test_overrides_change_options_and_hash(tmp_path, tokenizer_dir):
             load_recipe(path, overrides=[bad])
     with pytest.raises(ConfigError, match="field 'seed'"):
         load_recipe(path, overrides=["c.seed=many"])
+
+
+def test_recipe_variables(tmp_path, tokenizer_dir):
+    body = f"""\
+        vars: {{preset: nano, layers: 2}}
+        workdir: {tmp_path / 'w'}
+        steps:
+          - name: a
+            step: init
+            preset: ${{vars.preset}}
+            tokenizer: {tokenizer_dir}
+            set: {{num_hidden_layers: "${{vars.layers}}"}}
+        """
+    path = _write(tmp_path, body)
+    step = load_recipe(path).steps[0]
+    assert step.options["preset"] == "nano" and step.options["set"]["num_hidden_layers"] == 2
+    step = load_recipe(path, overrides=["vars.preset=micro"]).steps[0]
+    assert step.options["preset"] == "micro"
+    bad = _write(tmp_path, body.replace("${vars.preset}", "${vars.nope}"), "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml:6: .*vars.nope"):
+        load_recipe(bad)

@@ -60,7 +60,12 @@ class ExportStep(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = Field(default=None, description="the model to export; or pick one "
+                              "with from_report")
+    from_report: str | None = Field(default=None, description="a `slm compare` report dir: "
+                                    "export its best model (lowest bits/byte) that fits "
+                                    "max_size_mb and the format")
+    max_size_mb: float | None = Field(default=None, gt=0)
     format: str = Field(default="gguf", pattern="^(gguf|onnx)$")
     quant: str | None = None
     ollama: bool = False
@@ -69,18 +74,63 @@ class ExportStep(BaseModel):
     overwrite: bool = False
 
 
+def ranked_candidates(report_dir: str, max_size_mb: float | None) -> list[dict[str, Any]]:
+    """Models of a compare report that loaded and fit the size budget, best bits/byte first."""
+    import json
+    from pathlib import Path
+
+    from slmkit.errors import ConfigError
+
+    path = Path(report_dir) / "results.json"
+    try:
+        models = json.loads(path.read_text())["models"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"'{report_dir}' is not a `slm compare` report (no readable "
+                          "results.json); point from_report to a compare step.") from None
+    budget = max_size_mb * 1e6 if max_size_mb else float("inf")
+    ok = [m for m in models if not m.get("error") and m.get("perplexity")
+          and m.get("size_on_disk", float("inf")) <= budget]
+    if not ok:
+        raise ConfigError(f"No model in '{report_dir}' fits {max_size_mb} MB; raise "
+                          "max_size_mb or compress further.")
+    return sorted(ok, key=lambda m: m["perplexity"]["bits_per_byte"])
+
+
 def run_export(cfg: ExportStep) -> dict[str, Any]:
+    from slmkit.errors import ConfigError, SlmError
+
+    if (cfg.model is None) == (cfg.from_report is None):
+        raise ConfigError("export needs exactly one of model or from_report.")
+    if cfg.from_report is None:
+        return _export_one(cfg, cfg.model)
+    reasons = []
+    for cand in ranked_candidates(cfg.from_report, cfg.max_size_mb):
+        try:
+            res = _export_one(cfg, cand["path"])
+        except SlmError as e:  # e.g. a g128 int4 model GGUF cannot hold: try the next best
+            reasons.append(f"{cand['label']}: {e}")
+            continue
+        from slmkit.console import console
+
+        console.print(f"exported [bold]{cand['label']}[/] ({cand['size_on_disk'] / 1e6:.1f} MB, "
+                      f"{cand['perplexity']['bits_per_byte']:.3f} bits/byte) → {cfg.out}")
+        return {**res, "bits_per_byte": cand["perplexity"]["bits_per_byte"]}
+    raise ConfigError(f"No model in '{cfg.from_report}' could be exported to {cfg.format}: "
+                      + "; ".join(reasons))
+
+
+def _export_one(cfg: ExportStep, model: str) -> dict[str, Any]:
     from slmkit.models.io import atomic_dir
 
     if cfg.format == "onnx":
         from slmkit.export.onnx_export import export_onnx
 
-        export_onnx(cfg.model, cfg.out, int8=cfg.int8, overwrite=cfg.overwrite)
+        export_onnx(model, cfg.out, int8=cfg.int8, overwrite=cfg.overwrite)
         return {}
     from slmkit.export.gguf_export import export_gguf
 
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        export_gguf(cfg.model, tmp / "model.gguf", quant=cfg.quant, ollama=cfg.ollama)
+        export_gguf(model, tmp / "model.gguf", quant=cfg.quant, ollama=cfg.ollama)
         size = (tmp / "model.gguf").stat().st_size
     return {"gguf_bytes": size}
 

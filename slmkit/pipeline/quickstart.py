@@ -1,67 +1,115 @@
-"""``slm quickstart`` (what ``make demo`` runs): the SLM path on the built-in stdlib corpus.
+"""``slm quickstart`` (what ``make demo`` runs): the shipped quickstart recipe, end to end.
 
-No network, no set-up. Each stage writes a model dir under ``out``; a stage whose output
-already exists is reused, so a second run is fast. Stages are added here as slmkit grows.
+On the built-in stdlib corpus with no network: tokenizer, teacher, distilled and
+prune-then-distilled students, int8/int4 quantization, a side-by-side comparison and a GGUF
+export of the best model under 10 MB. Every step is cached by config hash, so a second run
+takes seconds. ``--model`` runs the compression-and-evaluation half
+(``compress-hf-model.yaml``) on a real pretrained model instead.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import sysconfig
 from pathlib import Path
+from typing import Any
 
-from slmkit.console import console, human_bytes, human_count, log, print_table
+from slmkit.console import console, human_bytes, human_count, print_table
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def run_quickstart(out: Path, vocab_size: int = 4096) -> dict:
-    """Tokenizer -> nano model -> save/load round trip -> info -> greedy generation."""
-    import torch
+def recipe_path(name: str) -> Path:
+    return RECIPES / f"{name}.yaml"
 
-    from slmkit.models import atomic_dir, load_model, load_tokenizer, save_model
-    from slmkit.models.info import model_info
-    from slmkit.models.presets import init_model
-    from slmkit.models.tokenizer import stdlib_sample, train_tokenizer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+def mini_overrides() -> list[str]:
+    """Budgets for a miniature run (tests/CI): nano teacher, a few steps per stage, one
+    small stdlib package as the corpus."""
+    corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "email" / "*.py")
+    small = ["data", "seq_len=64", "batch_size=4", "eval_every=2", "eval_tokens=1024"]
+    out = ["tokenizer.vocab_size=512", f"tokenizer.data={corpus}", "teacher.model=nano",
+           "teacher.max_steps=4", "student.max_steps=2", "pruned_student.max_steps=2",
+           "pruned.target_params=0.6", "pruned.calib_samples=2", "pruned.calib_seq_len=64",
+           "report.task_limit=3", "report.max_bytes=4000", "report.decode_tokens=4",
+           "report.split=all"]
+    for step in ("teacher", "student", "pruned_student"):
+        out.append(f"{step}.max_minutes=null")
+        out += [f"{step}.{o}" if "=" in o else f"{step}.{o}={corpus}" for o in small]
+    for step in ("teacher_int4", "student_int4", "pruned_student_int4"):
+        out += [f"{step}.calib_samples=2", f"{step}.calib_seq_len=64", f"{step}.calib_data={corpus}"]
+    out += [f"pruned.data={corpus}", f"report.data={corpus}"]
+    return out
 
-    tok_dir = out / "tokenizer"
-    if not tok_dir.exists():
-        log.info("1/3 training a %d-token byte-level BPE tokenizer on the stdlib", vocab_size)
-        tok = train_tokenizer(stdlib_sample(max_files=120), vocab_size=vocab_size)
-        with atomic_dir(tok_dir) as tmp:
-            tok.save_pretrained(tmp)
+
+def run_quickstart(out: Path | None = None, model: str | None = None, mini: bool = False,
+                   force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Run the quickstart (or, with ``model``, the compress-hf-model recipe) and summarise."""
+    from slmkit.pipeline.recipe import load_recipe
+    from slmkit.pipeline.runner import print_summary, run_recipe
+
+    if model is not None:
+        recipe = load_recipe(recipe_path("compress-hf-model"), out or "runs/quickstart-model",
+                             overrides=[f"vars.model={model}"])
     else:
-        log.info("1/3 tokenizer: reusing %s", tok_dir)
-    tok = load_tokenizer(tok_dir)
+        recipe = load_recipe(recipe_path("quickstart"), out,
+                             overrides=mini_overrides() if mini else None)
+    results = run_recipe(recipe, dry_run=dry_run, force=force)
+    print_summary(results, title="slm quickstart" + (" (dry run)" if dry_run else ""))
+    if dry_run:
+        return {"workdir": str(recipe.workdir), "steps": [r.status for r in results]}
+    report = recipe.out_dir("report")
+    table = final_table(report)
+    print_table("models (held-out stdlib text; Pareto plot: "
+                f"{report / 'quality_vs_size.png'})", table["rows"], header=table["header"])
+    (recipe.workdir / "summary.md").write_text(table["markdown"], encoding="utf-8")
+    gguf = recipe.out_dir("gguf")
+    console.print(f"report: [bold]{report / 'report.html'}[/]   summary: "
+                  f"{recipe.workdir / 'summary.md'}")
+    console.print(f"serve it:  [bold]slm serve {_best_dir(report)}[/]   chat: "
+                  f"[bold]slm chat {_best_dir(report)}[/]")
+    console.print(f"llama.cpp / Ollama: {gguf / 'model.gguf'}  (`ollama create slm -f "
+                  f"{gguf / 'Modelfile'}`)")
+    return {"workdir": str(recipe.workdir), "report": str(report), "table": table,
+            "steps": [r.status for r in results]}
 
-    model_dir = out / "nano"
-    if not model_dir.exists():
-        log.info("2/3 initialising the nano preset")
-        model = init_model("nano", tok, seed=0)
-        save_model(model, tok, model_dir, step="init",
-                   params={"preset": "nano", "tokenizer": str(tok_dir)})
-    else:
-        log.info("2/3 nano model: reusing %s", model_dir)
 
-    log.info("3/3 loading it back and generating")
-    model, tok = load_model(model_dir)
-    prompt = "def read_file(path):\n"
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        gen = model.generate(ids, max_new_tokens=24, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    info = model_info(model_dir, sparsity=False)
-    elapsed = time.perf_counter() - t0
-    print_table("slm quickstart", [
-        ("tokenizer", f"{len(tok):,} tokens  ({tok_dir})"),
-        ("model", f"{info['architecture']}, {human_count(info['params'])} parameters"),
-        ("size on disk", human_bytes(info["size_on_disk"])),
-        ("lineage", " → ".join(e["step"] for e in info["lineage"])),
-        ("prompt", repr(prompt)),
-        ("greedy continuation", repr(text[:80]) + "  (untrained weights)"),
-        ("time", f"{elapsed:.1f} s"),
-    ])
-    console.print(f"Next: [bold]slm info {model_dir}[/]")
-    return {"model_dir": str(model_dir), "tokenizer_dir": str(tok_dir), "text": text}
+def _best_dir(report: Path) -> str:
+    models = _models(report)
+    ok = [m for m in models if not m.get("error") and m.get("perplexity")]
+    best = min(ok, key=lambda m: m["perplexity"]["bits_per_byte"]) if ok else models[0]
+    return best["path"]
+
+
+def _models(report: Path) -> list[dict[str, Any]]:
+    return json.loads((report / "results.json").read_text())["models"]
+
+
+def final_table(report: Path) -> dict[str, Any]:
+    """Model, parameters, size (MB), perplexity, bits/byte, task score, decode tok/s."""
+    header = ["model", "params", "size MB", "ppl", "bits/byte", "task score", "decode tok/s"]
+    rows = []
+    for m in _models(report):
+        if m.get("error"):
+            rows.append([m["label"], "–", "–", "–", "–", "–", f"failed: {m['error'][:40]}"])
+            continue
+        ppl = m.get("perplexity") or {}
+        speed = m.get("speed") or {}
+        rows.append([m["label"], human_count(m["params"]), f"{m['size_on_disk'] / 1e6:.2f}",
+                     f"{ppl.get('ppl', float('nan')):.1f}",
+                     f"{ppl.get('bits_per_byte', float('nan')):.3f}", _task_score(m),
+                     f"{speed.get('decode_tok_s') or float('nan'):.0f}"])
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return {"header": header, "rows": rows, "markdown": "\n".join(md) + "\n"}
+
+
+def _task_score(m: dict[str, Any]) -> str:
+    """Mean of each task's main score (accuracy for multiple choice, exact match otherwise)."""
+    scores = []
+    for res in (m.get("tasks") or {}).values():
+        for key in ("accuracy", "exact_match", "rougeL", "f1"):
+            if isinstance(res, dict) and isinstance(res.get(key), (int, float)):
+                scores.append(res[key])
+                break
+    return f"{sum(scores) / len(scores):.1%}" if scores else "–"

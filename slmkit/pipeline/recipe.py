@@ -10,6 +10,7 @@ A recipe::
       - name: teacher
         step: train
         tokenizer: ${tok}          # the output of an earlier (or any other) step
+        model: ${vars.preset}      # a recipe variable: `vars: {preset: micro}`; --set vars.preset=nano
 
 Errors name the file, the line and the field: an unknown step kind, a bad option (checked
 by the verb's own pydantic model), a reference to an undefined step, a duplicate name, or a
@@ -31,6 +32,7 @@ from slmkit.errors import ConfigError
 from slmkit.pipeline.steps import PLANNED, STEP_KINDS
 
 REF = re.compile(r"\$\{([A-Za-z_][\w\-]*)\}")
+VAR = re.compile(r"\$\{vars\.([A-Za-z_][\w\-]*)\}")
 _RESERVED = {"name", "step"}
 
 
@@ -93,11 +95,19 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None,
     if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
         raise _err(path, 1, "a recipe is a mapping with a 'steps' list; see recipes/quickstart.yaml.")
     top_lines = _node_lines(root)
-    unknown_top = set(data) - {"workdir", "steps", "description"}
+    unknown_top = set(data) - {"workdir", "steps", "description", "vars"}
     if unknown_top:
         key = sorted(unknown_top)[0]
         raise _err(path, top_lines[key], f"unknown top-level field '{key}'; use workdir, "
-                   "description and steps.")
+                   "description, vars and steps.")
+    variables = data.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise _err(path, top_lines.get("vars", 1), "'vars' must be a mapping of name: value.")
+    overrides = list(overrides or [])
+    for item in [o for o in overrides if o.strip().startswith("vars.")]:
+        key, _, raw = item.strip()[len("vars."):].partition("=")
+        variables[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        overrides.remove(item)
     steps_node = next((v for k, v in root.value if k.value == "steps"), None)
     if not isinstance(data.get("steps"), list) or not data["steps"]:
         raise _err(path, top_lines.get("steps", 1), "'steps' must be a non-empty list of steps.")
@@ -124,10 +134,11 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None,
                            f"slmkit version; available: {', '.join(STEP_KINDS)}.")
             raise _err(path, where, f"step '{name}': unknown step kind '{kind}'; use one of "
                        f"{', '.join(STEP_KINDS)}.")
-        options = {k: v for k, v in raw.items() if k not in _RESERVED}
+        options = {k: _substitute_vars(v, variables, path, lines.get(k, line), name, k)
+                   for k, v in raw.items() if k not in _RESERVED}
         steps.append(Step(name, kind, options, line, lines))
 
-    _apply_overrides(path, steps, overrides or [])
+    _apply_overrides(path, steps, overrides)
     names = {s.name for s in steps}
     for s in steps:
         for key, value in s.options.items():
@@ -147,6 +158,25 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None,
     for s in ordered:
         validate_step(recipe, s)
     return recipe
+
+
+def _substitute_vars(value: Any, variables: dict[str, Any], path: Path, line: int, step: str,
+                     key: str) -> Any:
+    """Replace ``${vars.NAME}``: a whole-string reference keeps the variable's type."""
+    if isinstance(value, dict):
+        return {k: _substitute_vars(v, variables, path, line, step, key) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_vars(v, variables, path, line, step, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    for name in VAR.findall(value):
+        if name not in variables:
+            raise _err(path, line, f"step '{step}', field '{key}': ${{vars.{name}}} is not "
+                       "defined under vars.")
+    whole = VAR.fullmatch(value)
+    if whole:
+        return variables[whole.group(1)]
+    return VAR.sub(lambda m: str(variables[m.group(1)]), value)
 
 
 def _apply_overrides(path: Path, steps: list[Step], overrides: list[str]) -> None:

@@ -332,7 +332,11 @@ def candidate_plans(config, target: int) -> list[Plan]:
     head_opts = sorted({0} | {r for r in (group, kv, 2 * kv) if r < h and
                               (r % group == 0 or r % kv == 0)})
     d = config.hidden_size
-    hidden_opts = sorted({0} | {int(d * f) // 8 * 8 for f in (0.125, 0.25)})
+    # Kept sizes stay multiples of 32 where the model allows, so the pruned model still
+    # quantizes with groups of 32 (int4 kernels, GGUF Q4_0/Q8_0 blocks).
+    step_h = 32 if d % 32 == 0 else 8
+    step_m = 32 if config.intermediate_size % 32 == 0 else 8
+    hidden_opts = sorted({0} | {int(d * f) // step_h * step_h for f in (0.125, 0.25)})
     plans = []
     for drop in range(0, n_layers // 2 + 1):
         for heads in head_opts:
@@ -346,7 +350,7 @@ def candidate_plans(config, target: int) -> list[Plan]:
                     continue
                 per_channel = 3 * (d - hidden) * (n_layers - drop)
                 need = math.ceil((p0 - target) / per_channel)
-                need = math.ceil(need / 8) * 8
+                need = math.ceil(need / step_m) * step_m
                 if need <= 0.75 * config.intermediate_size:
                     plans.append(Plan(heads, need, hidden, drop))
     return plans
