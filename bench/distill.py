@@ -79,7 +79,11 @@ def prune_teacher(args, teacher: Path, out: Path) -> dict:
     from slmkit.models import load_model, save_model
 
     model, tok = load_model(teacher)
-    st = StructuredSettings(target_params=args.prune_to, calib_samples=32)
+    if args.prune_drop_layers or args.prune_mlp_channels:      # an explicit split
+        st = StructuredSettings(drop_layers=args.prune_drop_layers,
+                                mlp_channels=args.prune_mlp_channels, calib_samples=32)
+    else:
+        st = StructuredSettings(target_params=args.prune_to, calib_samples=32)
     result = structured_prune(model, tok, st)
     save_model(result.model, tok, out, step="prune", overwrite=True,
                params={"structured": True, **st.as_dict()}, metrics=result.metrics())
@@ -161,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=64, help="top-K cache shared by KD runs "
                     "(0: full-vocabulary targets, teacher runs for every student)")
     ap.add_argument("--prune-to", type=float, default=0.5, help="(c) parameter fraction")
+    ap.add_argument("--prune-drop-layers", type=int, help="(c) explicit split: layers to drop")
+    ap.add_argument("--prune-mlp-channels", type=int, help="(c) explicit split: MLP channels "
+                    "to remove per layer")
     ap.add_argument("--pruned-lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--decode-tokens", type=int, default=64)
