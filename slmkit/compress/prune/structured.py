@@ -168,6 +168,18 @@ def check_plan(config, plan: Plan) -> None:
         if n >= total:
             raise ConfigError(f"{flag} {n} would remove all {total} (or more) of the model's "
                               f"{flag.lstrip('-').replace('-', ' ')}; remove fewer than {total}.")
+    if not shape_ok(config, plan):
+        heads = config.num_attention_heads - plan.heads
+        raise ConfigError(f"keeping {config.hidden_size - plan.hidden} hidden channels and "
+                          f"{heads} attention heads is not a valid shape (transformers needs "
+                          "the hidden size divisible by the number of heads); change --hidden "
+                          "or --heads.")
+
+
+def shape_ok(config, plan: Plan) -> bool:
+    """transformers requires hidden_size % num_attention_heads == 0 after pruning."""
+    heads = config.num_attention_heads - (plan.heads or 0)
+    return heads > 0 and (config.hidden_size - (plan.hidden or 0)) % heads == 0
 
 
 # --------------------------------------------------------------------------- importance
@@ -342,6 +354,8 @@ def candidate_plans(config, target: int) -> list[Plan]:
         for heads in head_opts:
             for hidden in hidden_opts:
                 base = Plan(heads=heads, hidden=hidden, drop_layers=drop)
+                if not shape_ok(config, base):
+                    continue
                 kept = list(range(n_layers - drop))
                 p0 = count_params(pruned_config(config, base, kept))
                 if p0 <= target:
