@@ -27,9 +27,19 @@ from rich.table import Table
 
 T = TypeVar("T")
 
+def _width(stream) -> int | None:
+    """Terminal width in a terminal; in logs and pipes, COLUMNS or a roomy 160 (not 80),
+    so wide result tables do not wrap."""
+    import os
+
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return 160
+
+
 #: Results and tables go to stdout; progress, logs and errors go to stderr.
-console = Console()
-err_console = Console(stderr=True)
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 _state = {"quiet": False}
 
 log = logging.getLogger("slmkit")
@@ -82,7 +92,8 @@ def make_progress(transient: bool = False) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=err_console,
         transient=transient,
-        disable=is_quiet(),
+        # Live bars need a terminal; elsewhere they only leave blank lines behind.
+        disable=is_quiet() or not err_console.is_terminal,
     )
 
 
