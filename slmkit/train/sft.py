@@ -1,0 +1,187 @@
+"""Supervised fine-tuning (SFT) data: chat-template formatting, prompt masking, batches.
+
+SFT is not a second training loop: the one loop's :class:`~slmkit.train.objectives.LMObjective`
+already skips :data:`~slmkit.train.ops.IGNORE_INDEX` labels, so all SFT needs is a batch
+source whose labels are masked on the prompt. The loss is then the mean cross-entropy over
+completion tokens only (Ouyang et al. 2022, "Training language models to follow
+instructions", and the usual instruction-tuning recipe).
+
+Data: the JSONL rows of :mod:`slmkit.data.corpus` (``prompt``/``completion`` or chat
+``messages``). A prompt/completion row becomes the two-message chat ``user: prompt`` /
+``assistant: completion``; every row is rendered with the tokenizer's chat template. In a
+chat row the last message must be the assistant's: it is the completion, everything before
+it is the prompt.
+
+Bad rows are refused with the file and line: a missing field, an empty completion, or a
+sample longer than the context (``--seq-len``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slmkit.errors import DataError
+from slmkit.train.ops import IGNORE_INDEX
+
+__all__ = ["SFTExample", "format_example", "load_sft_examples", "SFTBatches", "masked_labels"]
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One tokenized SFT sample.
+
+    Attributes:
+        ids: the full token ids (prompt + completion + end-of-turn), length ``L``.
+        n_prompt: how many leading ids belong to the prompt (never trained on).
+        where: ``"<file> line <n>"`` for messages about this sample.
+    """
+
+    ids: list[int]
+    n_prompt: int
+    where: str
+
+
+def _where(doc_id: str) -> str:
+    path, _, line = doc_id.rpartition(":")
+    return f"{path} line {line}" if line.isdigit() else doc_id
+
+
+def _split_messages(doc, where: str) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, full messages) of a corpus document, or a DataError."""
+    if doc.messages is not None:
+        msgs = list(doc.messages)
+        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            raise DataError(f"{where}: the last message must be the assistant's completion "
+                            "after at least one prompt message; add an assistant reply.")
+        completion = msgs[-1]["content"]
+        prompt_msgs = msgs[:-1]
+    elif doc.prompt is not None:
+        completion = doc.text[len(doc.prompt):]
+        msgs = [{"role": "user", "content": doc.prompt},
+                {"role": "assistant", "content": completion}]
+        prompt_msgs = msgs[:1]
+    else:
+        raise DataError(f"{where} has no 'prompt'+'completion' or 'messages' field (a plain "
+                        "'text' row is pretraining data); add both fields.")
+    if not completion.strip():
+        raise DataError(f"{where} has an empty completion; write a completion or remove the "
+                        "line.")
+    return prompt_msgs, msgs
+
+
+def format_example(tok, doc, where: str | None = None) -> SFTExample:
+    """Render one corpus document with the chat template and find the prompt/completion cut.
+
+    The prompt is rendered with ``add_generation_prompt=True`` (it ends with the assistant
+    header), so the model learns to continue exactly where inference will ask it to. A
+    tokenizer without a chat template falls back to ``prompt + completion + eos``.
+    """
+    where = where or _where(doc.id)
+    prompt_msgs, msgs = _split_messages(doc, where)
+    if getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs, tokenize=False)
+    else:
+        prompt = "".join(m["content"] for m in prompt_msgs)
+        full = prompt + msgs[-1]["content"] + (tok.eos_token or "")
+    if not full.startswith(prompt):
+        raise DataError(f"{where}: the chat template renders the prompt differently inside the "
+                        "full conversation, so the completion cannot be located; use a "
+                        "prefix-stable chat template.")
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    return SFTExample(ids=p_ids + c_ids, n_prompt=len(p_ids), where=where)
+
+
+def load_sft_examples(spec: str | list[str], tok, seq_len: int) -> list[SFTExample]:
+    """Read and tokenize every SFT row of a JSONL spec.
+
+    Raises:
+        DataError: no rows, or a bad row (file and line named), or a row longer than
+        ``seq_len + 1`` tokens (it would be cut, training on half a completion).
+    """
+    from slmkit.data.corpus import iter_documents
+
+    out = []
+    for doc in iter_documents(spec, split="all"):
+        ex = format_example(tok, doc)
+        if len(ex.ids) > seq_len + 1:
+            raise DataError(f"{ex.where} is {len(ex.ids):,} tokens, longer than the context "
+                            f"(--seq-len {seq_len}); shorten it or raise --seq-len.")
+        out.append(ex)
+    if not out:
+        raise DataError(f"No fine-tuning samples in {spec}; add JSONL rows with "
+                        "'prompt'/'completion' or 'messages'.")
+    return out
+
+
+def masked_labels(ex: SFTExample) -> tuple[list[int], list[int]]:
+    """Inputs and next-token labels of one sample, prompt targets masked.
+
+    Returns:
+        ``(inputs, labels)``, both length ``L - 1``: ``labels[t] = ids[t + 1]`` when that
+        token is part of the completion, else :data:`IGNORE_INDEX`.
+    """
+    inputs = ex.ids[:-1]
+    labels = [tid if t + 1 >= ex.n_prompt else IGNORE_INDEX
+              for t, tid in enumerate(ex.ids[1:])]
+    return inputs, labels
+
+
+class SFTBatches:
+    """A deterministic batch source of SFT samples for the one training loop.
+
+    Batch ``index`` -> ``input_ids``/``labels``/``attention_mask`` ``[B, T]`` with right
+    padding (pad positions: attention 0, label :data:`IGNORE_INDEX`). With ``pack=True``
+    several samples share one row (greedy first-fit in data order; they attend to each
+    other, the usual cheap packing), so fewer pad tokens are computed.
+
+    Args:
+        examples: the tokenized samples.
+        seq_len: row length ``T``.
+        batch_size: rows per micro-batch ``B``.
+        pad_id: token id written into padding.
+        seed: seeds the per-epoch order of rows.
+        pack: pack several samples per row.
+    """
+
+    def __init__(self, examples: list[SFTExample], seq_len: int, batch_size: int,
+                 pad_id: int, seed: int = 0, pack: bool = False):
+        self.seq_len, self.batch_size, self.pad_id, self.seed = seq_len, batch_size, pad_id, seed
+        rows: list[tuple[list[int], list[int]]] = []
+        for ex in examples:
+            inp, lab = masked_labels(ex)
+            if pack and rows and len(rows[-1][0]) + len(inp) <= seq_len:
+                rows[-1][0].extend(inp)
+                rows[-1][1].extend(lab)
+            else:
+                rows.append((list(inp), list(lab)))
+        self.rows = rows
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = (epoch, rng.permutation(len(self.rows)))
+        return self._perm[1]
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, g in enumerate(range(index * B, (index + 1) * B)):
+            epoch, pos = divmod(g, len(self.rows))
+            inp, lab = self.rows[int(self._order(epoch)[pos])]
+            n = len(inp)
+            ids[b, :n] = torch.tensor(inp)
+            labels[b, :n] = torch.tensor(lab)
+            mask[b, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    @property
+    def epoch_batches(self) -> float:
+        return len(self.rows) / self.batch_size
