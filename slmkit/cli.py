@@ -247,6 +247,52 @@ def distill(
     print_table("slm distill", result.summary_rows())
 
 
+@app.command()
+def finetune(
+    model: str = typer.Argument(..., help="Model dir to fine-tune."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Task JSONL with prompt/"
+                                   "completion or chat messages rows (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir (adapter or model)."),
+    method: str = typer.Option("lora", help="lora (peft adapters) or full."),
+    rank: int = typer.Option(8, help="LoRA rank r."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha (update scale alpha / r)."),
+    dropout: float = typer.Option(0.0, help="LoRA dropout."),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-"
+                                                 "separated module names (default: all "
+                                                 "attention and MLP projections)."),
+    merge: bool = typer.Option(False, help="Write a merged dense model instead of an adapter."),
+    pack: bool = typer.Option(False, help="Pack several samples per sequence."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many trained tokens."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+    seq_len: int = typer.Option(256, help="Context per sample (longer samples are refused)."),
+    batch_size: int = typer.Option(8, help="Samples per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    warmup_steps: int = typer.Option(10, help="Linear warmup steps."),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (default: bf16 where "
+                                            "the CPU supports it)."),
+    checkpoint_every: int = typer.Option(50, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, help="Seed for adapters and data order."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Fine-tune on a task JSONL: LoRA adapters (peft) or full, loss on completions only."""
+    from slmkit.train.finetune import FinetuneConfig, run_finetuning
+
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()] \
+        if target_modules else None
+    cfg = FinetuneConfig.from_cli(
+        model=model, data=data[0] if len(data) == 1 else data, out=str(out), method=method,
+        rank=rank, alpha=alpha, dropout=dropout, target_modules=targets, merge=merge,
+        pack=pack, max_steps=max_steps, max_tokens=max_tokens, max_minutes=max_minutes,
+        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        warmup_steps=warmup_steps, precision=precision, checkpoint_every=checkpoint_every,
+        seed=seed, resume=resume, overwrite=overwrite)
+    result = run_finetuning(cfg)
+    print_table("slm finetune", result.summary_rows())
+
+
 # --------------------------------------------------------------------------- recipes
 
 @app.command("run")
