@@ -262,6 +262,8 @@ def finetune(
                                                  "attention and MLP projections)."),
     merge: bool = typer.Option(False, help="Write a merged dense model instead of an adapter."),
     pack: bool = typer.Option(False, help="Pack several samples per sequence."),
+    template: str = typer.Option("chat", help="chat (the tokenizer's chat template) or plain "
+                                 "(prompt + completion + eos, for raw-prompt tasks)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     max_tokens: Optional[int] = typer.Option(None, help="Stop after this many trained tokens."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
@@ -285,7 +287,8 @@ def finetune(
     cfg = FinetuneConfig.from_cli(
         model=model, data=data[0] if len(data) == 1 else data, out=str(out), method=method,
         rank=rank, alpha=alpha, dropout=dropout, target_modules=targets, merge=merge,
-        pack=pack, max_steps=max_steps, max_tokens=max_tokens, max_minutes=max_minutes,
+        pack=pack, template=template, max_steps=max_steps, max_tokens=max_tokens,
+        max_minutes=max_minutes,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, precision=precision, checkpoint_every=checkpoint_every,
         seed=seed, resume=resume, overwrite=overwrite)

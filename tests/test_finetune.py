@@ -53,6 +53,16 @@ def test_prompt_tokens_are_masked(tokenizer, tmp_path):
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
+def test_plain_template_is_prompt_completion_eos(tokenizer, tmp_path):
+    from slmkit.train.sft import load_sft_examples, masked_labels
+
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "def f(): pass", "completion": " Nothing."}])
+    (ex,) = load_sft_examples(str(path), tokenizer, 64, template="plain")
+    assert tokenizer.decode(ex.ids) == "def f(): pass Nothing.<|endoftext|>"
+    assert tokenizer.decode([t for t in masked_labels(ex)[1] if t != IGNORE_INDEX]) == \
+        " Nothing.<|endoftext|>"
+
+
 def test_loss_ignores_prompt_tokens(tokenizer):
     """Changing the prompt's targets cannot change the loss: only completion labels count."""
     from slmkit.train.objectives import LMObjective

@@ -43,6 +43,9 @@ class FinetuneConfig(TrainConfig):
         default=None, description="module names to adapt (default: attention + MLP projections)")
     merge: bool = Field(default=False, description="write a merged dense model (LoRA)")
     pack: bool = Field(default=False, description="pack several samples per sequence")
+    template: Literal["chat", "plain"] = Field(
+        default="chat", description="chat: the tokenizer's chat template; plain: prompt + "
+        "completion + eos (tasks scored on raw prompts)")
 
     seq_len: int = Field(default=256, ge=8)
     batch_size: int = Field(default=8, ge=1)
@@ -100,7 +103,7 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model_and_tokenizer(cfg)
     _check_context(model, cfg)
-    examples = load_sft_examples(cfg.data, tok, cfg.seq_len)
+    examples = load_sft_examples(cfg.data, tok, cfg.seq_len, cfg.template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     batches = SFTBatches(examples, cfg.seq_len, cfg.batch_size, pad_id, seed=cfg.seed,
                          pack=cfg.pack)

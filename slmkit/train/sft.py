@@ -72,16 +72,17 @@ def _split_messages(doc, where: str) -> tuple[list[dict], list[dict]]:
     return prompt_msgs, msgs
 
 
-def format_example(tok, doc, where: str | None = None) -> SFTExample:
+def format_example(tok, doc, where: str | None = None, template: str = "chat") -> SFTExample:
     """Render one corpus document with the chat template and find the prompt/completion cut.
 
     The prompt is rendered with ``add_generation_prompt=True`` (it ends with the assistant
     header), so the model learns to continue exactly where inference will ask it to. A
-    tokenizer without a chat template falls back to ``prompt + completion + eos``.
+    tokenizer without a chat template, or ``template="plain"`` (for tasks scored on raw
+    prompts, like ``slm eval --tasks stdlib-docstring``), uses ``prompt + completion + eos``.
     """
     where = where or _where(doc.id)
     prompt_msgs, msgs = _split_messages(doc, where)
-    if getattr(tok, "chat_template", None):
+    if template == "chat" and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(msgs, tokenize=False)
     else:
@@ -96,8 +97,9 @@ def format_example(tok, doc, where: str | None = None) -> SFTExample:
     return SFTExample(ids=p_ids + c_ids, n_prompt=len(p_ids), where=where)
 
 
-def load_sft_examples(spec: str | list[str], tok, seq_len: int) -> list[SFTExample]:
-    """Read and tokenize every SFT row of a JSONL spec.
+def load_sft_examples(spec: str | list[str], tok, seq_len: int,
+                      template: str = "chat") -> list[SFTExample]:
+    """Read and tokenize every SFT row of a JSONL spec (``template``: chat or plain).
 
     Raises:
         DataError: no rows, or a bad row (file and line named), or a row longer than
@@ -107,7 +109,7 @@ def load_sft_examples(spec: str | list[str], tok, seq_len: int) -> list[SFTExamp
 
     out = []
     for doc in iter_documents(spec, split="all"):
-        ex = format_example(tok, doc)
+        ex = format_example(tok, doc, template=template)
         if len(ex.ids) > seq_len + 1:
             raise DataError(f"{ex.where} is {len(ex.ids):,} tokens, longer than the context "
                             f"(--seq-len {seq_len}); shorten it or raise --seq-len.")
