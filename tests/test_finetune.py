@@ -49,7 +49,8 @@ def test_prompt_tokens_are_masked(tokenizer, tmp_path):
         # the prompt ends with the template's assistant header
         assert tokenizer.decode(ex.ids[:ex.n_prompt]).endswith("<|im_start|>assistant\n")
     b = SFTBatches(exs, 64, 2, pad_id=tokenizer.pad_token_id).batch(0)
-    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (2, 64)
+    width = max(len(ex.ids) for ex in exs) - 1
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (2, width)
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 

@@ -136,8 +136,8 @@ def masked_labels(ex: SFTExample) -> tuple[list[int], list[int]]:
 class SFTBatches:
     """A deterministic batch source of SFT samples for the one training loop.
 
-    Batch ``index`` -> ``input_ids``/``labels``/``attention_mask`` ``[B, T]`` with right
-    padding (pad positions: attention 0, label :data:`IGNORE_INDEX`). With ``pack=True``
+    Batch ``index`` -> ``input_ids``/``labels``/``attention_mask`` ``[B, W]`` (``W <= T``:
+    the longest row of the batch) with right padding (pad positions: attention 0, label :data:`IGNORE_INDEX`). With ``pack=True``
     several samples share one row (greedy first-fit in data order; they attend to each
     other, the usual cheap packing), so fewer pad tokens are computed.
 
@@ -182,7 +182,9 @@ class SFTBatches:
             ids[b, :n] = torch.tensor(inp)
             labels[b, :n] = torch.tensor(lab)
             mask[b, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        width = int(mask.sum(1).max())                      # trim padding shared by all rows
+        return {"input_ids": ids[:, :width], "labels": labels[:, :width],
+                "attention_mask": mask[:, :width]}
 
     @property
     def epoch_batches(self) -> float:
