@@ -1,0 +1,65 @@
+"""QLoRA: LoRA over slmkit's packed 4-bit QuantLinear, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_qlora_grads_only_in_adapters_and_base_unchanged(tokenizer, arch):
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import make_config
+    from slmkit.nn.quant_linear import QuantLinear, set_kernel_mode
+    from slmkit.train.lora import QLoRALinear, apply_qlora, merge_qlora
+    from slmkit.train.objectives import LMObjective
+    from slmkit.train.sft import SFTBatches, SFTExample
+
+    torch.manual_seed(0)
+    model = build_tiny_model(arch, tokenizer)
+    quantize_model(model, tokenizer, make_config(method="rtn", bits=4, group_size=32))
+    apply_qlora(model, rank=4, alpha=8.0)
+    wrapped = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    assert wrapped and all(isinstance(m.base_layer, QuantLinear) for m in wrapped)
+    packed = {n: b.clone() for n, b in model.named_buffers() if n.endswith("qweight")}
+    assert all(b.dtype == torch.uint8 for b in packed.values())
+
+    ex = SFTExample(ids=list(range(10, 40)), n_prompt=10, where="x")
+    batch = SFTBatches([ex], 32, 1, pad_id=0).batch(0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss, _ = LMObjective()(model, batch)
+        loss.backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == ("lora_" in n), n
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    for n, b in model.named_buffers():
+        if n.endswith("qweight"):
+            assert torch.equal(b, packed[n]), n
+
+    ids = batch["input_ids"]
+    set_kernel_mode("dequant")        # compare fp32 maths, not the bf16 int4 kernel's rounding
+    try:
+        with torch.no_grad():
+            want = model.eval()(input_ids=ids).logits
+    finally:
+        set_kernel_mode("auto")
+    with torch.no_grad():
+        merge_qlora(model)
+        assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-3, atol=1e-3)
+
+
+def test_qlora_needs_quantized_base(tokenizer):
+    from slmkit.errors import ConfigError
+    from slmkit.train.lora import apply_qlora
+
+    with pytest.raises(ConfigError, match="quantize it first"):
+        apply_qlora(build_tiny_model("llama", tokenizer))
