@@ -15,7 +15,8 @@ import torch
 
 from slmkit.errors import ConfigError
 
-__all__ = ["DEFAULT_TARGETS", "apply_lora", "merge_lora", "trainable_fraction"]
+__all__ = ["DEFAULT_TARGETS", "apply_lora", "merge_lora", "trainable_fraction", "QLoRALinear",
+           "apply_qlora", "merge_qlora"]
 
 #: Attention and MLP projections of Llama/Qwen2/Mistral/Phi-3 (qkv_proj, gate_up_proj) and
 #: GPT-2 (c_attn, c_proj, c_fc); lm_head and embeddings are never adapted.
@@ -85,3 +86,81 @@ def trainable_fraction(model: torch.nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+# --------------------------------------------------------------------------- QLoRA
+
+
+class QLoRALinear(torch.nn.Module):
+    """LoRA over a frozen, packed :class:`~slmkit.nn.quant_linear.QuantLinear` (QLoRA).
+
+    QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") trains
+    adapters on top of a 4-bit base. This is our small CPU wrapper (no bitsandbytes):
+    ``y = base(x) + alpha/r · B(A(dropout(x)))`` with ``A [r, in]``, ``B [out, r]``, ``B = 0``
+    at init. The base keeps its packed buffers (``qweight``/``scales``) and gets no grads;
+    its dequantizing forward passes gradients through to ``x`` only.
+
+    Args:
+        base_layer: the QuantLinear to adapt.
+        rank, alpha, dropout: LoRA hyper-parameters.
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.scaling = alpha / rank
+        self.lora_A = torch.nn.Linear(base_layer.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base_layer.out_features, bias=False)
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        torch.nn.init.zeros_(self.lora_B.weight)
+        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., in]`` -> ``[..., out]``."""
+        update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling   # [..., out]
+        return self.base_layer(x) + update.to(x.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """Dense ``[out, in]`` fp32: dequantized base plus ``alpha/r · B A``."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()     # [out, in]
+        return self.base_layer.dense_weight(torch.float32) + self.scaling * delta
+
+
+def apply_qlora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
+                dropout: float = 0.0, target_modules: list[str] | None = None) -> torch.nn.Module:
+    """Freeze a model whose linears are QuantLinear and wrap the targets in QLoRALinear.
+
+    Returns:
+        ``model`` (changed in place); only ``lora_A``/``lora_B`` weights require grad.
+
+    Raises:
+        ConfigError: no QuantLinear of the model matches the targets.
+    """
+    from slmkit.nn.quant_linear import QuantLinear
+
+    wanted = target_modules or DEFAULT_TARGETS
+    model.requires_grad_(False)
+    hits = [(name, mod) for name, mod in model.named_modules()
+            if isinstance(mod, QuantLinear)
+            and any(re.fullmatch(t, name.rsplit(".", 1)[-1]) for t in wanted)]
+    if not hits:
+        raise ConfigError("QLoRA needs a quantized base whose projections are QuantLinear; "
+                          "quantize it first (`slm quantize --bits 4`) or check "
+                          "--target-modules.")
+    for name, mod in hits:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, QLoRALinear(mod, rank, alpha, dropout))
+    return model
+
+
+def merge_qlora(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every QLoRALinear by a dense ``nn.Linear`` (dequantized base + update)."""
+    hits = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+    for name, mod in hits:
+        dense = mod.base_layer.to_dense()                  # nn.Linear, or GPT-2 Conv1D
+        delta = mod.scaling * (mod.lora_B.weight.float() @ mod.lora_A.weight.float())
+        with torch.no_grad():                                # Conv1D stores [in, out]
+            dense.weight.add_(delta.T if mod.base_layer.conv1d else delta)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, dense)
+    return model
