@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "save_model"]
+__all__ = ["__version__", "load_model", "save_model", "dequantize"]
 
 
 def __getattr__(name):
@@ -16,4 +16,8 @@ def __getattr__(name):
         from slmkit.models import io
 
         return getattr(io, name)
+    if name == "dequantize":
+        from slmkit.compress.quantize.api import dequantize
+
+        return dequantize
     raise AttributeError(f"module 'slmkit' has no attribute {name!r}")

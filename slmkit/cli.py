@@ -362,8 +362,9 @@ def quantize(
                                    "order of decreasing Hessian diagonal."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search "
                                   "per-group clipping ratios."),
-    preserve_zeros: bool = typer.Option(False, "--preserve-zeros", help="GPTQ: keep pruned "
-                                        "(exactly zero) weights at zero."),
+    preserve_zeros: bool = typer.Option(True, "--preserve-zeros/--no-preserve-zeros",
+                                        help="GPTQ: weights that are exactly zero (pruned) "
+                                        "stay zero."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Instead: write a dense copy "
                                     "of a quantized MODEL (for tools that need one)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),

@@ -43,7 +43,7 @@ class QuantizeConfig(BaseModel):
     calib_seq_len: int = 512
     damp: float = 0.01
     act_order: bool = False
-    preserve_zeros: bool = False
+    preserve_zeros: bool = True
     block_size: int = 128
     awq_grid: int = 20
     awq_clip: bool = True
