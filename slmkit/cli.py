@@ -253,7 +253,8 @@ def finetune(
     data: list[str] = typer.Option(..., "--data", "-d", help="Task JSONL with prompt/"
                                    "completion or chat messages rows (repeatable)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dir (adapter or model)."),
-    method: str = typer.Option("lora", help="lora (peft adapters) or full."),
+    method: str = typer.Option("lora", help="lora (peft adapters), qlora (LoRA over a 4-bit "
+                               "QuantLinear base, merged at the end) or full."),
     rank: int = typer.Option(8, help="LoRA rank r."),
     alpha: float = typer.Option(16.0, help="LoRA alpha (update scale alpha / r)."),
     dropout: float = typer.Option(0.0, help="LoRA dropout."),
@@ -261,6 +262,8 @@ def finetune(
                                                  "separated module names (default: all "
                                                  "attention and MLP projections)."),
     merge: bool = typer.Option(False, help="Write a merged dense model instead of an adapter."),
+    requantize: bool = typer.Option(False, help="QLoRA: re-quantize the merged model to 4 bit "
+                                    "and print the loss it costs."),
     pack: bool = typer.Option(False, help="Pack several samples per sequence."),
     template: str = typer.Option("chat", help="chat (the tokenizer's chat template) or plain "
                                  "(prompt + completion + eos, for raw-prompt tasks)."),
@@ -287,7 +290,8 @@ def finetune(
     cfg = FinetuneConfig.from_cli(
         model=model, data=data[0] if len(data) == 1 else data, out=str(out), method=method,
         rank=rank, alpha=alpha, dropout=dropout, target_modules=targets, merge=merge,
-        pack=pack, template=template, max_steps=max_steps, max_tokens=max_tokens,
+        pack=pack, template=template, requantize=requantize, max_steps=max_steps,
+        max_tokens=max_tokens,
         max_minutes=max_minutes,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, precision=precision, checkpoint_every=checkpoint_every,

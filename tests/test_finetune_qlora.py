@@ -63,3 +63,45 @@ def test_qlora_needs_quantized_base(tokenizer):
 
     with pytest.raises(ConfigError, match="quantize it first"):
         apply_qlora(build_tiny_model("llama", tokenizer))
+
+
+def test_finetune_qlora_requantize_cli(llama_dir, tmp_path, cli):
+    import json
+
+    from slmkit.models import load_model
+    from slmkit.models.lineage import read_record
+    from slmkit.nn.quant_linear import QuantLinear
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"x = {i}\n", "completion": f"set x to {i}"})
+                            + "\n" for i in range(8)))
+    out = tmp_path / "q"
+    r = cli("finetune", str(llama_dir), "--data", str(data), "--out", str(out), "--method",
+            "qlora", "--requantize", "--max-steps", "3", "--seq-len", "64", "--batch-size", "4",
+            "--rank", "4")
+    assert r.returncode == 0, r.stderr
+    assert "re-quantize cost" in r.stdout
+    rec = read_record(out)
+    assert rec["params"]["method"] == "qlora" and "requantize_loss_cost" in rec["metrics"]
+    model, _ = load_model(out)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_finetune_qlora_merged_is_plain_dense(llama_dir, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.train.finetune import FinetuneConfig, run_finetune
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"y = {i}\n", "completion": f"set y to {i}"})
+                            + "\n" for i in range(4)))
+    out = tmp_path / "dense"
+    res = run_finetune(FinetuneConfig(model=str(llama_dir), data=str(data), out=str(out),
+                                      method="qlora", max_steps=2, seq_len=64, batch_size=2,
+                                      precision="fp32"))
+    assert res["steps"] == 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and "slmkit" not in cfg
+    AutoModelForCausalLM.from_pretrained(out)               # plain transformers loads it

@@ -35,13 +35,16 @@ class FinetuneConfig(TrainConfig):
     """
 
     data: str | list[str] = Field(description="task JSONL: prompt/completion or messages rows")
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"
     rank: int = Field(default=8, ge=1, description="LoRA rank r")
     alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (scale alpha / r)")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(
         default=None, description="module names to adapt (default: attention + MLP projections)")
-    merge: bool = Field(default=False, description="write a merged dense model (LoRA)")
+    merge: bool = Field(default=False, description="write a merged dense model (LoRA; QLoRA "
+                        "always merges into the dequantized base)")
+    requantize: bool = Field(default=False, description="QLoRA: re-quantize the merged model "
+                             "to 4 bit and record the SFT loss it costs")
     pack: bool = Field(default=False, description="pack several samples per sequence")
     template: Literal["chat", "plain"] = Field(
         default="chat", description="chat: the tokenizer's chat template; plain: prompt + "
@@ -88,7 +91,8 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     from slmkit.models.io import resolve_ref
     from slmkit.models.presets import PRESETS
     from slmkit.train import checkpoint as ckpt
-    from slmkit.train.lora import apply_lora, merge_lora, trainable_fraction
+    from slmkit.train.lora import (apply_lora, apply_qlora, merge_lora, merge_qlora,
+                                   trainable_fraction)
     from slmkit.train.loop import Trainer
     from slmkit.train.objectives import LMObjective
     from slmkit.train.run import finish_run, load_model_and_tokenizer, prepare_out
@@ -96,8 +100,11 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
 
     if cfg.model in PRESETS:
         raise ConfigError(f"--model {cfg.model} is a preset; fine-tune a trained model dir.")
-    if cfg.method == "full" and cfg.merge:
-        raise ConfigError("--merge applies to --method lora only; drop --merge.")
+    if cfg.method != "lora" and cfg.merge:
+        raise ConfigError("--merge applies to --method lora only (qlora always merges); drop "
+                          "--merge.")
+    if cfg.requantize and cfg.method != "qlora":
+        raise ConfigError("--requantize applies to --method qlora only; drop --requantize.")
     out, ck_root = prepare_out(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -112,6 +119,9 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     if cfg.method == "lora":
         model = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
         model.peft_config["default"].base_model_name_or_path = str(resolve_ref(cfg.model))
+    elif cfg.method == "qlora":
+        scheme = _quantize_base(model, tok)
+        apply_qlora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
     trainable, total = trainable_fraction(model)
     trainer = Trainer(model, LMObjective(), batches, cfg, checkpoint_root=ck_root)
     latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
@@ -123,20 +133,74 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
 
     if cfg.method == "lora" and cfg.merge:
         model = merge_lora(model)
-    extra = {"samples": len(examples), "trainable_params": trainable,
+    extra: dict[str, Any] = {}
+    if cfg.method == "qlora":
+        model = merge_qlora(model)
+        for attr in ("slmkit", "quantization_config"):       # the merged model is dense
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        if cfg.requantize:
+            extra = _requantize(model, tok, batches, scheme)
+    extra |= {"samples": len(examples), "trainable_params": trainable,
              "trainable_fraction": trainable / total}
     metrics = finish_run(cfg, model, tok, state, out, ck_root, step="finetune",
                          title=f"finetune {cfg.model} ({cfg.method}) on {cfg.data}",
                          extra=extra)
-    kind = ("merged dense model" if cfg.merge else "peft adapter") if cfg.method == "lora" \
-        else "dense model"
+    kind = {"lora": "merged dense model" if cfg.merge else "peft adapter",
+            "qlora": "4-bit re-quantized model" if cfg.requantize else
+            "dense model (merged into the dequantized 4-bit base)"}.get(cfg.method, "dense model")
     rows = [("method", f"{cfg.method}" + (f" r={cfg.rank} alpha={cfg.alpha:g}"
-                                          if cfg.method == "lora" else "")),
+                                          if cfg.method != "full" else "")),
             ("samples", len(examples)),
             ("trainable", f"{trainable:,} / {total:,} ({trainable / total:.2%})"),
             ("output", kind)]
+    if "requantize_loss_cost" in extra:
+        rows.append(("re-quantize cost", f"SFT loss {extra['sft_loss_dense']:.4f} -> "
+                                         f"{extra['sft_loss_requantized']:.4f} "
+                                         f"(+{extra['requantize_loss_cost']:.4f})"))
     return FinetuneResult(out=Path(out), metrics=metrics, params=total,
                           precision=trainer.precision, skipped=[], ft_rows=rows)
+
+
+def _quantize_base(model, tok):
+    """Quantize the base's linears to 4 bit (RTN, symmetric) in place for QLoRA.
+
+    The group size is the largest of 128/64/32 dividing every input width.
+    """
+    import torch
+
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import make_config
+
+    widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 32)
+    scheme = dict(method="rtn", bits=4, group_size=group, sym=True)
+    quantize_model(model, tok, make_config(**scheme))
+    return scheme
+
+
+def _sft_loss(model, batches, n_batches: int = 8) -> float:
+    """Mean completion-token loss over the first batches (the re-quantization yardstick)."""
+    import torch
+
+    from slmkit.train.objectives import LMObjective
+
+    model.eval()
+    n = min(n_batches, max(1, int(batches.epoch_batches + 0.999)))
+    with torch.no_grad():
+        return sum(float(LMObjective()(model, batches.batch(i))[0]) for i in range(n)) / n
+
+
+def _requantize(model, tok, batches, scheme) -> dict[str, float]:
+    """Re-quantize the merged model in place; return its SFT loss before and after."""
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import make_config
+
+    dense = _sft_loss(model, batches)
+    quantize_model(model, tok, make_config(**scheme))
+    quant = _sft_loss(model, batches)
+    return {"sft_loss_dense": dense, "sft_loss_requantized": quant,
+            "requantize_loss_cost": quant - dense}
 
 
 def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
