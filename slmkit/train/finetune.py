@@ -116,13 +116,14 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
                          pack=cfg.pack)
 
     torch.manual_seed(cfg.seed)
+    total = trainable_fraction(model)[1]          # before QLoRA turns weights into buffers
     if cfg.method == "lora":
         model = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
         model.peft_config["default"].base_model_name_or_path = str(resolve_ref(cfg.model))
     elif cfg.method == "qlora":
         scheme = _quantize_base(model, tok)
         apply_qlora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
-    trainable, total = trainable_fraction(model)
+    trainable = trainable_fraction(model)[0]
     trainer = Trainer(model, LMObjective(), batches, cfg, checkpoint_root=ck_root)
     latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
     if latest is not None:
