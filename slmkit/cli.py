@@ -443,66 +443,39 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Prune weights (magnitude, Wanda, SparseGPT, N:M) or structure (--structured)."""
-    from slmkit.models import load_model, save_model
-    from slmkit.models.info import dir_size
+    from slmkit.compress.prune.api import PruneConfig, run_prune
 
+    cfg = PruneConfig(model=model, out=str(out), method=method, sparsity=sparsity,
+                      pattern=pattern, structured=structured, target_params=target_params,
+                      heads=heads, mlp_channels=mlp_channels, hidden=hidden,
+                      drop_layers=drop_layers, targets=targets, ignore=ignore, data=data,
+                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, damp=damp,
+                      overwrite=overwrite)
+    res = run_prune(cfg)
     if structured:
-        from slmkit.compress.prune.structured import StructuredSettings, structured_prune
-
-        st = StructuredSettings(target_params=target_params, heads=heads,
-                                mlp_channels=mlp_channels, hidden=hidden,
-                                drop_layers=drop_layers, data=data, calib_samples=calib_samples,
-                                calib_seq_len=calib_seq_len)
-        st.validate_shape_free()
-        from slmkit.compress.prune.structured import decode_speeds
-
-        net, tok = load_model(model)
-        result = structured_prune(net, tok, st)
-        speed = decode_speeds(net, result.model, tok)
-        metrics = {**result.metrics(), **speed}
-        final = save_model(result.model, tok, out, step="prune", overwrite=overwrite,
-                           params={"structured": True, **st.as_dict()}, metrics=metrics)
-        print_table("removed", result.removed_rows(), header=("part", "before", "after",
-                                                               "removed"))
-        rows = [("parameters", f"{result.params_before:,} -> {result.params_after:,} "
-                               f"({result.params_after / result.params_before:.1%})"),
-                ("calibration loss", f"{result.loss_before:.3f} -> {result.loss_after:.3f} "
+        print_table("removed", res["removed_rows"], header=("part", "before", "after",
+                                                            "removed"))
+        rows = [("parameters", f"{res['params_before']:,} -> {res['params_after']:,} "
+                               f"({res['params_after'] / res['params_before']:.1%})"),
+                ("calibration loss", f"{res['loss_before']:.3f} -> {res['loss_after']:.3f} "
                                      "(before any retraining)")]
-        if result.candidates > 1:
-            rows.append(("split", f"best of {result.candidates} by calibration loss"))
-        if speed:
-            rows.append(("decode tok/s", f"{speed['decode_tok_s_before']:.1f} -> "
-                                         f"{speed['decode_tok_s']:.1f} "
-                                         f"(x{speed['decode_speedup']:.2f})"))
-        rows += [("size on disk", human_bytes(dir_size(final))), ("written to", str(final))]
+        if res["candidates"] > 1:
+            rows.append(("split", f"best of {res['candidates']} by calibration loss"))
+        if "decode_tok_s" in res:
+            rows.append(("decode tok/s", f"{res['decode_tok_s_before']:.1f} -> "
+                                         f"{res['decode_tok_s']:.1f} "
+                                         f"(x{res['decode_speedup']:.2f})"))
+        rows += [("size on disk", human_bytes(res["size_on_disk"])), ("written to", res["out"])]
         print_table("slm prune --structured", rows)
         return
-
-    from slmkit.compress.prune.modifier import PruneSettings, prune_model
-
-    settings = PruneSettings(method=method, sparsity=sparsity, pattern=pattern, targets=targets,
-                             ignore=ignore, data=data, calib_samples=calib_samples,
-                             calib_seq_len=calib_seq_len, damp=damp)
-    settings.validate()
-    net, tok = load_model(model)
-    report = prune_model(net, tok, settings)
-    params = {k: v for k, v in vars(settings).items() if v is not None}
-    if settings.method == "magnitude":
-        for k in ("data", "calib_samples", "calib_seq_len", "damp", "block_size", "seed"):
-            params.pop(k, None)
-    final = save_model(net, tok, out, step="prune", overwrite=overwrite, params=params,
-                       metrics={"sparsity": round(report.overall, 6),
-                                "layer_sparsity": {k: round(v, 6)
-                                                   for k, v in report.layers.items()}})
     print_table("achieved sparsity per layer",
-                [(name, f"{s:.1%}") for name, s in report.layers.items()],
+                [(name, f"{v:.1%}") for name, v in res["layer_sparsity"].items()],
                 header=("layer", "sparsity"))
     print_table("slm prune", [
-        ("method", settings.method + (f" {settings.pattern}" if settings.pattern else "")),
-        ("layers pruned", len(report.layers)),
-        ("sparsity (pruned layers)", f"{report.overall:.1%}"),
-        ("zeros", f"{report.zeros:,} of {report.total:,}"),
-        ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
+        ("method", res["method"]), ("layers pruned", res["layers_pruned"]),
+        ("sparsity (pruned layers)", f"{res['sparsity']:.1%}"),
+        ("zeros", f"{res['zeros']:,} of {res['total']:,}"),
+        ("size on disk", human_bytes(res["size_on_disk"])), ("written to", res["out"])])
 
 
 @app.command()
@@ -526,46 +499,27 @@ def factorize(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Replace linears by low-rank factors B @ A (SVD or activation-aware SVD)."""
-    from slmkit.compress.factorize.modifier import FactorizeSettings, factorize_model
-    from slmkit.models import load_model, save_model
-    from slmkit.models.info import dir_size
-    from slmkit.nn.lowrank import lowrank_modules, merge_lowrank
+    from slmkit.compress.factorize.api import FactorizeConfig, run_factorize
 
-    settings = FactorizeSettings(method=method, ratio=ratio, energy=energy, targets=targets,
-                                 ignore=ignore, data=data, calib_samples=calib_samples,
-                                 calib_seq_len=calib_seq_len)
-    net, tok = load_model(model)
-    if lowrank_modules(net):
-        if not merge:
-            raise SlmError(f"'{model}' is already factorized; pass --merge to turn it back "
-                           "into a dense model, or factorize its dense parent.")
-        n = merge_lowrank(net)
-        final = save_model(net, tok, out, step="factorize-merge", overwrite=overwrite,
-                           params={"merge": True})
-        print_table("slm factorize --merge", [("layers merged", n),
-                                              ("size on disk", human_bytes(dir_size(final))),
-                                              ("written to", str(final))])
+    res = run_factorize(FactorizeConfig(
+        model=model, out=str(out), method=method, ratio=ratio, energy=energy, merge=merge,
+        targets=targets, ignore=ignore, data=data, calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len, overwrite=overwrite))
+    if res["merged_only"]:
+        print_table("slm factorize --merge", [("layers merged", res["layers_merged"]),
+                                              ("size on disk", human_bytes(res["size_on_disk"])),
+                                              ("written to", res["out"])])
         return
-    settings.validate()
-    report = factorize_model(net, tok, settings)
-    ranks = dict(report.ranks)
-    if merge:
-        merge_lowrank(net)
-    params = {k: v for k, v in vars(settings).items() if v is not None}
-    params["merge"] = merge
-    final = save_model(net, tok, out, step="factorize", overwrite=overwrite, params=params,
-                       metrics={"factored_params": report.factored_params,
-                                "dense_params": report.dense_params, "ranks": ranks})
-    print_table("ranks per layer", [(n, r) for n, r in ranks.items()] +
-                [(n, "dense (no saving)") for n in report.skipped], header=("layer", "rank"))
+    print_table("ranks per layer", [(n, r) for n, r in res["ranks"].items()] +
+                [(n, "dense (no saving)") for n in res["skipped"]], header=("layer", "rank"))
     print_table("slm factorize", [
-        ("method", settings.method), ("target", f"ratio {settings.ratio}" if settings.ratio
-                                      else f"energy {settings.energy}"),
-        ("layers factorized", f"{len(ranks)} (kept dense: {len(report.skipped)})"),
-        ("targeted parameters", f"{report.dense_params:,} -> {report.factored_params:,} "
-                                f"({report.factored_params / max(1, report.dense_params):.1%})"),
+        ("method", res["method"]), ("target", f"ratio {res['ratio']}" if res["ratio"]
+                                    else f"energy {res['energy']}"),
+        ("layers factorized", f"{res['layers_factorized']} (kept dense: {len(res['skipped'])})"),
+        ("targeted parameters", f"{res['dense_params']:,} -> {res['factored_params']:,} "
+                                f"({res['factored_params'] / max(1, res['dense_params']):.1%})"),
         ("format", "dense (merged)" if merge else "lowrank"),
-        ("size on disk", human_bytes(dir_size(final))), ("written to", str(final))])
+        ("size on disk", human_bytes(res["size_on_disk"])), ("written to", res["out"])])
 
 
 # --------------------------------------------------------------------------- generate / chat

@@ -48,6 +48,9 @@ STEP_KINDS: dict[str, StepKind] = {
                       resumable=True, description="pretraining with the LM objective"),
     "distill": StepKind("slmkit.train.distill:DistillConfig", "slmkit.train.distill:run_distill",
                         resumable=True, description="knowledge distillation into a student"),
+    "finetune": StepKind("slmkit.train.finetune:FinetuneConfig",
+                         "slmkit.train.finetune:run_finetune", resumable=True,
+                         description="LoRA / QLoRA / full fine-tuning on a task JSONL"),
     "quantize": StepKind("slmkit.pipeline.adapters:QuantizeStep",
                          "slmkit.pipeline.adapters:run_quantize",
                          description="RTN / GPTQ / AWQ weight quantization"),
@@ -65,5 +68,4 @@ STEP_KINDS: dict[str, StepKind] = {
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
-PLANNED = ("tokenizer", "train", "distill", "prune", "quantize", "factorize", "finetune",
-           "augment", "eval", "compare", "export")
+PLANNED = ("augment", "eval")
