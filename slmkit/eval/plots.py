@@ -67,11 +67,12 @@ def tradeoff_plot(models: list[dict[str, Any]], x_key: str, path: Path, title: s
         if len(order) > 1:
             ax.plot(*zip(*order), linestyle="--", color=_FRONT, alpha=0.6, linewidth=1.2,
                     zorder=1, label="Pareto front")
-        for (label, _, _), x, y, f in zip(pts, xs, ys, front):
+        offsets = _label_offsets(xs, ys, log_x=ax.get_xscale() == "log")
+        for (label, _, _), x, y, f, dy in zip(pts, xs, ys, front, offsets):
             ax.scatter([x], [y], s=160 if f else 60, marker="*" if f else "o",
                        color=_FRONT if f else _GREY, edgecolor="white", linewidth=0.8,
                        zorder=3)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, 6),
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, dy),
                         fontsize=9, color="#24292f" if f else _GREY,
                         fontweight="bold" if f else "normal", zorder=4)
         ax.scatter([], [], s=160, marker="*", color=_FRONT, label="Pareto-optimal")
@@ -117,3 +118,23 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             "Quality vs decode speed", "decode tokens/s at batch 1  (higher is better)",
             higher_x_better=True),
     }
+
+
+def _label_offsets(xs: list[float], ys: list[float], log_x: bool = False) -> list[int]:
+    """Vertical label offsets (points) so labels of nearby markers stack instead of overlap.
+
+    Two markers count as near when they are within 25% of the x range and 6% of the y
+    range; each further near marker's label moves 12 points lower.
+    """
+    import math
+
+    tx = [math.log10(x) if log_x and x > 0 else x for x in xs]
+    xr = (max(tx) - min(tx)) or 1.0
+    yr = (max(ys) - min(ys)) or 1.0
+    out: list[int] = []
+    for i, (x, y) in enumerate(zip(tx, ys)):
+        near = sum(1 for j in range(i) if abs(tx[j] - x) < 0.25 * xr
+                   and abs(ys[j] - y) < 0.06 * yr)
+        out.append(6 - 12 * near)
+    return out
+
