@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slmkit.engine import Engine, SamplingParams
-from slmkit.engine.engine import output_vocab_size
+from slmkit.models.presets import output_vocab_size
 from tests.conftest import build_tiny_model
 
 

@@ -69,16 +69,6 @@ def eos_ids(model, tokenizer=None) -> set[int]:
     return set()
 
 
-def output_vocab_size(model) -> int:
-    """Rows of the LM head: ``out_features`` works for nn.Linear and QuantLinear alike
-    (a quantized head has packed weights, not ``.weight``)."""
-    head = model.get_output_embeddings()
-    n = getattr(head, "out_features", None)
-    if n is None and getattr(head, "weight", None) is not None:
-        n = head.weight.shape[0]
-    return int(n or model.config.vocab_size)
-
-
 class RequestHandle:
     """A submitted request: iterate it for events, wait for its result, or cancel it."""
 
@@ -185,6 +175,8 @@ class Engine:
         self.max_seq_len = int(max_seq_len or min(context, 2048))
         self.model, self.tokenizer = model, tokenizer
         self.runner = make_runner(model, max_batch, self.max_seq_len, fast=fast)
+        from slmkit.models.presets import output_vocab_size
+
         self.vocab_size = output_vocab_size(model)
         self.eos = eos_ids(model, tokenizer)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk

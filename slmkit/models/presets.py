@@ -117,6 +117,16 @@ def init_model(preset: str, tokenizer=None, overrides: dict[str, Any] | None = N
     return model
 
 
+def output_vocab_size(model) -> int:
+    """Rows of the LM head: ``out_features`` works for nn.Linear and QuantLinear alike
+    (a quantized head has packed weights, not ``.weight``)."""
+    head = model.get_output_embeddings()
+    n = getattr(head, "out_features", None)
+    if n is None and getattr(head, "weight", None) is not None:
+        n = head.weight.shape[0]
+    return int(n or model.config.vocab_size)
+
+
 def count_params(model) -> dict[str, int]:
     """Total parameters (tied weights once) and active-per-token for mixture-of-experts."""
     seen: set[int] = set()

@@ -106,8 +106,9 @@ def load_student(cfg: DistillConfig, teacher_tok):
 
 def shared_vocab(student, teacher, tok) -> int:
     """Rows both output layers have; padding beyond the tokenizer is allowed to differ."""
-    rows_s = student.get_output_embeddings().weight.shape[0]
-    rows_t = teacher.get_output_embeddings().weight.shape[0]
+    from slmkit.models.presets import output_vocab_size
+
+    rows_s, rows_t = output_vocab_size(student), output_vocab_size(teacher)
     vocab = min(rows_s, rows_t)
     if len(tok) > vocab:
         raise ConfigError(f"The tokenizer has {len(tok):,} tokens but the "
