@@ -133,7 +133,7 @@ def run_distillation(cfg: DistillConfig) -> DistillResult:
     from slmkit.train.batches import PackedBatches
     from slmkit.train.loop import Trainer
     from slmkit.train.objectives_kd import IndexedBatches, KDObjective, KDSettings, TopKCache
-    from slmkit.train.run import _prepare_out
+    from slmkit.train.run import _prepare_out, finish_run
 
     out, ck_root = _prepare_out(cfg)
     if not cfg.resume:
@@ -189,7 +189,8 @@ def run_distillation(cfg: DistillConfig) -> DistillResult:
         kd_rows.append(("on-policy batches", objective.on_policy_batches))
     extra = {"kd_loss": _tail_mean(state.history, "kd_loss")}
     shutil.rmtree(out / CACHE_DIR, ignore_errors=True)
-    metrics = _finish(cfg, model, tok, state, out, ck_root, extra)
+    metrics = finish_run(cfg, model, tok, state, out, ck_root, step="distill",
+                         title=f"distill {cfg.student} from {cfg.teacher}", extra=extra)
     skipped = [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
     return DistillResult(out=out, metrics=metrics, params=count_params(model)["total"],
                          precision=trainer.precision, skipped=skipped, kd_rows=kd_rows)
@@ -212,51 +213,6 @@ def _validation_set(cfg: DistillConfig, tok):
         return None, None
     val_b = eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
     return val_b, _val_bytes_per_token(tok, val_b)
-
-
-def _finish(cfg: DistillConfig, model, tok, state, out: Path, ck_root: Path,
-            extra: dict[str, Any]) -> dict[str, Any]:
-    """Save the student with lineage, curve and log; move checkpoints in; one atomic rename.
-
-    Mirrors the tail of :func:`slmkit.train.run.run_training` so both verbs leave the same
-    output shape.
-    """
-    import json
-    import math
-    import os
-
-    from slmkit.models import save_model
-    from slmkit.models.io import commit_out_dir
-    from slmkit.train.plot import loss_curve_png
-
-    hist, val_hist = state.history, state.val_history
-    tail = hist[-max(1, min(10, len(hist))):]
-    metrics: dict[str, Any] = {
-        "steps": state.step, "tokens": state.tokens, "train_minutes": state.elapsed / 60,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / max(len(tail), 1),
-        "mfu": sum(r["mfu"] for r in tail) / max(len(tail), 1),
-        "train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else math.nan,
-        **{k: v for k, v in extra.items() if v is not None}}
-    if val_hist:
-        metrics.update({k: v for k, v in val_hist[-1].items() if k.startswith("val_")})
-    png = loss_curve_png(hist, val_hist, title=f"distill {cfg.student} from {cfg.teacher}")
-    log_json = json.dumps({"history": hist, "val_history": val_hist}, indent=1)
-    params = cfg.model_dump(mode="json", exclude={"resume", "overwrite", "out", "model"})
-    staging = out.parent / f".{out.name}.final-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_model(model, tok, staging, step="distill", params=params, metrics=metrics,
-               extra_files={"loss_curve.png": png, "train_log.json": log_json})
-    try:
-        if ck_root.is_dir():
-            os.replace(ck_root, staging / "checkpoints")
-        commit_out_dir(staging, out)
-    except BaseException:
-        if (staging / "checkpoints").is_dir() and not ck_root.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / "checkpoints", ck_root)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return metrics
 
 
 def _teacher_stamp(ref: str) -> str:
