@@ -133,9 +133,9 @@ def run_distillation(cfg: DistillConfig) -> DistillResult:
     from slmkit.train.batches import PackedBatches
     from slmkit.train.loop import Trainer
     from slmkit.train.objectives_kd import IndexedBatches, KDObjective, KDSettings, TopKCache
-    from slmkit.train.run import _prepare_out, finish_run
+    from slmkit.train.run import finish_run, prepare_out, validation_set
 
-    out, ck_root = _prepare_out(cfg)
+    out, ck_root = prepare_out(cfg)
     if not cfg.resume:
         shutil.rmtree(out / CACHE_DIR, ignore_errors=True)   # another run's teacher targets
     if cfg.threads:
@@ -152,7 +152,7 @@ def run_distillation(cfg: DistillConfig) -> DistillResult:
 
     stats = CorpusStats()
     train_tokens = token_stream(cfg.data, tok, "train", cfg.val_fraction, stats=stats)
-    val_b, val_bpt = _validation_set(cfg, tok)
+    val_b, val_bpt = validation_set(cfg, tok)
     packed = PackedBatches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     precision = cfg.resolved_precision()
     settings = KDSettings(loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
@@ -194,25 +194,6 @@ def run_distillation(cfg: DistillConfig) -> DistillResult:
     skipped = [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
     return DistillResult(out=out, metrics=metrics, params=count_params(model)["total"],
                          precision=trainer.precision, skipped=skipped, kd_rows=kd_rows)
-
-
-def _validation_set(cfg: DistillConfig, tok):
-    """Fixed validation batches and their bytes per token (None, None without a val split)."""
-    from slmkit.data.tokens import token_stream
-    from slmkit.errors import DataError
-    from slmkit.train.batches import eval_batches
-    from slmkit.train.run import _val_bytes_per_token
-
-    if cfg.val_fraction <= 0:
-        return None, None
-    try:
-        val_tokens = token_stream(cfg.data, tok, "val", cfg.val_fraction)
-    except DataError as e:
-        from slmkit.console import log
-        log.warning("no validation: %s", e)
-        return None, None
-    val_b = eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
-    return val_b, _val_bytes_per_token(tok, val_b)
 
 
 def _teacher_stamp(ref: str) -> str:

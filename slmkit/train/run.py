@@ -223,11 +223,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                        precision=trainer.precision, skipped=skipped)
 
 
-#: Old private names, still imported by slmkit.train.distill.
-_prepare_out = prepare_out
-_val_bytes_per_token = val_bytes_per_token
-
-
 def run_train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Recipe step entry point: train, return the measured figures (``resume`` continues)."""
     if resume:
