@@ -369,6 +369,9 @@ def quantize(
     preserve_zeros: bool = typer.Option(True, "--preserve-zeros/--no-preserve-zeros",
                                         help="GPTQ: weights that are exactly zero (pruned) "
                                         "stay zero."),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="Also "
+                                             "store the token embedding table quantized "
+                                             "(RTN; a tied LM head shares the codes)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Instead: write a dense copy "
                                     "of a quantized MODEL (for tools that need one)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -390,7 +393,8 @@ def quantize(
     fields = dict(method=method, bits=bits, group_size=group_size, sym=sym,
                   calib_data=calib_data, calib_samples=calib_samples,
                   calib_seq_len=calib_seq_len, damp=damp, act_order=act_order,
-                  awq_clip=awq_clip, preserve_zeros=preserve_zeros)
+                  awq_clip=awq_clip, preserve_zeros=preserve_zeros,
+                  quantize_embeddings=quantize_embeddings)
     if targets:
         fields["targets"] = targets
     if ignore:
@@ -404,6 +408,7 @@ def quantize(
             ("weights quantized", f"{summary['quantized_params']:,}"),
             ("bits per weight", f"{summary['bits_per_weight']:.3f} "
                                 f"({summary['bits_per_weight'] / 16:.1%} of fp16)"),
+            *([("embeddings", summary["embeddings"])] if "embeddings" in summary else []),
             ("size on disk", f"{human_bytes(summary['size_on_disk'])} (input "
                              f"{human_bytes(src)})"),
             ("written to", summary["out"])]
@@ -919,6 +924,23 @@ def compare(
 
 # --------------------------------------------------------------------------- entry point
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``click``'s exception class, plus typer's vendored copy (typer >= 0.20 parses the
+    command line with its own ``typer._click``, whose errors are not click's)."""
+    classes = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        classes.append(getattr(vendored, name))
+    return tuple(classes)
+
+
+_CLICK_ERRORS = _click_classes("ClickException")
+_CLICK_ABORTS = _click_classes("Abort")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, map user errors to one line and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
@@ -930,10 +952,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
-    except click.exceptions.ClickException as e:
+    except _CLICK_ERRORS as e:  # usage errors: missing/extra arguments, bad values
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_CLICK_ABORTS, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -120,3 +120,14 @@ def test_help_for_every_verb(cli):
         with pytest.raises(SystemExit) as exc:
             main([*path, "--help"])
         assert exc.value.code == 0, path
+
+
+@pytest.mark.parametrize("args,says", [
+    (("init", "micro"), "Missing option '--preset'"),
+    (("train", "--bogus", "1"), "No such option: --bogus"),
+    (("quantize",), "Missing argument 'model'"),
+])
+def test_usage_errors_are_one_message_and_exit_2(cli, args, says):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert says in r.stderr and "Traceback" not in r.stderr + r.stdout

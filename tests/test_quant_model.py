@@ -192,3 +192,50 @@ def test_cli_quantize_info_requantize_and_dequantize(llama_dir, calib_dir, tmp_p
     dense = cli("quantize", out, "--dequantize", "--out", tmp_path / "dense")
     assert dense.returncode == 0, dense.stderr
     assert model_info(tmp_path / "dense")["format"] == "dense"
+
+
+@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32)])
+def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, tokenizer, calib_dir,
+                                                             tmp_path):
+    from slmkit.engine import stream_tokens
+    from slmkit.nn.quant_embedding import QuantEmbedding
+
+    model = build_tiny_model("llama", tokenizer, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    table = model.model.embed_tokens.weight.detach().clone()
+    x = _ids(tokenizer)
+    with torch.no_grad():
+        dense = model(x).logits
+    summary = quantize_model(model, tokenizer, _cfg(calib_dir, bits=bits, group_size=group,
+                                                    quantize_embeddings=True))
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QuantEmbedding) and type(head) is QuantLinear
+    assert "tied lm_head" in summary["embeddings"]
+    assert torch.equal(emb.qweight, head.qweight) and torch.equal(emb.scales, head.scales)
+    # a lookup returns exactly the dequantized rows, and they are close to the fp32 table
+    rows = emb(x)
+    torch.testing.assert_close(rows[0], emb.dequantize_weight()[x[0]])
+    err = float((emb.dequantize_weight() - table).abs().mean() / table.abs().mean())
+    assert 0 < err < (0.02 if bits == 8 else 0.2)
+    rel = float((_exact_logits(model, x) - dense).abs().mean() / dense.abs().mean())
+    assert rel < (0.05 if bits == 8 else 0.3)
+
+    save_model(model, tokenizer, tmp_path / "q", step="quantize")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded, _ = load_model(tmp_path / "q")
+    assert isinstance(loaded.model.embed_tokens, QuantEmbedding)
+    torch.testing.assert_close(_exact_logits(loaded, x), _exact_logits(model, x))
+    prompt = x[0, :8].tolist()
+    assert list(stream_tokens(loaded, prompt, 6)) == list(stream_tokens(model, prompt, 6))
+    dequantize_model(loaded)
+    assert type(loaded.model.embed_tokens) is torch.nn.Embedding
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, emb.dequantize_weight())
+
+
+def test_quantize_embeddings_refuses_a_group_that_does_not_divide_the_width(tokenizer,
+                                                                           calib_dir):
+    model = build_tiny_model("llama", tokenizer)
+    width = model.model.embed_tokens.embedding_dim
+    with pytest.raises(ConfigError, match="embedding"):
+        quantize_model(model, tokenizer, _cfg(calib_dir, bits=4, group_size=width * 2,
+                                              quantize_embeddings=True))

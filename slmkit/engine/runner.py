@@ -73,7 +73,7 @@ class FastRunner:
         self.model = model
         self.embed, self.layers, self.norm = core.embed_tokens, list(core.layers), core.norm
         self.lm_head = model.lm_head
-        weight = self.embed.weight
+        weight = self.norm.weight  # the embedding may be a QuantEmbedding (no .weight)
         self.dtype, self.device = weight.dtype, weight.device
         cfg = model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -67,6 +67,8 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str
     if is_quantized(model):
         raise ConfigError("This model is already quantized; quantize the original dense "
                           "model instead (or `slm quantize --dequantize` it first).")
+    if cfg.quantize_embeddings:
+        _check_embedding(model, cfg)
     linears = match_linears(model, cfg.targets, cfg.ignore)
     if not linears:
         raise ConfigError(f"No linear layer matches --targets {cfg.targets} (minus --ignore "
@@ -99,9 +101,51 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str
         n_params += n
         total_bits += n * layer.bits_per_weight
     bpw = total_bits / n_params
+    summary = {"layers": len(modifier.results), "quantized_params": n_params,
+               "bits_per_weight": round(bpw, 3)}
+    if cfg.quantize_embeddings:
+        summary["embeddings"] = quantize_embeddings(model, cfg)
     _mark_config(model, cfg, modifier.results, bpw)
-    return {"layers": len(modifier.results), "quantized_params": n_params,
-            "bits_per_weight": round(bpw, 3)}
+    return summary
+
+
+def _check_embedding(model: nn.Module, cfg: QuantizeConfig) -> nn.Embedding:
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding:
+        raise ConfigError(f"--quantize-embeddings needs a plain nn.Embedding, but this model's "
+                          f"input embedding is {type(emb).__name__}; drop the option.")
+    check_scheme(cfg.bits, cfg.group_size, emb.embedding_dim, "the embedding")
+    if cfg.bits == 4 and emb.embedding_dim % 2:
+        raise ConfigError(f"The embedding has an odd width ({emb.embedding_dim}), which 4-bit "
+                          "packing cannot store; drop --quantize-embeddings or use --bits 8.")
+    return emb
+
+
+def quantize_embeddings(model: nn.Module, cfg: QuantizeConfig) -> str:
+    """Replace the input embedding by a :class:`QuantEmbedding` (RTN, ``cfg``'s grid).
+
+    A tied LM head (``tie_word_embeddings``) cannot keep pointing at a dense table that no
+    longer exists, so it becomes a ``QuantLinear`` with the same codes and the config is
+    untied; an untied head is left to ``--targets`` / ``--ignore``.
+
+    Returns:
+        A one-line description for the summary.
+    """
+    from slmkit.nn.quant_embedding import QuantEmbedding
+
+    emb = _check_embedding(model, cfg)
+    name = next(n for n, m in model.named_modules() if m is emb)
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    qemb = QuantEmbedding.from_embedding(emb, cfg.bits, cfg.group_size, cfg.sym)
+    set_module(model, name, qemb)
+    what = f"{name} ({emb.num_embeddings}x{emb.embedding_dim}, RTN)"
+    if tied:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        set_module(model, head_name, qemb.as_linear())
+        what += f"; tied {head_name} uses the same codes"
+    model.config.tie_word_embeddings = False
+    return what
 
 
 def _mark_config(model: nn.Module, cfg: QuantizeConfig, results: dict, bpw: float) -> None:

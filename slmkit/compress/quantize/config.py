@@ -28,6 +28,8 @@ class QuantizeConfig(BaseModel):
         damp, act_order, block_size: GPTQ options; ``preserve_zeros`` keeps exactly-zero
             (pruned) weights at zero (RTN and AWQ always do).
         awq_grid, awq_clip: AWQ scale grid size and whether to search clipping ratios.
+        quantize_embeddings: also store the token embedding table with the same grid (RTN,
+            row by row). A tied LM head then becomes a quantized head with the same codes.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -47,6 +49,7 @@ class QuantizeConfig(BaseModel):
     block_size: int = 128
     awq_grid: int = 20
     awq_clip: bool = True
+    quantize_embeddings: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
@@ -72,7 +75,7 @@ class QuantizeConfig(BaseModel):
     def scheme(self) -> dict:
         """What ``config.json`` records (and what ``QuantLinear`` needs to be rebuilt)."""
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym}
+                "sym": self.sym, "embeddings": self.quantize_embeddings}
 
 
 def make_config(**kwargs) -> QuantizeConfig:

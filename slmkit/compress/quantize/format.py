@@ -13,9 +13,11 @@ import copy
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from slmkit.compress.match import is_conv1d, linear_shape, set_module
 from slmkit.errors import ModelLoadError
+from slmkit.nn.quant_embedding import QuantEmbedding
 from slmkit.nn.quant_linear import QuantLinear
 
 
@@ -60,24 +62,35 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
             raise ModelLoadError(f"'{model_dir}' lists quantized layer '{name}', which its "
                                  "architecture does not have; re-create it with "
                                  "`slm quantize`.") from None
+        if isinstance(old, nn.Embedding):
+            layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, bits, group_size, sym,
+                                   padding_idx=old.padding_idx, dtype=dtype)
+            _fill(layer, state, name, model_dir)
+            set_module(model, name, layer)
+            continue
         out_f, in_f = linear_shape(old)
         layer = QuantLinear(in_f, out_f, bits, group_size, sym,
                             bias=getattr(old, "bias", None) is not None,
                             input_scale=f"{name}.input_scale" in state, conv1d=is_conv1d(old), dtype=dtype)
-        own = {k: state.get(f"{name}.{k}") for k in layer.state_dict()}
-        missing = [k for k, v in own.items() if v is None]
-        if missing:
-            raise ModelLoadError(f"'{model_dir}' has no '{name}.{missing[0]}' tensor for a "
-                                 "quantized layer; the checkpoint is incomplete, re-create "
-                                 "it with `slm quantize`.")
-        try:
-            layer.load_state_dict(own, strict=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"'{model_dir}' has wrongly shaped tensors for quantized "
-                                 f"layer '{name}' ({str(e).splitlines()[-1].strip()[:100]}); "
-                                 "re-create it with `slm quantize`.") from None
+        _fill(layer, state, name, model_dir)
         set_module(model, name, layer)
     return model.to(device)
+
+
+def _fill(layer: QuantLinear, state: dict, name: str, model_dir: Path) -> None:
+    """Load one quantized layer's tensors, with a clear error for a broken checkpoint."""
+    own = {k: state.get(f"{name}.{k}") for k in layer.state_dict()}
+    missing = [k for k, v in own.items() if v is None]
+    if missing:
+        raise ModelLoadError(f"'{model_dir}' has no '{name}.{missing[0]}' tensor for a "
+                             "quantized layer; the checkpoint is incomplete, re-create "
+                             "it with `slm quantize`.")
+    try:
+        layer.load_state_dict(own, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"'{model_dir}' has wrongly shaped tensors for quantized "
+                             f"layer '{name}' ({str(e).splitlines()[-1].strip()[:100]}); "
+                             "re-create it with `slm quantize`.") from None
 
 
 def _quantized_tensors(files) -> dict[str, torch.Tensor]:
