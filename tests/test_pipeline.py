@@ -182,3 +182,105 @@ def test_recipe_variables(tmp_path, tokenizer_dir):
     bad = _write(tmp_path, body.replace("${vars.preset}", "${vars.nope}"), "bad.yaml")
     with pytest.raises(ConfigError, match=r"bad.yaml:6: .*vars.nope"):
         load_recipe(bad)
+
+
+def _eval_recipe(tok: str, wd, corpus: str, layers: int = 2, limit: int = 3) -> str:
+    return f"""\
+        workdir: {wd}
+        steps:
+          - name: model
+            step: init
+            preset: nano
+            tokenizer: {tok}
+            set: {{num_hidden_layers: {layers}}}
+          - name: ev
+            step: eval
+            model: ${{model}}
+            data: {corpus}
+            split: all
+            tasks: [stdlib-funcname]
+            task_limit: {limit}
+            max_bytes: 2000
+            speed: false
+        """
+
+
+@pytest.fixture(scope="module")
+def small_corpus():
+    import sysconfig
+    from pathlib import Path
+
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")
+
+
+def test_eval_step_runs_caches_and_invalidates(tmp_path, tokenizer_dir, small_corpus):
+    import json
+
+    from slmkit.models.lineage import read_lineage, read_record
+
+    wd = tmp_path / "work"
+    path = _write(tmp_path, _eval_recipe(tokenizer_dir, wd, small_corpus))
+    first = run_recipe(load_recipe(path))
+    assert [r.status for r in first] == ["ran", "ran"]
+    figures = first[1].metrics
+    assert figures["ppl"] > 1 and 0 <= figures["task_score"] <= 1
+    assert figures["task_score"] == figures["stdlib-funcname:exact_match"]
+    res = json.loads((wd / "ev" / "results.json").read_text())
+    assert res["perplexity"]["bytes"] == 2000 and res["tasks"]["stdlib-funcname"]["n"] == 3
+    assert "speed" not in res
+    # the eval dir's lineage: the model's chain plus an eval entry holding the summary
+    record = read_record(wd / "ev")
+    assert record["step"] == "eval" and record["parent"] == str(wd / "model")
+    assert record["metrics"]["ppl"] == pytest.approx(figures["ppl"])
+    assert [e["step"] for e in read_lineage(wd / "ev")][-2:] == ["init", "eval"]
+    assert "ppl" not in (read_record(wd / "model").get("metrics") or {})  # record: false
+    assert [r.status for r in run_recipe(load_recipe(path))] == ["cached", "cached"]
+    # an eval option reruns only the eval; a changed model reruns both
+    path = _write(tmp_path, _eval_recipe(tokenizer_dir, wd, small_corpus, limit=2))
+    assert [r.status for r in run_recipe(load_recipe(path))] == ["cached", "ran"]
+    assert json.loads((wd / "ev" / "results.json").read_text())["tasks"][
+        "stdlib-funcname"]["n"] == 2
+    path = _write(tmp_path, _eval_recipe(tokenizer_dir, wd, small_corpus, layers=1, limit=2))
+    assert [r.status for r in run_recipe(load_recipe(path))] == ["ran", "ran"]
+
+
+def test_eval_step_options_are_validated(tmp_path):
+    body = """\
+        steps:
+          - name: ev
+            step: eval
+            model: somewhere
+            split: test
+        """
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError, match=rf"{path}:5: step 'ev', field 'split'"):
+        load_recipe(path)
+
+
+def test_optional_steps_run_only_when_referred_to(tmp_path, tokenizer_dir):
+    body = f"""\
+        vars: {{model: "${{base}}"}}
+        workdir: {tmp_path / 'w'}
+        steps:
+          - name: tok
+            step: tokenizer
+            optional: true
+            vocab_size: 400
+          - name: base
+            step: init
+            optional: true
+            preset: nano
+            tokenizer: ${{tok}}
+          - name: copy
+            step: init
+            preset: nano
+            tokenizer: ${{vars.model}}
+        """
+    path = _write(tmp_path, body)
+    assert [s.name for s in load_recipe(path).steps] == ["tok", "base", "copy"]
+    # the variable now names an outside model: base, then tok (only base used it), drop out
+    recipe = load_recipe(path, overrides=[f"vars.model={tokenizer_dir}"])
+    assert [s.name for s in recipe.steps] == ["copy"]
+    bad = _write(tmp_path, body.replace("optional: true", "optional: maybe", 1), "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml:6: step 'tok': 'optional' must be"):
+        load_recipe(bad)

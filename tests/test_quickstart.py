@@ -20,7 +20,71 @@ def test_every_shipped_recipe_validates(path, tmp_path):
 
 def test_required_recipes_are_shipped():
     names = {p.stem for p in RECIPES.glob("*.yaml")}
-    assert {"quickstart", "compress-hf-model"} <= names
+    assert {"quickstart", "compress-hf-model", "distill", "finetune-lora"} <= names
+
+
+@pytest.mark.parametrize("name, var, dropped", [
+    ("distill", "teacher", {"tokenizer", "teacher"}),
+    ("finetune-lora", "model", {"tokenizer", "base"}),
+])
+def test_recipe_input_var_replaces_the_built_in_model(name, var, dropped, tmp_path):
+    """Offline by default (the recipe trains its own model); a given model drops those steps."""
+    own = {s.name for s in load_recipe(recipe_path(name), tmp_path).steps}
+    assert dropped <= own
+    given = load_recipe(recipe_path(name), tmp_path, overrides=[f"vars.{var}=/models/mine"])
+    assert not dropped & {s.name for s in given.steps}
+    assert any(s.options.get("model") == "/models/mine" or s.options.get("teacher") ==
+               "/models/mine" for s in given.steps)
+
+
+def test_task_score_is_the_mean_of_each_tasks_main_score():
+    from slmkit.pipeline.quickstart import _task_score
+
+    m = {"tasks": {"mc": {"metric": "acc", "acc": 0.25, "score": 0.25},
+                   "gen": {"metric": "rouge_l", "exact_match": 0.0, "rouge_l": 0.5,
+                           "score": 0.5}}}
+    assert _task_score(m) == "37.5%"
+    assert _task_score({"tasks": {}}) == "–"
+
+
+def tiny_finetune_overrides() -> list[str]:
+    """finetune-lora.yaml in seconds: nano base, a few steps, one small stdlib package."""
+    import sysconfig
+
+    corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")
+    out = ["tokenizer.vocab_size=400", f"tokenizer.data={corpus}", "base.model=nano",
+           "base.max_steps=3", "base.max_minutes=null", f"base.data={corpus}",
+           "base.seq_len=64", "base.batch_size=4", "base.eval_every=3", "base.eval_tokens=512",
+           "lora.max_steps=3", "lora.max_minutes=null", "lora.max_samples=12",
+           "lora.seq_len=128", "lora.batch_size=4"]
+    for ev in ("before", "after"):
+        out += [f"{ev}.task_limit=3", f"{ev}.max_bytes=2000", f"{ev}.data={corpus}",
+                f"{ev}.split=all"]
+    return out
+
+
+@pytest.mark.slow
+def test_finetune_lora_recipe_end_to_end(tmp_path):
+    import slmkit
+    from slmkit.models.lineage import read_lineage
+    from slmkit.pipeline.runner import run_recipe
+
+    recipe = load_recipe(recipe_path("finetune-lora"), tmp_path, tiny_finetune_overrides())
+    results = run_recipe(recipe)
+    assert [(r.name, r.status) for r in results] == [
+        ("tokenizer", "ran"), ("base", "ran"), ("before", "ran"), ("lora", "ran"),
+        ("after", "ran")]
+    before, after = (json.loads((tmp_path / n / "results.json").read_text()) for n in
+                     ("before", "after"))
+    assert before["tasks"]["stdlib-docstring"]["n"] == after["tasks"]["stdlib-docstring"]["n"]
+    assert before["perplexity"]["bytes"] == after["perplexity"]["bytes"] == 2000
+    # the merged LoRA model is a plain dense model: loads without the adapter
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
+    model, _ = slmkit.load_model(tmp_path / "lora")
+    assert model is not None
+    assert [e["step"] for e in read_lineage(tmp_path / "after")][-3:] == [
+        "train", "finetune", "eval"]
+    assert all(r.status == "cached" for r in run_recipe(recipe))
 
 
 def test_mini_overrides_validate(tmp_path):

@@ -105,11 +105,9 @@ def final_table(report: Path) -> dict[str, Any]:
 
 
 def _task_score(m: dict[str, Any]) -> str:
-    """Mean of each task's main score (accuracy for multiple choice, exact match otherwise)."""
-    scores = []
-    for res in (m.get("tasks") or {}).values():
-        for key in ("accuracy", "exact_match", "rougeL", "f1"):
-            if isinstance(res, dict) and isinstance(res.get(key), (int, float)):
-                scores.append(res[key])
-                break
+    """Mean of each task's main score (``score``: accuracy for multiple choice, the task's
+    own metric for generation, e.g. exact match for stdlib-funcname, ROUGE-L for
+    stdlib-docstring)."""
+    scores = [res["score"] for res in (m.get("tasks") or {}).values()
+              if isinstance(res, dict) and isinstance(res.get("score"), (int, float))]
     return f"{sum(scores) / len(scores):.1%}" if scores else "–"

@@ -12,6 +12,10 @@ A recipe::
         tokenizer: ${tok}          # the output of an earlier (or any other) step
         model: ${vars.preset}      # a recipe variable: `vars: {preset: micro}`; --set vars.preset=nano
 
+A step marked ``optional: true`` runs only while another step refers to it. A recipe can
+thus default an input to a step of its own (``vars: {model: ${base}}``, where ``base``
+trains a small model) and drop that step when ``--set vars.model=DIR`` supplies one.
+
 Errors name the file, the line and the field: an unknown step kind, a bad option (checked
 by the verb's own pydantic model), a reference to an undefined step, a duplicate name, or a
 cycle. Nothing runs until the whole recipe is valid.
@@ -33,7 +37,7 @@ from slmkit.pipeline.steps import PLANNED, STEP_KINDS
 
 REF = re.compile(r"\$\{([A-Za-z_][\w\-]*)\}")
 VAR = re.compile(r"\$\{vars\.([A-Za-z_][\w\-]*)\}")
-_RESERVED = {"name", "step"}
+_RESERVED = {"name", "step", "optional"}
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Step:
     line: int                        # 1-based line of the step in the recipe
     option_lines: dict[str, int] = field(default_factory=dict)
     deps: list[str] = field(default_factory=list)
+    optional: bool = False           # runs only while another step refers to it
 
 
 @dataclass
@@ -134,9 +139,13 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None,
                            f"slmkit version; available: {', '.join(STEP_KINDS)}.")
             raise _err(path, where, f"step '{name}': unknown step kind '{kind}'; use one of "
                        f"{', '.join(STEP_KINDS)}.")
+        optional = raw.get("optional", False)
+        if not isinstance(optional, bool):
+            raise _err(path, lines.get("optional", line), f"step '{name}': 'optional' must be "
+                       "true or false.")
         options = {k: _substitute_vars(v, variables, path, lines.get(k, line), name, k)
                    for k, v in raw.items() if k not in _RESERVED}
-        steps.append(Step(name, kind, options, line, lines))
+        steps.append(Step(name, kind, options, line, lines, optional=optional))
 
     _apply_overrides(path, steps, overrides)
     names = {s.name for s in steps}
@@ -152,7 +161,7 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None,
                                f"step '{s.name}', field '{key}' refers to the step itself.")
                 if ref not in s.deps:
                     s.deps.append(ref)
-    ordered = _toposort(steps, path)
+    ordered = _toposort(_drop_unused(steps), path)
     wd = Path(workdir) if workdir else Path(data.get("workdir") or f"runs/{path.stem}")
     recipe = Recipe(path, wd, ordered)
     for s in ordered:
@@ -197,6 +206,17 @@ def _apply_overrides(path: Path, steps: list[Step], overrides: list[str]) -> Non
         except yaml.YAMLError:
             value = raw
         by_name[name].options[key] = value
+
+
+def _drop_unused(steps: list[Step]) -> list[Step]:
+    """Remove optional steps no remaining step refers to (repeatedly: a dropped step may
+    have been the only user of another optional step)."""
+    while True:
+        used = {dep for s in steps for dep in s.deps}
+        keep = [s for s in steps if not s.optional or s.name in used]
+        if len(keep) == len(steps):
+            return steps
+        steps = keep
 
 
 def _refs(value: Any) -> list[str]:

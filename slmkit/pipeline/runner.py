@@ -122,9 +122,12 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 #: The figures worth a glance in the summary, in order of preference (at most three shown).
-HEADLINES = (("val_ppl", "val ppl"), ("val_bpb", "bits/byte"), ("sparsity", "sparsity"),
+HEADLINES = (("val_ppl", "val ppl"), ("val_bpb", "bits/byte"), ("ppl", "ppl"),
+             ("bits_per_byte", "bits/byte"), ("task_score", "task score"),
+             ("sparsity", "sparsity"),
              ("param_fraction", "params kept"), ("decode_speedup", "decode ×"),
              ("bits_per_weight", "bits/weight"), ("params", "params"),
+             ("train_loss", "train loss"),
              ("vocab_size", "vocab"), ("val_bytes_per_token", "bytes/token"),
              ("factored_params", "factored params"), ("models", "models"),
              ("failed", "failed"), ("size_on_disk", "size"), ("gguf_bytes", "size"))
@@ -141,6 +144,8 @@ def headline(metrics: dict[str, Any], limit: int = 3) -> str:
                 text = human_bytes(v)
             elif key in ("params", "factored_params"):
                 text = human_count(v)
+            elif key == "task_score":
+                text = f"{v:.1%}"
             elif key in ("sparsity", "param_fraction"):
                 text = f"{v:.0%}"
             else:

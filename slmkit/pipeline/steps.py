@@ -59,6 +59,8 @@ STEP_KINDS: dict[str, StepKind] = {
     "factorize": StepKind("slmkit.compress.factorize.api:FactorizeConfig",
                           "slmkit.compress.factorize.api:run_factorize",
                           description="SVD / activation-aware SVD low-rank factorization"),
+    "eval": StepKind("slmkit.pipeline.adapters:EvalStep", "slmkit.pipeline.adapters:run_eval",
+                     description="one model's perplexity, task scores and speed (results.json)"),
     "compare": StepKind("slmkit.pipeline.adapters:CompareStep",
                         "slmkit.pipeline.adapters:run_compare",
                         description="side-by-side evaluation report of several models"),
@@ -68,4 +70,4 @@ STEP_KINDS: dict[str, StepKind] = {
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
-PLANNED = ("augment", "eval")
+PLANNED = ("augment",)
