@@ -251,8 +251,13 @@ def distill(
 def finetune(
     model: str = typer.Argument(..., help="Model dir to fine-tune."),
     data: list[str] = typer.Option(..., "--data", "-d", help="Task JSONL with prompt/"
-                                   "completion or chat messages rows (repeatable)."),
+                                   "completion or chat messages rows, an `slm augment` output "
+                                   "dir, or a built-in task (stdlib-docstring, "
+                                   "stdlib-funcname, stdlib-nextline: its train split); "
+                                   "repeatable."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dir (adapter or model)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this "
+                                              "many samples (first rows / mined items)."),
     method: str = typer.Option("lora", help="lora (peft adapters), qlora (LoRA over a 4-bit "
                                "QuantLinear base, merged at the end) or full."),
     rank: int = typer.Option(8, help="LoRA rank r."),
@@ -265,8 +270,9 @@ def finetune(
     requantize: bool = typer.Option(False, help="QLoRA: re-quantize the merged model to 4 bit "
                                     "and print the loss it costs."),
     pack: bool = typer.Option(False, help="Pack several samples per sequence."),
-    template: str = typer.Option("chat", help="chat (the tokenizer's chat template) or plain "
-                                 "(prompt + completion + eos, for raw-prompt tasks)."),
+    template: str = typer.Option("auto", help="chat (the tokenizer's chat template), plain "
+                                 "(prompt + completion + eos, for raw-prompt tasks) or auto "
+                                 "(plain for built-in tasks, chat for JSONL)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     max_tokens: Optional[int] = typer.Option(None, help="Stop after this many trained tokens."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
@@ -290,7 +296,8 @@ def finetune(
     cfg = FinetuneConfig.from_cli(
         model=model, data=data[0] if len(data) == 1 else data, out=str(out), method=method,
         rank=rank, alpha=alpha, dropout=dropout, target_modules=targets, merge=merge,
-        pack=pack, template=template, requantize=requantize, max_steps=max_steps,
+        pack=pack, template=template, requantize=requantize, max_samples=max_samples,
+        max_steps=max_steps,
         max_tokens=max_tokens,
         max_minutes=max_minutes,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
@@ -298,6 +305,44 @@ def finetune(
         seed=seed, resume=resume, overwrite=overwrite)
     result = run_finetuning(cfg)
     print_table("slm finetune", result.summary_rows())
+
+
+@app.command()
+def augment(
+    model: str = typer.Argument(..., help="Teacher model dir."),
+    data: str = typer.Option(..., "--data", "-d", help="Task JSONL (prompt/completion rows), "
+                             "an augment output dir, or a built-in task (stdlib-docstring, "
+                             "...: its train split)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir (gets data.jsonl)."),
+    mode: str = typer.Option("completions", help="completions (new completions per prompt) or "
+                             "paraphrase (rewritten prompts, original completion kept)."),
+    n_per_sample: int = typer.Option(2, "--n-per-sample", "-n", help="Generations per row."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens per new completion at most."),
+    max_samples: Optional[int] = typer.Option(None, help="Augment only the first N rows."),
+    min_length: int = typer.Option(1, help="Drop generations shorter than this (tokens)."),
+    max_length: Optional[int] = typer.Option(None, help="Drop generations longer than this "
+                                             "(tokens)."),
+    min_logprob: Optional[float] = typer.Option(None, help="Drop rows whose completion has a "
+                                                "lower mean log-prob per token under the "
+                                                "teacher (e.g. -3)."),
+    keep_original: bool = typer.Option(True, help="Write the original rows too."),
+    template: str = typer.Option("auto", help="auto, chat or plain (as in slm finetune)."),
+    batch_size: int = typer.Option(8, help="Concurrent generations."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Expand a task set with a teacher: sample, filter (dedup, length, log-prob), write JSONL."""
+    from slmkit.train.augment import make_augment_config, run_augment, summary_rows
+
+    cfg = make_augment_config(
+        model=model, data=data, out=str(out), mode=mode, n_per_sample=n_per_sample,
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        max_samples=max_samples, min_length=min_length, max_length=max_length,
+        min_logprob=min_logprob, keep_original=keep_original, template=template,
+        batch_size=batch_size, seed=seed, overwrite=overwrite)
+    print_table("slm augment", summary_rows(run_augment(cfg)))
 
 
 # --------------------------------------------------------------------------- recipes

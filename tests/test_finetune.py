@@ -204,3 +204,61 @@ def test_cli_finetune_and_bad_input(llama_dir, task_file, tmp_path, cli):
             "--max-steps", "2")
     assert r.returncode == 2 and "line 2" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- built-in task data
+
+
+def test_builtin_task_rows_come_from_the_train_split(tokenizer):
+    from slmkit.eval.mining import mine_tasks
+    from slmkit.train.sft import load_sft_examples
+    from slmkit.train.task_data import builtin_task_rows, default_template
+
+    rows = builtin_task_rows("stdlib-docstring", max_samples=5)
+    val_prompts = {it["prompt"] for it in mine_tasks(["stdlib-docstring"], limit=None)
+                   ["stdlib-docstring"]}
+    assert len(rows) == 5 and not {r["prompt"] for r in rows} & val_prompts   # no leakage
+    assert all(r["completion"].endswith('"""') and r["prompt"].endswith('.__doc__ = """')
+               for r in rows)
+    assert default_template("stdlib-docstring") == "plain"
+    assert default_template("task.jsonl") == "chat"
+    exs = load_sft_examples("stdlib-docstring", tokenizer, 4096, "plain", max_samples=3)
+    assert len(exs) == 3
+    text = tokenizer.decode(exs[0].ids)
+    assert text == rows[0]["prompt"] + rows[0]["completion"] + tokenizer.eos_token
+
+
+def test_cli_finetune_on_builtin_task(llama_dir, tmp_path, cli):
+    from slmkit.models.lineage import read_record
+
+    out = tmp_path / "ft-doc"
+    r = cli("finetune", str(llama_dir), "--data", "stdlib-docstring", "--max-samples", "6",
+            "--out", str(out), "--max-steps", "2", "--seq-len", "256", "--batch-size", "2",
+            "--rank", "2")
+    assert r.returncode == 0, r.stderr
+    assert "plain template" in r.stdout
+    rec = read_record(out)
+    assert rec["params"]["template"] == "plain" and rec["params"]["max_samples"] == 6
+    assert 0 < rec["metrics"]["samples"] <= 6
+
+
+@pytest.mark.parametrize("method,targets,needle", [
+    ("lora", "q_proj,(oops", "'(oops' is not a valid regular"),
+    ("qlora", "q_proj,nothing_here", "nothing_here match no")])
+def test_cli_bad_target_modules(llama_dir, task_file, tmp_path, cli, method, targets, needle):
+    out = tmp_path / "t"
+    r = cli("finetune", str(llama_dir), "--data", str(task_file), "--out", str(out),
+            "--method", method, "--target-modules", targets, "--max-steps", "1")
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_target_regex_expands_to_module_names(llama_dir):
+    from slmkit.models import load_model
+    from slmkit.train.lora import apply_lora
+
+    model = apply_lora(load_model(llama_dir, dtype="fp32")[0], rank=2,
+                       target_modules=["(q|v)_proj"])
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters()
+               if "lora_A" in n}
+    assert wrapped == {"q_proj", "v_proj"}

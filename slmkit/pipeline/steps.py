@@ -51,6 +51,8 @@ STEP_KINDS: dict[str, StepKind] = {
     "finetune": StepKind("slmkit.train.finetune:FinetuneConfig",
                          "slmkit.train.finetune:run_finetune", resumable=True,
                          description="LoRA / QLoRA / full fine-tuning on a task JSONL"),
+    "augment": StepKind("slmkit.train.augment:AugmentConfig", "slmkit.train.augment:run_augment",
+                        description="a task set expanded by a teacher model, filtered"),
     "quantize": StepKind("slmkit.pipeline.adapters:QuantizeStep",
                          "slmkit.pipeline.adapters:run_quantize",
                          description="RTN / GPTQ / AWQ weight quantization"),
@@ -70,4 +72,4 @@ STEP_KINDS: dict[str, StepKind] = {
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
-PLANNED = ("augment",)
+PLANNED: tuple[str, ...] = ()

@@ -34,7 +34,11 @@ class FinetuneConfig(TrainConfig):
     a short warm-up, no weight decay, and no held-out split of the (usually small) task file.
     """
 
-    data: str | list[str] = Field(description="task JSONL: prompt/completion or messages rows")
+    data: str | list[str] = Field(description="task JSONL (prompt/completion or messages "
+                                  "rows), an `slm augment` output dir, or a built-in task "
+                                  "(stdlib-docstring, ...; its train split)")
+    max_samples: int | None = Field(default=None, ge=1, description="use at most this many "
+                                    "samples (the first rows / items)")
     method: Literal["lora", "qlora", "full"] = "lora"
     rank: int = Field(default=8, ge=1, description="LoRA rank r")
     alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (scale alpha / r)")
@@ -46,9 +50,10 @@ class FinetuneConfig(TrainConfig):
     requantize: bool = Field(default=False, description="QLoRA: re-quantize the merged model "
                              "to 4 bit and record the SFT loss it costs")
     pack: bool = Field(default=False, description="pack several samples per sequence")
-    template: Literal["chat", "plain"] = Field(
-        default="chat", description="chat: the tokenizer's chat template; plain: prompt + "
-        "completion + eos (tasks scored on raw prompts)")
+    template: Literal["auto", "chat", "plain"] = Field(
+        default="auto", description="chat: the tokenizer's chat template; plain: prompt + "
+        "completion + eos (tasks scored on raw prompts); auto: plain for built-in tasks "
+        "and augment outputs made from one, chat otherwise")
 
     seq_len: int = Field(default=256, ge=8)
     batch_size: int = Field(default=8, ge=1)
@@ -97,6 +102,7 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
     from slmkit.train.objectives import LMObjective
     from slmkit.train.run import finish_run, load_model_and_tokenizer, prepare_out
     from slmkit.train.sft import SFTBatches, load_sft_examples
+    from slmkit.train.task_data import default_template
 
     if cfg.model in PRESETS:
         raise ConfigError(f"--model {cfg.model} is a preset; fine-tune a trained model dir.")
@@ -110,7 +116,10 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model_and_tokenizer(cfg)
     _check_context(model, cfg)
-    examples = load_sft_examples(cfg.data, tok, cfg.seq_len, cfg.template)
+    if cfg.template == "auto":                   # the lineage records what was used
+        cfg = cfg.model_copy(update={"template": default_template(cfg.data)})
+    template = cfg.template
+    examples = load_sft_examples(cfg.data, tok, cfg.seq_len, template, cfg.max_samples)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     batches = SFTBatches(examples, cfg.seq_len, cfg.batch_size, pad_id, seed=cfg.seed,
                          pack=cfg.pack)
@@ -152,7 +161,7 @@ def run_finetuning(cfg: FinetuneConfig) -> FinetuneResult:
             "dense model (merged into the dequantized 4-bit base)"}.get(cfg.method, "dense model")
     rows = [("method", f"{cfg.method}" + (f" r={cfg.rank} alpha={cfg.alpha:g}"
                                           if cfg.method != "full" else "")),
-            ("samples", len(examples)),
+            ("samples", f"{len(examples)} ({template} template)"),
             ("trainable", f"{trainable:,} / {total:,} ({trainable / total:.2%})"),
             ("output", kind)]
     if "requantize_loss_cost" in extra:

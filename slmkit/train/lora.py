@@ -24,10 +24,51 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_pro
                    "down_proj", "gate_up_proj", "c_attn", "c_proj", "c_fc"]
 
 
+def _compile_targets(targets: list[str]) -> list[re.Pattern]:
+    """Compile target names/regexes; an invalid regex is a ConfigError naming it."""
+    out = []
+    for t in targets:
+        try:
+            out.append(re.compile(t))
+        except re.error as e:
+            raise ConfigError(f"--target-modules pattern '{t}' is not a valid regular "
+                              f"expression ({e}); fix it or list plain module names such as "
+                              "q_proj,v_proj.") from None
+    return out
+
+
+def _adaptable(mod: torch.nn.Module) -> bool:
+    """A projection LoRA can wrap: nn.Linear, GPT-2's Conv1D or our QuantLinear."""
+    return isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "QuantLinear")
+
+
+def _leaf_matches(model: torch.nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """For each target (a name or a regex over last name components), the leaves it matches."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                     if _adaptable(mod) and name.rsplit(".", 1)[-1] != "lm_head"})
+    return {t: [x for x in leaves if x == t or pat.fullmatch(x)]
+            for t, pat in zip(targets, _compile_targets(targets))}
+
+
 def _present_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """The target names that match at least one module's last name component."""
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return [t for t in targets if t in leaves or any(re.fullmatch(t, x) for x in leaves)]
+    return [t for t, hits in _leaf_matches(model, targets).items() if hits]
+
+
+def _check_targets(model: torch.nn.Module, target_modules: list[str] | None) -> list[str]:
+    """The concrete leaf names to adapt (regexes expanded: peft matches list entries literally).
+
+    Raises:
+        ConfigError: an invalid regex, or a requested target that matches no module.
+    """
+    wanted = target_modules or DEFAULT_TARGETS
+    matches = _leaf_matches(model, wanted)
+    missing = [t for t, hits in matches.items() if not hits]
+    if (target_modules and missing) or len(missing) == len(wanted):
+        raise ConfigError(f"--target-modules {','.join(missing)} match no module of this "
+                          f"{model.config.model_type} model; use names such as "
+                          f"{', '.join(_present_targets(model, DEFAULT_TARGETS)[:4])}.")
+    return sorted({x for hits in matches.values() for x in hits})
 
 
 def apply_lora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
@@ -50,13 +91,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
     """
     from peft import LoraConfig, get_peft_model
 
-    wanted = target_modules or DEFAULT_TARGETS
-    present = _present_targets(model, wanted)
-    if not present or (target_modules and len(present) < len(target_modules)):
-        missing = [t for t in wanted if t not in present] if present else wanted
-        raise ConfigError(f"--target-modules {','.join(missing)} match no module of this "
-                          f"{model.config.model_type} model; use names such as "
-                          f"{', '.join(_present_targets(model, DEFAULT_TARGETS)[:4])}.")
+    present = _check_targets(model, target_modules)
     fan_in_fan_out = model.config.model_type == "gpt2"       # GPT-2 Conv1D stores W^T
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=present,
                         bias="none", task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
@@ -138,11 +173,10 @@ def apply_qlora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
     """
     from slmkit.nn.quant_linear import QuantLinear
 
-    wanted = target_modules or DEFAULT_TARGETS
+    leaves = set(_check_targets(model, target_modules))
     model.requires_grad_(False)
     hits = [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, QuantLinear)
-            and any(re.fullmatch(t, name.rsplit(".", 1)[-1]) for t in wanted)]
+            if isinstance(mod, QuantLinear) and name.rsplit(".", 1)[-1] in leaves]
     if not hits:
         raise ConfigError("QLoRA needs a quantized base whose projections are QuantLinear; "
                           "quantize it first (`slm quantize --bits 4`) or check "

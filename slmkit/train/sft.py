@@ -13,7 +13,8 @@ chat row the last message must be the assistant's: it is the completion, everyth
 it is the prompt.
 
 Bad rows are refused with the file and line: a missing field, an empty completion, or a
-sample longer than the context (``--seq-len``).
+sample longer than the context (``--seq-len``). Items of a built-in task (``--data
+stdlib-docstring``, see :mod:`slmkit.train.task_data`) longer than the context are skipped.
 """
 
 from __future__ import annotations
@@ -97,26 +98,56 @@ def format_example(tok, doc, where: str | None = None, template: str = "chat") -
     return SFTExample(ids=p_ids + c_ids, n_prompt=len(p_ids), where=where)
 
 
-def load_sft_examples(spec: str | list[str], tok, seq_len: int,
-                      template: str = "chat") -> list[SFTExample]:
-    """Read and tokenize every SFT row of a JSONL spec (``template``: chat or plain).
+def load_sft_examples(spec: str | list[str], tok, seq_len: int, template: str = "chat",
+                      max_samples: int | None = None) -> list[SFTExample]:
+    """Read and tokenize every SFT row of ``spec`` (``template``: chat or plain).
+
+    ``spec`` is a JSONL file (or several), an ``slm augment`` output dir (its
+    ``data.jsonl``) or a built-in generation task such as ``stdlib-docstring`` (its items
+    mined from the corpus train split; see :mod:`slmkit.train.task_data`).
+
+    Args:
+        max_samples: keep at most this many samples (the first rows; for a built-in task
+            the first items in mining order). None keeps all.
 
     Raises:
         DataError: no rows, or a bad row (file and line named), or a row longer than
         ``seq_len + 1`` tokens (it would be cut, training on half a completion).
     """
-    from slmkit.data.corpus import iter_documents
+    from slmkit.data.corpus import Document, iter_documents
+    from slmkit.train.task_data import builtin_task_rows, is_builtin_task, resolve_data_file
 
-    out = []
-    for doc in iter_documents(spec, split="all"):
-        ex = format_example(tok, doc, template=template)
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    docs = []                                    # (document, where)
+    for s in specs:
+        if is_builtin_task(s):
+            left = None if max_samples is None else max_samples - len(docs)
+            docs += [(Document(r["id"], r["prompt"] + r["completion"], prompt=r["prompt"]),
+                      f"{s} item {r['id']}") for r in builtin_task_rows(s, left)]
+        else:
+            for doc in iter_documents(resolve_data_file(s), split="all"):
+                if max_samples is not None and len(docs) >= max_samples:
+                    break
+                docs.append((doc, None))
+        if max_samples is not None and len(docs) >= max_samples:
+            break
+    out, too_long = [], 0
+    for doc, where in docs:
+        ex = format_example(tok, doc, where=where, template=template)
+        if len(ex.ids) > seq_len + 1 and where is not None:
+            too_long += 1                       # a mined item: skip it, the user cannot fix it
+            continue
         if len(ex.ids) > seq_len + 1:
             raise DataError(f"{ex.where} is {len(ex.ids):,} tokens, longer than the context "
                             f"(--seq-len {seq_len}); shorten it or raise --seq-len.")
         out.append(ex)
+    if too_long:
+        from slmkit.console import log
+
+        log.info("skipped %d built-in task items longer than --seq-len %d", too_long, seq_len)
     if not out:
-        raise DataError(f"No fine-tuning samples in {spec}; add JSONL rows with "
-                        "'prompt'/'completion' or 'messages'.")
+        raise DataError(f"No fine-tuning samples in {spec} fit --seq-len {seq_len}; add JSONL "
+                        "rows with 'prompt'/'completion' or 'messages', or raise --seq-len.")
     return out
 
 
