@@ -100,12 +100,13 @@ def test_mini_quickstart_end_to_end(tmp_path):
 
     out = tmp_path / "qs"
     res = run_quickstart(out, mini=True)
-    assert res["steps"] == ["ran"] * 11
+    assert res["steps"] == ["ran"] * 12
     results = json.loads((out / "report" / "results.json").read_text())
     labels = {m["label"] for m in results["models"]}
-    assert labels == {"teacher", "teacher_int8", "teacher_int4", "student", "student_int4",
-                      "pruned", "pruned_student", "pruned_student_int4"}
+    assert labels == {"teacher", "teacher_int8", "teacher_int4", "teacher_lora", "student",
+                      "student_int4", "pruned", "pruned_student", "pruned_student_int4"}
     assert all(m["error"] is None for m in results["models"])
+    assert set(results["tasks"]) == {"stdlib-docstring-mc", "stdlib-funcname", "stdlib-docstring"}
     for name in labels:
         model, tok = slmkit.load_model(out / name)
         assert model is not None and tok is not None
@@ -117,5 +118,7 @@ def test_mini_quickstart_end_to_end(tmp_path):
     # lineage: the int4 prune-then-distill student descends from init -> train -> prune -> ...
     steps = [e["step"] for e in slmkit.models.lineage.read_lineage(out / "pruned_student_int4")]
     assert steps[-3:] == ["prune", "distill", "quantize"]
+    assert [e["step"] for e in slmkit.models.lineage.read_lineage(out / "teacher_lora")][-2:] \
+        == ["train", "finetune"]
     again = run_quickstart(out, mini=True)
-    assert again["steps"] == ["cached"] * 11
+    assert again["steps"] == ["cached"] * 12
