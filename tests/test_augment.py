@@ -106,7 +106,7 @@ def test_cli_augment_then_finetune_on_it(llama_dir, task_file, tmp_path, cli):
     assert "chat template" in r.stdout and (ft / "adapter_config.json").exists()
 
 
-@pytest.mark.parametrize("case", ["teacher", "data", "empty", "bad_row", "n"])
+@pytest.mark.parametrize("case", ["teacher", "data", "dir", "empty", "bad_row", "n"])
 def test_bad_inputs_are_one_sentence_and_leave_no_dir(llama_dir, task_file, tmp_path, case):
     from slmkit.train.augment import run_augment
 
@@ -116,6 +116,9 @@ def test_bad_inputs_are_one_sentence_and_leave_no_dir(llama_dir, task_file, tmp_
         kw, err, needle = {"model": str(tmp_path / "nope")}, ModelLoadError, "nope"
     elif case == "data":
         kw, needle = {"data": str(tmp_path / "missing.jsonl")}, "does not exist"
+    elif case == "dir":
+        (tmp_path / "d").mkdir()
+        kw, needle = {"data": str(tmp_path / "d")}, "has no data.jsonl"
     elif case == "empty":
         kw, needle = {"data": str(write_jsonl(tmp_path / "e.jsonl", []))}, "no rows"
     elif case == "bad_row":

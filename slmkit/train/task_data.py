@@ -40,16 +40,12 @@ def is_builtin_task(spec: Any) -> bool:
 
 
 def resolve_data_file(spec: str) -> str:
-    """A JSONL path for ``spec``: a directory with ``data.jsonl`` resolves to that file.
+    """``spec``, or its ``data.jsonl`` when it is a directory holding one (an augment output).
 
-    Raises:
-        DataError: a directory without ``data.jsonl``.
+    Other directories pass through unchanged (the corpus reader reads every JSONL in them).
     """
     path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / AUGMENT_FILE).is_file():
-            raise DataError(f"--data directory '{spec}' has no {AUGMENT_FILE}; pass a task "
-                            "JSONL file, an `slm augment` output dir or a built-in task.")
+    if path.is_dir() and (path / AUGMENT_FILE).is_file():
         return str(path / AUGMENT_FILE)
     return spec
 
@@ -108,6 +104,9 @@ def read_rows(spec: str, max_samples: int | None = None) -> list[dict[str, Any]]
         return [{**r, "where": f"{spec} item {r['id']}"}
                 for r in builtin_task_rows(spec, max_samples)]
     path = Path(resolve_data_file(spec))
+    if path.is_dir():
+        raise DataError(f"--data directory '{spec}' has no {AUGMENT_FILE}; pass a task JSONL "
+                        "file, an `slm augment` output dir or a built-in task.")
     if not path.is_file():
         raise DataError(f"--data '{spec}' does not exist; pass a task JSONL file, an "
                         f"`slm augment` output dir or a built-in task ({', '.join(GENERATION_TASKS)}).")
