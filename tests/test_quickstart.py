@@ -100,7 +100,7 @@ def test_mini_quickstart_end_to_end(tmp_path):
 
     out = tmp_path / "qs"
     res = run_quickstart(out, mini=True)
-    assert res["steps"] == ["ran"] * 12
+    assert res["steps"] == ["ran"] * 13
     results = json.loads((out / "report" / "results.json").read_text())
     labels = {m["label"] for m in results["models"]}
     assert labels == {"teacher", "teacher_int8", "teacher_int4", "teacher_lora", "student",
@@ -120,5 +120,7 @@ def test_mini_quickstart_end_to_end(tmp_path):
     assert steps[-3:] == ["prune", "distill", "quantize"]
     assert [e["step"] for e in slmkit.models.lineage.read_lineage(out / "teacher_lora")][-2:] \
         == ["train", "finetune"]
+    augmented = (out / "docstring_data" / "data.jsonl").read_text().splitlines()
+    assert len(augmented) >= 8  # the 8 originals are kept
     again = run_quickstart(out, mini=True)
-    assert again["steps"] == ["cached"] * 12
+    assert again["steps"] == ["cached"] * 13

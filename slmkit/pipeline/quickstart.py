@@ -2,7 +2,7 @@
 
 On the built-in stdlib corpus with no network: tokenizer, teacher, distilled and
 prune-then-distilled students, int8/int4 quantization, a LoRA fine-tune of the teacher on
-``stdlib-docstring``, a side-by-side comparison (perplexity, bits/byte, three mined tasks,
+``stdlib-docstring`` rows that the teacher itself augmented (``slm augment``), a side-by-side comparison (perplexity, bits/byte, three mined tasks,
 speed) and a GGUF export of the best model under 10 MB. Every step is cached by config hash, so a second run
 takes seconds. ``--model`` runs the compression-and-evaluation half
 (``compress-hf-model.yaml``) on a real pretrained model instead.
@@ -34,8 +34,9 @@ def mini_overrides() -> list[str]:
            "pruned.target_params=0.6", "pruned.calib_samples=2", "pruned.calib_seq_len=64",
            "report.task_limit=3", "report.max_bytes=4000", "report.decode_tokens=4",
            "report.split=all", "teacher_lora.max_steps=2", "teacher_lora.max_minutes=null",
-           "teacher_lora.max_samples=16", "teacher_lora.seq_len=256",
-           "teacher_lora.batch_size=4"]
+           "teacher_lora.seq_len=512", "teacher_lora.batch_size=4",
+           "docstring_data.max_samples=8", "docstring_data.max_new_tokens=8",
+           "docstring_data.min_logprob=null"]
     for step in ("teacher", "student", "pruned_student"):
         out.append(f"{step}.max_minutes=null")
         out += [f"{step}.{o}" if "=" in o else f"{step}.{o}={corpus}" for o in small]
