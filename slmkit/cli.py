@@ -874,11 +874,14 @@ def eval_cmd(
 ) -> None:
     """Measure a model: perplexity and bits/byte, task accuracy, speed, memory and size."""
     from slmkit.errors import ConfigError
-    from slmkit.eval.evaluate import evaluate_model, resolve_tasks
+    from slmkit.eval.evaluate import EvalConfig, evaluate_with
 
-    _eval_threads(threads)
-    task_sets = resolve_tasks(_split_tasks(tasks), data, split, val_fraction,
-                              task_limit or None)
+    cfg = EvalConfig.from_cli(  # the same config as the `eval` recipe step
+        data=data, split=split, val_fraction=val_fraction, tasks=tasks, task_limit=task_limit,
+        seq_len=seq_len, stride=stride, max_bytes=max_bytes, max_tokens=max_tokens, ppl=ppl,
+        speed=speed, decode_tokens=decode_tokens, dtype=dtype, device=device, threads=threads,
+        record=record)
+    task_sets = cfg.task_sets()
     if write_tasks is not None:
         from slmkit.eval.tasks import write_task_file
         from slmkit.models import atomic_dir
@@ -896,11 +899,7 @@ def eval_cmd(
     if model is None:
         raise ConfigError("slm eval needs a MODEL directory (or --write-tasks DIR to only "
                           "write the task sets).")
-    res = evaluate_model(model, data=data, split=split, val_fraction=val_fraction,
-                         seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                         max_bytes=max_bytes or None, tasks=task_sets, perplexity=ppl,
-                         speed=speed, decode_tokens=decode_tokens, dtype=dtype,
-                         device=device, record=record)
+    res = evaluate_with(model, cfg, task_sets)
     if as_json:
         res.pop("lineage", None)
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")

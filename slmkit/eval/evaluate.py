@@ -12,7 +12,9 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmkit.errors import ConfigError, DataError
 
@@ -20,6 +22,74 @@ from slmkit.errors import ConfigError, DataError
 #: per small model on 2 cores. 0/None scores the whole split.
 DEFAULT_MAX_BYTES = 200_000
 EXAMPLES_KEPT = 5
+
+
+class EvalConfig(BaseModel):
+    """Options of ``slm eval`` (the ``eval`` recipe step adds the model and its output dir).
+
+    The CLI flags and the recipe step are both this model, so ``--task-limit`` and
+    ``task_limit:`` are checked the same way.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | list[str] = Field(default="stdlib", description="text for perplexity and "
+                                  "where built-in tasks are mined")
+    split: Literal["val", "train", "all"] = "val"
+    val_fraction: float = Field(default=0.05, ge=0, lt=1)
+    tasks: list[str] | None = Field(default=None, description="built-in task names, "
+                                    "'stdlib' for all, or .jsonl task files (comma-separated "
+                                    "items allowed)")
+    task_limit: int = Field(default=100, ge=0, description="items per task (0: all)")
+    seq_len: int | None = Field(default=None, ge=2)
+    stride: int | None = Field(default=None, ge=1)
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=0,
+                           description="text budget (0: whole split)")
+    max_tokens: int | None = Field(default=None, ge=1)
+    ppl: bool = Field(default=True, description="measure perplexity / bits per byte")
+    speed: bool = Field(default=True, description="measure prefill/decode speed and TTFT")
+    decode_tokens: int = Field(default=32, ge=1)
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    device: str = "cpu"
+    threads: int | None = Field(default=None, ge=1)
+    record: bool = Field(default=True, description="merge the summary into the model's "
+                         "slmkit.json metrics")
+
+    @classmethod
+    def from_cli(cls, **kwargs: Any) -> "EvalConfig":
+        """Build from CLI values; a validation error becomes a one-sentence ConfigError."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(x) for x in err.get("loc", ())) or "options"
+            raise ConfigError(f"Invalid --{name.replace('_', '-')}: "
+                              f"{err.get('msg', 'invalid value')}.") from None
+
+    def task_specs(self) -> list[str]:
+        """The task names/files, comma-separated items split."""
+        return [t.strip() for item in self.tasks or [] for t in item.split(",") if t.strip()]
+
+    def task_sets(self) -> dict[str, list[dict[str, Any]]]:
+        """``{task: items}`` for these options (see :func:`resolve_tasks`)."""
+        return resolve_tasks(self.task_specs(), self.data, self.split, self.val_fraction,
+                             self.task_limit or None)
+
+
+def evaluate_with(ref: str | os.PathLike, cfg: EvalConfig,
+                  tasks: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """:func:`evaluate_model` with the options of ``cfg`` (tasks resolved unless given)."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return evaluate_model(ref, data=cfg.data, split=cfg.split, val_fraction=cfg.val_fraction,
+                          seq_len=cfg.seq_len, stride=cfg.stride, max_tokens=cfg.max_tokens,
+                          max_bytes=cfg.max_bytes or None,
+                          tasks=cfg.task_sets() if tasks is None else tasks,
+                          perplexity=cfg.ppl, speed=cfg.speed,
+                          decode_tokens=cfg.decode_tokens, dtype=cfg.dtype,
+                          device=cfg.device, record=cfg.record)
 
 
 def resolve_tasks(specs: list[str] | None, data: Any = "stdlib", split: str = "val",

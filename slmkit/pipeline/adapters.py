@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmkit.compress.quantize.config import QuantizeConfig
+from slmkit.eval.evaluate import EvalConfig
 
 
 class TokenizerStep(BaseModel):
@@ -171,35 +172,18 @@ def run_compare(cfg: CompareStep) -> dict[str, Any]:
     return {"models": len(res["models"]), "failed": len(res["models"]) - len(ok)}
 
 
-class EvalStep(BaseModel):
-    """``slm eval MODEL`` options. In a recipe the output is a directory holding
-    ``results.json`` (every figure ``slm eval --json`` prints) and ``slmkit.json`` (the
-    evaluated model's lineage plus an ``eval`` entry whose metrics are the flat summary)."""
+class EvalStep(EvalConfig):
+    """``slm eval MODEL`` options: the verb's own config plus the model and output dir.
 
-    model_config = ConfigDict(extra="forbid")
+    In a recipe the output is a directory holding ``results.json`` (every figure
+    ``slm eval --json`` prints) and ``slmkit.json`` (the evaluated model's lineage plus an
+    ``eval`` entry whose metrics are the flat summary).
+    """
 
     model: str = Field(description="model dir or hub id to measure")
-    data: str | list[str] = Field(default="stdlib", description="text for perplexity and "
-                                  "where built-in tasks are mined")
-    split: Literal["val", "train", "all"] = "val"
-    val_fraction: float = Field(default=0.05, ge=0, lt=1)
-    tasks: list[str] | None = Field(default=None, description="built-in task names, "
-                                    "'stdlib' for all, or .jsonl task files (comma-separated "
-                                    "items allowed)")
-    task_limit: int = Field(default=100, ge=0, description="items per task (0: all)")
-    seq_len: int | None = Field(default=None, ge=2)
-    stride: int | None = Field(default=None, ge=1)
-    max_bytes: int = Field(default=200_000, ge=0, description="text budget (0: whole split)")
-    max_tokens: int | None = Field(default=None, ge=1)
-    ppl: bool = Field(default=True, description="measure perplexity / bits per byte")
-    speed: bool = Field(default=True, description="measure prefill/decode speed and TTFT")
-    decode_tokens: int = Field(default=32, ge=1)
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    device: str = "cpu"
-    threads: int | None = Field(default=None, ge=1)
     record: bool = Field(default=False, description="also merge the summary into the "
-                         "evaluated model's own slmkit.json (off in recipes: steps never "
-                         "modify another step's output)")
+                         "evaluated model's own slmkit.json (off in recipes: a step never "
+                         "modifies another step's output)")
     out: str | None = None
     overwrite: bool = False
 
@@ -216,7 +200,7 @@ def run_eval(cfg: EvalStep) -> dict[str, Any]:
 
     from slmkit.console import console, print_table
     from slmkit.errors import ConfigError
-    from slmkit.eval.evaluate import evaluate_model, resolve_tasks, result_rows
+    from slmkit.eval.evaluate import evaluate_with, result_rows
     from slmkit.models.io import atomic_dir, prepare_out_dir
     from slmkit.models.lineage import make_record, write_record
 
@@ -224,19 +208,7 @@ def run_eval(cfg: EvalStep) -> dict[str, Any]:
         raise ConfigError("the eval step needs an output directory (out).")
     _, tmp = prepare_out_dir(cfg.out, cfg.overwrite)  # fail fast on an existing output
     os.rmdir(tmp)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    specs = [t.strip() for spec in (cfg.tasks or []) for t in spec.split(",") if t.strip()]
-    task_sets = resolve_tasks(specs, cfg.data, cfg.split, cfg.val_fraction,
-                              cfg.task_limit or None)
-    res = evaluate_model(cfg.model, data=cfg.data, split=cfg.split,
-                         val_fraction=cfg.val_fraction, seq_len=cfg.seq_len, stride=cfg.stride,
-                         max_tokens=cfg.max_tokens, max_bytes=cfg.max_bytes or None,
-                         tasks=task_sets, perplexity=cfg.ppl, speed=cfg.speed,
-                         decode_tokens=cfg.decode_tokens, dtype=cfg.dtype, device=cfg.device,
-                         record=cfg.record)
+    res = evaluate_with(cfg.model, cfg)
     lineage = res.pop("lineage")
     params = cfg.model_dump(exclude={"out", "overwrite"})
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp_dir:
