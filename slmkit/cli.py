@@ -487,7 +487,9 @@ def prune(
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Regex of linears to "
                                                "skip (repeatable; default lm_head)."),
     data: str = typer.Option("stdlib", help="Calibration corpus (stdlib, file, dir, glob)."),
-    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration windows."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration "
+                                                "windows (default 32 structured, 64 "
+                                                "otherwise)."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per window."),
     damp: float = typer.Option(0.01, help="SparseGPT relative Hessian dampening."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
