@@ -85,6 +85,59 @@ def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
     return text[:cut]
 
 
+def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Sequence[str]]],
+                         batch: int = 8, on_done: Callable[[], None] | None = None
+                         ) -> list[str]:
+    """:func:`greedy_generate` for many prompts at once, batched through the engine.
+
+    Each request is ``(prompt, max_new_tokens, stop strings)``; the texts come back in
+    order and are the same as :func:`greedy_generate`'s (greedy output does not depend on
+    what else is in the batch: the engine tests this). Without the engine, or for models
+    it cannot batch, it falls back to one :func:`greedy_generate` call per request.
+
+    Args:
+        batch: concurrent sequences in the engine.
+        on_done: called once per finished request (progress bars).
+    """
+    try:
+        import torch
+
+        from slmkit.engine import Engine, SamplingParams
+    except ImportError:
+        Engine = None
+    if Engine is None or batch <= 1:
+        out = []
+        for prompt, n, stop in requests:
+            out.append(greedy_generate(model, tokenizer, prompt, n, stop))
+            if on_done:
+                on_done()
+        return out
+    limit = _context(model)
+    jobs = []
+    for prompt, n, stop in requests:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
+        if limit and len(ids) + n > limit:
+            ids = ids[-max(1, limit - n):]
+        jobs.append((list(ids), SamplingParams(max_tokens=n, temperature=0,
+                                               stop=[s for s in stop if s])))
+    longest = max(len(ids) + p.max_tokens + 1 for ids, p in jobs)
+    engine = Engine(model, tokenizer, max_batch=batch, background=False,
+                    max_seq_len=min(longest, limit) if limit else longest,
+                    threads=torch.get_num_threads())
+    try:
+        handles = [engine.submit(ids, p) for ids, p in jobs]
+        texts = []
+        for h in handles:
+            texts.append(h.result().text)
+            if on_done:
+                on_done()
+        return texts
+    finally:
+        engine.close()
+
+
 def _context(model) -> int | None:
     from slmkit.eval.perplexity import context_length
 

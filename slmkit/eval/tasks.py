@@ -195,14 +195,22 @@ def score_generation(model, tokenizer, items: Sequence[dict[str, Any]],
                      stream=None) -> dict[str, Any]:
     """Greedy completions scored by exact match, token F1 and ROUGE-L (means over items)."""
     from slmkit.console import progress
-    from slmkit.eval.generate import greedy_generate
+    from slmkit.eval.generate import greedy_generate, greedy_generate_many
 
     totals = dict.fromkeys(GEN_METRICS, 0.0)
     predictions = []
     with progress("generation", total=len(items)) as update:
-        for it in items:
-            text = greedy_generate(model, tokenizer, it["prompt"], it["max_new_tokens"],
-                                   it["stop"], stream=stream)
+        if stream is None:  # batched through the engine: same greedy texts, several at once
+            texts = greedy_generate_many(
+                model, tokenizer, [(it["prompt"], it["max_new_tokens"], it["stop"])
+                                   for it in items], on_done=lambda: update(1))
+        else:
+            texts = []
+            for it in items:
+                texts.append(greedy_generate(model, tokenizer, it["prompt"],
+                                             it["max_new_tokens"], it["stop"], stream=stream))
+                update(1)
+        for it, text in zip(items, texts):
             em, f1, rl = (exact_match(text, it["answer"]), token_f1(text, it["answer"]),
                           rouge_l(text, it["answer"]))
             totals["exact_match"] += em
@@ -210,7 +218,6 @@ def score_generation(model, tokenizer, items: Sequence[dict[str, Any]],
             totals["rouge_l"] += rl
             predictions.append({"id": it.get("id"), "prediction": text,
                                 "answer": it["answer"]})
-            update(1)
     n = len(items)
     metric = items[0]["metric"]
     result = {k: v / n for k, v in totals.items()}
