@@ -27,6 +27,12 @@ per-token log-probability of the completion given its prompt under the teacher
 (``min_logprob``, one batched forward pass per 8 rows, via
 :func:`slmkit.eval.tasks.loglikelihoods`).
 
+Limits: augmentation is only as good as the teacher. The log-prob filter measures how
+fluent a row is *to the teacher*, not whether it is right: a weak teacher usually scores its
+own samples above the real answers (on the 5M-parameter reference model, about -6.7 vs -7.7
+nats/token on ``stdlib-docstring``), so a threshold mostly removes its least typical
+samples. The table prints both means to help pick a threshold.
+
 Output: ``OUT/data.jsonl`` (prompt/completion rows, originals first when ``keep_original``;
 ``origin`` and ``teacher_logprob`` are extra keys that training ignores) and
 ``OUT/slmkit.json`` (lineage: the teacher is the parent). ``slm finetune --data OUT`` reads it.
