@@ -6,14 +6,28 @@ MLP 1536, vocabulary 49152, tied embeddings) built from a config, so no download
 Figures (all measured in this run, 2 threads by default):
 
 * prefill tok/s, batch-1 decode tok/s and time to first token (TTFT) for slmkit
-  (``stream_tokens``) and for ``transformers`` ``generate()``;
+  (``stream_tokens``), for ``transformers`` ``generate()`` and for llama.cpp
+  (``llama-cpp-python``, when it imports) on the same weights exported to GGUF by
+  ``slmkit.export.gguf_export`` (what ``slm export --format gguf`` runs):
+
+  - fp32: the fp32 model as an all-f32 GGUF;
+  - int8: the fp32 model exported ``--quant q8_0`` (every matrix Q8_0, the tied embedding
+    included: slmkit's int8 is per channel, which no GGML block holds, and keeps its tied
+    LM head fp32, so the two runtimes read different bytes -- both are in the table);
+  - int4: slmkit's own int4 model (RTN, symmetric, groups of 32) exported as is: its codes
+    and scales are Q4_0 blocks bit for bit, and the tied embedding / LM head, which slmkit
+    leaves fp32, stays f32 in the GGUF (``--quant f32`` for the remaining matrices), so both
+    runtimes run exactly the same weights;
 * aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams;
 * each as a fraction of the bandwidth limit ``bandwidth / weight bytes`` (about 30 GB/s on
   the team machines; ``--bandwidth`` to change it).
 
-llama.cpp is not built here (llama-cpp-python takes 12+ minutes to compile on 2 cores); the
-published figures from issue 8, measured on the same kind of machine, are printed as
-context: f32 GGUF 46.5 tok/s, Q8_0 131 tok/s, transformers fp32 ~17 tok/s.
+llama.cpp is timed with its low-level loop (``Llama.eval`` of the prompt, then one token at
+a time, greedy argmax of the last logits, EOS ignored), so it generates exactly as many
+tokens as the slmkit rows; the count is checked. Without ``llama_cpp`` (an optional extra,
+``pip install -e ".[llamacpp]"``) or with ``--skip-llamacpp``, issue 8's published figures
+(f32 46.5 tok/s, Q8_0 131 tok/s, measured on the same kind of machine) are printed instead,
+labelled as such.
 
 Run timings under the team lock::
 
@@ -50,7 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slmkit.console import print_table  # noqa: E402
 from slmkit.engine import Engine, SamplingParams, stream_tokens  # noqa: E402
 
-LLAMA_CPP_PUBLISHED = {"fp32": 46.5, "int8": 131.0}  # decode tok/s, issue 8, 2 threads
+LLAMA_CPP_PUBLISHED = {"fp32": 46.5, "int8": 131.0}  # decode tok/s, issue 8, 2 threads (fallback)
+#: (GGUF --quant, what the file holds) per precision; see the module docstring.
+GGUF_FOR = {"fp32": ("f32", "f32 GGUF"), "int8": ("q8_0", "Q8_0 GGUF from fp32"),
+            "int4": ("f32", "Q4_0 GGUF = slmkit int4 codes, f32 tied emb.")}
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                     max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -208,8 +225,112 @@ def measure_memory(args) -> dict:
     return m
 
 
+def llamacpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_gguf_of(model, precision: str, work: Path) -> dict:
+    """Save ``model`` with a small stdlib tokenizer and export it with slmkit's GGUF exporter.
+
+    The tokenizer (512 tokens; GGUF pads the other ids) is only there because a GGUF file
+    needs one: the benchmark feeds token ids, never text.
+
+    Returns:
+        ``{"path", "quant", "what", "weight_bytes", "exact_layers"}``; ``weight_bytes`` is
+        the sum of the file's tensor sizes (what a decode step reads).
+    """
+    import gguf
+
+    from slmkit.console import quiet_libraries
+    from slmkit.export.gguf_export import export_gguf
+    from slmkit.models.io import save_model
+    from slmkit.models.tokenizer import stdlib_sample, train_tokenizer
+
+    quiet_libraries()
+    tok = train_tokenizer(stdlib_sample(max_files=30, max_bytes=200_000), vocab_size=512)
+    model_dir = save_model(model, tok, work / f"{precision}-model", step="bench",
+                           params={"bench": "decode"})
+    quant, what = GGUF_FOR[precision]
+    res = export_gguf(str(model_dir), work / f"{precision}.gguf", quant=quant)
+    weight_bytes_ = sum(int(t.n_bytes) for t in gguf.GGUFReader(res.path).tensors)
+    return {"path": str(res.path), "quant": quant, "what": what, "weight_bytes": weight_bytes_,
+            "tensor_types": dict(res.types),
+            "exact_layers": f"{res.from_quantized - res.requantized}/{res.from_quantized}"}
+
+
+def time_llamacpp(gguf_path: str, prompt: list[int], n: int, threads: int) -> dict:
+    """TTFT, prefill and decode rates of llama.cpp on a GGUF file (greedy, EOS ignored).
+
+    ``Llama.eval`` runs the prompt in one batch (prefill), then each new token alone; the
+    next token is the argmax of the last position's logits read straight from llama.cpp
+    (``llama_get_logits_ith``), so nothing stops early and exactly ``n`` tokens are made.
+    """
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=len(prompt) + n + 8,
+                          n_batch=max(8, len(prompt)), n_ubatch=max(8, len(prompt)),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)   # last position's logits
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
+    def run(ids: list[int], k: int) -> dict:
+        llm.reset()                           # empties the KV cache on the next eval
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tokens = [next_token()]
+        t1 = time.perf_counter()
+        while len(tokens) < k:
+            llm.eval([tokens[-1]])
+            tokens.append(next_token())
+        t2 = time.perf_counter()
+        assert len(tokens) == k and llm.n_tokens == len(ids) + k - 1
+        return {"ttft_s": t1 - t0, "prefill_tok_s": len(ids) / (t1 - t0),
+                "decode_tok_s": (k - 1) / (t2 - t1), "tokens": tokens}
+
+    try:
+        run(prompt[:8], 4)                    # warm up
+        best = None
+        for _ in range(2):
+            r = run(prompt, n)
+            if best is None or r["decode_tok_s"] > best["decode_tok_s"]:
+                best = r
+    finally:
+        llm.close()
+    best["version"] = llama_cpp.__version__
+    return best
+
+
 def bench_precision(precision: str, args, prompt: list[int]) -> dict:
-    model = quantize(build_model(torch.float32), precision)
+    import tempfile
+
+    lcpp = not args.skip_llamacpp and llamacpp_available()
+    with tempfile.TemporaryDirectory(prefix="slmkit-gguf-") as tmp:
+        model = build_model(torch.float32)
+        gguf = export_gguf_of(model, precision, Path(tmp)) \
+            if lcpp and precision != "int4" else None
+        model = quantize(model, precision)
+        if lcpp and precision == "int4":      # the int4 QuantLinear codes map onto Q4_0
+            gguf = export_gguf_of(model, precision, Path(tmp))
+        res = bench_runtimes(model, precision, args, prompt)
+        if gguf is not None:
+            res["llama.cpp"] = {**time_llamacpp(gguf["path"], prompt, args.new_tokens,
+                                                args.threads), "gguf": gguf}
+            ours, theirs = res["slmkit"]["tokens"], res["llama.cpp"]["tokens"]
+            res["llamacpp_same_greedy_prefix"] = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    del model
+    return res
+
+
+def bench_runtimes(model, precision: str, args, prompt: list[int]) -> dict:
     wbytes = weight_bytes(model)
     res = {"precision": precision, "weight_bytes": wbytes,
            "limit_tok_s": args.bandwidth / wbytes}
@@ -220,7 +341,6 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
         res["greedy_equal_to_transformers"] = res["slmkit"]["tokens"] == res["transformers"]["tokens"]
     res["streams"] = [time_streams(model, int(s), 32, args.stream_tokens)
                       for s in args.streams.split(",")]
-    del model
     return res
 
 
@@ -261,6 +381,8 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=30e9, help="bytes/s")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate()")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true",
+                    help="skip llama.cpp (print issue 8's published figures instead)")
     ap.add_argument("--omp-active", action="store_true",
                     help="keep OpenMP's spin-waiting even on a busy machine")
     ap.add_argument("--omp-passive", action="store_true",
@@ -282,8 +404,12 @@ def main() -> None:
     results = {"model": "random SmolLM2-135M shape", "threads": args.threads,
                "torch": torch.__version__, "machine": platform.machine(),
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "bandwidth": args.bandwidth,
                "loadavg_start": os.getloadavg()[0],
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "runs": []}
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+               "llamacpp": ("skipped (--skip-llamacpp)" if args.skip_llamacpp else
+                            "measured" if llamacpp_available() else "not installed"),
+               "runs": []}
     for precision in args.precisions.split(","):
         results["runs"].append(bench_precision(precision, args, prompt))
     ref = bench_reference(args, args.prompt_len)
@@ -304,16 +430,28 @@ def report(results: dict) -> None:
     rows, stream_rows, bars = [], [], []
     for run in results["runs"]:
         p, limit = run["precision"], run["limit_tok_s"]
-        for name in ("slmkit", "transformers"):
+        for name in ("slmkit", "transformers", "llama.cpp"):
             if name in run:
                 r = run[name]
-                rows.append((p, name, f"{r['prefill_tok_s']:.0f}", f"{r['ttft_s'] * 1000:.0f}",
-                             f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / limit:.0%}"))
+                wbytes = r["gguf"]["weight_bytes"] if name == "llama.cpp" else run["weight_bytes"]
+                label = f"llama.cpp ({r['gguf']['what']})" if name == "llama.cpp" else name
+                rows.append((p, label, f"{wbytes / 1e6:.0f}", f"{r['prefill_tok_s']:.0f}",
+                             f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}",
+                             f"{r['decode_tok_s'] * wbytes / results['bandwidth']:.0%}"))
         published = LLAMA_CPP_PUBLISHED.get(p)
-        if published:
-            rows.append((p, "llama.cpp (published)", "-", "-", f"{published}",
-                         f"{published / limit:.0%}"))
-            bars.append((f"{p} decode vs llama.cpp (published)",
+        if "llama.cpp" in run:
+            lc = run["llama.cpp"]
+            bars.append((f"{p} decode, slmkit vs llama.cpp (same run)",
+                         run["slmkit"]["decode_tok_s"] / lc["decode_tok_s"], ">= 1.0"))
+            bars.append((f"{p} prefill, slmkit vs llama.cpp (same run)",
+                         run["slmkit"]["prefill_tok_s"] / lc["prefill_tok_s"], ""))
+            bars.append((f"{p} greedy tokens equal to llama.cpp before the first difference",
+                         f"{run['llamacpp_same_greedy_prefix']}/{len(lc['tokens'])}", "info"))
+        elif published:
+            why = results["llamacpp"]
+            rows.append((p, f"llama.cpp (published in issue 8; {why} here)", "-", "-", "-",
+                         f"{published}", f"{published / limit:.0%}"))
+            bars.append((f"{p} decode vs llama.cpp (published, not this run)",
                          run["slmkit"]["decode_tok_s"] / published, ">= 1.0"))
         if "transformers" in run:
             bars.append((f"{p} decode vs transformers", run["slmkit"]["decode_tok_s"]
@@ -337,12 +475,13 @@ def report(results: dict) -> None:
                 f"{results['omp_wait_policy']}), prompt {results['prompt_len']}, "
                 f"{results['new_tokens']} new tokens (load avg {results['loadavg_start']:.1f} "
                 f"-> {results['loadavg_end']:.1f})", rows,
-                header=("precision", "runtime", "prefill tok/s", "TTFT ms", "decode tok/s",
-                        "of bandwidth limit"))
+                header=("precision", "runtime", "weights MB", "prefill tok/s", "TTFT ms",
+                        "decode tok/s", "of bandwidth limit"))
     print_table("continuous batching (Engine, 32-token prompts)", stream_rows,
                 header=("precision", "streams", "tok/s incl. prefill", "vs 1",
                         "decode-phase tok/s", "vs 1", "of limit"))
-    print_table("bars", [(n, f"{v:.2f}x", goal) for n, v, goal in bars],
+    print_table("bars", [(n, v if isinstance(v, str) else f"{v:.2f}x", goal)
+                         for n, v, goal in bars],
                 header=("ratio", "measured", "goal"))
     ref = results.get("reference")
     if ref:
