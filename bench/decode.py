@@ -11,9 +11,9 @@ Figures (all measured in this run, 2 threads by default):
   ``slmkit.export.gguf_export`` (what ``slm export --format gguf`` runs):
 
   - fp32: the fp32 model as an all-f32 GGUF;
-  - int8: the fp32 model exported ``--quant q8_0`` (every matrix Q8_0, the tied embedding
-    included: slmkit's int8 is per channel, which no GGML block holds, and keeps its tied
-    LM head fp32, so the two runtimes read different bytes -- both are in the table);
+  - int8: the fp32 model exported ``--quant q8_0`` (every matrix Q8_0, tied embedding too;
+    slmkit's int8 is per channel, which no GGML block holds, with an fp32 tied LM head, so
+    the two read different bytes: see the "weights MB" column);
   - int4: slmkit's own int4 model (RTN, symmetric, groups of 32) exported as is: its codes
     and scales are Q4_0 blocks bit for bit, and the tied embedding / LM head, which slmkit
     leaves fp32, stays f32 in the GGUF (``--quant f32`` for the remaining matrices), so both
@@ -24,10 +24,9 @@ Figures (all measured in this run, 2 threads by default):
 
 llama.cpp is timed with its low-level loop (``Llama.eval`` of the prompt, then one token at
 a time, greedy argmax of the last logits, EOS ignored), so it generates exactly as many
-tokens as the slmkit rows; the count is checked. Without ``llama_cpp`` (an optional extra,
-``pip install -e ".[llamacpp]"``) or with ``--skip-llamacpp``, issue 8's published figures
-(f32 46.5 tok/s, Q8_0 131 tok/s, measured on the same kind of machine) are printed instead,
-labelled as such.
+tokens as the slmkit rows (checked). Without ``llama_cpp`` (extra ``llamacpp``) or with
+``--skip-llamacpp``, issue 8's published figures (f32 46.5, Q8_0 131 tok/s, same kind of
+machine) are printed instead, labelled as such.
 
 Run timings under the team lock::
 
@@ -240,8 +239,8 @@ def export_gguf_of(model, precision: str, work: Path) -> dict:
     needs one: the benchmark feeds token ids, never text.
 
     Returns:
-        ``{"path", "quant", "what", "weight_bytes", "exact_layers"}``; ``weight_bytes`` is
-        the sum of the file's tensor sizes (what a decode step reads).
+        ``{"path", "quant", "what", "weight_bytes", ...}``; ``weight_bytes`` is the sum of
+        the file's tensor sizes (what a decode step reads).
     """
     import gguf
 
@@ -297,11 +296,7 @@ def time_llamacpp(gguf_path: str, prompt: list[int], n: int, threads: int) -> di
 
     try:
         run(prompt[:8], 4)                    # warm up
-        best = None
-        for _ in range(2):
-            r = run(prompt, n)
-            if best is None or r["decode_tok_s"] > best["decode_tok_s"]:
-                best = r
+        best = max((run(prompt, n) for _ in range(2)), key=lambda r: r["decode_tok_s"])
     finally:
         llm.close()
     best["version"] = llama_cpp.__version__
@@ -314,8 +309,8 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
     lcpp = not args.skip_llamacpp and llamacpp_available()
     with tempfile.TemporaryDirectory(prefix="slmkit-gguf-") as tmp:
         model = build_model(torch.float32)
-        gguf = export_gguf_of(model, precision, Path(tmp)) \
-            if lcpp and precision != "int4" else None
+        gguf = export_gguf_of(model, precision, Path(tmp)) if lcpp and precision != "int4" \
+            else None
         model = quantize(model, precision)
         if lcpp and precision == "int4":      # the int4 QuantLinear codes map onto Q4_0
             gguf = export_gguf_of(model, precision, Path(tmp))
@@ -449,8 +444,8 @@ def report(results: dict) -> None:
                          f"{run['llamacpp_same_greedy_prefix']}/{len(lc['tokens'])}", "info"))
         elif published:
             why = results["llamacpp"]
-            rows.append((p, f"llama.cpp (published in issue 8; {why} here)", "-", "-", "-",
-                         f"{published}", f"{published / limit:.0%}"))
+            rows.append((p, f"llama.cpp (issue 8's published figure; here {why})", "-", "-",
+                         "-", f"{published}", "-"))
             bars.append((f"{p} decode vs llama.cpp (published, not this run)",
                          run["slmkit"]["decode_tok_s"] / published, ">= 1.0"))
         if "transformers" in run:

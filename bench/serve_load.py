@@ -132,7 +132,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_llamacpp_server(gguf_path: Path, threads: int, n_ctx: int) -> tuple[subprocess.Popen, str]:
+def start_llamacpp_server(gguf_path: Path, threads: int,
+                          n_ctx: int) -> tuple[subprocess.Popen, str]:
     """``python -m llama_cpp.server`` on 127.0.0.1; returns once ``/v1/models`` answers."""
     import httpx
 
@@ -419,11 +420,12 @@ def main(argv=None) -> int:
                         "lat p99", "errors"])
     console.print("[dim]engine = the bare Engine, same model/prompt/tokens, no HTTP, measured "
                   "in this run; srv/eng = server tok/s over engine tok/s; TTFT in ms, latency "
-                  "(lat) in s; llama.cpp = python -m llama_cpp.server on a GGUF of the "
+                  "(lat) in s" + ("" if lcpp is None else "; llama.cpp = python -m "
+                  "llama_cpp.server on a GGUF of the "
                   f"same weights ({gguf_what}, slmkit's exporter, from the fp32 parent), one "
                   "request at a time, reusing the KV of the shared prompt (its TTFT skips "
                   "most prefill); its tokens = the count of an identical greedy request, per "
-                  "stream that ended with finish_reason length[/dim]", highlight=False)
+                  "stream that ended with finish_reason length") + "[/dim]", highlight=False)
     at8 = next((r for r in rows if r["clients"] == 8), None)
     bar = None if at8 is None or levels[0] != 1 else (
         at8["vs_1_client"] >= 4 and at8["errors"] == 0)
