@@ -27,12 +27,15 @@ the fp32 parent of the int8 model (slmkit's int8 is per channel, which no GGML b
 exactly), or f32 with ``--fp32``. Its server handles one request at a time (the rest wait
 in its queue) and, by default, cuts a running stream short when another request arrives
 (``interrupt_requests``), so it runs with ``--interrupt_requests false`` to let every
-request finish. It sends no ``usage`` in streams and has no ``ignore_eos``, so each request
-sets ``min_tokens = max_tokens`` (masks EOS) and a ``logit_bias`` of -100 on the EOS and
-``<|im_end|>`` ids (end-of-generation tokens), and a stream counts as ``max_tokens``
-tokens only when it ends with ``finish_reason == "length"`` (anything else is an error); a
-non-streaming request first checks that ``usage.completion_tokens == max_tokens``. Skipped
-with a reason when ``llama_cpp.server`` does not import, or with ``--skip-llamacpp``.
+request finish. It sends no ``usage`` in streams and has no ``ignore_eos``: requests are
+greedy (``repeat_penalty`` 1, not its default 1.1) with ``min_tokens = max_tokens`` (masks
+EOS) and a ``logit_bias`` of -100 on the end-of-generation and non-ASCII tokens (see
+:func:`banned_for_llamacpp`). All requests share one prompt, so greedy decoding makes the
+same tokens each time: a non-streaming request measures that count (``usage``, shown in
+the verdict next to ``max_tokens``), and each stream that ends with ``finish_reason ==
+"length"`` is credited with it (anything else is an error). llama-cpp-python reuses the KV
+cache of the previous request's matching prompt prefix, so its TTFT skips most prefill.
+Skipped with a reason when ``llama_cpp.server`` does not import, or with ``--skip-llamacpp``.
 
 Run under the team lock::
 
