@@ -118,16 +118,7 @@ def build_gguf(fp32: bool, layers: int) -> Path:
     quant = "f32" if fp32 else "q8_0"
     out = CACHE / f"smollm2-135m-random-{layers}l-{quant}-v2.gguf"
     if not out.exists():
-        # gguf_meta.UNUSED is 6, which GGUF reads as BYTE (UNUSED is 5): llama.cpp then
-        # detokenizes the [PAD] ids past the tokenizer as stray bytes 0xD2-0xD4, and
-        # llama-cpp-python's UTF-8 hold-back runs a request past max_tokens (869 for 8).
-        # Corrected here for this file only until the exporter is fixed.
-        saved = gguf_meta.UNUSED
-        gguf_meta.UNUSED = int(gguf.TokenType.UNUSED)
-        try:
-            export_gguf(str(build_model_dir(True, layers)), out, quant=quant)
-        finally:
-            gguf_meta.UNUSED = saved
+        export_gguf(str(build_model_dir(True, layers)), out, quant=quant)
     return out
 
 
@@ -346,7 +337,7 @@ def banned_for_llamacpp(tokenizer) -> list[int]:
     measured with its default repeat penalty); banning the tokens that do not decode to
     ASCII makes that unlikely. The GGUF's padding ids past the tokenizer (``[PAD..]``) are
     not banned: its logit bias is a Python loop per token, and 20k ids would cost more than
-    the decode step; typed UNUSED (see :func:`build_gguf`) they detokenize to nothing. The
+    the decode step; typed UNUSED by the exporter, they detokenize to nothing. The
     count credited per stream is measured anyway (see :func:`llamacpp_levels`).
     """
     eog = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}

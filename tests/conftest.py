@@ -66,7 +66,7 @@ def build_tiny_model(arch: str, tokenizer, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {**TINY[arch], **overrides}
-    fields["vocab_size"] = len(tokenizer)
+    fields.setdefault("vocab_size", len(tokenizer))
     fields.setdefault("bos_token_id", tokenizer.bos_token_id)
     fields.setdefault("eos_token_id", tokenizer.eos_token_id)
     if "pad_token_id" not in fields:

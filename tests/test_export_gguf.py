@@ -226,3 +226,20 @@ def test_cli_prints_a_result_table(llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     for word in ("slm export --format gguf", "q4_0", "gpt-2", "bits per weight", "ollama"):
         assert word in r.stdout
+
+
+def test_padding_rows_past_the_tokenizer_are_unused_tokens(tokenizer, tmp_path):
+    """Embedding rows no token maps to are typed UNUSED (5), not BYTE (6): llama.cpp would
+    otherwise detokenize them as stray bytes."""
+    from slmkit.models import save_model
+    from tests.conftest import build_tiny_model
+
+    n = len(tokenizer)
+    model = build_tiny_model("llama", tokenizer, vocab_size=n + 16)
+    save_model(model, tokenizer, tmp_path / "m", step="test")
+    export_gguf(str(tmp_path / "m"), tmp_path / "m.gguf", quant="f32")
+    _, f = _fields(tmp_path / "m.gguf")
+    types = f["tokenizer.ggml.token_type"]
+    assert len(types) == n + 16
+    assert all(types[i] == int(gguf.TokenType.UNUSED) for i in range(n, n + 16))
+    assert types[0] == int(gguf.TokenType.NORMAL) or types[0] == int(gguf.TokenType.CONTROL)

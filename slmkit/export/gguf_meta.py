@@ -37,8 +37,9 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {"llama-bpe": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
 
-# llama.cpp token types (gguf.TokenType values).
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 6
+# llama.cpp token types (gguf.TokenType values; 6 is BYTE, which would make padding ids
+# detokenize as stray bytes).
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
