@@ -13,8 +13,12 @@ budget, batch, sequence length and data order (seed), with the plain template:
 * ``lora``: ``slm finetune --method lora --rank 8`` (peft), merged for scoring;
 * ``qlora``: ``--method qlora --rank 8`` (4-bit RTN QuantLinear base, our LoRA wrapper);
 * ``full``: ``--method full`` (``--full-lr``, lower than ``--lora-lr``: every weight moves);
-* ``lora-aug``: ``slm augment`` of the same rows with the reference model as teacher
-  (``completions`` mode, ``--aug-n`` per row, filtered by ``--aug-min-logprob``), then LoRA.
+* ``lora-aug``: ``slm augment`` of the same rows with the reference model as teacher, then
+  LoRA. Default ``--aug-mode paraphrase``: ``--aug-n`` rewrites per row (the teacher, a code
+  LM, re-samples the second half of the function body; the signature, the cue line and the
+  real docstring are kept), filtered by ``--aug-min-logprob``. ``completions`` mode is
+  there too, but the base model closes the docstring at once, so its completions come back
+  empty and the arm would equal plain LoRA.
 
 Each method trains in its own subprocess, so memory is per method: ``peak RSS`` is the
 process's high-water mark (``wait4``), ``fit peak`` the high-water mark during
@@ -200,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=5e-3)
     ap.add_argument("--full-lr", type=float, default=1e-3)
+    ap.add_argument("--aug-mode", choices=("paraphrase", "completions"), default="paraphrase",
+                    help="paraphrase: the teacher rewrites the function body, the real "
+                    "docstring is kept (the base model cannot write docstrings: its "
+                    "completions come back empty)")
     ap.add_argument("--aug-n", type=int, default=2)
     ap.add_argument("--aug-temperature", type=float, default=0.7)
     ap.add_argument("--aug-min-logprob", type=float, default=None,
@@ -235,8 +243,12 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     items = mine_tasks([TASK], split="val", limit=args.eval_items)[TASK]
     results: dict[str, dict] = {}
+    if args.out.is_file() and set(methods) != set(METHODS):   # re-run a few, keep the rest
+        old = json.loads(args.out.read_text())
+        if old.get("model") == str(args.model) and old.get("quick") == args.quick:
+            results = {k: v for k, v in old["results"].items() if k not in methods}
     t_start = time.perf_counter()
-    for name in methods:
+    for name in [m for m in METHODS if m in methods]:
         print(f"--- {name}", flush=True)
         if name == "base":
             results[name] = {**score(args.model, items, args.threads), "trainable_fraction": 0.0}
@@ -244,7 +256,7 @@ def main(argv=None) -> int:
         data, extra = TASK, {}
         if name == "lora-aug":
             aug_cfg = dict(model=str(args.model), data=TASK, out=str(work / "augmented"),
-                           mode="completions", n_per_sample=args.aug_n,
+                           mode=args.aug_mode, n_per_sample=args.aug_n,
                            temperature=args.aug_temperature, top_p=0.95, max_new_tokens=40,
                            max_samples=args.train_rows, min_logprob=args.aug_min_logprob,
                            template="plain", threads=args.threads, overwrite=True, seed=0)
