@@ -1,4 +1,4 @@
-"""`slm augment`: teacher-sampled rows, the filters, the output dir, bad inputs, fine-tuning on it."""
+"""`slm augment`: teacher-sampled rows, filters, the output dir, bad inputs, fine-tuning on it."""
 
 from __future__ import annotations
 

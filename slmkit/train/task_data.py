@@ -78,7 +78,8 @@ def builtin_task_rows(name: str, max_samples: int | None = None, data: Any = "st
         val_fraction: the corpus split's validation share (as in ``slm eval``).
 
     Returns:
-        ``[{"prompt", "completion", "stop", "id"}, ...]``.
+        ``[{"prompt", "completion", "stop", "id", "source"}, ...]`` (``source``: the
+        corpus document the item comes from).
     """
     from slmkit.eval.mining import mine_tasks
 
@@ -88,7 +89,7 @@ def builtin_task_rows(name: str, max_samples: int | None = None, data: Any = "st
         raise DataError(f"The built-in task '{name}' found no items in the train split of "
                         f"'{data}'; use a larger corpus or a task JSONL.")
     return [{"prompt": it["prompt"], "completion": it["answer"] + (it["stop"] or [""])[0],
-             "stop": list(it["stop"]), "id": it["id"]} for it in items]
+             "stop": list(it["stop"]), "id": it["id"], "source": it["source"]} for it in items]
 
 
 def read_rows(spec: str, max_samples: int | None = None) -> list[dict[str, Any]]:
@@ -109,7 +110,8 @@ def read_rows(spec: str, max_samples: int | None = None) -> list[dict[str, Any]]
                         "file, an `slm augment` output dir or a built-in task.")
     if not path.is_file():
         raise DataError(f"--data '{spec}' does not exist; pass a task JSONL file, an "
-                        f"`slm augment` output dir or a built-in task ({', '.join(GENERATION_TASKS)}).")
+                        "`slm augment` output dir or a built-in task "
+                        f"({', '.join(GENERATION_TASKS)}).")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
