@@ -152,3 +152,15 @@ def test_augment_is_a_recipe_step():
     fields = set(AugmentConfig.model_fields)
     assert {"model", "data", "out", "mode", "n_per_sample", "temperature", "top_p",
             "max_new_tokens", "seed", "max_samples", "min_logprob", "keep_original"} <= fields
+
+
+def test_cli_flag_defaults_are_the_config_defaults():
+    import typer.main
+
+    from slmkit.cli import app
+    from slmkit.train.augment import AugmentConfig
+
+    params = typer.main.get_command(app).commands["augment"].params
+    pairs = [(p.name, p.default, AugmentConfig.model_fields[p.name].default) for p in params
+             if p.name in AugmentConfig.model_fields and p.default is not None]
+    assert len(pairs) >= 10 and all(got == want for _, got, want in pairs), pairs
