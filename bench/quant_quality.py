@@ -46,6 +46,10 @@ VARIANTS = [
     ("4-bit g32 RTN", dict(method="rtn", bits=4, group_size=32, sym=False)),
     ("4-bit g32 GPTQ", dict(method="gptq", bits=4, group_size=32, sym=False, act_order=True)),
     ("4-bit g32 AWQ", dict(method="awq", bits=4, group_size=32, sym=False)),
+    ("4-bit per-channel RTN", dict(method="rtn", bits=4, group_size=-1, sym=False)),
+    ("4-bit per-channel GPTQ", dict(method="gptq", bits=4, group_size=-1, sym=False,
+                                    act_order=True)),
+    ("4-bit per-channel AWQ", dict(method="awq", bits=4, group_size=-1, sym=False)),
     ("3-bit g64 RTN", dict(method="rtn", bits=3, group_size=64, sym=False)),
     ("3-bit g64 GPTQ", dict(method="gptq", bits=3, group_size=64, sym=False, act_order=True)),
 ]
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
     if "int8 RTN" in by:
         d = by["int8 RTN"]["ppl"] / fp32 - 1
         bars.append(("int8 RTN within +1% of fp32", d <= 0.01, f"{d * 100:+.2f}%"))
-    for g in ("g64", "g32"):
+    for g in ("g64", "g32", "per-channel"):
         rtn = by.get(f"4-bit {g} RTN")
         for method in ("GPTQ", "AWQ"):
             r = by.get(f"4-bit {g} {method}")
