@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from slmkit.errors import ConfigError, DataError, ModelLoadError
+from tests.test_finetune import write_jsonl
 
 ROWS = [{"prompt": f"def add_{i}(x):\n    return x + {i}\n\nadd_{i}.__doc__ = \"\"\"",
          "completion": f"Add {i} to x.\"\"\"", "stop": ['"""', "\n"]} for i in range(4)]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

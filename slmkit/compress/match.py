@@ -69,7 +69,8 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
         target.copy_(w.t() if is_conv1d(module) else w)
 
 
-def _compile(patterns: Iterable[str], flag: str) -> list[re.Pattern]:
+def compile_patterns(patterns: Iterable[str], flag: str) -> list[re.Pattern]:
+    """Compile regexes; an invalid one is a ConfigError naming the flag and the pattern."""
     out = []
     for p in patterns:
         try:
@@ -102,8 +103,8 @@ def match_linears(model: nn.Module, targets: Iterable[str] | None = None,
     Raises:
         ConfigError: a pattern is not a valid regex.
     """
-    tgt = _compile(DEFAULT_TARGETS if targets is None else list(targets), "--targets")
-    ign = _compile(DEFAULT_IGNORE if ignore is None else list(ignore), "--ignore")
+    tgt = compile_patterns(DEFAULT_TARGETS if targets is None else list(targets), "--targets")
+    ign = compile_patterns(DEFAULT_IGNORE if ignore is None else list(ignore), "--ignore")
     root = model.get_submodule(within) if within else model
     prefix = f"{within}." if within else ""
     found: dict[str, nn.Module] = {}

@@ -26,15 +26,9 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_pro
 
 def _compile_targets(targets: list[str]) -> list[re.Pattern]:
     """Compile target names/regexes; an invalid regex is a ConfigError naming it."""
-    out = []
-    for t in targets:
-        try:
-            out.append(re.compile(t))
-        except re.error as e:
-            raise ConfigError(f"--target-modules pattern '{t}' is not a valid regular "
-                              f"expression ({e}); fix it or list plain module names such as "
-                              "q_proj,v_proj.") from None
-    return out
+    from slmkit.compress.match import compile_patterns
+
+    return compile_patterns(targets, "--target-modules")
 
 
 def _adaptable(mod: torch.nn.Module) -> bool:
