@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.5, help="LM-loss weight in KD runs")
-    ap.add_argument("--topk", type=int, default=64, help="top-K cache shared by KD runs "
+    ap.add_argument("--topk", type=int, default=0, help="top-K cache shared by KD runs "
                     "(0: full-vocabulary targets, teacher runs for every student)")
     ap.add_argument("--prune-to", type=float, default=0.5, help="(c) parameter fraction")
     ap.add_argument("--prune-drop-layers", type=int, help="(c) explicit split: layers to drop")
