@@ -180,6 +180,16 @@ def quantize(model, precision: str):
     return model
 
 
+def _vm_hwm() -> int:
+    """Peak resident set of this process's own address space (``VmHWM``), in bytes.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across fork+exec, so a child started
+    by a big parent reports the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
 def memory_child(model_dir: str, max_seq_len: int, prompt_len: int, new_tokens: int) -> None:
     """Peak RSS of a fresh process that loads the saved fp32 model and decodes (prints JSON).
 
@@ -187,8 +197,6 @@ def memory_child(model_dir: str, max_seq_len: int, prompt_len: int, new_tokens: 
     transformers' Llama classes, slmkit's loader and engine), so ``peak - baseline`` is the
     memory the model itself costs: weights, KV cache and the engine's working set.
     """
-    import resource
-
     import psutil
     from transformers import LlamaForCausalLM  # noqa: F401  (import cost is baseline)
 
@@ -201,7 +209,7 @@ def memory_child(model_dir: str, max_seq_len: int, prompt_len: int, new_tokens: 
     prompt = list(range(1, prompt_len + 1))
     engine.generate(prompt, SamplingParams(max_tokens=new_tokens, temperature=0,
                                            ignore_eos=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm()
     print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weight_bytes": weight_bytes(model),
                       "kv_bytes": kv}))
 
@@ -376,6 +384,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=30e9, help="bytes/s")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate()")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS measurement")
     ap.add_argument("--skip-llamacpp", action="store_true",
                     help="skip llama.cpp (print issue 8's published figures instead)")
     ap.add_argument("--omp-active", action="store_true",
@@ -393,6 +402,11 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args.prompt_len + args.new_tokens + 8, args.prompt_len,
                      args.new_tokens)
+        return
+    if args.memory_only:
+        m = measure_memory(args)
+        report_memory(m)
+        print(json.dumps(m))
         return
     prompt = torch.randint(1, 49152, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
@@ -486,7 +500,11 @@ def report(results: dict) -> None:
             ("slmkit / transformers", "", "", f"{ref['slmkit']['decode_tok_s'] / ref['transformers']['decode_tok_s']:.2f}x"),
             ("greedy tokens equal", "", "", str(ref["greedy_equal_to_transformers"]))],
             header=("runtime", "prefill tok/s", "TTFT ms", "decode tok/s"))
-    m = results.get("memory")
+    report_memory(results.get("memory"))
+
+
+def report_memory(m: dict | None) -> None:
+    """The peak-RSS table."""
     if m:
         print_table("memory (fp32 model loaded from safetensors, separate process)", [
             ("weights + KV cache", f"{(m['weight_bytes'] + m['kv_bytes']) / 1e6:.0f} MB"),
