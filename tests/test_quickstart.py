@@ -100,11 +100,12 @@ def test_mini_quickstart_end_to_end(tmp_path):
 
     out = tmp_path / "qs"
     res = run_quickstart(out, mini=True)
-    assert res["steps"] == ["ran"] * 13
+    assert res["steps"] == ["ran"] * 14
     results = json.loads((out / "report" / "results.json").read_text())
     labels = {m["label"] for m in results["models"]}
     assert labels == {"teacher", "teacher_int8", "teacher_int4", "teacher_lora", "student",
-                      "student_int4", "pruned", "pruned_student", "pruned_student_int4"}
+                      "student_int4", "pruned", "pruned_student", "pruned_student_int8",
+                      "pruned_student_int4"}
     assert all(m["error"] is None for m in results["models"])
     assert set(results["tasks"]) == {"stdlib-docstring-mc", "stdlib-funcname", "stdlib-docstring"}
     for name in labels:
@@ -123,4 +124,4 @@ def test_mini_quickstart_end_to_end(tmp_path):
     augmented = (out / "docstring_data" / "data.jsonl").read_text().splitlines()
     assert len(augmented) >= 8  # the 8 originals are kept
     again = run_quickstart(out, mini=True)
-    assert again["steps"] == ["cached"] * 13
+    assert again["steps"] == ["cached"] * 14
