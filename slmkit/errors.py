@@ -36,3 +36,18 @@ class DataError(SlmError):
 
 class OutputError(SlmError):
     """An output location cannot be written (exists, missing parent, not writable)."""
+
+
+def validated(model_cls, **kwargs):
+    """``model_cls(**kwargs)`` for a pydantic config, with its first validation error turned
+    into one ConfigError sentence naming the flag (``Invalid --seq-len: ...``)."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ()))
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        flag = f"--{field.replace('_', '-')}" if field else "the options"
+        raise ConfigError(f"Invalid {flag}: {msg}.") from None

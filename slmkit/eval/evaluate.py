@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from slmkit.errors import ConfigError, DataError
+from slmkit.errors import ConfigError, DataError, validated
 
 #: Default text budget for perplexity: the same bytes for every tokenizer, a few seconds
 #: per small model on 2 cores. 0/None scores the whole split.
@@ -58,13 +58,7 @@ class EvalConfig(BaseModel):
     @classmethod
     def from_cli(cls, **kwargs: Any) -> "EvalConfig":
         """Build from CLI values; a validation error becomes a one-sentence ConfigError."""
-        try:
-            return cls(**kwargs)
-        except ValidationError as e:
-            err = e.errors()[0]
-            name = ".".join(str(x) for x in err.get("loc", ())) or "options"
-            raise ConfigError(f"Invalid --{name.replace('_', '-')}: "
-                              f"{err.get('msg', 'invalid value')}.") from None
+        return validated(cls, **kwargs)
 
     def task_specs(self) -> list[str]:
         """The task names/files, comma-separated items split."""

@@ -44,9 +44,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from slmkit.errors import ConfigError, OutputError
+from slmkit.errors import ConfigError, OutputError, validated
 
 __all__ = ["AugmentConfig", "make_augment_config", "run_augment", "summary_rows"]
 
@@ -88,13 +88,7 @@ class AugmentConfig(BaseModel):
 
 def make_augment_config(**kwargs) -> AugmentConfig:
     """Build a config, turning validation errors into one-sentence ConfigErrors."""
-    try:
-        return AugmentConfig(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err.get("loc", ())) or "options"
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        raise ConfigError(f"Invalid --{field.replace('_', '-')}: {msg}.") from None
+    return validated(AugmentConfig, **kwargs)
 
 
 def normalise(text: str) -> str:

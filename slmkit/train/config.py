@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmkit.errors import ConfigError
+from slmkit.errors import ConfigError, validated
 
 
 def cpu_has_bf16() -> bool:
@@ -76,14 +76,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_cli(cls, **kwargs) -> "TrainConfig":
         """Build from CLI values, turning validation errors into one-sentence ConfigErrors."""
-        try:
-            return cls(**kwargs)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(x) for x in err.get("loc", ())) or "options"
-            msg = err.get("msg", "invalid").removeprefix("Value error, ")
-            flag = f"--{field.replace('_', '-')}" if field != "options" else "the options"
-            raise ConfigError(f"Invalid {flag}: {msg}.") from None
+        return validated(cls, **kwargs)
 
     def resolved_precision(self) -> str:
         return self.precision or ("bf16" if cpu_has_bf16() else "fp32")

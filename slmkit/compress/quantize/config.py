@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmkit.errors import ConfigError
+from slmkit.errors import ConfigError, validated
 
 
 class QuantizeConfig(BaseModel):
@@ -80,12 +80,4 @@ class QuantizeConfig(BaseModel):
 
 def make_config(**kwargs) -> QuantizeConfig:
     """Build a config, turning pydantic validation errors into one-sentence ConfigErrors."""
-    from pydantic import ValidationError
-
-    try:
-        return QuantizeConfig(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "quantize"
-        raise ConfigError(f"Quantize option '{field}' is invalid ({err['msg']}); see "
-                          "`slm quantize --help`.") from None
+    return validated(QuantizeConfig, **kwargs)
