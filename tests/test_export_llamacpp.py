@@ -105,23 +105,32 @@ def test_quantized_model_runs_in_llama_cpp(trained_ish, tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_reference_model_quantized_files_keep_the_text(tmp_path):
-    """On the trained reference model (when it is cached), q8_0 and q4 files generate the
-    same first tokens as the f32 file."""
+    """On the trained reference model (when it is cached), the q8_0 file generates the same
+    8 greedy tokens as the f32 file, and slmkit's GPTQ 4-bit file (Q4_0 blocks) the same
+    first token. (Plain round-to-nearest Q4_0 of this 4.7M-parameter model already flips the
+    first token after "def main(": its top two candidates are close.)"""
     from bench.reference import _model_dir
 
     ref = _model_dir()
     if not (ref / "config.json").is_file():
         pytest.skip("reference model not trained yet (python bench/reference.py)")
+    from slmkit.compress.quantize import make_config, quantize
     from slmkit.models import load_tokenizer
 
     tok = load_tokenizer(ref)
-    prompt = tok("import os\nimport sys\n\n\ndef main(", add_special_tokens=False)["input_ids"]
-    texts = {}
-    for quant in ("f32", "q8_0", "q4_0"):
-        export_gguf(str(ref), tmp_path / f"{quant}.gguf", quant=quant)
-        texts[quant] = llamacpp.greedy(llamacpp.load(tmp_path / f"{quant}.gguf"), prompt, 8)
-    assert texts["q8_0"][:8] == texts["f32"][:8]
-    assert texts["q4_0"][:4] == texts["f32"][:4]
+    quantize(ref, tmp_path / "gptq", make_config(method="gptq", bits=4, group_size=32,
+                                                 calib_samples=32, calib_seq_len=256))
+    files = {"gptq_q4_0": tmp_path / "gptq.gguf"}
+    export_gguf(str(tmp_path / "gptq"), files["gptq_q4_0"])
+    for quant in ("f32", "q8_0"):
+        files[quant] = tmp_path / f"{quant}.gguf"
+        export_gguf(str(ref), files[quant], quant=quant)
+    models = {k: llamacpp.load(v) for k, v in files.items()}
+    for text in ("import os\nimport sys\n\n\ndef main(", "def add(a, b):\n    return"):
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        out = {k: llamacpp.greedy(m, prompt, 8) for k, m in models.items()}
+        assert out["q8_0"] == out["f32"]
+        assert out["gptq_q4_0"][:1] == out["f32"][:1]
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
