@@ -68,7 +68,8 @@ class FastRunner:
 
     fast = True
 
-    def __init__(self, model, n_slots: int, max_seq_len: int, fuse: bool = True):
+    def __init__(self, model, n_slots: int, max_seq_len: int, fuse: bool = True,
+                 native: bool = True):
         core = model.model
         self.model = model
         self.embed, self.layers, self.norm = core.embed_tokens, list(core.layers), core.norm
@@ -95,6 +96,12 @@ class FastRunner:
         self.qkv = [fused_qkv(layer.self_attn) if fuse else None for layer in self.layers]
         self.mlps = [(fused_mlp(layer.mlp) if fuse else None) or layer.mlp
                      for layer in self.layers]
+        # decode steps (T = 1) in one compiled call when the model and the machine allow
+        self.native, self.native_reason = None, "disabled"
+        if native:
+            from slmkit.engine.native import NativeStep
+
+            self.native, self.native_reason = NativeStep.create(self)
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence (its cache rows are simply overwritten later)."""
@@ -114,6 +121,11 @@ class FastRunner:
             ``[B, V]`` float32 logits.
         """
         B, T = tokens.shape
+        if T == 1 and self.native is not None:
+            h = self.embed(tokens.to(self.device))[:, 0]                # [B, hidden]
+            logits = self.native(h, slots, starts)                       # [B, V]
+            self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
+            return logits
         key_len = max(starts) + T
         slot_t = torch.tensor(slots, dtype=torch.long)
         start_t = torch.tensor(starts, dtype=torch.long)

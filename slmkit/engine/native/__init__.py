@@ -1,0 +1,313 @@
+"""The native decode step: ``decode.c`` compiled on first use, called through ctypes.
+
+:class:`NativeStep` runs one decode token for each of ``B`` rows through a Llama-family
+model (fp32 activations; fp32, int8 or int4 ``QuantLinear`` weights) in a single C call,
+reading the weights in place from the tensors torch holds and writing keys/values into the
+same :class:`~slmkit.engine.cache.KVCache` the torch path uses, so prefill (torch) and decode
+(native) interleave freely. :func:`build_reason` says why a model cannot take this path;
+the runner then keeps its torch loop, which computes the same function.
+
+The library is built with the system C compiler (``cc -O3 -march=native -fopenmp``, about
+a second) into ``$SLMKIT_CACHE_DIR/native`` (default ``~/.cache/slmkit/native``), keyed by
+the source, the compiler and the CPU flags, and reused after that. No compiler, a failed
+build or ``SLMKIT_NATIVE=0`` leave the torch path in charge.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.c")
+LIN_F32, LIN_Q8, LIN_Q4 = 0, 1, 2
+QBLOCK = 32
+MAX_HEAD_DIM = 512
+
+
+class Lin(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("group", ctypes.c_int32), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", Lin * 3),
+                ("n_qkv", ctypes.c_int32), ("o", Lin), ("gu", Lin * 2), ("n_gu", ctypes.c_int32),
+                ("down", Lin), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
+                ("window", ctypes.c_int32)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int32), ("hidden", ctypes.c_int32),
+                ("n_heads", ctypes.c_int32), ("n_kv", ctypes.c_int32),
+                ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
+                ("vocab", ctypes.c_int32), ("max_seq", ctypes.c_int32),
+                ("n_threads", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("attn_scale", ctypes.c_float), ("cos", ctypes.c_void_p),
+                ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
+                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin)]
+
+
+_LIB: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SLMKIT_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "slmkit")
+    return Path(root) / "native"
+
+
+def load_library():
+    """The compiled library (a ``ctypes.CDLL``), or None with the reason logged once."""
+    if "lib" in _LIB:
+        return _LIB["lib"]
+    _LIB["lib"], _LIB["reason"] = None, None
+    if os.environ.get("SLMKIT_NATIVE", "1") == "0":
+        _LIB["reason"] = "SLMKIT_NATIVE=0"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        _LIB["reason"] = "no C compiler found"
+        log.info("native decode step unavailable: %s", _LIB["reason"])
+        return None
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags),
+                                        _cpu_flags()]).encode()).hexdigest()[:16]
+        out = _cache_dir() / f"slmdecode-{key}.so"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                tmp_so = Path(tmp) / out.name
+                res = subprocess.run([cc, *flags, "-o", str(tmp_so), str(SOURCE), "-lm"],
+                                     capture_output=True, text=True, timeout=300)
+                if res.returncode != 0:
+                    raise OSError(res.stderr.strip().splitlines()[-1] if res.stderr else
+                                  f"{cc} exited {res.returncode}")
+                os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as e:
+        _LIB["reason"] = f"build failed: {e}"
+        log.warning("native decode step unavailable (%s); using the torch path", e)
+        return None
+    lib.slm_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p]
+    lib.slm_decode.restype = ctypes.c_int
+    lib.slm_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
+    lib.slm_work_floats.restype = ctypes.c_int64
+    lib.slm_has_vnni.restype = ctypes.c_int
+    lib.slm_linear.argtypes = [ctypes.POINTER(Lin), ctypes.c_int, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.slm_linear.restype = ctypes.c_int
+    _LIB["lib"] = lib
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load_library` returned None (None when it did not)."""
+    load_library()
+    return _LIB.get("reason")
+
+
+# --------------------------------------------------------------------------- model mapping
+
+
+def _ptr(t: torch.Tensor | None, keep: list) -> int | None:
+    if t is None:
+        return None
+    keep.append(t)
+    return t.data_ptr()
+
+
+def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | str:
+    """A :class:`Lin` for a linear module (or a fused ``(weight, bias)``), or why not."""
+    from torch import nn
+
+    from slmkit.nn.quant_linear import QuantLinear
+
+    if fused is not None or type(module) is nn.Linear:
+        weight, bias = fused if fused is not None else (module.weight, module.bias)
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" \
+                or not weight.is_contiguous():
+            return "a linear weight is not contiguous fp32 on the CPU"
+        n, k = weight.shape
+        return Lin(LIN_F32, n, k, k, _ptr(weight.detach(), keep), None, None,
+                   _ptr(None if bias is None else bias.detach().float().contiguous(), keep))
+    if isinstance(module, QuantLinear) and type(module).__name__ == "QuantLinear":
+        if module.bits not in (8, 4):
+            return f"{module.bits}-bit layers have no native kernel"
+        if module.input_scale is not None:
+            return "a layer keeps an unfolded AWQ input scale"
+        if not vnni:
+            return "this CPU has no AVX-512 VNNI for the integer kernels"
+        k, n = module.in_features, module.out_features
+        group = k if module.group_size == -1 else module.group_size
+        if group % QBLOCK or k % group or k % (64 if module.bits == 4 else QBLOCK) or (
+                module.bits == 4 and 256 % group and group % 256):
+            return f"group size {module.group_size} / width {k} do not fit 32-column blocks"
+        if module.qweight.device.type != "cpu":
+            return "quantized weights are not on the CPU"
+        zeros = None if module.sym else module.zeros.contiguous()
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        return Lin(LIN_Q8 if module.bits == 8 else LIN_Q4, n, k, group,
+                   _ptr(module.qweight.contiguous(), keep), _ptr(module.scales.contiguous(), keep),
+                   _ptr(zeros, keep), _ptr(bias, keep))
+    return f"{type(module).__name__} layers have no native kernel"
+
+
+def _group(mods, keep, vnni, fused) -> list[Lin] | str:
+    if fused is not None:
+        lin = _lin(None, keep, vnni, fused)
+        return lin if isinstance(lin, str) else [lin]
+    lins = [_lin(m, keep, vnni) for m in mods]
+    for lin in lins:
+        if isinstance(lin, str):
+            return lin
+    if len({lin.kind for lin in lins}) != 1 or len({lin.k for lin in lins}) != 1:
+        return "projections that share an input use different kernels"
+    return lins
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for ``x`` ``[B, in]`` fp32 through the native kernel (tests, benchmarks).
+
+    Raises:
+        RuntimeError: when the library or the layer has no native kernel.
+    """
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    keep: list = []
+    lin = _lin(module, keep, bool(lib.slm_has_vnni()))
+    if isinstance(lin, str):
+        raise RuntimeError(lin)
+    x = x.to(torch.float32).contiguous()
+    B = x.shape[0]
+    y = torch.empty(B, lin.n, dtype=torch.float32)
+    work = torch.empty(B * lin.k + 64 + 5 * B * lin.k // QBLOCK + 64, dtype=torch.float32)
+    lib.slm_linear(ctypes.byref(lin), B, x.data_ptr(), y.data_ptr(), work.data_ptr(),
+                   torch.get_num_threads())
+    return y
+
+
+class NativeStep:
+    """The compiled decode step bound to one :class:`~slmkit.engine.runner.FastRunner`.
+
+    Build with :meth:`create`, which returns None (and a reason) when the model or the
+    machine does not fit.
+    """
+
+    def __init__(self, lib, model_struct: Model, keep: list, max_rows: int, vocab: int,
+                 hidden: int):
+        self.lib, self.struct, self.keep = lib, model_struct, keep
+        self.vocab, self.hidden = vocab, hidden
+        self.work = torch.empty(int(lib.slm_work_floats(ctypes.byref(model_struct), max_rows)),
+                                dtype=torch.float32)
+        self.max_rows = max_rows
+
+    @classmethod
+    def create(cls, runner) -> tuple[NativeStep | None, str | None]:
+        lib = load_library()
+        if lib is None:
+            return None, unavailable_reason()
+        model = runner.model
+        cfg = model.config
+        if runner.dtype != torch.float32 or runner.device.type != "cpu":
+            return None, "the native step runs fp32 activations on the CPU"
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            return None, f"activation '{cfg.hidden_act}' is not SiLU"
+        if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
+            return None, f"head dim {runner.head_dim} is not supported"
+        vnni = bool(lib.slm_has_vnni())
+        keep: list = []
+        layers = (Layer * len(runner.layers))()
+        eps = None
+        for i, layer in enumerate(runner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                if type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") \
+                        or norm.weight.dtype != torch.float32:
+                    return None, f"norm {type(norm).__name__} is not an fp32 RMSNorm"
+                eps = norm.variance_epsilon
+            qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj], keep, vnni,
+                         getattr(attn, "_slmkit_qkv", None) if runner.qkv[i] is not None else None)
+            gu = _group([mlp.gate_proj, mlp.up_proj], keep, vnni,
+                        getattr(mlp, "_slmkit_gate_up", None)
+                        if runner.mlps[i] is not mlp else None)
+            o, down = _lin(attn.o_proj, keep, vnni), _lin(mlp.down_proj, keep, vnni)
+            for part in (qkv, gu, o, down):
+                if isinstance(part, str):
+                    return None, part
+            if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+                return None, f"MLP activation {type(mlp.act_fn).__name__} is not SiLU"
+            L = layers[i]
+            L.norm1 = _ptr(layer.input_layernorm.weight.detach(), keep)
+            L.norm2 = _ptr(layer.post_attention_layernorm.weight.detach(), keep)
+            for j, lin in enumerate(qkv):
+                L.qkv[j] = lin
+            L.n_qkv = len(qkv)
+            for j, lin in enumerate(gu):
+                L.gu[j] = lin
+            L.n_gu = len(gu)
+            L.o, L.down = o, down
+            L.kc = _ptr(runner.cache.k[i], keep)
+            L.vc = _ptr(runner.cache.v[i], keep)
+            L.window = runner.windows[i] or 0
+        head = _lin(runner.lm_head, keep, vnni)
+        if isinstance(head, str):
+            return None, "LM head: " + head
+        final = runner.norm
+        if type(final).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"):
+            return None, "final norm is not an RMSNorm"
+        attn0 = runner.layers[0].self_attn
+        m = Model()
+        m.n_layers, m.hidden = len(runner.layers), cfg.hidden_size
+        m.n_heads, m.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        m.head_dim, m.inter, m.vocab = runner.head_dim, cfg.intermediate_size, head.n
+        m.max_seq, m.n_threads = runner.max_seq_len, torch.get_num_threads()
+        m.eps, m.attn_scale = float(eps), float(attn0.scaling)
+        m.cos = _ptr(runner.cos.contiguous(), keep)
+        m.sin_signed = _ptr(runner.sin.contiguous(), keep)
+        m.final_norm = _ptr(final.weight.detach(), keep)
+        m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
+        keep.append(layers)
+        m.lm_head = head
+        return cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size), None
+
+    def __call__(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """``h`` ``[B, hidden]`` embeddings of the new tokens -> ``[B, vocab]`` logits."""
+        B = h.shape[0]
+        h = h.to(torch.float32).contiguous()
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        self.struct.n_threads = torch.get_num_threads()
+        self.lib.slm_decode(ctypes.byref(self.struct), B, h.data_ptr(), slot_t.data_ptr(),
+                            pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
+        return logits

@@ -1,0 +1,466 @@
+/* slmkit native decode step: one token for each of B rows through a Llama-family decoder.
+ *
+ * Why this exists: at batch 1 a decode step is ~150 matrix-vector products plus ~300 small
+ * element-wise ops. Through torch every op costs ~20 us of dispatch and every fp32 GEMV
+ * reads weights at ~10 GB/s on our 2-core AMD EPYC (MKL/oneDNN are tuned for GEMM, not
+ * M = 1), so the Python loop spends ~75 ms on a SmolLM2-135M-shaped model whose weights
+ * take ~25 ms to stream from memory. Here the whole step runs in one OpenMP parallel
+ * region: the GEMVs are split by output rows across threads, everything else (norms,
+ * RoPE, softmax) is tiny and runs on one thread between barriers.
+ *
+ * Weights are read in place from the tensors torch already holds (no copies):
+ *   LIN_F32: float32 [n, k];
+ *   LIN_Q8:  uint8 codes [n, k], w = (q - zero) * scale;
+ *   LIN_Q4:  uint8 [n, k/2], two codes per byte, low nibble = even column;
+ * scale fp16 [n, k/group], zero uint8 [n, k/group] or none (symmetric: 2^(bits-1)).
+ * Quantized layers multiply in integers the way llama.cpp's Q8_0 path does: the activation
+ * row is quantized to int8 in blocks of 32 with one float scale per block, and AVX-512 VNNI
+ * (vpdpbusd: unsigned weight codes x signed activations) forms the dot products; the zero
+ * point comes out exactly through the per-block activation sums.
+ *
+ * Every output element is computed by the same instruction sequence whatever B is and
+ * whichever thread runs it, so a row's result never depends on what else is in the batch.
+ * Without AVX-512 (or VNNI for the quantized kinds) plain C loops compute the same values.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define SLM_AVX512 1
+#endif
+#if defined(SLM_AVX512) && defined(__AVX512VNNI__)
+#define SLM_VNNI 1
+#endif
+
+enum { LIN_F32 = 0, LIN_Q8 = 1, LIN_Q4 = 2 };
+#define QBLOCK 32
+
+typedef struct {
+    int32_t kind, n, k, group;
+    const void *w;
+    const uint16_t *scales;
+    const uint8_t *zeros;
+    const float *bias;
+} lin_t;
+
+typedef struct {
+    const float *norm1, *norm2;
+    lin_t qkv[3];
+    int32_t n_qkv;
+    lin_t o;
+    lin_t gu[2];
+    int32_t n_gu;
+    lin_t down;
+    float *kc, *vc;     /* [slots, n_kv, max_seq, head_dim] */
+    int32_t window;     /* sliding window, 0 = full attention */
+} layer_t;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_seq, n_threads;
+    float eps, attn_scale;
+    const float *cos, *sin_signed;  /* [max_seq, head_dim] */
+    const float *final_norm;
+    layer_t *layers;
+    lin_t lm_head;
+} model_t;
+
+/* A quantized activation: B rows of k int8 values in blocks of 32. */
+typedef struct {
+    int8_t *q;      /* [B, k]; for LIN_Q4 each 64-column chunk is stored even cols then odd */
+    float *d;       /* [B, k/32] block scales */
+    float *c;       /* [B, k/32] d * sum(q) of the block (for the zero point) */
+    int32_t *sb;    /* [B, k/32] sum(q) of the block */
+    float *dperm;   /* [B, k/32] d in the block order of dot_q4's windows */
+    int32_t *sbperm;/* [B, k/32] sb in that order */
+    int k, kind;
+} act_t;
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, f;
+    if (exp == 0) {
+        if (man == 0) { f = sign; }
+        else { exp = 127 - 15 + 1; while (!(man & 0x400)) { man <<= 1; exp--; }
+               f = sign | (exp << 23) | ((man & 0x3ff) << 13); }
+    } else if (exp == 31) { f = sign | 0x7f800000 | (man << 13); }
+    else { f = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float out; memcpy(&out, &f, 4); return out;
+#endif
+}
+
+/* ------------------------------------------------------------------ activation quantization */
+
+static void quantize_rows(const float *x, int B, int k, int kind, act_t *a) {
+    int nb = k / QBLOCK;
+    a->k = k; a->kind = kind;
+    for (int b = 0; b < B; b++) {
+        const float *xr = x + (int64_t)b * k;
+        int8_t *qr = a->q + (int64_t)b * k;
+        for (int j = 0; j < nb; j++) {
+            float amax = 0.f;
+            for (int i = 0; i < QBLOCK; i++) { float v = fabsf(xr[j * QBLOCK + i]); amax = v > amax ? v : amax; }
+            float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            int sum = 0;
+            int8_t tmp[QBLOCK];
+            for (int i = 0; i < QBLOCK; i++) {
+                int v = (int)lrintf(xr[j * QBLOCK + i] * inv);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                tmp[i] = (int8_t)v; sum += v;
+            }
+            a->d[(int64_t)b * nb + j] = d;
+            a->c[(int64_t)b * nb + j] = d * (float)sum;
+            a->sb[(int64_t)b * nb + j] = sum;
+            {   /* window order: blocks 0,2,4,6,1,3,5,7 of each group of 8 */
+                static const int INV[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+                int at = (j / 8) * 8 + INV[j % 8];
+                if (j / 8 < nb / 8) {
+                    a->dperm[(int64_t)b * nb + at] = d;
+                    a->sbperm[(int64_t)b * nb + at] = sum;
+                }
+            }
+            if (kind == LIN_Q4) {  /* chunk of 64 columns = blocks 2c, 2c+1: even cols, then odd */
+                int chunk = j / 2, half = j % 2;
+                int8_t *dst = qr + chunk * 64;
+                for (int i = 0; i < QBLOCK; i += 2) {
+                    dst[half * 16 + i / 2] = tmp[i];
+                    dst[32 + half * 16 + i / 2] = tmp[i + 1];
+                }
+            } else {
+                memcpy(qr + j * QBLOCK, tmp, QBLOCK);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ dot products, one row */
+
+static inline float dot_f32(const float *w, const float *x, int k) {
+#ifdef SLM_AVX512
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= k; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
+    }
+    for (; i < k; i += 16) {
+        __mmask16 m = (k - i) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+    float acc[16] = {0};
+    for (int i = 0; i < k; i++) acc[i & 15] += w[i] * x[i];
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += acc[i];
+    return s;
+#endif
+}
+
+/* Sum over blocks of d_b * sum_{i in b} q_i * x_i, grouped by the weight's scale groups. */
+static float dot_q8(const lin_t *L, int row, const act_t *a, int b) {
+    const int k = L->k, nb = k / QBLOCK, bpg = L->group / QBLOCK, G = k / L->group;
+    const uint8_t *w = (const uint8_t *)L->w + (int64_t)row * k;
+    const int8_t *q = a->q + (int64_t)b * k;
+    const float *d = a->d + (int64_t)b * nb, *c = a->c + (int64_t)b * nb;
+    const uint16_t *sc = L->scales + (int64_t)row * G;
+    const uint8_t *zp = L->zeros ? L->zeros + (int64_t)row * G : NULL;
+    float total = 0.f;
+    for (int g = 0; g < G; g++) {
+        float z = zp ? (float)zp[g] : 128.f, corr = 0.f, part;
+#ifdef SLM_VNNI
+        __m256 acc = _mm256_setzero_ps();
+        for (int j = g * bpg; j < (g + 1) * bpg; j++) {
+            __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                             _mm256_loadu_si256((const __m256i *)(w + j * QBLOCK)),
+                                             _mm256_loadu_si256((const __m256i *)(q + j * QBLOCK)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(d[j]), acc);
+            corr += c[j];
+        }
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        part = _mm_cvtss_f32(s4);
+#else
+        part = 0.f;
+        for (int j = g * bpg; j < (g + 1) * bpg; j++) {
+            int s = 0;
+            for (int i = 0; i < QBLOCK; i++) s += (int)w[j * QBLOCK + i] * (int)q[j * QBLOCK + i];
+            part += (float)s * d[j];
+            corr += c[j];
+        }
+#endif
+        total += half_to_float(sc[g]) * (part - z * corr);
+    }
+    return total;
+}
+
+/* Blocks of 32 columns are handled 8 at a time (256 columns, 4 chunks of 64): the 4 VNNI
+ * results (8 int32 lanes each, lanes 0-3 = first block of the chunk, 4-7 = second) fold
+ * with three horizontal adds into one vector of 8 block sums in the order PERM below, so
+ * the zero point, the activation scales and the weight scales are applied once per 8
+ * blocks instead of once per block. */
+#ifdef SLM_VNNI
+static const int PERM[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+static inline float hsum256(__m256 v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    return _mm_cvtss_f32(s4);
+}
+#endif
+
+static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
+    const int k = L->k, nb = k / QBLOCK, G = k / L->group, gsz = L->group;
+    const uint8_t *w = (const uint8_t *)L->w + (int64_t)row * (k / 2);
+    const int8_t *q = a->q + (int64_t)b * k;
+    const float *d = a->d + (int64_t)b * nb;
+    const int32_t *sb = a->sb + (int64_t)b * nb;
+    const uint16_t *sc = L->scales + (int64_t)row * G;
+    const uint8_t *zp = L->zeros ? L->zeros + (int64_t)row * G : NULL;
+    float total = 0.f;
+    int j0 = 0;  /* first block not yet done */
+#ifdef SLM_VNNI
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const int gpw = 256 / gsz > 0 ? 256 / gsz : 1;      /* weight groups per window */
+    int idx[8];
+    for (int i = 0; i < 8; i++) idx[i] = PERM[i] * QBLOCK / gsz;
+    const __m256i gidx = _mm256_loadu_si256((const __m256i *)idx);
+    const __mmask8 gmask = (__mmask8)((1u << gpw) - 1);
+    const float *dp_ = a->dperm + (int64_t)b * nb;
+    const int32_t *sp_ = a->sbperm + (int64_t)b * nb;
+    __m256 acc = _mm256_setzero_ps();
+    for (int win = 0; win < k / 256; win++) {
+        __m256i dps[4];
+        for (int c = 0; c < 4; c++) {
+            int ch = win * 4 + c;
+            __m256i wb = _mm256_loadu_si256((const __m256i *)(w + ch * 32));
+            __m256i lo = _mm256_and_si256(wb, low), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
+            __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                             _mm256_loadu_si256((const __m256i *)(q + ch * 64)));
+            dps[c] = _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)(q + ch * 64 + 32)));
+        }
+        __m256i blk = _mm256_hadd_epi32(_mm256_hadd_epi32(dps[0], dps[1]),
+                                        _mm256_hadd_epi32(dps[2], dps[3]));
+        __m256i s = _mm256_loadu_si256((const __m256i *)(sp_ + win * 8));
+        int g0 = win * 256 / gsz;
+        if (zp) {
+            __m256i z = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(gmask, zp + g0));
+            blk = _mm256_sub_epi32(blk, _mm256_mullo_epi32(_mm256_permutexvar_epi32(gidx, z), s));
+        } else {
+            blk = _mm256_sub_epi32(blk, _mm256_slli_epi32(s, 3));
+        }
+        __m256 ws = _mm256_permutexvar_ps(gidx, _mm256_cvtph_ps(_mm_maskz_loadu_epi16(gmask, sc + g0)));
+        __m256 sv = _mm256_mul_ps(ws, _mm256_loadu_ps(dp_ + win * 8));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk), sv, acc);
+    }
+    for (int ch = (k / 256) * 4; ch < k / 64; ch++) {  /* the 64-column chunks after the windows */
+        __m256i wb = _mm256_loadu_si256((const __m256i *)(w + ch * 32));
+        __m256i lo = _mm256_and_si256(wb, low), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
+        __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                         _mm256_loadu_si256((const __m256i *)(q + ch * 64)));
+        dp = _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)(q + ch * 64 + 32)));
+        int g0 = (ch * 64) / gsz, g1 = (ch * 64 + 32) / gsz;
+        float s0 = d[2 * ch] * half_to_float(sc[g0]), s1 = d[2 * ch + 1] * half_to_float(sc[g1]);
+        float z0 = zp ? (float)zp[g0] : 8.f, z1 = zp ? (float)zp[g1] : 8.f;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp),
+                              _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)), acc);
+        total -= s0 * z0 * (float)sb[2 * ch] + s1 * z1 * (float)sb[2 * ch + 1];
+    }
+    total += hsum256(acc);
+    j0 = nb;
+#endif
+    for (int j = j0; j < nb; j++) {  /* the remaining blocks (k not a multiple of 256) */
+        int sacc = 0;
+        for (int i = 0; i < QBLOCK; i++) {
+            int col = j * QBLOCK + i;
+            int code = (w[col / 2] >> ((col & 1) * 4)) & 0x0f;
+            int r = col % 64, at = (col / 64) * 64 + (r & 1) * 32 + r / 2;  /* permuted */
+            sacc += code * (int)q[at];
+        }
+        int g = j * QBLOCK / gsz;
+        float z = zp ? (float)zp[g] : 8.f;
+        total += half_to_float(sc[g]) * d[j] * ((float)sacc - z * (float)sb[j]);
+    }
+    return total;
+}
+
+/* y[b, off + r] = L(x_b)[r] for rows r in [r0, r1). */
+static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, float *y, int ystride,
+                     int off, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        for (int b = 0; b < B; b++) {
+            float v;
+            if (L->kind == LIN_F32) v = dot_f32((const float *)L->w + (int64_t)r * L->k, x + (int64_t)b * L->k, L->k);
+            else if (L->kind == LIN_Q8) v = dot_q8(L, r, a, b);
+            else v = dot_q4(L, r, a, b);
+            if (L->bias) v += L->bias[r];
+            y[(int64_t)b * ystride + off + r] = v;
+        }
+    }
+}
+
+/* Several linears sharing one input (q/k/v, gate/up): outputs side by side in y [B, sum n].
+ * Must be called by every thread of the team (it is an OpenMP worksharing loop). */
+#define TILE 8
+static void lin_multi(const lin_t *Ls, int nl, const float *x, const act_t *a, int B, float *y) {
+    int ystride = 0, tiles = 0;
+    for (int j = 0; j < nl; j++) { ystride += Ls[j].n; tiles += (Ls[j].n + TILE - 1) / TILE; }
+    #pragma omp for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int j = 0, tt = t, off = 0;
+        while (tt >= (Ls[j].n + TILE - 1) / TILE) { tt -= (Ls[j].n + TILE - 1) / TILE; off += Ls[j].n; j++; }
+        int r0 = tt * TILE, r1 = r0 + TILE < Ls[j].n ? r0 + TILE : Ls[j].n;
+        lin_rows(&Ls[j], x, a, B, y, ystride, off, r0, r1);
+    }
+}
+
+static void rms_norm(const float *x, const float *w, int n, float eps, float *y) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+static void prep(const lin_t *L, const float *x, int B, act_t *a) {
+    if (L->kind != LIN_F32) quantize_rows(x, B, L->k, L->kind, a);
+}
+
+/* One linear on B rows (for tests and the kernel benchmark): y [B, n] = L(x [B, k]). */
+int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int n_threads) {
+    act_t a;
+    a.q = (int8_t *)work;
+    a.d = (float *)(a.q + B * L->k + 64);
+    a.c = a.d + B * L->k / QBLOCK;
+    a.sb = (int32_t *)(a.c + B * L->k / QBLOCK);
+    a.dperm = (float *)(a.sb + B * L->k / QBLOCK);
+    a.sbperm = (int32_t *)(a.dperm + B * L->k / QBLOCK);
+    prep(L, x, B, &a);
+    #pragma omp parallel num_threads(n_threads)
+    lin_multi(L, 1, x, &a, B, y);
+    return 0;
+}
+
+/* Workspace floats the step needs for B rows (the caller allocates it). */
+int64_t slm_work_floats(const model_t *m, int B) {
+    int64_t nq = (int64_t)m->n_heads * m->head_dim, nk = (int64_t)m->n_kv * m->head_dim;
+    int64_t kmax = m->hidden > m->inter ? m->hidden : m->inter;
+    if (nq > kmax) kmax = nq;
+    int64_t f = B * (m->hidden * 2 + (nq + 2 * nk) + nq + 2 * (int64_t)m->inter + m->inter);
+    f += (int64_t)B * m->n_heads * m->max_seq;         /* attention scores */
+    f += B * kmax / 4 + 5 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, sb, dperm, sbperm */
+    return f;
+}
+
+int slm_has_vnni(void) {
+#ifdef SLM_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* One decode step. h [B, hidden]: embeddings in, final hidden states out (before the norm);
+ * slots/pos [B]: cache slot and position of each row's new token; logits [B, vocab]. */
+int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
+               float *logits, float *work) {
+    const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D;
+    const int I = m->inter, S = m->max_seq, grp = m->n_heads / m->n_kv;
+    int kmax = H > I ? H : I;
+    if (nq > kmax) kmax = nq;
+    float *xn = work, *tmp = xn + B * H, *qkv = tmp + B * H, *att = qkv + B * (nq + 2 * nk);
+    float *gu = att + B * nq, *act = gu + B * 2 * I, *scores = act + B * I;
+    act_t a;
+    a.q = (int8_t *)(scores + (int64_t)B * m->n_heads * S);
+    a.d = (float *)(a.q + B * kmax) ;
+    a.c = a.d + B * kmax / QBLOCK;
+    a.sb = (int32_t *)(a.c + B * kmax / QBLOCK);
+    a.dperm = (float *)(a.sb + B * kmax / QBLOCK);
+    a.sbperm = (int32_t *)(a.dperm + B * kmax / QBLOCK);
+    a.k = 0; a.kind = 0;
+
+    #pragma omp parallel num_threads(m->n_threads)
+    {
+        for (int l = 0; l < m->n_layers; l++) {
+            const layer_t *L = &m->layers[l];
+            #pragma omp single
+            {
+                for (int b = 0; b < B; b++) rms_norm(h + b * H, L->norm1, H, m->eps, xn + b * H);
+                prep(&L->qkv[0], xn, B, &a);
+            }
+            lin_multi(L->qkv, L->n_qkv, xn, &a, B, qkv);
+            #pragma omp single
+            {
+                for (int b = 0; b < B; b++) {  /* RoPE on q and k, then k/v into the cache */
+                    float *row = qkv + (int64_t)b * (nq + 2 * nk);
+                    const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
+                    for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) {
+                        float *v = row + hh * D, r[512];
+                        for (int i = 0; i < D; i++) r[i] = v[i] * cs[i] + v[(i + D / 2) % D] * sn[i];
+                        memcpy(v, r, D * sizeof(float));
+                    }
+                    for (int kh = 0; kh < m->n_kv; kh++) {
+                        int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
+                        memcpy(L->kc + at, row + nq + kh * D, D * sizeof(float));
+                        memcpy(L->vc + at, row + nq + nk + kh * D, D * sizeof(float));
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int bh = 0; bh < B * m->n_heads; bh++) {
+                int b = bh / m->n_heads, hd = bh % m->n_heads, kh = hd / grp;
+                const float *q = qkv + (int64_t)b * (nq + 2 * nk) + hd * D;
+                int p = (int)pos[b], lo = 0;
+                if (L->window > 0 && p - L->window + 1 > 0) lo = p - L->window + 1;
+                const float *K = L->kc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
+                const float *V = L->vc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
+                float *sc = scores + (int64_t)bh * S, mx = -INFINITY, sum = 0.f;
+                for (int j = lo; j <= p; j++) {
+                    sc[j] = dot_f32(K + (int64_t)j * D, q, D) * m->attn_scale;
+                    mx = sc[j] > mx ? sc[j] : mx;
+                }
+                for (int j = lo; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+                float *o = att + (int64_t)b * nq + hd * D, inv = 1.f / sum;
+                for (int i = 0; i < D; i++) o[i] = 0.f;
+                for (int j = lo; j <= p; j++) {
+                    float wgt = sc[j] * inv;
+                    const float *vr = V + (int64_t)j * D;
+                    for (int i = 0; i < D; i++) o[i] += wgt * vr[i];
+                }
+            }
+            #pragma omp single
+            prep(&L->o, att, B, &a);
+            lin_multi(&L->o, 1, att, &a, B, tmp);
+            #pragma omp single
+            {
+                for (int i = 0; i < B * H; i++) h[i] += tmp[i];
+                for (int b = 0; b < B; b++) rms_norm(h + b * H, L->norm2, H, m->eps, xn + b * H);
+                prep(&L->gu[0], xn, B, &a);
+            }
+            lin_multi(L->gu, L->n_gu, xn, &a, B, gu);
+            #pragma omp single
+            {
+                for (int b = 0; b < B; b++)
+                    for (int i = 0; i < I; i++) {
+                        float g = gu[(int64_t)b * 2 * I + i], u = gu[(int64_t)b * 2 * I + I + i];
+                        act[(int64_t)b * I + i] = g / (1.f + expf(-g)) * u;
+                    }
+                prep(&L->down, act, B, &a);
+            }
+            lin_multi(&L->down, 1, act, &a, B, tmp);
+            #pragma omp single
+            for (int i = 0; i < B * H; i++) h[i] += tmp[i];
+        }
+        #pragma omp single
+        {
+            for (int b = 0; b < B; b++) rms_norm(h + b * H, m->final_norm, H, m->eps, xn + b * H);
+            prep(&m->lm_head, xn, B, &a);
+        }
+        lin_multi(&m->lm_head, 1, xn, &a, B, logits);
+    }
+    return 0;
+}

@@ -1,0 +1,128 @@
+"""The native decode step (``slmkit/engine/native``) against slow references and the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit.compress.quantize.ops import quantize_rtn
+from slmkit.engine import native
+from slmkit.engine.runner import FastRunner
+from slmkit.nn.quant_linear import QuantLinear
+from tests.conftest import build_tiny_model
+
+pytestmark = pytest.mark.skipif(native.load_library() is None,
+                                reason=f"native step unavailable: {native.unavailable_reason()}")
+
+
+def _needs_vnni():
+    if not native.load_library().slm_has_vnni():
+        pytest.skip("no AVX-512 VNNI: quantized layers keep the torch path")
+
+
+def _reference_w8a8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The integer math the kernels implement, slowly: x rounded to int8 in blocks of 32
+    (scale = block absmax / 127), times the dequantized weight, in float64."""
+    B, k = x.shape
+    xb = x.double().view(B, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    qx = torch.where(amax > 0, torch.round(xb * 127 / amax), torch.zeros_like(xb))
+    xq = (qx.clamp(-127, 127) * amax / 127).view(B, k)
+    y = xq @ layer.dequantize_weight().double().T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+@pytest.mark.parametrize("bits,group,sym,k", [
+    (8, -1, True, 576), (8, 64, False, 192), (8, 32, True, 96),
+    (4, 32, True, 576),    # two 256-column windows and a 64-column tail
+    (4, 64, False, 1536), (4, 128, True, 256), (4, -1, True, 256), (4, 32, False, 64),
+])
+def test_quantized_kernels_match_the_integer_reference(bits, group, sym, k):
+    _needs_vnni()
+    torch.manual_seed(0)
+    n = 40
+    codes, scale, zero = quantize_rtn(torch.randn(n, k), bits, group, sym)
+    layer = QuantLinear.from_codes(codes, scale, zero, bits, group, sym, bias=torch.randn(n))
+    x = torch.randn(3, k)
+    x[:, 5] *= 30       # an outlier channel: its block gets a coarser grid, as in llama.cpp
+    x[1, :32] = 0       # an all-zero block (scale 0)
+    y = native.linear(layer, x)
+    ref = _reference_w8a8(layer, x)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max())
+    dense = x @ layer.dequantize_weight().T + layer.bias
+    assert (y - dense).norm() / dense.norm() < 0.03   # activation rounding only
+
+
+def test_fp32_kernel_matches_linear_with_odd_widths():
+    torch.manual_seed(0)
+    for k in (7, 64, 577):
+        lin = torch.nn.Linear(k, 19)
+        x = torch.randn(4, k)
+        assert torch.allclose(native.linear(lin, x), lin(x), atol=1e-5)
+
+
+def _decode_both(model, n_slots=3, rows=((0, 12), (2, 5))):
+    """Logits of 6 decode steps through the native and the torch runner, same inputs."""
+    fast, slow = FastRunner(model, n_slots, 64), FastRunner(model, n_slots, 64, native=False)
+    assert fast.native is not None, fast.native_reason
+    assert slow.native is None
+    out = []
+    for runner in (fast, slow):
+        g = torch.Generator().manual_seed(1)
+        for slot, n in rows:  # prefill (torch in both) of different lengths
+            runner.forward(torch.randint(0, 500, (1, n), generator=g), [slot], [0])
+    g = torch.Generator().manual_seed(2)
+    for step in range(6):
+        tok = torch.randint(0, 500, (len(rows), 1), generator=g)
+        slots, starts = [s for s, _ in rows], [n + step for _, n in rows]
+        out.append((fast.forward(tok, slots, starts), slow.forward(tok, slots, starts)))
+    return out
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("qwen2", {}),
+                                         ("mistral", {"sliding_window": 8})])
+def test_native_step_equals_torch_path(tokenizer, arch, extra):
+    model = build_tiny_model(arch, tokenizer, seed=5, **extra)
+    for a, b in _decode_both(model):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_quantized_model_close_to_torch_path(tokenizer):
+    _needs_vnni()
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import QuantizeConfig
+
+    model = build_tiny_model("llama", tokenizer, seed=5)
+    quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=4, group_size=32,
+                                                    quantize_embeddings=True, ignore=[]))
+    assert type(model.lm_head).__name__ == "QuantLinear"
+    for a, b in _decode_both(model):   # torch path: bf16 activations; native: int8 blocks
+        assert (a - b).norm() / b.norm() < 0.05
+
+
+def test_row_result_does_not_depend_on_the_batch(tokenizer):
+    model = build_tiny_model("llama", tokenizer, seed=5)
+    runner = FastRunner(model, 4, 64)
+    prompts = [torch.arange(3 + i, 13 + 2 * i)[None] for i in range(4)]
+    for slot, p in enumerate(prompts):
+        runner.forward(p, [slot], [0])
+    lens = [p.shape[1] for p in prompts]
+    tok = torch.tensor([[7], [8], [9], [10]])
+    batched = runner.forward(tok, [0, 1, 2, 3], lens)
+    for slot in range(4):  # the same step again, one row at a time, over the same cache
+        alone = runner.forward(tok[slot:slot + 1], [slot], [lens[slot]])
+        assert torch.equal(alone[0], batched[slot])
+
+
+def test_unsupported_layers_keep_the_torch_path(tokenizer):
+    model = build_tiny_model("llama", tokenizer, seed=5)
+
+    class Wrapped(torch.nn.Linear):  # stands in for a LoRA wrapper or a low-rank layer
+        pass
+
+    old = model.model.layers[1].mlp.down_proj
+    model.model.layers[1].mlp.down_proj = Wrapped(old.in_features, old.out_features, bias=False)
+    runner = FastRunner(model, 1, 32)
+    assert runner.native is None and "Wrapped" in runner.native_reason
+    bf16 = FastRunner(build_tiny_model("llama", tokenizer).to(torch.bfloat16), 1, 32)
+    assert bf16.native is None and "fp32" in bf16.native_reason
