@@ -11,13 +11,15 @@ Figures (all measured in this run, 2 threads by default):
   ``slmkit.export.gguf_export`` (what ``slm export --format gguf`` runs):
 
   - fp32: the fp32 model as an all-f32 GGUF;
-  - int8: the fp32 model exported ``--quant q8_0`` (every matrix Q8_0, tied embedding too;
-    slmkit's int8 is per channel, which no GGML block holds, with an fp32 tied LM head, so
-    the two read different bytes: see the "weights MB" column);
-  - int4: slmkit's own int4 model (RTN, symmetric, groups of 32) exported as is: its codes
-    and scales are Q4_0 blocks bit for bit, and the tied embedding / LM head, which slmkit
-    leaves fp32, stays f32 in the GGUF (``--quant f32`` for the remaining matrices), so both
+  - int8: the fp32 model exported ``--quant q8_0`` (every matrix Q8_0, tied embedding too);
+    slmkit's int8 is RTN per channel with the embedding and the tied LM head quantized as
+    well (``quantize_embeddings``). Per-channel int8 is no GGML block type, so the two read
+    slightly different bytes (the "weights MB" column);
+  - int4: slmkit's own int4 model (RTN, symmetric, groups of 32, embedding and LM head
+    included) exported as is: its codes and scales are Q4_0 blocks bit for bit, so both
     runtimes run exactly the same weights;
+* slmkit twice: with the native decode step (``slmkit/engine/native``, the default) and
+  with it turned off (the torch decode loop), so the gain is measured in the same run;
 * aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams;
 * each as a fraction of the bandwidth limit ``bandwidth / weight bytes`` (about 30 GB/s on
   the team machines; ``--bandwidth`` to change it).
@@ -62,11 +64,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slmkit.console import print_table  # noqa: E402
 from slmkit.engine import Engine, SamplingParams, stream_tokens  # noqa: E402
+from slmkit.engine import native  # noqa: E402
+from slmkit.engine.runner import FastRunner  # noqa: E402
 
 LLAMA_CPP_PUBLISHED = {"fp32": 46.5, "int8": 131.0}  # decode tok/s, issue 8, 2 threads (fallback)
 #: (GGUF --quant, what the file holds) per precision; see the module docstring.
 GGUF_FOR = {"fp32": ("f32", "f32 GGUF"), "int8": ("q8_0", "Q8_0 GGUF from fp32"),
-            "int4": ("f32", "Q4_0 GGUF = slmkit int4 codes, f32 tied emb.")}
+            "int4": ("f32", "Q4_0 GGUF = slmkit int4 codes, embedding and head included")}
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                     max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -169,14 +173,19 @@ def time_streams(model, streams: int, prompt_len: int, n: int) -> dict:
 
 
 def quantize(model, precision: str):
-    """RTN int8 (per channel) / int4 (groups of 32) through slmkit's QuantLinear, in place."""
+    """RTN int8 (per channel) / int4 (groups of 32) through slmkit's QuantLinear, in place.
+
+    The embedding table and the tied LM head are quantized too (``quantize_embeddings``), as
+    llama.cpp's Q8_0 / Q4_0 files quantize ``token_embd``: the head is 21% of the weights.
+    """
     if precision == "fp32":
         return model
     from slmkit.compress.quantize.api import quantize_model
     from slmkit.compress.quantize.config import QuantizeConfig
 
     bits, group = (8, -1) if precision == "int8" else (4, 32)  # int4 in Q4_0-sized blocks
-    quantize_model(model, None, QuantizeConfig(method="rtn", bits=bits, group_size=group))
+    quantize_model(model, None, QuantizeConfig(method="rtn", bits=bits, group_size=group,
+                                               quantize_embeddings=True))
     return model
 
 
@@ -338,6 +347,12 @@ def bench_runtimes(model, precision: str, args, prompt: list[int]) -> dict:
     res = {"precision": precision, "weight_bytes": wbytes,
            "limit_tok_s": args.bandwidth / wbytes}
     res["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
+    probe = FastRunner(model, 1, 8)
+    res["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
+    del probe
+    native.set_enabled(False)   # before/after in the same run: the torch decode loop
+    res["slmkit torch loop"] = time_slmkit(model, prompt, args.new_tokens)
+    native.set_enabled(True)
     if not args.skip_hf:
         res["transformers"] = time_transformers(model, prompt, args.new_tokens)
     if "transformers" in res:
@@ -368,6 +383,12 @@ def bench_reference(args, prompt_len: int) -> dict | None:
            "weight_bytes": weight_bytes(model)}
     res["limit_tok_s"] = args.bandwidth / res["weight_bytes"]
     res["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
+    probe = FastRunner(model, 1, 8)
+    res["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
+    del probe
+    native.set_enabled(False)   # before/after in the same run: the torch decode loop
+    res["slmkit torch loop"] = time_slmkit(model, prompt, args.new_tokens)
+    native.set_enabled(True)
     res["transformers"] = time_transformers(model, prompt, args.new_tokens)
     res["greedy_equal_to_transformers"] = res["slmkit"]["tokens"] == res["transformers"]["tokens"]
     return res
@@ -439,7 +460,7 @@ def report(results: dict) -> None:
     rows, stream_rows, bars = [], [], []
     for run in results["runs"]:
         p, limit = run["precision"], run["limit_tok_s"]
-        for name in ("slmkit", "transformers", "llama.cpp"):
+        for name in ("slmkit", "slmkit torch loop", "transformers", "llama.cpp"):
             if name in run:
                 r = run[name]
                 wbytes = r["gguf"]["weight_bytes"] if name == "llama.cpp" else run["weight_bytes"]

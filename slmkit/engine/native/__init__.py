@@ -59,6 +59,12 @@ class Model(ctypes.Structure):
 
 
 _LIB: dict = {}
+_ENABLED = {"on": True}
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the native step on or off for runners built from now on (benchmarks compare)."""
+    _ENABLED["on"] = bool(on)
 
 
 def _cpu_flags() -> str:
@@ -233,6 +239,8 @@ class NativeStep:
 
     @classmethod
     def create(cls, runner) -> tuple[NativeStep | None, str | None]:
+        if not _ENABLED["on"]:
+            return None, "turned off (native.set_enabled(False))"
         lib = load_library()
         if lib is None:
             return None, unavailable_reason()
