@@ -4,10 +4,13 @@ Two runners share one interface, :meth:`forward(tokens, slots, starts) -> logits
 
 * :class:`FastRunner` for the Llama family (Llama, Qwen2, Mistral): our own decoder loop
   over the model's modules with a static :class:`~slmkit.engine.cache.KVCache`, one-pass
-  prefill and batched decode of rows at different positions. It only *calls* the model's
-  modules (norms, projections, MLP, embedding, LM head), never reads their weights, so a
-  ``QuantLinear``, a LoRA wrapper or a low-rank layer with the same call signature runs
-  unchanged, in whatever activation dtype the model uses (e.g. bf16).
+  prefill and batched decode of rows at different positions. Its torch loop only *calls*
+  the model's modules (norms, projections, MLP, embedding, LM head), never reads their
+  weights, so a ``QuantLinear``, a LoRA wrapper or a low-rank layer with the same call
+  signature runs unchanged, in whatever activation dtype the model uses (e.g. bf16).
+  Decode steps (one new token per row) go through :mod:`slmkit.engine.native`, one
+  compiled call per step, when the model's layers are fp32 ``nn.Linear`` or int8/int4
+  ``QuantLinear`` with fp32 activations; prefill and every other model use the torch loop.
 * :class:`GenericRunner` for everything else (GPT-2, Phi-3, Mixtral, ...): the model's own
   ``forward`` with one transformers ``DynamicCache`` per slot, row by row. Slower, but it
   is exactly what ``generate()`` does, so it is never wrong.
