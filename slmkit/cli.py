@@ -628,7 +628,7 @@ def generate(
     c = handle.result()
     rate = c.decode_tokens_per_s
     print_table("slm generate", [
-        ("path", "fast (static KV cache)" if engine.fast else "generic (transformers forward)"),
+        ("path", engine.path),
         ("prompt tokens", c.prompt_tokens), ("generated tokens", c.completion_tokens),
         ("finish reason", c.finish_reason),
         ("time to first token", f"{c.ttft_s * 1000:.0f} ms"),

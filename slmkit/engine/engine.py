@@ -201,6 +201,16 @@ class Engine:
         return self.runner.fast
 
     @property
+    def path(self) -> str:
+        """Which code runs decode steps, in words (``slm generate`` prints it)."""
+        if not self.runner.fast:
+            return "generic (transformers forward)"
+        native = getattr(self.runner, "native", None)
+        if native is not None:
+            return "native decode step (static KV cache)"
+        return f"torch loop (static KV cache; native step off: {self.runner.native_reason})"
+
+    @property
     def free_slots(self) -> int:
         with self._cond:
             return len(self._free_slots)
