@@ -21,13 +21,18 @@ def _needs_vnni():
 
 
 def _reference_w8a8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """The integer math the kernels implement, slowly: x rounded to int8 in blocks of 32
-    (scale = block absmax / 127), times the dequantized weight, in float64."""
+    """The integer math the kernels implement, slowly, in float64: x rounded to int8 with
+    one scale (absmax / 127) per block of 32 columns for int4 layers and per window of 256
+    columns for int8 layers, times the dequantized weight."""
     B, k = x.shape
-    xb = x.double().view(B, k // 32, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    qx = torch.where(amax > 0, torch.round(xb * 127 / amax), torch.zeros_like(xb))
-    xq = (qx.clamp(-127, 127) * amax / 127).view(B, k)
+    span = 256 if layer.bits == 8 else 32
+    xq = torch.empty(B, k, dtype=torch.float64)
+    for c0 in range(0, k, span):
+        xb = x[:, c0:c0 + span].double()
+        amax = xb.abs().amax(-1, keepdim=True)
+        q = torch.where(amax > 0, torch.round(xb * (127 / amax.float()).double()),
+                        torch.zeros_like(xb))
+        xq[:, c0:c0 + span] = q.clamp(-127, 127) * amax / 127
     y = xq @ layer.dequantize_weight().double().T
     return y + layer.bias.double() if layer.bias is not None else y
 

@@ -216,7 +216,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.float32).contiguous()
     B = x.shape[0]
     y = torch.empty(B, lin.n, dtype=torch.float32)
-    work = torch.empty(B * lin.k + 64 + 5 * B * lin.k // QBLOCK + 64, dtype=torch.float32)
+    work = torch.empty(B * lin.k + 64 + 6 * B * lin.k // QBLOCK + 64, dtype=torch.float32)
     lib.slm_linear(ctypes.byref(lin), B, x.data_ptr(), y.data_ptr(), work.data_ptr(),
                    torch.get_num_threads())
     return y

@@ -74,6 +74,7 @@ typedef struct {
     int32_t *sb;    /* [B, k/32] sum(q) of the block */
     float *dperm;   /* [B, k/32] d in the block order of dot_q4's windows */
     int32_t *sbperm;/* [B, k/32] sb in that order */
+    float *cg;      /* [B, k/group] c summed over each weight group (LIN_Q8) */
     int k, kind;
 } act_t;
 
@@ -103,6 +104,12 @@ static inline void quantize_block(const float *x, int b, int j, int k, int kind,
     int sum = 0;
 #ifdef SLM_AVX512
     __m512 v0 = _mm512_loadu_ps(xr), v1 = _mm512_loadu_ps(xr + 16);
+    if (kind == LIN_Q8) {   /* one scale per window of 8 blocks (the kernel sums them in int32) */
+        int w0 = (j / 8) * 8 * QBLOCK, w1 = w0 + 8 * QBLOCK < k ? w0 + 8 * QBLOCK : k;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = w0; i < w1; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + (int64_t)b * k + i)));
+        amax = _mm512_reduce_max_ps(m);
+    } else
     amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
@@ -151,6 +158,15 @@ static void prep(const lin_t *L, const float *x, int B, act_t *a) {
     a->k = L->k; a->kind = L->kind;
     #pragma omp for schedule(static)
     for (int t = 0; t < B * nb; t++) quantize_block(x, t / nb, t % nb, L->k, L->kind, a);
+    if (L->kind == LIN_Q8) {  /* zero-point sums per weight group, once per activation row */
+        const int G = L->k / L->group, bpg = L->group / QBLOCK;
+        #pragma omp for schedule(static)
+        for (int t = 0; t < B * G; t++) {
+            float s = 0.f;
+            for (int j = (t % G) * bpg; j < (t % G + 1) * bpg; j++) s += a->c[(int64_t)(t / G) * nb + j];
+            a->cg[t] = s;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ dot products, one row */
@@ -358,22 +374,32 @@ TILE_FN void q8_tile(const lin_t *L, int r, const act_t *a, int b0, float *out, 
     float tot[4][4] = {{0}};
     for (int g = 0; g < G; g++) {
         __m256 acc[4][4];
-        float corr[4] = {0, 0, 0, 0};
+        float corr[4];
+        for (int j = 0; j < C; j++) corr[j] = a->cg[(int64_t)(b0 + j) * G + g];
         for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
-        for (int jb = g * bpg; jb < (g + 1) * bpg; jb++) {
-            __m256i xv[4];
-            __m256 dv[4];
+        /* Activations share one scale per window of 8 blocks (quantize_block), so within a
+         * window and a weight group the VNNI products add up in int32 (no overflow: at most
+         * 8 * 4 * 255 * 127 per lane) and are converted and scaled once. */
+        for (int jb = g * bpg; jb < (g + 1) * bpg;) {
+            int end = (jb / 8 + 1) * 8 < (g + 1) * bpg ? (jb / 8 + 1) * 8 : (g + 1) * bpg;
+            __m256i iacc[4][4];
+            for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) iacc[i][j] = _mm256_setzero_si256();
+            for (int blk = jb; blk < end; blk++) {
+                __m256i xv[4];
+                for (int j = 0; j < C; j++) {
+                    xv[j] = _mm256_loadu_si256((const __m256i *)(a->q + (int64_t)(b0 + j) * k + blk * QBLOCK));
+                }
+                for (int i = 0; i < R; i++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)((const uint8_t *)L->w + (int64_t)(r + i) * k + blk * QBLOCK));
+                    for (int j = 0; j < C; j++) iacc[i][j] = _mm256_dpbusd_epi32(iacc[i][j], wv, xv[j]);
+                }
+            }
             for (int j = 0; j < C; j++) {
-                xv[j] = _mm256_loadu_si256((const __m256i *)(a->q + (int64_t)(b0 + j) * k + jb * QBLOCK));
-                dv[j] = _mm256_set1_ps(a->d[(int64_t)(b0 + j) * nb + jb]);
-                corr[j] += a->c[(int64_t)(b0 + j) * nb + jb];
+                __m256 dv = _mm256_set1_ps(a->d[(int64_t)(b0 + j) * nb + jb]);
+                for (int i = 0; i < R; i++)
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), dv, acc[i][j]);
             }
-            for (int i = 0; i < R; i++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)((const uint8_t *)L->w + (int64_t)(r + i) * k + jb * QBLOCK));
-                for (int j = 0; j < C; j++)
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv[j])), dv[j], acc[i][j]);
-            }
+            jb = end;
         }
         for (int i = 0; i < R; i++) {
             float sw = half_to_float(L->scales[(int64_t)(r + i) * G + g]);
@@ -565,6 +591,7 @@ int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int
     a.sb = (int32_t *)(a.c + B * L->k / QBLOCK);
     a.dperm = (float *)(a.sb + B * L->k / QBLOCK);
     a.sbperm = (int32_t *)(a.dperm + B * L->k / QBLOCK);
+    a.cg = (float *)(a.sbperm + B * L->k / QBLOCK);
     #pragma omp parallel num_threads(n_threads)
     {
         prep(L, x, B, &a);
@@ -580,7 +607,7 @@ int64_t slm_work_floats(const model_t *m, int B) {
     if (nq > kmax) kmax = nq;
     int64_t f = B * (m->hidden * 2 + (nq + 2 * nk) + nq + 2 * (int64_t)m->inter + m->inter);
     f += (int64_t)B * m->n_heads * m->max_seq;         /* attention scores */
-    f += B * kmax / 4 + 5 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, sb, dperm, sbperm */
+    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, sb, dperm, sbperm, cg */
     return f;
 }
 
@@ -609,6 +636,7 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
     a.sb = (int32_t *)(a.c + B * kmax / QBLOCK);
     a.dperm = (float *)(a.sb + B * kmax / QBLOCK);
     a.sbperm = (int32_t *)(a.dperm + B * kmax / QBLOCK);
+    a.cg = (float *)(a.sbperm + B * kmax / QBLOCK);
     a.k = 0; a.kind = 0;
 
     #pragma omp parallel num_threads(m->n_threads)
