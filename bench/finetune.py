@@ -40,6 +40,13 @@ Bars (issue 7), printed PASS/FAIL:
 * LoRA is within 3 ROUGE-L points of full fine-tuning;
 * QLoRA is within 3 ROUGE-L points of LoRA at a lower fit peak.
 
+The memory arm (``--memory-steps``, default 3) trains LoRA and QLoRA for a few steps on a
+random SmolLM2-135M-shaped model and compares their fit peaks: there the fp32 weights (540
+MB) dominate a step, as they do for real SLMs, which the micro reference cannot show.
+``--target-modules q_proj,v_proj`` runs the adapters on the LoRA paper's targets (Hu et
+al. 2021 adapt W_q and W_v), which keeps r = 8 under 1% of the micro model's parameters;
+the default, every attention and MLP projection, is 4.6% of it (and 1.8% of a 135M model).
+
 Run under the team lock (the machine is shared)::
 
     flock /tmp/slmkit-bench.lock .venv/bin/python bench/finetune.py          # ~10-15 min
@@ -145,6 +152,7 @@ def score(model_dir: Path, items: list[dict], threads: int) -> dict:
 def finetune_cfg(args, model: Path, data: str, out: Path, method: str) -> dict:
     lr = args.full_lr if method == "full" else args.lora_lr
     return dict(model=str(model), data=data, out=str(out), method=method, rank=8, alpha=16.0,
+                target_modules=args.target_modules,
                 merge=method == "lora", max_samples=None if data != TASK else args.train_rows,
                 template="plain", max_steps=args.steps, seq_len=args.seq_len,
                 batch_size=args.batch_size, lr=lr, warmup_steps=max(1, args.steps // 10),
@@ -152,7 +160,42 @@ def finetune_cfg(args, model: Path, data: str, out: Path, method: str) -> dict:
                 seed=0, threads=args.threads, overwrite=True)
 
 
-def bars(results: dict) -> list[tuple[str, bool]]:
+def memory_arm(args, work: Path) -> dict:
+    """LoRA vs QLoRA fit peak on a SmolLM2-135M-shaped model (random weights, memory only).
+
+    On the micro reference the weights are 19 MB of a ~1.2 GB fit step, so QLoRA's 4-bit
+    base cannot show; at 135M parameters the fp32 weights (540 MB) dominate, as they do
+    for real SLMs. Same data, steps, batch and sequence length for both; no scoring.
+    """
+    import torch
+
+    from bench.decode import build_model
+    from bench.reference import reference_tokenizer_dir
+    from slmkit.models import load_tokenizer
+    from slmkit.models.io import save_model
+
+    model_dir = work / "smollm2-135m-shape"
+    if not (model_dir / "model.safetensors").is_file():
+        save_model(build_model(torch.float32), load_tokenizer(reference_tokenizer_dir()),
+                   model_dir, step="bench", params={"bench": "finetune memory arm"},
+                   overwrite=True)
+    sub = argparse.Namespace(**{**vars(args), "steps": args.memory_steps, "seq_len": 256,
+                                "batch_size": 4, "train_rows": 32})
+    out = {"model": "random SmolLM2-135M shape", "steps": args.memory_steps,
+           "seq_len": 256, "batch_size": 4}
+    for method in ("lora", "qlora"):
+        print(f"--- memory arm: {method} on the 135M shape", flush=True)
+        cfg = finetune_cfg(sub, model_dir, TASK, work / f"mem-{method}", method)
+        cfg["merge"] = False
+        run = run_worker({"name": f"mem-{method}", "kind": "finetune", "cfg": cfg,
+                          "threads": args.threads}, work)
+        out[method] = {"fit_peak_rss": run["fit_peak_rss"], "peak_rss": run["peak_rss"],
+                       "wall_s": run["wall_s"],
+                       "trainable_fraction": run["metrics"]["trainable_fraction"]}
+    return out
+
+
+def bars(results: dict, memory: dict | None = None) -> list[tuple[str, bool]]:
     r = {k: v for k, v in results.items() if "rouge_l" in v}
     out = []
     if {"base", "lora"} <= r.keys():
@@ -168,12 +211,17 @@ def bars(results: dict) -> list[tuple[str, bool]]:
         out.append((f"QLoRA within 3 points of LoRA (LoRA - QLoRA = {gap:+.1f})", gap <= 3))
         lp, qp = r["lora"].get("fit_peak_rss"), r["qlora"].get("fit_peak_rss")
         if lp and qp:
-            out.append((f"QLoRA fit peak below LoRA's ({qp / 2**20:.0f} vs {lp / 2**20:.0f} "
-                        "MiB)", qp < lp))
+            out.append((f"QLoRA fit peak below LoRA's, reference ({qp / 2**20:.0f} vs "
+                        f"{lp / 2**20:.0f} MiB)", qp < lp))
+    if memory and memory["lora"]["fit_peak_rss"] and memory["qlora"]["fit_peak_rss"]:
+        lp, qp = memory["lora"]["fit_peak_rss"], memory["qlora"]["fit_peak_rss"]
+        out.append((f"QLoRA fit peak below LoRA's, 135M shape ({qp / 2**20:.0f} vs "
+                    f"{lp / 2**20:.0f} MiB)", qp < lp))
     return out
 
 
-def print_results(results: dict, checks: list[tuple[str, bool]]) -> None:
+def print_results(results: dict, checks: list[tuple[str, bool]],
+                  memory: dict | None = None) -> None:
     from slmkit.console import print_table
 
     mib = lambda b: f"{b / 2**20:,.0f}" if b else "-"      # noqa: E731
@@ -191,6 +239,13 @@ def print_results(results: dict, checks: list[tuple[str, bool]]) -> None:
     print_table(f"fine-tuning on {TASK}", rows, header=(
         "method", "ROUGE-L", "EM", "trainable", "fit peak MiB", "peak RSS MiB", "time s",
         "samples"))
+    if memory:
+        print_table(f"memory arm: {memory['model']}, {memory['steps']} steps, batch "
+                    f"{memory['batch_size']} x {memory['seq_len']} tokens", [
+                        (m, f"{memory[m]['trainable_fraction']:.2%}",
+                         mib(memory[m]["fit_peak_rss"]), mib(memory[m]["peak_rss"]))
+                        for m in ("lora", "qlora")],
+                    header=("method", "trainable", "fit peak MiB", "peak RSS MiB"))
     print_table("bars", [(text, "PASS" if ok else "FAIL") for text, ok in checks])
 
 
@@ -213,6 +268,12 @@ def main(argv=None) -> int:
     ap.add_argument("--aug-min-logprob", type=float, default=None,
                     help="teacher log-prob filter (default: none)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--target-modules", default=None, type=lambda v: [m.strip() for m in
+                    v.split(",") if m.strip()], help="LoRA/QLoRA targets, e.g. q_proj,v_proj "
+                    "(the LoRA paper's); default: every attention and MLP projection")
+    ap.add_argument("--memory-steps", type=int, default=3,
+                    help="fit steps of the LoRA-vs-QLoRA memory arm on the 135M shape "
+                    "(0 skips it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-finetune")
@@ -280,14 +341,16 @@ def main(argv=None) -> int:
                          "train_loss": m.get("train_loss"), "wall_s": run["wall_s"],
                          "peak_rss": run["peak_rss"], "fit_peak_rss": run["fit_peak_rss"],
                          "idle_rss": run["idle_rss"], **extra}
-    checks = bars(results)
-    print_results(results, checks)
+    memory = memory_arm(args, work) if args.memory_steps > 0 else None
+    checks = bars(results, memory)
+    print_results(results, checks, memory)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "task": TASK, "model": str(args.model), "quick": args.quick,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("worker", "worker_out")},
-        "results": results, "bars": [{"bar": t, "pass": ok} for t, ok in checks],
+        "results": results, "memory_135m": memory,
+        "bars": [{"bar": t, "pass": ok} for t, ok in checks],
         "total_s": time.perf_counter() - t_start}, indent=1, default=str))
     print(f"wrote {args.out}")
     return 0

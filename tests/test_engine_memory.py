@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit.engine.fuse import release_file_pages
+from slmkit.models.memory import release_file_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 

@@ -57,9 +57,15 @@ def test_decode_shape_and_bf16_input():
 def test_dequant_mode_is_exact_and_grad_flows_to_inputs():
     _, ql = _layer(4, 32, True, 48, 64)
     x = torch.randn(3, 64, requires_grad=True)
-    y = ql(x)  # grad enabled + input requires grad: dense path with autograd
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == (3, 64)
+    y = ql(x)  # grad enabled + input requires grad: dequantized on the fly, with autograd
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = ql.dequantize_weight()
+    torch.testing.assert_close(y, x @ w.t() + ql.bias)
+    torch.testing.assert_close(x.grad, g @ w)
+    # nothing dense is kept: training over a packed base (QLoRA) stays at the packed size
+    assert not any(t.dtype.is_floating_point and t.shape == w.shape
+                   for prep in ql._cache.values() if isinstance(prep, tuple) for t in prep)
     set_kernel_mode("dequant")
     try:
         with torch.no_grad():

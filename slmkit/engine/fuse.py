@@ -18,13 +18,12 @@ model).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from slmkit.models.memory import release_file_pages
 
 
 def _plain(*modules) -> bool:
@@ -35,73 +34,6 @@ def _plain(*modules) -> bool:
     same = all(m.weight.dtype == w0.dtype and m.weight.device == w0.device for m in modules)
     biases = {m.bias is None for m in modules}
     return same and len(biases) == 1
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """``[(start, end)]`` address ranges of this process's file mappings."""
-    ranges = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            # address perms offset dev inode [path]; a path starting with "/" is a file
-            if len(parts) >= 6 and parts[5].startswith("/"):
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, end))
-    return ranges
-
-
-def _all_file_pages(lo: int, hi: int, page: int) -> bool:
-    """True when no page of ``[lo, hi)`` has become private anonymous memory (written to).
-
-    ``/proc/self/pagemap`` holds one 64-bit entry per page: bit 63 = present, bit 61 = a
-    file page (or shared). A written page of a private file mapping is a copy-on-write
-    anonymous page: present with bit 61 clear.
-    """
-    import numpy as np
-
-    n = (hi - lo) // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(lo // page * 8)
-        entries = np.frombuffer(f.read(n * 8), dtype=np.uint64)
-    present = (entries >> np.uint64(63)) & np.uint64(1)
-    file_page = (entries >> np.uint64(61)) & np.uint64(1)
-    return len(entries) == n and not bool(np.any(present & (file_page ^ np.uint64(1))))
-
-
-def release_file_pages(tensors: list[torch.Tensor]) -> int:
-    """Drop this process's resident pages of tensors that are still plain file pages.
-
-    Safetensors weights are memory-mapped copy-on-write from the file. Once a tensor has
-    been copied (fused) and is no longer used, its pages still count in the resident set.
-    ``madvise(MADV_DONTNEED)`` unmaps them; for pages that were never written the data stays
-    in the file and is faulted back in unchanged if anything reads the tensor again, so
-    this is safe. A tensor with any written (copy-on-write) page, or in anonymous memory,
-    is left alone: there ``MADV_DONTNEED`` would discard data. Linux only; else a no-op.
-
-    Returns:
-        Bytes released.
-    """
-    if not sys.platform.startswith("linux") or not tensors:
-        return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        ranges = _file_mappings()
-    except OSError:
-        return 0
-    page, released = mmap.PAGESIZE, 0
-    for t in tensors:
-        ptr = t.data_ptr()
-        end = ptr + t.numel() * t.element_size()
-        if not any(a <= ptr and end <= b for a, b in ranges):
-            continue
-        lo, hi = -(-ptr // page) * page, end // page * page  # whole pages inside the tensor
-        try:
-            clean = hi > lo and _all_file_pages(lo, hi, page)
-        except OSError:
-            clean = False
-        if clean and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:
-            released += hi - lo                                # 4 = MADV_DONTNEED
-    return released
 
 
 def _fuse_weights(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:

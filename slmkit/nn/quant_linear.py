@@ -229,7 +229,8 @@ class QuantLinear(nn.Module):
         if kernel is None:
             kernel = self._cache[key] = self.kernel_name(x.device)
         if x.requires_grad and torch.is_grad_enabled():
-            kernel = "dequant"  # the packed kernels have no backward
+            # the packed kernels have no backward: dequantize on the fly, keep nothing dense
+            return _DequantLinear.apply(x, self)
         shape = x.shape
         if kernel == "dequant":
             (w,) = self._prepared(kernel, x.dtype)
@@ -248,3 +249,24 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``x @ Ŵᵀ + bias`` where ``Ŵ`` is rebuilt from the packed codes in forward *and* in
+    backward instead of being cached or saved for backward.
+
+    This is what gives QLoRA its memory edge: the frozen base contributes only its packed
+    bytes plus one layer's dense weight at a time, not a dense copy of every layer. The
+    gradient flows to ``x`` only (the codes are frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        w = layer.dequantize_weight(x.dtype)                           # [out, in], temporary
+        return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w = ctx.layer.dequantize_weight(grad_out.dtype)
+        return grad_out @ w, None                                      # [..., in]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from slmkit.compress.match import is_conv1d, linear_shape, match_linears, set_module
+from slmkit.models.memory import release_file_pages, trim_heap
 from slmkit.compress.quantize.config import QuantizeConfig
 from slmkit.compress.quantize.ops import check_scheme, effective_bits
 from slmkit.errors import ConfigError
@@ -100,6 +101,11 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str
         n = layer.in_features * layer.out_features
         n_params += n
         total_bits += n * layer.bits_per_weight
+    # the dense originals are garbage now: drop their file pages (still mapped while a tied
+    # embedding keeps the safetensors mapping alive) and the quantizer's freed temporaries
+    release_file_pages([linears[name].weight.data for name in modifier.results
+                        if isinstance(getattr(linears[name], "weight", None), torch.Tensor)])
+    trim_heap()
     bpw = total_bits / n_params
     summary = {"layers": len(modifier.results), "quantized_params": n_params,
                "bits_per_weight": round(bpw, 3)}
