@@ -58,8 +58,12 @@ class QuantizeModifier:
 
     def record(self, name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                input_scale: torch.Tensor | None = None) -> None:
-        """Store the result and set the module's dense weight to its dequantized value."""
+        """Store the result and, when later blocks are calibrated on this block's quantized
+        outputs (GPTQ, AWQ), set the module's dense weight to its dequantized value. Plain
+        RTN reads no activations, so it skips that fp32 copy (the size of the model)."""
         self.results[name] = QuantizedLayer(codes, scale, zero, input_scale)
+        if not self.cfg.needs_calibration:
+            return
         w = dequantize_codes(codes, scale, zero, self.cfg.group_size)
         if input_scale is not None:
             w = w / input_scale[None, :]
