@@ -87,7 +87,8 @@ def test_finetune_qlora_requantize_cli(llama_dir, tmp_path, cli):
     assert any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def test_finetune_qlora_merged_is_plain_dense(llama_dir, tmp_path):
+@pytest.mark.parametrize("targets", [None, ["q_proj"]])
+def test_finetune_qlora_merged_is_plain_dense(llama_dir, tmp_path, targets):
     import json
 
     from transformers import AutoModelForCausalLM
@@ -100,8 +101,10 @@ def test_finetune_qlora_merged_is_plain_dense(llama_dir, tmp_path):
     out = tmp_path / "dense"
     res = run_finetune(FinetuneConfig(model=str(llama_dir), data=str(data), out=str(out),
                                       method="qlora", max_steps=2, seq_len=64, batch_size=2,
-                                      precision="fp32"))
+                                      precision="fp32", target_modules=targets))
     assert res["steps"] == 2 and 0 < res["trainable_fraction"] < 0.5   # of the dense count
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and "slmkit" not in cfg
-    AutoModelForCausalLM.from_pretrained(out)               # plain transformers loads it
+    # plain transformers loads it, every weight present (layers outside the targets too)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -182,7 +182,11 @@ def apply_qlora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
 
 
 def merge_qlora(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every QLoRALinear by a dense ``nn.Linear`` (dequantized base + update)."""
+    """Replace every QLoRALinear by a dense ``nn.Linear`` (dequantized base + update), and
+    every other ``QuantLinear`` of the base (layers outside ``--target-modules``) by its
+    dequantized ``nn.Linear``, so the whole model is dense."""
+    from slmkit.nn.quant_linear import QuantLinear
+
     hits = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     for name, mod in hits:
         dense = mod.base_layer.to_dense()                  # nn.Linear, or GPT-2 Conv1D
@@ -191,4 +195,7 @@ def merge_qlora(model: torch.nn.Module) -> torch.nn.Module:
             dense.weight.add_(delta.T if mod.base_layer.conv1d else delta)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, dense)
+    for name, mod in [(n, m) for n, m in model.named_modules() if type(m) is QuantLinear]:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, mod.to_dense())
     return model
