@@ -384,6 +384,22 @@ TILE_FN void q8_tile(const lin_t *L, int r, const act_t *a, int b0, float *out, 
             int end = (jb / 8 + 1) * 8 < (g + 1) * bpg ? (jb / 8 + 1) * 8 : (g + 1) * bpg;
             __m256i iacc[4][4];
             for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) iacc[i][j] = _mm256_setzero_si256();
+            if (end - jb == 8) {  /* a full window: 64 bytes per instruction (same int32 sums) */
+                __m512i zacc[4][4];
+                for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) zacc[i][j] = _mm512_setzero_si512();
+                for (int blk = jb; blk < end; blk += 2) {
+                    __m512i xv[4];
+                    for (int j = 0; j < C; j++)
+                        xv[j] = _mm512_loadu_si512((const void *)(a->q + (int64_t)(b0 + j) * k + blk * QBLOCK));
+                    for (int i = 0; i < R; i++) {
+                        __m512i wv = _mm512_loadu_si512((const void *)((const uint8_t *)L->w + (int64_t)(r + i) * k + blk * QBLOCK));
+                        for (int j = 0; j < C; j++) zacc[i][j] = _mm512_dpbusd_epi32(zacc[i][j], wv, xv[j]);
+                    }
+                }
+                for (int i = 0; i < R; i++) for (int j = 0; j < C; j++)
+                    iacc[i][j] = _mm256_add_epi32(_mm512_castsi512_si256(zacc[i][j]),
+                                                  _mm512_extracti64x4_epi64(zacc[i][j], 1));
+            } else
             for (int blk = jb; blk < end; blk++) {
                 __m256i xv[4];
                 for (int j = 0; j < C; j++) {
