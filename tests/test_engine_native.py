@@ -131,3 +131,14 @@ def test_unsupported_layers_keep_the_torch_path(tokenizer):
     assert runner.native is None and "Wrapped" in runner.native_reason
     bf16 = FastRunner(build_tiny_model("llama", tokenizer).to(torch.bfloat16), 1, 32)
     assert bf16.native is None and "fp32" in bf16.native_reason
+
+
+def test_build_cache_is_keyed_and_drops_stale_builds(tmp_path, monkeypatch):
+    stale = tmp_path / "native" / "slmdecode-0000000000000000.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old build")
+    monkeypatch.setenv("SLMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_LIB", {})          # a fresh process, as far as loading goes
+    lib = native.load_library()
+    assert lib is not None and not stale.exists()
+    assert [p.name for p in (tmp_path / "native").glob("*.so")] == [f"{lib._name.rsplit('/', 1)[-1]}"]

@@ -116,6 +116,9 @@ def load_library():
                     raise OSError(res.stderr.strip().splitlines()[-1] if res.stderr else
                                   f"{cc} exited {res.returncode}")
                 os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
+            for stale in out.parent.glob("slmdecode-*.so"):   # builds of older sources
+                if stale != out:
+                    stale.unlink(missing_ok=True)  # a process that has it loaded keeps its map
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError) as e:
         _LIB["reason"] = f"build failed: {e}"
