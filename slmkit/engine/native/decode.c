@@ -5,8 +5,9 @@
  * reads weights at ~10 GB/s on our 2-core AMD EPYC (MKL/oneDNN are tuned for GEMM, not
  * M = 1), so the Python loop spends ~75 ms on a SmolLM2-135M-shaped model whose weights
  * take ~25 ms to stream from memory. Here the whole step runs in one OpenMP parallel
- * region: the GEMVs are split by output rows across threads, everything else (norms,
- * RoPE, softmax) is tiny and runs on one thread between barriers.
+ * region: the GEMVs are split by output rows across threads, attention by (row, head),
+ * and the small element-wise work (norms, RoPE, SiLU, residuals) by rows or elements,
+ * with a barrier between stages.
  *
  * Weights are read in place from the tensors torch already holds (no copies):
  *   LIN_F32: float32 [n, k];
@@ -14,13 +15,14 @@
  *   LIN_Q4:  uint8 [n, k/2], two codes per byte, low nibble = even column;
  * scale fp16 [n, k/group], zero uint8 [n, k/group] or none (symmetric: 2^(bits-1)).
  * Quantized layers multiply in integers the way llama.cpp's Q8_0 path does: the activation
- * row is quantized to int8 in blocks of 32 with one float scale per block, and AVX-512 VNNI
- * (vpdpbusd: unsigned weight codes x signed activations) forms the dot products; the zero
- * point comes out exactly through the per-block activation sums.
+ * row is rounded to int8 with one float scale per block of 32 columns (int4 weights) or per
+ * window of 256 columns (int8 weights, whose products then add up in int32 across the
+ * window), and AVX-512 VNNI (vpdpbusd: unsigned weight codes x signed activations) forms
+ * the dot products; the zero point comes out exactly through the activation sums.
  *
  * Every output element is computed by the same instruction sequence whatever B is and
  * whichever thread runs it, so a row's result never depends on what else is in the batch.
- * Without AVX-512 (or VNNI for the quantized kinds) plain C loops compute the same values.
+ * Without AVX-512 (or VNNI for the quantized kinds) plain C loops compute the same function.
  */
 #include <math.h>
 #include <stdint.h>
@@ -120,6 +122,10 @@ static inline void quantize_block(const float *x, int b, int j, int k, int kind,
     _mm_storeu_si128((__m128i *)tmp, _mm512_cvtepi32_epi8(i0));
     _mm_storeu_si128((__m128i *)(tmp + 16), _mm512_cvtepi32_epi8(i1));
 #else
+    if (kind == LIN_Q8) {   /* one scale per window of 8 blocks, as above */
+        int w0 = (j / 8) * 8 * QBLOCK, w1 = w0 + 8 * QBLOCK < k ? w0 + 8 * QBLOCK : k;
+        for (int i = w0; i < w1; i++) { float v = fabsf(x[(int64_t)b * k + i]); amax = v > amax ? v : amax; }
+    } else
     for (int i = 0; i < QBLOCK; i++) { float v = fabsf(xr[i]); amax = v > amax ? v : amax; }
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     for (int i = 0; i < QBLOCK; i++) {
