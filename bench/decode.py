@@ -139,6 +139,21 @@ def time_slmkit(model, prompt: list[int], n: int) -> dict:
     return best
 
 
+def time_slmkit_both(model, prompt: list[int], n: int) -> dict:
+    """``{"slmkit": ..., "slmkit torch loop": ...}``: the engine with its native decode step
+    (noting which path ran) and with the step turned off, in the same run."""
+    out = {"slmkit": time_slmkit(model, prompt, n)}
+    probe = FastRunner(model, 1, 8)
+    out["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
+    del probe
+    native.set_enabled(False)
+    try:
+        out["slmkit torch loop"] = time_slmkit(model, prompt, n)
+    finally:
+        native.set_enabled(True)
+    return out
+
+
 def time_streams(model, streams: int, prompt_len: int, n: int) -> dict:
     """Aggregate generated tok/s of the Engine with ``streams`` concurrent requests.
 
@@ -346,13 +361,7 @@ def bench_runtimes(model, precision: str, args, prompt: list[int]) -> dict:
     wbytes = weight_bytes(model)
     res = {"precision": precision, "weight_bytes": wbytes,
            "limit_tok_s": args.bandwidth / wbytes}
-    res["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
-    probe = FastRunner(model, 1, 8)
-    res["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
-    del probe
-    native.set_enabled(False)   # before/after in the same run: the torch decode loop
-    res["slmkit torch loop"] = time_slmkit(model, prompt, args.new_tokens)
-    native.set_enabled(True)
+    res.update(time_slmkit_both(model, prompt, args.new_tokens))
     if not args.skip_hf:
         res["transformers"] = time_transformers(model, prompt, args.new_tokens)
     if "transformers" in res:
@@ -382,13 +391,7 @@ def bench_reference(args, prompt_len: int) -> dict | None:
     res = {"precision": "fp32", "model": "reference (micro, stdlib)",
            "weight_bytes": weight_bytes(model)}
     res["limit_tok_s"] = args.bandwidth / res["weight_bytes"]
-    res["slmkit"] = time_slmkit(model, prompt, args.new_tokens)
-    probe = FastRunner(model, 1, 8)
-    res["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
-    del probe
-    native.set_enabled(False)   # before/after in the same run: the torch decode loop
-    res["slmkit torch loop"] = time_slmkit(model, prompt, args.new_tokens)
-    native.set_enabled(True)
+    res.update(time_slmkit_both(model, prompt, args.new_tokens))
     res["transformers"] = time_transformers(model, prompt, args.new_tokens)
     res["greedy_equal_to_transformers"] = res["slmkit"]["tokens"] == res["transformers"]["tokens"]
     return res

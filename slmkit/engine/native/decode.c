@@ -97,22 +97,29 @@ static inline float half_to_float(uint16_t h) {
 
 /* ------------------------------------------------------------------ activation quantization */
 
-/* Quantize block j of activation row b (32 values): int8 codes, scale, sums, layouts. */
-static inline void quantize_block(const float *x, int b, int j, int k, int kind, act_t *a) {
+/* max |x[i]| over n values (n a multiple of 16 with AVX-512, which QBLOCK guarantees). */
+static inline float abs_max(const float *x, int n) {
+    float amax = 0.f;
+#ifdef SLM_AVX512
+    __m512 m = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    amax = _mm512_reduce_max_ps(m);
+#else
+    for (int i = 0; i < n; i++) { float v = fabsf(x[i]); amax = v > amax ? v : amax; }
+#endif
+    return amax;
+}
+
+/* Quantize block j of activation row b (32 values) with scale amax / 127: int8 codes,
+ * scale, sums, layouts. */
+static inline void quantize_block(const float *x, int b, int j, int k, int kind, float amax,
+                                  act_t *a) {
     const int nb = k / QBLOCK;
     const float *xr = x + (int64_t)b * k + j * QBLOCK;
     int8_t tmp[QBLOCK];
-    float amax = 0.f;
     int sum = 0;
 #ifdef SLM_AVX512
     __m512 v0 = _mm512_loadu_ps(xr), v1 = _mm512_loadu_ps(xr + 16);
-    if (kind == LIN_Q8) {   /* one scale per window of 8 blocks (the kernel sums them in int32) */
-        int w0 = (j / 8) * 8 * QBLOCK, w1 = w0 + 8 * QBLOCK < k ? w0 + 8 * QBLOCK : k;
-        __m512 m = _mm512_setzero_ps();
-        for (int i = w0; i < w1; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + (int64_t)b * k + i)));
-        amax = _mm512_reduce_max_ps(m);
-    } else
-    amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     /* cvtps rounds half to even under the default MXCSR, as lrintf does below */
@@ -122,11 +129,6 @@ static inline void quantize_block(const float *x, int b, int j, int k, int kind,
     _mm_storeu_si128((__m128i *)tmp, _mm512_cvtepi32_epi8(i0));
     _mm_storeu_si128((__m128i *)(tmp + 16), _mm512_cvtepi32_epi8(i1));
 #else
-    if (kind == LIN_Q8) {   /* one scale per window of 8 blocks, as above */
-        int w0 = (j / 8) * 8 * QBLOCK, w1 = w0 + 8 * QBLOCK < k ? w0 + 8 * QBLOCK : k;
-        for (int i = w0; i < w1; i++) { float v = fabsf(x[(int64_t)b * k + i]); amax = v > amax ? v : amax; }
-    } else
-    for (int i = 0; i < QBLOCK; i++) { float v = fabsf(xr[i]); amax = v > amax ? v : amax; }
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     for (int i = 0; i < QBLOCK; i++) {
         int v = (int)lrintf(xr[i] * inv);
@@ -162,8 +164,20 @@ static void prep(const lin_t *L, const float *x, int B, act_t *a) {
     if (L->kind == LIN_F32) return;
     const int nb = L->k / QBLOCK;
     a->k = L->k; a->kind = L->kind;
-    #pragma omp for schedule(static)
-    for (int t = 0; t < B * nb; t++) quantize_block(x, t / nb, t % nb, L->k, L->kind, a);
+    if (L->kind == LIN_Q8) {  /* one scale per window of 8 blocks: the kernel sums them in int32 */
+        const int nw = (nb + 7) / 8;
+        #pragma omp for schedule(static)
+        for (int t = 0; t < B * nw; t++) {
+            int b = t / nw, j0 = (t % nw) * 8, j1 = j0 + 8 < nb ? j0 + 8 : nb;
+            float amax = abs_max(x + (int64_t)b * L->k + j0 * QBLOCK, (j1 - j0) * QBLOCK);
+            for (int j = j0; j < j1; j++) quantize_block(x, b, j, L->k, L->kind, amax, a);
+        }
+    } else {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < B * nb; t++)
+            quantize_block(x, t / nb, t % nb, L->k, L->kind,
+                           abs_max(x + (int64_t)(t / nb) * L->k + (t % nb) * QBLOCK, QBLOCK), a);
+    }
     if (L->kind == LIN_Q8) {  /* zero-point sums per weight group, once per activation row */
         const int G = L->k / L->group, bpg = L->group / QBLOCK;
         #pragma omp for schedule(static)
@@ -175,7 +189,9 @@ static void prep(const lin_t *L, const float *x, int B, act_t *a) {
     }
 }
 
-/* ------------------------------------------------------------------ dot products, one row */
+/* ------------------------------------------------------------------ dot products, one row
+ * Plain C, one (row, activation) pair at a time: the portable path of run_tile (attention
+ * uses dot_f32 too). With AVX-512 VNNI the tile kernels below compute the same sums. */
 
 static inline float dot_f32(const float *w, const float *x, int k) {
 #ifdef SLM_AVX512
@@ -210,20 +226,6 @@ static float dot_q8(const lin_t *L, int row, const act_t *a, int b) {
     float total = 0.f;
     for (int g = 0; g < G; g++) {
         float z = zp ? (float)zp[g] : 128.f, corr = 0.f, part;
-#ifdef SLM_VNNI
-        __m256 acc = _mm256_setzero_ps();
-        for (int j = g * bpg; j < (g + 1) * bpg; j++) {
-            __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
-                                             _mm256_loadu_si256((const __m256i *)(w + j * QBLOCK)),
-                                             _mm256_loadu_si256((const __m256i *)(q + j * QBLOCK)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(d[j]), acc);
-            corr += c[j];
-        }
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-        part = _mm_cvtss_f32(s4);
-#else
         part = 0.f;
         for (int j = g * bpg; j < (g + 1) * bpg; j++) {
             int s = 0;
@@ -231,7 +233,6 @@ static float dot_q8(const lin_t *L, int row, const act_t *a, int b) {
             part += (float)s * d[j];
             corr += c[j];
         }
-#endif
         total += half_to_float(sc[g]) * (part - z * corr);
     }
     return total;
@@ -262,58 +263,7 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
     const uint16_t *sc = L->scales + (int64_t)row * G;
     const uint8_t *zp = L->zeros ? L->zeros + (int64_t)row * G : NULL;
     float total = 0.f;
-    int j0 = 0;  /* first block not yet done */
-#ifdef SLM_VNNI
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const int gpw = 256 / gsz > 0 ? 256 / gsz : 1;      /* weight groups per window */
-    int idx[8];
-    for (int i = 0; i < 8; i++) idx[i] = PERM[i] * QBLOCK / gsz;
-    const __m256i gidx = _mm256_loadu_si256((const __m256i *)idx);
-    const __mmask8 gmask = (__mmask8)((1u << gpw) - 1);
-    const float *dp_ = a->dperm + (int64_t)b * nb;
-    const int32_t *sp_ = a->sbperm + (int64_t)b * nb;
-    __m256 acc = _mm256_setzero_ps();
-    for (int win = 0; win < k / 256; win++) {
-        __m256i dps[4];
-        for (int c = 0; c < 4; c++) {
-            int ch = win * 4 + c;
-            __m256i wb = _mm256_loadu_si256((const __m256i *)(w + ch * 32));
-            __m256i lo = _mm256_and_si256(wb, low), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
-            __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
-                                             _mm256_loadu_si256((const __m256i *)(q + ch * 64)));
-            dps[c] = _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)(q + ch * 64 + 32)));
-        }
-        __m256i blk = _mm256_hadd_epi32(_mm256_hadd_epi32(dps[0], dps[1]),
-                                        _mm256_hadd_epi32(dps[2], dps[3]));
-        __m256i s = _mm256_loadu_si256((const __m256i *)(sp_ + win * 8));
-        int g0 = win * 256 / gsz;
-        if (zp) {
-            __m256i z = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(gmask, zp + g0));
-            blk = _mm256_sub_epi32(blk, _mm256_mullo_epi32(_mm256_permutexvar_epi32(gidx, z), s));
-        } else {
-            blk = _mm256_sub_epi32(blk, _mm256_slli_epi32(s, 3));
-        }
-        __m256 ws = _mm256_permutexvar_ps(gidx, _mm256_cvtph_ps(_mm_maskz_loadu_epi16(gmask, sc + g0)));
-        __m256 sv = _mm256_mul_ps(ws, _mm256_loadu_ps(dp_ + win * 8));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk), sv, acc);
-    }
-    for (int ch = (k / 256) * 4; ch < k / 64; ch++) {  /* the 64-column chunks after the windows */
-        __m256i wb = _mm256_loadu_si256((const __m256i *)(w + ch * 32));
-        __m256i lo = _mm256_and_si256(wb, low), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
-        __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
-                                         _mm256_loadu_si256((const __m256i *)(q + ch * 64)));
-        dp = _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)(q + ch * 64 + 32)));
-        int g0 = (ch * 64) / gsz, g1 = (ch * 64 + 32) / gsz;
-        float s0 = d[2 * ch] * half_to_float(sc[g0]), s1 = d[2 * ch + 1] * half_to_float(sc[g1]);
-        float z0 = zp ? (float)zp[g0] : 8.f, z1 = zp ? (float)zp[g1] : 8.f;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp),
-                              _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)), acc);
-        total -= s0 * z0 * (float)sb[2 * ch] + s1 * z1 * (float)sb[2 * ch + 1];
-    }
-    total += hsum256(acc);
-    j0 = nb;
-#endif
-    for (int j = j0; j < nb; j++) {  /* the remaining blocks (k not a multiple of 256) */
+    for (int j = 0; j < nb; j++) {
         int sacc = 0;
         for (int i = 0; i < QBLOCK; i++) {
             int col = j * QBLOCK + i;
