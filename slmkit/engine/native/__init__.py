@@ -37,7 +37,8 @@ MAX_HEAD_DIM = 512
 class Lin(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("pw", ctypes.c_void_p), ("psc", ctypes.c_void_p), ("pzf", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):
@@ -177,17 +178,53 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
             return "this CPU has no AVX-512 VNNI for the integer kernels"
         k, n = module.in_features, module.out_features
         group = k if module.group_size == -1 else module.group_size
-        if group % QBLOCK or k % group or k % (64 if module.bits == 4 else QBLOCK) or (
-                module.bits == 4 and 256 % group and group % 256):
+        if group % QBLOCK or k % group:
             return f"group size {module.group_size} / width {k} do not fit 32-column blocks"
         if module.qweight.device.type != "cpu":
             return "quantized weights are not on the CPU"
         zeros = None if module.sym else module.zeros.contiguous()
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        pw, psc, pzf = panels(module)
         return Lin(LIN_Q8 if module.bits == 8 else LIN_Q4, n, k, group,
                    _ptr(module.qweight.contiguous(), keep), _ptr(module.scales.contiguous(), keep),
-                   _ptr(zeros, keep), _ptr(bias, keep))
+                   _ptr(zeros, keep), _ptr(bias, keep), _ptr(pw, keep), _ptr(psc, keep),
+                   _ptr(pzf, keep))
     return f"{type(module).__name__} layers have no native kernel"
+
+
+def panels(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``QuantLinear``'s codes repacked for the VNNI kernels (``q_panel`` in decode.c).
+
+    Rows go in panels of 16 (the last one zero-padded). int8: ``[P, k/4, 16, 4]``, each
+    64-byte vector the same 4 columns of 16 rows; int4: ``[P, k/8, 16, 4]``, byte ``b`` of
+    row ``i`` in vector ``v`` holding column ``8v+b`` (low nibble) and ``8v+4+b`` (high).
+    Scales and zero points as float ``[P, G, 16]``. Built once per layer and kept in the
+    layer's kernel cache (dropped on ``.to()``), so every runner of a model shares one copy:
+    the same byte count as the codes, on top of them.
+    """
+    cached = module._cache.get("native_panels")
+    if cached is not None:
+        return cached
+    with torch.no_grad():
+        codes = module.codes()
+        n, k = codes.shape
+        P = (n + 15) // 16
+        pad = P * 16 - n
+        scales, zeros = module.scales.float(), module.zero_points()
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad, k)])
+            scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
+        if module.bits == 8:
+            pw = codes.view(P, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+        else:
+            c = codes.view(P, 16, k // 8, 2, 4)
+            pw = (c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+        G = scales.shape[1]
+        psc = scales.view(P, 16, G).permute(0, 2, 1).contiguous()
+        pzf = zeros.view(P, 16, G).permute(0, 2, 1).contiguous()
+    module._cache["native_panels"] = (pw, psc, pzf)
+    return pw, psc, pzf
 
 
 def _group(mods, keep, vnni, fused) -> list[Lin] | str:

@@ -9,16 +9,15 @@
  * and the small element-wise work (norms, RoPE, SiLU, residuals) by rows or elements,
  * with a barrier between stages.
  *
- * Weights are read in place from the tensors torch already holds (no copies):
- *   LIN_F32: float32 [n, k];
- *   LIN_Q8:  uint8 codes [n, k], w = (q - zero) * scale;
- *   LIN_Q4:  uint8 [n, k/2], two codes per byte, low nibble = even column;
- * scale fp16 [n, k/group], zero uint8 [n, k/group] or none (symmetric: 2^(bits-1)).
- * Quantized layers multiply in integers the way llama.cpp's Q8_0 path does: the activation
- * row is rounded to int8 with one float scale per block of 32 columns (int4 weights) or per
- * window of 256 columns (int8 weights, whose products then add up in int32 across the
- * window), and AVX-512 VNNI (vpdpbusd: unsigned weight codes x signed activations) forms
- * the dot products; the zero point comes out exactly through the activation sums.
+ * fp32 weights are read in place from the tensors torch holds ([n, k]). Quantized layers
+ * (QuantLinear: uint8 codes, w = (q - zero) * scale, fp16 scales per group, uint8 zeros or
+ * the symmetric 2^(bits-1)) are read from a copy repacked once in panels of 16 rows
+ * (q_panel below), so one 64-byte vector serves 16 output rows. They multiply in integers
+ * the way llama.cpp's Q8_0 path does: the activation row is rounded to int8 with one float
+ * scale per block of 32 columns (int4 weights) or per window of 256 columns (int8 weights,
+ * whose products then add up in int32 across the window), and AVX-512 VNNI (vpdpbusd:
+ * unsigned weight codes x signed activations) forms the dot products; the zero point comes
+ * out exactly through the activation sums.
  *
  * Every output element is computed by the same instruction sequence whatever B is and
  * whichever thread runs it, so a row's result never depends on what else is in the batch.
@@ -45,6 +44,10 @@ typedef struct {
     const uint16_t *scales;
     const uint8_t *zeros;
     const float *bias;
+    /* quantized kinds, VNNI kernels: the same codes repacked in panels of 16 rows (see
+     * q_panel), and per panel, per group, 16 float scales and 16 float zero points */
+    const uint8_t *pw;
+    const float *psc, *pzf;
 } lin_t;
 
 typedef struct {
@@ -70,13 +73,10 @@ typedef struct {
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. */
 typedef struct {
-    int8_t *q;      /* [B, k]; for LIN_Q4 each 64-column chunk is stored even cols then odd */
+    int8_t *q;      /* [B, k] */
     float *d;       /* [B, k/32] block scales */
     float *c;       /* [B, k/32] d * sum(q) of the block (for the zero point) */
-    int32_t *sb;    /* [B, k/32] sum(q) of the block */
-    float *dperm;   /* [B, k/32] d in the block order of dot_q4's windows */
-    int32_t *sbperm;/* [B, k/32] sb in that order */
-    float *cg;      /* [B, k/group] c summed over each weight group (LIN_Q8) */
+    float *cg;      /* [B, k/group] c summed over each weight group */
     int k, kind;
 } act_t;
 
@@ -139,24 +139,7 @@ static inline void quantize_block(const float *x, int b, int j, int k, int kind,
     float d = amax / 127.f;
     a->d[(int64_t)b * nb + j] = d;
     a->c[(int64_t)b * nb + j] = d * (float)sum;
-    a->sb[(int64_t)b * nb + j] = sum;
-    if (j / 8 < nb / 8) {   /* dot_q4's window order: blocks 0,2,4,6,1,3,5,7 of each 8 */
-        static const int INV[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-        int at = (j / 8) * 8 + INV[j % 8];
-        a->dperm[(int64_t)b * nb + at] = d;
-        a->sbperm[(int64_t)b * nb + at] = sum;
-    }
-    int8_t *qr = a->q + (int64_t)b * k;
-    if (kind == LIN_Q4) {  /* chunk of 64 columns = blocks 2c, 2c+1: even cols, then odd */
-        int8_t *dst = qr + (j / 2) * 64;
-        int half = j % 2;
-        for (int i = 0; i < QBLOCK; i += 2) {
-            dst[half * 16 + i / 2] = tmp[i];
-            dst[32 + half * 16 + i / 2] = tmp[i + 1];
-        }
-    } else {
-        memcpy(qr + j * QBLOCK, tmp, QBLOCK);
-    }
+    memcpy(a->q + (int64_t)b * k + j * QBLOCK, tmp, QBLOCK);
 }
 
 /* Quantize B rows for layer L's kernel; an OpenMP worksharing loop (every thread calls it). */
@@ -178,7 +161,7 @@ static void prep(const lin_t *L, const float *x, int B, act_t *a) {
             quantize_block(x, t / nb, t % nb, L->k, L->kind,
                            abs_max(x + (int64_t)(t / nb) * L->k + (t % nb) * QBLOCK, QBLOCK), a);
     }
-    if (L->kind == LIN_Q8) {  /* zero-point sums per weight group, once per activation row */
+    {  /* zero-point sums per weight group, once per activation row */
         const int G = L->k / L->group, bpg = L->group / QBLOCK;
         #pragma omp for schedule(static)
         for (int t = 0; t < B * G; t++) {
@@ -238,28 +221,11 @@ static float dot_q8(const lin_t *L, int row, const act_t *a, int b) {
     return total;
 }
 
-/* Blocks of 32 columns are handled 8 at a time (256 columns, 4 chunks of 64): the 4 VNNI
- * results (8 int32 lanes each, lanes 0-3 = first block of the chunk, 4-7 = second) fold
- * with three horizontal adds into one vector of 8 block sums in the order PERM below, so
- * the zero point, the activation scales and the weight scales are applied once per 8
- * blocks instead of once per block. */
-#ifdef SLM_VNNI
-static const int PERM[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-
-static inline float hsum256(__m256 v) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    return _mm_cvtss_f32(s4);
-}
-#endif
-
 static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
     const int k = L->k, nb = k / QBLOCK, G = k / L->group, gsz = L->group;
     const uint8_t *w = (const uint8_t *)L->w + (int64_t)row * (k / 2);
     const int8_t *q = a->q + (int64_t)b * k;
-    const float *d = a->d + (int64_t)b * nb;
-    const int32_t *sb = a->sb + (int64_t)b * nb;
+    const float *d = a->d + (int64_t)b * nb, *c = a->c + (int64_t)b * nb;
     const uint16_t *sc = L->scales + (int64_t)row * G;
     const uint8_t *zp = L->zeros ? L->zeros + (int64_t)row * G : NULL;
     float total = 0.f;
@@ -267,26 +233,23 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
         int sacc = 0;
         for (int i = 0; i < QBLOCK; i++) {
             int col = j * QBLOCK + i;
-            int code = (w[col / 2] >> ((col & 1) * 4)) & 0x0f;
-            int r = col % 64, at = (col / 64) * 64 + (r & 1) * 32 + r / 2;  /* permuted */
-            sacc += code * (int)q[at];
+            sacc += ((w[col / 2] >> ((col & 1) * 4)) & 0x0f) * (int)q[col];
         }
         int g = j * QBLOCK / gsz;
         float z = zp ? (float)zp[g] : 8.f;
-        total += half_to_float(sc[g]) * d[j] * ((float)sacc - z * (float)sb[j]);
+        total += half_to_float(sc[g]) * (d[j] * (float)sacc - z * c[j]);
     }
     return total;
 }
 
 /* ------------------------------------------------------------------ register tiles
  *
- * A tile computes R weight rows against C activation rows with one accumulator per
- * (row, activation) pair: each weight vector is loaded (and, for int4, unpacked) once for C
- * activations, each activation vector once for R rows, and the R*C accumulation chains run
- * side by side, which hides the FMA latency that a single dot product waits on (with one
- * chain, 8 int8 activation rows took 35 ms per step; the arithmetic needs under 10).
- * Every accumulator sums its chunks in the same order whatever R and C are, so a row's
- * result does not depend on the tile it lands in, hence not on the batch. */
+ * fp32: a tile computes R weight rows against C activation rows with one accumulator per
+ * (row, activation) pair: each weight vector is loaded once for C activations, and the
+ * R*C accumulation chains run side by side, which hides the FMA latency that a single dot
+ * product waits on. Every accumulator sums its chunks in the same order whatever R and C
+ * are, so a row's result does not depend on the tile it lands in, hence not on the batch.
+ * Quantized layers use 16-row panels instead (q_panel). */
 #ifdef SLM_AVX512
 #define TILE_FN static inline __attribute__((always_inline))
 
@@ -324,142 +287,96 @@ TILE_FN void f32_tile(const lin_t *L, int r, const float *x, int b0, float *out,
 #endif
 
 #ifdef SLM_VNNI
-TILE_FN void q8_tile(const lin_t *L, int r, const act_t *a, int b0, float *out, const int R,
-                  const int C) {
-    const int k = L->k, nb = k / QBLOCK, bpg = L->group / QBLOCK, G = k / L->group;
-    float tot[4][4] = {{0}};
-    for (int g = 0; g < G; g++) {
-        __m256 acc[4][4];
-        float corr[4];
-        for (int j = 0; j < C; j++) corr[j] = a->cg[(int64_t)(b0 + j) * G + g];
-        for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
-        /* Activations share one scale per window of 8 blocks (quantize_block), so within a
-         * window and a weight group the VNNI products add up in int32 (no overflow: at most
-         * 8 * 4 * 255 * 127 per lane) and are converted and scaled once. */
-        for (int jb = g * bpg; jb < (g + 1) * bpg;) {
-            int end = (jb / 8 + 1) * 8 < (g + 1) * bpg ? (jb / 8 + 1) * 8 : (g + 1) * bpg;
-            __m256i iacc[4][4];
-            for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) iacc[i][j] = _mm256_setzero_si256();
-            if (end - jb == 8) {  /* a full window: 64 bytes per instruction (same int32 sums) */
-                __m512i zacc[4][4];
-                for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) zacc[i][j] = _mm512_setzero_si512();
-                for (int blk = jb; blk < end; blk += 2) {
-                    __m512i xv[4];
-                    for (int j = 0; j < C; j++)
-                        xv[j] = _mm512_loadu_si512((const void *)(a->q + (int64_t)(b0 + j) * k + blk * QBLOCK));
-                    for (int i = 0; i < R; i++) {
-                        __m512i wv = _mm512_loadu_si512((const void *)((const uint8_t *)L->w + (int64_t)(r + i) * k + blk * QBLOCK));
-                        for (int j = 0; j < C; j++) zacc[i][j] = _mm512_dpbusd_epi32(zacc[i][j], wv, xv[j]);
-                    }
-                }
-                for (int i = 0; i < R; i++) for (int j = 0; j < C; j++)
-                    iacc[i][j] = _mm256_add_epi32(_mm512_castsi512_si256(zacc[i][j]),
-                                                  _mm512_extracti64x4_epi64(zacc[i][j], 1));
-            } else
-            for (int blk = jb; blk < end; blk++) {
-                __m256i xv[4];
-                for (int j = 0; j < C; j++) {
-                    xv[j] = _mm256_loadu_si256((const __m256i *)(a->q + (int64_t)(b0 + j) * k + blk * QBLOCK));
-                }
-                for (int i = 0; i < R; i++) {
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)((const uint8_t *)L->w + (int64_t)(r + i) * k + blk * QBLOCK));
-                    for (int j = 0; j < C; j++) iacc[i][j] = _mm256_dpbusd_epi32(iacc[i][j], wv, xv[j]);
-                }
-            }
-            for (int j = 0; j < C; j++) {
-                __m256 dv = _mm256_set1_ps(a->d[(int64_t)(b0 + j) * nb + jb]);
-                for (int i = 0; i < R; i++)
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), dv, acc[i][j]);
-            }
-            jb = end;
-        }
-        for (int i = 0; i < R; i++) {
-            float sw = half_to_float(L->scales[(int64_t)(r + i) * G + g]);
-            float z = L->zeros ? (float)L->zeros[(int64_t)(r + i) * G + g] : 128.f;
-            for (int j = 0; j < C; j++) tot[i][j] += sw * (hsum256(acc[i][j]) - z * corr[j]);
-        }
-    }
-    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) out[i * 4 + j] = tot[i][j];
+/* acc + (u8 x s8 dot products of u's lanes with the 4 bytes at p, broadcast to every lane).
+ * GCC 12 copies accumulators around the intrinsic in unrolled tiles (up to 14 register
+ * moves per 8 products, seen in the generated code); the asm form updates them in place. */
+static inline __m512i dpb(__m512i acc, __m512i u, const int8_t *p) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
+    return acc;
+#else
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(v));
+#endif
 }
 
-TILE_FN void q4_tile(const lin_t *L, int r, const act_t *a, int b0, float *out, const int R,
-                  const int C) {
-    const int k = L->k, nb = k / QBLOCK, G = k / L->group, gsz = L->group;
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const int gpw = 256 / gsz > 0 ? 256 / gsz : 1;      /* weight groups per window */
-    int idx[8];
-    for (int i = 0; i < 8; i++) idx[i] = PERM[i] * QBLOCK / gsz;
-    const __m256i gidx = _mm256_loadu_si256((const __m256i *)idx);
-    const __mmask8 gmask = (__mmask8)((1u << gpw) - 1);
-    const uint8_t *w0 = (const uint8_t *)L->w + (int64_t)r * (k / 2);
-    __m256 acc[4][4];
-    float tail[4][4] = {{0}};
-    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int win = 0; win < k / 256; win++) {
-        __m256i h01[4][4], h23[4][4];
-        for (int pair = 0; pair < 2; pair++) {
-            __m256i first[4][4];
-            for (int c = 0; c < 2; c++) {
-                int ch = win * 4 + pair * 2 + c;
-                __m256i xe[4], xo[4];
+/* Quantized layers, 16 weight rows (a panel) against C activation rows:
+ * out[j * 16 + i] = row 16p + i of L times activation row b0 + j.
+ *
+ * Panel layout (repacked once from the row-major codes, see native/__init__.py): one
+ * 64-byte vector holds the same 4 (int8) or 8 (int4) columns of the panel's 16 rows, so a
+ * VNNI instruction multiplies 16 rows by 4 activation bytes broadcast to every lane and each
+ * lane accumulates its own row: no horizontal sums, and a loaded weight vector serves all C
+ * activation rows.
+ *   int8: vector v = columns 4v..4v+3, row i in bytes 4i..4i+3;
+ *   int4: vector v = columns 8v..8v+7, row i in bytes 4i..4i+3, byte b holding column
+ *         8v+b in its low nibble and 8v+4+b in its high nibble.
+ * Each lane sums in int32 over a span that shares one activation scale (a 256-column window
+ * for int8 weights, a 32-column block for int4; at most 64 * 255 * 127 per lane), two
+ * chains (even and odd 4-column steps) to hide the instruction latency. Then, per span,
+ * one float multiply-add by the activation scale; per weight group, the zero point (through
+ * the activation sums cg) and the 16 row scales. Every (row, activation) pair takes the same
+ * sequence whatever C is, so a row's result does not depend on the batch. */
+TILE_FN void q_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C,
+                     const int Q4) {
+    const int k = L->k, nb = k / QBLOCK, gsz = L->group, G = k / gsz;
+    const int span = Q4 ? QBLOCK : 256;          /* a power of two */
+    const uint8_t *wp = L->pw + (int64_t)p * (Q4 ? k / 8 : k / 4) * 64;
+    const float *sw = L->psc + (int64_t)p * G * 16, *zw = L->pzf + (int64_t)p * G * 16;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const int8_t *xq[4];
+    const float *dj[4], *cgj[4];
+    for (int j = 0; j < C; j++) {
+        xq[j] = a->q + (int64_t)(b0 + j) * k;
+        dj[j] = a->d + (int64_t)(b0 + j) * nb;
+        cgj[j] = a->cg + (int64_t)(b0 + j) * G;
+    }
+    __m512 facc[4];
+    for (int j = 0; j < C; j++) facc[j] = _mm512_setzero_ps();
+    int col = 0;
+    for (int g = 0; g < G; g++) {
+        __m512 gacc[4];
+        for (int j = 0; j < C; j++) gacc[j] = _mm512_setzero_ps();
+        const int gend = col + gsz;
+        while (col < gend) {
+            const int e = ((col | (span - 1)) + 1) < gend ? ((col | (span - 1)) + 1) : gend;
+            const int steps = (e - col) >> 3;
+            __m512i z0[4], z1[4];
+            for (int j = 0; j < C; j++) z0[j] = z1[j] = _mm512_setzero_si512();
+            #pragma GCC unroll 4
+            for (int t = 0; t < steps; t++) {
+                __m512i u0, u1;
+                if (Q4) {
+                    __m512i wv = _mm512_loadu_si512((const void *)wp);
+                    u0 = _mm512_and_si512(wv, low);
+                    u1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                    wp += 64;
+                } else {
+                    u0 = _mm512_loadu_si512((const void *)wp);
+                    u1 = _mm512_loadu_si512((const void *)(wp + 64));
+                    wp += 128;
+                }
                 for (int j = 0; j < C; j++) {
-                    const int8_t *q = a->q + (int64_t)(b0 + j) * k + ch * 64;
-                    xe[j] = _mm256_loadu_si256((const __m256i *)q);
-                    xo[j] = _mm256_loadu_si256((const __m256i *)(q + 32));
-                }
-                for (int i = 0; i < R; i++) {
-                    __m256i wb = _mm256_loadu_si256((const __m256i *)(w0 + (int64_t)i * (k / 2) + ch * 32));
-                    __m256i lo = _mm256_and_si256(wb, low), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
-                    for (int j = 0; j < C; j++) {
-                        __m256i dp = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe[j]), hi, xo[j]);
-                        if (c == 0) first[i][j] = dp;
-                        else if (pair == 0) h01[i][j] = _mm256_hadd_epi32(first[i][j], dp);
-                        else h23[i][j] = _mm256_hadd_epi32(first[i][j], dp);
-                    }
+                    z0[j] = dpb(z0[j], u0, xq[j] + col + 8 * t);
+                    z1[j] = dpb(z1[j], u1, xq[j] + col + 8 * t + 4);
                 }
             }
+            for (int j = 0; j < C; j++)
+                gacc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(z0[j], z1[j])),
+                                          _mm512_set1_ps(dj[j][col >> 5]), gacc[j]);
+            col = e;
         }
-        int g0 = win * 256 / gsz;
-        for (int i = 0; i < R; i++) {
-            const uint16_t *sc = L->scales + (int64_t)(r + i) * G;
-            __m256 ws = _mm256_permutexvar_ps(gidx, _mm256_cvtph_ps(_mm_maskz_loadu_epi16(gmask, sc + g0)));
-            __m256i zv = _mm256_setzero_si256();
-            if (L->zeros)
-                zv = _mm256_permutexvar_epi32(gidx, _mm256_cvtepu8_epi32(
-                    _mm_maskz_loadu_epi8(gmask, L->zeros + (int64_t)(r + i) * G + g0)));
-            for (int j = 0; j < C; j++) {
-                __m256i blk = _mm256_hadd_epi32(h01[i][j], h23[i][j]);
-                __m256i sv = _mm256_loadu_si256((const __m256i *)(a->sbperm + (int64_t)(b0 + j) * nb + win * 8));
-                blk = _mm256_sub_epi32(blk, L->zeros ? _mm256_mullo_epi32(zv, sv) : _mm256_slli_epi32(sv, 3));
-                __m256 dv = _mm256_loadu_ps(a->dperm + (int64_t)(b0 + j) * nb + win * 8);
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk), _mm256_mul_ps(ws, dv), acc[i][j]);
-            }
-        }
+        const __m512 swv = _mm512_loadu_ps(sw + g * 16), zv = _mm512_loadu_ps(zw + g * 16);
+        for (int j = 0; j < C; j++)
+            facc[j] = _mm512_fmadd_ps(swv, _mm512_fnmadd_ps(zv, _mm512_set1_ps(cgj[j][g]), gacc[j]),
+                                      facc[j]);
     }
-    for (int ch = (k / 256) * 4; ch < k / 64; ch++) {  /* 64-column chunks after the windows */
-        int g0 = (ch * 64) / gsz, g1 = (ch * 64 + 32) / gsz;
-        for (int i = 0; i < R; i++) {
-            const uint16_t *sc = L->scales + (int64_t)(r + i) * G;
-            __m256i wb = _mm256_loadu_si256((const __m256i *)(w0 + (int64_t)i * (k / 2) + ch * 32));
-            __m256i lo = _mm256_and_si256(wb, low), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
-            float sw0 = half_to_float(sc[g0]), sw1 = half_to_float(sc[g1]);
-            float z0 = L->zeros ? (float)L->zeros[(int64_t)(r + i) * G + g0] : 8.f;
-            float z1 = L->zeros ? (float)L->zeros[(int64_t)(r + i) * G + g1] : 8.f;
-            for (int j = 0; j < C; j++) {
-                const int8_t *q = a->q + (int64_t)(b0 + j) * k + ch * 64;
-                const float *d = a->d + (int64_t)(b0 + j) * nb;
-                const int32_t *sb = a->sb + (int64_t)(b0 + j) * nb;
-                __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)q));
-                dp = _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)(q + 32)));
-                float s0 = d[2 * ch] * sw0, s1 = d[2 * ch + 1] * sw1;
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp),
-                                            _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)), acc[i][j]);
-                tail[i][j] -= s0 * z0 * (float)sb[2 * ch] + s1 * z1 * (float)sb[2 * ch + 1];
-            }
-        }
-    }
-    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) out[i * 4 + j] = hsum256(acc[i][j]) + tail[i][j];
+    for (int j = 0; j < C; j++) _mm512_storeu_ps(out + j * 16, facc[j]);
 }
+#define PANEL(C, Q4) static __attribute__((noinline)) void q_panel_##C##_##Q4( \
+    const lin_t *L, int p, const act_t *a, int b0, float *out) { q_panel(L, p, a, b0, out, C, Q4); }
+PANEL(1, 0) PANEL(2, 0) PANEL(4, 0) PANEL(1, 1) PANEL(2, 1) PANEL(4, 1)
 #endif
 
 /* Each (kernel, R, C) instance is its own function, compiled with constant bounds, so the
@@ -482,20 +399,12 @@ TILE_FN void q4_tile(const lin_t *L, int r, const act_t *a, int b0, float *out, 
 #ifdef SLM_AVX512
 INSTANCES(f32_tile, const float *)
 #endif
-#ifdef SLM_VNNI
-INSTANCES(q8_tile, const act_t *)
-INSTANCES(q4_tile, const act_t *)
-#endif
 
 /* One tile of R rows x C activations, out[i * 4 + j]. */
 static void run_tile(const lin_t *L, int r, const float *x, const act_t *a, int b0, int R,
                      int C, float *out) {
 #ifdef SLM_AVX512
     if (L->kind == LIN_F32) { DISPATCH(f32_tile, x) }
-#endif
-#ifdef SLM_VNNI
-    if (L->kind == LIN_Q8) { DISPATCH(q8_tile, a) }
-    if (L->kind == LIN_Q4) { DISPATCH(q4_tile, a) }
 #endif
     for (int i = 0; i < R; i++)     /* portable path: one dot product at a time */
         for (int j = 0; j < C; j++) {
@@ -509,15 +418,29 @@ static void run_tile(const lin_t *L, int r, const float *x, const act_t *a, int 
 /* y[b, off + r] = L(x_b)[r] for rows r in [r0, r1). */
 static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, float *y, int ystride,
                      int off, int r0, int r1) {
-    float out[16];
+    float out[64];
+#ifdef SLM_VNNI
+    if (L->pw) {   /* quantized, repacked: r0 is a multiple of 16, one panel */
+        const int p = r0 / 16, rows = r1 - r0;
+        for (int b0 = 0; b0 < B;) {
+            int C = B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
+            const int q4 = L->kind == LIN_Q4;
+            if (C == 4) { if (q4) q_panel_4_1(L, p, a, b0, out); else q_panel_4_0(L, p, a, b0, out); }
+            else if (C == 2) { if (q4) q_panel_2_1(L, p, a, b0, out); else q_panel_2_0(L, p, a, b0, out); }
+            else { if (q4) q_panel_1_1(L, p, a, b0, out); else q_panel_1_0(L, p, a, b0, out); }
+            for (int j = 0; j < C; j++)
+                for (int i = 0; i < rows; i++)
+                    y[(int64_t)(b0 + j) * ystride + off + r0 + i] =
+                        out[j * 16 + i] + (L->bias ? L->bias[r0 + i] : 0.f);
+            b0 += C;
+        }
+        return;
+    }
+#endif
     for (int b0 = 0; b0 < B;) {
         int C = B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
         for (int r = r0; r < r1;) {
-            /* measured on the team machine (2 cores, AMD EPYC, weights from DRAM): one
-             * weight row at a time streams fastest for fp32 and int8; int4 has more
-             * arithmetic per byte and gains from sharing activation loads over rows */
-            int want = L->kind == LIN_Q4 ? (C == 1 ? 4 : 2) : 1;
-            int R = r1 - r >= want ? want : (r1 - r >= 2 && want >= 2 ? 2 : 1);
+            int R = 1;   /* fp32: one weight row at a time streams fastest (measured) */
             run_tile(L, r, x, a, b0, R, C, out);
             for (int i = 0; i < R; i++)
                 for (int j = 0; j < C; j++) {
@@ -532,16 +455,19 @@ static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, floa
 }
 
 /* Several linears sharing one input (q/k/v, gate/up): outputs side by side in y [B, sum n].
+ * Work items are 8 rows (fp32, portable) or one 16-row panel (repacked quantized layers).
  * Must be called by every thread of the team (it is an OpenMP worksharing loop). */
-#define TILE 8
+static inline int tile_rows(const lin_t *L) { return L->pw ? 16 : 8; }
 static void lin_multi(const lin_t *Ls, int nl, const float *x, const act_t *a, int B, float *y) {
     int ystride = 0, tiles = 0;
-    for (int j = 0; j < nl; j++) { ystride += Ls[j].n; tiles += (Ls[j].n + TILE - 1) / TILE; }
+    for (int j = 0; j < nl; j++) { ystride += Ls[j].n; tiles += (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j]); }
     #pragma omp for schedule(static)
     for (int t = 0; t < tiles; t++) {
         int j = 0, tt = t, off = 0;
-        while (tt >= (Ls[j].n + TILE - 1) / TILE) { tt -= (Ls[j].n + TILE - 1) / TILE; off += Ls[j].n; j++; }
-        int r0 = tt * TILE, r1 = r0 + TILE < Ls[j].n ? r0 + TILE : Ls[j].n;
+        while (tt >= (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j])) {
+            tt -= (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j]); off += Ls[j].n; j++;
+        }
+        int T = tile_rows(&Ls[j]), r0 = tt * T, r1 = r0 + T < Ls[j].n ? r0 + T : Ls[j].n;
         lin_rows(&Ls[j], x, a, B, y, ystride, off, r0, r1);
     }
 }
@@ -578,6 +504,24 @@ static inline void silu_mul(const float *g, const float *u, float *out, int n) {
 #endif
 }
 
+/* s[i] = e^(s[i] - mx) for n values; returns their sum (16 lanes, then the lanes in order). */
+static inline float exp_sub_sum(float *s, int n, float mx) {
+#ifdef SLM_AVX512
+    __m512 acc = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), mv)));
+        _mm512_mask_storeu_ps(s + i, m, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float sum = 0.f;
+    for (int i = 0; i < n; i++) { s[i] = expf(s[i] - mx); sum += s[i]; }
+    return sum;
+#endif
+}
+
 static void rms_norm(const float *x, const float *w, int n, float eps, float *y) {
     float ss = 0.f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
@@ -592,10 +536,7 @@ int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int
     a.q = (int8_t *)work;
     a.d = (float *)(a.q + B * L->k + 64);
     a.c = a.d + B * L->k / QBLOCK;
-    a.sb = (int32_t *)(a.c + B * L->k / QBLOCK);
-    a.dperm = (float *)(a.sb + B * L->k / QBLOCK);
-    a.sbperm = (int32_t *)(a.dperm + B * L->k / QBLOCK);
-    a.cg = (float *)(a.sbperm + B * L->k / QBLOCK);
+    a.cg = a.c + B * L->k / QBLOCK;
     #pragma omp parallel num_threads(n_threads)
     {
         prep(L, x, B, &a);
@@ -611,7 +552,7 @@ int64_t slm_work_floats(const model_t *m, int B) {
     if (nq > kmax) kmax = nq;
     int64_t f = B * (m->hidden * 2 + (nq + 2 * nk) + nq + 2 * (int64_t)m->inter + m->inter);
     f += (int64_t)B * m->n_heads * m->max_seq;         /* attention scores */
-    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, sb, dperm, sbperm, cg */
+    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, cg (and slack) */
     return f;
 }
 
@@ -637,10 +578,7 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
     a.q = (int8_t *)(scores + (int64_t)B * m->n_heads * S);
     a.d = (float *)(a.q + B * kmax) ;
     a.c = a.d + B * kmax / QBLOCK;
-    a.sb = (int32_t *)(a.c + B * kmax / QBLOCK);
-    a.dperm = (float *)(a.sb + B * kmax / QBLOCK);
-    a.sbperm = (int32_t *)(a.dperm + B * kmax / QBLOCK);
-    a.cg = (float *)(a.sbperm + B * kmax / QBLOCK);
+    a.cg = a.c + B * kmax / QBLOCK;
     a.k = 0; a.kind = 0;
 
     #pragma omp parallel num_threads(m->n_threads)
@@ -676,19 +614,19 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
                 if (L->window > 0 && p - L->window + 1 > 0) lo = p - L->window + 1;
                 const float *K = L->kc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
                 const float *V = L->vc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
-                float *sc = scores + (int64_t)bh * S, mx = -INFINITY, sum = 0.f;
+                float *sc = scores + (int64_t)bh * S, mx = -INFINITY;
                 for (int j = lo; j <= p; j++) {
                     sc[j] = dot_f32(K + (int64_t)j * D, q, D) * m->attn_scale;
                     mx = sc[j] > mx ? sc[j] : mx;
                 }
-                for (int j = lo; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+                float sum = exp_sub_sum(sc + lo, p - lo + 1, mx);
                 float *o = att + (int64_t)b * nq + hd * D, inv = 1.f / sum;
                 for (int i = 0; i < D; i++) o[i] = 0.f;
-                for (int j = lo; j <= p; j++) {
-                    float wgt = sc[j] * inv;
-                    const float *vr = V + (int64_t)j * D;
+                for (int j = lo; j <= p; j++) {      /* o += e_j * v_j, normalized once */
+                    const float wgt = sc[j], *vr = V + (int64_t)j * D;
                     for (int i = 0; i < D; i++) o[i] += wgt * vr[i];
                 }
+                for (int i = 0; i < D; i++) o[i] *= inv;
             }
             prep(&L->o, att, B, &a);
             lin_multi(&L->o, 1, att, &a, B, tmp);
