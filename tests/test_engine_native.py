@@ -48,7 +48,7 @@ def test_quantized_kernels_match_the_integer_reference(bits, group, sym, k):
     n = 40
     codes, scale, zero = quantize_rtn(torch.randn(n, k), bits, group, sym)
     layer = QuantLinear.from_codes(codes, scale, zero, bits, group, sym, bias=torch.randn(n))
-    x = torch.randn(3, k)
+    x = torch.randn(9, k)   # tiles of 8 and 1 activation rows
     x[:, 5] *= 30       # an outlier channel: its block gets a coarser grid, as in llama.cpp
     x[1, :32] = 0       # an all-zero block (scale 0)
     y = native.linear(layer, x)
@@ -105,16 +105,30 @@ def test_quantized_model_close_to_torch_path(tokenizer):
         assert (a - b).norm() / b.norm() < 0.05
 
 
-def test_row_result_does_not_depend_on_the_batch(tokenizer):
+@pytest.mark.parametrize("quant", [None, (8, -1, True), (4, 32, True), (4, 64, False)])
+def test_row_result_does_not_depend_on_the_batch(tokenizer, quant):
+    """9 rows run as tiles of 8 + 1 (and attention by KV group); each row alone takes tiles
+    of 1 (and attention by head): the results must be bit-identical."""
     model = build_tiny_model("llama", tokenizer, seed=5)
-    runner = FastRunner(model, 4, 64)
-    prompts = [torch.arange(3 + i, 13 + 2 * i)[None] for i in range(4)]
+    if quant is not None:
+        _needs_vnni()
+        from slmkit.compress.quantize.api import quantize_model
+        from slmkit.compress.quantize.config import QuantizeConfig
+
+        bits, group, sym = quant
+        quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=bits, group_size=group,
+                                                        sym=sym, quantize_embeddings=True,
+                                                        ignore=[]))
+    n = 9
+    runner = FastRunner(model, n, 64)
+    assert runner.native is not None, runner.native_reason
+    prompts = [torch.arange(3 + i, 13 + 2 * i)[None] for i in range(n)]
     for slot, p in enumerate(prompts):
         runner.forward(p, [slot], [0])
     lens = [p.shape[1] for p in prompts]
-    tok = torch.tensor([[7], [8], [9], [10]])
-    batched = runner.forward(tok, [0, 1, 2, 3], lens)
-    for slot in range(4):  # the same step again, one row at a time, over the same cache
+    tok = torch.arange(7, 7 + n)[:, None]
+    batched = runner.forward(tok, list(range(n)), lens)
+    for slot in range(n):  # the same step again, one row at a time, over the same cache
         alone = runner.forward(tok[slot:slot + 1], [slot], [lens[slot]])
         assert torch.equal(alone[0], batched[slot])
 

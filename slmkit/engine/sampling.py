@@ -108,8 +108,17 @@ class RequestSampler:
         self._seen = list(prompt_ids)
         self._seen_tensor: torch.Tensor | None = None
 
-    def choose(self, logits: torch.Tensor) -> Choice:
-        """Pick the next token from ``[V]`` float32 logits and record it as seen."""
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no repetition penalty: the token is the logits' argmax."""
+        return self.params.greedy and self.params.repetition_penalty == 1.0
+
+    def choose(self, logits: torch.Tensor, argmax: int | None = None) -> Choice:
+        """Pick the next token from ``[V]`` float32 logits and record it as seen.
+
+        ``argmax``: the logits' argmax when the caller already has it (a batched argmax);
+        used only when :attr:`plain_greedy`.
+        """
         p = self.params
         logits = logits.float()
         processed = logits
@@ -119,7 +128,7 @@ class RequestSampler:
             processed = ops.apply_repetition_penalty(processed, self._seen_tensor,
                                                      p.repetition_penalty)
         if p.greedy:
-            token = int(torch.argmax(processed))
+            token = argmax if argmax is not None and self.plain_greedy else int(torch.argmax(processed))
         else:
             processed = processed / p.temperature
             processed = ops.filter_top_k(processed, p.top_k)

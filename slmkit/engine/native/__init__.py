@@ -193,7 +193,7 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
 
 
 def panels(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A ``QuantLinear``'s codes repacked for the VNNI kernels (``q_panel`` in decode.c).
+    """A ``QuantLinear``'s codes repacked for the VNNI kernels (``q8_panel`` and ``q4_panel`` in decode.c).
 
     Rows go in panels of 16 (the last one zero-padded). int8: ``[P, k/4, 16, 4]``, each
     64-byte vector the same 4 columns of 16 rows; int4: ``[P, k/8, 16, 4]``, byte ``b`` of

@@ -12,7 +12,7 @@
  * fp32 weights are read in place from the tensors torch holds ([n, k]). Quantized layers
  * (QuantLinear: uint8 codes, w = (q - zero) * scale, fp16 scales per group, uint8 zeros or
  * the symmetric 2^(bits-1)) are read from a copy repacked once in panels of 16 rows
- * (q_panel below), so one 64-byte vector serves 16 output rows. They multiply in integers
+ * (q8_panel, q4_panel below), so one 64-byte vector serves 16 output rows. They multiply in integers
  * the way llama.cpp's Q8_0 path does: the activation row is rounded to int8 with one float
  * scale per block of 32 columns (int4 weights) or per window of 256 columns (int8 weights,
  * whose products then add up in int32 across the window), and AVX-512 VNNI (vpdpbusd:
@@ -45,7 +45,7 @@ typedef struct {
     const uint8_t *zeros;
     const float *bias;
     /* quantized kinds, VNNI kernels: the same codes repacked in panels of 16 rows (see
-     * q_panel), and per panel, per group, 16 float scales and 16 float zero points */
+     * q8_panel, q4_panel), and per panel, per group, 16 float scales and 16 float zero points */
     const uint8_t *pw;
     const float *psc, *pzf;
 } lin_t;
@@ -76,6 +76,7 @@ typedef struct {
     int8_t *q;      /* [B, k] */
     float *d;       /* [B, k/32] block scales */
     float *c;       /* [B, k/32] d * sum(q) of the block (for the zero point) */
+    int32_t *sb;    /* [B, k/32] sum(q) of the block (int4 kernels: the zero point in int32) */
     float *cg;      /* [B, k/group] c summed over each weight group */
     int k, kind;
 } act_t;
@@ -139,6 +140,7 @@ static inline void quantize_block(const float *x, int b, int j, int k, int kind,
     float d = amax / 127.f;
     a->d[(int64_t)b * nb + j] = d;
     a->c[(int64_t)b * nb + j] = d * (float)sum;
+    a->sb[(int64_t)b * nb + j] = sum;
     memcpy(a->q + (int64_t)b * k + j * QBLOCK, tmp, QBLOCK);
 }
 
@@ -249,40 +251,51 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
  * R*C accumulation chains run side by side, which hides the FMA latency that a single dot
  * product waits on. Every accumulator sums its chunks in the same order whatever R and C
  * are, so a row's result does not depend on the tile it lands in, hence not on the batch.
- * Quantized layers use 16-row panels instead (q_panel). */
+ * Quantized layers use 16-row panels instead (q8_panel, q4_panel). */
 #ifdef SLM_AVX512
 #define TILE_FN static inline __attribute__((always_inline))
+/* With several activation rows a tile spends long enough on each weight line that the
+ * hardware prefetcher falls behind (fp32, 8 rows: 11.5 GB/s from DRAM where one row reads
+ * 30); asking for the weights this many bytes ahead took the 8-row step from ~52 to ~38 ms
+ * (fp32) and ~9.6 to ~8.4 ms (int8). One row streams fastest without it. */
+#define PF_F32 2048
+#define PF_Q 1024
 
 TILE_FN void f32_tile(const lin_t *L, int r, const float *x, int b0, float *out, const int R,
                    const int C) {
-    /* two accumulators per pair (even and odd 16-float chunks) halve the FMA chain */
+    /* one accumulator per (row, activation) pair over 16-float chunks in order; the C
+     * activation vectors stay in registers and each loaded weight vector feeds C FMAs */
     const int k = L->k;
     const float *W = (const float *)L->w + (int64_t)r * k;
-    __m512 acc[4][4][2];
-    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++)
-        acc[i][j][0] = acc[i][j][1] = _mm512_setzero_ps();
+    const float *X[8];
+    for (int j = 0; j < C; j++) X[j] = x + (int64_t)(b0 + j) * k;
+    __m512 acc[4][8];
+    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) acc[i][j] = _mm512_setzero_ps();
     int kk = 0;
-    for (; kk + 32 <= k; kk += 32) {
-        for (int h = 0; h < 2; h++) {
-            __m512 xv[4];
-            for (int j = 0; j < C; j++) xv[j] = _mm512_loadu_ps(x + (int64_t)(b0 + j) * k + kk + 16 * h);
-            for (int i = 0; i < R; i++) {
-                __m512 wv = _mm512_loadu_ps(W + (int64_t)i * k + kk + 16 * h);
-                for (int j = 0; j < C; j++) acc[i][j][h] = _mm512_fmadd_ps(wv, xv[j], acc[i][j][h]);
-            }
+    for (; kk + 16 <= k; kk += 16) {
+        __m512 xv[8];
+        for (int j = 0; j < C; j++) {
+            xv[j] = _mm512_loadu_ps(X[j] + kk);
+            __asm__("" : "+v"(xv[j]));   /* keep it in a register: GCC otherwise reloads it
+                                          * as a memory operand of every row's FMA */
+        }
+        for (int i = 0; i < R; i++) {
+            if (C >= 2) _mm_prefetch((const char *)(W + (int64_t)i * k + kk) + PF_F32, _MM_HINT_T0);
+            __m512 wv = _mm512_loadu_ps(W + (int64_t)i * k + kk);
+            for (int j = 0; j < C; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (; kk < k; kk += 16) {
-        __mmask16 m = (k - kk) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
-        __m512 xv[4];
-        for (int j = 0; j < C; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + (int64_t)(b0 + j) * k + kk);
+    if (kk < k) {
+        const __mmask16 m = (__mmask16)((1u << (k - kk)) - 1);
+        __m512 xv[8];
+        for (int j = 0; j < C; j++) xv[j] = _mm512_maskz_loadu_ps(m, X[j] + kk);
         for (int i = 0; i < R; i++) {
             __m512 wv = _mm512_maskz_loadu_ps(m, W + (int64_t)i * k + kk);
-            for (int j = 0; j < C; j++) acc[i][j][0] = _mm512_fmadd_ps(wv, xv[j], acc[i][j][0]);
+            for (int j = 0; j < C; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
     for (int i = 0; i < R; i++) for (int j = 0; j < C; j++)
-        out[i * 4 + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]));
+        out[i * 8 + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 #endif
 
@@ -312,19 +325,17 @@ static inline __m512i dpb(__m512i acc, __m512i u, const int8_t *p) {
  *   int8: vector v = columns 4v..4v+3, row i in bytes 4i..4i+3;
  *   int4: vector v = columns 8v..8v+7, row i in bytes 4i..4i+3, byte b holding column
  *         8v+b in its low nibble and 8v+4+b in its high nibble.
- * Each lane sums in int32 over a span that shares one activation scale (a 256-column window
- * for int8 weights, a 32-column block for int4; at most 64 * 255 * 127 per lane), two
- * chains (even and odd 4-column steps) to hide the instruction latency. Then, per span,
- * one float multiply-add by the activation scale; per weight group, the zero point (through
- * the activation sums cg) and the 16 row scales. Every (row, activation) pair takes the same
- * sequence whatever C is, so a row's result does not depend on the batch. */
-TILE_FN void q_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C,
-                     const int Q4) {
+ * int8 (this function): each lane sums in int32 over a 256-column window that shares one
+ * activation scale (at most 64 * 255 * 127 per lane) in two chains (even and odd 4-column
+ * steps) to hide the instruction latency; then, per window, one float multiply-add by the
+ * activation scale; per weight group, the zero point (through the activation sums cg) and
+ * the 16 row scales. int4: q4_panel. Every (row, activation) pair takes the same sequence
+ * whatever C is, so a row's result does not depend on the batch. */
+TILE_FN void q8_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C) {
     const int k = L->k, nb = k / QBLOCK, gsz = L->group, G = k / gsz;
-    const int span = Q4 ? QBLOCK : 256;          /* a power of two */
-    const uint8_t *wp = L->pw + (int64_t)p * (Q4 ? k / 8 : k / 4) * 64;
+    const int span = 256;                        /* activation-scale window, a power of two */
+    const uint8_t *wp = L->pw + (int64_t)p * (k / 4) * 64;
     const float *sw = L->psc + (int64_t)p * G * 16, *zw = L->pzf + (int64_t)p * G * 16;
-    const __m512i low = _mm512_set1_epi8(0x0f);
     const int8_t *xq[4];
     const float *dj[4], *cgj[4];
     for (int j = 0; j < C; j++) {
@@ -347,16 +358,10 @@ TILE_FN void q_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, 
             #pragma GCC unroll 4
             for (int t = 0; t < steps; t++) {
                 __m512i u0, u1;
-                if (Q4) {
-                    __m512i wv = _mm512_loadu_si512((const void *)wp);
-                    u0 = _mm512_and_si512(wv, low);
-                    u1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-                    wp += 64;
-                } else {
-                    u0 = _mm512_loadu_si512((const void *)wp);
-                    u1 = _mm512_loadu_si512((const void *)(wp + 64));
-                    wp += 128;
-                }
+                if (C >= 2) _mm_prefetch((const char *)wp + PF_Q, _MM_HINT_T0);
+                u0 = _mm512_loadu_si512((const void *)wp);
+                u1 = _mm512_loadu_si512((const void *)(wp + 64));
+                wp += 128;
                 for (int j = 0; j < C; j++) {
                     z0[j] = dpb(z0[j], u0, xq[j] + col + 8 * t);
                     z1[j] = dpb(z1[j], u1, xq[j] + col + 8 * t + 4);
@@ -374,9 +379,59 @@ TILE_FN void q_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, 
     }
     for (int j = 0; j < C; j++) _mm512_storeu_ps(out + j * 16, facc[j]);
 }
-#define PANEL(C, Q4) static __attribute__((noinline)) void q_panel_##C##_##Q4( \
-    const lin_t *L, int p, const act_t *a, int b0, float *out) { q_panel(L, p, a, b0, out, C, Q4); }
-PANEL(1, 0) PANEL(2, 0) PANEL(4, 0) PANEL(1, 1) PANEL(2, 1) PANEL(4, 1)
+/* int4 panels: blocks of 32 columns are both the activation-scale span and the smallest
+ * weight group, so the zero point comes off in int32 per block (sum q * zero, exact), and
+ * one multiply-add per (block, activation row) applies weight scale x activation scale.
+ * One accumulation chain per activation row (up to 8 side by side). */
+TILE_FN void q4_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C,
+                      const int ASYM) {
+    const int k = L->k, nb = k / QBLOCK, bpg = L->group / QBLOCK, G = k / L->group;
+    const uint8_t *wp = L->pw + (int64_t)p * (k / 8) * 64;
+    const float *sw = L->psc + (int64_t)p * G * 16, *zw = L->pzf + (int64_t)p * G * 16;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const int8_t *xq[8];
+    const float *dj[8];
+    const int32_t *sbj[8];
+    for (int j = 0; j < C; j++) {
+        xq[j] = a->q + (int64_t)(b0 + j) * k;
+        dj[j] = a->d + (int64_t)(b0 + j) * nb;
+        sbj[j] = a->sb + (int64_t)(b0 + j) * nb;
+    }
+    __m512 facc[8];
+    for (int j = 0; j < C; j++) facc[j] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        const __m512 swv = _mm512_loadu_ps(sw + g * 16);
+        const __m512i zi = ASYM ? _mm512_cvtps_epi32(_mm512_loadu_ps(zw + g * 16)) : _mm512_setzero_si512();
+        for (int blk = g * bpg; blk < (g + 1) * bpg; blk++) {
+            __m512i z[8];
+            for (int j = 0; j < C; j++) z[j] = _mm512_setzero_si512();
+            #pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) {
+                if (C >= 2) _mm_prefetch((const char *)wp + PF_Q, _MM_HINT_T0);
+                __m512i wv = _mm512_loadu_si512((const void *)wp);
+                __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                wp += 64;
+                for (int j = 0; j < C; j++) {
+                    z[j] = dpb(z[j], lo, xq[j] + blk * QBLOCK + 8 * t);
+                    z[j] = dpb(z[j], hi, xq[j] + blk * QBLOCK + 8 * t + 4);
+                }
+            }
+            for (int j = 0; j < C; j++) {
+                const int32_t s = sbj[j][blk];
+                const __m512i zc = ASYM ? _mm512_mullo_epi32(zi, _mm512_set1_epi32(s)) : _mm512_set1_epi32(8 * s);
+                facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(z[j], zc)),
+                                          _mm512_mul_ps(swv, _mm512_set1_ps(dj[j][blk])), facc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < C; j++) _mm512_storeu_ps(out + j * 16, facc[j]);
+}
+#define Q8P(C) static __attribute__((noinline)) void q8_panel_##C( \
+    const lin_t *L, int p, const act_t *a, int b0, float *out) { q8_panel(L, p, a, b0, out, C); }
+#define Q4P(C, A) static __attribute__((noinline)) void q4_panel_##C##_##A( \
+    const lin_t *L, int p, const act_t *a, int b0, float *out) { q4_panel(L, p, a, b0, out, C, A); }
+Q8P(1) Q8P(2) Q8P(4)
+Q4P(1, 0) Q4P(2, 0) Q4P(4, 0) Q4P(8, 0) Q4P(1, 1) Q4P(2, 1) Q4P(4, 1) Q4P(8, 1)
 #endif
 
 /* Each (kernel, R, C) instance is its own function, compiled with constant bounds, so the
@@ -384,23 +439,20 @@ PANEL(1, 0) PANEL(2, 0) PANEL(4, 0) PANEL(1, 1) PANEL(2, 1) PANEL(4, 1)
 #define INSTANCE(fn, A, R, C) \
     static __attribute__((noinline)) void fn##_##R##_##C(const lin_t *L, int r, A src, int b0, \
                                                          float *out) { fn(L, r, src, b0, out, R, C); }
-#define INSTANCES(fn, A) INSTANCE(fn, A, 4, 1) INSTANCE(fn, A, 2, 1) INSTANCE(fn, A, 1, 1) \
-    INSTANCE(fn, A, 2, 2) INSTANCE(fn, A, 1, 2) INSTANCE(fn, A, 2, 4) INSTANCE(fn, A, 1, 4)
+#define INSTANCES(fn, A) INSTANCE(fn, A, 1, 1) INSTANCE(fn, A, 1, 2) INSTANCE(fn, A, 1, 4) \
+    INSTANCE(fn, A, 1, 8)
 #define DISPATCH(fn, src) \
     switch (R * 8 + C) { \
-    case 4 * 8 + 1: fn##_4_1(L, r, src, b0, out); return; \
-    case 2 * 8 + 1: fn##_2_1(L, r, src, b0, out); return; \
     case 1 * 8 + 1: fn##_1_1(L, r, src, b0, out); return; \
-    case 2 * 8 + 2: fn##_2_2(L, r, src, b0, out); return; \
     case 1 * 8 + 2: fn##_1_2(L, r, src, b0, out); return; \
-    case 2 * 8 + 4: fn##_2_4(L, r, src, b0, out); return; \
     case 1 * 8 + 4: fn##_1_4(L, r, src, b0, out); return; \
+    case 1 * 8 + 8: fn##_1_8(L, r, src, b0, out); return; \
     default: break; }
 #ifdef SLM_AVX512
 INSTANCES(f32_tile, const float *)
 #endif
 
-/* One tile of R rows x C activations, out[i * 4 + j]. */
+/* One tile of R rows x C activations, out[i * 8 + j]. */
 static void run_tile(const lin_t *L, int r, const float *x, const act_t *a, int b0, int R,
                      int C, float *out) {
 #ifdef SLM_AVX512
@@ -409,7 +461,7 @@ static void run_tile(const lin_t *L, int r, const float *x, const act_t *a, int 
     for (int i = 0; i < R; i++)     /* portable path: one dot product at a time */
         for (int j = 0; j < C; j++) {
             int b = b0 + j;
-            out[i * 4 + j] = L->kind == LIN_F32
+            out[i * 8 + j] = L->kind == LIN_F32
                 ? dot_f32((const float *)L->w + (int64_t)(r + i) * L->k, x + (int64_t)b * L->k, L->k)
                 : L->kind == LIN_Q8 ? dot_q8(L, r + i, a, b) : dot_q4(L, r + i, a, b);
         }
@@ -418,16 +470,29 @@ static void run_tile(const lin_t *L, int r, const float *x, const act_t *a, int 
 /* y[b, off + r] = L(x_b)[r] for rows r in [r0, r1). */
 static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, float *y, int ystride,
                      int off, int r0, int r1) {
-    float out[64];
+    float out[128];
 #ifdef SLM_VNNI
     if (L->pw) {   /* quantized, repacked: r0 is a multiple of 16, one panel */
         const int p = r0 / 16, rows = r1 - r0;
         for (int b0 = 0; b0 < B;) {
+            const int q4 = L->kind == LIN_Q4, asym = L->zeros != NULL;
             int C = B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
-            const int q4 = L->kind == LIN_Q4;
-            if (C == 4) { if (q4) q_panel_4_1(L, p, a, b0, out); else q_panel_4_0(L, p, a, b0, out); }
-            else if (C == 2) { if (q4) q_panel_2_1(L, p, a, b0, out); else q_panel_2_0(L, p, a, b0, out); }
-            else { if (q4) q_panel_1_1(L, p, a, b0, out); else q_panel_1_0(L, p, a, b0, out); }
+            if (q4 && B - b0 >= 8) C = 8;
+            if (!q4) {
+                if (C == 4) q8_panel_4(L, p, a, b0, out);
+                else if (C == 2) q8_panel_2(L, p, a, b0, out);
+                else q8_panel_1(L, p, a, b0, out);
+            } else if (asym) {
+                if (C == 8) q4_panel_8_1(L, p, a, b0, out);
+                else if (C == 4) q4_panel_4_1(L, p, a, b0, out);
+                else if (C == 2) q4_panel_2_1(L, p, a, b0, out);
+                else q4_panel_1_1(L, p, a, b0, out);
+            } else {
+                if (C == 8) q4_panel_8_0(L, p, a, b0, out);
+                else if (C == 4) q4_panel_4_0(L, p, a, b0, out);
+                else if (C == 2) q4_panel_2_0(L, p, a, b0, out);
+                else q4_panel_1_0(L, p, a, b0, out);
+            }
             for (int j = 0; j < C; j++)
                 for (int i = 0; i < rows; i++)
                     y[(int64_t)(b0 + j) * ystride + off + r0 + i] =
@@ -438,13 +503,14 @@ static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, floa
     }
 #endif
     for (int b0 = 0; b0 < B;) {
-        int C = B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
+        int C = B - b0 >= 8 ? 8 : B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
         for (int r = r0; r < r1;) {
-            int R = 1;   /* fp32: one weight row at a time streams fastest (measured) */
+            const int R = 1;   /* fp32: one weight row per tile streamed fastest (measured
+                                * on 1 and 8 rows: 2 or 4 rows per tile were slower) */
             run_tile(L, r, x, a, b0, R, C, out);
             for (int i = 0; i < R; i++)
                 for (int j = 0; j < C; j++) {
-                    float v = out[i * 4 + j];
+                    float v = out[i * 8 + j];
                     if (L->bias) v += L->bias[r + i];
                     y[(int64_t)(b0 + j) * ystride + off + r + i] = v;
                 }
@@ -530,13 +596,53 @@ static void rms_norm(const float *x, const float *w, int n, float eps, float *y)
 }
 
 
+/* One query head against cache rows lo..p: o = softmax(scale * K q) V. sc: scratch [p + 1]. */
+static void attend(const float *q, const float *K, const float *V, int lo, int p, int D,
+                   float scale, float *sc, float *o) {
+    float mx = -INFINITY;
+#ifdef SLM_AVX512
+    if (D % 16 == 0 && D <= 128) {   /* q and the output row in registers */
+        const int nc = D / 16;
+        __m512 qv[8], ov[8];
+        for (int c = 0; c < nc; c++) { qv[c] = _mm512_loadu_ps(q + 16 * c); ov[c] = _mm512_setzero_ps(); }
+        for (int j = lo; j <= p; j++) {
+            const float *kr = K + (int64_t)j * D;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(kr), qv[0]);
+            for (int c = 1; c < nc; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * c), qv[c], acc);
+            sc[j] = _mm512_reduce_add_ps(acc) * scale;
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / exp_sub_sum(sc + lo, p - lo + 1, mx));
+        for (int j = lo; j <= p; j++) {          /* o += e_j * v_j, normalized once */
+            const __m512 w = _mm512_set1_ps(sc[j]);
+            const float *vr = V + (int64_t)j * D;
+            for (int c = 0; c < nc; c++) ov[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * c), ov[c]);
+        }
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(ov[c], inv));
+        return;
+    }
+#endif
+    for (int j = lo; j <= p; j++) {
+        sc[j] = dot_f32(K + (int64_t)j * D, q, D) * scale;
+        mx = sc[j] > mx ? sc[j] : mx;
+    }
+    const float inv = 1.f / exp_sub_sum(sc + lo, p - lo + 1, mx);
+    for (int i = 0; i < D; i++) o[i] = 0.f;
+    for (int j = lo; j <= p; j++) {
+        const float wgt = sc[j], *vr = V + (int64_t)j * D;
+        for (int i = 0; i < D; i++) o[i] += wgt * vr[i];
+    }
+    for (int i = 0; i < D; i++) o[i] *= inv;
+}
+
 /* One linear on B rows (for tests and the kernel benchmark): y [B, n] = L(x [B, k]). */
 int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int n_threads) {
     act_t a;
     a.q = (int8_t *)work;
     a.d = (float *)(a.q + B * L->k + 64);
     a.c = a.d + B * L->k / QBLOCK;
-    a.cg = a.c + B * L->k / QBLOCK;
+    a.sb = (int32_t *)(a.c + B * L->k / QBLOCK);
+    a.cg = (float *)(a.sb + B * L->k / QBLOCK);
     #pragma omp parallel num_threads(n_threads)
     {
         prep(L, x, B, &a);
@@ -552,7 +658,7 @@ int64_t slm_work_floats(const model_t *m, int B) {
     if (nq > kmax) kmax = nq;
     int64_t f = B * (m->hidden * 2 + (nq + 2 * nk) + nq + 2 * (int64_t)m->inter + m->inter);
     f += (int64_t)B * m->n_heads * m->max_seq;         /* attention scores */
-    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, cg (and slack) */
+    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, sb, cg (and slack) */
     return f;
 }
 
@@ -578,8 +684,11 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
     a.q = (int8_t *)(scores + (int64_t)B * m->n_heads * S);
     a.d = (float *)(a.q + B * kmax) ;
     a.c = a.d + B * kmax / QBLOCK;
-    a.cg = a.c + B * kmax / QBLOCK;
+    a.sb = (int32_t *)(a.c + B * kmax / QBLOCK);
+    a.cg = (float *)(a.sb + B * kmax / QBLOCK);
     a.k = 0; a.kind = 0;
+    /* heads per attention item: a KV group once there are two items per thread */
+    const int hpi = B * m->n_kv >= 2 * m->n_threads && grp <= 64 ? grp : 1;
 
     #pragma omp parallel num_threads(m->n_threads)
     {
@@ -596,7 +705,9 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
                     for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) {
                         float *v = row + hh * D, r[512];
-                        for (int i = 0; i < D; i++) r[i] = v[i] * cs[i] + v[(i + D / 2) % D] * sn[i];
+                        const int hD = D / 2;   /* rotate-half: partner of i is i +- D/2 */
+                        for (int i = 0; i < hD; i++) r[i] = v[i] * cs[i] + v[i + hD] * sn[i];
+                        for (int i = hD; i < D; i++) r[i] = v[i] * cs[i] + v[i - hD] * sn[i];
                         memcpy(v, r, D * sizeof(float));
                     }
                     for (int kh = 0; kh < m->n_kv; kh++) {
@@ -606,27 +717,20 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
                     }
                 }
             }
+            /* attention: one item per (row, head), or per (row, KV head) with its group of
+             * query heads when there are enough items to share out (the keys and values are
+             * then fresh in cache for the group's later heads); each head computes the same
+             * thing either way */
             #pragma omp for schedule(static)
-            for (int bh = 0; bh < B * m->n_heads; bh++) {
-                int b = bh / m->n_heads, hd = bh % m->n_heads, kh = hd / grp;
-                const float *q = qkv + (int64_t)b * (nq + 2 * nk) + hd * D;
+            for (int it = 0; it < B * m->n_heads / hpi; it++) {
+                int b = it / (m->n_heads / hpi), h0 = (it % (m->n_heads / hpi)) * hpi, kh = h0 / grp;
                 int p = (int)pos[b], lo = 0;
                 if (L->window > 0 && p - L->window + 1 > 0) lo = p - L->window + 1;
                 const float *K = L->kc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
                 const float *V = L->vc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
-                float *sc = scores + (int64_t)bh * S, mx = -INFINITY;
-                for (int j = lo; j <= p; j++) {
-                    sc[j] = dot_f32(K + (int64_t)j * D, q, D) * m->attn_scale;
-                    mx = sc[j] > mx ? sc[j] : mx;
-                }
-                float sum = exp_sub_sum(sc + lo, p - lo + 1, mx);
-                float *o = att + (int64_t)b * nq + hd * D, inv = 1.f / sum;
-                for (int i = 0; i < D; i++) o[i] = 0.f;
-                for (int j = lo; j <= p; j++) {      /* o += e_j * v_j, normalized once */
-                    const float wgt = sc[j], *vr = V + (int64_t)j * D;
-                    for (int i = 0; i < D; i++) o[i] += wgt * vr[i];
-                }
-                for (int i = 0; i < D; i++) o[i] *= inv;
+                for (int h = h0; h < h0 + hpi; h++)
+                    attend(qkv + (int64_t)b * (nq + 2 * nk) + h * D, K, V, lo, p, D, m->attn_scale,
+                           scores + ((int64_t)b * m->n_heads + h) * S, att + (int64_t)b * nq + h * D);
             }
             prep(&L->o, att, B, &a);
             lin_multi(&L->o, 1, att, &a, B, tmp);
