@@ -156,3 +156,15 @@ def test_build_cache_is_keyed_and_drops_stale_builds(tmp_path, monkeypatch):
     lib = native.load_library()
     assert lib is not None and not stale.exists()
     assert [p.name for p in (tmp_path / "native").glob("*.so")] == [f"{lib._name.rsplit('/', 1)[-1]}"]
+
+
+def test_argmax_rows_matches_torch_including_ties_and_tails():
+    torch.manual_seed(0)
+    x = torch.randn(5, 1000)
+    x[1, 3] = x[1, 999] = 50.0           # tie: the first index wins, as in torch
+    x[2, 999] = 60.0                     # maximum in the scalar tail
+    x[3] = float("-inf")                 # nothing but -inf
+    x[4, :20] = 7.0                      # ties inside the first vector
+    assert native.argmax_rows(x) == x.argmax(-1).tolist()
+    short = torch.randn(3, 7)            # narrower than one vector
+    assert native.argmax_rows(short) == short.argmax(-1).tolist()

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from slmkit.engine import native
 from slmkit.engine.events import Completion, FinishEvent, TokenEvent
 from slmkit.engine.runner import make_runner
 from slmkit.engine.sampling import RequestSampler, SamplingParams
@@ -333,7 +334,7 @@ class Engine:
             logits = self.runner.forward(tokens, [r.slot for r in decoding],
                                          [r.position for r in decoding])  # [B, V]
             # one argmax over the batch for the greedy rows (a call per row cost ~0.1 ms)
-            greedy = logits.argmax(-1).tolist() if any(
+            greedy = native.argmax_rows(logits) if any(
                 r.sampler.plain_greedy for r in decoding) else [None] * len(decoding)
             for r, row, best in zip(decoding, logits, greedy):
                 self._emit_token(r, row, best)

@@ -135,6 +135,8 @@ def load_library():
     lib.slm_linear.argtypes = [ctypes.POINTER(Lin), ctypes.c_int, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.slm_linear.restype = ctypes.c_int
+    lib.slm_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.slm_argmax.restype = None
     _LIB["lib"] = lib
     return lib
 
@@ -238,6 +240,18 @@ def _group(mods, keep, vnni, fused) -> list[Lin] | str:
     if len({lin.kind for lin in lins}) != 1 or len({lin.k for lin in lins}) != 1:
         return "projections that share an input use different kernels"
     return lins
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """``x.argmax(-1).tolist()`` for ``[B, V]`` fp32 logits, vectorized when the library is
+    built (torch's CPU argmax takes ~0.3 ms for 8 rows of a 49k vocabulary)."""
+    lib = load_library() if _ENABLED["on"] else None
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        return x.argmax(-1).tolist()
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.slm_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out.tolist()
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:

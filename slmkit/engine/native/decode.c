@@ -78,7 +78,6 @@ typedef struct {
     float *c;       /* [B, k/32] d * sum(q) of the block (for the zero point) */
     int32_t *sb;    /* [B, k/32] sum(q) of the block (int4 kernels: the zero point in int32) */
     float *cg;      /* [B, k/group] c summed over each weight group */
-    int k, kind;
 } act_t;
 
 static inline float half_to_float(uint16_t h) {
@@ -113,7 +112,7 @@ static inline float abs_max(const float *x, int n) {
 
 /* Quantize block j of activation row b (32 values) with scale amax / 127: int8 codes,
  * scale, sums, layouts. */
-static inline void quantize_block(const float *x, int b, int j, int k, int kind, float amax,
+static inline void quantize_block(const float *x, int b, int j, int k, float amax,
                                   act_t *a) {
     const int nb = k / QBLOCK;
     const float *xr = x + (int64_t)b * k + j * QBLOCK;
@@ -144,34 +143,30 @@ static inline void quantize_block(const float *x, int b, int j, int k, int kind,
     memcpy(a->q + (int64_t)b * k + j * QBLOCK, tmp, QBLOCK);
 }
 
-/* Quantize B rows for layer L's kernel; an OpenMP worksharing loop (every thread calls it). */
-static void prep(const lin_t *L, const float *x, int B, act_t *a) {
+/* Quantize activation row b for layer L's kernel: int8 codes, block scales and sums, and
+ * the per-group sums cg of the zero point. int8 layers: one scale per window of 8 blocks
+ * (the kernel sums a window in int32); int4 layers: one per block. Called per row from the
+ * step's row loops, so it needs no barrier of its own. */
+static void prep_row(const lin_t *L, const float *x, int b, act_t *a) {
     if (L->kind == LIN_F32) return;
-    const int nb = L->k / QBLOCK;
-    a->k = L->k; a->kind = L->kind;
-    if (L->kind == LIN_Q8) {  /* one scale per window of 8 blocks: the kernel sums them in int32 */
-        const int nw = (nb + 7) / 8;
-        #pragma omp for schedule(static)
-        for (int t = 0; t < B * nw; t++) {
-            int b = t / nw, j0 = (t % nw) * 8, j1 = j0 + 8 < nb ? j0 + 8 : nb;
-            float amax = abs_max(x + (int64_t)b * L->k + j0 * QBLOCK, (j1 - j0) * QBLOCK);
-            for (int j = j0; j < j1; j++) quantize_block(x, b, j, L->k, L->kind, amax, a);
-        }
-    } else {
-        #pragma omp for schedule(static)
-        for (int t = 0; t < B * nb; t++)
-            quantize_block(x, t / nb, t % nb, L->k, L->kind,
-                           abs_max(x + (int64_t)(t / nb) * L->k + (t % nb) * QBLOCK, QBLOCK), a);
+    const int k = L->k, nb = k / QBLOCK, span = L->kind == LIN_Q8 ? 8 : 1;
+    for (int j0 = 0; j0 < nb; j0 += span) {
+        const int j1 = j0 + span < nb ? j0 + span : nb;
+        const float amax = abs_max(x + (int64_t)b * k + j0 * QBLOCK, (j1 - j0) * QBLOCK);
+        for (int j = j0; j < j1; j++) quantize_block(x, b, j, k, amax, a);
     }
-    {  /* zero-point sums per weight group, once per activation row */
-        const int G = L->k / L->group, bpg = L->group / QBLOCK;
-        #pragma omp for schedule(static)
-        for (int t = 0; t < B * G; t++) {
-            float s = 0.f;
-            for (int j = (t % G) * bpg; j < (t % G + 1) * bpg; j++) s += a->c[(int64_t)(t / G) * nb + j];
-            a->cg[t] = s;
-        }
+    const int G = k / L->group, bpg = L->group / QBLOCK;
+    for (int g = 0; g < G; g++) {
+        float s = 0.f;
+        for (int j = g * bpg; j < (g + 1) * bpg; j++) s += a->c[(int64_t)b * nb + j];
+        a->cg[(int64_t)b * G + g] = s;
     }
+}
+
+/* All B rows; an OpenMP worksharing loop (every thread of the team calls it). */
+static void prep(const lin_t *L, const float *x, int B, act_t *a) {
+    #pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) prep_row(L, x, b, a);
 }
 
 /* ------------------------------------------------------------------ dot products, one row
@@ -493,10 +488,11 @@ static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, floa
                 else if (C == 2) q4_panel_2_0(L, p, a, b0, out);
                 else q4_panel_1_0(L, p, a, b0, out);
             }
+            const __mmask16 m = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+            const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(m, L->bias + r0) : _mm512_setzero_ps();
             for (int j = 0; j < C; j++)
-                for (int i = 0; i < rows; i++)
-                    y[(int64_t)(b0 + j) * ystride + off + r0 + i] =
-                        out[j * 16 + i] + (L->bias ? L->bias[r0 + i] : 0.f);
+                _mm512_mask_storeu_ps(y + (int64_t)(b0 + j) * ystride + off + r0, m,
+                                      _mm512_add_ps(_mm512_loadu_ps(out + j * 16), bias));
             b0 += C;
         }
         return;
@@ -651,6 +647,34 @@ int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int
     return 0;
 }
 
+/* out[b] = index of the first maximum of row b of x [B, n] (torch.argmax's tie rule; the
+ * engine's greedy pick: torch's argmax runs one element at a time, 0.33 ms for 8 x 49152). */
+void slm_argmax(const float *x, int B, int n, int64_t *out) {
+    for (int b = 0; b < B; b++) {
+        const float *r = x + (int64_t)b * n;
+        float m = -INFINITY;
+        int i = 0;
+#ifdef SLM_AVX512
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(r + i));
+        m = _mm512_reduce_max_ps(mv);
+#endif
+        for (; i < n; i++) m = r[i] > m ? r[i] : m;
+        int64_t at = 0;
+        i = 0;
+#ifdef SLM_AVX512
+        const __m512 bm = _mm512_set1_ps(m);
+        for (; i + 16 <= n; i += 16) {
+            __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), bm, _CMP_EQ_OQ);
+            if (hit) { at = i + __builtin_ctz(hit); goto found; }
+        }
+#endif
+        for (; i < n; i++) if (r[i] == m) { at = i; goto found; }
+    found:
+        out[b] = at;
+    }
+}
+
 /* Workspace floats the step needs for B rows (the caller allocates it). */
 int64_t slm_work_floats(const model_t *m, int B) {
     int64_t nq = (int64_t)m->n_heads * m->head_dim, nk = (int64_t)m->n_kv * m->head_dim;
@@ -686,17 +710,21 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
     a.c = a.d + B * kmax / QBLOCK;
     a.sb = (int32_t *)(a.c + B * kmax / QBLOCK);
     a.cg = (float *)(a.sb + B * kmax / QBLOCK);
-    a.k = 0; a.kind = 0;
     /* heads per attention item: a KV group once there are two items per thread */
     const int hpi = B * m->n_kv >= 2 * m->n_threads && grp <= 64 ? grp : 1;
 
+    /* Stages are separated by the barriers of OpenMP worksharing loops (~9 per layer); work
+     * that only needs its own row (residual, norm, activation quantization, SiLU) is fused
+     * into one row loop. */
     #pragma omp parallel num_threads(m->n_threads)
     {
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            rms_norm(h + b * H, m->layers[0].norm1, H, m->eps, xn + b * H);
+            prep_row(&m->layers[0].qkv[0], xn, b, &a);
+        }
         for (int l = 0; l < m->n_layers; l++) {
             const layer_t *L = &m->layers[l];
-            #pragma omp for schedule(static)
-            for (int b = 0; b < B; b++) rms_norm(h + b * H, L->norm1, H, m->eps, xn + b * H);
-            prep(&L->qkv[0], xn, B, &a);
             lin_multi(L->qkv, L->n_qkv, xn, &a, B, qkv);
             #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
@@ -738,23 +766,28 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
             for (int b = 0; b < B; b++) {
                 for (int i = 0; i < H; i++) h[b * H + i] += tmp[b * H + i];
                 rms_norm(h + b * H, L->norm2, H, m->eps, xn + b * H);
+                prep_row(&L->gu[0], xn, b, &a);
             }
-            prep(&L->gu[0], xn, B, &a);
             lin_multi(L->gu, L->n_gu, xn, &a, B, gu);
             #pragma omp for schedule(static)
-            for (int t = 0; t < B * ((I + 15) / 16); t++) {   /* SiLU(gate) * up, 16 at a time */
-                int b = t / ((I + 15) / 16), i0 = (t % ((I + 15) / 16)) * 16;
-                silu_mul(gu + (int64_t)b * 2 * I + i0, gu + (int64_t)b * 2 * I + I + i0,
-                         act + (int64_t)b * I + i0, I - i0 < 16 ? I - i0 : 16);
+            for (int b = 0; b < B; b++) {      /* SiLU(gate) * up, 16 at a time */
+                for (int i0 = 0; i0 < I; i0 += 16)
+                    silu_mul(gu + (int64_t)b * 2 * I + i0, gu + (int64_t)b * 2 * I + I + i0,
+                             act + (int64_t)b * I + i0, I - i0 < 16 ? I - i0 : 16);
+                prep_row(&L->down, act, b, &a);
             }
-            prep(&L->down, act, B, &a);
             lin_multi(&L->down, 1, act, &a, B, tmp);
+            /* residual, then the next layer's input norm (or the final norm) and its
+             * activation quantization */
+            const float *next_norm = l + 1 < m->n_layers ? m->layers[l + 1].norm1 : m->final_norm;
+            const lin_t *next = l + 1 < m->n_layers ? &m->layers[l + 1].qkv[0] : &m->lm_head;
             #pragma omp for schedule(static)
-            for (int i = 0; i < B * H; i++) h[i] += tmp[i];
+            for (int b = 0; b < B; b++) {
+                for (int i = 0; i < H; i++) h[b * H + i] += tmp[b * H + i];
+                rms_norm(h + b * H, next_norm, H, m->eps, xn + b * H);
+                prep_row(next, xn, b, &a);
+            }
         }
-        #pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) rms_norm(h + b * H, m->final_norm, H, m->eps, xn + b * H);
-        prep(&m->lm_head, xn, B, &a);
         lin_multi(&m->lm_head, 1, xn, &a, B, logits);
     }
     return 0;
