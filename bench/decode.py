@@ -414,7 +414,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--stream-tokens", type=int, default=32, help="tokens per stream")
     ap.add_argument("--streams", default="1,4,8,16")
-    ap.add_argument("--stream-repeats", type=int, default=3,
+    ap.add_argument("--stream-repeats", type=int, default=5,
                     help="run the stream sweep this many times and keep each count's median")
     ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--bandwidth", type=float, default=30e9, help="bytes/s")
