@@ -587,9 +587,15 @@ static inline float exp_sub_sum(float *s, int n, float mx) {
 
 static void rms_norm(const float *x, const float *w, int n, float eps, float *y) {
     float ss = 0.f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    int i = 0;
+#ifdef SLM_AVX512
+    __m512 acc = _mm512_setzero_ps();   /* 16 partial sums: a scalar chain waits 4 cycles per add */
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    ss = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) ss += x[i] * x[i];
     float r = 1.f / sqrtf(ss / (float)n + eps);
-    for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+    for (i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
 }
 
 
@@ -630,6 +636,29 @@ static void attend(const float *q, const float *K, const float *V, int lo, int p
         for (int i = 0; i < D; i++) o[i] += wgt * vr[i];
     }
     for (int i = 0; i < D; i++) o[i] *= inv;
+}
+
+/* Rotate-half RoPE of one head in place: v[i] = v[i] cos_i + v[i +- D/2] sin_signed_i. */
+static inline void rope_head(float *v, const float *cs, const float *sn, int D) {
+    float r[512];
+    const int hD = D / 2;
+    for (int i = 0; i < hD; i++) r[i] = v[i] * cs[i] + v[i + hD] * sn[i];
+    for (int i = hD; i < D; i++) r[i] = v[i] * cs[i] + v[i - hD] * sn[i];
+    memcpy(v, r, D * sizeof(float));
+}
+
+/* Attention of query heads h0 .. h0 + nh - 1 (one KV group or less) of row b. */
+static void attend_group(const model_t *m, const layer_t *L, int b, int h0, int nh,
+                         const float *qkv, const int64_t *slots, const int64_t *pos,
+                         float *scores, float *att) {
+    const int D = m->head_dim, S = m->max_seq, nq = m->n_heads * D, nk = m->n_kv * D;
+    const int kh = h0 / (m->n_heads / m->n_kv), p = (int)pos[b];
+    const int lo = L->window > 0 && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
+    const float *K = L->kc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
+    const float *V = L->vc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
+    for (int h = h0; h < h0 + nh; h++)
+        attend(qkv + (int64_t)b * (nq + 2 * nk) + h * D, K, V, lo, p, D, m->attn_scale,
+               scores + ((int64_t)b * m->n_heads + h) * S, att + (int64_t)b * nq + h * D);
 }
 
 /* One linear on B rows (for tests and the kernel benchmark): y [B, n] = L(x [B, k]). */
@@ -727,39 +756,38 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
         for (int l = 0; l < m->n_layers; l++) {
             const layer_t *L = &m->layers[l];
             lin_multi(L->qkv, L->n_qkv, xn, &a, B, qkv);
-            #pragma omp for schedule(static)
-            for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
-                {
+            if (hpi == grp) {
+                /* one item per (row, KV head): RoPE on its key and query heads, key and value
+                 * into the cache, attention for the group (one barrier for all of it) */
+                #pragma omp for schedule(static)
+                for (int it = 0; it < B * m->n_kv; it++) {
+                    const int b = it / m->n_kv, kh = it % m->n_kv;
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
-                    for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) {
-                        float *v = row + hh * D, r[512];
-                        const int hD = D / 2;   /* rotate-half: partner of i is i +- D/2 */
-                        for (int i = 0; i < hD; i++) r[i] = v[i] * cs[i] + v[i + hD] * sn[i];
-                        for (int i = hD; i < D; i++) r[i] = v[i] * cs[i] + v[i - hD] * sn[i];
-                        memcpy(v, r, D * sizeof(float));
-                    }
+                    rope_head(row + nq + kh * D, cs, sn, D);
+                    const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
+                    memcpy(L->kc + at, row + nq + kh * D, D * sizeof(float));
+                    memcpy(L->vc + at, row + nq + nk + kh * D, D * sizeof(float));
+                    for (int h = kh * grp; h < (kh + 1) * grp; h++) rope_head(row + h * D, cs, sn, D);
+                    attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
+                }
+            } else {
+                #pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
+                    float *row = qkv + (int64_t)b * (nq + 2 * nk);
+                    const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
+                    for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) rope_head(row + hh * D, cs, sn, D);
                     for (int kh = 0; kh < m->n_kv; kh++) {
-                        int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
+                        const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
                         memcpy(L->kc + at, row + nq + kh * D, D * sizeof(float));
                         memcpy(L->vc + at, row + nq + nk + kh * D, D * sizeof(float));
                     }
                 }
-            }
-            /* attention: one item per (row, head), or per (row, KV head) with its group of
-             * query heads when there are enough items to share out (the keys and values are
-             * then fresh in cache for the group's later heads); each head computes the same
-             * thing either way */
-            #pragma omp for schedule(static)
-            for (int it = 0; it < B * m->n_heads / hpi; it++) {
-                int b = it / (m->n_heads / hpi), h0 = (it % (m->n_heads / hpi)) * hpi, kh = h0 / grp;
-                int p = (int)pos[b], lo = 0;
-                if (L->window > 0 && p - L->window + 1 > 0) lo = p - L->window + 1;
-                const float *K = L->kc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
-                const float *V = L->vc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
-                for (int h = h0; h < h0 + hpi; h++)
-                    attend(qkv + (int64_t)b * (nq + 2 * nk) + h * D, K, V, lo, p, D, m->attn_scale,
-                           scores + ((int64_t)b * m->n_heads + h) * S, att + (int64_t)b * nq + h * D);
+                /* attention: one item per (row, head) when there are too few (row, KV head)
+                 * items to share out; each head computes the same thing either way */
+                #pragma omp for schedule(static)
+                for (int it = 0; it < B * m->n_heads; it++)
+                    attend_group(m, L, it / m->n_heads, it % m->n_heads, 1, qkv, slots, pos, scores, att);
             }
             prep(&L->o, att, B, &a);
             lin_multi(&L->o, 1, att, &a, B, tmp);
