@@ -58,6 +58,23 @@ def test_quantized_kernels_match_the_integer_reference(bits, group, sym, k):
     assert (y - dense).norm() / dense.norm() < 0.03   # activation rounding only
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_awq_input_scale_kept_inside_the_layer_is_applied(bits):
+    """A QuantLinear computing (x / s) W^T (AWQ's scale when no op could absorb it) runs
+    natively: the activations are divided by s before they are rounded."""
+    _needs_vnni()
+    torch.manual_seed(0)
+    k = 256
+    s = torch.rand(k) * 3 + 0.25
+    codes, scale, zero = quantize_rtn(torch.randn(24, k), bits, 32, True)
+    layer = QuantLinear.from_codes(codes, scale, zero, bits, 32, True, input_scale=s)
+    x = torch.randn(5, k)
+    ref = _reference_w8a8(layer, x * (1.0 / s))
+    y = native.linear(layer, x)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max())
+    assert (y - layer(x)).norm() / layer(x).norm() < 0.03   # the torch path: bf16 activations
+
+
 def test_fp32_kernel_matches_linear_with_odd_widths():
     torch.manual_seed(0)
     for k in (7, 64, 577):
@@ -101,6 +118,12 @@ def test_quantized_model_close_to_torch_path(tokenizer):
     quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=4, group_size=32,
                                                     quantize_embeddings=True, ignore=[]))
     assert type(model.lm_head).__name__ == "QuantLinear"
+    # an AWQ scale kept inside o_proj (GQA: v_proj cannot absorb it)
+    o = model.model.layers[0].self_attn.o_proj
+    s = torch.rand(o.in_features, generator=torch.Generator().manual_seed(3)) + 0.5
+    codes, scale, zero = quantize_rtn(o.dequantize_weight() * s, 4, 32, True)
+    model.model.layers[0].self_attn.o_proj = QuantLinear.from_codes(codes, scale, zero, 4, 32,
+                                                                    True, input_scale=s)
     for a, b in _decode_both(model):   # torch path: bf16 activations; native: int8 blocks
         assert (a - b).norm() / b.norm() < 0.05
 

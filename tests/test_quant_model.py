@@ -239,3 +239,40 @@ def test_quantize_embeddings_refuses_a_group_that_does_not_divide_the_width(toke
     with pytest.raises(ConfigError, match="embedding"):
         quantize_model(model, tokenizer, _cfg(calib_dir, bits=4, group_size=width * 2,
                                               quantize_embeddings=True))
+
+
+def test_awq_block_search_never_worse_than_scale_one(tokenizer, calib_dir):
+    """The folded groups' scale is chosen on the decoder block's output; s = 1 (plain RTN)
+    is a candidate, so the chosen scale's block error is never above RTN's."""
+    from slmkit.compress.calibrate import capture_block_inputs
+    from slmkit.compress.match import set_weight_matrix, weight_matrix
+    from slmkit.compress.quantize.awq_mappings import block_mappings
+    from slmkit.compress.quantize.modifiers import AWQModifier
+    from slmkit.compress.quantize.ops import fake_quantize
+
+    model = build_tiny_model("llama", tokenizer)
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.data[:4] *= 30          # salient channels
+    block, prefix = model.model.layers[0], "model.layers.0"
+    linears = {f"{prefix}.{n}": m for n, m in block.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    cfg = _cfg(calib_dir, method="awq", awq_grid=8)
+    mod = AWQModifier(cfg, linears, "llama")
+    inputs = capture_block_inputs(model, [_ids(tokenizer)])
+    xs = mod._collect_inputs(block, inputs, linears)
+    reference = inputs.run(block)
+    _, names = block_mappings("llama", block, prefix, linears)[0]     # q, k, v
+    modules = [linears[n] for n in names]
+    ws = [weight_matrix(m).detach().clone() for m in modules]
+
+    def block_error(scale):
+        for m, w in zip(modules, ws):
+            set_weight_matrix(m, fake_quantize(w * scale, cfg.bits, cfg.group_size, cfg.sym) / scale)
+        err = sum(float(((o - r) ** 2).sum()) for o, r in zip(inputs.run(block), reference))
+        for m, w in zip(modules, ws):
+            set_weight_matrix(m, w)
+        return err
+
+    best = mod._search_block_scale(block, inputs, reference, modules, ws, xs[names[0]])
+    assert not torch.all(best == 1)                           # the salient channels moved it
+    assert block_error(best) < block_error(torch.ones_like(best))

@@ -20,10 +20,15 @@ from slmkit.compress.calibrate import BlockInputs, capture_linear_inputs, sequen
 from slmkit.compress.hessian import HessianAccumulator
 from slmkit.compress.match import set_weight_matrix, weight_matrix
 from slmkit.compress.quantize.awq_mappings import block_mappings, fold_scale
-from slmkit.compress.quantize.awq_ops import awq_search_clip, awq_search_scale
+from slmkit.compress.quantize.awq_ops import (
+    awq_search_clip,
+    awq_search_scale,
+    candidate_scales,
+    weight_channel_mean,
+)
 from slmkit.compress.quantize.config import QuantizeConfig
 from slmkit.compress.quantize.gptq_ops import gptq_quantize_weight
-from slmkit.compress.quantize.ops import dequantize_codes, quantize_rtn
+from slmkit.compress.quantize.ops import dequantize_codes, fake_quantize, quantize_rtn
 
 
 @dataclass
@@ -122,13 +127,16 @@ class GPTQModifier(QuantizeModifier):
 class AWQModifier(QuantizeModifier):
     """AWQ (Lin et al., 2023): activation-aware scales, folded where the architecture allows.
 
-    Per block: collect a token subsample of every linear's input, search a scale for each
-    mapping entry (``awq_mappings``) and fold it into the producer; linears without an entry
-    get their own scale kept inside the quantized layer; then (optionally) search clipping
-    ratios and round to nearest.
+    Per block: collect a token subsample of every linear's input; for each mapping entry
+    (``awq_mappings``), search the scale that minimises the error of the *block's output*
+    with that entry's linears quantized (as the reference implementation inspects the
+    attention or MLP module rather than each linear), and fold it into the producer;
+    linears without an entry get their own scale, searched on their output and kept inside
+    the quantized layer; then (optionally) search clipping ratios and round to nearest.
     """
 
     max_tokens = 4096
+    search_batches = 8     # calibration batches the block-output search runs on (its cost)
 
     def _collect_inputs(self, block, inputs: BlockInputs,
                         linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -155,10 +163,16 @@ class AWQModifier(QuantizeModifier):
         xs = self._collect_inputs(block, inputs, linears)
         input_scale: dict[str, torch.Tensor] = {}
         folded: set[str] = set()
+        k = min(self.search_batches, len(inputs.hidden))
+        probe = BlockInputs(hidden=inputs.hidden[:k], args=inputs.args[:k],
+                            kwargs=inputs.kwargs[:k])
+        reference = probe.run(block)                      # the block in full precision
         for producer, names in block_mappings(self.model_type, block, block_name, linears):
-            ws = [weight_matrix(linears[n]) for n in names]
-            scale, _ = awq_search_scale(xs[names[0]], ws, cfg.bits, cfg.group_size, cfg.sym,
-                                        cfg.awq_grid)
+            ws = [weight_matrix(linears[n]).detach().clone() for n in names]
+            scale = self._search_block_scale(block, probe, reference,
+                                             [linears[n] for n in names], ws, xs[names[0]])
+            for n, w in zip(names, ws):
+                set_weight_matrix(linears[n], w)
             fold_scale(producer, [linears[n] for n in names], scale)
             for n in names:
                 xs[n] = xs[n] / scale
@@ -180,6 +194,27 @@ class AWQModifier(QuantizeModifier):
                 clip = awq_search_clip(xs[name], w, cfg.bits, cfg.group_size, cfg.sym)
             codes, scale, zero = quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym, clip)
             self.record(name, codes, scale, zero, input_scale.get(name))
+
+
+    @torch.no_grad()
+    def _search_block_scale(self, block: nn.Module, probe: BlockInputs,
+                            reference: list[torch.Tensor], modules: list[nn.Module],
+                            ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The candidate scale (``s = 1`` first) whose quantized linears, ``Q(W s) / s``,
+        change the block's output the least (mean squared error over the probe batches)."""
+        cfg = self.cfg
+        x_mean = x.float().abs().mean(dim=0)
+        w_mean = weight_channel_mean(ws, cfg.group_size)
+        best, best_err = None, float("inf")
+        for s in candidate_scales(x_mean, w_mean, cfg.awq_grid):
+            for m, w in zip(modules, ws):
+                set_weight_matrix(m, fake_quantize(w.float() * s, cfg.bits, cfg.group_size,
+                                                   cfg.sym) / s)
+            out = probe.run(block)
+            err = sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(out, reference))
+            if err < best_err:
+                best, best_err = s, err
+        return best
 
 
 MODIFIERS = {"rtn": RTNModifier, "gptq": GPTQModifier, "awq": AWQModifier}

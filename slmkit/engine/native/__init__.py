@@ -38,7 +38,8 @@ class Lin(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("pw", ctypes.c_void_p), ("psc", ctypes.c_void_p), ("pzf", ctypes.c_void_p)]
+                ("pw", ctypes.c_void_p), ("psc", ctypes.c_void_p), ("pzf", ctypes.c_void_p),
+                ("inv_in", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):
@@ -174,8 +175,6 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
     if isinstance(module, QuantLinear) and type(module).__name__ == "QuantLinear":
         if module.bits not in (8, 4):
             return f"{module.bits}-bit layers have no native kernel"
-        if module.input_scale is not None:
-            return "a layer keeps an unfolded AWQ input scale"
         if not vnni:
             return "this CPU has no AVX-512 VNNI for the integer kernels"
         k, n = module.in_features, module.out_features
@@ -187,10 +186,13 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
         zeros = None if module.sym else module.zeros.contiguous()
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
         pw, psc, pzf = panels(module)
+        inv_in = None   # an AWQ scale kept inside the layer: the kernel reads x / s
+        if module.input_scale is not None:
+            inv_in = (1.0 / module.input_scale.detach().float()).contiguous()
         return Lin(LIN_Q8 if module.bits == 8 else LIN_Q4, n, k, group,
                    _ptr(module.qweight.contiguous(), keep), _ptr(module.scales.contiguous(), keep),
                    _ptr(zeros, keep), _ptr(bias, keep), _ptr(pw, keep), _ptr(psc, keep),
-                   _ptr(pzf, keep))
+                   _ptr(pzf, keep), _ptr(inv_in, keep))
     return f"{type(module).__name__} layers have no native kernel"
 
 

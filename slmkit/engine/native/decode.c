@@ -48,6 +48,8 @@ typedef struct {
      * q8_panel, q4_panel), and per panel, per group, 16 float scales and 16 float zero points */
     const uint8_t *pw;
     const float *psc, *pzf;
+    /* quantized kinds: 1 / AWQ input scale per input column (the layer reads x / s), or NULL */
+    const float *inv_in;
 } lin_t;
 
 typedef struct {
@@ -97,29 +99,38 @@ static inline float half_to_float(uint16_t h) {
 
 /* ------------------------------------------------------------------ activation quantization */
 
-/* max |x[i]| over n values (n a multiple of 16 with AVX-512, which QBLOCK guarantees). */
-static inline float abs_max(const float *x, int n) {
+/* max |x[i] * inv[i]| (inv NULL: 1) over n values (n a multiple of 16 with AVX-512, which
+ * QBLOCK guarantees). */
+static inline float abs_max(const float *x, const float *inv, int n) {
     float amax = 0.f;
 #ifdef SLM_AVX512
     __m512 m = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (inv) v = _mm512_mul_ps(v, _mm512_loadu_ps(inv + i));
+        m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    }
     amax = _mm512_reduce_max_ps(m);
 #else
-    for (int i = 0; i < n; i++) { float v = fabsf(x[i]); amax = v > amax ? v : amax; }
+    for (int i = 0; i < n; i++) { float v = fabsf(inv ? x[i] * inv[i] : x[i]); amax = v > amax ? v : amax; }
 #endif
     return amax;
 }
 
 /* Quantize block j of activation row b (32 values) with scale amax / 127: int8 codes,
  * scale, sums, layouts. */
-static inline void quantize_block(const float *x, int b, int j, int k, float amax,
-                                  act_t *a) {
+static inline void quantize_block(const float *x, const float *cinv, int b, int j, int k,
+                                  float amax, act_t *a) {
     const int nb = k / QBLOCK;
     const float *xr = x + (int64_t)b * k + j * QBLOCK;
     int8_t tmp[QBLOCK];
     int sum = 0;
 #ifdef SLM_AVX512
     __m512 v0 = _mm512_loadu_ps(xr), v1 = _mm512_loadu_ps(xr + 16);
+    if (cinv) {   /* the layer's 1 / input scale per column */
+        v0 = _mm512_mul_ps(v0, _mm512_loadu_ps(cinv + j * QBLOCK));
+        v1 = _mm512_mul_ps(v1, _mm512_loadu_ps(cinv + j * QBLOCK + 16));
+    }
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     /* cvtps rounds half to even under the default MXCSR, as lrintf does below */
@@ -131,7 +142,7 @@ static inline void quantize_block(const float *x, int b, int j, int k, float ama
 #else
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     for (int i = 0; i < QBLOCK; i++) {
-        int v = (int)lrintf(xr[i] * inv);
+        int v = (int)lrintf((cinv ? xr[i] * cinv[j * QBLOCK + i] : xr[i]) * inv);
         v = v > 127 ? 127 : (v < -127 ? -127 : v);
         tmp[i] = (int8_t)v; sum += v;
     }
@@ -152,8 +163,9 @@ static void prep_row(const lin_t *L, const float *x, int b, act_t *a) {
     const int k = L->k, nb = k / QBLOCK, span = L->kind == LIN_Q8 ? 8 : 1;
     for (int j0 = 0; j0 < nb; j0 += span) {
         const int j1 = j0 + span < nb ? j0 + span : nb;
-        const float amax = abs_max(x + (int64_t)b * k + j0 * QBLOCK, (j1 - j0) * QBLOCK);
-        for (int j = j0; j < j1; j++) quantize_block(x, b, j, k, amax, a);
+        const float amax = abs_max(x + (int64_t)b * k + j0 * QBLOCK,
+                                   L->inv_in ? L->inv_in + j0 * QBLOCK : NULL, (j1 - j0) * QBLOCK);
+        for (int j = j0; j < j1; j++) quantize_block(x, L->inv_in, b, j, k, amax, a);
     }
     const int G = k / L->group, bpg = L->group / QBLOCK;
     for (int g = 0; g < G; g++) {
