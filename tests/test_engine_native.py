@@ -109,6 +109,32 @@ def test_native_step_equals_torch_path(tokenizer, arch, extra):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("qwen2", {}),
+                                         ("mistral", {"sliding_window": 8})])
+def test_native_prefill_equals_torch_path(tokenizer, arch, extra):
+    """Prompt chunks (rows of one slot at consecutive positions, longer than the sliding
+    window) through the compiled step give the torch path's last-row logits and cache."""
+    model = build_tiny_model(arch, tokenizer, seed=5, **extra)
+    fast, slow = FastRunner(model, 2, 64), FastRunner(model, 2, 64, native=False)
+    assert not fast.native.prefills        # fp32 chunks default to torch's GEMM (faster)
+    fast.native.prefills = True            # the compiled prefill itself is under test here
+    calls = []
+    real = fast.native.prefill
+    fast.native.prefill = lambda *a: calls.append(1) or real(*a)
+    prompt = torch.randint(0, 500, (1, 21), generator=torch.Generator().manual_seed(4))
+    for lo, hi in ((0, 13), (13, 21)):     # two chunks, the second continuing the first
+        a = fast.forward(prompt[:, lo:hi], [1], [lo])
+        b = slow.forward(prompt[:, lo:hi], [1], [lo])
+        assert a.shape == b.shape == (1, model.config.vocab_size)
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert len(calls) == 2                 # both chunks went through the compiled step
+    assert int(fast.cache.lengths[1]) == int(slow.cache.lengths[1]) == 21
+    for i in range(model.config.num_hidden_layers):
+        assert torch.allclose(fast.cache.k[i][1, :, :21], slow.cache.k[i][1, :, :21], atol=1e-5)
+    tok = torch.tensor([[5]])
+    assert torch.allclose(fast.forward(tok, [1], [21]), slow.forward(tok, [1], [21]), atol=1e-4)
+
+
 def test_quantized_model_close_to_torch_path(tokenizer):
     _needs_vnni()
     from slmkit.compress.quantize.api import quantize_model
@@ -124,6 +150,7 @@ def test_quantized_model_close_to_torch_path(tokenizer):
     codes, scale, zero = quantize_rtn(o.dequantize_weight() * s, 4, 32, True)
     model.model.layers[0].self_attn.o_proj = QuantLinear.from_codes(codes, scale, zero, 4, 32,
                                                                     True, input_scale=s)
+    assert FastRunner(model, 1, 8).native.prefills   # quantized: chunks go native too
     for a, b in _decode_both(model):   # torch path: bf16 activations; native: int8 blocks
         assert (a - b).norm() / b.norm() < 0.05
 

@@ -207,11 +207,14 @@ def sequential_groups(block: nn.Module, inputs: BlockInputs,
     """
     order: list[tuple[str, int]] = []
     seen: set[str] = set()
+    alive: list[torch.Tensor] = []   # held so no later tensor can reuse a recorded id()
 
     def record(name: str, x: torch.Tensor) -> None:
         if name not in seen:
             seen.add(name)
-            order.append((name, id(x._base if x._base is not None else x)))
+            base = x._base if x._base is not None else x
+            alive.append(base)
+            order.append((name, id(base)))
 
     one = BlockInputs(inputs.hidden[:1], inputs.args[:1], inputs.kwargs[:1])
     handles = []

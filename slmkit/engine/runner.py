@@ -129,6 +129,11 @@ class FastRunner:
             logits = self.native(h, slots, starts)                       # [B, V]
             self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
             return logits
+        if B == 1 and self.native is not None and self.native.prefills:   # a prompt chunk
+            logits = self.native.prefill(self.embed(tokens.to(self.device))[0], slots[0],
+                                         starts[0])                      # [1, V]
+            self.cache.lengths[slots[0]] = starts[0] + T
+            return logits
         key_len = max(starts) + T
         slot_t = torch.tensor(slots, dtype=torch.long)
         start_t = torch.tensor(starts, dtype=torch.long)

@@ -130,6 +130,8 @@ def load_library():
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                ctypes.c_void_p]
     lib.slm_decode.restype = ctypes.c_int
+    lib.slm_prefill.argtypes = lib.slm_decode.argtypes
+    lib.slm_prefill.restype = ctypes.c_int
     lib.slm_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
     lib.slm_work_floats.restype = ctypes.c_int64
     lib.slm_has_vnni.restype = ctypes.c_int
@@ -292,6 +294,7 @@ class NativeStep:
         self.work = torch.empty(int(lib.slm_work_floats(ctypes.byref(model_struct), max_rows)),
                                 dtype=torch.float32)
         self.max_rows = max_rows
+        self.prefills = False   # whether the runner sends prompt chunks here (see create)
 
     @classmethod
     def create(cls, runner) -> tuple[NativeStep | None, str | None]:
@@ -362,7 +365,29 @@ class NativeStep:
         m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
         keep.append(layers)
         m.lm_head = head
-        return cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size), None
+        step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)
+        # prompt chunks too when the layers are quantized (measured on the 135M shape, 128
+        # tokens: int8 62 vs 300 ms, int4 58 vs 242 ms); fp32 chunks stay with torch's GEMM
+        # (237 vs 269 ms)
+        step.prefills = head.kind != LIN_F32 or any(
+            layers[i].down.kind != LIN_F32 for i in range(len(runner.layers)))
+        return step, None
+
+    def prefill(self, h: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """A prompt chunk: ``h`` ``[T, hidden]`` embeddings of tokens at positions
+        ``start .. start + T - 1`` of cache ``slot`` -> ``[1, vocab]`` logits of the last."""
+        T = h.shape[0]
+        h = h.to(torch.float32).contiguous()
+        need = int(self.lib.slm_work_floats(ctypes.byref(self.struct), T))
+        if self.work.numel() < need:
+            self.work = torch.empty(need, dtype=torch.float32)
+        slot_t = torch.full((T,), slot, dtype=torch.int64)
+        pos_t = torch.arange(start, start + T, dtype=torch.int64)
+        logits = torch.empty(1, self.vocab, dtype=torch.float32)
+        self.struct.n_threads = torch.get_num_threads()
+        self.lib.slm_prefill(ctypes.byref(self.struct), T, h.data_ptr(), slot_t.data_ptr(),
+                             pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
+        return logits
 
     def __call__(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """``h`` ``[B, hidden]`` embeddings of the new tokens -> ``[B, vocab]`` logits."""

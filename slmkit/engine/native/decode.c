@@ -738,8 +738,10 @@ int slm_has_vnni(void) {
 
 /* One decode step. h [B, hidden]: embeddings in, final hidden states out (before the norm);
  * slots/pos [B]: cache slot and position of each row's new token; logits [B, vocab]. */
-int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
-               float *logits, float *work) {
+/* prefill: the B rows are consecutive positions of one sequence (a prompt chunk): keys and
+ * values are all written before any row attends, and only the last row's logits are made. */
+static int step(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
+                float *logits, float *work, int prefill) {
     const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D;
     const int I = m->inter, S = m->max_seq, grp = m->n_heads / m->n_kv;
     int kmax = H > I ? H : I;
@@ -768,7 +770,7 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
         for (int l = 0; l < m->n_layers; l++) {
             const layer_t *L = &m->layers[l];
             lin_multi(L->qkv, L->n_qkv, xn, &a, B, qkv);
-            if (hpi == grp) {
+            if (hpi == grp && !prefill) {
                 /* one item per (row, KV head): RoPE on its key and query heads, key and value
                  * into the cache, attention for the group (one barrier for all of it) */
                 #pragma omp for schedule(static)
@@ -829,7 +831,29 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
                 prep_row(next, xn, b, &a);
             }
         }
-        lin_multi(&m->lm_head, 1, xn, &a, B, logits);
+        if (prefill) {   /* the last row only: a view of its quantized activations */
+            const int k = m->lm_head.k, G = k / m->lm_head.group;
+            act_t last = a;
+            last.q = a.q + (int64_t)(B - 1) * k;
+            last.d = a.d + (int64_t)(B - 1) * (k / QBLOCK);
+            last.c = a.c + (int64_t)(B - 1) * (k / QBLOCK);
+            last.sb = a.sb + (int64_t)(B - 1) * (k / QBLOCK);
+            last.cg = a.cg + (int64_t)(B - 1) * G;
+            lin_multi(&m->lm_head, 1, xn + (int64_t)(B - 1) * H, &last, 1, logits);
+        } else {
+            lin_multi(&m->lm_head, 1, xn, &a, B, logits);
+        }
     }
     return 0;
+}
+
+int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
+               float *logits, float *work) {
+    return step(m, B, h, slots, pos, logits, work, 0);
+}
+
+/* A prompt chunk of T tokens at positions start.. of one cache slot; logits [V] of the last. */
+int slm_prefill(const model_t *m, int T, float *h, const int64_t *slots, const int64_t *pos,
+                float *logits, float *work) {
+    return step(m, T, h, slots, pos, logits, work, 1);
 }
