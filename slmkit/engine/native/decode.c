@@ -182,7 +182,7 @@ static void prep(const lin_t *L, const float *x, int B, act_t *a) {
 }
 
 /* ------------------------------------------------------------------ dot products, one row
- * Plain C, one (row, activation) pair at a time: the portable path of run_tile (attention
+ * Plain C, one (row, activation) pair at a time: the portable path of run_row (attention
  * uses dot_f32 too). With AVX-512 VNNI the tile kernels below compute the same sums. */
 
 static inline float dot_f32(const float *w, const float *x, int k) {
@@ -253,11 +253,10 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
 
 /* ------------------------------------------------------------------ register tiles
  *
- * fp32: a tile computes R weight rows against C activation rows with one accumulator per
- * (row, activation) pair: each weight vector is loaded once for C activations, and the
- * R*C accumulation chains run side by side, which hides the FMA latency that a single dot
- * product waits on. Every accumulator sums its chunks in the same order whatever R and C
- * are, so a row's result does not depend on the tile it lands in, hence not on the batch.
+ * fp32: a tile computes one weight row against C activation rows with one accumulator per
+ * activation: each weight vector is loaded once for C activations, and the C accumulation
+ * chains run side by side. Every accumulator sums its chunks in the same order whatever C
+ * is, so a row's result does not depend on the tile it lands in, hence not on the batch.
  * Quantized layers use 16-row panels instead (q8_panel, q4_panel). */
 #ifdef SLM_AVX512
 #define TILE_FN static inline __attribute__((always_inline))
@@ -269,41 +268,36 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
 #define PF_F32 4096
 #define PF_Q 1024
 
-TILE_FN void f32_tile(const lin_t *L, int r, const float *x, int b0, float *out, const int R,
-                   const int C) {
-    /* one accumulator per (row, activation) pair over 16-float chunks in order; the C
-     * activation vectors stay in registers and each loaded weight vector feeds C FMAs */
+TILE_FN void f32_tile(const lin_t *L, int r, const float *x, int b0, float *out, const int C) {
+    /* one weight row (one row per tile streamed fastest, measured on 1 and 8 activation
+     * rows) against C activation rows: one accumulator per activation over 16-float chunks
+     * in order; the C activation vectors stay in registers and each loaded weight vector
+     * feeds C FMAs */
     const int k = L->k;
     const float *W = (const float *)L->w + (int64_t)r * k;
     const float *X[8];
     for (int j = 0; j < C; j++) X[j] = x + (int64_t)(b0 + j) * k;
-    __m512 acc[4][8];
-    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++) acc[i][j] = _mm512_setzero_ps();
+    __m512 acc[8];
+    for (int j = 0; j < C; j++) acc[j] = _mm512_setzero_ps();
     int kk = 0;
     for (; kk + 16 <= k; kk += 16) {
         __m512 xv[8];
         for (int j = 0; j < C; j++) {
             xv[j] = _mm512_loadu_ps(X[j] + kk);
             __asm__("" : "+v"(xv[j]));   /* keep it in a register: GCC otherwise reloads it
-                                          * as a memory operand of every row's FMA */
+                                          * as a memory operand of every FMA */
         }
-        for (int i = 0; i < R; i++) {
-            if (C >= 2) _mm_prefetch((const char *)(W + (int64_t)i * k + kk) + PF_F32, _MM_HINT_T0);
-            __m512 wv = _mm512_loadu_ps(W + (int64_t)i * k + kk);
-            for (int j = 0; j < C; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
-        }
+        if (C >= 2) _mm_prefetch((const char *)(W + kk) + PF_F32, _MM_HINT_T0);
+        __m512 wv = _mm512_loadu_ps(W + kk);
+        for (int j = 0; j < C; j++) acc[j] = _mm512_fmadd_ps(wv, xv[j], acc[j]);
     }
     if (kk < k) {
         const __mmask16 m = (__mmask16)((1u << (k - kk)) - 1);
-        __m512 xv[8];
-        for (int j = 0; j < C; j++) xv[j] = _mm512_maskz_loadu_ps(m, X[j] + kk);
-        for (int i = 0; i < R; i++) {
-            __m512 wv = _mm512_maskz_loadu_ps(m, W + (int64_t)i * k + kk);
-            for (int j = 0; j < C; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
-        }
+        __m512 wv = _mm512_maskz_loadu_ps(m, W + kk);
+        for (int j = 0; j < C; j++)
+            acc[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, X[j] + kk), acc[j]);
     }
-    for (int i = 0; i < R; i++) for (int j = 0; j < C; j++)
-        out[i * 8 + j] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int j = 0; j < C; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
 #endif
 
@@ -442,37 +436,30 @@ Q8P(1) Q8P(2) Q8P(4)
 Q4P(1, 0) Q4P(2, 0) Q4P(4, 0) Q4P(8, 0) Q4P(1, 1) Q4P(2, 1) Q4P(4, 1) Q4P(8, 1)
 #endif
 
-/* Each (kernel, R, C) instance is its own function, compiled with constant bounds, so the
- * compiler unrolls the tile loops and keeps the accumulators in registers. */
-#define INSTANCE(fn, A, R, C) \
-    static __attribute__((noinline)) void fn##_##R##_##C(const lin_t *L, int r, A src, int b0, \
-                                                         float *out) { fn(L, r, src, b0, out, R, C); }
-#define INSTANCES(fn, A) INSTANCE(fn, A, 1, 1) INSTANCE(fn, A, 1, 2) INSTANCE(fn, A, 1, 4) \
-    INSTANCE(fn, A, 1, 8)
-#define DISPATCH(fn, src) \
-    switch (R * 8 + C) { \
-    case 1 * 8 + 1: fn##_1_1(L, r, src, b0, out); return; \
-    case 1 * 8 + 2: fn##_1_2(L, r, src, b0, out); return; \
-    case 1 * 8 + 4: fn##_1_4(L, r, src, b0, out); return; \
-    case 1 * 8 + 8: fn##_1_8(L, r, src, b0, out); return; \
-    default: break; }
+/* Each C is its own function, compiled with constant bounds, so the compiler unrolls the
+ * loops over activations and keeps the accumulators in registers. */
 #ifdef SLM_AVX512
-INSTANCES(f32_tile, const float *)
+#define F32T(C) static __attribute__((noinline)) void f32_tile_##C( \
+    const lin_t *L, int r, const float *x, int b0, float *out) { f32_tile(L, r, x, b0, out, C); }
+F32T(1) F32T(2) F32T(4) F32T(8)
 #endif
 
-/* One tile of R rows x C activations, out[i * 8 + j]. */
-static void run_tile(const lin_t *L, int r, const float *x, const act_t *a, int b0, int R,
-                     int C, float *out) {
+/* Weight row r against activation rows b0 .. b0 + C - 1: out[j]. */
+static void run_row(const lin_t *L, int r, const float *x, const act_t *a, int b0, int C,
+                    float *out) {
 #ifdef SLM_AVX512
-    if (L->kind == LIN_F32) { DISPATCH(f32_tile, x) }
+    if (L->kind == LIN_F32) {
+        if (C == 8) f32_tile_8(L, r, x, b0, out);
+        else if (C == 4) f32_tile_4(L, r, x, b0, out);
+        else if (C == 2) f32_tile_2(L, r, x, b0, out);
+        else f32_tile_1(L, r, x, b0, out);
+        return;
+    }
 #endif
-    for (int i = 0; i < R; i++)     /* portable path: one dot product at a time */
-        for (int j = 0; j < C; j++) {
-            int b = b0 + j;
-            out[i * 8 + j] = L->kind == LIN_F32
-                ? dot_f32((const float *)L->w + (int64_t)(r + i) * L->k, x + (int64_t)b * L->k, L->k)
-                : L->kind == LIN_Q8 ? dot_q8(L, r + i, a, b) : dot_q4(L, r + i, a, b);
-        }
+    for (int j = 0; j < C; j++)     /* portable path: one dot product at a time */
+        out[j] = L->kind == LIN_F32
+            ? dot_f32((const float *)L->w + (int64_t)r * L->k, x + (int64_t)(b0 + j) * L->k, L->k)
+            : L->kind == LIN_Q8 ? dot_q8(L, r, a, b0 + j) : dot_q4(L, r, a, b0 + j);
 }
 
 /* y[b, off + r] = L(x_b)[r] for rows r in [r0, r1). */
@@ -513,17 +500,13 @@ static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, floa
 #endif
     for (int b0 = 0; b0 < B;) {
         int C = B - b0 >= 8 ? 8 : B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
-        for (int r = r0; r < r1;) {
-            const int R = 1;   /* fp32: one weight row per tile streamed fastest (measured
-                                * on 1 and 8 rows: 2 or 4 rows per tile were slower) */
-            run_tile(L, r, x, a, b0, R, C, out);
-            for (int i = 0; i < R; i++)
-                for (int j = 0; j < C; j++) {
-                    float v = out[i * 8 + j];
-                    if (L->bias) v += L->bias[r + i];
-                    y[(int64_t)(b0 + j) * ystride + off + r + i] = v;
-                }
-            r += R;
+        for (int r = r0; r < r1; r++) {
+            run_row(L, r, x, a, b0, C, out);
+            for (int j = 0; j < C; j++) {
+                float v = out[j];
+                if (L->bias) v += L->bias[r];
+                y[(int64_t)(b0 + j) * ystride + off + r] = v;
+            }
         }
         b0 += C;
     }
