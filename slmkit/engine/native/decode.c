@@ -262,10 +262,12 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
 #define TILE_FN static inline __attribute__((always_inline))
 /* With several activation rows a tile spends long enough on each weight line that the
  * hardware prefetcher falls behind (fp32, 8 rows: 11.5 GB/s from DRAM where one row reads
- * 30); asking for the weights this many bytes ahead took the 8-row step from ~52 to ~38 ms
- * (fp32) and ~9.6 to ~8.4 ms (int8). One row streams fastest without it. 4096 bytes
- * ahead for fp32 measured ~5% faster than 2048 (8 rows, same-process A/B). */
-#define PF_F32 4096
+ * 30), so tiles of 2+ rows ask for weights ahead. fp32: 8192 bytes ahead into L2
+ * (prefetcht1); same-process A/B on the 8-row step: 28.7-29.2 -> 22.8 ms against 4096
+ * bytes into L1, which had taken it from ~52 to ~38 ms. int4: 1024 bytes into L1 (L2 hint
+ * measured 8-10% slower). int8 tiles prefetch the next panel instead (lin_rows). One row
+ * streams fastest without any. */
+#define PF_F32 8192
 #define PF_Q 1024
 
 TILE_FN void f32_tile(const lin_t *L, int r, const float *x, int b0, float *out, const int C) {
@@ -287,7 +289,7 @@ TILE_FN void f32_tile(const lin_t *L, int r, const float *x, int b0, float *out,
             __asm__("" : "+v"(xv[j]));   /* keep it in a register: GCC otherwise reloads it
                                           * as a memory operand of every FMA */
         }
-        if (C >= 2) _mm_prefetch((const char *)(W + kk) + PF_F32, _MM_HINT_T0);
+        if (C >= 2) _mm_prefetch((const char *)(W + kk) + PF_F32, _MM_HINT_T1);
         __m512 wv = _mm512_loadu_ps(W + kk);
         for (int j = 0; j < C; j++) acc[j] = _mm512_fmadd_ps(wv, xv[j], acc[j]);
     }
@@ -333,7 +335,8 @@ static inline __m512i dpb(__m512i acc, __m512i u, const int8_t *p) {
  * activation scale; per weight group, the zero point (through the activation sums cg) and
  * the 16 row scales. int4: q4_panel. Every (row, activation) pair takes the same sequence
  * whatever C is, so a row's result does not depend on the batch. */
-TILE_FN void q8_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C) {
+TILE_FN void q8_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C,
+                      const int64_t pfo) {
     const int k = L->k, nb = k / QBLOCK, gsz = L->group, G = k / gsz;
     const int span = 256;                        /* activation-scale window, a power of two */
     const uint8_t *wp = L->pw + (int64_t)p * (k / 4) * 64;
@@ -360,7 +363,7 @@ TILE_FN void q8_panel(const lin_t *L, int p, const act_t *a, int b0, float *out,
             #pragma GCC unroll 4
             for (int t = 0; t < steps; t++) {
                 __m512i u0, u1;
-                if (C >= 2) _mm_prefetch((const char *)wp + PF_Q, _MM_HINT_T0);
+                if (pfo) _mm_prefetch((const char *)wp + pfo, _MM_HINT_T1);
                 u0 = _mm512_loadu_si512((const void *)wp);
                 u1 = _mm512_loadu_si512((const void *)(wp + 64));
                 wp += 128;
@@ -386,7 +389,7 @@ TILE_FN void q8_panel(const lin_t *L, int p, const act_t *a, int b0, float *out,
  * one multiply-add per (block, activation row) applies weight scale x activation scale.
  * One accumulation chain per activation row (up to 8 side by side). */
 TILE_FN void q4_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C,
-                      const int ASYM) {
+                      const int ASYM, const int64_t pfo) {
     const int k = L->k, nb = k / QBLOCK, bpg = L->group / QBLOCK, G = k / L->group;
     const uint8_t *wp = L->pw + (int64_t)p * (k / 8) * 64;
     const float *sw = L->psc + (int64_t)p * G * 16, *zw = L->pzf + (int64_t)p * G * 16;
@@ -409,7 +412,7 @@ TILE_FN void q4_panel(const lin_t *L, int p, const act_t *a, int b0, float *out,
             for (int j = 0; j < C; j++) z[j] = _mm512_setzero_si512();
             #pragma GCC unroll 4
             for (int t = 0; t < 4; t++) {
-                if (C >= 2) _mm_prefetch((const char *)wp + PF_Q, _MM_HINT_T0);
+                if (pfo) _mm_prefetch((const char *)wp + pfo, _MM_HINT_T0);
                 __m512i wv = _mm512_loadu_si512((const void *)wp);
                 __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
                 wp += 64;
@@ -429,9 +432,9 @@ TILE_FN void q4_panel(const lin_t *L, int p, const act_t *a, int b0, float *out,
     for (int j = 0; j < C; j++) _mm512_storeu_ps(out + j * 16, facc[j]);
 }
 #define Q8P(C) static __attribute__((noinline)) void q8_panel_##C( \
-    const lin_t *L, int p, const act_t *a, int b0, float *out) { q8_panel(L, p, a, b0, out, C); }
+    const lin_t *L, int p, const act_t *a, int b0, float *out, int64_t pfo) { q8_panel(L, p, a, b0, out, C, pfo); }
 #define Q4P(C, A) static __attribute__((noinline)) void q4_panel_##C##_##A( \
-    const lin_t *L, int p, const act_t *a, int b0, float *out) { q4_panel(L, p, a, b0, out, C, A); }
+    const lin_t *L, int p, const act_t *a, int b0, float *out, int64_t pfo) { q4_panel(L, p, a, b0, out, C, A, pfo); }
 Q8P(1) Q8P(2) Q8P(4)
 Q4P(1, 0) Q4P(2, 0) Q4P(4, 0) Q4P(8, 0) Q4P(1, 1) Q4P(2, 1) Q4P(4, 1) Q4P(8, 1)
 #endif
@@ -473,20 +476,25 @@ static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, floa
             const int q4 = L->kind == LIN_Q4, asym = L->zeros != NULL;
             int C = B - b0 >= 4 ? 4 : (B - b0 >= 2 ? 2 : 1);
             if (q4 && B - b0 >= 8) C = 8;
+            /* int8 tiles ask for the next panel (same offset, into L2) in the last pass over
+             * this one, so memory keeps streaming while the passes run from cache (same-process
+             * A/B, int8 step: 2 rows 6.1 -> 4.5 ms, 4 rows 6.6 -> 5.6, 8 rows 8.1 -> 7.5) */
+            const int64_t pfo = q4 ? (C >= 2 ? PF_Q : 0)
+                                   : (B >= 2 && b0 + C >= B ? 16 * (int64_t)L->k : 0);
             if (!q4) {
-                if (C == 4) q8_panel_4(L, p, a, b0, out);
-                else if (C == 2) q8_panel_2(L, p, a, b0, out);
-                else q8_panel_1(L, p, a, b0, out);
+                if (C == 4) q8_panel_4(L, p, a, b0, out, pfo);
+                else if (C == 2) q8_panel_2(L, p, a, b0, out, pfo);
+                else q8_panel_1(L, p, a, b0, out, pfo);
             } else if (asym) {
-                if (C == 8) q4_panel_8_1(L, p, a, b0, out);
-                else if (C == 4) q4_panel_4_1(L, p, a, b0, out);
-                else if (C == 2) q4_panel_2_1(L, p, a, b0, out);
-                else q4_panel_1_1(L, p, a, b0, out);
+                if (C == 8) q4_panel_8_1(L, p, a, b0, out, pfo);
+                else if (C == 4) q4_panel_4_1(L, p, a, b0, out, pfo);
+                else if (C == 2) q4_panel_2_1(L, p, a, b0, out, pfo);
+                else q4_panel_1_1(L, p, a, b0, out, pfo);
             } else {
-                if (C == 8) q4_panel_8_0(L, p, a, b0, out);
-                else if (C == 4) q4_panel_4_0(L, p, a, b0, out);
-                else if (C == 2) q4_panel_2_0(L, p, a, b0, out);
-                else q4_panel_1_0(L, p, a, b0, out);
+                if (C == 8) q4_panel_8_0(L, p, a, b0, out, pfo);
+                else if (C == 4) q4_panel_4_0(L, p, a, b0, out, pfo);
+                else if (C == 2) q4_panel_2_0(L, p, a, b0, out, pfo);
+                else q4_panel_1_0(L, p, a, b0, out, pfo);
             }
             const __mmask16 m = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
             const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(m, L->bias + r0) : _mm512_setzero_ps();
