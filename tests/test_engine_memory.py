@@ -61,3 +61,72 @@ def test_engine_on_a_loaded_model_matches_transformers(llama_dir):
         again = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                min_new_tokens=8)[0, len(prompt):].tolist()
     assert again == ref
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text.split("[")[1].split("]")[0]
+
+
+def _anon_huge_kb(ptr: int) -> int:
+    """AnonHugePages of the mapping holding address ``ptr`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_huge_page_buffer_is_aligned_writable_and_outlives_its_views():
+    from slmkit.models.memory import HUGE_PAGE, huge_page_empty
+
+    n = 5 * HUGE_PAGE + 12345
+    buf = huge_page_empty(n)
+    assert buf.dtype == torch.uint8 and buf.numel() == n
+    assert buf.data_ptr() % HUGE_PAGE == 0
+    buf.view(-1)[:] = 7
+    if _thp_mode() != "never":   # the kernel backs the whole 2 MB stretches with huge pages
+        assert _anon_huge_kb(buf.data_ptr()) >= 5 * HUGE_PAGE // 1024
+    tail = buf[-100:].clone()
+    view = buf[-100:]
+    del buf
+    assert torch.equal(view, tail)        # the mapping lives while a view does
+    small = huge_page_empty(1000)         # under 2 MB: a plain tensor
+    assert small.numel() == 1000
+
+
+def test_quantized_panels_share_one_huge_page_buffer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.engine import native
+    from slmkit.engine.runner import make_runner
+    from slmkit.nn.quant_linear import QuantLinear
+
+    if native.load_library() is None or not native.load_library().slm_has_vnni():
+        pytest.skip(f"no native integer kernels here: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=512)).eval()
+    quantize_model(model, None, QuantizeConfig(method="rtn", bits=8, group_size=-1))
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        ref = model(prompt).logits[0, -1]
+    runner = make_runner(model, 1, 32)
+    assert runner.native is not None, runner.native_reason
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    codes = [m._cache["native_panels"][0] for m in quant]
+    storages = {c.untyped_storage().data_ptr() for c in codes}
+    assert len(storages) == 1                        # one buffer for all layers
+    logits = runner.forward(prompt, [0], [0])[0]
+    torch.testing.assert_close(logits, ref, atol=0.03, rtol=0)   # int8 activations: ~0.013

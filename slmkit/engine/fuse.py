@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slmkit.models.memory import release_file_pages
+from slmkit.models import memory
 
 
 def _plain(*modules) -> bool:
@@ -39,7 +39,13 @@ def _plain(*modules) -> bool:
 def _fuse_weights(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate weights (and biases) and re-point each module's tensors at its rows."""
     originals = [m.weight.data for m in modules]
-    weight = torch.cat(originals)  # [sum(N_i), K]
+    w0 = originals[0]
+    if w0.device.type == "cpu":   # in 2 MB pages, which decode streams faster
+        rows = sum(o.shape[0] for o in originals)
+        out = memory.huge_page_empty(rows * w0.shape[1] * w0.element_size())
+        weight = torch.cat(originals, out=out.view(w0.dtype).view(rows, w0.shape[1]))
+    else:
+        weight = torch.cat(originals)  # [sum(N_i), K]
     bias = torch.cat([m.bias.data for m in modules]) if modules[0].bias is not None else None
     row = 0
     for m in modules:
@@ -48,7 +54,7 @@ def _fuse_weights(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
         if bias is not None:
             m.bias.data = bias[row:row + n]
         row += n
-    release_file_pages(originals)
+    memory.release_file_pages(originals)
     return weight, bias
 
 

@@ -1,10 +1,12 @@
-"""Give memory back to the OS after weights are replaced (fused, quantized).
+"""Give memory back to the OS after weights are replaced (fused, quantized), and back
+weights that decode streams with transparent huge pages.
 
 Safetensors weights are memory-mapped copy-on-write from the file, so a replaced weight's
 pages stay resident (and counted) as long as anything else keeps the mapping alive, e.g.
 a tied embedding living in the same file. :func:`release_file_pages` drops such pages
 safely; :func:`trim_heap` returns freed heap memory (quantization temporaries) that glibc
-would otherwise keep. Both are no-ops where they do not apply.
+would otherwise keep. Both are no-ops where they do not apply. :func:`huge_page_empty`
+allocates a buffer the kernel backs with 2 MB pages where it can (see there).
 """
 
 from __future__ import annotations
@@ -90,3 +92,31 @@ def trim_heap() -> None:
             ctypes.CDLL(None).malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialized ``uint8`` tensor of ``nbytes`` in memory backed by 2 MB pages.
+
+    Decode at batch 1 streams every weight once per token. With 4 KB pages the walk
+    through hundreds of MB misses the TLB every 4 KB and the hardware prefetcher restarts
+    at each page boundary; transparent huge pages remove both (measured on the 135M shape,
+    2 cores: 4-8% faster steps at 1 and 8 rows, fp32 and int8/int4). The buffer is a
+    private anonymous mapping, 2 MB aligned, with ``MADV_HUGEPAGE`` on its whole 2 MB
+    stretches only: the tail stays in 4 KB pages, so resident memory is what is touched,
+    as with ``torch.empty``. The mapping lives as long as the tensor (or a view of it).
+    Elsewhere than Linux, or when the kernel refuses, this is ``torch.empty``.
+    """
+    if nbytes < HUGE_PAGE or not sys.platform.startswith("linux") \
+            or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        whole = torch.frombuffer(mm, dtype=torch.uint8)   # keeps mm alive while viewed
+        off = -whole.data_ptr() % HUGE_PAGE
+        mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except (OSError, ValueError):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return whole[off:off + nbytes]

@@ -160,6 +160,26 @@ def _ptr(t: torch.Tensor | None, keep: list) -> int | None:
     return t.data_ptr()
 
 
+def _quant_reason(module, vnni: bool) -> str | None:
+    """Why ``module`` has no integer kernel (it is no ``QuantLinear``, or one of a kind the
+    kernels do not cover), or None when it has one."""
+    from slmkit.nn.quant_linear import QuantLinear
+
+    if not (isinstance(module, QuantLinear) and type(module).__name__ == "QuantLinear"):
+        return "not a QuantLinear"
+    if module.bits not in (8, 4):
+        return f"{module.bits}-bit layers have no native kernel"
+    if not vnni:
+        return "this CPU has no AVX-512 VNNI for the integer kernels"
+    k = module.in_features
+    group = k if module.group_size == -1 else module.group_size
+    if group % QBLOCK or k % group:
+        return f"group size {module.group_size} / width {k} do not fit 32-column blocks"
+    if module.qweight.device.type != "cpu":
+        return "quantized weights are not on the CPU"
+    return None
+
+
 def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | str:
     """A :class:`Lin` for a linear module (or a fused ``(weight, bias)``), or why not."""
     from torch import nn
@@ -175,16 +195,11 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
         return Lin(LIN_F32, n, k, k, _ptr(weight.detach(), keep), None, None,
                    _ptr(None if bias is None else bias.detach().float().contiguous(), keep))
     if isinstance(module, QuantLinear) and type(module).__name__ == "QuantLinear":
-        if module.bits not in (8, 4):
-            return f"{module.bits}-bit layers have no native kernel"
-        if not vnni:
-            return "this CPU has no AVX-512 VNNI for the integer kernels"
+        reason = _quant_reason(module, vnni)
+        if reason is not None:
+            return reason
         k, n = module.in_features, module.out_features
         group = k if module.group_size == -1 else module.group_size
-        if group % QBLOCK or k % group:
-            return f"group size {module.group_size} / width {k} do not fit 32-column blocks"
-        if module.qweight.device.type != "cpu":
-            return "quantized weights are not on the CPU"
         zeros = None if module.sym else module.zeros.contiguous()
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
         pw, psc, pzf = panels(module)
@@ -198,7 +213,28 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
     return f"{type(module).__name__} layers have no native kernel"
 
 
-def panels(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def panel_bytes(module) -> int:
+    """Bytes of :func:`panels`' code tensor for a ``QuantLinear`` (8 or 4 bits)."""
+    return (module.out_features + 15) // 16 * 16 * module.in_features * module.bits // 8
+
+
+def pack_panels(modules) -> None:
+    """Build :func:`panels` for the layers that have none yet, all in one buffer backed by
+    2 MB pages (:func:`~slmkit.models.memory.huge_page_empty`): per-layer panels are
+    mostly under 2 MB, too small to get huge pages of their own."""
+    from slmkit.models.memory import huge_page_empty
+
+    todo = [m for m in modules if m._cache.get("native_panels") is None]
+    if not todo:
+        return
+    sizes = [-(-panel_bytes(m) // 4096) * 4096 for m in todo]  # page-aligned slices
+    arena, at = huge_page_empty(sum(sizes)), 0
+    for m, size in zip(todo, sizes):
+        panels(m, out=arena[at:at + panel_bytes(m)])
+        at += size
+
+
+def panels(module, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A ``QuantLinear``'s codes repacked for the VNNI kernels (``q8_panel`` and ``q4_panel`` in decode.c).
 
     Rows go in panels of 16 (the last one zero-padded). int8: ``[P, k/4, 16, 4]``, each
@@ -206,7 +242,8 @@ def panels(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     row ``i`` in vector ``v`` holding column ``8v+b`` (low nibble) and ``8v+4+b`` (high).
     Scales and zero points as float ``[P, G, 16]``. Built once per layer and kept in the
     layer's kernel cache (dropped on ``.to()``), so every runner of a model shares one copy:
-    the same byte count as the codes, on top of them.
+    the same byte count as the codes, on top of them. ``out``: a ``uint8`` buffer of
+    :func:`panel_bytes` to build the codes in (default: a new tensor).
     """
     cached = module._cache.get("native_panels")
     if cached is not None:
@@ -222,10 +259,11 @@ def panels(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
             zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
         if module.bits == 8:
-            pw = codes.view(P, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+            pw = codes.view(P, 16, k // 4, 4).permute(0, 2, 1, 3)
         else:
             c = codes.view(P, 16, k // 8, 2, 4)
-            pw = (c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+            pw = (c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3)
+        pw = pw.contiguous() if out is None else out.view(pw.shape).copy_(pw)
         G = scales.shape[1]
         psc = scales.view(P, 16, G).permute(0, 2, 1).contiguous()
         pzf = zeros.view(P, 16, G).permute(0, 2, 1).contiguous()
@@ -312,6 +350,8 @@ class NativeStep:
         if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
             return None, f"head dim {runner.head_dim} is not supported"
         vnni = bool(lib.slm_has_vnni())
+        if vnni:
+            pack_panels([m for m in model.modules() if _quant_reason(m, vnni) is None])
         keep: list = []
         layers = (Layer * len(runner.layers))()
         eps = None
