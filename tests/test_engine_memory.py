@@ -92,6 +92,7 @@ def test_huge_page_buffer_is_aligned_writable_and_outlives_its_views():
     buf = huge_page_empty(n)
     assert buf.dtype == torch.uint8 and buf.numel() == n
     assert buf.data_ptr() % HUGE_PAGE == 0
+    assert buf.untyped_storage().nbytes() == n   # no slack in what torch.save would write
     buf.view(-1)[:] = 7
     if _thp_mode() != "never":   # the kernel backs the whole 2 MB stretches with huge pages
         assert _anon_huge_kb(buf.data_ptr()) >= 5 * HUGE_PAGE // 1024

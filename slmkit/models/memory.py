@@ -114,9 +114,9 @@ def huge_page_empty(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
     try:
         mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        whole = torch.frombuffer(mm, dtype=torch.uint8)   # keeps mm alive while viewed
-        off = -whole.data_ptr() % HUGE_PAGE
+        off = -torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
         mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes // HUGE_PAGE * HUGE_PAGE)
     except (OSError, ValueError):
         return torch.empty(nbytes, dtype=torch.uint8)
-    return whole[off:off + nbytes]
+    # a storage of exactly nbytes (what torch.save would write); it keeps mm alive
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off)
