@@ -131,3 +131,50 @@ def test_quantized_panels_share_one_huge_page_buffer():
     assert len(storages) == 1                        # one buffer for all layers
     logits = runner.forward(prompt, [0], [0])[0]
     torch.testing.assert_close(logits, ref, atol=0.03, rtol=0)   # int8 activations: ~0.013
+
+
+def test_moving_mapped_weights_to_huge_pages_keeps_data_and_one_resident_copy(tmp_path):
+    from slmkit.models.memory import move_to_huge_pages
+
+    t, data = _mapped(tmp_path, n=8 << 20)
+    small = torch.arange(1000, dtype=torch.float32).view(10, 100)
+    assert float(t.sum()) == pytest.approx(float(data.sum()), rel=1e-4)  # fault every page in
+    before = _rss_file_kb()
+    moved, moved_small = move_to_huge_pages([t.view(-1, 1024), small], chunk=1 << 20)
+    assert moved.shape == (t.numel() // 1024, 1024) and moved.dtype == torch.float32
+    assert np.array_equal(moved.reshape(-1).numpy(), data)
+    assert torch.equal(moved_small, small)
+    assert _rss_file_kb() < before - 7000            # the file's pages left, chunk by chunk
+
+
+def test_native_step_moves_dense_weights_and_still_matches_transformers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmkit.engine import native, stream_tokens
+    from slmkit.engine.runner import make_runner
+    from slmkit.models.memory import HUGE_PAGE
+
+    if native.load_library() is None:
+        pytest.skip(f"no native step here: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=4096,
+                                         tie_word_embeddings=True)).eval()
+    prompt = list(range(5, 17))
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             min_new_tokens=8)[0, len(prompt):].tolist()
+    head, where = model.lm_head.weight.detach().clone(), model.lm_head.weight.data_ptr()
+    runner = make_runner(model, 1, 64)
+    assert runner.native is not None, runner.native_reason
+    w = model.lm_head.weight
+    assert w.data_ptr() != where and torch.equal(w, head)           # moved, same values
+    if _thp_mode() != "never":
+        assert _anon_huge_kb(w.data_ptr()) >= HUGE_PAGE // 1024
+    assert model.model.embed_tokens.weight.data_ptr() == w.data_ptr()  # still tied
+    assert list(stream_tokens(model, prompt, 8)) == ref
+    with torch.inference_mode():                        # and the model itself still works
+        again = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                               min_new_tokens=8)[0, len(prompt):].tolist()
+    assert again == ref

@@ -120,3 +120,24 @@ def huge_page_empty(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
     # a storage of exactly nbytes (what torch.save would write); it keeps mm alive
     return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off)
+
+
+def move_to_huge_pages(tensors: list[torch.Tensor], chunk: int = 16 << 20) -> list[torch.Tensor]:
+    """Copies of CPU ``tensors`` side by side in one :func:`huge_page_empty` buffer.
+
+    Copied ``chunk`` bytes at a time, each source chunk's clean file pages (safetensors
+    weights) handed back right after (:func:`release_file_pages`), so resident memory grows
+    by one chunk, not by a second copy of the weights. The caller re-points its parameters
+    at the copies; sources that are plain memory are freed once nothing holds them.
+    """
+    sizes = [-(-t.numel() * t.element_size() // 4096) * 4096 for t in tensors]
+    arena, at, out = huge_page_empty(sum(sizes)), 0, []
+    for t, size in zip(tensors, sizes):
+        flat = t.contiguous().view(-1).view(torch.uint8)
+        dst = arena[at:at + flat.numel()]
+        for a in range(0, flat.numel(), chunk):
+            dst[a:a + chunk].copy_(flat[a:a + chunk])
+            release_file_pages([flat[a:a + chunk]])
+        out.append(dst.view(t.dtype).view(t.shape))
+        at += size
+    return out
