@@ -103,6 +103,20 @@ def test_state_dict_is_compact_and_reloads():
     assert ql.bits_per_weight == pytest.approx(4.125)
 
 
+def test_3bit_codes_are_packed_and_old_unpacked_files_still_load():
+    _, ql = _layer(3, 32, False, 48, 64)
+    sd = ql.state_dict()
+    assert sd["qweight"].shape == (48, 24)               # 64 codes in 24 bytes per row
+    assert ql.bits_per_weight == pytest.approx(3 + 16 / 32 + 8 / 32)
+    x = torch.randn(2, 64)
+    for qweight in (sd["qweight"], ql.codes()):           # packed, and one code per byte
+        fresh = QuantLinear(64, 48, 3, 32, False, bias=True)
+        fresh.load_state_dict({**sd, "qweight": qweight.clone()})
+        assert torch.equal(fresh.qweight, sd["qweight"])
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), ql(x))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_path_matches_dequantized_matmul():
     _, ql = _layer(4, 128, True, 64, 256)

@@ -14,8 +14,10 @@ from slmkit.compress.quantize.ops import (
     dequantize_codes,
     effective_bits,
     fake_quantize,
+    pack_int3,
     pack_int4,
     quantize_rtn,
+    unpack_int3,
     unpack_int4,
 )
 from slmkit.errors import ConfigError
@@ -78,6 +80,19 @@ def test_pack_unpack_int4_round_trip_and_layout():
     assert packed.shape == (6, 32) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int4(packed), q)
     assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)  # low nibble first
+
+
+@pytest.mark.parametrize("cols", [64, 61, 8, 3])
+def test_pack_unpack_int3_round_trip_and_layout(cols):
+    torch.manual_seed(cols)
+    q = torch.randint(0, 8, (5, cols), dtype=torch.uint8)
+    packed = pack_int3(q)
+    assert packed.shape == (5, 3 * -(-cols // 8)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int3(packed, cols), q)
+    # columns 0..7 of a row are the 24-bit little-endian number sum q_i << 3i
+    first = q[0, :8].tolist() + [0] * (8 - min(cols, 8))
+    v = sum(c << (3 * i) for i, c in enumerate(first))
+    assert packed[0, :3].tolist() == [v & 0xFF, (v >> 8) & 0xFF, v >> 16]
 
 
 def test_check_scheme_rejects_bad_combinations():

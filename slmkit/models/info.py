@@ -83,12 +83,13 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
 
 
 def _quant_params(name: str, n: int, bits: int | None) -> int:
-    """Parameters a tensor stands for: packed int4 codes hold two weights per byte, and a
-    quantized layer's scales / zero points / input scales are not parameters."""
+    """Parameters a tensor stands for: packed int4 codes hold two weights per byte, int3
+    eight per three bytes, and a quantized layer's scales / zero points / input scales are
+    not parameters."""
     if bits is None:
         return n
     if name.endswith(".qweight"):
-        return n * 2 if bits == 4 else n
+        return n * 2 if bits == 4 else n * 8 // 3 if bits == 3 else n
     if name.endswith((".scales", ".zeros", ".input_scale")):
         return 0
     return n

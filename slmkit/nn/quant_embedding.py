@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slmkit.compress.quantize.ops import dequantize_codes, unpack_int4
+from slmkit.compress.quantize.ops import dequantize_codes, unpack_codes
 from slmkit.nn.quant_linear import QuantLinear
 
 
@@ -47,13 +47,13 @@ class QuantEmbedding(QuantLinear):
         Embeddings see no input activations (a lookup is not a matmul), so calibration
         based methods (GPTQ, AWQ) have nothing to weigh the error by: RTN is the method.
         """
-        from slmkit.compress.quantize.ops import pack_int4, quantize_rtn
+        from slmkit.compress.quantize.ops import pack_codes, quantize_rtn
 
         w = emb.weight.detach().float()                                  # [V, D]
         codes, scale, zero = quantize_rtn(w, bits, group_size, sym)
         layer = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, sym,
                     padding_idx=emb.padding_idx, dtype=emb.weight.dtype, device=w.device)
-        layer.qweight.copy_(pack_int4(codes) if bits == 4 else codes)
+        layer.qweight.copy_(pack_codes(codes, bits))
         layer.scales.copy_(scale.to(torch.float16))
         if not sym:
             layer.zeros.copy_(zero.to(torch.uint8))
@@ -62,8 +62,8 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids``: ``[...]`` int64 -> ``[..., hidden]`` rows in the layer's dtype."""
         flat = ids.reshape(-1)                                           # [N]
-        q = self.qweight.index_select(0, flat)                           # [N, D or D/2]
-        codes = unpack_int4(q) if self.bits == 4 else q                  # [N, D]
+        q = self.qweight.index_select(0, flat)                           # [N, packed D]
+        codes = unpack_codes(q, self.bits, self.embedding_dim)          # [N, D]
         scale = self.scales.index_select(0, flat)                        # [N, G]
         zero = (self.zeros.index_select(0, flat).float() if not self.sym else
                 torch.full(scale.shape, 2.0 ** (self.bits - 1), device=scale.device))

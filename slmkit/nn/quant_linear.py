@@ -2,8 +2,10 @@
 
 Storage (what ``state_dict`` holds, and what goes to safetensors):
 
-* ``qweight``: uint8 codes, ``[out, in]`` (8 and 3 bit) or ``[out, in / 2]`` packed two per
-  byte (4 bit, low nibble = even column), see :mod:`slmkit.compress.quantize.ops`;
+* ``qweight``: uint8 codes, ``[out, in]`` (8 bit), ``[out, in / 2]`` packed two per byte
+  (4 bit, low nibble = even column) or ``[out, 3 * ceil(in / 8)]`` eight to three bytes
+  (3 bit), see :mod:`slmkit.compress.quantize.ops` (``pack_codes``); 3-bit files written
+  before the packing (one code per byte) still load;
 * ``scales``: fp16 ``[out, G]``; ``zeros``: uint8 ``[out, G]`` (asymmetric only; symmetric
   grids use the fixed zero point ``2^(bits-1)``);
 * ``bias`` (optional, same name as ``nn.Linear``), ``input_scale`` (optional ``[in]``:
@@ -38,8 +40,9 @@ from slmkit.compress.quantize.ops import (
     dequantize_codes,
     effective_bits,
     num_groups,
-    pack_int4,
-    unpack_int4,
+    pack_codes,
+    packed_cols,
+    unpack_codes,
 )
 
 _MODE = {"kernel": os.environ.get("SLMKIT_QUANT_KERNEL", "auto")}
@@ -74,7 +77,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym, self.conv1d = bits, group_size, sym, conv1d
         groups = num_groups(in_features, group_size)
-        cols = in_features // 2 if bits == 4 else in_features
+        cols = packed_cols(bits, in_features)
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8,
                                                     device=device))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16,
@@ -106,7 +109,7 @@ class QuantLinear(nn.Module):
         layer = cls(inp, out, bits, group_size, sym, bias=bias is not None,
                     input_scale=input_scale is not None, conv1d=conv1d, dtype=dtype,
                     device=codes.device)
-        layer.qweight.copy_(pack_int4(codes) if bits == 4 else codes.to(torch.uint8))
+        layer.qweight.copy_(pack_codes(codes, bits))
         layer.scales.copy_(scale.to(torch.float16))
         if not sym:
             layer.zeros.copy_(zero.to(torch.uint8))
@@ -120,7 +123,15 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes ``[out, in]``."""
-        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "qweight"
+        q = state_dict.get(key)
+        if self.bits == 3 and q is not None and q.dim() == 2 \
+                and q.shape[1] == self.in_features != self.qweight.shape[1]:
+            state_dict[key] = pack_codes(q, 3)     # a file from before 3-bit packing
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def zero_points(self) -> torch.Tensor:
         """Integer zero points ``[out, G]`` as float32 (fixed ``2^(bits-1)`` when symmetric)."""

@@ -157,6 +157,52 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)  # interleave
 
 
+def pack_int3(q: torch.Tensor) -> torch.Tensor:
+    """Pack 3-bit codes eight to three bytes: ``[out, in]`` -> ``[out, 3 * ceil(in / 8)]``.
+
+    Columns ``8j .. 8j + 7`` form the 24-bit little-endian number ``sum q_i << 3i`` held
+    in bytes ``3j .. 3j + 2``; a ragged last group is padded with zero codes.
+    """
+    n = q.shape[-1]
+    pad = -n % 8
+    q = q.to(torch.int32)
+    if pad:
+        q = torch.cat([q, q.new_zeros(*q.shape[:-1], pad)], dim=-1)
+    g = q.reshape(*q.shape[:-1], -1, 8)                                   # [..., m, 8]
+    v = (g << torch.arange(0, 24, 3, dtype=torch.int32, device=q.device)).sum(-1)  # [..., m]
+    b = torch.stack([v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF], dim=-1)  # [..., m, 3]
+    return b.to(torch.uint8).reshape(*q.shape[:-1], -1)
+
+
+def unpack_int3(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int3`: ``[out, 3 * ceil(n / 8)]`` -> ``[out, n]`` uint8 codes."""
+    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 3)          # [..., m, 3]
+    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)                  # [..., m]
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+    codes = (v[..., None] >> shifts) & 7                                  # [..., m, 8]
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+def packed_cols(bits: int, n: int) -> int:
+    """Bytes per row that ``n`` codes of ``bits`` bits take (see :func:`pack_codes`)."""
+    return n // 2 if bits == 4 else 3 * -(-n // 8) if bits == 3 else n
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[out, in]`` -> stored bytes: 4-bit two per byte, 3-bit eight per three bytes,
+    8-bit one per byte."""
+    if bits == 4:
+        return pack_int4(q)
+    return pack_int3(q) if bits == 3 else q.to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes` for rows of ``n`` codes."""
+    if bits == 4:
+        return unpack_int4(packed)
+    return unpack_int3(packed, n) if bits == 3 else packed
+
+
 def effective_bits(bits: int, group_size: int, in_features: int, sym: bool,
                    scale_bits: int = 16) -> float:
     """Stored bits per weight including scales (fp16) and zero points (8 bit, asym only)."""
@@ -165,5 +211,5 @@ def effective_bits(bits: int, group_size: int, in_features: int, sym: bool,
 
 
 def storage_bits(bits: int) -> int:
-    """Bits a code actually takes on disk: 4-bit codes are packed, others are one byte."""
-    return 4 if bits == 4 else 8
+    """Bits a code takes on disk: 4- and 3-bit codes are packed, 8-bit ones are bytes."""
+    return bits if bits in (3, 4) else 8
