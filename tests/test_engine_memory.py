@@ -111,12 +111,13 @@ def test_quantized_panels_share_one_huge_page_buffer():
     from slmkit.compress.quantize.config import QuantizeConfig
     from slmkit.engine import native
     from slmkit.engine.runner import make_runner
+    from slmkit.models.memory import huge_pages_available, in_huge_pages
     from slmkit.nn.quant_linear import QuantLinear
 
     if native.load_library() is None or not native.load_library().slm_has_vnni():
         pytest.skip(f"no native integer kernels here: {native.unavailable_reason()}")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512,
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1024,
                                          num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=512)).eval()
     quantize_model(model, None, QuantizeConfig(method="rtn", bits=8, group_size=-1))
@@ -128,23 +129,73 @@ def test_quantized_panels_share_one_huge_page_buffer():
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     codes = [m._cache["native_panels"][0] for m in quant]
     storages = {c.untyped_storage().data_ptr() for c in codes}
-    assert len(storages) == 1                        # one buffer for all layers
+    assert len(storages) == 1                        # one buffer for all layers (~4.7 MB)
+    if huge_pages_available():
+        assert in_huge_pages(codes[0])
     logits = runner.forward(prompt, [0], [0])[0]
     torch.testing.assert_close(logits, ref, atol=0.03, rtol=0)   # int8 activations: ~0.013
 
 
 def test_moving_mapped_weights_to_huge_pages_keeps_data_and_one_resident_copy(tmp_path):
-    from slmkit.models.memory import move_to_huge_pages
+    from slmkit.models.memory import huge_pages_available, in_huge_pages, move_to_huge_pages
 
+    if not huge_pages_available():
+        pytest.skip("no transparent huge pages here")
     t, data = _mapped(tmp_path, n=8 << 20)
-    small = torch.arange(1000, dtype=torch.float32).view(10, 100)
+    big = torch.nn.Parameter(t.view(-1, 1024), requires_grad=False)
+    small = torch.nn.Parameter(torch.arange(1000, dtype=torch.float32).view(10, 100))
+    ref_small = small.detach().clone()
     assert float(t.sum()) == pytest.approx(float(data.sum()), rel=1e-4)  # fault every page in
     before = _rss_file_kb()
-    moved, moved_small = move_to_huge_pages([t.view(-1, 1024), small], chunk=1 << 20)
-    assert moved.shape == (t.numel() // 1024, 1024) and moved.dtype == torch.float32
-    assert np.array_equal(moved.reshape(-1).numpy(), data)
-    assert torch.equal(moved_small, small)
+    assert move_to_huge_pages([big, small], chunk=1 << 20)
+    assert in_huge_pages(big) and in_huge_pages(small) and not in_huge_pages(t)
+    assert big.shape == (t.numel() // 1024, 1024) and big.dtype == torch.float32
+    assert np.array_equal(big.detach().reshape(-1).numpy(), data)
+    assert torch.equal(small.detach(), ref_small) and small.requires_grad
     assert _rss_file_kb() < before - 7000            # the file's pages left, chunk by chunk
+
+
+def _tiny_llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
+               tie_word_embeddings=True)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw})).eval()
+
+
+def test_a_refused_native_step_builds_and_moves_nothing():
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.ops import quantize_rtn
+    from slmkit.engine.runner import make_runner
+    from slmkit.nn.quant_linear import QuantLinear
+
+    model = _tiny_llama(hidden_size=512, intermediate_size=1024)
+    quantize_model(model, None, QuantizeConfig(method="rtn", bits=8, group_size=-1))
+    mlp = model.model.layers[1].mlp                  # one 3-bit layer: no native kernel
+    codes, scale, zero = quantize_rtn(mlp.down_proj.dense_weight(), 3, 32, False)
+    mlp.down_proj = QuantLinear.from_codes(codes, scale, zero, 3, 32, False)
+    where = model.lm_head.weight.data_ptr()
+    runner = make_runner(model, 1, 32)
+    assert runner.native is None and "3-bit" in runner.native_reason
+    assert not any("native_panels" in m._cache for m in model.modules()
+                   if isinstance(m, QuantLinear))
+    assert model.lm_head.weight.data_ptr() == where
+
+
+def test_a_runner_made_in_inference_mode_leaves_the_weights_trainable():
+    from slmkit.engine.runner import make_runner
+
+    model = _tiny_llama()
+    with torch.inference_mode():
+        runner = make_runner(model, 1, 32)
+        runner.forward(torch.tensor([[1, 2, 3]]), [0], [0])
+    assert not any(p.is_inference() for p in model.parameters())
+    loss = model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
+    loss.backward()                                    # would raise on inference tensors
+    assert model.lm_head.weight.grad is not None
 
 
 def test_native_step_moves_dense_weights_and_still_matches_transformers():

@@ -37,23 +37,28 @@ def _plain(*modules) -> bool:
 
 
 def _fuse_weights(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate weights (and biases) and re-point each module's tensors at its rows."""
+    """Concatenate weights (and biases) and re-point each module's tensors at its rows.
+
+    Built outside inference mode (a runner made under ``torch.inference_mode()`` must not
+    turn the model's weights into inference tensors, which could not be trained later)."""
     originals = [m.weight.data for m in modules]
     w0 = originals[0]
-    if w0.device.type == "cpu":   # in 2 MB pages, which decode streams faster
-        rows = sum(o.shape[0] for o in originals)
-        out = memory.huge_page_empty(rows * w0.shape[1] * w0.element_size())
-        weight = torch.cat(originals, out=out.view(w0.dtype).view(rows, w0.shape[1]))
-    else:
-        weight = torch.cat(originals)  # [sum(N_i), K]
-    bias = torch.cat([m.bias.data for m in modules]) if modules[0].bias is not None else None
-    row = 0
-    for m in modules:
-        n = m.weight.shape[0]
-        m.weight.data = weight[row:row + n]
-        if bias is not None:
-            m.bias.data = bias[row:row + n]
-        row += n
+    with torch.inference_mode(False), torch.no_grad():
+        if w0.device.type == "cpu":   # in 2 MB pages, which decode streams faster
+            rows = sum(o.shape[0] for o in originals)
+            out = memory.huge_page_empty(rows * w0.shape[1] * w0.element_size())
+            weight = torch.cat(originals, out=out.view(w0.dtype).view(rows, w0.shape[1]))
+        else:
+            weight = torch.cat(originals)  # [sum(N_i), K]
+        bias = torch.cat([m.bias.data for m in modules]) if modules[0].bias is not None \
+            else None
+        row = 0
+        for m in modules:
+            n = m.weight.shape[0]
+            m.weight.data = weight[row:row + n]
+            if bias is not None:
+                m.bias.data = bias[row:row + n]
+            row += n
     memory.release_file_pages(originals)
     return weight, bias
 

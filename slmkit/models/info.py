@@ -49,7 +49,11 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
             for d in t["shape"]:
                 n *= d
             weight_bytes += n * _BYTES.get(t["dtype"], 4)
-            n = _quant_params(name, n, quant_bits)
+            if quant_bits == 3 and name.endswith(".qweight"):  # padded, or an older layout
+                n = _int3_params(t["shape"], header.get(name[:-len("qweight")] + "scales"),
+                                 quant.get("group_size"))
+            else:
+                n = _quant_params(name, n, quant_bits)
             n_params += n
             dtypes[t["dtype"]] += n
             if ".experts" in name:
@@ -83,16 +87,25 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
 
 
 def _quant_params(name: str, n: int, bits: int | None) -> int:
-    """Parameters a tensor stands for: packed int4 codes hold two weights per byte, int3
-    eight per three bytes, and a quantized layer's scales / zero points / input scales are
+    """Parameters a tensor stands for: packed int4 codes hold two weights per byte (int3:
+    :func:`_int3_params`), and a quantized layer's scales / zero points / input scales are
     not parameters."""
     if bits is None:
         return n
     if name.endswith(".qweight"):
-        return n * 2 if bits == 4 else n * 8 // 3 if bits == 3 else n
+        return n * 2 if bits == 4 else n
     if name.endswith((".scales", ".zeros", ".input_scale")):
         return 0
     return n
+
+
+def _int3_params(shape, scales, group_size) -> int:
+    """Weights a 3-bit ``qweight`` stands for: ``out x in``, ``in`` from its scales' group
+    count when groups have a size; else from the packed width (eight per three bytes)."""
+    out, cols = shape
+    if scales is not None and group_size and group_size > 0:
+        return out * scales["shape"][1] * group_size
+    return out * cols * 8 // 3
 
 
 def _plain(value):

@@ -180,8 +180,11 @@ def _quant_reason(module, vnni: bool) -> str | None:
     return None
 
 
-def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | str:
-    """A :class:`Lin` for a linear module (or a fused ``(weight, bias)``), or why not."""
+def _lin(module, keep: list, vnni: bool, fused: tuple | None = None,
+         used: list | None = None) -> Lin | str:
+    """A :class:`Lin` for a linear module (or a fused ``(weight, bias)``), or why not.
+
+    ``used``: a dry run, which only checks (no panels are built) and lists the modules."""
     from torch import nn
 
     from slmkit.nn.quant_linear import QuantLinear
@@ -192,6 +195,8 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
                 or not weight.is_contiguous():
             return "a linear weight is not contiguous fp32 on the CPU"
         n, k = weight.shape
+        if used is not None and fused is None:
+            used.append(module)
         return Lin(LIN_F32, n, k, k, _ptr(weight.detach(), keep), None, None,
                    _ptr(None if bias is None else bias.detach().float().contiguous(), keep))
     if isinstance(module, QuantLinear) and type(module).__name__ == "QuantLinear":
@@ -202,6 +207,9 @@ def _lin(module, keep: list, vnni: bool, fused: tuple | None = None) -> Lin | st
         group = k if module.group_size == -1 else module.group_size
         zeros = None if module.sym else module.zeros.contiguous()
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        if used is not None:
+            used.append(module)
+            return Lin(LIN_Q8 if module.bits == 8 else LIN_Q4, n, k, group)
         pw, psc, pzf = panels(module)
         inv_in = None   # an AWQ scale kept inside the layer: the kernel reads x / s
         if module.input_scale is not None:
@@ -234,39 +242,23 @@ def pack_panels(modules) -> None:
         at += size
 
 
-def _dense_to_huge_pages(runner) -> None:
-    """Move the fp32 ``nn.Linear`` weights the step streams and that are not in a fused
-    buffer yet (o_proj, down_proj, the LM head, unfused projections) into one huge-page
-    buffer (:func:`~slmkit.models.memory.move_to_huge_pages`), re-pointing the modules'
-    parameters at it. Measured on the 135M shape, batch 1: 19.3 -> 18.4 ms per step with
-    the fused weights alone in huge pages, and 14.3 -> 12.5 ms with every weight."""
-    from torch import nn
+def _dense_to_huge_pages(mods: list) -> None:
+    """Move the fp32 ``nn.Linear`` weights the step streams that are not in a huge-page
+    buffer yet (o_proj, down_proj, the LM head, unfused projections; the fused ones are
+    built in one) into one (:func:`~slmkit.models.memory.move_to_huge_pages`). Measured on
+    the 135M shape, batch 1: 19.3 -> 18.4 ms per step with the fused weights alone in huge
+    pages, and 14.3 -> 12.5 ms with every weight."""
+    from slmkit.models.memory import in_huge_pages, move_to_huge_pages
 
-    from slmkit.models.memory import move_to_huge_pages
-
-    mods = []
-    for i, layer in enumerate(runner.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        mods += [attn.o_proj, mlp.down_proj]
-        if runner.qkv[i] is None:
-            mods += [attn.q_proj, attn.k_proj, attn.v_proj]
-        if runner.mlps[i] is mlp:
-            mods += [mlp.gate_proj, mlp.up_proj]
-    mods.append(runner.lm_head)
-    todo, seen = [], set()
+    params, seen = [], set()
     for m in mods:
-        w = getattr(m, "weight", None)
-        if type(m) is not nn.Linear or w.dtype != torch.float32 or w.device.type != "cpu" \
-                or getattr(m, "_slmkit_huge", None) == w.data_ptr() or w.data_ptr() in seen:
-            continue
-        seen.add(w.data_ptr())
-        todo.append(m)
-    if sum(m.weight.numel() * 4 for m in todo) < (2 << 20):
-        return
-    with torch.no_grad():
-        for m, w in zip(todo, move_to_huge_pages([m.weight.data for m in todo])):
-            m.weight.data = w
-            m._slmkit_huge = w.data_ptr()
+        w = m.weight
+        if w.dtype == torch.float32 and w.device.type == "cpu" and id(w) not in seen \
+                and not in_huge_pages(w):
+            seen.add(id(w))                    # a tied head and embedding: one parameter
+            params.append(w)
+    if sum(p.numel() * 4 for p in params) >= (2 << 20):
+        move_to_huge_pages(params)
 
 
 def panels(module, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -306,11 +298,11 @@ def panels(module, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch
     return pw, psc, pzf
 
 
-def _group(mods, keep, vnni, fused) -> list[Lin] | str:
+def _group(mods, keep, vnni, fused, used=None) -> list[Lin] | str:
     if fused is not None:
-        lin = _lin(None, keep, vnni, fused)
+        lin = _lin(None, keep, vnni, fused, used)
         return lin if isinstance(lin, str) else [lin]
-    lins = [_lin(m, keep, vnni) for m in mods]
+    lins = [_lin(m, keep, vnni, used=used) for m in mods]
     for lin in lins:
         if isinstance(lin, str):
             return lin
@@ -385,9 +377,21 @@ class NativeStep:
         if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
             return None, f"head dim {runner.head_dim} is not supported"
         vnni = bool(lib.slm_has_vnni())
-        if vnni:
-            pack_panels([m for m in model.modules() if _quant_reason(m, vnni) is None])
-        _dense_to_huge_pages(runner)
+        used: list = []        # a dry run first: nothing is built or moved for a refusal
+        _, reason = cls._assemble(runner, lib, vnni, used)
+        if reason is not None:
+            return None, reason
+        pack_panels([m for m in used if _quant_reason(m, vnni) is None])
+        _dense_to_huge_pages([m for m in used if type(m) is torch.nn.Linear])
+        return cls._assemble(runner, lib, vnni)
+
+    @classmethod
+    def _assemble(cls, runner, lib, vnni: bool,
+                  used: list | None = None) -> tuple[NativeStep | None, str | None]:
+        """The step for ``runner``, or why not; with ``used``, a dry run that only checks
+        and lists the linear modules the step would read."""
+        model = runner.model
+        cfg = model.config
         keep: list = []
         layers = (Layer * len(runner.layers))()
         eps = None
@@ -399,11 +403,13 @@ class NativeStep:
                     return None, f"norm {type(norm).__name__} is not an fp32 RMSNorm"
                 eps = norm.variance_epsilon
             qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj], keep, vnni,
-                         getattr(attn, "_slmkit_qkv", None) if runner.qkv[i] is not None else None)
+                         getattr(attn, "_slmkit_qkv", None) if runner.qkv[i] is not None
+                         else None, used)
             gu = _group([mlp.gate_proj, mlp.up_proj], keep, vnni,
                         getattr(mlp, "_slmkit_gate_up", None)
-                        if runner.mlps[i] is not mlp else None)
-            o, down = _lin(attn.o_proj, keep, vnni), _lin(mlp.down_proj, keep, vnni)
+                        if runner.mlps[i] is not mlp else None, used)
+            o = _lin(attn.o_proj, keep, vnni, used=used)
+            down = _lin(mlp.down_proj, keep, vnni, used=used)
             for part in (qkv, gu, o, down):
                 if isinstance(part, str):
                     return None, part
@@ -422,7 +428,7 @@ class NativeStep:
             L.kc = _ptr(runner.cache.k[i], keep)
             L.vc = _ptr(runner.cache.v[i], keep)
             L.window = runner.windows[i] or 0
-        head = _lin(runner.lm_head, keep, vnni)
+        head = _lin(runner.lm_head, keep, vnni, used=used)
         if isinstance(head, str):
             return None, "LM head: " + head
         final = runner.norm
@@ -441,6 +447,8 @@ class NativeStep:
         m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
         keep.append(layers)
         m.lm_head = head
+        if used is not None:
+            return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)
         # prompt chunks too when the layers are quantized (measured on the 135M shape, 128
         # tokens: int8 62 vs 300 ms, int4 58 vs 242 ms); fp32 chunks stay with torch's GEMM
