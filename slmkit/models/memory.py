@@ -159,6 +159,8 @@ def move_to_huge_pages(params: list[torch.Tensor], chunk: int = 16 << 20) -> boo
     plain memory is freed when its tensor is re-pointed (unless something else holds it).
     So resident memory grows by about one chunk or one tensor, not by a second copy of
     the weights. Nothing moves where huge pages are not available (it would only copy).
+    The tensors then share one storage: ``save_pretrained`` / safetensors write each one's
+    own bytes, but ``torch.save`` of a single one writes the whole buffer (clone it first).
 
     Returns:
         Whether the tensors were moved.
