@@ -54,8 +54,8 @@ def test_jsonl_shapes(tmp_path):
                       {"role": "assistant", "content": "hello"}]},
     ])
     docs = list(iter_documents(str(path)))
-    assert [d.id for d in docs] == [f"{path}:1", f"{path}:2", f"{path}:3"]
-    assert docs[0] == Document(f"{path}:1", "plain text")
+    assert [d.id for d in docs] == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"]
+    assert docs[0] == Document("d.jsonl:1", "plain text")
     assert docs[1].text == "Q: 2+2?\nA: 4" and docs[1].prompt == "Q: 2+2?\n"
     assert docs[2].messages[1]["content"] == "hello"
     assert docs[2].text == ("<|im_start|>user\nhi<|im_end|>\n"
@@ -86,7 +86,7 @@ def test_directory_glob_binary_and_replacement(tmp_path):
     (tmp_path / ".hidden").write_text("never read")
     stats = CorpusStats()
     docs = list(iter_documents(str(tmp_path), stats=stats))
-    assert [d.id for d in docs] == [str(tmp_path / n) for n in ("a.txt", "c.txt", "sub/b.md")]
+    assert [d.id for d in docs] == ["a.txt", "c.txt", "sub/b.md"]   # relative to the dir
     assert stats.skipped_binary == 1 and stats.replaced_files == 1 and stats.replaced_chars == 1
     assert "\ufffd" in docs[1].text
     rows = dict(stats.summary_rows())
@@ -121,7 +121,7 @@ def test_large_file_streams_in_line_aligned_chunks(tmp_path, monkeypatch):
     path.write_text("".join(lines), encoding="utf-8")
     docs = list(iter_documents(str(path)))
     assert len(docs) > 5
-    assert [d.id for d in docs] == [f"{path}#{i}" for i in range(len(docs))]
+    assert [d.id for d in docs] == [f"big.txt#{i}" for i in range(len(docs))]
     assert "".join(d.text for d in docs) == "".join(lines)
     assert all(d.text.endswith("\n") for d in docs)
 
@@ -131,3 +131,19 @@ def test_list_spec_concatenates(tmp_path):
     a.write_text("one")
     b = _write_jsonl(tmp_path / "b.jsonl", [{"text": "two"}])
     assert [d.text for d in iter_documents([str(a), str(b)])] == ["one", "two"]
+
+
+def test_a_copied_corpus_splits_the_same(tmp_path):
+    import shutil
+
+    src = tmp_path / "a" / "corpus"
+    (src / "sub").mkdir(parents=True)
+    for i in range(40):
+        (src / ("sub" if i % 3 else ".") / f"doc{i}.txt").write_text(f"text {i}\n")
+    copy = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(src, copy)
+    for split in ("train", "val"):
+        here = [(d.id, d.text) for d in iter_documents(str(src), split=split, val_fraction=0.3)]
+        there = [(d.id, d.text) for d in iter_documents(str(copy), split=split,
+                                                         val_fraction=0.3)]
+        assert here == there and here

@@ -53,12 +53,15 @@ class Document:
             ``prompt + completion`` and SFT can mask the prompt tokens.
         messages: for chat JSONL rows, the ``[{"role", "content"}, ...]`` list; ``text`` is
             then the ChatML rendering of it.
+        where: where it came from, for messages (``/data/chat.jsonl line 3``); ids of
+            files are relative to the corpus directory, so this is the full path.
     """
 
     id: str
     text: str
     prompt: str | None = None
     messages: list | None = None
+    where: str = field(default="", compare=False)
 
 
 @dataclass
@@ -155,13 +158,13 @@ def _resolve(spec: str):
         if not matches:
             raise DataError(f"The glob '{spec}' matches no files; check the pattern (quote it "
                             "so the shell does not expand it).")
-        return lambda stats: _files_documents([Path(p) for p in matches], stats)
+        return lambda stats: _files_documents([Path(p) for p in matches], stats, None)
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in _walk(path))
-        return lambda stats: _files_documents(files, stats)
+        return lambda stats: _files_documents(files, stats, path)
     if path.is_file():
-        return lambda stats: _files_documents([path], stats)
+        return lambda stats: _files_documents([path], stats, path.parent)
     raise DataError(f"--data '{spec}' does not exist; pass 'stdlib', an existing file, a "
                     "directory, a glob or a .jsonl file.")
 
@@ -174,13 +177,18 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _files_documents(files: list[Path], stats: CorpusStats) -> Iterator[Document]:
+def _files_documents(files: list[Path], stats: CorpusStats,
+                     root: Path | None) -> Iterator[Document]:
+    """Documents of ``files``. Their ids (which decide the train/validation split) are
+    paths relative to ``root`` (the directory given, or a single file's folder), so a
+    corpus splits the same wherever it is copied; glob matches keep the matched path."""
     for path in files:
+        name = path.relative_to(root).as_posix() if root is not None else str(path)
         if path.suffix.lower() == ".jsonl":
             stats.files += 1
-            yield from _jsonl_documents(path, stats)
+            yield from _jsonl_documents(path, stats, name)
         else:
-            yield from _text_documents(path, str(path), stats)
+            yield from _text_documents(path, name, stats)
 
 
 # --------------------------------------------------------------------------- text files
@@ -228,7 +236,8 @@ def _text_documents(path: Path, doc_id: str, stats: CorpusStats,
                 piece, pending = pending[:cut], pending[cut:]
                 chunked = chunk_index > 0 or bool(more) or bool(pending)   # cut: "#n" ids
                 if piece.strip():
-                    yield Document(f"{doc_id}#{chunk_index}" if chunked else doc_id, piece)
+                    yield Document(f"{doc_id}#{chunk_index}" if chunked else doc_id, piece,
+                                   where=str(path))
                     chunk_index += 1
             if not more:
                 break
@@ -242,7 +251,7 @@ def _text_documents(path: Path, doc_id: str, stats: CorpusStats,
 
 # --------------------------------------------------------------------------- JSONL
 
-def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[Document]:
+def _jsonl_documents(path: Path, stats: CorpusStats, name: str) -> Iterator[Document]:
     """One document per JSONL line: ``text``, ``prompt``/``completion`` or ``messages``."""
     try:
         f = open(path, encoding="utf-8", errors="strict")
@@ -266,7 +275,7 @@ def _jsonl_documents(path: Path, stats: CorpusStats) -> Iterator[Document]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg} at column "
                                 f"{e.colno}); fix or remove that line.") from None
-            doc = _row_document(row, f"{path}:{lineno}", path, lineno)
+            doc = _row_document(row, f"{name}:{lineno}", path, lineno)
             if doc.text.strip():
                 yield doc
             else:
@@ -281,13 +290,13 @@ def _row_document(row, doc_id: str, path: Path, lineno: int) -> Document:
     if "text" in row:
         if not isinstance(row["text"], str):
             raise DataError(f"{where} has a non-string 'text' field; make it a string.")
-        return Document(doc_id, row["text"])
+        return Document(doc_id, row["text"], where=where)
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise DataError(f"{where} has a non-string 'prompt' or 'completion'; make both "
                             "strings.")
-        return Document(doc_id, prompt + completion, prompt=prompt)
+        return Document(doc_id, prompt + completion, prompt=prompt, where=where)
     if "messages" in row:
         messages = row["messages"]
         ok = isinstance(messages, list) and messages and all(
@@ -296,7 +305,7 @@ def _row_document(row, doc_id: str, path: Path, lineno: int) -> Document:
         if not ok:
             raise DataError(f"{where} has a malformed 'messages' field; it must be a non-empty "
                             'list of {"role": ..., "content": ...} objects with string values.')
-        return Document(doc_id, render_chatml(messages), messages=messages)
+        return Document(doc_id, render_chatml(messages), messages=messages, where=where)
     raise DataError(f"{where} has none of the fields 'text', 'prompt'+'completion' or "
                     f"'messages' (found: {', '.join(sorted(row)) or 'none'}); add one.")
 

@@ -81,7 +81,7 @@ def format_example(tok, doc, where: str | None = None, template: str = "chat") -
     tokenizer without a chat template, or ``template="plain"`` (for tasks scored on raw
     prompts, like ``slm eval --tasks stdlib-docstring``), uses ``prompt + completion + eos``.
     """
-    where = where or _where(doc.id)
+    where = where or doc.where or _where(doc.id)
     prompt_msgs, msgs = _split_messages(doc, where)
     if template == "chat" and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
