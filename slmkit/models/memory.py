@@ -94,7 +94,6 @@ def trim_heap() -> None:
             pass
 
 
-
 HUGE_PAGE = 2 << 20
 #: storage address -> byte count of the buffers :func:`huge_page_empty` handed out
 _HUGE_BUFFERS: dict[int, int] = {}
@@ -143,6 +142,17 @@ def huge_page_empty(nbytes: int) -> torch.Tensor:
     return buf
 
 
+def huge_page_slices(sizes: list[int]) -> list[torch.Tensor]:
+    """``uint8`` buffers of ``sizes`` bytes, side by side at page-aligned offsets in one
+    :func:`huge_page_empty` buffer (tensors under 2 MB get huge pages only together)."""
+    spans = [-(-n // 4096) * 4096 for n in sizes]
+    arena, at, out = huge_page_empty(sum(spans)), 0, []
+    for n, span in zip(sizes, spans):
+        out.append(arena[at:at + n])
+        at += span
+    return out
+
+
 def in_huge_pages(t: torch.Tensor) -> bool:
     """Whether ``t`` lives in a buffer from :func:`huge_page_empty`."""
     st = t.untyped_storage()
@@ -167,16 +177,13 @@ def move_to_huge_pages(params: list[torch.Tensor], chunk: int = 16 << 20) -> boo
     """
     if not huge_pages_available():
         return False
-    sizes = [-(-p.numel() * p.element_size() // 4096) * 4096 for p in params]
-    arena, at = huge_page_empty(sum(sizes)), 0
+    slices = huge_page_slices([p.numel() * p.element_size() for p in params])
     with torch.inference_mode(False):
-        for p, size in zip(params, sizes):
+        for p, dst in zip(params, slices):
             flat = p.data.contiguous().view(-1).view(torch.uint8)
-            dst = arena[at:at + flat.numel()]
             for a in range(0, flat.numel(), chunk):
                 dst[a:a + chunk].copy_(flat[a:a + chunk])
                 release_file_pages([flat[a:a + chunk]])
             del flat
             p.data = dst.view(p.dtype).view(p.shape)
-            at += size
     return True

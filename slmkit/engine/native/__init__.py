@@ -230,16 +230,11 @@ def pack_panels(modules) -> None:
     """Build :func:`panels` for the layers that have none yet, all in one buffer backed by
     2 MB pages (:func:`~slmkit.models.memory.huge_page_empty`): per-layer panels are
     mostly under 2 MB, too small to get huge pages of their own."""
-    from slmkit.models.memory import huge_page_empty
+    from slmkit.models.memory import huge_page_slices
 
     todo = [m for m in modules if m._cache.get("native_panels") is None]
-    if not todo:
-        return
-    sizes = [-(-panel_bytes(m) // 4096) * 4096 for m in todo]  # page-aligned slices
-    arena, at = huge_page_empty(sum(sizes)), 0
-    for m, size in zip(todo, sizes):
-        panels(m, out=arena[at:at + panel_bytes(m)])
-        at += size
+    for m, out in zip(todo, huge_page_slices([panel_bytes(m) for m in todo])):
+        panels(m, out=out)
 
 
 def _dense_to_huge_pages(mods: list) -> None:
@@ -248,7 +243,7 @@ def _dense_to_huge_pages(mods: list) -> None:
     built in one) into one (:func:`~slmkit.models.memory.move_to_huge_pages`). Measured on
     the 135M shape, batch 1: 19.3 -> 18.4 ms per step with the fused weights alone in huge
     pages, and 14.3 -> 12.5 ms with every weight."""
-    from slmkit.models.memory import in_huge_pages, move_to_huge_pages
+    from slmkit.models.memory import HUGE_PAGE, in_huge_pages, move_to_huge_pages
 
     params, seen = [], set()
     for m in mods:
@@ -257,7 +252,7 @@ def _dense_to_huge_pages(mods: list) -> None:
                 and not in_huge_pages(w):
             seen.add(id(w))                    # a tied head and embedding: one parameter
             params.append(w)
-    if sum(p.numel() * 4 for p in params) >= (2 << 20):
+    if sum(p.numel() * 4 for p in params) >= HUGE_PAGE:
         move_to_huge_pages(params)
 
 
