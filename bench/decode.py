@@ -359,8 +359,12 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
 
 def bench_runtimes(model, precision: str, args, prompt: list[int]) -> dict:
     wbytes = weight_bytes(model)
+    from slmkit.engine.runner import kv_cache_dtype
+
     res = {"precision": precision, "weight_bytes": wbytes,
-           "limit_tok_s": args.bandwidth / wbytes}
+           "limit_tok_s": args.bandwidth / wbytes,
+           # the engine's default: fp16 for quantized models (llama.cpp's default is f16 too)
+           "kv_cache": str(kv_cache_dtype(model)).removeprefix("torch.")}
     res.update(time_slmkit_both(model, prompt, args.new_tokens))
     if not args.skip_hf:
         res["transformers"] = time_transformers(model, prompt, args.new_tokens)
@@ -507,7 +511,7 @@ def report(results: dict) -> None:
         base = run["streams"][0]["agg_tok_s"]
         dbase = run["streams"][0]["decode_agg_tok_s"]
         for s in run["streams"]:
-            stream_rows.append((p, s["streams"], f"{s['agg_tok_s']:.1f}",
+            stream_rows.append((p, run.get("kv_cache", "-"), s["streams"], f"{s['agg_tok_s']:.1f}",
                                 f"{s['agg_tok_s'] / base:.2f}x", f"{s['decode_agg_tok_s']:.1f}",
                                 f"{s['decode_agg_tok_s'] / dbase:.2f}x",
                                 f"{s['decode_agg_tok_s'] / limit:.0%}"))
@@ -523,7 +527,7 @@ def report(results: dict) -> None:
                 header=("precision", "runtime", "weights MB", "prefill tok/s", "TTFT ms",
                         "decode tok/s", "of bandwidth limit"))
     print_table("continuous batching (Engine, 32-token prompts)", stream_rows,
-                header=("precision", "streams", "tok/s incl. prefill", "vs 1",
+                header=("precision", "KV cache", "streams", "tok/s incl. prefill", "vs 1",
                         "decode-phase tok/s", "vs 1", "of limit"))
     print_table("bars", [(n, v if isinstance(v, str) else f"{v:.2f}x", goal)
                          for n, v, goal in bars],

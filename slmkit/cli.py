@@ -751,6 +751,9 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the engine "
                                           "(default: physical cores)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+    kv_cache: str = typer.Option("auto", "--kv-cache", help="KV cache dtype: auto (fp16 for "
+                                 "quantized fp32 models, else the model's), fp32, fp16 or "
+                                 "bf16."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API and a web chat page at /."""
     from pydantic import ValidationError
@@ -766,7 +769,7 @@ def serve(
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
             max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
             shutdown_timeout=shutdown_timeout, log_prompts=log_prompts, max_seq_len=max_seq_len,
-            threads=threads)
+            threads=threads, kv_cache=kv_cache)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}.") from None

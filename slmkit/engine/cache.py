@@ -14,13 +14,17 @@ import torch
 
 from slmkit.errors import ConfigError
 
+#: fp16's largest finite value: fp16 cache entries saturate there instead of becoming inf.
+FP16_MAX = 65504.0
+
 
 class KVCache:
     """Static per-layer key/value storage for ``n_slots`` sequences of up to ``max_seq_len``.
 
     Args:
         n_layers, n_slots, n_kv_heads, max_seq_len, head_dim: the cache geometry.
-        dtype: storage dtype (the model's activation dtype).
+        dtype: storage dtype (the model's activation dtype, or a narrower one; writes round
+            to it, fp16 saturating at +-65504).
         device: where the cache lives.
 
     Attributes:
@@ -56,6 +60,10 @@ class KVCache:
         """
         B, _, T, _ = k.shape
         ck, cv = self.k[layer], self.v[layer]
+        if ck.dtype != k.dtype:   # a narrower cache: round once here (fp16 saturates)
+            if ck.dtype == torch.float16:
+                k, v = k.clamp(-FP16_MAX, FP16_MAX), v.clamp(-FP16_MAX, FP16_MAX)
+            k, v = k.to(ck.dtype), v.to(ck.dtype)
         if B == 1:
             s, p = int(slots[0]), int(starts[0])
             ck[s, :, p:p + T] = k[0]

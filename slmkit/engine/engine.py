@@ -163,11 +163,14 @@ class Engine:
         fast: None = automatic, False = force the generic path, True = require fast.
         threads: torch threads (default: physical cores).
         background: run the step loop in a daemon thread.
+        kv_cache: KV cache dtype on the fast path: ``"auto"`` (fp16 for quantized fp32
+            models, else the model's dtype), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = 256,
-                 fast: bool | None = None, threads: int | None = None, background: bool = True):
+                 fast: bool | None = None, threads: int | None = None, background: bool = True,
+                 kv_cache: str = "auto"):
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) "
                               "must be at least 1.")
@@ -175,7 +178,8 @@ class Engine:
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = int(max_seq_len or min(context, 2048))
         self.model, self.tokenizer = model, tokenizer
-        self.runner = make_runner(model, max_batch, self.max_seq_len, fast=fast)
+        self.runner = make_runner(model, max_batch, self.max_seq_len, fast=fast,
+                                  kv_cache=kv_cache)
         from slmkit.models.presets import output_vocab_size
 
         self.vocab_size = output_vocab_size(model)

@@ -48,6 +48,33 @@ def fast_path_reason(model) -> str | None:
     return None
 
 
+#: ``kv_cache`` choices of :func:`make_runner` / ``Engine`` (``"auto"``: see kv_cache_dtype).
+KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def kv_cache_dtype(model, choice: str = "auto") -> torch.dtype:
+    """The dtype a :class:`FastRunner` stores keys and values in.
+
+    ``"auto"``: fp16 when the model computes in fp32 but its layers are quantized (int8 and
+    int4 weights already round far more than fp16 keys and values do, and the cache is half
+    the bytes to read per step and to hold), otherwise the model's own activation dtype, so
+    a dense model's greedy output stays token-for-token that of ``transformers``.
+    """
+    if choice != "auto":
+        if choice not in KV_CACHE_DTYPES:
+            from slmkit.errors import ConfigError
+
+            raise ConfigError(f"Unknown KV cache dtype '{choice}'; use auto, "
+                              f"{', '.join(KV_CACHE_DTYPES)}.")
+        return KV_CACHE_DTYPES[choice]
+    from slmkit.nn.quant_linear import QuantLinear
+
+    dtype = model.model.norm.weight.dtype
+    if dtype == torch.float32 and any(isinstance(m, QuantLinear) for m in model.modules()):
+        return torch.float16
+    return dtype
+
+
 def sliding_windows(config, n_layers: int) -> list[int | None]:
     """Per-layer sliding-window size (None = full attention), as transformers decides it."""
     window = getattr(config, "sliding_window", None)
@@ -67,12 +94,14 @@ class FastRunner:
             with compressed or adapted linear modules).
         n_slots: concurrent sequences the cache holds.
         max_seq_len: tokens per sequence (prompt plus output).
+        kv_cache: the cache dtype, ``"auto"`` or a key of :data:`KV_CACHE_DTYPES` (see
+            :func:`kv_cache_dtype`).
     """
 
     fast = True
 
     def __init__(self, model, n_slots: int, max_seq_len: int, fuse: bool = True,
-                 native: bool = True):
+                 native: bool = True, kv_cache: str = "auto"):
         core = model.model
         self.model = model
         self.embed, self.layers, self.norm = core.embed_tokens, list(core.layers), core.norm
@@ -86,7 +115,7 @@ class FastRunner:
         self.max_seq_len = max_seq_len
         self.n_slots = n_slots
         self.cache = KVCache(len(self.layers), n_slots, n_kv, max_seq_len, self.head_dim,
-                             self.dtype, str(self.device))
+                             kv_cache_dtype(model, kv_cache), str(self.device))
         with torch.inference_mode():
             positions = torch.arange(max_seq_len, device=self.device)[None]  # [1, S]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
@@ -163,6 +192,8 @@ class FastRunner:
             q, k = ops.apply_rope_rolled(q, cos, sin), ops.apply_rope_rolled(k, cos, sin)
             self.cache.write(i, slot_t, start_t, k, v)
             keys, values = self.cache.read(i, slot_t, key_len, first)  # [B, Hkv, L, D]
+            if keys.dtype != q.dtype:                                # a narrower cache
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             o = ops.attention(q, keys, values, masks[self.windows[i]], attn.scaling)
             o = o.transpose(1, 2).reshape(B, T, -1)                  # [B, T, H * D]
             h = h + attn.o_proj(o)
@@ -235,12 +266,15 @@ class GenericRunner:
         return torch.stack(out)                                      # [B, V]
 
 
-def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None):
+def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None,
+                kv_cache: str = "auto"):
     """The fastest runner that is correct for ``model``.
 
     Args:
         fast: None picks automatically; False forces the generic path; True requires the
             fast path (raises ConfigError when the model is not supported).
+        kv_cache: KV cache dtype of the fast path (see :func:`kv_cache_dtype`); the generic
+            path keeps transformers' own cache.
     """
     from slmkit.errors import ConfigError
 
@@ -249,5 +283,5 @@ def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None)
         raise ConfigError(f"The fast engine path cannot run this model ({reason}); drop "
                           "--fast or use the generic path.")
     if reason is None and fast is not False:
-        return FastRunner(model, n_slots, max_seq_len)
+        return FastRunner(model, n_slots, max_seq_len, kv_cache=kv_cache)
     return GenericRunner(model, n_slots, max_seq_len)

@@ -57,7 +57,7 @@ class Model(ctypes.Structure):
                 ("n_threads", ctypes.c_int32), ("eps", ctypes.c_float),
                 ("attn_scale", ctypes.c_float), ("cos", ctypes.c_void_p),
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
-                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin)]
+                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_f16", ctypes.c_int32)]
 
 
 _LIB: dict = {}
@@ -138,6 +138,8 @@ def load_library():
     lib.slm_linear.argtypes = [ctypes.POINTER(Lin), ctypes.c_int, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.slm_linear.restype = ctypes.c_int
+    lib.slm_linear_work_floats.argtypes = [ctypes.POINTER(Lin), ctypes.c_int, ctypes.c_int]
+    lib.slm_linear_work_floats.restype = ctypes.c_int64
     lib.slm_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.slm_argmax.restype = None
     _LIB["lib"] = lib
@@ -334,9 +336,10 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.float32).contiguous()
     B = x.shape[0]
     y = torch.empty(B, lin.n, dtype=torch.float32)
-    work = torch.empty(B * lin.k + 64 + 6 * B * lin.k // QBLOCK + 64, dtype=torch.float32)
-    lib.slm_linear(ctypes.byref(lin), B, x.data_ptr(), y.data_ptr(), work.data_ptr(),
-                   torch.get_num_threads())
+    threads = torch.get_num_threads()
+    work = torch.empty(int(lib.slm_linear_work_floats(ctypes.byref(lin), B, threads)),
+                       dtype=torch.float32)
+    lib.slm_linear(ctypes.byref(lin), B, x.data_ptr(), y.data_ptr(), work.data_ptr(), threads)
     return y
 
 
@@ -371,6 +374,8 @@ class NativeStep:
             return None, f"activation '{cfg.hidden_act}' is not SiLU"
         if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
             return None, f"head dim {runner.head_dim} is not supported"
+        if runner.cache.k[0].dtype not in (torch.float32, torch.float16):
+            return None, f"the native step keeps no {runner.cache.k[0].dtype} KV cache"
         vnni = bool(lib.slm_has_vnni())
         used: list = []        # a dry run first: nothing is built or moved for a refusal
         _, reason = cls._assemble(runner, lib, vnni, used)
@@ -442,6 +447,7 @@ class NativeStep:
         m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
         keep.append(layers)
         m.lm_head = head
+        m.kv_f16 = int(runner.cache.k[0].dtype == torch.float16)
         if used is not None:
             return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)
@@ -452,18 +458,23 @@ class NativeStep:
             layers[i].down.kind != LIN_F32 for i in range(len(runner.layers)))
         return step, None
 
+    def _ensure_work(self, rows: int) -> None:
+        """Take torch's current thread count, and grow the workspace to what ``rows`` rows
+        need with it (each thread keeps its own scratch there)."""
+        self.struct.n_threads = torch.get_num_threads()
+        need = int(self.lib.slm_work_floats(ctypes.byref(self.struct), rows))
+        if self.work.numel() < need:
+            self.work = torch.empty(need, dtype=torch.float32)
+
     def prefill(self, h: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """A prompt chunk: ``h`` ``[T, hidden]`` embeddings of tokens at positions
         ``start .. start + T - 1`` of cache ``slot`` -> ``[1, vocab]`` logits of the last."""
         T = h.shape[0]
         h = h.to(torch.float32).contiguous()
-        need = int(self.lib.slm_work_floats(ctypes.byref(self.struct), T))
-        if self.work.numel() < need:
-            self.work = torch.empty(need, dtype=torch.float32)
+        self._ensure_work(T)
         slot_t = torch.full((T,), slot, dtype=torch.int64)
         pos_t = torch.arange(start, start + T, dtype=torch.int64)
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
-        self.struct.n_threads = torch.get_num_threads()
         self.lib.slm_prefill(ctypes.byref(self.struct), T, h.data_ptr(), slot_t.data_ptr(),
                              pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
         return logits
@@ -475,7 +486,8 @@ class NativeStep:
         slot_t = torch.tensor(slots, dtype=torch.int64)
         pos_t = torch.tensor(positions, dtype=torch.int64)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        self.struct.n_threads = torch.get_num_threads()
+        if torch.get_num_threads() != self.struct.n_threads:
+            self._ensure_work(self.max_rows)
         self.lib.slm_decode(ctypes.byref(self.struct), B, h.data_ptr(), slot_t.data_ptr(),
                             pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
         return logits

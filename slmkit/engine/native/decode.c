@@ -19,6 +19,9 @@
  * unsigned weight codes x signed activations) forms the dot products; the zero point comes
  * out exactly through the activation sums.
  *
+ * The KV cache is fp32, or fp16 (the default for quantized models: half the bytes that
+ * attention streams per step), widened to fp32 as attention loads it.
+ *
  * Every output element is computed by the same instruction sequence whatever B is and
  * whichever thread runs it, so a row's result never depends on what else is in the batch.
  * Without AVX-512 (or VNNI for the quantized kinds) plain C loops compute the same function.
@@ -30,6 +33,9 @@
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define SLM_AVX512 1
+#endif
+#if !defined(SLM_AVX512) && defined(__F16C__)
+#include <immintrin.h>
 #endif
 #if defined(SLM_AVX512) && defined(__AVX512VNNI__)
 #define SLM_VNNI 1
@@ -60,7 +66,7 @@ typedef struct {
     lin_t gu[2];
     int32_t n_gu;
     lin_t down;
-    float *kc, *vc;     /* [slots, n_kv, max_seq, head_dim] */
+    void *kc, *vc;      /* [slots, n_kv, max_seq, head_dim], fp32 or fp16 (model_t.kv_f16) */
     int32_t window;     /* sliding window, 0 = full attention */
 } layer_t;
 
@@ -71,16 +77,53 @@ typedef struct {
     const float *final_norm;
     layer_t *layers;
     lin_t lm_head;
+    int32_t kv_f16;     /* the KV cache holds IEEE fp16 (1) or fp32 (0) */
 } model_t;
 
-/* A quantized activation: B rows of k int8 values in blocks of 32. */
+/* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
+ * (rs = 1): q [B, k], d, c and zs [B, k/32], cg [B, k/group]. The int4 tiles read a copy
+ * that each thread interleaves for itself (interleave_rows): rs = B, q [k/8, B, 8], d, c
+ * and zs [k/32, B], so a tile of 8 rows finds every row's next 8 bytes (and block scale) at
+ * one pointer plus a constant offset (with 8 row pointers GCC spilled its accumulators). */
 typedef struct {
-    int8_t *q;      /* [B, k] */
-    float *d;       /* [B, k/32] block scales */
-    float *c;       /* [B, k/32] d * sum(q) of the block (for the zero point) */
-    int32_t *sb;    /* [B, k/32] sum(q) of the block (int4 kernels: the zero point in int32) */
-    float *cg;      /* [B, k/group] c summed over each weight group */
+    int8_t *q;
+    float *d;       /* block scales */
+    float *c;       /* d * sum(q) of the block (for the zero point) */
+    float *cg;      /* c summed over each weight group (int8 layers) */
+    int32_t *zs;    /* -8 sum(q) of the block, where an int4 block's int32 sums start (the
+                     * symmetric zero point, exactly) */
+    int32_t rs;     /* rows interleaved: 1 = row-major */
+    int8_t *priv;   /* per-thread scratch for the interleaved copies: thread t's at */
+    int64_t priv_bytes;  /* priv + t * priv_bytes */
 } act_t;
+
+/* Bytes of one thread's interleaved copy of B rows of width up to kmax (64-byte aligned). */
+static inline int64_t priv_bytes(int B, int kmax) {
+    return (((int64_t)B * kmax + 12 * (int64_t)B * (kmax / QBLOCK)) + 63) / 64 * 64;
+}
+
+#ifdef SLM_VNNI
+/* This thread's interleaved copy of a's B rows of width k (see act_t), in buf. */
+static void interleave_rows(const act_t *a, int B, int k, int8_t *buf, act_t *o) {
+    const int nb = k / QBLOCK;
+    *o = *a;
+    o->q = buf;
+    o->d = (float *)(buf + (int64_t)B * k);
+    o->c = o->d + (int64_t)B * nb;
+    o->zs = (int32_t *)(o->c + (int64_t)B * nb);
+    o->cg = NULL;
+    o->rs = B;
+    for (int u = 0; u < k / 8; u++)
+        for (int b = 0; b < B; b++)
+            memcpy(o->q + ((int64_t)u * B + b) * 8, a->q + (int64_t)b * k + u * 8, 8);
+    for (int j = 0; j < nb; j++)
+        for (int b = 0; b < B; b++) {
+            o->d[(int64_t)j * B + b] = a->d[(int64_t)b * nb + j];
+            o->c[(int64_t)j * B + b] = a->c[(int64_t)b * nb + j];
+            o->zs[(int64_t)j * B + b] = a->zs[(int64_t)b * nb + j];
+        }
+}
+#endif
 
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -94,6 +137,30 @@ static inline float half_to_float(uint16_t h) {
     } else if (exp == 31) { f = sign | 0x7f800000 | (man << 13); }
     else { f = sign | ((exp + 127 - 15) << 23) | (man << 13); }
     float out; memcpy(&out, &f, 4); return out;
+#endif
+}
+
+/* Round to nearest even, as torch's .half() does (inf/NaN kept, overflow to inf). */
+static inline uint16_t float_to_half(float x) {
+#if defined(__F16C__)
+    return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t f; memcpy(&f, &x, 4);
+    uint32_t sign = (f >> 16) & 0x8000, exp = (f >> 23) & 0xff, man = f & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {                                   /* subnormal half (or zero) */
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        int shift = 14 - e;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;   /* may carry into the exponent */
+    return (uint16_t)(sign | h);
 #endif
 }
 
@@ -150,7 +217,7 @@ static inline void quantize_block(const float *x, const float *cinv, int b, int 
     float d = amax / 127.f;
     a->d[(int64_t)b * nb + j] = d;
     a->c[(int64_t)b * nb + j] = d * (float)sum;
-    a->sb[(int64_t)b * nb + j] = sum;
+    a->zs[(int64_t)b * nb + j] = -8 * sum;
     memcpy(a->q + (int64_t)b * k + j * QBLOCK, tmp, QBLOCK);
 }
 
@@ -160,13 +227,14 @@ static inline void quantize_block(const float *x, const float *cinv, int b, int 
  * step's row loops, so it needs no barrier of its own. */
 static void prep_row(const lin_t *L, const float *x, int b, act_t *a) {
     if (L->kind == LIN_F32) return;
-    const int k = L->k, nb = k / QBLOCK, span = L->kind == LIN_Q8 ? 8 : 1;
+    const int k = L->k, nb = k / QBLOCK, q8 = L->kind == LIN_Q8, span = q8 ? 8 : 1;
     for (int j0 = 0; j0 < nb; j0 += span) {
         const int j1 = j0 + span < nb ? j0 + span : nb;
         const float amax = abs_max(x + (int64_t)b * k + j0 * QBLOCK,
                                    L->inv_in ? L->inv_in + j0 * QBLOCK : NULL, (j1 - j0) * QBLOCK);
         for (int j = j0; j < j1; j++) quantize_block(x, L->inv_in, b, j, k, amax, a);
     }
+    if (!q8) return;
     const int G = k / L->group, bpg = L->group / QBLOCK;
     for (int g = 0; g < G; g++) {
         float s = 0.f;
@@ -233,8 +301,6 @@ static float dot_q8(const lin_t *L, int row, const act_t *a, int b) {
 static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
     const int k = L->k, nb = k / QBLOCK, G = k / L->group, gsz = L->group;
     const uint8_t *w = (const uint8_t *)L->w + (int64_t)row * (k / 2);
-    const int8_t *q = a->q + (int64_t)b * k;
-    const float *d = a->d + (int64_t)b * nb, *c = a->c + (int64_t)b * nb;
     const uint16_t *sc = L->scales + (int64_t)row * G;
     const uint8_t *zp = L->zeros ? L->zeros + (int64_t)row * G : NULL;
     float total = 0.f;
@@ -242,11 +308,12 @@ static float dot_q4(const lin_t *L, int row, const act_t *a, int b) {
         int sacc = 0;
         for (int i = 0; i < QBLOCK; i++) {
             int col = j * QBLOCK + i;
-            sacc += ((w[col / 2] >> ((col & 1) * 4)) & 0x0f) * (int)q[col];
+            sacc += ((w[col / 2] >> ((col & 1) * 4)) & 0x0f) * (int)a->q[(int64_t)b * k + col];
         }
         int g = j * QBLOCK / gsz;
         float z = zp ? (float)zp[g] : 8.f;
-        total += half_to_float(sc[g]) * (d[j] * (float)sacc - z * c[j]);
+        total += half_to_float(sc[g]) * (a->d[(int64_t)b * nb + j] * (float)sacc
+                                         - z * a->c[(int64_t)b * nb + j]);
     }
     return total;
 }
@@ -385,31 +452,31 @@ TILE_FN void q8_panel(const lin_t *L, int p, const act_t *a, int b0, float *out,
     for (int j = 0; j < C; j++) _mm512_storeu_ps(out + j * 16, facc[j]);
 }
 /* int4 panels: blocks of 32 columns are both the activation-scale span and the smallest
- * weight group, so the zero point comes off in int32 per block (sum q * zero, exact), and
- * one multiply-add per (block, activation row) applies weight scale x activation scale.
- * One accumulation chain per activation row (up to 8 side by side). */
+ * weight group, so each block's int32 dot products take one multiply-add by weight scale x
+ * activation scale. The zero point: symmetric codes (zero 8) start the int32 sums at
+ * -8 sum(q) (exact); asymmetric ones come off in float through the block's activation sum
+ * c, one more multiply-add with the group's scale x zero. The activations are interleaved
+ * (act_t): row b0 + j of 8-column unit u is at xp + u * 8 rs + 8 j, so the VNNI instructions
+ * of all C rows address through one pointer. One accumulation chain per activation row (up
+ * to 8 side by side). */
 TILE_FN void q4_panel(const lin_t *L, int p, const act_t *a, int b0, float *out, const int C,
                       const int ASYM, const int64_t pfo) {
-    const int k = L->k, nb = k / QBLOCK, bpg = L->group / QBLOCK, G = k / L->group;
+    const int k = L->k, bpg = L->group / QBLOCK, G = k / L->group;
+    const int64_t R = a->rs;
     const uint8_t *wp = L->pw + (int64_t)p * (k / 8) * 64;
     const float *sw = L->psc + (int64_t)p * G * 16, *zw = L->pzf + (int64_t)p * G * 16;
     const __m512i low = _mm512_set1_epi8(0x0f);
-    const int8_t *xq[8];
-    const float *dj[8];
-    const int32_t *sbj[8];
-    for (int j = 0; j < C; j++) {
-        xq[j] = a->q + (int64_t)(b0 + j) * k;
-        dj[j] = a->d + (int64_t)(b0 + j) * nb;
-        sbj[j] = a->sb + (int64_t)(b0 + j) * nb;
-    }
+    const int8_t *xp = a->q + 8 * (int64_t)b0;
+    const float *dp = a->d + b0, *cp = a->c + b0;
+    const int32_t *zp = a->zs + b0;
     __m512 facc[8];
     for (int j = 0; j < C; j++) facc[j] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
         const __m512 swv = _mm512_loadu_ps(sw + g * 16);
-        const __m512i zi = ASYM ? _mm512_cvtps_epi32(_mm512_loadu_ps(zw + g * 16)) : _mm512_setzero_si512();
-        for (int blk = g * bpg; blk < (g + 1) * bpg; blk++) {
+        const __m512 szv = ASYM ? _mm512_mul_ps(swv, _mm512_loadu_ps(zw + g * 16)) : swv;
+        for (int blk = 0; blk < bpg; blk++) {
             __m512i z[8];
-            for (int j = 0; j < C; j++) z[j] = _mm512_setzero_si512();
+            for (int j = 0; j < C; j++) z[j] = ASYM ? _mm512_setzero_si512() : _mm512_set1_epi32(zp[j]);
             #pragma GCC unroll 4
             for (int t = 0; t < 4; t++) {
                 if (pfo) _mm_prefetch((const char *)wp + pfo, _MM_HINT_T0);
@@ -417,16 +484,19 @@ TILE_FN void q4_panel(const lin_t *L, int p, const act_t *a, int b0, float *out,
                 __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
                 wp += 64;
                 for (int j = 0; j < C; j++) {
-                    z[j] = dpb(z[j], lo, xq[j] + blk * QBLOCK + 8 * t);
-                    z[j] = dpb(z[j], hi, xq[j] + blk * QBLOCK + 8 * t + 4);
+                    z[j] = dpb(z[j], lo, xp + 8 * j);
+                    z[j] = dpb(z[j], hi, xp + 8 * j + 4);
                 }
+                xp += 8 * R;
             }
             for (int j = 0; j < C; j++) {
-                const int32_t s = sbj[j][blk];
-                const __m512i zc = ASYM ? _mm512_mullo_epi32(zi, _mm512_set1_epi32(s)) : _mm512_set1_epi32(8 * s);
-                facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(z[j], zc)),
-                                          _mm512_mul_ps(swv, _mm512_set1_ps(dj[j][blk])), facc[j]);
+                facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z[j]),
+                                          _mm512_mul_ps(swv, _mm512_set1_ps(dp[j])), facc[j]);
+                if (ASYM) facc[j] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(cp[j]), facc[j]);
             }
+            dp += R;
+            cp += R;
+            zp += R;
         }
     }
     for (int j = 0; j < C; j++) _mm512_storeu_ps(out + j * 16, facc[j]);
@@ -526,6 +596,16 @@ static void lin_rows(const lin_t *L, const float *x, const act_t *a, int B, floa
 static inline int tile_rows(const lin_t *L) { return L->pw ? 16 : 8; }
 static void lin_multi(const lin_t *Ls, int nl, const float *x, const act_t *a, int B, float *y) {
     int ystride = 0, tiles = 0;
+    const act_t *a4 = a;     /* what the int4 tiles read: interleaved when B >= 2 */
+#ifdef SLM_VNNI
+    act_t own;
+    int q4 = 0;
+    for (int j = 0; j < nl; j++) q4 |= Ls[j].pw != NULL && Ls[j].kind == LIN_Q4;
+    if (q4 && B >= 2) {
+        interleave_rows(a, B, Ls[0].k, a->priv + omp_get_thread_num() * a->priv_bytes, &own);
+        a4 = &own;
+    }
+#endif
     for (int j = 0; j < nl; j++) { ystride += Ls[j].n; tiles += (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j]); }
     #pragma omp for schedule(static)
     for (int t = 0; t < tiles; t++) {
@@ -534,7 +614,7 @@ static void lin_multi(const lin_t *Ls, int nl, const float *x, const act_t *a, i
             tt -= (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j]); off += Ls[j].n; j++;
         }
         int T = tile_rows(&Ls[j]), r0 = tt * T, r1 = r0 + T < Ls[j].n ? r0 + T : Ls[j].n;
-        lin_rows(&Ls[j], x, a, B, y, ystride, off, r0, r1);
+        lin_rows(&Ls[j], x, Ls[j].kind == LIN_Q4 ? a4 : a, B, y, ystride, off, r0, r1);
     }
 }
 
@@ -602,43 +682,136 @@ static void rms_norm(const float *x, const float *w, int n, float eps, float *y)
 }
 
 
-/* One query head against cache rows lo..p: o = softmax(scale * K q) V. sc: scratch [p + 1]. */
-static void attend(const float *q, const float *K, const float *V, int lo, int p, int D,
-                   float scale, float *sc, float *o) {
-    float mx = -INFINITY;
+/* Attention reads the KV cache as fp32 or fp16 (F16 is a compile-time constant in every
+ * caller, so each kind gets its own loop). */
+static inline float kv_at(const void *base, int64_t i, const int F16) {
+    return F16 ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
 #ifdef SLM_AVX512
-    if (D % 16 == 0 && D <= 128) {   /* q and the output row in registers */
-        const int nc = D / 16;
-        __m512 qv[8], ov[8];
-        for (int c = 0; c < nc; c++) { qv[c] = _mm512_loadu_ps(q + 16 * c); ov[c] = _mm512_setzero_ps(); }
-        for (int j = lo; j <= p; j++) {
-            const float *kr = K + (int64_t)j * D;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(kr), qv[0]);
-            for (int c = 1; c < nc; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * c), qv[c], acc);
-            sc[j] = _mm512_reduce_add_ps(acc) * scale;
-            mx = sc[j] > mx ? sc[j] : mx;
-        }
-        const __m512 inv = _mm512_set1_ps(1.f / exp_sub_sum(sc + lo, p - lo + 1, mx));
-        for (int j = lo; j <= p; j++) {          /* o += e_j * v_j, normalized once */
-            const __m512 w = _mm512_set1_ps(sc[j]);
-            const float *vr = V + (int64_t)j * D;
-            for (int c = 0; c < nc; c++) ov[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * c), ov[c]);
-        }
-        for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(ov[c], inv));
-        return;
+static inline __m512 kv16(const void *base, int64_t i, const int F16) {
+    return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)))
+               : _mm512_loadu_ps((const float *)base + i);
+}
+
+/* NH query heads (q, D = 16 NC apart) against rows lo..p of one KV head: o_h = softmax(scale *
+ * K q_h) V. Each key and value row is loaded (and widened from fp16) once for all NH heads.
+ * sc: NH score rows, S apart. Every head takes the same instruction sequence whatever NH is,
+ * so a head's result does not depend on how heads are grouped. */
+static inline __attribute__((always_inline)) void attend_tile(
+        const float *q, const void *K, const void *V, int lo, int p, float scale, float *sc,
+        int S, float *o, const int NH, const int NC, const int F16) {
+    const int D = 16 * NC;
+    __m512 qv[12], ov[12];
+    float mx[12];
+    for (int h = 0; h < NH; h++) {
+        mx[h] = -INFINITY;
+        for (int c = 0; c < NC; c++) qv[h * NC + c] = _mm512_loadu_ps(q + h * D + 16 * c);
     }
-#endif
     for (int j = lo; j <= p; j++) {
-        sc[j] = dot_f32(K + (int64_t)j * D, q, D) * scale;
+        __m512 kr[8];
+        for (int c = 0; c < NC; c++) kr[c] = kv16(K, (int64_t)j * D + 16 * c, F16);
+        for (int h = 0; h < NH; h++) {
+            __m512 acc = _mm512_mul_ps(kr[0], qv[h * NC]);
+            for (int c = 1; c < NC; c++) acc = _mm512_fmadd_ps(kr[c], qv[h * NC + c], acc);
+            const float v = _mm512_reduce_add_ps(acc) * scale;
+            sc[h * S + j] = v;
+            mx[h] = v > mx[h] ? v : mx[h];
+        }
+    }
+    float inv[12];
+    for (int h = 0; h < NH; h++) {
+        inv[h] = 1.f / exp_sub_sum(sc + h * S + lo, p - lo + 1, mx[h]);
+        for (int c = 0; c < NC; c++) ov[h * NC + c] = _mm512_setzero_ps();
+    }
+    for (int j = lo; j <= p; j++) {          /* o += e_j * v_j, normalized once */
+        __m512 vr[8];
+        for (int c = 0; c < NC; c++) vr[c] = kv16(V, (int64_t)j * D + 16 * c, F16);
+        for (int h = 0; h < NH; h++) {
+            const __m512 w = _mm512_set1_ps(sc[h * S + j]);
+            for (int c = 0; c < NC; c++) ov[h * NC + c] = _mm512_fmadd_ps(w, vr[c], ov[h * NC + c]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < NC; c++)
+            _mm512_storeu_ps(o + h * D + 16 * c, _mm512_mul_ps(ov[h * NC + c], _mm512_set1_ps(inv[h])));
+}
+#define ATT(NH, NC, F) static __attribute__((noinline)) void attend_##NH##_##NC##_##F( \
+    const float *q, const void *K, const void *V, int lo, int p, float scale, float *sc, int S, \
+    float *o) { attend_tile(q, K, V, lo, p, scale, sc, S, o, NH, NC, F); }
+/* head dim 64 (most small models) in up to 3 heads a pass; other multiples of 16 up to 128
+ * one head at a time */
+ATT(1, 4, 0) ATT(2, 4, 0) ATT(3, 4, 0) ATT(1, 4, 1) ATT(2, 4, 1) ATT(3, 4, 1)
+ATT(1, 1, 0) ATT(1, 2, 0) ATT(1, 3, 0) ATT(1, 5, 0) ATT(1, 6, 0) ATT(1, 7, 0) ATT(1, 8, 0)
+ATT(1, 1, 1) ATT(1, 2, 1) ATT(1, 3, 1) ATT(1, 5, 1) ATT(1, 6, 1) ATT(1, 7, 1) ATT(1, 8, 1)
+typedef void (*attend_fn)(const float *, const void *, const void *, int, int, float, float *,
+                          int, float *);
+static const attend_fn ATTEND_ONE[2][9] = {
+    {NULL, attend_1_1_0, attend_1_2_0, attend_1_3_0, attend_1_4_0, attend_1_5_0, attend_1_6_0,
+     attend_1_7_0, attend_1_8_0},
+    {NULL, attend_1_1_1, attend_1_2_1, attend_1_3_1, attend_1_4_1, attend_1_5_1, attend_1_6_1,
+     attend_1_7_1, attend_1_8_1}};
+#endif
+
+/* One query head, any head dim: the portable path. */
+static void attend_plain(const float *q, const void *K, const void *V, int lo, int p, int D,
+                         float scale, float *sc, float *o, const int F16) {
+    float mx = -INFINITY;
+    for (int j = lo; j <= p; j++) {
+        float acc[16] = {0}, s = 0.f;
+        for (int i = 0; i < D; i++) acc[i & 15] += kv_at(K, (int64_t)j * D + i, F16) * q[i];
+        for (int i = 0; i < 16; i++) s += acc[i];
+        sc[j] = s * scale;
         mx = sc[j] > mx ? sc[j] : mx;
     }
     const float inv = 1.f / exp_sub_sum(sc + lo, p - lo + 1, mx);
     for (int i = 0; i < D; i++) o[i] = 0.f;
     for (int j = lo; j <= p; j++) {
-        const float wgt = sc[j], *vr = V + (int64_t)j * D;
-        for (int i = 0; i < D; i++) o[i] += wgt * vr[i];
+        const float wgt = sc[j];
+        for (int i = 0; i < D; i++) o[i] += wgt * kv_at(V, (int64_t)j * D + i, F16);
     }
     for (int i = 0; i < D; i++) o[i] *= inv;
+}
+
+/* n values into the cache at element offset at: copied (fp32), or rounded to fp16 and
+ * saturated at +-65504 (as KVCache.write does), so an outlier key stays finite. */
+#define FP16_MAX 65504.f
+static inline void kv_store(void *base, int64_t at, const float *x, int n, int f16) {
+    if (!f16) { memcpy((float *)base + at, x, (size_t)n * sizeof(float)); return; }
+    uint16_t *d = (uint16_t *)base + at;
+    int i = 0;
+#ifdef SLM_AVX512
+    const __m512 lo = _mm512_set1_ps(-FP16_MAX), hi = _mm512_set1_ps(FP16_MAX);
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtps_ph(
+            _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_loadu_ps(x + i))), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) d[i] = float_to_half(x[i] > FP16_MAX ? FP16_MAX : (x[i] < -FP16_MAX ? -FP16_MAX : x[i]));
+}
+
+/* Query heads h0 .. h0 + nh - 1 (all of one KV head) against rows lo..p of that KV head. */
+static void attend(const float *q, const void *K, const void *V, int lo, int p, int D,
+                   float scale, float *sc, int S, float *o, int nh, int f16) {
+#ifdef SLM_AVX512
+    if (D == 64) {
+        for (int h = 0; h < nh; h += 3) {
+            const int n = nh - h < 3 ? nh - h : 3;
+            const float *qh = q + h * D;
+            float *sh = sc + (int64_t)h * S, *oh = o + h * D;
+            if (f16) (n == 3 ? attend_3_4_1 : n == 2 ? attend_2_4_1 : attend_1_4_1)(qh, K, V, lo, p, scale, sh, S, oh);
+            else (n == 3 ? attend_3_4_0 : n == 2 ? attend_2_4_0 : attend_1_4_0)(qh, K, V, lo, p, scale, sh, S, oh);
+        }
+        return;
+    }
+    if (D % 16 == 0 && D <= 128) {
+        for (int h = 0; h < nh; h++)
+            ATTEND_ONE[f16 != 0][D / 16](q + h * D, K, V, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
+        return;
+    }
+#endif
+    for (int h = 0; h < nh; h++) {
+        if (f16) attend_plain(q + h * D, K, V, lo, p, D, scale, sc + (int64_t)h * S, o + h * D, 1);
+        else attend_plain(q + h * D, K, V, lo, p, D, scale, sc + (int64_t)h * S, o + h * D, 0);
+    }
 }
 
 /* Rotate-half RoPE of one head in place: v[i] = v[i] cos_i + v[i +- D/2] sin_signed_i. */
@@ -657,21 +830,32 @@ static void attend_group(const model_t *m, const layer_t *L, int b, int h0, int 
     const int D = m->head_dim, S = m->max_seq, nq = m->n_heads * D, nk = m->n_kv * D;
     const int kh = h0 / (m->n_heads / m->n_kv), p = (int)pos[b];
     const int lo = L->window > 0 && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
-    const float *K = L->kc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
-    const float *V = L->vc + ((int64_t)slots[b] * m->n_kv + kh) * S * D;
-    for (int h = h0; h < h0 + nh; h++)
-        attend(qkv + (int64_t)b * (nq + 2 * nk) + h * D, K, V, lo, p, D, m->attn_scale,
-               scores + ((int64_t)b * m->n_heads + h) * S, att + (int64_t)b * nq + h * D);
+    const int64_t at = ((int64_t)slots[b] * m->n_kv + kh) * S * D * (m->kv_f16 ? 2 : 4);
+    attend(qkv + (int64_t)b * (nq + 2 * nk) + h0 * D, (const char *)L->kc + at,
+           (const char *)L->vc + at, lo, p, D, m->attn_scale,
+           scores + ((int64_t)b * m->n_heads + h0) * S, S, att + (int64_t)b * nq + h0 * D, nh,
+           m->kv_f16);
 }
 
-/* One linear on B rows (for tests and the kernel benchmark): y [B, n] = L(x [B, k]). */
+/* Workspace floats slm_linear needs. */
+int64_t slm_linear_work_floats(const lin_t *L, int B, int n_threads) {
+    return ((int64_t)B * L->k + 64) / 4 + 4 * (int64_t)B * (L->k / QBLOCK) + 16 + 16
+           + (n_threads * priv_bytes(B, L->k)) / 4 + 64;
+}
+
+/* One linear on B rows (for tests and the kernel benchmark): y [B, n] = L(x [B, k]);
+ * work: slm_linear_work_floats(L, B, n_threads) floats. */
 int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int n_threads) {
     act_t a;
     a.q = (int8_t *)work;
     a.d = (float *)(a.q + B * L->k + 64);
     a.c = a.d + B * L->k / QBLOCK;
-    a.sb = (int32_t *)(a.c + B * L->k / QBLOCK);
-    a.cg = (float *)(a.sb + B * L->k / QBLOCK);
+    a.cg = a.c + B * L->k / QBLOCK;
+    a.zs = (int32_t *)(a.cg + B * L->k / QBLOCK);
+    a.rs = 1;
+    a.priv_bytes = priv_bytes(B, L->k);
+    a.priv = (int8_t *)(a.zs + B * L->k / QBLOCK + 16);
+    a.priv += (64 - ((uintptr_t)a.priv & 63)) & 63;
     #pragma omp parallel num_threads(n_threads)
     {
         prep(L, x, B, &a);
@@ -715,7 +899,8 @@ int64_t slm_work_floats(const model_t *m, int B) {
     if (nq > kmax) kmax = nq;
     int64_t f = B * (m->hidden * 2 + (nq + 2 * nk) + nq + 2 * (int64_t)m->inter + m->inter);
     f += (int64_t)B * m->n_heads * m->max_seq;         /* attention scores */
-    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, sb, cg (and slack) */
+    f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, cg, zs (and slack) */
+    f += (m->n_threads * priv_bytes(B, kmax) + 128) / 4;   /* the threads' interleaved copies */
     return f;
 }
 
@@ -743,8 +928,12 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
     a.q = (int8_t *)(scores + (int64_t)B * m->n_heads * S);
     a.d = (float *)(a.q + B * kmax) ;
     a.c = a.d + B * kmax / QBLOCK;
-    a.sb = (int32_t *)(a.c + B * kmax / QBLOCK);
-    a.cg = (float *)(a.sb + B * kmax / QBLOCK);
+    a.cg = a.c + B * kmax / QBLOCK;
+    a.zs = (int32_t *)(a.cg + B * kmax / QBLOCK);
+    a.rs = 1;
+    a.priv_bytes = priv_bytes(B, kmax);
+    a.priv = (int8_t *)(a.zs + B * kmax / QBLOCK + 16);
+    a.priv += (64 - ((uintptr_t)a.priv & 63)) & 63;
     /* heads per attention item: a KV group once there are two items per thread */
     const int hpi = B * m->n_kv >= 2 * m->n_threads && grp <= 64 ? grp : 1;
 
@@ -771,8 +960,8 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
                     rope_head(row + nq + kh * D, cs, sn, D);
                     const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
-                    memcpy(L->kc + at, row + nq + kh * D, D * sizeof(float));
-                    memcpy(L->vc + at, row + nq + nk + kh * D, D * sizeof(float));
+                    kv_store(L->kc, at, row + nq + kh * D, D, m->kv_f16);
+                    kv_store(L->vc, at, row + nq + nk + kh * D, D, m->kv_f16);
                     for (int h = kh * grp; h < (kh + 1) * grp; h++) rope_head(row + h * D, cs, sn, D);
                     attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
                 }
@@ -784,8 +973,8 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) rope_head(row + hh * D, cs, sn, D);
                     for (int kh = 0; kh < m->n_kv; kh++) {
                         const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
-                        memcpy(L->kc + at, row + nq + kh * D, D * sizeof(float));
-                        memcpy(L->vc + at, row + nq + nk + kh * D, D * sizeof(float));
+                        kv_store(L->kc, at, row + nq + kh * D, D, m->kv_f16);
+                        kv_store(L->vc, at, row + nq + nk + kh * D, D, m->kv_f16);
                     }
                 }
                 /* attention: one item per (row, head) when there are too few (row, KV head)
@@ -828,8 +1017,8 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             last.q = a.q + (int64_t)(B - 1) * k;
             last.d = a.d + (int64_t)(B - 1) * (k / QBLOCK);
             last.c = a.c + (int64_t)(B - 1) * (k / QBLOCK);
-            last.sb = a.sb + (int64_t)(B - 1) * (k / QBLOCK);
             last.cg = a.cg + (int64_t)(B - 1) * G;
+            last.zs = a.zs + (int64_t)(B - 1) * (k / QBLOCK);
             lin_multi(&m->lm_head, 1, xn + (int64_t)(B - 1) * H, &last, 1, logits);
         } else {
             lin_multi(&m->lm_head, 1, xn, &a, B, logits);
