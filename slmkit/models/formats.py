@@ -22,6 +22,7 @@ from slmkit.errors import ModelLoadError
 FORMATS: dict[str, str] = {}
 FORMATS["lowrank"] = "slmkit.nn.lowrank:load_lowrank"  # slm factorize (B @ A factors)
 FORMATS["quant"] = "slmkit.compress.quantize.format:load"  # slm quantize (int8/int4)
+FORMATS["nm_sparse"] = "slmkit.compress.prune.nm_format:load"  # slm prune --compact (N:M)
 
 
 def register_format(name: str, target: str) -> None:

@@ -37,6 +37,9 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     headers = [checks.check_safetensors(f) for f in files]
     quant = getattr(config, "slmkit", None) or {}
     quant_bits = quant.get("bits") if quant.get("format") == "quant" else None
+    # slm prune --compact: a layer's kept values stand for its dense out x in weights
+    nm_layers = quant.get("layers") if quant.get("format") == "nm_sparse" else None
+    nm_dense = {f"{k}.weight_nm_values": v[0] * v[1] for k, v in (nm_layers or {}).items()}
     dtypes: Counter[str] = Counter()
     n_params = 0
     weight_bytes = 0
@@ -49,7 +52,11 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
             for d in t["shape"]:
                 n *= d
             weight_bytes += n * _BYTES.get(t["dtype"], 4)
-            if quant_bits == 3 and name.endswith(".qweight"):  # padded, or an older layout
+            if name in nm_dense:
+                n = nm_dense[name]
+            elif nm_layers and name.endswith(".weight_nm_mask"):
+                n = 0
+            elif quant_bits == 3 and name.endswith(".qweight"):  # padded, or an older layout
                 n = _int3_params(t["shape"], header.get(name[:-len("qweight")] + "scales"),
                                  quant.get("group_size"))
             else:
@@ -82,7 +89,7 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
         "lineage": lineage.read_lineage(model_dir, ref=os.fspath(ref)),
     }
     if sparsity:
-        info["sparsity"] = _sparsity(files)
+        info["sparsity"] = _sparsity(files, nm_dense)
     return info
 
 
@@ -116,8 +123,9 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _sparsity(files: list[Path]) -> float:
-    """Fraction of exact zeros over all floating 2-D weight matrices."""
+def _sparsity(files: list[Path], compact: dict[str, int] | None = None) -> float:
+    """Fraction of exact zeros over all floating 2-D weight matrices (``compact``: the kept
+    values of an N:M layer -> the dense weights they stand for)."""
     import torch
     from safetensors import safe_open
 
@@ -125,6 +133,10 @@ def _sparsity(files: list[Path]) -> float:
     for f in files:
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
+                if name in (compact or {}):
+                    total += compact[name]
+                    zeros += compact[name] - int((st.get_tensor(name) != 0).sum())
+                    continue
                 if not name.endswith("weight"):
                     continue
                 t = st.get_slice(name)

@@ -268,7 +268,8 @@ class atomic_dir:
 def save_model(model, tokenizer, out_dir: str | os.PathLike, step: str,
                params: dict | None = None, metrics: dict | None = None,
                parent: str | os.PathLike | None = None, overwrite: bool = False,
-               extra_files: dict[str, bytes | str] | None = None) -> Path:
+               extra_files: dict[str, bytes | str] | None = None,
+               state_dict: dict | None = None) -> Path:
     """Write a model dir atomically: safetensors weights, config, tokenizer, ``slmkit.json``.
 
     Args:
@@ -281,6 +282,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, step: str,
         parent: the model this one was made from; defaults to where ``model`` was loaded
             from (``model.slmkit_lineage``), or none for a model built from scratch.
         extra_files: more files to write into the dir (name -> content).
+        state_dict: tensors to write instead of the model's own (a compact on-disk format
+            whose loader is named in ``model.config.slmkit``).
 
     Returns:
         The final directory.
@@ -294,7 +297,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, step: str,
         chain = list(getattr(model, "slmkit_lineage", []) or [])
     final, tmp = prepare_out_dir(out_dir, overwrite)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():

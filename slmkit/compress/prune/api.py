@@ -22,6 +22,7 @@ class PruneConfig(BaseModel):
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
     sparsity: float = 0.5
     pattern: str | None = None
+    compact: bool = False
     structured: bool = False
     target_params: float | None = None
     heads: int | None = None
@@ -46,6 +47,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
 
     if cfg.out is None:
         raise ConfigError("prune needs an output directory; pass --out DIR.")
+    if cfg.compact and cfg.structured:
+        raise ConfigError("--compact stores N:M-sparse layers, and --structured makes a smaller "
+                          "dense model; drop one of them.")
     if cfg.structured:
         from slmkit.compress.prune.structured import (
             StructuredSettings,
@@ -77,18 +81,34 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
                              targets=cfg.targets, ignore=cfg.ignore, data=cfg.data,
                              calib_samples=cfg.calib_samples or 64,
                              calib_seq_len=cfg.calib_seq_len, damp=cfg.damp)
-    settings.validate()
+    nm = settings.validate()
+    if cfg.compact and nm is None:
+        raise ConfigError("--compact stores N:M-sparse layers; add --pattern (e.g. 2:4) or "
+                          "drop --compact.")
     net, tok = load_model(cfg.model)
     report = prune_model(net, tok, settings)
     params = {k: v for k, v in vars(settings).items() if v is not None}
     if settings.method == "magnitude":
         for k in ("data", "calib_samples", "calib_seq_len", "damp", "block_size", "seed"):
             params.pop(k, None)
-    final = save_model(net, tok, cfg.out, step="prune", overwrite=cfg.overwrite, params=params,
-                       metrics={"sparsity": round(report.overall, 6),
-                                "layer_sparsity": {k: round(v, 6)
-                                                   for k, v in report.layers.items()}})
-    return {"sparsity": report.overall, "layers_pruned": len(report.layers),
+    state, compact = None, {}
+    if cfg.compact:
+        from slmkit.compress.prune import nm_format
+
+        state, compact = nm_format.compact_state_dict(net, list(report.layers), *nm)
+        net.config.slmkit = {"format": nm_format.FORMAT, "pattern": f"{nm[0]}:{nm[1]}",
+                             "layers": compact}
+        params["compact"] = True
+    try:
+        final = save_model(net, tok, cfg.out, step="prune", overwrite=cfg.overwrite,
+                           params=params, state_dict=state,
+                           metrics={"sparsity": round(report.overall, 6),
+                                    "layer_sparsity": {k: round(v, 6)
+                                                       for k, v in report.layers.items()}})
+    finally:
+        if cfg.compact:
+            del net.config.slmkit
+    return {"compact_layers": len(compact), "sparsity": report.overall, "layers_pruned": len(report.layers),
             "zeros": report.zeros, "total": report.total, "layer_sparsity": report.layers,
             "method": settings.method + (f" {settings.pattern}" if settings.pattern else ""),
             "size_on_disk": dir_size(final), "out": str(final)}
