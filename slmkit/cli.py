@@ -91,9 +91,12 @@ def info(
              ("vocabulary", data["vocab_size"]), ("context", data["context"]),
              ("size on disk", human_bytes(data["size_on_disk"])), ("format", data["format"])]
     for key, value in (data["compression"] or {}).items():
-        if key != "format":
-            rows.append((f"  {key}", json.dumps(value) if isinstance(value, (dict, list))
-                         else value))
+        if key == "format":
+            continue
+        if isinstance(value, dict) and len(value) > 4:   # per-layer detail: --json has it
+            value = f"{len(value)} layers (slm info --json lists them)"
+        rows.append((f"  {key}", json.dumps(value) if isinstance(value, (dict, list))
+                     else value))
     if data.get("sparsity"):
         rows.append(("sparsity", f"{data['sparsity']:.1%}"))
     print_table("slm info", rows)
