@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from slmkit.engine import Engine, SamplingParams
@@ -24,3 +25,24 @@ def test_engine_with_quantized_lm_head(tokenizer):
     while not handle.done:
         engine.step()
     assert len(handle.result().token_ids) == 4
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (8, 32, False), (4, 32, True),
+                                            (4, 64, False), (4, -1, True)])
+def test_native_embedding_rows_equal_the_module(bits, group, sym):
+    """The decode step's native lookup of a quantized embedding gives the module's rows
+    bit for bit, and refuses ids outside the table."""
+    from slmkit.engine import native
+    from slmkit.nn.quant_embedding import QuantEmbedding
+
+    lib = native.load_library()
+    if lib is None:
+        pytest.skip(f"native step unavailable: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    emb = QuantEmbedding.from_embedding(torch.nn.Embedding(300, 128), bits, group, sym)
+    embed = native.quant_embedder(lib, emb)
+    ids = torch.tensor([0, 5, 299, 5, 17])
+    assert torch.equal(embed(ids), emb(ids))
+    with pytest.raises(IndexError):
+        embed(torch.tensor([3, 300]))
+    assert native.quant_embedder(lib, torch.nn.Embedding(10, 8)) is None

@@ -154,13 +154,15 @@ class FastRunner:
         """
         B, T = tokens.shape
         if T == 1 and self.native is not None:
-            h = self.embed(tokens.to(self.device))[:, 0]                # [B, hidden]
+            h = (self.native.embed(tokens[:, 0]) if self.native.embed is not None
+                 else self.embed(tokens.to(self.device))[:, 0])          # [B, hidden]
             logits = self.native(h, slots, starts)                       # [B, V]
             self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
             return logits
         if B == 1 and self.native is not None and self.native.prefills:   # a prompt chunk
-            logits = self.native.prefill(self.embed(tokens.to(self.device))[0], slots[0],
-                                         starts[0])                      # [1, V]
+            rows = (self.native.embed(tokens[0]) if self.native.embed is not None
+                    else self.embed(tokens.to(self.device))[0])           # [T, hidden]
+            logits = self.native.prefill(rows, slots[0], starts[0])    # [1, V]
             self.cache.lengths[slots[0]] = starts[0] + T
             return logits
         key_len = max(starts) + T
