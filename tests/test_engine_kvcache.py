@@ -43,6 +43,9 @@ def test_auto_cache_dtype_follows_the_model(tokenizer):
     assert FastRunner(quant, 2, 32).cache.nbytes * 2 == fp32.cache.nbytes
     with pytest.raises(ConfigError, match="KV cache dtype 'int8'"):
         Engine(dense, tokenizer, kv_cache="int8", background=False)
+    with pytest.raises(ConfigError, match="KV cache dtype 'int8'"):   # the generic path too
+        Engine(build_tiny_model("gpt2", tokenizer), tokenizer, kv_cache="int8",
+               background=False)
 
 
 def test_fp16_cache_saturates_instead_of_overflowing():

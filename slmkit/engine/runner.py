@@ -280,6 +280,8 @@ def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None,
     """
     from slmkit.errors import ConfigError
 
+    if kv_cache != "auto":
+        kv_cache_dtype(model, kv_cache)   # a bad name is an error on every path
     reason = fast_path_reason(model)
     if fast is True and reason is not None:
         raise ConfigError(f"The fast engine path cannot run this model ({reason}); drop "
