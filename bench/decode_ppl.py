@@ -5,7 +5,9 @@ layers (one scale per 256 columns for int8 weights, per 32 for int4, as llama.cp
 scheme does), where the torch loop feeds them to ``QuantLinear`` in bf16. This scores the
 reference model teacher-forced, one decode step per token (``FastRunner.forward`` with
 T = 1, 8 windows of 256 tokens side by side), through both paths, in fp32 and quantized:
-same tokens, same model, only the decode arithmetic differs.
+same tokens, same model, only the decode arithmetic differs. Quantized models are also
+scored on the native step with an fp32 KV cache, to show what the engine's default fp16
+cache for them costs.
 
     .venv/bin/python bench/decode_ppl.py                      # ~1 min on 2 cores
 
@@ -27,14 +29,15 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {"fp32": None, "int8 RTN per channel": (8, -1), "int4 RTN g32": (4, 32)}
 
 
-def decode_ppl(model, windows: list[list[int]], native: bool, rows: int = 8) -> tuple[float, str]:
+def decode_ppl(model, windows: list[list[int]], native: bool, rows: int = 8,
+               kv_cache: str = "auto") -> tuple[float, str]:
     """Perplexity of next-token predictions made one T = 1 step at a time."""
     import torch
 
     from slmkit.engine.runner import FastRunner
 
     width = len(windows[0])
-    runner = FastRunner(model, rows, width, native=native)
+    runner = FastRunner(model, rows, width, native=native, kv_cache=kv_cache)
     nll, n = 0.0, 0
     with torch.inference_mode():
         for g in range(0, len(windows), rows):
@@ -44,7 +47,8 @@ def decode_ppl(model, windows: list[list[int]], native: bool, rows: int = 8) -> 
                 nll -= torch.log_softmax(logits, -1).gather(1, x[:, p + 1:p + 2]).sum().item()
                 n += rows
     path = "native" if runner.native is not None else f"torch ({runner.native_reason})"
-    return math.exp(nll / n), path
+    return math.exp(nll / n), f"{path}, {str(runner.cache.k[0].dtype).removeprefix('torch.')} KV"
+
 
 
 def main(argv=None) -> int:
@@ -83,18 +87,23 @@ def main(argv=None) -> int:
                                                       group_size=scheme[1], ignore=[],
                                                       quantize_embeddings=True))
         res = {"variant": name}
-        for native in (True, False):
+        runs = [("native", True, "auto"), ("torch", False, "auto")]
+        if scheme:
+            runs.append(("native fp32 KV", True, "fp32"))
+        for key, native, kv in runs:
             t0 = time.perf_counter()
-            ppl, path = decode_ppl(model, windows, native)
-            res["native" if native else "torch"] = {"ppl": ppl, "path": path,
-                                                    "seconds": time.perf_counter() - t0}
+            ppl, path = decode_ppl(model, windows, native, kv_cache=kv)
+            res[key] = {"ppl": ppl, "path": path, "seconds": time.perf_counter() - t0}
         out.append(res)
-        rows.append((name, f"{res['native']['ppl']:.3f}", f"{res['torch']['ppl']:.3f}",
+        fp32_kv = res.get("native fp32 KV", res["native"])["ppl"]
+        rows.append((name, f"{res['native']['ppl']:.3f}", f"{fp32_kv:.3f}",
+                     f"{res['torch']['ppl']:.3f}",
                      f"{100 * (res['native']['ppl'] / res['torch']['ppl'] - 1):+.2f}%",
                      res["native"]["path"]))
     print_table(f"teacher-forced decode perplexity, {len(windows) * (args.window - 1)} tokens "
                 f"of stdlib val ({args.model})", rows,
-                header=("weights", "native step", "torch loop", "native vs torch", "path"))
+                header=("weights", "native step", "native, fp32 KV", "torch loop",
+                        "native vs torch", "native path"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "window": args.window,
                                     "results": out}, indent=1))
