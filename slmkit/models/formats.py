@@ -36,6 +36,37 @@ def format_of(config) -> str | None:
     return None
 
 
+def read_weights(model_dir) -> dict:
+    """Every tensor of a model dir's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    from slmkit.models import checks
+
+    state: dict = {}
+    for f in checks.weight_files(model_dir):
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_weights(model, state: dict, config, dtype, model_dir, what: str, remake: str) -> None:
+    """Load a format loader's (rebuilt) ``state`` into its skeleton ``model``, every weight
+    accounted for, and tie the LM head when the config says so.
+
+    Raises:
+        ModelLoadError: a missing or unexpected weight, named with ``what`` (e.g. "low-rank
+            weights") and the command that re-creates the model (``remake``).
+    """
+    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise ModelLoadError(f"'{model_dir}' has {what} that do not match its config.json "
+                             f"(e.g. '{bad}'); re-create it with `{remake}`.")
+    if tied:
+        model.tie_weights()
+
+
 def loader_for(name: str, model_dir) -> Callable:
     target = FORMATS.get(name)
     if target is None:

@@ -110,10 +110,9 @@ def merge_lowrank(model: nn.Module) -> int:
 
 def load_lowrank(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
     """Format loader for ``"lowrank"``: build the skeleton, swap in factors, load weights."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from slmkit.models import checks
+    from slmkit.models.formats import load_weights, read_weights
 
     ranks = (config.slmkit or {}).get("ranks") or {}
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -127,16 +126,6 @@ def load_lowrank(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn
         _set_module(model, name, LowRankLinear(dense.in_features, dense.out_features,
                                                int(rank), bias=dense.bias is not None,
                                                dtype=dtype))
-    state: dict[str, torch.Tensor] = {}
-    for f in checks.weight_files(model_dir):
-        state.update(load_file(str(f)))
-    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
-        raise ModelLoadError(f"'{model_dir}' has low-rank weights that do not match its "
-                             f"config.json (e.g. '{bad}'); re-create it with `slm factorize`.")
-    if tied:
-        model.tie_weights()
+    load_weights(model, read_weights(model_dir), config, dtype, model_dir, "low-rank weights",
+                 "slm factorize")
     return model.to(device)

@@ -104,10 +104,9 @@ def compact_state_dict(model: nn.Module, names: list[str], n: int, m: int
 
 def load(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
     """Format loader for ``"nm_sparse"``: the dense model, weights rebuilt exactly."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from slmkit.models import checks
+    from slmkit.models.formats import load_weights, read_weights
 
     section = dict(getattr(config, "slmkit", None) or {})
     layers = section.get("layers")
@@ -116,9 +115,7 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
                              "config.json (no layers); re-create it with `slm prune --compact`.")
     del config.slmkit          # what gets built is an ordinary dense model
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state: dict[str, torch.Tensor] = {}
-    for f in checks.weight_files(model_dir):
-        state.update(load_file(str(f)))
+    state = read_weights(model_dir)
     for name, shape in layers.items():
         try:
             values, packed = state.pop(f"{name}.{VALUES}"), state.pop(f"{name}.{MASK}")
@@ -127,13 +124,5 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
             raise ModelLoadError(f"'{model_dir}' has damaged compact weights for '{name}' "
                                  f"({e}); re-create the model with `slm prune --compact`.") \
                 from None
-    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
-        raise ModelLoadError(f"'{model_dir}' has weights that do not match its config.json "
-                             f"(e.g. '{bad}'); re-create it with `slm prune --compact`.")
-    if tied:
-        model.tie_weights()
+    load_weights(model, state, config, dtype, model_dir, "weights", "slm prune --compact")
     return model.to(device)
