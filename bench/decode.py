@@ -20,7 +20,10 @@ Figures (all measured in this run, 2 threads by default):
     runtimes run exactly the same weights;
 * slmkit twice: with the native decode step (``slmkit/engine/native``, the default) and
   with it turned off (the torch decode loop), so the gain is measured in the same run;
-* aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams;
+* the batch-1 runtimes run in turn, ``--rounds`` times (default 3), and each keeps its
+  median run, so every ratio compares runs taken minutes apart at most;
+* aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams (the
+  sweep repeated ``--stream-repeats`` times, each count keeping its median);
 * each as a fraction of the bandwidth limit ``bandwidth / weight bytes`` (about 30 GB/s on
   the team machines; ``--bandwidth`` to change it).
 
@@ -100,57 +103,76 @@ def weight_bytes(model) -> int:
     return total
 
 
-def time_transformers(model, prompt: list[int], n: int) -> dict:
-    """TTFT, prefill and decode rates of ``generate()`` (greedy, KV cache on)."""
+def transformers_runner(model, prompt: list[int], n: int):
+    """A function timing one greedy ``generate()`` run (KV cache on): TTFT from a 1-token
+    run, decode rate from an ``n``-token run minus it."""
     ids = torch.tensor([prompt])
-
-    out = {}
 
     def run(k):
         t = time.perf_counter()
         with torch.inference_mode():
             seq = model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-        out["tokens"] = seq[0, len(prompt):].tolist()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, seq[0, len(prompt):].tolist()
 
     run(2)  # warm up
-    t1 = min(run(1) for _ in range(2))
-    tn = run(n)
-    return {"ttft_s": t1, "prefill_tok_s": len(prompt) / t1, "decode_tok_s": (n - 1) / (tn - t1),
-            "tokens": out["tokens"]}
+
+    def once() -> dict:
+        t1, _ = run(1)
+        tn, tokens = run(n)
+        return {"ttft_s": t1, "prefill_tok_s": len(prompt) / t1,
+                "decode_tok_s": (n - 1) / (tn - t1), "tokens": tokens}
+    return once
 
 
-def time_slmkit(model, prompt: list[int], n: int) -> dict:
-    """TTFT, prefill and decode rates of ``stream_tokens`` (greedy)."""
-    for _ in stream_tokens(model, prompt[:8], 4):  # warm up
-        pass
-    best = None
-    for _ in range(2):
-        t0 = time.perf_counter()
-        stream = stream_tokens(model, prompt, n)
-        tokens = [next(stream)]
-        t1 = time.perf_counter()
-        tokens += list(stream)
-        t2 = time.perf_counter()
-        run = {"ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0),
-               "decode_tok_s": (len(tokens) - 1) / (t2 - t1), "tokens": tokens}
-        if best is None or run["decode_tok_s"] > best["decode_tok_s"]:
-            best = run
-    return best
+def slmkit_runner(model, prompt: list[int], n: int, native_step: bool = True):
+    """A function timing one greedy ``stream_tokens`` run: TTFT, prefill and decode rates.
+    ``native_step=False`` turns the native decode step off for the run (the torch loop)."""
+    def once() -> dict:
+        native.set_enabled(native_step)
+        try:
+            t0 = time.perf_counter()
+            stream = stream_tokens(model, prompt, n)
+            tokens = [next(stream)]
+            t1 = time.perf_counter()
+            tokens += list(stream)
+            t2 = time.perf_counter()
+        finally:
+            native.set_enabled(True)
+        return {"ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0),
+                "decode_tok_s": (len(tokens) - 1) / (t2 - t1), "tokens": tokens}
 
-
-def time_slmkit_both(model, prompt: list[int], n: int) -> dict:
-    """``{"slmkit": ..., "slmkit torch loop": ...}``: the engine with its native decode step
-    (noting which path ran) and with the step turned off, in the same run."""
-    out = {"slmkit": time_slmkit(model, prompt, n)}
-    probe = FastRunner(model, 1, 8)
-    out["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
-    del probe
-    native.set_enabled(False)
+    native.set_enabled(native_step)
     try:
-        out["slmkit torch loop"] = time_slmkit(model, prompt, n)
+        for _ in stream_tokens(model, prompt[:8], 4):  # warm up (builds the native step)
+            pass
     finally:
         native.set_enabled(True)
+    return once
+
+
+def slmkit_runners(model, prompt: list[int], n: int) -> dict:
+    """``{"slmkit": ..., "slmkit torch loop": ...}``: the engine with its native decode step
+    and with the step turned off, so the gain is measured in the same run."""
+    return {"slmkit": slmkit_runner(model, prompt, n),
+            "slmkit torch loop": slmkit_runner(model, prompt, n, native_step=False)}
+
+
+def interleaved(runners: dict, rounds: int) -> dict:
+    """Run every runner once per round, in turn, and keep each one's median-decode run.
+
+    Batch-1 decode reads every weight once per token, so its rate follows the machine's
+    memory bandwidth, which on a shared host moves by +-30% from minute to minute; taking
+    the runtimes in turn puts each comparison under the same conditions, and the median
+    drops the outliers. ``decode_tok_s_all`` keeps every round's figure."""
+    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    for _ in range(max(1, rounds)):
+        for name, once in runners.items():
+            runs[name].append(once())
+    out = {}
+    for name, rs in runs.items():
+        ordered = sorted(rs, key=lambda r: r["decode_tok_s"])
+        out[name] = {**ordered[(len(ordered) - 1) // 2],
+                     "decode_tok_s_all": [r["decode_tok_s"] for r in rs]}
     return out
 
 
@@ -293,8 +315,9 @@ def export_gguf_of(model, precision: str, work: Path) -> dict:
             "exact_layers": f"{res.from_quantized - res.requantized}/{res.from_quantized}"}
 
 
-def time_llamacpp(gguf_path: str, prompt: list[int], n: int, threads: int) -> dict:
-    """TTFT, prefill and decode rates of llama.cpp on a GGUF file (greedy, EOS ignored).
+def llamacpp_runner(gguf_path: str, prompt: list[int], n: int, threads: int):
+    """``(once, close)``: a function timing one greedy llama.cpp run on a GGUF file (TTFT,
+    prefill and decode rates, EOS ignored), and the function that frees the model.
 
     ``Llama.eval`` runs the prompt in one batch (prefill), then each new token alone; the
     next token is the argmax of the last position's logits read straight from llama.cpp
@@ -324,15 +347,11 @@ def time_llamacpp(gguf_path: str, prompt: list[int], n: int, threads: int) -> di
         t2 = time.perf_counter()
         assert len(tokens) == k and llm.n_tokens == len(ids) + k - 1
         return {"ttft_s": t1 - t0, "prefill_tok_s": len(ids) / (t1 - t0),
-                "decode_tok_s": (k - 1) / (t2 - t1), "tokens": tokens}
+                "decode_tok_s": (k - 1) / (t2 - t1), "tokens": tokens,
+                "version": llama_cpp.__version__}
 
-    try:
-        run(prompt[:8], 4)                    # warm up
-        best = max((run(prompt, n) for _ in range(2)), key=lambda r: r["decode_tok_s"])
-    finally:
-        llm.close()
-    best["version"] = llama_cpp.__version__
-    return best
+    run(prompt[:8], 4)                        # warm up
+    return (lambda: run(prompt, n)), llm.close
 
 
 def bench_precision(precision: str, args, prompt: list[int]) -> dict:
@@ -346,43 +365,57 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
         model = quantize(model, precision)
         if lcpp and precision == "int4":      # the int4 QuantLinear codes map onto Q4_0
             gguf = export_gguf_of(model, precision, Path(tmp))
-        res = bench_runtimes(model, precision, args, prompt)
+        wbytes = weight_bytes(model)
+        from slmkit.engine.runner import kv_cache_dtype
+
+        res = {"precision": precision, "weight_bytes": wbytes,
+               "limit_tok_s": args.bandwidth / wbytes,
+               # the engine's default: fp16 for quantized models (llama.cpp's default too)
+               "kv_cache": str(kv_cache_dtype(model)).removeprefix("torch."),
+               "rounds": args.rounds}
+        runners = slmkit_runners(model, prompt, args.new_tokens)
+        close = None
+        if not args.skip_hf:
+            runners["transformers"] = transformers_runner(model, prompt, args.new_tokens)
         if gguf is not None:
-            res["llama.cpp"] = {**time_llamacpp(gguf["path"], prompt, args.new_tokens,
-                                                args.threads), "gguf": gguf}
+            runners["llama.cpp"], close = llamacpp_runner(gguf["path"], prompt,
+                                                          args.new_tokens, args.threads)
+        try:
+            res.update(interleaved(runners, args.rounds))
+        finally:
+            if close is not None:
+                close()
+        probe = FastRunner(model, 1, 8)
+        res["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
+        del probe
+        if "transformers" in res:
+            res["greedy_equal_to_transformers"] = \
+                res["slmkit"]["tokens"] == res["transformers"]["tokens"]
+        if gguf is not None:
+            res["llama.cpp"]["gguf"] = gguf
             ours, theirs = res["slmkit"]["tokens"], res["llama.cpp"]["tokens"]
             res["llamacpp_same_greedy_prefix"] = next(
                 (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        res["streams"] = stream_sweep(model, args)
     del model
     return res
 
 
-def bench_runtimes(model, precision: str, args, prompt: list[int]) -> dict:
-    wbytes = weight_bytes(model)
-    from slmkit.engine.runner import kv_cache_dtype
-
-    res = {"precision": precision, "weight_bytes": wbytes,
-           "limit_tok_s": args.bandwidth / wbytes,
-           # the engine's default: fp16 for quantized models (llama.cpp's default is f16 too)
-           "kv_cache": str(kv_cache_dtype(model)).removeprefix("torch.")}
-    res.update(time_slmkit_both(model, prompt, args.new_tokens))
-    if not args.skip_hf:
-        res["transformers"] = time_transformers(model, prompt, args.new_tokens)
-    if "transformers" in res:
-        res["greedy_equal_to_transformers"] = res["slmkit"]["tokens"] == res["transformers"]["tokens"]
-    # the sweep runs --stream-repeats times, interleaved, and each stream count keeps its
-    # median run: single runs on a shared 2-core machine wander by +-20%
+def stream_sweep(model, args) -> list[dict]:
+    """The Engine at each --streams count. The sweep runs --stream-repeats times,
+    interleaved, and each count keeps its median run: single runs on a shared 2-core
+    machine wander by +-20%."""
     counts = [int(s) for s in args.streams.split(",")]
     runs: dict[int, list[dict]] = {c: [] for c in counts}
     for _ in range(max(1, args.stream_repeats)):
         for c in counts:
             runs[c].append(time_streams(model, c, 32, args.stream_tokens))
-    res["streams"] = []
+    out = []
     for c in counts:
         ordered = sorted(runs[c], key=lambda r: r["decode_agg_tok_s"])
-        res["streams"].append({**ordered[len(ordered) // 2],
-                               "decode_agg_tok_s_all": [r["decode_agg_tok_s"] for r in runs[c]]})
-    return res
+        out.append({**ordered[len(ordered) // 2],
+                    "decode_agg_tok_s_all": [r["decode_agg_tok_s"] for r in runs[c]]})
+    return out
 
 
 def bench_reference(args, prompt_len: int) -> dict | None:
@@ -405,8 +438,9 @@ def bench_reference(args, prompt_len: int) -> dict | None:
     res = {"precision": "fp32", "model": "reference (micro, stdlib)",
            "weight_bytes": weight_bytes(model)}
     res["limit_tok_s"] = args.bandwidth / res["weight_bytes"]
-    res.update(time_slmkit_both(model, prompt, args.new_tokens))
-    res["transformers"] = time_transformers(model, prompt, args.new_tokens)
+    runners = slmkit_runners(model, prompt, args.new_tokens)
+    runners["transformers"] = transformers_runner(model, prompt, args.new_tokens)
+    res.update(interleaved(runners, args.rounds))
     res["greedy_equal_to_transformers"] = res["slmkit"]["tokens"] == res["transformers"]["tokens"]
     return res
 
@@ -420,6 +454,8 @@ def main() -> None:
     ap.add_argument("--streams", default="1,4,8,16")
     ap.add_argument("--stream-repeats", type=int, default=5,
                     help="run the stream sweep this many times and keep each count's median")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="batch-1 runs per runtime, taken in turn; each keeps its median")
     ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--bandwidth", type=float, default=30e9, help="bytes/s")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate()")
@@ -520,8 +556,10 @@ def report(results: dict) -> None:
                              ">= 4.0"))
                 bars.append((f"{p} 8 streams vs 1 (with prefill)", s["agg_tok_s"] / base, ""))
         run["ratios"] = {name: value for name, value, _ in bars if name.startswith(p)}
+    rounds = results["runs"][0].get("rounds", 1) if results["runs"] else 1
     print_table(f"batch 1, {results['threads']} threads (OMP_WAIT_POLICY="
-                f"{results['omp_wait_policy']}), prompt {results['prompt_len']}, "
+                f"{results['omp_wait_policy']}), median of {rounds} rounds, "
+                f"prompt {results['prompt_len']}, "
                 f"{results['new_tokens']} new tokens (load avg {results['loadavg_start']:.1f} "
                 f"-> {results['loadavg_end']:.1f})", rows,
                 header=("precision", "runtime", "weights MB", "prefill tok/s", "TTFT ms",
