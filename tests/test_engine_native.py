@@ -155,7 +155,8 @@ def test_quantized_model_close_to_torch_path(tokenizer):
         assert (a - b).norm() / b.norm() < 0.05
 
 
-@pytest.mark.parametrize("quant", [None, (8, -1, True), (4, 32, True), (4, 64, False)])
+@pytest.mark.parametrize("quant", [None, (8, -1, True), (8, 32, False), (4, 32, True),
+                                   (4, 64, False)])
 def test_row_result_does_not_depend_on_the_batch(tokenizer, quant):
     """9 rows run as tiles of 8 + 1 (and attention by KV group); each row alone takes tiles
     of 1 (and attention by head): the results must be bit-identical."""
