@@ -81,10 +81,11 @@ typedef struct {
 } model_t;
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
- * (rs = 1): q [B, k], d, c and zs [B, k/32], cg [B, k/group]. The int4 tiles read a copy
- * that each thread interleaves for itself (interleave_rows): rs = B, q [k/8, B, 8], d, c
- * and zs [k/32, B], so a tile of 8 rows finds every row's next 8 bytes (and block scale) at
- * one pointer plus a constant offset (with 8 row pointers GCC spilled its accumulators). */
+ * (rs = 1): q [B, k], d, c and zs [B, k/32], cg [B, k/group]. The int4 tiles (and int8
+ * tiles of 8 rows) read a copy that each thread interleaves for itself (interleave_rows):
+ * rs = B, q [k/8, B, 8], d, c and zs [k/32, B] (cg stays row-major), so a tile of 8 rows
+ * finds every row's next 8 bytes (and block scale) at one pointer plus a constant offset
+ * (with 8 row pointers GCC spilled its accumulators). */
 typedef struct {
     int8_t *q;
     float *d;       /* block scales */
