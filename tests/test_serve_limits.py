@@ -10,12 +10,22 @@ import httpx
 import pytest
 
 from slmkit.serve.metrics import parse_metrics
+from tests.conftest import build_tiny_model
 from tests.test_serve_api import NAME, live, serve_model, start_server, wait_idle  # noqa: F401
 
 openai = pytest.importorskip("openai")
 
-LONG = {"model": NAME, "prompt": "x", "max_tokens": 1000, "ignore_eos": True,
+# A request that must still be running when the test acts on it (cancels it, times it out,
+# shuts the server down): 8000 tokens take the tiny model several seconds even through the
+# native step (1000 took ~0.4 s on 2 cores), on a model and server with room for them.
+LONG = {"model": NAME, "prompt": "x", "max_tokens": 8000, "ignore_eos": True,
         "temperature": 0}
+LONG_CONTEXT = 8192
+
+
+@pytest.fixture(scope="module")
+def long_model(tokenizer):
+    return build_tiny_model("llama", tokenizer, max_position_embeddings=LONG_CONTEXT)
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = "",
@@ -144,8 +154,9 @@ def test_cors_off_by_default(live):
     assert "access-control-allow-origin" not in r.headers
 
 
-def test_full_queue_gets_429_and_disconnect_frees_the_slot(serve_model, tokenizer):
-    server = start_server(serve_model, tokenizer, max_concurrency=1, max_queue=1)
+def test_full_queue_gets_429_and_disconnect_frees_the_slot(long_model, tokenizer):
+    server = start_server(long_model, tokenizer, max_concurrency=1, max_queue=1,
+                          max_seq_len=LONG_CONTEXT)
     url = server.url
     try:
         with httpx.Client(timeout=30) as a:
@@ -182,8 +193,8 @@ def test_full_queue_gets_429_and_disconnect_frees_the_slot(serve_model, tokenize
         server.stop()
 
 
-def test_non_streaming_disconnect_cancels(serve_model, tokenizer):
-    server = start_server(serve_model, tokenizer, max_concurrency=2)
+def test_non_streaming_disconnect_cancels(long_model, tokenizer):
+    server = start_server(long_model, tokenizer, max_concurrency=2, max_seq_len=LONG_CONTEXT)
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json=LONG, timeout=0.5)
@@ -194,8 +205,8 @@ def test_non_streaming_disconnect_cancels(serve_model, tokenizer):
         server.stop()
 
 
-def test_request_timeout_gets_504(serve_model, tokenizer):
-    server = start_server(serve_model, tokenizer, request_timeout=0.3)
+def test_request_timeout_gets_504(long_model, tokenizer):
+    server = start_server(long_model, tokenizer, request_timeout=0.3, max_seq_len=LONG_CONTEXT)
     try:
         r = httpx.post(server.url + "/v1/completions", json=LONG, timeout=30)
         error = assert_error(r, 504, None, "timeout")
@@ -237,8 +248,8 @@ def test_small_context_and_prompt_cap(serve_model, tokenizer):
         server.stop()
 
 
-def test_shutdown_cancels_long_streams_cleanly(serve_model, tokenizer):
-    server = start_server(serve_model, tokenizer, drain_after=0.2)
+def test_shutdown_cancels_long_streams_cleanly(long_model, tokenizer):
+    server = start_server(long_model, tokenizer, drain_after=0.2, max_seq_len=LONG_CONTEXT)
     service = server.service
     with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
                       json={**LONG, "stream": True}) as s:
