@@ -27,6 +27,8 @@
  * Without AVX-512 (or VNNI for the quantized kinds) plain C loops compute the same function.
  */
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
@@ -42,6 +44,48 @@
 #endif
 
 enum { LIN_F32 = 0, LIN_Q8 = 1, LIN_Q4 = 2 };
+
+/* The barrier between the stages of a step (about nine per layer), instead of the implicit
+ * one of each OpenMP worksharing loop. libgomp's spins only ~100 times before it sleeps in
+ * the kernel whenever it manages more threads than there are CPUs, which is the case as
+ * soon as a second thread runs parallel regions: a server's engine thread next to the main
+ * thread's pool (torch used it while loading). Each of the ~270 barriers of a step then
+ * paid a futex wake-up, and the step ran 1.8x slower on a background thread than on the
+ * main one (12.6 vs 7.1 ms, int8 135M shape, 1 row; now 6.3-7.9 ms on either). This one
+ * spins 256 pauses (~6 us here) and then yields the CPU in a loop, but never sleeps, so the
+ * stage after it starts at once, while a server's event loop or clients still get the CPU
+ * (bench/serve_load.py, 1 / 8 / 32 clients: 52-79 / 273-336 / 378-452 tok/s before;
+ * 113-114 / 461-493 / 503-555 after, against 102-108 / 429-437 / 470-500 spinning 4096
+ * pauses). Between steps the threads still sleep in libgomp. The last thread to arrive
+ * resets the count and bumps the generation that the others wait on. */
+typedef struct {
+    atomic_int count, gen, n;
+} spin_bar_t;
+
+static inline void cpu_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void bar_wait(spin_bar_t *b) {
+    const int gen = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel)
+            == atomic_load_explicit(&b->n, memory_order_relaxed) - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->gen, gen + 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == gen; spins++) {
+        if (spins < 256) cpu_pause();
+        else sched_yield();
+    }
+}
+
+/* Each thread of a new team: the barrier counts the team's actual size. */
+static inline void bar_join(spin_bar_t *b) {
+    atomic_store_explicit(&b->n, omp_get_num_threads(), memory_order_relaxed);
+}
 #define QBLOCK 32
 
 typedef struct {
@@ -96,6 +140,7 @@ typedef struct {
     int32_t rs;     /* rows interleaved: 1 = row-major */
     int8_t *priv;   /* per-thread scratch for the interleaved copies: thread t's at */
     int64_t priv_bytes;  /* priv + t * priv_bytes */
+    spin_bar_t *bar;     /* the team's barrier (the step's worksharing loops end on it) */
 } act_t;
 
 /* Bytes of one thread's interleaved copy of B rows of width up to kmax (64-byte aligned). */
@@ -247,8 +292,9 @@ static void prep_row(const lin_t *L, const float *x, int b, act_t *a) {
 
 /* All B rows; an OpenMP worksharing loop (every thread of the team calls it). */
 static void prep(const lin_t *L, const float *x, int B, act_t *a) {
-    #pragma omp for schedule(static)
+    #pragma omp for schedule(static) nowait
     for (int b = 0; b < B; b++) prep_row(L, x, b, a);
+    bar_wait(a->bar);
 }
 
 /* ------------------------------------------------------------------ dot products, one row
@@ -704,7 +750,7 @@ static void lin_multi_pf(const lin_t *Ls, int nl, const float *x, const act_t *a
     }
 #endif
     for (int j = 0; j < nl; j++) { ystride += Ls[j].n; tiles += (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j]); }
-    #pragma omp for schedule(static)
+    #pragma omp for schedule(static) nowait
     for (int t = 0; t < tiles; t++) {
         int j = 0, tt = t, off = 0;
         while (tt >= (Ls[j].n + tile_rows(&Ls[j]) - 1) / tile_rows(&Ls[j])) {
@@ -714,6 +760,7 @@ static void lin_multi_pf(const lin_t *Ls, int nl, const float *x, const act_t *a
         lin_rows(&Ls[j], x, Ls[j].kind == LIN_Q4 ? ai : a, ai, B, y, ystride, off, r0, r1);
         if (pf) kvpf_step(pf);
     }
+    bar_wait(a->bar);
 }
 static inline void lin_multi(const lin_t *Ls, int nl, const float *x, const act_t *a, int B, float *y) {
     lin_multi_pf(Ls, nl, x, a, B, y, NULL);
@@ -981,8 +1028,11 @@ int slm_linear(const lin_t *L, int B, const float *x, float *y, float *work, int
     a.priv_bytes = priv_bytes(B, L->k);
     a.priv = (int8_t *)(a.zs + B * L->k / QBLOCK + 16);
     a.priv += (64 - ((uintptr_t)a.priv & 63)) & 63;
+    spin_bar_t bar = {0};
+    a.bar = &bar;
     #pragma omp parallel num_threads(n_threads)
     {
+        bar_join(&bar);
         prep(L, x, B, &a);
         lin_multi(L, 1, x, &a, B, y);
     }
@@ -1091,13 +1141,17 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
     /* Stages are separated by the barriers of OpenMP worksharing loops (~9 per layer); work
      * that only needs its own row (residual, norm, activation quantization, SiLU) is fused
      * into one row loop. */
+    spin_bar_t bar = {0};
+    a.bar = &bar;
     #pragma omp parallel num_threads(m->n_threads)
     {
-        #pragma omp for schedule(static)
+        bar_join(&bar);
+        #pragma omp for schedule(static) nowait
         for (int b = 0; b < B; b++) {
             rms_norm(h + b * H, m->layers[0].norm1, H, m->eps, xn + b * H);
             prep_row(&m->layers[0].qkv[0], xn, b, &a);
         }
+        bar_wait(&bar);
         for (int l = 0; l < m->n_layers; l++) {
             const layer_t *L = &m->layers[l];
             kvpf_t pf;
@@ -1107,7 +1161,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             if (hpi == grp && !prefill) {
                 /* one item per (row, KV head): RoPE on its key and query heads, key and value
                  * into the cache, attention for the group (one barrier for all of it) */
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(static) nowait
                 for (int it = 0; it < B * m->n_kv; it++) {
                     const int b = it / m->n_kv, kh = it % m->n_kv;
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
@@ -1119,8 +1173,9 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     for (int h = kh * grp; h < (kh + 1) * grp; h++) rope_head(row + h * D, cs, sn, D);
                     attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
                 }
+                bar_wait(&bar);
             } else {
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(static) nowait
                 for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
@@ -1131,39 +1186,44 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                         kv_store(L->vc, at, row + nq + nk + kh * D, D, m->kv_f16);
                     }
                 }
+                bar_wait(&bar);
                 /* attention: one item per (row, head) when there are too few (row, KV head)
                  * items to share out; each head computes the same thing either way */
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(static) nowait
                 for (int it = 0; it < B * m->n_heads; it++)
                     attend_group(m, L, it / m->n_heads, it % m->n_heads, 1, qkv, slots, pos, scores, att);
+                bar_wait(&bar);
             }
             prep(&L->o, att, B, &a);
             lin_multi(&L->o, 1, att, &a, B, tmp);
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
                 for (int i = 0; i < H; i++) h[b * H + i] += tmp[b * H + i];
                 rms_norm(h + b * H, L->norm2, H, m->eps, xn + b * H);
                 prep_row(&L->gu[0], xn, b, &a);
             }
+            bar_wait(&bar);
             lin_multi(L->gu, L->n_gu, xn, &a, B, gu);
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {      /* SiLU(gate) * up, 16 at a time */
                 for (int i0 = 0; i0 < I; i0 += 16)
                     silu_mul(gu + (int64_t)b * 2 * I + i0, gu + (int64_t)b * 2 * I + I + i0,
                              act + (int64_t)b * I + i0, I - i0 < 16 ? I - i0 : 16);
                 prep_row(&L->down, act, b, &a);
             }
+            bar_wait(&bar);
             lin_multi(&L->down, 1, act, &a, B, tmp);
             /* residual, then the next layer's input norm (or the final norm) and its
              * activation quantization */
             const float *next_norm = l + 1 < m->n_layers ? m->layers[l + 1].norm1 : m->final_norm;
             const lin_t *next = l + 1 < m->n_layers ? &m->layers[l + 1].qkv[0] : &m->lm_head;
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
                 for (int i = 0; i < H; i++) h[b * H + i] += tmp[b * H + i];
                 rms_norm(h + b * H, next_norm, H, m->eps, xn + b * H);
                 prep_row(next, xn, b, &a);
             }
+            bar_wait(&bar);
         }
         if (prefill) {   /* the last row only: a view of its quantized activations */
             const int k = m->lm_head.k, G = k / m->lm_head.group;
