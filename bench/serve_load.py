@@ -101,7 +101,7 @@ def build_model_dir(fp32: bool, layers: int) -> Path:
     if not fp32:
         from slmkit.compress.quantize import make_config, quantize_model
 
-        # LM head stays fp32: Engine() reads lm_head.weight, which a QuantLinear head lacks
+        # LM head stays fp32, as in slm quantize's default (ignore=["lm_head"])
         quantize_model(model, None, make_config(method="rtn", bits=8, group_size=-1, sym=True,
                                                 ignore=["lm_head"]))
     save_model(model, tok, out, step="bench", params={"bench": "serve_load"}, overwrite=True)
