@@ -219,3 +219,21 @@ def test_argmax_rows_matches_torch_including_ties_and_tails():
     assert native.argmax_rows(x) == x.argmax(-1).tolist()
     short = torch.randn(3, 7)            # narrower than one vector
     assert native.argmax_rows(short) == short.argmax(-1).tolist()
+
+
+def test_vnni_ceiling_bench_builds_against_the_engine_source(tmp_path):
+    """bench/vnni_ceiling.c includes decode.c whole and calls its int4 tile: it must keep
+    compiling as decode.c changes, and print a rate for each of its four measurements."""
+    _needs_vnni()
+    import subprocess
+
+    from bench.vnni_ceiling import NAMES, build
+
+    exe = tmp_path / "vnni_ceiling"
+    why = build(exe)
+    assert why is None, why
+    out = subprocess.run([str(exe), "20000"], capture_output=True, text=True, check=True,
+                         env={"OMP_NUM_THREADS": "1"}, timeout=60)
+    rates = dict(line.split() for line in out.stdout.splitlines())
+    assert list(rates) == list(NAMES)
+    assert all(float(r) > 0 for r in rates.values())
