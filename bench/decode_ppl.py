@@ -7,7 +7,7 @@ reference model teacher-forced, one decode step per token (``FastRunner.forward`
 T = 1, 8 windows of 256 tokens side by side), through both paths, in fp32 and quantized:
 same tokens, same model, only the decode arithmetic differs. Quantized models are also
 scored on the native step with an fp32 KV cache, to show what the engine's default fp16
-cache for them costs.
+cache for them costs, and every model with the opt-in int8 cache (``kv_cache="int8"``).
 
     .venv/bin/python bench/decode_ppl.py                      # ~1 min on 2 cores
 
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
         runs = [("native", True, "auto"), ("torch", False, "auto")]
         if scheme:
             runs.append(("native fp32 KV", True, "fp32"))
+        runs.append(("native int8 KV", True, "int8"))
         for key, native, kv in runs:
             t0 = time.perf_counter()
             ppl, path = decode_ppl(model, windows, native, kv_cache=kv)
@@ -97,12 +98,12 @@ def main(argv=None) -> int:
         out.append(res)
         fp32_kv = res.get("native fp32 KV", res["native"])["ppl"]
         rows.append((name, f"{res['native']['ppl']:.3f}", f"{fp32_kv:.3f}",
-                     f"{res['torch']['ppl']:.3f}",
+                     f"{res['native int8 KV']['ppl']:.3f}", f"{res['torch']['ppl']:.3f}",
                      f"{100 * (res['native']['ppl'] / res['torch']['ppl'] - 1):+.2f}%",
                      res["native"]["path"]))
     print_table(f"teacher-forced decode perplexity, {len(windows) * (args.window - 1)} tokens "
                 f"of stdlib val ({args.model})", rows,
-                header=("weights", "native step", "native, fp32 KV", "torch loop",
+                header=("weights", "native step", "native, fp32 KV", "native, int8 KV", "torch loop",
                         "native vs torch", "native path"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "window": args.window,

@@ -761,8 +761,8 @@ def serve(
                                           "(default: physical cores)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
     kv_cache: str = typer.Option("auto", "--kv-cache", help="KV cache dtype: auto (fp16 for "
-                                 "quantized fp32 models, else the model's), fp32, fp16 or "
-                                 "bf16."),
+                                 "quantized fp32 models, else the model's), fp32, fp16, "
+                                 "bf16 or int8 (half of fp16's bytes; long contexts)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API and a web chat page at /."""
     from pydantic import ValidationError

@@ -6,6 +6,10 @@ keys/values in place at its own positions, and gives the slot back when it finis
 cancelled. Nothing is reallocated per token. The :class:`~slmkit.engine.engine.Engine`
 hands out the lowest free slot, which keeps running slots contiguous most of the time, so
 the batched decode step reads the cache through a view instead of a gather.
+
+An int8 cache stores each cached row (one position of one KV head, ``head_dim`` values) as
+int8 codes plus one float32 scale, ``max|x| / 127``: a quarter of fp32's bytes (plus 4 per
+row), half of fp16's, which is what attention streams per step at long contexts.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ class KVCache:
     Args:
         n_layers, n_slots, n_kv_heads, max_seq_len, head_dim: the cache geometry.
         dtype: storage dtype (the model's activation dtype, or a narrower one; writes round
-            to it, fp16 saturating at +-65504).
+            to it, fp16 saturating at +-65504), or ``torch.int8`` (codes and row scales).
         device: where the cache lives.
 
     Attributes:
         k, v: lists (one per layer) of ``[n_slots, n_kv_heads, max_seq_len, head_dim]``.
+        ks, vs: int8 caches only: lists of ``[n_slots, n_kv_heads, max_seq_len]`` float32
+            row scales (empty lists otherwise).
         lengths: ``[n_slots]`` int64 tokens currently stored per slot (owned by the runner).
     """
 
@@ -40,13 +46,17 @@ class KVCache:
         shape = (n_slots, n_kv_heads, max_seq_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.quantized = dtype == torch.int8
+        n_scaled = n_layers if self.quantized else 0
+        self.ks = [torch.zeros(shape[:3], device=device) for _ in range(n_scaled)]
+        self.vs = [torch.zeros(shape[:3], device=device) for _ in range(n_scaled)]
         self.lengths = torch.zeros(n_slots, dtype=torch.long)
         self.max_seq_len = max_seq_len
         self.n_slots = n_slots
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.ks + self.vs)
 
     def write(self, layer: int, slots: torch.Tensor, starts: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
@@ -58,8 +68,16 @@ class KVCache:
             starts: ``[B]`` position of each row's first new token.
             k, v: ``[B, Hkv, T, D]``.
         """
-        B, _, T, _ = k.shape
-        ck, cv = self.k[layer], self.v[layer]
+        if self.quantized:
+            (k, sk), (v, sv) = quantize_rows(k), quantize_rows(v)
+            self._put(self.ks[layer], self.vs[layer], slots, starts, sk, sv)
+        self._put(self.k[layer], self.v[layer], slots, starts, k, v)
+
+    @staticmethod
+    def _put(ck: torch.Tensor, cv: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v ``[B, Hkv, T, ...]`` into ``ck``, ``cv`` at each row's slot and positions."""
+        B, T = k.shape[0], k.shape[2]
         if ck.dtype != k.dtype:   # a narrower cache: round once here (fp16 saturates)
             if ck.dtype == torch.float16:
                 k, v = k.clamp(-FP16_MAX, FP16_MAX), v.clamp(-FP16_MAX, FP16_MAX)
@@ -82,10 +100,31 @@ class KVCache:
         """Keys/values of ``slots`` up to ``key_len``: two ``[B, Hkv, key_len, D]`` tensors.
 
         When the slots are the contiguous range ``first_slot .. first_slot + B - 1`` the
-        result is a view (no copy); otherwise it is gathered.
+        result is a view (no copy); otherwise it is gathered. An int8 cache returns its
+        values decoded to float32 (a copy).
         """
         ck, cv = self.k[layer], self.v[layer]
         if first_slot is not None:
             end = first_slot + slots.shape[0]
-            return ck[first_slot:end, :, :key_len], cv[first_slot:end, :, :key_len]
-        return ck[slots, :, :key_len], cv[slots, :, :key_len]
+            keys, values = ck[first_slot:end, :, :key_len], cv[first_slot:end, :, :key_len]
+        else:
+            keys, values = ck[slots, :, :key_len], cv[slots, :, :key_len]
+        if not self.quantized:
+            return keys, values
+        ks, vs = self.ks[layer], self.vs[layer]     # int8: codes x row scale, in float32
+        if first_slot is not None:
+            sk, sv = ks[first_slot:end, :, :key_len], vs[first_slot:end, :, :key_len]
+        else:
+            sk, sv = ks[slots, :, :key_len], vs[slots, :, :key_len]
+        return keys.float() * sk[..., None], values.float() * sv[..., None]
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and float32 scales of the rows (last dim) of ``x``: scale ``max|x| / 127``,
+    codes ``round(x * (127 / max|x|))`` (half to even; all zero for an all-zero row). The
+    native step stores keys and values with the same arithmetic."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes, amax / 127.0

@@ -164,7 +164,8 @@ class Engine:
         threads: torch threads (default: physical cores).
         background: run the step loop in a daemon thread.
         kv_cache: KV cache dtype on the fast path: ``"auto"`` (fp16 for quantized fp32
-            models, else the model's dtype), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+            models, else the model's dtype), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``
+            (codes plus one scale per cached row: half of fp16's bytes).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8,

@@ -49,7 +49,8 @@ def fast_path_reason(model) -> str | None:
 
 
 #: ``kv_cache`` choices of :func:`make_runner` / ``Engine`` (``"auto"``: see kv_cache_dtype).
-KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                   "int8": torch.int8}
 
 
 def kv_cache_dtype(model, choice: str = "auto") -> torch.dtype:
@@ -59,6 +60,8 @@ def kv_cache_dtype(model, choice: str = "auto") -> torch.dtype:
     int4 weights already round far more than fp16 keys and values do, and the cache is half
     the bytes to read per step and to hold), otherwise the model's own activation dtype, so
     a dense model's greedy output stays token-for-token that of ``transformers``.
+    ``"int8"`` (asked for, never automatic): int8 codes with one scale per cached row (see
+    :class:`~slmkit.engine.cache.KVCache`), half of fp16's bytes for attention to read.
     """
     if choice != "auto":
         if choice not in KV_CACHE_DTYPES:

@@ -34,7 +34,7 @@ class ServeConfig(BaseModel):
         max_seq_len: prompt + output tokens per request (None = model context, <= 2048).
         threads: torch threads of the engine (None = physical cores).
         kv_cache: KV cache dtype: auto (fp16 for quantized fp32 models, else the model's
-            dtype), fp32, fp16 or bf16.
+            dtype), fp32, fp16, bf16 or int8.
         log_prompts: put prompt text in the per-request log line (off for privacy).
     """
 
@@ -52,7 +52,7 @@ class ServeConfig(BaseModel):
     shutdown_timeout: float = Field(10.0, ge=0)
     max_seq_len: int | None = Field(None, ge=2)
     threads: int | None = Field(None, ge=1)
-    kv_cache: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    kv_cache: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     log_prompts: bool = False
 
 

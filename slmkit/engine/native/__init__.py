@@ -46,7 +46,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", Lin * 3),
                 ("n_qkv", ctypes.c_int32), ("o", Lin), ("gu", Lin * 2), ("n_gu", ctypes.c_int32),
                 ("down", Lin), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
-                ("window", ctypes.c_int32)]
+                ("window", ctypes.c_int32), ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -57,7 +57,11 @@ class Model(ctypes.Structure):
                 ("n_threads", ctypes.c_int32), ("eps", ctypes.c_float),
                 ("attn_scale", ctypes.c_float), ("cos", ctypes.c_void_p),
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
-                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_f16", ctypes.c_int32)]
+                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32)]
+
+
+#: decode.c's KV cache kinds (model_t.kv_kind), by the cache's torch dtype
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
 _LIB: dict = {}
@@ -405,7 +409,7 @@ class NativeStep:
             return None, f"activation '{cfg.hidden_act}' is not SiLU"
         if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
             return None, f"head dim {runner.head_dim} is not supported"
-        if runner.cache.k[0].dtype not in (torch.float32, torch.float16):
+        if runner.cache.k[0].dtype not in KV_KINDS:
             return None, f"the native step keeps no {runner.cache.k[0].dtype} KV cache"
         vnni = bool(lib.slm_has_vnni())
         used: list = []        # a dry run first: nothing is built or moved for a refusal
@@ -458,6 +462,9 @@ class NativeStep:
             L.o, L.down = o, down
             L.kc = _ptr(runner.cache.k[i], keep)
             L.vc = _ptr(runner.cache.v[i], keep)
+            if runner.cache.quantized:
+                L.ks = _ptr(runner.cache.ks[i], keep)
+                L.vs = _ptr(runner.cache.vs[i], keep)
             L.window = runner.windows[i] or 0
         head = _lin(runner.lm_head, keep, vnni, used=used)
         if isinstance(head, str):
@@ -478,7 +485,7 @@ class NativeStep:
         m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
         keep.append(layers)
         m.lm_head = head
-        m.kv_f16 = int(runner.cache.k[0].dtype == torch.float16)
+        m.kv_kind = KV_KINDS[runner.cache.k[0].dtype]
         if used is not None:
             return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)

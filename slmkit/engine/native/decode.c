@@ -44,6 +44,8 @@
 #endif
 
 enum { LIN_F32 = 0, LIN_Q8 = 1, LIN_Q4 = 2 };
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
+static const int KV_ESZ[3] = {4, 2, 1};   /* bytes per cached value */
 
 /* The barrier between the stages of a step (about nine per layer), instead of the implicit
  * one of each OpenMP worksharing loop. libgomp's spins only ~100 times before it sleeps in
@@ -110,8 +112,9 @@ typedef struct {
     lin_t gu[2];
     int32_t n_gu;
     lin_t down;
-    void *kc, *vc;      /* [slots, n_kv, max_seq, head_dim], fp32 or fp16 (model_t.kv_f16) */
+    void *kc, *vc;      /* [slots, n_kv, max_seq, head_dim], fp32, fp16 or int8 (model_t.kv_kind) */
     int32_t window;     /* sliding window, 0 = full attention */
+    float *ks, *vs;     /* int8 cache: each cached row's scale [slots, n_kv, max_seq]; else NULL */
 } layer_t;
 
 typedef struct {
@@ -121,7 +124,8 @@ typedef struct {
     const float *final_norm;
     layer_t *layers;
     lin_t lm_head;
-    int32_t kv_f16;     /* the KV cache holds IEEE fp16 (1) or fp32 (0) */
+    int32_t kv_kind;    /* the KV cache holds fp32 (KV_F32), IEEE fp16 (KV_F16) or int8 codes
+                         * with one scale per cached row of head_dim values (KV_I8) */
 } model_t;
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
@@ -770,7 +774,7 @@ static inline void lin_multi(const lin_t *Ls, int nl, const float *x, const act_
  * share of the q/k/v tiles. */
 static void kvpf_plan(const model_t *m, const layer_t *L, int B, const int64_t *slots,
                       const int64_t *pos, kvpf_t *pf) {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num(), esz = m->kv_f16 ? 2 : 4;
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num(), esz = KV_ESZ[m->kv_kind];
     const int D = m->head_dim, S = m->max_seq;
     int lo, hi, tiles = 0, tlo, thi;
     static_share(B * m->n_kv, t, nt, &lo, &hi);
@@ -854,15 +858,19 @@ static void rms_norm(const float *x, const float *w, int n, float eps, float *y)
 }
 
 
-/* Attention reads the KV cache as fp32 or fp16 (F16 is a compile-time constant in every
- * caller, so each kind gets its own loop). */
-static inline float kv_at(const void *base, int64_t i, const int F16) {
-    return F16 ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+/* Attention reads the KV cache as fp32, fp16 or int8 codes (KF, a compile-time constant in
+ * every caller, so each kind gets its own loop). int8: the code alone; its row's scale is
+ * applied once per row, to the key's score and to the value's weight. */
+static inline float kv_at(const void *base, int64_t i, const int KF) {
+    return KF == KV_F16 ? half_to_float(((const uint16_t *)base)[i])
+         : KF == KV_I8 ? (float)((const int8_t *)base)[i] : ((const float *)base)[i];
 }
 #ifdef SLM_AVX512
-static inline __m512 kv16(const void *base, int64_t i, const int F16) {
-    return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)))
-               : _mm512_loadu_ps((const float *)base + i);
+static inline __m512 kv16(const void *base, int64_t i, const int KF) {
+    if (KF == KV_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+    if (KF == KV_I8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + i))));
+    return _mm512_loadu_ps((const float *)base + i);
 }
 
 /* NH query heads (q, D = 16 NC apart) against rows lo..p of one KV head: o_h = softmax(scale *
@@ -870,8 +878,8 @@ static inline __m512 kv16(const void *base, int64_t i, const int F16) {
  * sc: NH score rows, S apart. Every head takes the same instruction sequence whatever NH is,
  * so a head's result does not depend on how heads are grouped. */
 static inline __attribute__((always_inline)) void attend_tile(
-        const float *q, const void *K, const void *V, int lo, int p, float scale, float *sc,
-        int S, float *o, const int NH, const int NC, const int F16) {
+        const float *q, const void *K, const void *V, const float *KS, const float *VS, int lo,
+        int p, float scale, float *sc, int S, float *o, const int NH, const int NC, const int KF) {
     const int D = 16 * NC;
     __m512 qv[12], ov[12];
     float mx[12];
@@ -881,11 +889,13 @@ static inline __attribute__((always_inline)) void attend_tile(
     }
     for (int j = lo; j <= p; j++) {
         __m512 kr[8];
-        for (int c = 0; c < NC; c++) kr[c] = kv16(K, (int64_t)j * D + 16 * c, F16);
+        for (int c = 0; c < NC; c++) kr[c] = kv16(K, (int64_t)j * D + 16 * c, KF);
         for (int h = 0; h < NH; h++) {
             __m512 acc = _mm512_mul_ps(kr[0], qv[h * NC]);
             for (int c = 1; c < NC; c++) acc = _mm512_fmadd_ps(kr[c], qv[h * NC + c], acc);
-            const float v = _mm512_reduce_add_ps(acc) * scale;
+            float v = _mm512_reduce_add_ps(acc);
+            if (KF == KV_I8) v *= KS[j];            /* the key row's scale */
+            v *= scale;
             sc[h * S + j] = v;
             mx[h] = v > mx[h] ? v : mx[h];
         }
@@ -897,9 +907,9 @@ static inline __attribute__((always_inline)) void attend_tile(
     }
     for (int j = lo; j <= p; j++) {          /* o += e_j * v_j, normalized once */
         __m512 vr[8];
-        for (int c = 0; c < NC; c++) vr[c] = kv16(V, (int64_t)j * D + 16 * c, F16);
+        for (int c = 0; c < NC; c++) vr[c] = kv16(V, (int64_t)j * D + 16 * c, KF);
         for (int h = 0; h < NH; h++) {
-            const __m512 w = _mm512_set1_ps(sc[h * S + j]);
+            const __m512 w = _mm512_set1_ps(KF == KV_I8 ? sc[h * S + j] * VS[j] : sc[h * S + j]);
             for (int c = 0; c < NC; c++) ov[h * NC + c] = _mm512_fmadd_ps(w, vr[c], ov[h * NC + c]);
         }
     }
@@ -908,47 +918,71 @@ static inline __attribute__((always_inline)) void attend_tile(
             _mm512_storeu_ps(o + h * D + 16 * c, _mm512_mul_ps(ov[h * NC + c], _mm512_set1_ps(inv[h])));
 }
 #define ATT(NH, NC, F) static __attribute__((noinline)) void attend_##NH##_##NC##_##F( \
-    const float *q, const void *K, const void *V, int lo, int p, float scale, float *sc, int S, \
-    float *o) { attend_tile(q, K, V, lo, p, scale, sc, S, o, NH, NC, F); }
+    const float *q, const void *K, const void *V, const float *KS, const float *VS, int lo, \
+    int p, float scale, float *sc, int S, float *o) { \
+    attend_tile(q, K, V, KS, VS, lo, p, scale, sc, S, o, NH, NC, F); }
 /* head dim 64 (most small models) in up to 3 heads a pass; other multiples of 16 up to 128
  * one head at a time */
 ATT(1, 4, 0) ATT(2, 4, 0) ATT(3, 4, 0) ATT(1, 4, 1) ATT(2, 4, 1) ATT(3, 4, 1)
+ATT(1, 4, 2) ATT(2, 4, 2) ATT(3, 4, 2)
 ATT(1, 1, 0) ATT(1, 2, 0) ATT(1, 3, 0) ATT(1, 5, 0) ATT(1, 6, 0) ATT(1, 7, 0) ATT(1, 8, 0)
 ATT(1, 1, 1) ATT(1, 2, 1) ATT(1, 3, 1) ATT(1, 5, 1) ATT(1, 6, 1) ATT(1, 7, 1) ATT(1, 8, 1)
-typedef void (*attend_fn)(const float *, const void *, const void *, int, int, float, float *,
-                          int, float *);
-static const attend_fn ATTEND_ONE[2][9] = {
+ATT(1, 1, 2) ATT(1, 2, 2) ATT(1, 3, 2) ATT(1, 5, 2) ATT(1, 6, 2) ATT(1, 7, 2) ATT(1, 8, 2)
+typedef void (*attend_fn)(const float *, const void *, const void *, const float *,
+                          const float *, int, int, float, float *, int, float *);
+static const attend_fn ATTEND_ONE[3][9] = {
     {NULL, attend_1_1_0, attend_1_2_0, attend_1_3_0, attend_1_4_0, attend_1_5_0, attend_1_6_0,
      attend_1_7_0, attend_1_8_0},
     {NULL, attend_1_1_1, attend_1_2_1, attend_1_3_1, attend_1_4_1, attend_1_5_1, attend_1_6_1,
-     attend_1_7_1, attend_1_8_1}};
+     attend_1_7_1, attend_1_8_1},
+    {NULL, attend_1_1_2, attend_1_2_2, attend_1_3_2, attend_1_4_2, attend_1_5_2, attend_1_6_2,
+     attend_1_7_2, attend_1_8_2}};
+static const attend_fn ATTEND_64[3][4] = {
+    {NULL, attend_1_4_0, attend_2_4_0, attend_3_4_0},
+    {NULL, attend_1_4_1, attend_2_4_1, attend_3_4_1},
+    {NULL, attend_1_4_2, attend_2_4_2, attend_3_4_2}};
 #endif
 
 /* One query head, any head dim: the portable path. */
-static void attend_plain(const float *q, const void *K, const void *V, int lo, int p, int D,
-                         float scale, float *sc, float *o, const int F16) {
+static void attend_plain(const float *q, const void *K, const void *V, const float *KS,
+                         const float *VS, int lo, int p, int D, float scale, float *sc, float *o,
+                         const int KF) {
     float mx = -INFINITY;
     for (int j = lo; j <= p; j++) {
         float acc[16] = {0}, s = 0.f;
-        for (int i = 0; i < D; i++) acc[i & 15] += kv_at(K, (int64_t)j * D + i, F16) * q[i];
+        for (int i = 0; i < D; i++) acc[i & 15] += kv_at(K, (int64_t)j * D + i, KF) * q[i];
         for (int i = 0; i < 16; i++) s += acc[i];
-        sc[j] = s * scale;
+        sc[j] = (KF == KV_I8 ? s * KS[j] : s) * scale;
         mx = sc[j] > mx ? sc[j] : mx;
     }
     const float inv = 1.f / exp_sub_sum(sc + lo, p - lo + 1, mx);
     for (int i = 0; i < D; i++) o[i] = 0.f;
     for (int j = lo; j <= p; j++) {
-        const float wgt = sc[j];
-        for (int i = 0; i < D; i++) o[i] += wgt * kv_at(V, (int64_t)j * D + i, F16);
+        const float wgt = KF == KV_I8 ? sc[j] * VS[j] : sc[j];
+        for (int i = 0; i < D; i++) o[i] += wgt * kv_at(V, (int64_t)j * D + i, KF);
     }
     for (int i = 0; i < D; i++) o[i] *= inv;
 }
 
-/* n values into the cache at element offset at: copied (fp32), or rounded to fp16 and
- * saturated at +-65504 (as KVCache.write does), so an outlier key stays finite. */
+/* One row of n values into the cache at element offset at: copied (fp32); rounded to fp16
+ * and saturated at +-65504 (as KVCache.write does), so an outlier key stays finite; or
+ * rounded to int8 codes with the scale max|x| / 127, written to *scale (KVCache.write's
+ * arithmetic: codes rint(x * (127 / max|x|)), half to even). */
 #define FP16_MAX 65504.f
-static inline void kv_store(void *base, int64_t at, const float *x, int n, int f16) {
-    if (!f16) { memcpy((float *)base + at, x, (size_t)n * sizeof(float)); return; }
+static inline void kv_store(void *base, float *scale, int64_t at, const float *x, int n, int kind) {
+    if (kind == KV_F32) { memcpy((float *)base + at, x, (size_t)n * sizeof(float)); return; }
+    if (kind == KV_I8) {
+        float amax = 0.f;
+        for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t *d = (int8_t *)base + at;
+        for (int i = 0; i < n; i++) {
+            const float v = rintf(x[i] * inv);
+            d[i] = (int8_t)(v > 127.f ? 127.f : (v < -127.f ? -127.f : v));
+        }
+        *scale = amax / 127.f;
+        return;
+    }
     uint16_t *d = (uint16_t *)base + at;
     int i = 0;
 #ifdef SLM_AVX512
@@ -961,28 +995,28 @@ static inline void kv_store(void *base, int64_t at, const float *x, int n, int f
 }
 
 /* Query heads h0 .. h0 + nh - 1 (all of one KV head) against rows lo..p of that KV head. */
-static void attend(const float *q, const void *K, const void *V, int lo, int p, int D,
-                   float scale, float *sc, int S, float *o, int nh, int f16) {
+static void attend(const float *q, const void *K, const void *V, const float *KS,
+                   const float *VS, int lo, int p, int D, float scale, float *sc, int S, float *o,
+                   int nh, int kind) {
 #ifdef SLM_AVX512
     if (D == 64) {
         for (int h = 0; h < nh; h += 3) {
             const int n = nh - h < 3 ? nh - h : 3;
-            const float *qh = q + h * D;
-            float *sh = sc + (int64_t)h * S, *oh = o + h * D;
-            if (f16) (n == 3 ? attend_3_4_1 : n == 2 ? attend_2_4_1 : attend_1_4_1)(qh, K, V, lo, p, scale, sh, S, oh);
-            else (n == 3 ? attend_3_4_0 : n == 2 ? attend_2_4_0 : attend_1_4_0)(qh, K, V, lo, p, scale, sh, S, oh);
+            ATTEND_64[kind][n](q + h * D, K, V, KS, VS, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
         }
         return;
     }
     if (D % 16 == 0 && D <= 128) {
         for (int h = 0; h < nh; h++)
-            ATTEND_ONE[f16 != 0][D / 16](q + h * D, K, V, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
+            ATTEND_ONE[kind][D / 16](q + h * D, K, V, KS, VS, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
         return;
     }
 #endif
     for (int h = 0; h < nh; h++) {
-        if (f16) attend_plain(q + h * D, K, V, lo, p, D, scale, sc + (int64_t)h * S, o + h * D, 1);
-        else attend_plain(q + h * D, K, V, lo, p, D, scale, sc + (int64_t)h * S, o + h * D, 0);
+        float *sh = sc + (int64_t)h * S, *oh = o + h * D;
+        if (kind == KV_F16) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, sh, oh, KV_F16);
+        else if (kind == KV_I8) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, sh, oh, KV_I8);
+        else attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, sh, oh, KV_F32);
     }
 }
 
@@ -1002,11 +1036,12 @@ static void attend_group(const model_t *m, const layer_t *L, int b, int h0, int 
     const int D = m->head_dim, S = m->max_seq, nq = m->n_heads * D, nk = m->n_kv * D;
     const int kh = h0 / (m->n_heads / m->n_kv), p = (int)pos[b];
     const int lo = L->window > 0 && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
-    const int64_t at = ((int64_t)slots[b] * m->n_kv + kh) * S * D * (m->kv_f16 ? 2 : 4);
+    const int64_t row0 = ((int64_t)slots[b] * m->n_kv + kh) * S, at = row0 * D * KV_ESZ[m->kv_kind];
+    const int i8 = m->kv_kind == KV_I8;
     attend(qkv + (int64_t)b * (nq + 2 * nk) + h0 * D, (const char *)L->kc + at,
-           (const char *)L->vc + at, lo, p, D, m->attn_scale,
-           scores + ((int64_t)b * m->n_heads + h0) * S, S, att + (int64_t)b * nq + h0 * D, nh,
-           m->kv_f16);
+           (const char *)L->vc + at, i8 ? L->ks + row0 : NULL, i8 ? L->vs + row0 : NULL, lo, p,
+           D, m->attn_scale, scores + ((int64_t)b * m->n_heads + h0) * S, S,
+           att + (int64_t)b * nq + h0 * D, nh, m->kv_kind);
 }
 
 /* Workspace floats slm_linear needs. */
@@ -1167,9 +1202,9 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
                     rope_head(row + nq + kh * D, cs, sn, D);
-                    const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
-                    kv_store(L->kc, at, row + nq + kh * D, D, m->kv_f16);
-                    kv_store(L->vc, at, row + nq + nk + kh * D, D, m->kv_f16);
+                    const int64_t r = ((int64_t)slots[b] * m->n_kv + kh) * S + pos[b];
+                    kv_store(L->kc, L->ks ? L->ks + r : NULL, r * D, row + nq + kh * D, D, m->kv_kind);
+                    kv_store(L->vc, L->vs ? L->vs + r : NULL, r * D, row + nq + nk + kh * D, D, m->kv_kind);
                     for (int h = kh * grp; h < (kh + 1) * grp; h++) rope_head(row + h * D, cs, sn, D);
                     attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
                 }
@@ -1181,9 +1216,9 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
                     for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) rope_head(row + hh * D, cs, sn, D);
                     for (int kh = 0; kh < m->n_kv; kh++) {
-                        const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + pos[b]) * D;
-                        kv_store(L->kc, at, row + nq + kh * D, D, m->kv_f16);
-                        kv_store(L->vc, at, row + nq + nk + kh * D, D, m->kv_f16);
+                        const int64_t r = ((int64_t)slots[b] * m->n_kv + kh) * S + pos[b];
+                        kv_store(L->kc, L->ks ? L->ks + r : NULL, r * D, row + nq + kh * D, D, m->kv_kind);
+                        kv_store(L->vc, L->vs ? L->vs + r : NULL, r * D, row + nq + nk + kh * D, D, m->kv_kind);
                     }
                 }
                 bar_wait(&bar);
