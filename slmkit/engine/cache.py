@@ -103,20 +103,17 @@ class KVCache:
         result is a view (no copy); otherwise it is gathered. An int8 cache returns its
         values decoded to float32 (a copy).
         """
-        ck, cv = self.k[layer], self.v[layer]
-        if first_slot is not None:
-            end = first_slot + slots.shape[0]
-            keys, values = ck[first_slot:end, :, :key_len], cv[first_slot:end, :, :key_len]
-        else:
-            keys, values = ck[slots, :, :key_len], cv[slots, :, :key_len]
+        def take(t: torch.Tensor) -> torch.Tensor:
+            if first_slot is not None:
+                return t[first_slot:first_slot + slots.shape[0], :, :key_len]
+            return t[slots, :, :key_len]
+
+        keys, values = take(self.k[layer]), take(self.v[layer])
         if not self.quantized:
             return keys, values
-        ks, vs = self.ks[layer], self.vs[layer]     # int8: codes x row scale, in float32
-        if first_slot is not None:
-            sk, sv = ks[first_slot:end, :, :key_len], vs[first_slot:end, :, :key_len]
-        else:
-            sk, sv = ks[slots, :, :key_len], vs[slots, :, :key_len]
-        return keys.float() * sk[..., None], values.float() * sv[..., None]
+        # int8: codes x row scale, in float32
+        return (keys.float() * take(self.ks[layer])[..., None],
+                values.float() * take(self.vs[layer])[..., None])
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

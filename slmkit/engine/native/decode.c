@@ -994,6 +994,15 @@ static inline void kv_store(void *base, float *scale, int64_t at, const float *x
     for (; i < n; i++) d[i] = float_to_half(x[i] > FP16_MAX ? FP16_MAX : (x[i] < -FP16_MAX ? -FP16_MAX : x[i]));
 }
 
+/* KV head kh's key and value of one token (its q/k/v row) into the cache at (slot, pos). */
+static inline void kv_put(const model_t *m, const layer_t *L, int64_t slot, int kh, int64_t pos,
+                          const float *row) {
+    const int D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D;
+    const int64_t r = (slot * m->n_kv + kh) * m->max_seq + pos;   /* the cached row */
+    kv_store(L->kc, L->ks ? L->ks + r : NULL, r * D, row + nq + kh * D, D, m->kv_kind);
+    kv_store(L->vc, L->vs ? L->vs + r : NULL, r * D, row + nq + nk + kh * D, D, m->kv_kind);
+}
+
 /* Query heads h0 .. h0 + nh - 1 (all of one KV head) against rows lo..p of that KV head. */
 static void attend(const float *q, const void *K, const void *V, const float *KS,
                    const float *VS, int lo, int p, int D, float scale, float *sc, int S, float *o,
@@ -1173,7 +1182,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
     /* heads per attention item: a KV group once there are two items per thread */
     const int hpi = B * m->n_kv >= 2 * m->n_threads && grp <= 64 ? grp : 1;
 
-    /* Stages are separated by the barriers of OpenMP worksharing loops (~9 per layer); work
+    /* Stages are separated by bar_wait (~9 per layer, after nowait worksharing loops); work
      * that only needs its own row (residual, norm, activation quantization, SiLU) is fused
      * into one row loop. */
     spin_bar_t bar = {0};
@@ -1202,9 +1211,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
                     rope_head(row + nq + kh * D, cs, sn, D);
-                    const int64_t r = ((int64_t)slots[b] * m->n_kv + kh) * S + pos[b];
-                    kv_store(L->kc, L->ks ? L->ks + r : NULL, r * D, row + nq + kh * D, D, m->kv_kind);
-                    kv_store(L->vc, L->vs ? L->vs + r : NULL, r * D, row + nq + nk + kh * D, D, m->kv_kind);
+                    kv_put(m, L, slots[b], kh, pos[b], row);
                     for (int h = kh * grp; h < (kh + 1) * grp; h++) rope_head(row + h * D, cs, sn, D);
                     attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
                 }
@@ -1216,9 +1223,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
                     for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) rope_head(row + hh * D, cs, sn, D);
                     for (int kh = 0; kh < m->n_kv; kh++) {
-                        const int64_t r = ((int64_t)slots[b] * m->n_kv + kh) * S + pos[b];
-                        kv_store(L->kc, L->ks ? L->ks + r : NULL, r * D, row + nq + kh * D, D, m->kv_kind);
-                        kv_store(L->vc, L->vs ? L->vs + r : NULL, r * D, row + nq + nk + kh * D, D, m->kv_kind);
+                        kv_put(m, L, slots[b], kh, pos[b], row);
                     }
                 }
                 bar_wait(&bar);
