@@ -11,8 +11,11 @@ Routes:
 :class:`Gate` is a plain ASGI middleware in front of everything: it gives each request an
 id (``X-Request-Id``), checks ``Authorization: Bearer`` for ``/v1/*`` and ``/metrics`` when
 an API key is set (constant-time comparison of SHA-256 digests, so neither the content nor
-the length of the key leaks through timing), counts every answer by status, and writes one
-JSON log line per request -- without prompt text unless ``log_prompts`` is on.
+the length of the key leaks through timing), answers 413 to a body over
+``max_request_bytes`` (at once when ``Content-Length`` declares it, else as soon as a chunked
+body passes it), counts every answer by status, and writes one JSON log line per request --
+without prompt text unless ``log_prompts`` is on. A client that hangs up mid-body is logged
+as 499, not as a server error.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from slmkit.serve.config import ServeConfig
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body,
                                    parse_request)
-from slmkit.serve.service import GenerationService
+from slmkit.serve.service import CLIENT_CLOSED, GenerationService
 
 log = logging.getLogger("slmkit.serve.access")
 
@@ -56,12 +60,45 @@ def bearer_matches(authorization: bytes, key_digest: bytes) -> bool:
 
 
 class Gate:
-    """ASGI middleware: request id, bearer auth, request metrics and the access log."""
+    """ASGI middleware: request id, bearer auth, body size cap, metrics and the access log."""
 
     def __init__(self, app, config: ServeConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
         self.key_digest = hashlib.sha256(config.api_key.encode()).digest() \
             if config.api_key else None
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"The request body is over this server's limit of "
+                        f"{self.config.max_request_bytes} bytes; send a shorter request.",
+                        code="request_too_large", headers={"Connection": "close"})
+
+    def refusal(self, scope) -> APIError | None:
+        """The error for a request its headers alone rule out (no API key, body too large)."""
+        headers = dict(scope["headers"])
+        if (self.key_digest is not None and needs_auth(scope["path"])
+                and scope["method"] != "OPTIONS"
+                and not bearer_matches(headers.get(b"authorization", b""), self.key_digest)):
+            return APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                            type="authentication_error", code="invalid_api_key",
+                            headers={"WWW-Authenticate": "Bearer"})
+        # uvicorn's HTTP parser has already refused a Content-Length that is not digits
+        if int(headers.get(b"content-length", b"0")) > self.config.max_request_bytes:
+            return self.too_large()
+        return None
+
+    def capped(self, receive):
+        """``receive`` that raises a 413 once a body without a declared length (chunked)
+        goes over the cap; the app's error handler answers it."""
+        received = 0
+
+        async def receive_capped():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.config.max_request_bytes:
+                raise self.too_large()
+            return message
+        return receive_capped
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -82,18 +119,14 @@ class Gate:
 
         start = time.perf_counter()
         try:
-            if (self.key_digest is not None and needs_auth(path)
-                    and scope["method"] != "OPTIONS"
-                    and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""),
-                                           self.key_digest)):
-                record["error"] = "missing or wrong API key"
-                response = JSONResponse(
-                    error_body("Missing or wrong API key; send 'Authorization: Bearer <key>'.",
-                               type="authentication_error", code="invalid_api_key"),
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            error = self.refusal(scope)
+            if error is not None:
+                record["error"] = error.message
+                response = JSONResponse(error.body(), status_code=error.status,
+                                        headers=error.headers)
                 await response(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, self.capped(receive), send_with_id)
         finally:
             status = record.pop("status", None) or sent["status"]
             endpoint = path if path in ENDPOINTS else (
@@ -137,6 +170,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     async def api_error(request: Request, exc: APIError):
         request.scope.setdefault("slmkit", {})["error"] = exc.message
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect):
+        """The client hung up while sending its request: nobody reads the answer."""
+        request.scope.setdefault("slmkit", {})["error"] = "client left while sending the body"
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

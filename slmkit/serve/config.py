@@ -36,6 +36,9 @@ class ServeConfig(BaseModel):
         kv_cache: KV cache dtype: auto (fp16 for quantized fp32 models, else the model's
             dtype), fp32, fp16, bf16 or int8.
         log_prompts: put prompt text in the per-request log line (off for privacy).
+        max_request_bytes: largest request body accepted (413 above it, refused before
+            reading when ``Content-Length`` declares more); 4 MiB is far above any prompt
+            a small model's context holds.
     """
 
     name: str = "slm"
@@ -54,6 +57,7 @@ class ServeConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     kv_cache: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     log_prompts: bool = False
+    max_request_bytes: int = Field(4 << 20, ge=1024)
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:

@@ -124,14 +124,17 @@ def parse_request(raw: bytes, schema: type[_Strict]) -> Any:
     """Parse and validate a JSON request body.
 
     Raises:
-        APIError: 400 for malformed JSON, a non-object body, a missing field or a value of
-            the wrong type (``param`` names the field).
+        APIError: 400 for malformed or too deeply nested JSON, a non-object body, a missing
+            field or a value of the wrong type (``param`` names the field).
     """
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
+        raise APIError(400, f"The request body is not valid JSON ({getattr(e, 'msg', e)}); "
                        "send a JSON object.", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "The request body nests JSON arrays or objects too deeply; send "
+                       "the flat JSON object the API documents.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object, not "
                        f"{type(data).__name__}.", code="invalid_json")
