@@ -179,7 +179,7 @@ def _tiny_llama(**kw):
 def test_a_refused_native_step_builds_and_moves_nothing():
     from slmkit.compress.quantize.api import quantize_model
     from slmkit.compress.quantize.config import QuantizeConfig
-    from slmkit.compress.quantize.ops import quantize_rtn
+    from slmkit.nn.packing import quantize_rtn
     from slmkit.engine.runner import make_runner
     from slmkit.nn.quant_linear import QuantLinear
 

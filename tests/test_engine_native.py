@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmkit.compress.quantize.ops import quantize_rtn
 from slmkit.engine import native
 from slmkit.engine.runner import FastRunner
+from slmkit.nn.packing import quantize_rtn
 from slmkit.nn.quant_linear import QuantLinear
 from tests.conftest import build_tiny_model
 

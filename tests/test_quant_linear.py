@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from slmkit.compress.quantize.ops import quantize_rtn
+from slmkit.nn.packing import quantize_rtn
 from slmkit.nn.quant_linear import QuantLinear, set_kernel_mode
 
 CASES = [  # bits, group, sym, out, in, expected CPU kernel

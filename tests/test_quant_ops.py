@@ -8,19 +8,18 @@ import torch
 from slmkit.compress.hessian import cholesky_inverse_upper, hessian_reference
 from slmkit.compress.quantize.awq_ops import awq_search_clip, awq_search_scale
 from slmkit.compress.quantize.gptq_ops import gptq_quantize_weight, layer_output_error
-from slmkit.compress.quantize.ops import (
-    check_scheme,
+from slmkit.compress.quantize.ops import check_scheme, fake_quantize
+from slmkit.errors import ConfigError
+from slmkit.nn.packing import (
     compute_qparams,
     dequantize_codes,
     effective_bits,
-    fake_quantize,
     pack_int3,
     pack_int4,
     quantize_rtn,
     unpack_int3,
     unpack_int4,
 )
-from slmkit.errors import ConfigError
 
 SCHEMES = [(8, -1, True), (8, 32, False), (4, 32, True), (4, 16, False), (4, -1, True),
            (3, 32, False)]

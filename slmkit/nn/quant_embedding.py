@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slmkit.compress.quantize.ops import dequantize_codes, unpack_codes
+from slmkit.nn.packing import dequantize_codes, pack_codes, quantize_rtn, unpack_codes
 from slmkit.nn.quant_linear import QuantLinear
 
 
@@ -47,8 +47,6 @@ class QuantEmbedding(QuantLinear):
         Embeddings see no input activations (a lookup is not a matmul), so calibration
         based methods (GPTQ, AWQ) have nothing to weigh the error by: RTN is the method.
         """
-        from slmkit.compress.quantize.ops import pack_codes, quantize_rtn
-
         w = emb.weight.detach().float()                                  # [V, D]
         codes, scale, zero = quantize_rtn(w, bits, group_size, sym)
         layer = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, sym,

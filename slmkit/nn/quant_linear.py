@@ -4,7 +4,7 @@ Storage (what ``state_dict`` holds, and what goes to safetensors):
 
 * ``qweight``: uint8 codes, ``[out, in]`` (8 bit), ``[out, in / 2]`` packed two per byte
   (4 bit, low nibble = even column) or ``[out, 3 * ceil(in / 8)]`` eight to three bytes
-  (3 bit), see :mod:`slmkit.compress.quantize.ops` (``pack_codes``); 3-bit files written
+  (3 bit), see :mod:`slmkit.nn.packing` (``pack_codes``); 3-bit files written
   before the packing (one code per byte) still load;
 * ``scales``: fp16 ``[out, G]``; ``zeros``: uint8 ``[out, G]`` (asymmetric only; symmetric
   grids use the fixed zero point ``2^(bits-1)``);
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmkit.compress.quantize.ops import (
+from slmkit.nn.packing import (
     dequantize_codes,
     effective_bits,
     num_groups,

@@ -1,7 +1,7 @@
 """Weight quantization: RTN, GPTQ, AWQ to int8 / int4 (see ``api.py`` for the entry points).
 
-Names are resolved lazily so that ``slmkit.nn.quant_linear`` can import ``ops`` without a
-cycle through ``api``.
+Names are resolved lazily so that importing a submodule (``ops``, ``gptq_ops``) does not
+import the step's config and API.
 """
 
 _API = ("dequantize", "dequantize_model", "is_quantized", "quantize", "quantize_model")

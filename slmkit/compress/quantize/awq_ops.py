@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from slmkit.compress.quantize.ops import compute_qparams, fake_quantize
+from slmkit.compress.quantize.ops import fake_quantize
+from slmkit.nn.packing import compute_qparams
 
 
 def subsample_tokens(x: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor:

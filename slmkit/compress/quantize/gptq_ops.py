@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from slmkit.compress.hessian import cholesky_inverse_upper, dead_inputs
-from slmkit.compress.quantize.ops import compute_qparams, quantize_codes
+from slmkit.nn.packing import compute_qparams, quantize_codes
 
 
 def _quant_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -40,7 +40,7 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
     Args:
         w: ``[out, in]`` weight (not modified).
         hessian: ``[in, in]`` ``2XXᵀ`` from :class:`~slmkit.compress.hessian.HessianAccumulator`.
-        bits, group_size, sym: the grid (see :mod:`slmkit.compress.quantize.ops`).
+        bits, group_size, sym: the grid (see :mod:`slmkit.nn.packing`).
         damp: relative dampening of ``H``.
         block_size: columns per lazy-update block.
         act_order: quantize columns in descending ``diag(H)`` order.

@@ -28,7 +28,8 @@ from slmkit.compress.quantize.awq_ops import (
 )
 from slmkit.compress.quantize.config import QuantizeConfig
 from slmkit.compress.quantize.gptq_ops import gptq_quantize_weight
-from slmkit.compress.quantize.ops import dequantize_codes, fake_quantize, quantize_rtn
+from slmkit.compress.quantize.ops import fake_quantize
+from slmkit.nn.packing import dequantize_codes, quantize_rtn
 
 
 @dataclass
