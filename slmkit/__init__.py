@@ -7,6 +7,10 @@
 
 __version__ = "0.1.0"
 
+# The layer packages register their on-disk formats with slmkit.models.formats on import
+# (module paths only, no torch), so that load_model knows every format wherever it is called.
+from slmkit import compress, nn  # noqa: E402, F401
+
 __all__ = ["__version__", "load_model", "save_model", "dequantize"]
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import ConfigError
+from slmkit.nn.surgery import linear_shape
 
 
 class HessianAccumulator:
@@ -57,8 +58,6 @@ class HessianAccumulator:
     @classmethod
     def for_layer(cls, layer: nn.Module) -> HessianAccumulator:
         """An accumulator sized for a Linear / Conv1D / QuantLinear ``layer``."""
-        from slmkit.compress.match import linear_shape
-
         in_features = getattr(layer, "in_features", None) or linear_shape(layer)[1]
         return cls(in_features, device=next(layer.parameters(), torch.empty(0)).device)
 

@@ -4,12 +4,10 @@ Every compression method in slmkit (quantize, prune, factorize) touches plain li
 layers found by name, never model classes (DESIGN.md, "Generic over architectures").
 This module is that one selection rule, shared by all of them.
 
-Two module kinds count as "linear":
-
-* ``torch.nn.Linear``: ``y = x @ W.T + b`` with ``W`` of shape ``[out, in]``.
-* GPT-2 style ``transformers.pytorch_utils.Conv1D``: ``y = x @ W + b`` with ``W`` of shape
-  ``[in, out]`` (transposed). :func:`weight_matrix` / :func:`set_weight_matrix` hide the
-  difference so that algorithms always see ``[out, in]``.
+Two module kinds count as "linear" (see :mod:`slmkit.nn.surgery`): ``torch.nn.Linear``
+(``W`` is ``[out, in]``) and GPT-2 style ``Conv1D`` (``W`` is ``[in, out]``).
+:func:`weight_matrix` / :func:`set_weight_matrix` hide the difference so that algorithms
+always see ``[out, in]``.
 
 Fused 3-D expert tensors (Mixtral's ``MixtralExperts``) are parameters, not linear
 modules; they are not matched and stay dense.
@@ -24,37 +22,17 @@ import torch
 from torch import nn
 
 from slmkit.errors import ConfigError
+from slmkit.nn.surgery import is_conv1d
+from slmkit.nn.surgery import linear_shape, set_module  # noqa: F401  (api.py imports them here)
 
 #: Default selection: every linear inside the decoder, never the output head.
 DEFAULT_TARGETS: list[str] = [r".*"]
 DEFAULT_IGNORE: list[str] = [r"lm_head", r"(^|\.)embed_out$", r"(^|\.)output$"]
 
 
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        return None
-    return Conv1D
-
-
 def is_linear(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and GPT-2 ``Conv1D`` (and their slmkit replacements' sources)."""
-    conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a linear or Conv1D module."""
-    if is_conv1d(module):
-        return module.weight.shape[1], module.weight.shape[0]
-    return module.out_features, module.in_features
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -115,10 +93,3 @@ def match_linears(model: nn.Module, targets: Iterable[str] | None = None,
         if any(p.search(full) for p in tgt) and not any(p.search(full) for p in ign):
             found[full] = module
     return found
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the sub-module at dotted ``name`` with ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

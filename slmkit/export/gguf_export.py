@@ -21,6 +21,7 @@ import torch
 
 from slmkit.errors import ConfigError, OutputError
 from slmkit.export import ggml_blocks, gguf_meta, quant_map
+from slmkit.nn.quant_linear import QuantLinear
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16",
@@ -161,10 +162,6 @@ def _default_quant(model, model_ref: str) -> str:
 
 
 def _quant_layers(model) -> dict:
-    try:
-        from slmkit.nn.quant_linear import QuantLinear
-    except ImportError:  # quantization not installed in this checkout
-        return {}
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 

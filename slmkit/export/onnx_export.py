@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.nn.quant_linear import QuantLinear
+from slmkit.nn.surgery import set_module
 
 MODEL_FILE = "model.onnx"
 META_FILE = "onnx.json"
@@ -140,11 +142,6 @@ def write_decoder(model, out_dir: Path, int8: bool = False,
 
 def _to_dense(model) -> int:
     """Swap slmkit ``QuantLinear`` layers for dense ones (exported graphs use MatMul)."""
-    try:
-        from slmkit.compress.match import set_module
-        from slmkit.nn.quant_linear import QuantLinear
-    except ImportError:
-        return 0
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in names:
         set_module(model, name, model.get_submodule(name).to_dense())

@@ -5,9 +5,13 @@ under ``"slmkit": {"format": NAME, ...}``. Plain transformers cannot build such 
 so :func:`slmkit.load_model` looks the name up here and calls the format's loader, which
 builds the skeleton, swaps in the compressed modules and loads the safetensors weights.
 
-Formats register lazily by module path so that importing slmkit stays cheap::
+This module is the bottom layer and names no loader itself: the package that owns a format
+registers it at import, by module path so that importing slmkit stays cheap (no torch)::
 
-    FORMATS["quant"] = "slmkit.nn.quant_format:load"
+    register_format("quant", "slmkit.nn.quant_format:load")      # in slmkit/nn/__init__.py
+
+``slmkit/__init__.py`` imports those packages, so every format is known before any model
+loads.
 """
 
 from __future__ import annotations
@@ -20,12 +24,10 @@ from slmkit.errors import ModelLoadError
 #: format name -> "module:function". The function is called as
 #: ``fn(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, device: str) -> nn.Module``.
 FORMATS: dict[str, str] = {}
-FORMATS["lowrank"] = "slmkit.nn.lowrank:load_lowrank"  # slm factorize (B @ A factors)
-FORMATS["quant"] = "slmkit.compress.quantize.format:load"  # slm quantize (int8/int4)
-FORMATS["nm_sparse"] = "slmkit.compress.prune.nm_format:load"  # slm prune --compact (N:M)
 
 
 def register_format(name: str, target: str) -> None:
+    """Make format ``name`` loadable by ``target``, a ``"module:function"`` path."""
     FORMATS[name] = target
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import ModelLoadError
+from slmkit.nn.surgery import set_module
 
 FORMAT = "lowrank"
 
@@ -81,12 +82,6 @@ class LowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     """``{name: module}`` of every ``LowRankLinear`` in ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -100,7 +95,7 @@ def merge_lowrank(model: nn.Module) -> int:
     """
     found = lowrank_modules(model)
     for name, module in found.items():
-        _set_module(model, name, module.to_linear())
+        set_module(model, name, module.to_linear())
     config = getattr(model, "config", None)
     section = getattr(config, "slmkit", None)
     if isinstance(section, dict) and section.get("format") == FORMAT:
@@ -123,7 +118,7 @@ def load_lowrank(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn
             raise ModelLoadError(f"'{model_dir}' lists low-rank layer '{name}', which its "
                                  "architecture does not have; re-create the model with "
                                  "`slm factorize`.") from None
-        _set_module(model, name, LowRankLinear(dense.in_features, dense.out_features,
+        set_module(model, name, LowRankLinear(dense.in_features, dense.out_features,
                                                int(rank), bias=dense.bias is not None,
                                                dtype=dtype))
     load_weights(model, read_weights(model_dir), config, dtype, model_dir, "low-rank weights",

@@ -4,7 +4,8 @@
 "sym", "bits_per_weight", "layers"}`` (plus a descriptive ``quantization_config``);
 ``model.safetensors`` holds each quantized layer's ``qweight`` / ``scales`` / ``zeros`` /
 ``bias`` / ``input_scale`` under the layer's name (a ``.qweight`` tensor marks a quantized
-layer), and every other tensor as in a dense checkpoint.
+layer), and every other tensor as in a dense checkpoint. :func:`load` is the format's
+loader, registered with :mod:`slmkit.models.formats` by :mod:`slmkit.nn`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slmkit.compress.match import is_conv1d, linear_shape, set_module
 from slmkit.errors import ModelLoadError
 from slmkit.nn.quant_embedding import QuantEmbedding
 from slmkit.nn.quant_linear import QuantLinear
+from slmkit.nn.surgery import is_conv1d, linear_shape, set_module
 
 
 def load(model_dir: Path, config, dtype: torch.dtype, device: str):
-    """Formats-registry loader: ``fn(model_dir, config, dtype, device) -> model``."""
+    """Loader of the ``"quant"`` format: the dense model with its quantized layers rebuilt."""
     from transformers import AutoModelForCausalLM
 
     from slmkit.models import checks
