@@ -1,10 +1,8 @@
-"""Greedy generation for evaluation: the engine's fast path when present, else a plain loop.
+"""Greedy generation for evaluation, through the engine's fastest path per model.
 
-Evaluation never has its own generation code path to maintain: :func:`get_stream_tokens`
-returns ``slmkit.engine.stream_tokens`` when that package imports (the engine issue's
-fastest path per model), and otherwise :func:`plain_stream_tokens`, a plain transformers
-KV-cache loop with the same signature. Speed figures and generation tasks both go through
-it, so they pick the engine up with no change here.
+Evaluation has no generation code path of its own to maintain: speed figures and
+generation tasks both go through :func:`get_stream_tokens`, which is
+``slmkit.engine.stream_tokens``, and batched tasks through ``slmkit.engine.Engine``.
 """
 
 from __future__ import annotations
@@ -12,40 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 
-def plain_stream_tokens(model, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
-    """Greedy decoding with the transformers KV cache; yields one token id at a time.
-
-    The first id is yielded right after the prefill forward pass (so the time to the first
-    yield is the time to first token); each later one after one single-token decode step.
-
-    Args:
-        model: a causal LM.
-        prompt_ids: the prompt, ``len >= 1``.
-        max_new_tokens: how many ids to yield (no early stop on eos: callers decide).
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        x = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-        out = model(input_ids=x, use_cache=True)
-        past = out.past_key_values
-        for i in range(max_new_tokens):
-            next_id = int(out.logits[0, -1].argmax())
-            yield next_id
-            if i + 1 == max_new_tokens:
-                break
-            step = torch.tensor([[next_id]], dtype=torch.long, device=device)  # (1, 1)
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-
-
 def get_stream_tokens() -> tuple[Callable[..., Iterator[int]], str]:
-    """``(stream_tokens, name)``: the engine's when ``slmkit.engine`` imports, else ours."""
-    try:
-        from slmkit.engine import stream_tokens
-    except ImportError:
-        return plain_stream_tokens, "transformers"
+    """``(stream_tokens, name)``: the engine's greedy token stream and its name."""
+    from slmkit.engine import stream_tokens
+
     return stream_tokens, "slmkit.engine"
 
 
@@ -92,26 +60,24 @@ def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Se
 
     Each request is ``(prompt, max_new_tokens, stop strings)``; the texts come back in
     order and are the same as :func:`greedy_generate`'s (greedy output does not depend on
-    what else is in the batch: the engine tests this). Without the engine, or for models
-    it cannot batch, it falls back to one :func:`greedy_generate` call per request.
+    what else is in the batch: the engine tests this). With ``batch <= 1`` it makes one
+    :func:`greedy_generate` call per request.
 
     Args:
         batch: concurrent sequences in the engine.
         on_done: called once per finished request (progress bars).
     """
-    try:
-        import torch
-
-        from slmkit.engine import Engine, SamplingParams
-    except ImportError:
-        Engine = None
-    if Engine is None or batch <= 1:
+    if batch <= 1:
         out = []
         for prompt, n, stop in requests:
             out.append(greedy_generate(model, tokenizer, prompt, n, stop))
             if on_done:
                 on_done()
         return out
+    import torch
+
+    from slmkit.engine import Engine, SamplingParams
+
     limit = _context(model)
     jobs = []
     for prompt, n, stop in requests:

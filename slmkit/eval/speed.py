@@ -8,8 +8,8 @@
   bits per weight (weight-file bits / dense parameter count of the architecture).
 
 Generation goes through :func:`slmkit.eval.generate.get_stream_tokens`, so the figures are
-those of the engine's fastest path once it exists. Timings are the best of a few repeats
-after a warm-up, kept short (a few seconds per model) by default.
+those of the engine's fastest path. Timings are the best of a few repeats after a warm-up,
+kept short (a few seconds per model) by default.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def measure_speed(model, tokenizer, prompt_lengths=PROMPT_LENGTHS, decode_tokens
             reported as None.
         decode_tokens: tokens generated for the decode figure (after a 32-token prompt).
         repeats: timed runs per figure (best kept), after one warm-up run.
-        stream: a ``stream_tokens`` function; default the engine's or the plain loop.
+        stream: a ``stream_tokens`` function; default the engine's.
 
     Returns:
         ``{"prefill_tok_s": {L: tok/s}, "ttft_s", "decode_tok_s", "backend", "threads"}``.
