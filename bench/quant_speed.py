@@ -3,7 +3,7 @@
 The model is a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads / 3 KV heads,
 MLP 1536, vocabulary 49152, tied embeddings) with random weights, built from a config (no
 download). Variants, all decoded through the same loop (``slmkit.engine.stream_tokens``,
-the engine's fastest path for the model; a plain KV-cache loop if the engine is absent):
+the engine's fastest path for the model):
 
 * fp32 dense (the baseline) and bf16 dense (for context);
 * int8 RTN per channel, symmetric: ``torch._weight_int8pack_mm``;
@@ -52,27 +52,9 @@ def build_model(layers: int):
 
 
 def stream_fn():
-    try:
-        from slmkit.engine import stream_tokens
+    from slmkit.engine import stream_tokens
 
-        return stream_tokens, "slmkit.engine.stream_tokens"
-    except ImportError:
-        return _plain_stream, "transformers KV-cache loop"
-
-
-def _plain_stream(model, prompt_ids, max_new_tokens):
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.tensor([prompt_ids]), use_cache=True)
-        past = out.past_key_values
-        token = int(out.logits[0, -1].argmax())
-        yield token
-        for _ in range(max_new_tokens - 1):
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            yield token
+    return stream_tokens, "slmkit.engine.stream_tokens"
 
 
 def decode_tps(model, stream, prompt: list[int], new_tokens: int) -> float:

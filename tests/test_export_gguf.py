@@ -142,7 +142,6 @@ def test_ollama_modelfile(llama_dir, tmp_path):
                                             (8, True, "q8_0")])
 def test_quantized_model_blocks_carry_the_calibrated_weights(bits, sym, qtype, llama_dir,
                                                              tmp_path):
-    pytest.importorskip("slmkit.compress.quantize.api")
     from slmkit.compress.quantize import make_config, quantize_model
     from slmkit.models import load_model, save_model
 
@@ -166,7 +165,6 @@ def test_quantized_model_blocks_carry_the_calibrated_weights(bits, sym, qtype, l
 
 
 def test_quantized_scheme_that_cannot_map_is_refused(llama_dir, tmp_path):
-    pytest.importorskip("slmkit.compress.quantize.api")
     from slmkit.compress.quantize import make_config, quantize_model
     from slmkit.models import load_model, save_model
 

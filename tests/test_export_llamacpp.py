@@ -85,7 +85,6 @@ def test_block_files_compute_what_the_blocks_say(quant, trained_ish, tokenizer, 
 
 
 def test_quantized_model_runs_in_llama_cpp(trained_ish, tokenizer, tmp_path):
-    pytest.importorskip("slmkit.compress.quantize.api")
     from slmkit.compress.quantize import make_config, quantize_model
     from slmkit.models import load_model, save_model
 
