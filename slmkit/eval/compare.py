@@ -2,8 +2,11 @@
 
 Every model is measured by :func:`slmkit.eval.evaluate.evaluate_model` with one shared set
 of documents (cut to the same byte budget, so bits per byte compare across tokenizers) and
-one shared set of task items. A model that fails to load or to run keeps its row, with its
-error, and the others still run. The report directory is written atomically::
+one shared set of task items. Every model is checked before any work (it exists, its
+config, weights and tokenizer open and agree): one that cannot be loaded is refused with a
+:class:`~slmkit.errors.ModelLoadError` naming it, and nothing is written. A model that then
+fails inside slmkit while it runs (a bug, not the input) keeps its row, with its error, and
+the others still run. The report directory is written atomically::
 
     REPORT_DIR/results.json            every figure of every model (machine-readable)
     REPORT_DIR/report.md               the table and the lineage, for a terminal or a PR
@@ -57,19 +60,27 @@ def compare(refs: list[str], out: str | os.PathLike, data: Any = "stdlib", split
 
     Returns:
         The results dict also written to ``results.json``.
+
+    Raises:
+        OutputError: ``out`` cannot be written (checked first).
+        ModelLoadError: a model is missing or cannot be opened (checked before any model
+            runs); any other SlmError a model's evaluation raises. Nothing is written then.
     """
     from slmkit.console import log
     from slmkit.eval.evaluate import DEFAULT_MAX_BYTES, evaluate_model, resolve_tasks
     from slmkit.eval.perplexity import load_texts
     from slmkit.eval.report import write_report
-    from slmkit.models.io import atomic_dir, prepare_out_dir
+    from slmkit.models.io import atomic_dir, check_loadable, prepare_out_dir
     from slmkit.models.lineage import utc_now
 
     if not refs:
         raise ConfigError("slm compare needs at least one model directory.")
-    # fail on a bad --out before spending minutes on the models
+    # fail on a bad --out, then on a model that cannot be loaded, before spending minutes
+    # on the others
     final, tmp = prepare_out_dir(out, overwrite)
     os.rmdir(tmp)
+    for ref in refs:
+        check_loadable(ref)
     max_bytes = eval_options.pop("max_bytes", DEFAULT_MAX_BYTES)
     docs = load_texts(data, split, val_fraction, max_bytes)  # the same text for all models
     tasks = resolve_tasks(task_specs, data, split, val_fraction, task_limit)
@@ -82,9 +93,10 @@ def compare(refs: list[str], out: str | os.PathLike, data: Any = "stdlib", split
                                  tasks=tasks, max_bytes=None, record=False, **eval_options)
             res["summary"]["eval_data"] = data if isinstance(data, (str, list)) else "custom"
             res["error"] = None
-        except SlmError as e:
-            res = {"model": os.fspath(ref), "error": str(e)}
-        except Exception as e:  # a broken format loader must not sink the whole report
+        except SlmError:
+            raise  # the user's input (the model, an option): refused, nothing written
+        except Exception as e:  # a bug in slmkit (e.g. a format loader) must not sink the
+            log.warning("%s failed: %s: %s", ref, type(e).__name__, e)  # others' results
             res = {"model": os.fspath(ref), "error": f"{type(e).__name__}: {e}"}
         res["label"] = label
         rows.append(res)

@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from slmkit.models import checks, formats, lineage
-from slmkit.models.io import load_config
+from slmkit.models import formats, lineage
+from slmkit.models.io import open_model_dir
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -32,9 +32,9 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     Parameters are counted from the safetensors headers (tied weights are stored once).
     Sparsity (fraction of exact zeros in 2-D weights) is measured by reading the tensors.
     """
-    model_dir, config = load_config(ref)
-    files = checks.weight_files(model_dir)
-    headers = [checks.check_safetensors(f) for f in files]
+    # the checks load_model makes, so info refuses what generate, prune, ... refuse
+    model_dir, config, files, headers = open_model_dir(ref)
+    fmt = formats.format_of(config)
     quant = getattr(config, "slmkit", None) or {}
     quant_bits = quant.get("bits") if quant.get("format") == "quant" else None
     # slm prune --compact: a layer's kept values stand for its dense out x in weights
@@ -68,7 +68,6 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     n_exp = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     k = getattr(config, "num_experts_per_tok", None)
     active = n_params - expert_params + expert_params * k // n_exp if (n_exp and k) else n_params
-    fmt = formats.format_of(config)
     info: dict[str, Any] = {
         "path": str(model_dir),
         "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],

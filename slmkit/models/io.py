@@ -119,6 +119,7 @@ def load_config(ref: str | os.PathLike):
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"'{ref}' has no config.json; point to a Hugging Face model "
                              "directory (config.json, model.safetensors and tokenizer files).")
+    read_config_json(model_dir)
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except ValueError as e:
@@ -133,13 +134,77 @@ def load_config(ref: str | os.PathLike):
     return model_dir, config
 
 
-def _model_type(model_dir: Path) -> str:
+def read_config_json(model_dir: Path) -> dict:
+    """The raw settings in ``model_dir/config.json``, which must be one JSON object.
+
+    Raises:
+        ModelLoadError: the file cannot be read, is not valid JSON, or holds a list, a string
+            or a number instead of an object.
+    """
     import json
 
+    path = model_dir / "config.json"
+    fix = "fix it or re-download the model."
     try:
-        return json.loads((model_dir / "config.json").read_text()).get("model_type", "?")
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ModelLoadError(f"'{path}' cannot be read ({why}); {fix}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        where = f"line {e.lineno}, column {e.colno}: " if hasattr(e, "lineno") else ""
+        raise ModelLoadError(f"'{path}' is not a JSON object (invalid JSON at {where}"
+                             f"{getattr(e, 'msg', e)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"'{path}' is not a JSON object (it holds a JSON "
+                             f"{_json_kind(data)}, not the model's settings as "
+                             f"{{\"model_type\": ...}}); {fix}")
+    return data
+
+
+def _json_kind(value) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _model_type(model_dir: Path) -> str:
+    try:
+        return str(read_config_json(model_dir).get("model_type", "?"))
+    except ModelLoadError:
         return "?"
+
+
+def open_model_dir(ref: str | os.PathLike):
+    """Every check :func:`load_model` makes before it builds the model, from the files alone
+    (config.json, the safetensors headers; no tensor is read): resolve ``ref``, load its
+    config, find and validate its weight files, and match their tensor names and shapes
+    against the config (:func:`checks.check_weights_match`).
+
+    Returns:
+        (model_dir, config, files, headers): the safetensors files and their parsed headers.
+
+    Raises:
+        ModelLoadError: anything that would stop :func:`load_model`, naming ``ref``.
+    """
+    model_dir, config = load_config(ref)
+    files = checks.weight_files(model_dir)
+    headers = [checks.check_safetensors(f) for f in files]
+    checks.check_weights_match(ref, config, files, headers)
+    return model_dir, config, files, headers
+
+
+def check_loadable(ref: str | os.PathLike, tokenizer: bool = True) -> Path:
+    """Refuse ``ref`` now, before any work, if :func:`load_model` would refuse it later:
+    the checks of :func:`open_model_dir`, plus its tokenizer loading when ``tokenizer``.
+
+    Returns:
+        The model's local directory.
+    """
+    model_dir = open_model_dir(ref)[0]
+    if tokenizer:
+        load_tokenizer(ref)
+    return model_dir
 
 
 def load_tokenizer(ref: str | os.PathLike):
@@ -184,12 +249,8 @@ def load_model(ref: str | os.PathLike, dtype: Any = None, device: str | None = "
     quiet_libraries()
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    model_dir, config = load_config(ref)
-    files = checks.weight_files(model_dir)
-    for f in files:
-        checks.check_safetensors(f)
+    model_dir, config, _, _ = open_model_dir(ref)
     tok = load_tokenizer(model_dir) if tokenizer else None
-
     fmt = formats.format_of(config)
     if fmt is not None:
         model = formats.loader_for(fmt, ref)(model_dir, config, torch_dtype, dev)
@@ -225,21 +286,37 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> tupl
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"Cannot create the parent of '{out_dir}' ({e.strerror}); choose a "
+        raise OutputError(f"Cannot create the parent of '{out_dir}' ({_reason(e)}); choose a "
                           "writable location.") from None
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # /proc, a read-only mount, no write permission, ...
+        raise OutputError(f"Cannot write to '{out_dir}' (creating a directory in "
+                          f"'{final.parent}' failed: {_reason(e)}); choose a writable "
+                          "location.") from None
     return final, tmp
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
 
 
 def commit_out_dir(tmp: Path, final: Path) -> None:
     """Atomically put ``tmp`` in place of ``final`` (replacing an old one if present)."""
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as e:
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)  # put the previous output back
+        discard_out_dir(tmp)
+        raise OutputError(f"Cannot move the finished output into '{final}' ({_reason(e)}); "
+                          "choose a writable location.") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
