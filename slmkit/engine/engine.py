@@ -44,6 +44,7 @@ from slmkit.engine.runner import make_runner
 from slmkit.engine.sampling import RequestSampler, SamplingParams
 from slmkit.engine.text import IncrementalDetokenizer, StopStringFilter
 from slmkit.errors import ConfigError
+from slmkit.models import arch
 
 _ids = itertools.count()
 Event = TokenEvent | FinishEvent
@@ -176,7 +177,7 @@ class Engine:
             raise ConfigError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) "
                               "must be at least 1.")
         torch.set_num_threads(threads or physical_cores())
-        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        context = arch.context_length(model.config) or 2048
         self.max_seq_len = int(max_seq_len or min(context, 2048))
         self.model, self.tokenizer = model, tokenizer
         self.runner = make_runner(model, max_batch, self.max_seq_len, fast=fast,

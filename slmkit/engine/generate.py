@@ -15,6 +15,7 @@ from slmkit.engine.events import Completion
 from slmkit.engine.runner import make_runner
 from slmkit.engine.sampling import SamplingParams
 from slmkit.errors import ConfigError
+from slmkit.models import arch
 
 
 def stream_tokens(model, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
@@ -32,7 +33,7 @@ def stream_tokens(model, prompt_ids: list[int], max_new_tokens: int) -> Iterator
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise ConfigError("The prompt is empty; pass at least one token id.")
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = arch.context_length(model.config)
     total = len(prompt) + max_new_tokens
     if context:
         total = min(total, context)
@@ -106,5 +107,5 @@ def generate_text(model, tokenizer, prompt: str, params: SamplingParams | None =
 
 def _seq_len(model, prompt_len: int, max_tokens: int) -> int:
     """Cache length for one request: prompt plus output, capped at the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None) or (prompt_len + max_tokens)
+    context = arch.context_length(model.config) or (prompt_len + max_tokens)
     return max(2, min(prompt_len + max_tokens + 1, context))

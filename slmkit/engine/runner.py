@@ -2,7 +2,8 @@
 
 Two runners share one interface, :meth:`forward(tokens, slots, starts) -> logits`:
 
-* :class:`FastRunner` for the Llama family (Llama, Qwen2, Mistral): our own decoder loop
+* :class:`FastRunner` for the Llama-layout families (``llama_layout`` in
+  :data:`slmkit.models.arch.ARCHS`: Llama, Qwen2, Mistral): our own decoder loop
   over the model's modules with a static :class:`~slmkit.engine.cache.KVCache`, one-pass
   prefill and batched decode of rows at different positions. Its torch loop only *calls*
   the model's modules (norms, projections, MLP, embedding, LM head), never reads their
@@ -23,9 +24,8 @@ import torch
 from slmkit.engine import ops
 from slmkit.engine.cache import KVCache
 from slmkit.engine.fuse import fused_mlp, fused_qkv
+from slmkit.models import arch
 
-#: model_type values whose decoder layer is (norm, attention q/k/v/o + RoPE, norm, MLP).
-FAST_FAMILIES = {"llama", "qwen2", "mistral"}
 #: RoPE variants whose tables do not depend on the sequence length (safe to precompute).
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
@@ -33,7 +33,7 @@ _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 def fast_path_reason(model) -> str | None:
     """None when :class:`FastRunner` can run ``model``; otherwise why not (for logs)."""
     cfg = model.config
-    if cfg.model_type not in FAST_FAMILIES:
+    if not arch.arch_of(cfg.model_type).llama_layout:
         return f"model_type '{cfg.model_type}' is not in the fast families"
     core = getattr(model, "model", None)
     if core is None or not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm",
@@ -84,7 +84,7 @@ def sliding_windows(config, n_layers: int) -> list[int | None]:
     types = getattr(config, "layer_types", None)
     if types is not None and len(types) == n_layers:
         return [window if t == "sliding_attention" else None for t in types]
-    if config.model_type == "mistral":
+    if arch.arch_of(config.model_type).window_all_layers:
         return [window] * n_layers
     return [None] * n_layers
 
@@ -112,7 +112,7 @@ class FastRunner:
         weight = self.norm.weight  # the embedding may be a QuantEmbedding (no .weight)
         self.dtype, self.device = weight.dtype, weight.device
         cfg = model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = arch.head_dim(cfg)
         n_kv = cfg.num_key_value_heads
         self.windows = sliding_windows(cfg, len(self.layers))
         self.max_seq_len = max_seq_len
@@ -208,9 +208,6 @@ class FastRunner:
         return self.lm_head(last).float()                            # [B, V]
 
 
-_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}
-
-
 def _norm_fn(module):
     """A norm as one fused ``F.rms_norm`` call when that is bit-identical, else the module.
 
@@ -220,7 +217,7 @@ def _norm_fn(module):
     """
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", None)
-    if (type(module).__name__ in _RMS_NORMS and weight is not None and eps is not None
+    if (type(module).__name__ in arch.RMS_NORMS and weight is not None and eps is not None
             and weight.dtype == torch.float32):
         shape = (weight.shape[0],)
         return lambda x: torch.nn.functional.rms_norm(x, shape, weight, eps)

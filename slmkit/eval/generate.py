@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+from slmkit.models.arch import context_length
+
 
 def get_stream_tokens() -> tuple[Callable[..., Iterator[int]], str]:
     """``(stream_tokens, name)``: the engine's greedy token stream and its name."""
@@ -36,7 +38,7 @@ def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
-    limit = _context(model)
+    limit = context_length(model.config)
     if limit and len(ids) + max_new_tokens > limit:
         ids = ids[-max(1, limit - max_new_tokens):]
     eos = tokenizer.eos_token_id
@@ -78,7 +80,7 @@ def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Se
 
     from slmkit.engine import Engine, SamplingParams
 
-    limit = _context(model)
+    limit = context_length(model.config)
     jobs = []
     for prompt, n, stop in requests:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -103,8 +105,3 @@ def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Se
     finally:
         engine.close()
 
-
-def _context(model) -> int | None:
-    from slmkit.eval.perplexity import context_length
-
-    return context_length(model)

@@ -22,6 +22,7 @@ from typing import Any
 
 from slmkit.errors import ConfigError, DataError
 from slmkit.eval.ops import bits_per_byte, rolling_windows, target_logprobs
+from slmkit.models.arch import context_length
 
 DEFAULT_SEQ_LEN = 512
 
@@ -83,16 +84,6 @@ def _describe(data) -> str:
     if isinstance(data, (str, list, tuple)):
         return repr(data if isinstance(data, str) else list(data)[:3])
     return f"<{type(data).__name__}>"
-
-
-def context_length(model) -> int | None:
-    """The model's maximum context (positions) from its config, when it declares one."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def encode_documents(tokenizer, docs: list[tuple[str, str]], max_tokens: int | None = None
@@ -159,7 +150,7 @@ def perplexity(model, tokenizer, data: Any = "stdlib", split: str = "val",
 
     from slmkit.console import progress
 
-    limit = context_length(model)
+    limit = context_length(model.config)
     seq_len = seq_len or min(limit or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
     if limit and seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {limit} "

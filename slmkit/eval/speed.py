@@ -99,12 +99,12 @@ def measure_speed(model, tokenizer, prompt_lengths=PROMPT_LENGTHS, decode_tokens
     import torch
 
     from slmkit.eval.generate import get_stream_tokens
-    from slmkit.eval.perplexity import context_length
+    from slmkit.models.arch import context_length
 
     backend = "custom"
     if stream is None:
         stream, backend = get_stream_tokens()
-    limit = context_length(model)
+    limit = context_length(model.config)
     _time_to_first(stream, model, prompt_ids(tokenizer, 16))  # warm-up
     prefill: dict[str, float | None] = {}
     ttft = None

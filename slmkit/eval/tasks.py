@@ -126,9 +126,9 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]],
     """
     import torch
 
-    from slmkit.eval.perplexity import context_length
+    from slmkit.models.arch import context_length
 
-    limit = context_length(model) or 2048
+    limit = context_length(model.config) or 2048
     prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     encoded = []
     for context, continuation in requests:

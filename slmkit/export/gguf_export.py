@@ -21,6 +21,7 @@ import torch
 
 from slmkit.errors import ConfigError, OutputError
 from slmkit.export import ggml_blocks, gguf_meta, quant_map
+from slmkit.models import arch
 from slmkit.nn.quant_linear import QuantLinear
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -207,7 +208,7 @@ def _rope_heads(hf_name: str, config) -> int | None:
     if ".q_proj." in hf_name:
         return config.num_attention_heads
     if ".k_proj." in hf_name:
-        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return arch.kv_heads(config)
     return None
 
 

@@ -1,7 +1,8 @@
 """GGUF metadata: per-architecture hyperparameters, tensor names and tokenizer fields.
 
-The facts here are llama.cpp's conventions (``llama-arch.cpp``, ``llama-vocab.cpp``), stated
-in small tables so that adding an architecture is adding a row:
+The facts here are llama.cpp's conventions (``llama-arch.cpp``, ``llama-vocab.cpp``); the
+per-architecture ones are columns of :data:`slmkit.models.arch.ARCHS` (``gguf_arch``,
+``gguf_permute_qk``), so that adding an architecture is adding a row there:
 
 * Llama and Mistral are written as llama.cpp's ``llama`` architecture; Qwen2 as ``qwen2``.
 * llama.cpp's ``llama`` architecture applies RoPE to *interleaved* pairs (GPT-J style), while
@@ -22,13 +23,8 @@ from pathlib import Path
 import torch
 
 from slmkit.errors import ConfigError
-
-#: HF model_type -> (llama.cpp architecture, rows of Q/K permuted for interleaved RoPE).
-ARCHITECTURES = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-}
+from slmkit.models.arch import arch_of, head_dim, kv_heads, supporting
+from slmkit.models.arch import context_length as max_positions
 
 #: Pre-tokenizer regexes llama.cpp knows (``llama-vocab.cpp``), by the name it expects.
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
@@ -45,8 +41,9 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
     """``(llama.cpp arch name, permute Q/K rows)`` for a HF config, or a clear refusal."""
     kind = getattr(config, "model_type", "?")
-    if kind not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
+    facts = arch_of(kind)
+    if facts.gguf_arch is None:
+        known = ", ".join(supporting("gguf_arch"))
         raise ConfigError(f"'{model_ref}' is a '{kind}' model, which GGUF export does not "
                           f"support yet (supported: {known}); export it with --format onnx.")
     if getattr(config, "num_local_experts", 0):
@@ -57,7 +54,7 @@ def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
     if rope_type not in ("default", "linear"):
         raise ConfigError(f"'{model_ref}' uses RoPE scaling '{rope_type}', which GGUF export "
                           "does not write yet; only default and linear RoPE are supported.")
-    return ARCHITECTURES[kind]
+    return facts.gguf_arch, facts.gguf_permute_qk
 
 
 def _rope(config) -> dict:
@@ -68,17 +65,13 @@ def _rope(config) -> dict:
     return params
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def context_length(config) -> int:
     """The context to declare: the sliding window when it is shorter than the positions.
 
     llama.cpp's ``llama`` architecture has no sliding-window attention, so a Mistral model
     behaves the same only within its window; declaring the window keeps users inside it.
     """
-    ctx = int(config.max_position_embeddings)
+    ctx = int(max_positions(config))
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True):
         ctx = min(ctx, int(window))
@@ -95,8 +88,7 @@ def write_hparams(writer, config, arch: str) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None)
-                             or config.num_attention_heads)
+    writer.add_head_count_kv(kv_heads(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     rope = _rope(config)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
@@ -137,8 +129,7 @@ def permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 def tensor_name_map(arch: str, n_blocks: int):
     import gguf
 
-    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
-    return gguf.get_tensor_name_map(arch_enum, n_blocks)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
 
 
 def gguf_tensor_name(name_map, hf_name: str) -> str:

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import ConfigError
-
-SUPPORTED = ("llama", "mistral", "qwen2")
+from slmkit.models import arch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -76,9 +75,10 @@ class ExportDecoder(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         cfg = model.config
-        if cfg.model_type not in SUPPORTED:
-            raise ConfigError(f"ONNX export supports {', '.join(SUPPORTED)}, not "
-                              f"'{cfg.model_type}'; use a Llama-family model.")
+        if not arch.arch_of(cfg.model_type).llama_layout:
+            known = ", ".join(arch.supporting("llama_layout"))
+            raise ConfigError(f"ONNX export supports {known}, not '{cfg.model_type}'; use a "
+                              "Llama-family model.")
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"ONNX export does not support RoPE scaling "
@@ -86,8 +86,8 @@ class ExportDecoder(nn.Module):
         self.model = model
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.n_kv = arch.kv_heads(cfg)
+        self.head_dim = arch.head_dim(cfg)
         self.eps = float(cfg.rms_norm_eps)
         window = getattr(cfg, "sliding_window", None)
         self.window = int(window) if window and getattr(cfg, "use_sliding_window", True) \

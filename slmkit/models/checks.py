@@ -12,15 +12,10 @@ import struct
 from pathlib import Path
 
 from slmkit.errors import ModelLoadError
+from slmkit.models.arch import ENCODER_ONLY
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-# Encoder-only families whose "causal" head only exists when the config says is_decoder.
-ENCODER_ONLY = {
-    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "ernie", "camembert",
-    "bert-generation", "data2vec-text", "rembert", "roc_bert", "megatron-bert", "big_bird",
-    "roformer", "xmod", "nezha", "modernbert", "distilbert", "albert", "deberta", "deberta-v2",
-}
 
 
 def weight_files(model_dir: Path) -> list[Path]:

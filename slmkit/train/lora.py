@@ -14,6 +14,7 @@ import re
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.models.arch import arch_of
 
 __all__ = ["DEFAULT_TARGETS", "apply_lora", "merge_lora", "trainable_fraction", "QLoRALinear",
            "apply_qlora", "merge_qlora"]
@@ -86,7 +87,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
     from peft import LoraConfig, get_peft_model
 
     present = _check_targets(model, target_modules)
-    fan_in_fan_out = model.config.model_type == "gpt2"       # GPT-2 Conv1D stores W^T
+    fan_in_fan_out = arch_of(model.config.model_type).conv1d   # GPT-2 Conv1D stores W^T
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=present,
                         bias="none", task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
     lineage = getattr(model, "slmkit_lineage", None)

@@ -25,8 +25,7 @@ from torch import nn
 
 from slmkit.compress.prune import structured_ops as sops
 from slmkit.errors import ConfigError
-
-SUPPORTED = ("llama", "qwen2", "mistral")
+from slmkit.models.arch import arch_of, head_dim, supporting
 
 
 @dataclass
@@ -132,14 +131,11 @@ def _shape(config) -> dict:
             "hidden": config.hidden_size}
 
 
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def check_supported(model: nn.Module) -> None:
     kind = getattr(model.config, "model_type", "?")
-    if kind not in SUPPORTED:
-        raise ConfigError(f"Structured pruning supports {', '.join(SUPPORTED)} models, not "
+    if not arch_of(kind).llama_layout:
+        known = ", ".join(supporting("llama_layout"))
+        raise ConfigError(f"Structured pruning supports {known} models, not "
                           f"'{kind}'; use unstructured pruning (--method wanda) instead.")
 
 
@@ -238,7 +234,7 @@ def pruned_config(config, plan: Plan, kept_layers: list[int]):
     """A copy of ``config`` with the plan's smaller dimensions."""
     new = copy.deepcopy(config)
     h, kv = config.num_attention_heads, config.num_key_value_heads
-    new.head_dim = head_dim_of(config)  # keep it explicit: hidden may shrink
+    new.head_dim = head_dim(config)  # keep it explicit: hidden may shrink
     if plan.heads:
         if head_mode(config, plan.heads) == "groups":
             new.num_key_value_heads = kv - plan.heads // (h // kv)
@@ -268,7 +264,7 @@ def apply_plan(model: nn.Module, imp: Importance, plan: Plan) -> tuple[nn.Module
         if plan.drop_layers else []
     kept_layers = [i for i in range(n_layers) if i not in drop]
     new_cfg = pruned_config(cfg, plan, kept_layers)
-    d = head_dim_of(cfg)
+    d = head_dim(cfg)
     hid = sops.keep_top(imp.hidden, cfg.hidden_size - plan.hidden) if plan.hidden else None
     mode = head_mode(cfg, plan.heads) if plan.heads else None
     sd = model.state_dict()

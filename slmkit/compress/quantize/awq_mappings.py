@@ -8,8 +8,9 @@ into the op that *produces* the input, so it costs nothing at inference:
   (only when the shapes line up: no grouped-query attention) and ``up_proj -> down_proj``
   (``down(act(gate) * up)``: scaling ``up``'s rows scales ``down``'s input).
 
-Each entry is ``(producer, [consumers])`` with names relative to one decoder block.
-Architectures not listed (and linears not covered by an entry) fall back to keeping
+Each entry is ``(producer, consumers)`` with names relative to one decoder block; the
+entries of each architecture are the ``awq`` column of :data:`slmkit.models.arch.ARCHS`.
+Architectures without entries (and linears not covered by an entry) fall back to keeping
 ``1/s`` inside :class:`~slmkit.nn.quant_linear.QuantLinear` (``input_scale``).
 """
 
@@ -18,23 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_LLAMA_ATTN = [
-    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ("self_attn.v_proj", ["self_attn.o_proj"]),
-]
-_LLAMA_MLP = [
-    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-    ("mlp.up_proj", ["mlp.down_proj"]),
-]
-
-#: model_type -> mapping entries. Mixtral's experts are fused 3-D tensors (not linears), so
-#: only its attention is listed.
-AWQ_MAPPINGS: dict[str, list[tuple[str, list[str]]]] = {
-    "llama": _LLAMA_ATTN + _LLAMA_MLP,
-    "qwen2": _LLAMA_ATTN + _LLAMA_MLP,
-    "mistral": _LLAMA_ATTN + _LLAMA_MLP,
-    "mixtral": _LLAMA_ATTN,
-}
+from slmkit.models.arch import arch_of
 
 
 def block_mappings(model_type: str, block: nn.Module, block_name: str,
@@ -45,7 +30,7 @@ def block_mappings(model_type: str, block: nn.Module, block_name: str,
     output width equals the consumers' input width.
     """
     out = []
-    for producer, consumers in AWQ_MAPPINGS.get(model_type, []):
+    for producer, consumers in arch_of(model_type).awq:
         try:
             prev = block.get_submodule(producer)
         except AttributeError:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from slmkit.models import arch
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -433,7 +435,7 @@ class NativeStep:
         for i, layer in enumerate(runner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") \
+                if type(norm).__name__ not in arch.RMS_NORMS \
                         or norm.weight.dtype != torch.float32:
                     return None, f"norm {type(norm).__name__} is not an fp32 RMSNorm"
                 eps = norm.variance_epsilon
@@ -470,7 +472,7 @@ class NativeStep:
         if isinstance(head, str):
             return None, "LM head: " + head
         final = runner.norm
-        if type(final).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"):
+        if type(final).__name__ not in arch.RMS_NORMS:
             return None, "final norm is not an RMSNorm"
         attn0 = runner.layers[0].self_attn
         m = Model()
