@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from slmkit.compress.factorize import ops
-from slmkit.compress.match import is_conv1d, match_linears, set_module, weight_matrix
+from slmkit.compress.match import is_conv1d, match_linears, weight_matrix
 from slmkit.errors import ConfigError
 from slmkit.nn.lowrank import FORMAT, LowRankLinear
+from slmkit.nn.surgery import set_module
 
 METHODS = ("svd", "asvd")
 
