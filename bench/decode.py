@@ -218,10 +218,10 @@ def quantize(model, precision: str):
     if precision == "fp32":
         return model
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
 
     bits, group = (8, -1) if precision == "int8" else (4, 32)  # int4 in Q4_0-sized blocks
-    quantize_model(model, None, QuantizeConfig(method="rtn", bits=bits, group_size=group,
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=bits, group_size=group,
                                                quantize_embeddings=True))
     return model
 

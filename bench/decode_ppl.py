@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     import torch
 
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.console import print_table
     from slmkit.eval.perplexity import encode_documents, load_texts
     from slmkit.models import load_model
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     for name, scheme in VARIANTS.items():
         model, _ = load_model(args.model)
         if scheme:
-            quantize_model(model, tok, QuantizeConfig(method="rtn", bits=scheme[0],
+            quantize_model(model, tok, QuantizeOptions(method="rtn", bits=scheme[0],
                                                       group_size=scheme[1], ignore=[],
                                                       quantize_embeddings=True))
         res = {"variant": name}

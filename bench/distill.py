@@ -55,35 +55,35 @@ def common_options(args) -> dict:
 
 def train_lm(args, teacher: Path, out: Path) -> dict:
     from slmkit.train.config import TrainConfig
-    from slmkit.train.run import run_training
+    from slmkit.train.run import run_train
 
     cfg = TrainConfig(model="nano", tokenizer=str(teacher), out=str(out), lr=3e-3,
                       **common_options(args))
-    return run_training(cfg).metrics
+    return run_train(cfg).figures
 
 
 def distill(args, teacher: Path, student: str | Path, out: Path, lr: float) -> dict:
-    from slmkit.train.distill import DistillConfig, run_distillation
+    from slmkit.train.distill import DistillConfig, run_distill
 
     cache = str(args.work / "topk-cache") if args.topk else None
     cfg = DistillConfig(teacher=str(teacher), student=str(student), out=str(out), lr=lr,
                         loss="fkl", temperature=1.0, alpha=args.alpha,
                         topk_cache=args.topk or None,
                         topk_cache_dir=cache, **common_options(args))
-    return run_distillation(cfg).metrics
+    return run_distill(cfg).figures
 
 
 def prune_teacher(args, teacher: Path, out: Path) -> dict:
     """(d): the teacher pruned to ``args.prune_to`` of its parameters, saved to ``out``."""
-    from slmkit.compress.prune.structured import StructuredSettings, structured_prune
+    from slmkit.compress.prune.structured import StructuredOptions, structured_prune
     from slmkit.models import load_model, save_model
 
     model, tok = load_model(teacher)
     if args.prune_drop_layers or args.prune_mlp_channels:      # an explicit split
-        st = StructuredSettings(drop_layers=args.prune_drop_layers,
+        st = StructuredOptions(drop_layers=args.prune_drop_layers,
                                 mlp_channels=args.prune_mlp_channels, calib_samples=32)
     else:
-        st = StructuredSettings(target_params=args.prune_to, calib_samples=32)
+        st = StructuredOptions(target_params=args.prune_to, calib_samples=32)
     result = structured_prune(model, tok, st)
     save_model(result.model, tok, out, step="prune", overwrite=True,
                params={"structured": True, **st.as_dict()}, metrics=result.metrics())

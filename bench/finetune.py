@@ -89,7 +89,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     import slmkit.train.loop as loop
-    from slmkit.train.augment import make_augment_config, run_augment
+    from slmkit.train.augment import AugmentConfig, run_augment
     from slmkit.train.finetune import FinetuneConfig, run_finetune
 
     idle = _vm("VmRSS")
@@ -109,9 +109,9 @@ def worker(spec: dict) -> dict:
 
     loop.Trainer.fit = measured_fit
     if spec["kind"] == "augment":
-        res = run_augment(make_augment_config(**spec["cfg"]))
+        res = run_augment(AugmentConfig(**spec["cfg"])).figures
     else:
-        res = run_finetune(FinetuneConfig(**spec["cfg"]))
+        res = run_finetune(FinetuneConfig(**spec["cfg"])).figures
     return {"metrics": res, "idle_rss": idle,
             "fit_peak_rss": fit_peak.get("bytes") if fit_peak.get("reset") else None}
 

@@ -70,19 +70,19 @@ def build(kind_opts, model_dir: Path, calib: dict):
         return model, tok, 0.0
     kind, opts = kind_opts
     if kind == "prune":
-        from slmkit.compress.prune.modifier import PruneSettings, prune_model
+        from slmkit.compress.prune.modifier import PruneOptions, prune_model
 
-        prune_model(model, tok, PruneSettings(**opts, **calib))
+        prune_model(model, tok, PruneOptions(**opts, **calib))
     elif kind == "structured":
-        from slmkit.compress.prune.structured import StructuredSettings, structured_prune
+        from slmkit.compress.prune.structured import StructuredOptions, structured_prune
 
-        result = structured_prune(model, tok, StructuredSettings(**opts, **calib))
+        result = structured_prune(model, tok, StructuredOptions(**opts, **calib))
         model = result.model
         model.slmkit_split = result.after
     else:
-        from slmkit.compress.factorize.modifier import FactorizeSettings, factorize_model
+        from slmkit.compress.factorize.modifier import FactorizeOptions, factorize_model
 
-        factorize_model(model, tok, FactorizeSettings(**opts, **calib))
+        factorize_model(model, tok, FactorizeOptions(**opts, **calib))
     return model, tok, time.perf_counter() - t0
 
 

@@ -72,7 +72,7 @@ def _train(model_dir: Path) -> None:
     from slmkit.console import configure, log
     from slmkit.models.tokenizer import train_tokenizer_on_corpus
     from slmkit.train.config import TrainConfig
-    from slmkit.train.run import run_training
+    from slmkit.train.run import run_train
 
     configure()
     tok_dir = reference_tokenizer_dir()
@@ -83,7 +83,7 @@ def _train(model_dir: Path) -> None:
     log.info("reference: training micro on stdlib for %d steps into %s",
              RECIPE["max_steps"], model_dir)
     cfg = TrainConfig(**RECIPE, tokenizer=str(tok_dir), out=str(model_dir), resume=True)
-    run_training(cfg)
+    run_train(cfg)
 
 
 def main() -> None:

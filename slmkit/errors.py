@@ -49,5 +49,7 @@ def validated(model_cls, **kwargs):
         err = e.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ()))
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        flag = f"--{field.replace('_', '-')}" if field else "the options"
-        raise ConfigError(f"Invalid {flag}: {msg}.") from None
+        msg = msg.rstrip(".")
+        if not field:                       # a check across fields: its message says it all
+            raise ConfigError(f"{msg}.") from None
+        raise ConfigError(f"Invalid --{field.replace('_', '-')}: {msg}.") from None

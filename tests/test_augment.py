@@ -20,11 +20,12 @@ def task_file(tmp_path) -> Path:
 
 
 def _cfg(model, data, out, **kw):
-    from slmkit.train.augment import make_augment_config
+    from slmkit.errors import validated
+    from slmkit.train.augment import AugmentConfig
 
     base = dict(model=str(model), data=str(data), out=str(out), n_per_sample=3,
                 max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0, threads=1)
-    return make_augment_config(**{**base, **kw})
+    return validated(AugmentConfig, **{**base, **kw})
 
 
 def _read(out: Path) -> list[dict]:
@@ -44,7 +45,7 @@ def test_completions_rows_are_filtered_and_deduped(llama_dir, task_file, tmp_pat
     from slmkit.train.augment import normalise, run_augment
 
     out = tmp_path / "aug"
-    res = run_augment(_cfg(llama_dir, task_file, out, max_length=6))
+    res = run_augment(_cfg(llama_dir, task_file, out, max_length=6)).figures
     rows = _read(out)
     assert res["rows_in"] == 4 and res["generated"] == 12
     dropped = sum(res[f"dropped_{k}"] for k in ("empty", "unfinished", "length", "duplicate",
@@ -69,7 +70,7 @@ def test_paraphrase_keeps_completion_and_logprob_filter_drops_all(llama_dir, tas
     from slmkit.train.augment import run_augment
 
     out = tmp_path / "para"
-    res = run_augment(_cfg(llama_dir, task_file, out, mode="paraphrase"))
+    res = run_augment(_cfg(llama_dir, task_file, out, mode="paraphrase")).figures
     rows = _read(out)
     assert res["generated"] == 12 and res["new_rows"] > 0
     for r in rows[4:]:
@@ -77,7 +78,8 @@ def test_paraphrase_keeps_completion_and_logprob_filter_drops_all(llama_dir, tas
         assert r["prompt"] != original["prompt"] and r["prompt"].endswith('.__doc__ = """')
         assert r["prompt"].startswith("def add_")           # the head of the body is kept
 
-    strict = run_augment(_cfg(llama_dir, task_file, tmp_path / "strict", min_logprob=-1e-6))
+    strict = run_augment(_cfg(llama_dir, task_file, tmp_path / "strict",
+                               min_logprob=-1e-6)).figures
     assert strict["new_rows"] == 0 and strict["rows_out"] == 4       # only the originals
     assert strict["dropped_logprob"] == 12 - sum(
         strict[f"dropped_{k}"] for k in ("empty", "unfinished", "length", "duplicate"))
@@ -148,15 +150,3 @@ def test_augment_is_a_recipe_step():
     fields = set(AugmentConfig.model_fields)
     assert {"model", "data", "out", "mode", "n_per_sample", "temperature", "top_p",
             "max_new_tokens", "seed", "max_samples", "min_logprob", "keep_original"} <= fields
-
-
-def test_cli_flag_defaults_are_the_config_defaults():
-    import typer.main
-
-    from slmkit.cli import app
-    from slmkit.train.augment import AugmentConfig
-
-    params = typer.main.get_command(app).commands["augment"].params
-    pairs = [(p.name, p.default, AugmentConfig.model_fields[p.name].default) for p in params
-             if p.name in AugmentConfig.model_fields and p.default is not None]
-    assert len(pairs) >= 10 and all(got == want for _, got, want in pairs), pairs

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slmkit.errors import ConfigError, ModelLoadError
-from slmkit.train.objectives_kd import IndexedBatches, KDObjective, KDSettings, TopKCache
+from slmkit.errors import ConfigError, ModelLoadError, validated
+from slmkit.train.config import KDOptions
+from slmkit.train.objectives_kd import IndexedBatches, KDObjective, TopKCache
 from tests.conftest import build_tiny_model, run_cli
 
 STDLIB_FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py",
@@ -65,7 +66,7 @@ def _batch(tokenizer, B=2, T=16, seed=0):
 def test_objective_trains_student_only_and_is_zero_on_itself(tokenizer, loss):
     teacher = build_tiny_model("llama", tokenizer, seed=0)
     student = build_tiny_model("llama", tokenizer, seed=1).train()
-    obj = KDObjective(teacher, KDSettings(loss=loss, alpha=0.0, chunk_size=7), len(tokenizer))
+    obj = KDObjective(teacher, KDOptions(loss=loss, alpha=0.0, chunk_size=7), len(tokenizer))
     value, metrics = obj(student, _batch(tokenizer))
     value.backward()
     assert value > 1e-3 and set(metrics) == {"loss", "lm_loss", "kd_loss"}
@@ -73,7 +74,7 @@ def test_objective_trains_student_only_and_is_zero_on_itself(tokenizer, loss):
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
     twin = build_tiny_model("llama", tokenizer, seed=0).train()   # same weights as teacher
-    self_value, _ = KDObjective(teacher, KDSettings(loss=loss, alpha=0.0),
+    self_value, _ = KDObjective(teacher, KDOptions(loss=loss, alpha=0.0),
                                 len(tokenizer))(twin, _batch(tokenizer))
     assert abs(float(self_value.detach())) < 1e-5
 
@@ -84,7 +85,7 @@ def test_eval_mode_reports_plain_lm_loss(tokenizer):
     teacher = build_tiny_model("llama", tokenizer, seed=0)
     student = build_tiny_model("llama", tokenizer, seed=1).eval()
     batch = _batch(tokenizer)
-    kd, metrics = KDObjective(teacher, KDSettings(), len(tokenizer))(student, batch)
+    kd, metrics = KDObjective(teacher, KDOptions(), len(tokenizer))(student, batch)
     lm, _ = LMObjective()(student, batch)
     torch.testing.assert_close(kd, lm, rtol=1e-5, atol=1e-5)
     assert set(metrics) == {"loss"}
@@ -98,7 +99,7 @@ def test_padded_vocabulary_is_shared(tokenizer):
     student.train()
     vocab = shared_vocab(student, teacher, tokenizer)
     assert vocab == len(tokenizer)
-    value, _ = KDObjective(teacher, KDSettings(alpha=0.0), vocab)(student, _batch(tokenizer))
+    value, _ = KDObjective(teacher, KDOptions(alpha=0.0), vocab)(student, _batch(tokenizer))
     value.backward()
     assert torch.isfinite(value) and value > 0
 
@@ -112,7 +113,7 @@ def test_topk_cache_equals_live_teacher(tokenizer, tmp_path):
     student = build_tiny_model("llama", tokenizer, seed=1).train()
     tokens = np.random.default_rng(0).integers(0, len(tokenizer), 400).astype(np.uint16)
     batches = IndexedBatches(PackedBatches(tokens, 16, 3, seed=0))
-    settings = KDSettings(alpha=0.0, topk=8, chunk_size=10)
+    settings = KDOptions(alpha=0.0, topk_cache=8, chunk_size=10)
     cache = TopKCache(tmp_path / "c", batches.inner.n_chunks, 16, 8, {"t": 1})
     cached = KDObjective(teacher, settings, len(tokenizer), cache)
     live = KDObjective(teacher, settings, len(tokenizer))
@@ -132,7 +133,7 @@ def test_topk_cache_equals_live_teacher(tokenizer, tmp_path):
 def test_on_policy_batches_sample_from_the_student(tokenizer):
     teacher = build_tiny_model("llama", tokenizer, seed=0)
     student = build_tiny_model("llama", tokenizer, seed=1).train()
-    obj = KDObjective(teacher, KDSettings(on_policy_fraction=1.0), len(tokenizer))
+    obj = KDObjective(teacher, KDOptions(on_policy_fraction=1.0), len(tokenizer))
     value, metrics = obj(student, _batch(tokenizer, T=12))
     value.backward()
     assert obj.on_policy_batches == 1 and torch.isfinite(value)
@@ -144,11 +145,11 @@ def test_on_policy_batches_sample_from_the_student(tokenizer):
 def test_resume_mid_distillation_matches_uninterrupted_run(llama_dir, student_dir, corpus,
                                                            tmp_path, monkeypatch):
     from slmkit.train import loop
-    from slmkit.train.distill import run_distillation
+    from slmkit.train.distill import run_distill
 
-    full = run_distillation(_cfg(llama_dir, student_dir, corpus, tmp_path / "full",
+    full = run_distill(_cfg(llama_dir, student_dir, corpus, tmp_path / "full",
                                  topk_cache=16))
-    assert full.metrics["steps"] == 4 and "val_ppl" in full.metrics
+    assert full.figures["steps"] == 4 and "val_ppl" in full.figures
 
     real_save = loop.Trainer.save_checkpoint
 
@@ -161,12 +162,12 @@ def test_resume_mid_distillation_matches_uninterrupted_run(llama_dir, student_di
     cfg = _cfg(llama_dir, student_dir, corpus, tmp_path / "cut", topk_cache=16)
     monkeypatch.setattr(loop.Trainer, "save_checkpoint", crash_after_step_2)
     with pytest.raises(KeyboardInterrupt):
-        run_distillation(cfg)
+        run_distill(cfg)
     monkeypatch.setattr(loop.Trainer, "save_checkpoint", real_save)
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     assert (tmp_path / "cut" / "kd-cache" / "filled.u8").exists()
-    resumed = run_distillation(cfg.model_copy(update={"resume": True}))
-    assert resumed.metrics["steps"] == 4
+    resumed = run_distill(cfg.model_copy(update={"resume": True}))
+    assert resumed.figures["steps"] == 4
     a = load_file(tmp_path / "full" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model.safetensors")
     for name in a:
@@ -177,13 +178,13 @@ def test_resume_mid_distillation_matches_uninterrupted_run(llama_dir, student_di
 def test_tokenizer_mismatch_is_refused(llama_dir, corpus, tmp_path):
     from slmkit.models import save_model
     from slmkit.models.tokenizer import stdlib_sample, train_tokenizer
-    from slmkit.train.distill import run_distillation
+    from slmkit.train.distill import run_distill
 
     other_tok = train_tokenizer(stdlib_sample(max_files=5, max_bytes=100_000), vocab_size=300)
     other = save_model(build_tiny_model("llama", other_tok), other_tok, tmp_path / "other",
                        step="init")
     with pytest.raises(ConfigError, match="different tokenizer"):
-        run_distillation(_cfg(llama_dir, other, corpus, tmp_path / "out"))
+        run_distill(_cfg(llama_dir, other, corpus, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -223,5 +224,5 @@ def test_bad_options_are_one_sentence_config_errors(bad, flag):
 
     opts = {**dict(teacher="t", student="nano", out="o", max_steps=1), **bad}
     with pytest.raises(ConfigError, match=flag):
-        DistillConfig.from_cli(**opts)
+        validated(DistillConfig, **opts)
     assert DistillConfig(teacher="t", student="nano", max_steps=1).model == "nano"

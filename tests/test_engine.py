@@ -201,12 +201,12 @@ def test_quantlinear_models_run_unchanged_on_the_fast_path(tokenizer, bits, grou
     """The fast path only calls modules, so packed int8/int4 QuantLinear layers just work,
     with fp32 and with bf16 activations."""
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
 
     prompt = _prompt(tokenizer)[:24]
     for dtype in (torch.float32, torch.bfloat16):
         model = build_tiny_model("llama", tokenizer, seed=3).to(dtype)
-        quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=bits,
+        quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=bits,
                                                         group_size=group))
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
         engine = Engine(model, tokenizer, max_batch=1, max_seq_len=64, background=False)

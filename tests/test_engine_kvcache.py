@@ -21,9 +21,9 @@ needs_native = pytest.mark.skipif(native.load_library() is None,
 
 def _quantize(model, tokenizer, bits=4, group=32, sym=True):
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
 
-    quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=bits, group_size=group,
+    quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=bits, group_size=group,
                                                     sym=sym, quantize_embeddings=True,
                                                     ignore=[]))
     return model

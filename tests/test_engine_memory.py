@@ -119,7 +119,7 @@ def test_quantized_panels_share_one_huge_page_buffer():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.engine import native
     from slmkit.engine.runner import make_runner
     from slmkit.models.memory import huge_pages_available, in_huge_pages
@@ -131,7 +131,7 @@ def test_quantized_panels_share_one_huge_page_buffer():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1024,
                                          num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=512)).eval()
-    quantize_model(model, None, QuantizeConfig(method="rtn", bits=8, group_size=-1))
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         ref = model(prompt).logits[0, -1]
@@ -178,13 +178,13 @@ def _tiny_llama(**kw):
 
 def test_a_refused_native_step_builds_and_moves_nothing():
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.nn.packing import quantize_rtn
     from slmkit.engine.runner import make_runner
     from slmkit.nn.quant_linear import QuantLinear
 
     model = _tiny_llama(hidden_size=512, intermediate_size=1024)
-    quantize_model(model, None, QuantizeConfig(method="rtn", bits=8, group_size=-1))
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
     mlp = model.model.layers[1].mlp                  # one 3-bit layer: no native kernel
     codes, scale, zero = quantize_rtn(mlp.down_proj.dense_weight(), 3, 32, False)
     mlp.down_proj = QuantLinear.from_codes(codes, scale, zero, 3, 32, False)

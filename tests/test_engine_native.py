@@ -138,10 +138,10 @@ def test_native_prefill_equals_torch_path(tokenizer, arch, extra):
 def test_quantized_model_close_to_torch_path(tokenizer):
     _needs_vnni()
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
 
     model = build_tiny_model("llama", tokenizer, seed=5)
-    quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=4, group_size=32,
+    quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=4, group_size=32,
                                                     quantize_embeddings=True, ignore=[]))
     assert type(model.lm_head).__name__ == "QuantLinear"
     # an AWQ scale kept inside o_proj (GQA: v_proj cannot absorb it)
@@ -164,10 +164,10 @@ def test_row_result_does_not_depend_on_the_batch(tokenizer, quant):
     if quant is not None:
         _needs_vnni()
         from slmkit.compress.quantize.api import quantize_model
-        from slmkit.compress.quantize.config import QuantizeConfig
+        from slmkit.compress.quantize.config import QuantizeOptions
 
         bits, group, sym = quant
-        quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=bits, group_size=group,
+        quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=bits, group_size=group,
                                                         sym=sym, quantize_embeddings=True,
                                                         ignore=[]))
     n = 9

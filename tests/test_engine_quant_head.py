@@ -12,10 +12,10 @@ from tests.conftest import build_tiny_model
 
 def test_engine_with_quantized_lm_head(tokenizer):
     from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
 
     model = build_tiny_model("llama", tokenizer)
-    quantize_model(model, tokenizer, QuantizeConfig(method="rtn", bits=8, ignore=[]))
+    quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=8, ignore=[]))
     head = model.get_output_embeddings()
     assert getattr(head, "weight", None) is None or not isinstance(head, torch.nn.Linear)
     assert output_vocab_size(model) == len(tokenizer)

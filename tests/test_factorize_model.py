@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmkit.compress.factorize.modifier import FactorizeSettings, factorize_model
-from slmkit.errors import ConfigError
+from slmkit.compress.factorize.modifier import FactorizeOptions, factorize_model
+from slmkit.errors import ConfigError, validated
 from slmkit.models import load_model, save_model
 from slmkit.nn.lowrank import LowRankLinear, lowrank_modules, merge_lowrank
 from tests.conftest import build_tiny_model, run_cli
@@ -21,7 +21,7 @@ def _ids(tokenizer) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_svd_ratio_sets_ranks_and_round_trips(arch, tokenizer, tmp_path):
     model = build_tiny_model(arch, tokenizer)
-    report = factorize_model(model, tokenizer, FactorizeSettings(method="svd", ratio=0.5))
+    report = factorize_model(model, tokenizer, FactorizeOptions(method="svd", ratio=0.5))
     assert len(report.ranks) == 14 and not report.skipped
     assert report.factored_params <= 0.5 * report.dense_params
     low = lowrank_modules(model)
@@ -47,7 +47,7 @@ def test_energy_leaves_unhelpful_layers_dense(tokenizer):
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     with torch.no_grad():
         q.weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64))  # genuinely rank 4
-    report = factorize_model(model, tokenizer, FactorizeSettings(method="svd", energy=0.99))
+    report = factorize_model(model, tokenizer, FactorizeOptions(method="svd", energy=0.99))
     # random weights have a flat spectrum: at 99% energy they cannot save parameters
     assert report.ranks == {"model.layers.0.self_attn.q_proj": 4}
     assert len(report.skipped) == 13
@@ -76,8 +76,8 @@ def test_asvd_beats_svd_on_the_model_output(tokenizer, calib_corpus):  # noqa: F
     errs = {}
     for method in ("svd", "asvd"):
         model = outlier_model()
-        factorize_model(model, tokenizer, FactorizeSettings(
-            method=method, ratio=0.6, data=calib_corpus, calib_samples=8, calib_seq_len=32))
+        factorize_model(model, tokenizer, FactorizeOptions(
+            method=method, ratio=0.6, calib_data=calib_corpus, calib_samples=8, calib_seq_len=32))
         assert any(isinstance(m, LowRankLinear) for m in model.modules())
         with torch.no_grad():
             errs[method] = float((model(ids).logits - ref).pow(2).mean())
@@ -87,13 +87,13 @@ def test_asvd_beats_svd_on_the_model_output(tokenizer, calib_corpus):  # noqa: F
 def test_bad_settings_are_refused(tokenizer):
     model = build_tiny_model("llama", tokenizer)
     with pytest.raises(ConfigError, match="gives rank 0"):
-        factorize_model(model, tokenizer, FactorizeSettings(method="svd", ratio=0.01))
+        factorize_model(model, tokenizer, FactorizeOptions(method="svd", ratio=0.01))
     with pytest.raises(ConfigError, match="only one"):
-        FactorizeSettings(ratio=0.5, energy=0.9).validate()
-    with pytest.raises(ConfigError, match="outside"):
-        FactorizeSettings(energy=1.5).validate()
+        validated(FactorizeOptions, ratio=0.5, energy=0.9)
+    with pytest.raises(ConfigError, match="--energy"):
+        validated(FactorizeOptions, energy=1.5)
     with pytest.raises(ConfigError, match="Conv1D"):
-        factorize_model(build_tiny_model("gpt2", tokenizer), tokenizer, FactorizeSettings())
+        factorize_model(build_tiny_model("gpt2", tokenizer), tokenizer, FactorizeOptions())
     assert not lowrank_modules(model)  # refused before touching the model
 
 

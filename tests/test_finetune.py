@@ -127,7 +127,7 @@ def test_lora_adapter_loads_in_plain_peft(llama_dir, task_file, tmp_path):
     from slmkit.train.lora import apply_lora
 
     out = tmp_path / "adapter"
-    res = run_finetune(_cfg(llama_dir, task_file, out))
+    res = run_finetune(_cfg(llama_dir, task_file, out)).figures
     assert 0 < res["trainable_fraction"] < 0.2
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     rec = read_record(out)
@@ -183,11 +183,11 @@ def test_full_finetune_and_resume(llama_dir, task_file, tmp_path):
 
     out = tmp_path / "full"
     first = run_finetune(_cfg(llama_dir, task_file, out, method="full", max_steps=3,
-                              checkpoint_every=3))
+                              checkpoint_every=3)).figures
     assert first["trainable_fraction"] == 1.0 and first["steps"] == 3
     # continue the same run to 5 steps from its last checkpoint
     res = run_finetune(_cfg(llama_dir, task_file, out, method="full", max_steps=5,
-                            checkpoint_every=5), resume=True)
+                            checkpoint_every=5, resume=True)).figures
     assert res["steps"] == 5
     assert read_record(out)["metrics"]["steps"] == 5
 

@@ -101,7 +101,7 @@ def test_finetune_qlora_merged_is_plain_dense(llama_dir, tmp_path, targets):
     out = tmp_path / "dense"
     res = run_finetune(FinetuneConfig(model=str(llama_dir), data=str(data), out=str(out),
                                       method="qlora", max_steps=2, seq_len=64, batch_size=2,
-                                      precision="fp32", target_modules=targets))
+                                      precision="fp32", target_modules=targets)).figures
     assert res["steps"] == 2 and 0 < res["trainable_fraction"] < 0.5   # of the dense count
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and "slmkit" not in cfg

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from slmkit.compress.prune import nm_format
 from slmkit.compress.prune.api import PruneConfig, run_prune
-from slmkit.errors import ConfigError, ModelLoadError
+from slmkit.errors import ConfigError, ModelLoadError, validated
 from slmkit.models import load_model
 from slmkit.models.info import model_info
 from tests.conftest import run_cli
@@ -46,13 +46,14 @@ def test_mask_bits_are_little_end_first():
 
 def _prune(model_dir, out, **kw):
     return run_prune(PruneConfig(model=str(model_dir), out=str(out), method="magnitude",
-                                 pattern="2:4", **kw))
+                                 pattern="2:4", **kw)).figures
 
 
 def test_compact_model_is_smaller_and_loads_to_the_same_weights(llama_dir, tmp_path):
     dense_res = _prune(llama_dir, tmp_path / "dense")
     res = _prune(llama_dir, tmp_path / "compact", compact=True)
-    assert res["compact_layers"] == dense_res["layers_pruned"] == res["layers_pruned"] > 0
+    layers = len(dense_res["layer_sparsity"])
+    assert res["compact_layers"] == layers == len(res["layer_sparsity"]) > 0
     a, _ = load_model(tmp_path / "dense")
     b, _ = load_model(tmp_path / "compact")
     sa, sb = a.state_dict(), b.state_dict()
@@ -75,22 +76,22 @@ def test_compact_model_is_smaller_and_loads_to_the_same_weights(llama_dir, tmp_p
 def test_compact_model_quantizes_and_stays_sparse(llama_dir, tmp_path):
     from slmkit.compress.match import match_linears
     from slmkit.compress.quantize.api import dequantize_model, quantize_model
-    from slmkit.compress.quantize.config import QuantizeConfig
+    from slmkit.compress.quantize.config import QuantizeOptions
 
     _prune(llama_dir, tmp_path / "compact", compact=True)
     model, tok = load_model(tmp_path / "compact")
     zeros = {n: m.weight == 0 for n, m in match_linears(model).items()}
-    quantize_model(model, tok, QuantizeConfig(method="rtn", bits=4, group_size=32))
+    quantize_model(model, tok, QuantizeOptions(method="rtn", bits=4, group_size=32))
     dense = match_linears(dequantize_model(model))
     assert sum(int((dense[n].weight[z] != 0).sum()) for n, z in zeros.items()) == 0
 
 
 def test_compact_needs_a_pattern_and_no_structured(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="add --pattern"):
-        run_prune(PruneConfig(model=str(llama_dir), out=str(tmp_path / "x"), compact=True))
+        validated(PruneConfig, model=str(llama_dir), out=str(tmp_path / "x"), compact=True)
     with pytest.raises(ConfigError, match="drop one of them"):
-        run_prune(PruneConfig(model=str(llama_dir), out=str(tmp_path / "x"), compact=True,
-                              structured=True, target_params=0.75))
+        validated(PruneConfig, model=str(llama_dir), out=str(tmp_path / "x"), compact=True,
+                  structured=True, target_params=0.75)
     assert not (tmp_path / "x").exists()
 
 

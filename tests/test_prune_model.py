@@ -9,8 +9,8 @@ import torch
 
 from slmkit.compress.match import match_linears, weight_matrix
 from slmkit.compress.prune import ops
-from slmkit.compress.prune.modifier import PruneSettings, prune_model
-from slmkit.errors import ConfigError
+from slmkit.compress.prune.modifier import PruneOptions, prune_model
+from slmkit.errors import ConfigError, validated
 from tests.conftest import build_tiny_model, run_cli
 
 
@@ -25,8 +25,8 @@ def calib_corpus(tmp_path_factory) -> str:
     return str(path)
 
 
-def _settings(calib_corpus, **kw) -> PruneSettings:
-    return PruneSettings(data=calib_corpus, calib_samples=8, calib_seq_len=32, **kw)
+def _settings(calib_corpus, **kw) -> PruneOptions:
+    return PruneOptions(calib_data=calib_corpus, calib_samples=8, calib_seq_len=32, **kw)
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "magnitude"), ("qwen2", "wanda"),
@@ -82,7 +82,7 @@ def test_cli_prune_round_trip_keeps_zeros(llama_dir, tmp_path, calib_corpus):
 
     out = tmp_path / "pruned"
     res = run_cli("prune", llama_dir, "--method", "sparsegpt", "--pattern", "2:4", "--out", out,
-                  "--data", calib_corpus, "--calib-samples", "8", "--calib-seq-len", "32")
+                  "--calib-data", calib_corpus, "--calib-samples", "8", "--calib-seq-len", "32")
     assert res.returncode == 0, res.stderr
     assert "achieved sparsity per layer" in res.stdout and "50.0%" in res.stdout
     plain = AutoModelForCausalLM.from_pretrained(out)  # no slmkit needed to load
@@ -99,7 +99,7 @@ def test_cli_bad_input_is_one_sentence_and_no_output(llama_dir, tmp_path):
     out = tmp_path / "bad"
     res = run_cli("prune", llama_dir, "--method", "magnitude", "--sparsity", "1.0", "--out", out)
     assert res.returncode == 2, res.stderr
-    assert "outside [0, 1)" in res.stderr and "Traceback" not in res.stderr
+    assert "Invalid --sparsity" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
 
@@ -108,7 +108,7 @@ def test_pattern_that_does_not_divide_a_layer_is_refused_before_pruning(tokenize
     model = build_tiny_model("llama", tokenizer)
     before = model.model.layers[0].mlp.up_proj.weight.clone()
     with pytest.raises(ConfigError, match="does not divide the input dimension 64"):
-        prune_model(model, tokenizer, PruneSettings(method="magnitude", pattern="3:7"))
+        prune_model(model, tokenizer, PruneOptions(method="magnitude", pattern="3:7"))
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
@@ -116,8 +116,8 @@ def test_settings_refuse_bad_values(tokenizer):
     for bad in (dict(sparsity=-0.2), dict(sparsity=1.5), dict(method="random"),
                 dict(pattern="2/4")):
         with pytest.raises(ConfigError):
-            PruneSettings(**{"method": "wanda", **bad}).validate()
+            validated(PruneOptions, **{"method": "wanda", **bad})
     model = build_tiny_model("llama", tokenizer)
     with pytest.raises(ConfigError, match="matched no linear layer"):
-        prune_model(model, tokenizer, PruneSettings(method="magnitude", targets=["nothing"]))
-    assert PruneSettings(method="wanda", pattern="4:8").validate() == (4, 8)
+        prune_model(model, tokenizer, PruneOptions(method="magnitude", targets=["nothing"]))
+    assert PruneOptions(method="wanda", pattern="4:8").nm() == (4, 8)

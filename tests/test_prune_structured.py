@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from slmkit.compress.prune import structured_ops as sops
-from slmkit.compress.prune.structured import StructuredSettings, structured_prune
-from slmkit.errors import ConfigError
+from slmkit.compress.prune.structured import StructuredOptions, structured_prune
+from slmkit.errors import ConfigError, validated
 from tests.conftest import build_tiny_model, run_cli
 from tests.test_prune_model import calib_corpus  # noqa: F401  (shared fixture)
 
@@ -37,7 +37,7 @@ def test_block_influence_is_zero_for_identity_and_one_for_orthogonal():
 
 
 def _settings(corpus, **kw):
-    return StructuredSettings(data=corpus, calib_samples=8, calib_seq_len=32, **kw)
+    return StructuredOptions(calib_data=corpus, calib_samples=8, calib_seq_len=32, **kw)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -107,27 +107,27 @@ def test_target_params_chooses_a_split_under_the_target(tokenizer, calib_corpus)
     (dict(mlp_channels=128), "would remove all 128"),
     (dict(drop_layers=2), "would remove all 2"),
     (dict(target_params=0.75, heads=2), "pass one or the other"),
-    (dict(target_params=1.2), "outside (0, 1)"),
+    (dict(target_params=1.2), "Invalid --target-params"),
     (dict(), "needs --target-params"),
 ])
 def test_impossible_plans_are_refused(kw, needle, tokenizer):
     model = build_tiny_model("llama", tokenizer)
     with pytest.raises(ConfigError) as err:
-        structured_prune(model, tokenizer, StructuredSettings(**kw))
+        structured_prune(model, tokenizer, validated(StructuredOptions, **kw))
     assert needle in str(err.value)
 
 
 def test_unsupported_architecture_is_refused(tokenizer):
     with pytest.raises(ConfigError, match="not 'gpt2'"):
         structured_prune(build_tiny_model("gpt2", tokenizer), tokenizer,
-                         StructuredSettings(heads=1))
+                         StructuredOptions(heads=1))
 
 
 @pytest.mark.slow
 def test_cli_structured(llama_dir, tmp_path, calib_corpus):  # noqa: F811
     out = tmp_path / "small"
     res = run_cli("prune", llama_dir, "--structured", "--heads", "2", "--mlp-channels", "32",
-                  "--out", out, "--data", calib_corpus, "--calib-samples", "8",
+                  "--out", out, "--calib-data", calib_corpus, "--calib-samples", "8",
                   "--calib-seq-len", "32")
     assert res.returncode == 0, res.stderr
     assert "removed" in res.stdout and "mlp_channels" in res.stdout

@@ -113,7 +113,8 @@ def test_bad_inputs_raise_one_sentence(llama_dir, tmp_path, env, monkeypatch, kw
                                        fragment):
     from slmkit import errors
     from slmkit.train.config import TrainConfig
-    from slmkit.train.run import run_training
+    from slmkit.errors import validated
+    from slmkit.train.run import run_train
 
     monkeypatch.setenv("SLMKIT_CACHE_DIR", env["SLMKIT_CACHE_DIR"])
     (tmp_path / "empty").mkdir()
@@ -121,7 +122,7 @@ def test_bad_inputs_raise_one_sentence(llama_dir, tmp_path, env, monkeypatch, kw
               if isinstance(v, str) else v for k, v in kwargs.items()}
     out = tmp_path / "out"
     with pytest.raises(getattr(errors, error), match=fragment):
-        run_training(TrainConfig.from_cli(**kwargs, out=str(out)))
+        run_train(validated(TrainConfig, **kwargs, out=str(out)))
     assert not out.exists()
 
 
@@ -133,9 +134,9 @@ def test_continued_pretraining_with_jsonl(llama_dir, tmp_path, env, monkeypatch)
     rows += [{"prompt": f"Q{i}: ", "completion": f"A{i}."} for i in range(60)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from slmkit.train.config import TrainConfig
-    from slmkit.train.run import run_training
+    from slmkit.train.run import run_train
 
-    res = run_training(TrainConfig(model=str(llama_dir), data=str(data),
+    res = run_train(TrainConfig(model=str(llama_dir), data=str(data),
                                    out=str(tmp_path / "o"), max_steps=2, seq_len=32,
                                    batch_size=2, val_fraction=0.2, precision="fp32"))
-    assert res.metrics["steps"] == 2 and res.metrics["val_loss"] > 0
+    assert res.figures["steps"] == 2 and res.figures["val_loss"] > 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from slmkit.errors import validated
 from slmkit.train.batches import PackedBatches, eval_batches
 from slmkit.train.config import TrainConfig
 from slmkit.train.loop import Trainer
@@ -152,6 +153,6 @@ def test_budget_needs_one_limit_and_token_budget_stops():
     from slmkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="training budget"):
-        TrainConfig.from_cli(model="nano")
+        validated(TrainConfig, model="nano")
     cfg = TrainConfig(model="nano", max_tokens=1000, seq_len=32, batch_size=4)
     assert cfg.total_steps() == 8

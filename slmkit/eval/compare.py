@@ -22,7 +22,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from slmkit.errors import ConfigError, SlmError
+from slmkit.eval.evaluate import EvalOptions
+from slmkit.step import StepConfig, StepResult, Table, cli
 
 
 def model_labels(refs: list[str]) -> list[str]:
@@ -117,3 +121,48 @@ def compare(refs: list[str], out: str | os.PathLike, data: Any = "stdlib", split
         write_report(results, tmp_dir)
     results["out"] = str(final)
     return results
+
+
+# --------------------------------------------------------------------------- the `compare` step
+
+class CompareConfig(StepConfig, EvalOptions):
+    """Options of ``slm compare`` and the ``compare`` recipe step (the output is the report
+    directory)."""
+
+    models: list[str] = Field(min_length=1, description="Model directories or hub ids.",
+                              json_schema_extra=cli(argument=True))
+    out: str | None = Field(default=None, description="Report directory to create.",
+                            json_schema_extra=cli(short="-o"))
+
+
+def run_compare(cfg: CompareConfig) -> StepResult:
+    """``slm compare``: every model on the same bytes and items; table, plots and report."""
+    from slmkit.eval.report import cell_value, columns, format_cell, pareto_labels
+
+    cfg.check_output()
+    cfg.check_device()
+    cfg.apply_threads()
+    res = compare(cfg.models, cfg.out, data=cfg.data, split=cfg.split,
+                  val_fraction=cfg.val_fraction, task_specs=cfg.task_specs(),
+                  task_limit=cfg.task_limit or None, overwrite=cfg.overwrite,
+                  max_bytes=cfg.max_bytes or None, **cfg.eval_kwargs())
+    cols = [c for c in columns(res) if c[1] in ("size_on_disk", "bits_per_byte",
+                                                  "decode_tok_s", "peak_rss_bytes")
+            or ":" in c[1]]
+    fronts = pareto_labels(res)
+    rows, notes = [], []
+    for m in res["models"]:
+        if m.get("error"):
+            notes.append(f"{m['label']} failed: {m['error']}")
+            rows.append((m["label"], "failed", *["–"] * len(cols)))
+            continue
+        rows.append((m["label"], ",".join(fronts[m["label"]]),
+                     *[format_cell(cell_value(m, key), spec, m, key) for _, key, spec, _ in cols]))
+    heads = [c[0].replace("stdlib-", "").replace("exact_match", "EM") for c in cols]
+    notes.append(f"report: {res['out']}/report.html  (results.json, report.md, "
+                 "quality_vs_size.png, quality_vs_speed.png)")
+    ok = [m for m in res["models"] if not m.get("error")]
+    return StepResult("compare", str(res["out"]),
+                      {"models": len(res["models"]), "failed": len(res["models"]) - len(ok)},
+                      tables=[Table("slm compare", rows, ("model", "Pareto", *heads))],
+                      data=res, notes=notes)

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmkit.errors import ConfigError, DataError, validated
+from slmkit.errors import ConfigError, DataError
+from slmkit.step import Corpus, StepConfig, StepResult, cli
 
 #: Default text budget for perplexity: the same bytes for every tokenizer, a few seconds
 #: per small model on 2 cores. 0/None scores the whole split.
@@ -24,41 +25,40 @@ DEFAULT_MAX_BYTES = 200_000
 EXAMPLES_KEPT = 5
 
 
-class EvalConfig(BaseModel):
-    """Options of ``slm eval`` (the ``eval`` recipe step adds the model and its output dir).
-
-    The CLI flags and the recipe step are both this model, so ``--task-limit`` and
-    ``task_limit:`` are checked the same way.
-    """
+class EvalOptions(BaseModel):
+    """What to measure and on which text: the block ``slm eval`` and ``slm compare`` share,
+    so both score the same bytes and the same task items the same way."""
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str | list[str] = Field(default="stdlib", description="text for perplexity and "
-                                  "where built-in tasks are mined")
-    split: Literal["val", "train", "all"] = "val"
-    val_fraction: float = Field(default=0.05, ge=0, lt=1)
-    tasks: list[str] | None = Field(default=None, description="built-in task names, "
-                                    "'stdlib' for all, or .jsonl task files (comma-separated "
-                                    "items allowed)")
-    task_limit: int = Field(default=100, ge=0, description="items per task (0: all)")
-    seq_len: int | None = Field(default=None, ge=2)
-    stride: int | None = Field(default=None, ge=1)
-    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=0,
-                           description="text budget (0: whole split)")
-    max_tokens: int | None = Field(default=None, ge=1)
-    ppl: bool = Field(default=True, description="measure perplexity / bits per byte")
-    speed: bool = Field(default=True, description="measure prefill/decode speed and TTFT")
-    decode_tokens: int = Field(default=32, ge=1)
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    device: str = "cpu"
-    threads: int | None = Field(default=None, ge=1)
-    record: bool = Field(default=True, description="merge the summary into the model's "
-                         "slmkit.json metrics")
-
-    @classmethod
-    def from_cli(cls, **kwargs: Any) -> "EvalConfig":
-        """Build from CLI values; a validation error becomes a one-sentence ConfigError."""
-        return validated(cls, **kwargs)
+    data: Corpus = Field(default="stdlib", description="Text for perplexity and where "
+                         "built-in tasks are mined: stdlib, a file, dir, glob or .jsonl.",
+                         json_schema_extra=cli(short="-d"))
+    split: Literal["val", "train", "all"] = Field(default="val", description="Corpus split.")
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Validation share of "
+                                "the corpus split.")
+    tasks: list[str] | None = Field(
+        default=None, description="Comma-separated: stdlib (all built-ins), stdlib-funcname, "
+        "stdlib-docstring-mc, stdlib-nextline, stdlib-docstring, or .jsonl task files. "
+        'JSONL lines: {"type":"multiple_choice","context":..,"choices":[..],"answer":i} or '
+        '{"type":"generation","prompt":..,"answer":..,"stop":["\\n"]}.',
+        json_schema_extra=cli(short="-t"))
+    task_limit: int = Field(default=100, ge=0, description="Items per task (0: all).")
+    seq_len: int | None = Field(default=None, ge=2, description="Perplexity window (default "
+                                "min(context, 512)).")
+    stride: int | None = Field(default=None, ge=1, description="New tokens per window "
+                               "(default half).")
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=0, description="Text budget in "
+                           "bytes, the same for every tokenizer (0: the whole split).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Score at most this many "
+                                   "tokens.")
+    speed: bool = Field(default=True, description="Measure prefill/decode speed and TTFT.")
+    decode_tokens: int = Field(default=32, ge=1, description="Tokens generated for the "
+                               "decode speed.")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(default=None, description="fp32 "
+                                                          "(default), bf16 or fp16.")
+    device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="cpu, cuda or "
+                                                   "auto.")
 
     def task_specs(self) -> list[str]:
         """The task names/files, comma-separated items split."""
@@ -69,21 +69,105 @@ class EvalConfig(BaseModel):
         return resolve_tasks(self.task_specs(), self.data, self.split, self.val_fraction,
                              self.task_limit or None)
 
+    def check_device(self) -> None:
+        """Refuse ``--device cuda`` where torch sees no GPU (before loading anything)."""
+        if self.device == "cuda":
+            import torch
 
-def evaluate_with(ref: str | os.PathLike, cfg: EvalConfig,
-                  tasks: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """:func:`evaluate_model` with the options of ``cfg`` (tasks resolved unless given)."""
-    if cfg.threads:
-        import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda: torch sees no CUDA GPU on this machine; use "
+                                  "--device cpu or auto.")
 
-        torch.set_num_threads(cfg.threads)
-    return evaluate_model(ref, data=cfg.data, split=cfg.split, val_fraction=cfg.val_fraction,
-                          seq_len=cfg.seq_len, stride=cfg.stride, max_tokens=cfg.max_tokens,
-                          max_bytes=cfg.max_bytes or None,
-                          tasks=cfg.task_sets() if tasks is None else tasks,
-                          perplexity=cfg.ppl, speed=cfg.speed,
-                          decode_tokens=cfg.decode_tokens, dtype=cfg.dtype,
-                          device=cfg.device, record=cfg.record)
+    def eval_kwargs(self) -> dict[str, Any]:
+        """The options :func:`evaluate_model` takes directly."""
+        return dict(seq_len=self.seq_len, stride=self.stride, max_tokens=self.max_tokens,
+                    speed=self.speed, decode_tokens=self.decode_tokens, dtype=self.dtype,
+                    device=self.device)
+
+
+class EvalConfig(StepConfig, EvalOptions):
+    """Options of ``slm eval`` and the ``eval`` recipe step.
+
+    With ``--out`` (always in a recipe) the output is a directory holding ``results.json``
+    (every figure ``--json`` prints) and ``slmkit.json`` (the evaluated model's lineage plus
+    an ``eval`` entry whose metrics are the flat summary).
+    """
+
+    model: str | None = Field(default=None, description="Model directory or hub id (omit "
+                              "with --write-tasks to only write the task files).",
+                              json_schema_extra=cli(argument=True))
+    out: str | None = Field(default=None, description="Also write results.json and a lineage "
+                            "record into this new directory.", json_schema_extra=cli(short="-o"))
+    ppl: bool = Field(default=True, description="Measure perplexity.")
+    record: bool | None = Field(default=None, description="Append the results to the model's "
+                                "slmkit.json metrics (default: yes without --out; a step "
+                                "never modifies another step's output).")
+    write_tasks: str | None = Field(default=None, description="Write the task sets as JSONL "
+                                    "into this new directory.")
+
+
+def run_eval(cfg: EvalConfig) -> StepResult:
+    """``slm eval``: measure one model (and/or write its task sets)."""
+    import json
+
+    from slmkit.models.io import atomic_dir
+    from slmkit.models.lineage import make_record, write_record
+
+    task_sets = cfg.task_sets()
+    if cfg.write_tasks is not None:
+        from slmkit.eval.tasks import write_task_file
+
+        if not task_sets:
+            raise ConfigError("--write-tasks needs --tasks, e.g. --tasks stdlib.")
+        with atomic_dir(cfg.write_tasks, overwrite=cfg.overwrite) as tmp:
+            for name, items in task_sets.items():
+                write_task_file(tmp / f"{name}.jsonl", items)
+        if cfg.model is None:
+            return StepResult("eval --write-tasks", cfg.write_tasks, {}, [
+                (f"{cfg.write_tasks}/{n}.jsonl", f"{len(i)} {i[0]['type']} items")
+                for n, i in task_sets.items()])
+    if cfg.model is None:
+        raise ConfigError("slm eval needs a MODEL directory (or --write-tasks DIR to only "
+                          "write the task sets).")
+    if cfg.out:
+        cfg.check_output()
+    cfg.check_device()
+    cfg.apply_threads()
+    record = cfg.record if cfg.record is not None else cfg.out is None
+    res = evaluate_model(cfg.model, data=cfg.data, split=cfg.split,
+                         val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes or None,
+                         tasks=task_sets, perplexity=cfg.ppl, record=record,
+                         **cfg.eval_kwargs())
+    lineage = res.pop("lineage")
+    notes = []
+    if cfg.out:
+        with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+            (tmp / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n",
+                                              encoding="utf-8")
+            write_record(tmp, make_record("eval", cfg.lineage(), res["summary"], lineage))
+        notes.append(f"results: {cfg.out}/results.json")
+    if res.get("recorded"):
+        notes.append(f"metrics appended to {res['path']}/slmkit.json")
+    return StepResult(f"eval {cfg.model}", cfg.out, eval_figures(res), result_rows(res),
+                      data=res, notes=notes)
+
+
+def eval_figures(res: dict[str, Any]) -> dict[str, Any]:
+    """The flat figures of an ``evaluate_model`` result that a run summary shows."""
+    figures: dict[str, Any] = {}
+    ppl = res.get("perplexity")
+    if ppl:
+        figures.update(ppl=ppl["ppl"], bits_per_byte=ppl["bits_per_byte"])
+    scores = {f"{name}:{t['metric']}": t["score"] for name, t in (res.get("tasks") or {}).items()}
+    if scores:
+        figures["task_score"] = sum(scores.values()) / len(scores)
+        figures.update(scores)
+    if (res.get("speed") or {}).get("decode_tok_s"):
+        figures["decode_tok_s"] = res["speed"]["decode_tok_s"]
+    for key in ("params", "size_on_disk"):
+        if res.get(key) is not None:
+            figures[key] = res[key]
+    return figures
 
 
 def resolve_tasks(specs: list[str] | None, data: Any = "stdlib", split: str = "val",

@@ -16,9 +16,12 @@ micro-moe  ~9M     mixtral  mixture of experts: 4 experts, 2 active per token
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from slmkit.errors import ConfigError
+from slmkit.step import StepConfig, StepResult, cli
 
 _LLAMA_COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
                      attention_bias=False, mlp_bias=False, initializer_range=0.02)
@@ -91,6 +94,12 @@ def build_config(preset: str, tokenizer=None, overrides: dict[str, Any] | None =
         if key not in known:
             raise ConfigError(f"--set {key}=... names no field of the {model_type} config; "
                               "see the model's config.json for valid field names.")
+        old = getattr(config, key)
+        number = (int, float) if isinstance(old, float) else type(old)
+        if old is not None and not isinstance(old, (dict, list)) and (
+                not isinstance(value, number) or isinstance(value, bool) != isinstance(old, bool)):
+            raise ConfigError(f"--set {key}={value} is not a {type(old).__name__} like the "
+                              f"preset's {old!r}; pass a value of that type.")
         setattr(config, key, value)
     h, n = config.hidden_size, config.num_attention_heads
     if h % n:
@@ -149,36 +158,51 @@ def count_params(model) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- the `init` step
 
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-
-
-class InitConfig(BaseModel):
+class InitConfig(StepConfig):
     """Options of ``slm init`` and of the ``init`` recipe step."""
 
-    model_config = ConfigDict(extra="forbid")
+    preset: Literal[tuple(PRESETS)] = Field(description="The model's shape: "
+                                            + ", ".join(PRESETS) + ".",
+                                            json_schema_extra=cli(short="-p"))
+    tokenizer: str = Field(description="Tokenizer (or model) dir.",
+                           json_schema_extra=cli(short="-t"))
+    set: dict[str, Any] = Field(default_factory=dict, description="Override a config field: "
+                                "key=value (repeatable).")
+    seed: int = Field(default=0, description="Random seed for the initial weights.")
 
-    preset: str = Field(description="nano, micro, small, base, micro-swa or micro-moe")
-    tokenizer: str = Field(description="tokenizer (or model) directory")
-    out: str | None = Field(default=None, description="output model directory")
-    set: dict[str, Any] = Field(default_factory=dict, description="config field overrides")
-    seed: int = 0
-    overwrite: bool = False
+    @field_validator("set", mode="before")
+    @classmethod
+    def _items(cls, v: Any) -> Any:
+        """``["key=value", ...]`` (the CLI's form) -> ``{key: value}``."""
+        if isinstance(v, list):
+            try:
+                return parse_overrides(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
 
 
-def run_init(cfg: InitConfig) -> dict[str, Any]:
-    """Create and save a preset model; returns the figures the CLI prints."""
+def run_init(cfg: InitConfig) -> StepResult:
+    """Create and save a preset model."""
+    from slmkit.console import human_bytes, human_count
     from slmkit.models.info import dir_size
     from slmkit.models.io import load_tokenizer, save_model
 
-    if cfg.out is None:
-        raise ConfigError("init needs an output directory; pass --out DIR.")
+    cfg.check_output()
+    cfg.apply_threads()
     tok = load_tokenizer(cfg.tokenizer)
     model = init_model(cfg.preset, tok, cfg.set, seed=cfg.seed)
     counts = count_params(model)
-    params = {"preset": cfg.preset, "tokenizer": cfg.tokenizer, "overrides": cfg.set,
-              "seed": cfg.seed}
-    final = save_model(model, tok, cfg.out, step="init", params=params,
+    final = save_model(model, tok, cfg.out, step="init", params=cfg.lineage(),
                        metrics={"params": counts["total"], "active_params": counts["active"]},
                        overwrite=cfg.overwrite)
-    return {"architecture": type(model).__name__, "params": counts["total"],
-            "active_params": counts["active"], "size_on_disk": dir_size(final), "out": str(final)}
+    size = dir_size(final)
+    rows = [("preset", cfg.preset), ("architecture", type(model).__name__),
+            ("parameters", f"{counts['total']:,} ({human_count(counts['total'])})")]
+    if counts["active"] != counts["total"]:
+        rows.append(("active per token", f"{counts['active']:,} "
+                                         f"({human_count(counts['active'])})"))
+    rows += [("size on disk", human_bytes(size)), ("written to", str(final))]
+    return StepResult("init", str(final), {"params": counts["total"],
+                                           "active_params": counts["active"],
+                                           "size_on_disk": size}, rows)

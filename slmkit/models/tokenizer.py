@@ -152,3 +152,37 @@ def train_tokenizer_on_corpus(data, vocab_size: int, out, val_fraction: float = 
             "vocab_size": len(tok), "val_bytes_per_token": val.get("bytes_per_token"),
             "train_documents": stats.yielded, "train_bytes": stats.bytes}, []))
     return {"out": str(out), "vocab_size": len(tok), "train": stats, "val": val}
+
+
+# --------------------------------------------------------------------------- the `tokenizer` step
+
+from pydantic import Field  # noqa: E402
+
+from slmkit.step import CORPUS_HELP, Corpus, StepConfig, StepResult, cli  # noqa: E402
+
+
+class TokenizerConfig(StepConfig):
+    """Options of ``slm tokenizer train`` and the ``tokenizer`` recipe step."""
+
+    data: Corpus = Field(default="stdlib", description=CORPUS_HELP,
+                         json_schema_extra=cli(short="-d"))
+    vocab_size: int = Field(default=8192, ge=300, description="Total vocabulary size.")
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of documents "
+                                "held out to measure bytes per token.")
+    min_frequency: int = Field(default=2, ge=1, description="Minimum pair count for a merge.")
+
+
+def run_tokenizer(cfg: TokenizerConfig) -> StepResult:
+    """Train a byte-level BPE tokenizer on ``cfg.data`` into ``cfg.out``."""
+    res = train_tokenizer_on_corpus(cfg.data, cfg.vocab_size, cfg.output(),
+                                    val_fraction=cfg.val_fraction,
+                                    min_frequency=cfg.min_frequency, overwrite=cfg.overwrite)
+    val = res["val"]
+    figures = {"vocab_size": res["vocab_size"]}
+    rows = [("vocabulary", res["vocab_size"]), *res["train"].summary_rows()]
+    if val:
+        figures["val_bytes_per_token"] = val["bytes_per_token"]
+        rows.append(("val bytes/token", f"{val['bytes_per_token']:.3f}  ({val['documents']:,} "
+                                        f"docs, {val['tokens']:,} tokens)"))
+    rows.append(("written to", res["out"]))
+    return StepResult("tokenizer train", res["out"], figures, rows)

@@ -42,7 +42,7 @@ def mini_overrides() -> list[str]:
         out += [f"{step}.{o}" if "=" in o else f"{step}.{o}={corpus}" for o in small]
     for step in ("teacher_int4", "student_int4", "pruned_student_int4"):
         out += [f"{step}.calib_samples=2", f"{step}.calib_seq_len=64", f"{step}.calib_data={corpus}"]
-    out += [f"pruned.data={corpus}", f"report.data={corpus}"]
+    out += [f"pruned.calib_data={corpus}", f"report.data={corpus}"]
     return out
 
 

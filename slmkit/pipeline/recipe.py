@@ -272,7 +272,7 @@ def build_config(recipe: Recipe, step: Step):
     """The step's validated pydantic config, output field set to its directory."""
     kind = STEP_KINDS[step.kind]
     options = resolve_options(recipe, step)
-    options[kind.out_field] = str(recipe.out_dir(step.name))
+    options["out"] = str(recipe.out_dir(step.name))
     return kind.config_class()(**options)
 
 
@@ -281,21 +281,25 @@ def validate_step(recipe: Recipe, step: Step) -> None:
     from pydantic import ValidationError
 
     kind = STEP_KINDS[step.kind]
-    if kind.out_field in step.options:
-        raise _err(recipe.path, step.option_lines.get(kind.out_field, step.line),
-                   f"step '{step.name}': '{kind.out_field}' is set by the pipeline "
+    if "out" in step.options:
+        raise _err(recipe.path, step.option_lines.get("out", step.line),
+                   f"step '{step.name}': 'out' is set by the pipeline "
                    f"(<workdir>/{step.name}); remove it and refer to the step as ${{{step.name}}}.")
     try:
         build_config(recipe, step)
+    except ConfigError as e:
+        raise _err(recipe.path, step.line, f"step '{step.name}': {e}") from None
     except ValidationError as e:
         first = e.errors()[0]
         loc = [str(p) for p in first.get("loc", ())]
         key = loc[0] if loc else ""
         line = step.option_lines.get(key, step.line)
         field_name = ".".join(loc) or "?"
-        msg = first.get("msg", "invalid value")
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ").rstrip(".")
         if first.get("type") == "extra_forbidden":
             msg = f"'{key}' is not an option of the '{step.kind}' step"
+        if not loc:
+            raise _err(recipe.path, line, f"step '{step.name}': {msg}.") from None
         raise _err(recipe.path, line, f"step '{step.name}', field '{field_name}': {msg}.") from None
 
 

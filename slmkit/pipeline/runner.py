@@ -9,7 +9,6 @@ last checkpoint.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import time
@@ -23,7 +22,9 @@ from slmkit.pipeline.steps import STEP_KINDS
 
 
 @dataclass
-class StepResult:
+class StepRun:
+    """One step of a recipe run: what happened and the figures its StepResult gave."""
+
     name: str
     kind: str
     status: str           # "ran", "cached", "planned: run", "planned: cached", "failed"
@@ -65,22 +66,22 @@ def plan(recipe: Recipe) -> list[tuple[str, str, bool]]:
     return out
 
 
-def run_recipe(recipe: Recipe, dry_run: bool = False, force: bool = False) -> list[StepResult]:
+def run_recipe(recipe: Recipe, dry_run: bool = False, force: bool = False) -> list[StepRun]:
     """Execute (or, with ``dry_run``, only describe) a recipe. Returns one result per step."""
-    results: list[StepResult] = []
+    results: list[StepRun] = []
     steps = {s.name: s for s in recipe.steps}
     n = len(recipe.steps)
     for i, (name, digest, cached) in enumerate(plan(recipe), start=1):
         step = steps[name]
         out = recipe.out_dir(name)
         if dry_run:
-            results.append(StepResult(name, step.kind, "planned: cached" if cached and not force
+            results.append(StepRun(name, step.kind, "planned: cached" if cached and not force
                                       else "planned: run", out=str(out)))
             continue
         if cached and not force:
             state = _cached(recipe, name, digest) or {}
             console.print(f"[dim]step {i}/{n}[/] [bold]{name}[/] ({step.kind}): cached, skipping")
-            results.append(StepResult(name, step.kind, "cached", out=str(out),
+            results.append(StepRun(name, step.kind, "cached", out=str(out),
                                       metrics=state.get("metrics", {})))
             continue
         console.print(f"[dim]step {i}/{n}[/] [bold]{name}[/] ({step.kind}) → {out}")
@@ -88,7 +89,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, force: bool = False) -> li
     return results
 
 
-def _run_step(recipe: Recipe, step, digest: str) -> StepResult:
+def _run_step(recipe: Recipe, step, digest: str) -> StepRun:
     kind = STEP_KINDS[step.kind]
     out = recipe.out_dir(step.name)
     state_file = _state_file(recipe, step.name)
@@ -99,26 +100,18 @@ def _run_step(recipe: Recipe, step, digest: str) -> StepResult:
             cfg = cfg.model_copy(update={"overwrite": True})
         else:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-    fn = kind.run_function()
-    kwargs = {}
-    if kind.resumable and "resume" in inspect.signature(fn).parameters:
-        kwargs["resume"] = True
+    if kind.resumable:
+        cfg = cfg.model_copy(update={"resume": True})
     start = time.perf_counter()
-    metrics = fn(cfg, **kwargs) or {}
+    metrics = kind.run_function()(cfg).numbers()
     seconds = time.perf_counter() - start
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state = {"hash": digest, "kind": step.kind, "options": step.options,
-             "seconds": round(seconds, 2), "metrics": _plain(metrics)}
+             "seconds": round(seconds, 2), "metrics": metrics}
     tmp = state_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2, default=str))
     tmp.replace(state_file)
-    return StepResult(step.name, step.kind, "ran", seconds, str(out), _plain(metrics))
-
-
-def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numeric figures of a step's result (paths and names are not figures)."""
-    return {k: v for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return StepRun(step.name, step.kind, "ran", seconds, str(out), metrics)
 
 
 #: The figures worth a glance in the summary, in order of preference (at most three shown).
@@ -154,7 +147,7 @@ def headline(metrics: dict[str, Any], limit: int = 3) -> str:
     return ", ".join(parts)
 
 
-def print_summary(results: list[StepResult], title: str = "slm run") -> None:
+def print_summary(results: list[StepRun], title: str = "slm run") -> None:
     rows = [(r.name, r.kind, r.status, f"{r.seconds:.1f}s" if r.seconds else "", r.out,
              headline(r.metrics)) for r in results]
     print_table(title, rows, header=("step", "kind", "status", "time", "output", "figures"))

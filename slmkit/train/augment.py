@@ -44,51 +44,48 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from slmkit.errors import ConfigError, OutputError, validated
+from slmkit.errors import ConfigError
+from slmkit.step import ModelStep, StepResult, cli
 
-__all__ = ["AugmentConfig", "make_augment_config", "run_augment", "summary_rows"]
+__all__ = ["AugmentConfig", "run_augment"]
 
 
-class AugmentConfig(BaseModel):
+class AugmentConfig(ModelStep):
     """Options of ``slm augment`` and the ``augment`` recipe step."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="teacher model dir")
-    data: str = Field(description="task JSONL (prompt/completion rows), an augment output "
-                      "dir, or a built-in task (stdlib-docstring, ...; its train split)")
-    out: str | None = Field(default=None, description="output directory (gets data.jsonl)")
-    mode: Literal["completions", "paraphrase"] = "completions"
-    n_per_sample: int = Field(default=2, ge=1, description="generations per original row")
-    temperature: float = Field(default=0.8, ge=0)
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    max_new_tokens: int = Field(default=64, ge=1, description="completions mode: tokens per "
-                                "completion at most")
-    seed: int = 0
-    max_samples: int | None = Field(default=None, ge=1, description="augment only the first "
-                                    "N rows")
-    min_length: int = Field(default=1, ge=0, description="drop generations shorter than this "
-                            "(tokens)")
-    max_length: int | None = Field(default=None, ge=1, description="drop generations longer "
-                                   "than this (tokens)")
-    min_logprob: float | None = Field(default=None, le=0, description="drop rows whose "
-                                      "completion has a lower mean per-token log-prob under "
-                                      "the teacher")
-    keep_original: bool = True
+    model: str = Field(description="Teacher model dir.", json_schema_extra=cli(argument=True))
+    data: str = Field(description="Task JSONL (prompt/completion rows), an augment output "
+                      "dir, or a built-in task (stdlib-docstring, ...: its train split).",
+                      json_schema_extra=cli(short="-d"))
+    out: str | None = Field(default=None, description="Output dir (gets data.jsonl).",
+                            json_schema_extra=cli(short="-o"))
+    mode: Literal["completions", "paraphrase"] = Field(
+        default="completions", description="completions (new completions per prompt) or "
+        "paraphrase (rewritten prompts, original completion kept).")
+    n_per_sample: int = Field(default=2, ge=1, description="Generations per row.",
+                              json_schema_extra=cli(short="-n"))
+    temperature: float = Field(default=0.8, ge=0, description="Sampling temperature.")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus mass (1 = off).")
+    max_new_tokens: int = Field(default=64, ge=1, description="Tokens per new completion at "
+                                "most.")
+    seed: int = Field(default=0, description="Sampling seed.")
+    max_samples: int | None = Field(default=None, ge=1, description="Augment only the first "
+                                    "N rows.")
+    min_length: int = Field(default=1, ge=0, description="Drop generations shorter than this "
+                            "(tokens).")
+    max_length: int | None = Field(default=None, ge=1, description="Drop generations longer "
+                                   "than this (tokens).")
+    min_logprob: float | None = Field(default=None, le=0, description="Drop rows whose "
+                                      "completion has a lower mean log-prob per token under "
+                                      "the teacher (e.g. -3).")
+    keep_original: bool = Field(default=True, description="Write the original rows too.")
     template: Literal["auto", "chat", "plain"] = Field(
-        default="auto", description="how the teacher sees prompts (as in slm finetune)")
-    keep_prefix: float = Field(default=0.5, gt=0, lt=1, description="paraphrase: share of the "
-                               "prompt body kept")
-    batch_size: int = Field(default=8, ge=1, description="concurrent generations")
-    threads: int | None = Field(default=None, ge=1)
-    overwrite: bool = False
-
-
-def make_augment_config(**kwargs) -> AugmentConfig:
-    """Build a config, turning validation errors into one-sentence ConfigErrors."""
-    return validated(AugmentConfig, **kwargs)
+        default="auto", description="auto, chat or plain (as in slm finetune).")
+    keep_prefix: float = Field(default=0.5, gt=0, lt=1, description="Paraphrase: share of the "
+                               "prompt body kept.")
+    batch_size: int = Field(default=8, ge=1, description="Concurrent generations.")
 
 
 def normalise(text: str) -> str:
@@ -186,12 +183,12 @@ def _mean_logprobs(model, tok, pairs: list[tuple[str, str]], chat: bool) -> list
             for s, (_, c) in zip(sums, pairs)]
 
 
-def run_augment(cfg: AugmentConfig) -> dict[str, Any]:
+def run_augment(cfg: AugmentConfig) -> StepResult:
     """Augment ``cfg.data`` with the teacher ``cfg.model`` and write ``cfg.out``.
 
     Returns:
-        Counts: ``rows_in``, ``generated``, ``dropped_*`` per filter, ``rows_out``, the mean
-        teacher log-prob of originals and of kept generations, and ``out``.
+        Figures: ``rows_in``, ``generated``, ``dropped_*`` per filter, ``rows_out``, the mean
+        teacher log-prob of originals and of kept generations.
 
     Raises:
         ConfigError, DataError, ModelLoadError, OutputError: one sentence each; no output
@@ -200,20 +197,18 @@ def run_augment(cfg: AugmentConfig) -> dict[str, Any]:
     import torch
 
     from slmkit.models import load_model
+    from slmkit.models.arch import context_length
     from slmkit.models.io import atomic_dir, resolve_ref
     from slmkit.models.lineage import make_record, read_lineage, write_record
     from slmkit.train.task_data import AUGMENT_FILE, default_template, read_rows
 
-    if not cfg.out:
-        raise ConfigError("augment needs an output directory; pass --out DIR.")
-    if Path(cfg.out).expanduser().exists() and not cfg.overwrite:
-        raise OutputError(f"Output directory '{cfg.out}' already exists; choose a new --out or "
-                          "pass --overwrite.")
+    cfg.check_output()
+    cfg.apply_threads()
     rows = read_rows(cfg.data, cfg.max_samples)
     model, tok = load_model(cfg.model, dtype="fp32")
     template = default_template(cfg.data) if cfg.template == "auto" else cfg.template
     chat = template == "chat" and bool(getattr(tok, "chat_template", None))
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    context = context_length(model.config) or 2048
     torch.manual_seed(cfg.seed)
 
     requests, too_long_prompts = _requests(cfg, tok, rows, chat, context)
@@ -279,18 +274,17 @@ def run_augment(cfg: AugmentConfig) -> dict[str, Any]:
         raise ConfigError(f"All {len(results)} generations were filtered out and "
                           "--no-keep-original leaves no rows; relax --min-logprob or the "
                           "length limits.")
-    params = cfg.model_dump(mode="json", exclude={"out", "overwrite", "threads"})
-    record = make_record("augment", params, metrics, read_lineage(resolve_ref(cfg.model),
+    record = make_record("augment", cfg.lineage(), metrics, read_lineage(resolve_ref(cfg.model),
                                                                    ref=cfg.model))
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         with open(tmp / AUGMENT_FILE, "w", encoding="utf-8") as f:
             for r in out_rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         write_record(tmp, record)
-    return {**metrics, "out": str(cfg.out)}
+    return StepResult("augment", str(cfg.out), metrics, _rows({**metrics, "out": cfg.out}))
 
 
-def summary_rows(res: dict[str, Any]) -> list[tuple[str, Any]]:
+def _rows(res: dict[str, Any]) -> list[tuple[str, Any]]:
     """The result table of ``slm augment``."""
     rows = [("rows in", res["rows_in"]), ("generated", res["generated"])]
     if res["skipped_long_prompts"]:

@@ -1,7 +1,8 @@
 """``TrainConfig``: the one typed configuration of ``slm train`` and the ``train`` recipe step.
 
 The CLI flags, YAML recipes and the ``params`` recorded in ``slmkit.json`` are all this
-model, so a flag, a recipe key and a lineage field always mean the same thing.
+model (and its subclasses for distill and finetune), so a flag, a recipe key and a lineage
+field always mean the same thing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmkit.errors import ConfigError, validated
+from slmkit.step import CORPUS_HELP, Corpus, StepConfig, cli
 
 
 def cpu_has_bf16() -> bool:
@@ -27,56 +28,56 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class TrainConfig(BaseModel):
-    """Options of ``slm train`` (pretraining / continued pretraining with the LM objective)."""
+class TrainConfig(StepConfig):
+    """Options of ``slm train`` (pretraining / continued pretraining with the LM objective),
+    and the base of ``slm distill`` and ``slm finetune``: one training loop, one set of
+    budget, optimizer, precision and checkpoint options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="Preset (nano, micro, ...) or model dir for continued "
+                       "pretraining.", json_schema_extra=cli(short="-m"))
+    tokenizer: str | None = Field(default=None, description="Tokenizer dir (required with a "
+                                  "preset).", json_schema_extra=cli(short="-t"))
+    data: Corpus = Field(default="stdlib", description=CORPUS_HELP,
+                         json_schema_extra=cli(short="-d"))
 
-    model: str = Field(description="preset name (nano, micro, ...) or a model directory")
-    tokenizer: str | None = Field(default=None, description="tokenizer dir (needed for presets)")
-    data: str | list[str] = Field(default="stdlib", description="corpus spec(s)")
-    out: str | None = Field(default=None, description="output model directory")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many "
+                                  "optimizer steps.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Stop after this many "
+                                   "training tokens.")
+    max_minutes: float | None = Field(default=None, gt=0, description="Stop after this many "
+                                      "minutes.")
 
-    max_steps: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_minutes: float | None = Field(default=None, gt=0)
-
-    seq_len: int = Field(default=256, ge=8)
-    batch_size: int = Field(default=16, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    lr: float = Field(default=3e-3, gt=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    warmup_steps: int = Field(default=50, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    beta1: float = Field(default=0.9, ge=0, lt=1)
-    beta2: float = Field(default=0.95, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, ge=0, description="max grad norm; 0 disables")
+    seq_len: int = Field(default=256, ge=8, description="Tokens per training sequence.")
+    batch_size: int = Field(default=16, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final learning rate as "
+                                "a fraction of the peak (cosine decay).")
+    warmup_steps: int = Field(default=50, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay (matrices only).")
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(default=0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Clip the gradient norm (0 = off).")
     precision: Literal["fp32", "bf16"] | None = Field(
-        default=None, description="None picks bf16 where the CPU supports it")
-    compile: bool = False
+        default=None, description="fp32 or bf16 (default: bf16 where the CPU supports it).")
+    compile: bool = Field(default=False, description="torch.compile the model.")
 
-    val_fraction: float = Field(default=0.05, ge=0, lt=1)
-    eval_every: int = Field(default=100, ge=1)
-    eval_tokens: int = Field(default=65536, ge=1, description="validation tokens per eval")
-    checkpoint_every: int = Field(default=100, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    log_every: int = Field(default=10, ge=1)
-    seed: int = 0
-    threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's)")
-
-    resume: bool = False
-    overwrite: bool = False
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of documents "
+                                "held out.")
+    eval_every: int = Field(default=100, ge=1, description="Validate every N steps.")
+    eval_tokens: int = Field(default=65536, ge=1, description="Validation tokens per eval.")
+    checkpoint_every: int = Field(default=100, ge=1, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Keep the last K checkpoints.")
+    log_every: int = Field(default=10, ge=1, description="Log every N steps.")
+    seed: int = Field(default=0, description="Seed for init, data order and sampling.")
+    resume: bool = Field(default=False, description="Continue from the last checkpoint in "
+                         "--out.")
 
     @model_validator(mode="after")
     def _needs_budget(self) -> "TrainConfig":
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise ValueError("set a training budget: --max-steps, --max-tokens or --max-minutes")
         return self
-
-    @classmethod
-    def from_cli(cls, **kwargs) -> "TrainConfig":
-        """Build from CLI values, turning validation errors into one-sentence ConfigErrors."""
-        return validated(cls, **kwargs)
 
     def resolved_precision(self) -> str:
         return self.precision or ("bf16" if cpu_has_bf16() else "fp32")
@@ -92,3 +93,32 @@ class TrainConfig(BaseModel):
         if self.max_tokens is not None:
             limits.append(-(-self.max_tokens // self.tokens_per_step()))
         return min(limits) if limits else None
+
+
+class KDOptions(BaseModel):
+    """The loss options of a distillation (a block of ``DistillConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: Literal["fkl", "rkl", "jsd"] = Field(
+        default="fkl", description="fkl (forward KL), rkl (reverse KL, MiniLLM) or jsd "
+        "(generalised JSD, GKD).")
+    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature of both "
+                               "models.")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the plain LM loss "
+                         "(KD gets 1 - alpha).")
+    beta: float = Field(default=0.5, gt=0, lt=1, description="JSD mixture weight on the "
+                        "teacher, in (0, 1).")
+    topk_cache: int | None = Field(default=None, ge=1, description="Cache the teacher's top-K "
+                                   "log-probs on disk; later epochs skip it.")
+    topk_cache_dir: str | None = Field(
+        default=None, description="Keep the top-K cache here and reuse it across runs with "
+        "the same teacher, data, seq_len, temperature and K (default: <out>/kd-cache, "
+        "deleted at the end).")
+    chunk_size: int = Field(default=1024, ge=1, description="Positions per "
+                            "vocabulary-projection chunk.")
+    on_policy_fraction: float = Field(default=0.0, ge=0, le=1, description="Share of batches "
+                                      "whose second half the student samples (GKD on-policy).")
+    teacher_precision: Literal["fp32", "bf16"] | None = Field(
+        default=None, description="The teacher's precision (default: bf16 where the CPU "
+        "supports it).")

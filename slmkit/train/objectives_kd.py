@@ -17,28 +17,14 @@ In eval mode (the loop's validation) it returns the plain LM loss, so ``val_ppl`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from slmkit.train.config import KDOptions
 from slmkit.train.kd_ops import IGNORE_INDEX, chunked_kd_loss, teacher_topk
-
-
-@dataclass
-class KDSettings:
-    """The loss options of a distillation run (a subset of ``DistillConfig``)."""
-
-    loss: str = "fkl"
-    temperature: float = 1.0
-    alpha: float = 0.5           # weight of the LM loss; 1 - alpha goes to the KD term
-    beta: float = 0.5            # JSD mixture weight
-    chunk_size: int = 1024       # rows per vocabulary-projection chunk
-    topk: int | None = None      # top-K targets (None: the full vocabulary)
-    on_policy_fraction: float = 0.0
-    teacher_bf16: bool = False
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -161,12 +147,12 @@ class KDObjective:
         teacher: any causal LM with the student's tokenizer (frozen here).
         settings: loss options.
         vocab: the shared vocabulary size (``min`` of both embeddings' rows).
-        cache: top-K cache (needs ``settings.topk`` and batches from :class:`IndexedBatches`).
+        cache: top-K cache (needs ``settings.topk_cache`` and batches from :class:`IndexedBatches`).
     """
 
     name = "kd"
 
-    def __init__(self, teacher: torch.nn.Module, settings: KDSettings, vocab: int,
+    def __init__(self, teacher: torch.nn.Module, settings: KDOptions, vocab: int,
                  cache: TopKCache | None = None):
         self.teacher, self.s, self.vocab, self.cache = teacher, settings, vocab, cache
         teacher.eval()
@@ -176,7 +162,7 @@ class KDObjective:
     # ------------------------------------------------------------------ teacher side
 
     def _teacher_autocast(self, device: torch.device):
-        if self.s.teacher_bf16:
+        if self.s.teacher_precision == "bf16":
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return torch.autocast(device_type=device.type, enabled=False)
 
@@ -209,7 +195,7 @@ class KDObjective:
         with torch.inference_mode(), self._teacher_autocast(input_ids.device):
             hidden, head = hidden_and_head(self.teacher, input_ids)
             hidden = hidden.reshape(B * T, -1)                                    # [B*T, H]
-        topk, device = self.s.topk, input_ids.device
+        topk, device = self.s.topk_cache, input_ids.device
 
         def target_of(a: int, b: int):
             with torch.inference_mode(), self._teacher_autocast(device):
@@ -262,4 +248,4 @@ class KDObjective:
         return loss, {"loss": loss.detach(), "lm_loss": lm.detach(), "kd_loss": kd.detach()}
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self.s), "vocab": self.vocab}
+        return {**self.s.model_dump(), "vocab": self.vocab}

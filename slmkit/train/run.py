@@ -12,40 +12,114 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from slmkit.console import human_count, log
 from slmkit.errors import ConfigError, DataError, OutputError
+from slmkit.step import StepResult
 from slmkit.train.config import TrainConfig
 
 
 @dataclass
-class TrainResult:
-    """What :func:`run_training` did and measured."""
+class Job:
+    """What an objective's ``setup`` hands :func:`drive`: the model to train, how, on what.
 
-    out: Path
-    metrics: dict[str, Any]
-    params: int
-    precision: str
-    skipped: list[tuple[str, str]]
+    Attributes:
+        model, tok: the model being trained and its tokenizer.
+        objective, batches: the loss (``LMObjective``, ``KDObjective``) and its batches.
+        val_batches, val_bytes_per_token: fixed validation batches (None: no validation).
+        params: parameters reported (default: the trained model's).
+        rows: leading rows of the result table (the objective's own facts).
+        skipped: corpus rows about skipped input, shown after the figures.
+        finish: ``finish(state) -> (model, extra metrics, extra rows)`` after training
+            (merge adapters, re-quantize, ...); default keeps the model as it is.
+        curve: show the loss-curve row.
+    """
 
-    def summary_rows(self) -> list[tuple[str, Any]]:
-        m = self.metrics
-        rows = [("parameters", f"{self.params:,} ({human_count(self.params)})"),
-                ("precision", self.precision),
-                ("steps", m["steps"]), ("tokens", f"{m['tokens']:,}"),
-                ("time", f"{m['train_minutes']:.1f} min"),
-                ("throughput", f"{m['tokens_per_s']:,.0f} tokens/s  (MFU {m['mfu']:.1%})"),
-                ("train loss", m.get("train_loss"))]
-        if "val_loss" in m:
-            rows += [("val loss", m["val_loss"]), ("val perplexity", m["val_ppl"])]
-        if "val_bpb" in m:
-            rows.append(("val bits/byte", m["val_bpb"]))
-        rows += self.skipped
-        rows += [("loss curve", str(self.out / "loss_curve.png")), ("written to", str(self.out))]
-        return rows
+    model: Any
+    tok: Any
+    objective: Any
+    batches: Any
+    val_batches: list | None = None
+    val_bytes_per_token: float | None = None
+    params: int | None = None
+    rows: list[tuple[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, Any]] = field(default_factory=list)
+    finish: Callable[[Any], tuple[Any, dict[str, Any], list[tuple[str, Any]]]] | None = None
+    curve: bool = True
+
+
+def drive(cfg: TrainConfig, step: str, title: str,
+          setup: Callable[[TrainConfig, Path], Job]) -> StepResult:
+    """The one driver of every training step (train, distill, finetune).
+
+    Prepares ``--out`` (refusing an existing one unless ``--resume``/``--overwrite``), sets
+    the threads, lets ``setup`` load models and data, seeds, trains in the one loop
+    (resuming from the last checkpoint with ``--resume``), runs ``job.finish`` and saves
+    the model with lineage in one atomic rename.
+
+    Raises:
+        ConfigError, DataError, ModelLoadError, OutputError: bad options or inputs, each a
+        one-sentence message; no output dir is left half-written.
+    """
+    import torch
+
+    from slmkit.models.presets import count_params
+    from slmkit.train import checkpoint as ckpt
+    from slmkit.train.loop import Trainer
+
+    out, ck_root = prepare_out(cfg)
+    cfg.apply_threads()
+    job = setup(cfg, out)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(job.model, job.objective, job.batches, cfg, val_batches=job.val_batches,
+                      val_bytes_per_token=job.val_bytes_per_token, checkpoint_root=ck_root)
+    latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
+    if latest is not None:
+        trainer.resume(latest)
+    elif cfg.resume and ck_root.exists():
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", ck_root)
+    params = job.params or count_params(job.model)["total"]
+    log.info("%s %s (%s params, %s), %d tokens per step", step, cfg.model,
+             human_count(params), trainer.precision, cfg.tokens_per_step())
+    state = trainer.fit()
+    model, extra, more_rows = job.finish(state) if job.finish else (job.model, {}, [])
+    metrics = finish_run(cfg, model, job.tok, state, out, ck_root, step=step, title=title,
+                         extra=extra)
+    m = metrics
+    rows = [*job.rows, *more_rows,
+            ("parameters", f"{params:,} ({human_count(params)})"),
+            ("precision", trainer.precision),
+            ("steps", m["steps"]), ("tokens", f"{m['tokens']:,}"),
+            ("time", f"{m['train_minutes']:.1f} min"),
+            ("throughput", f"{m['tokens_per_s']:,.0f} tokens/s  (MFU {m['mfu']:.1%})"),
+            ("train loss", m.get("train_loss"))]
+    if "val_loss" in m:
+        rows += [("val loss", m["val_loss"]), ("val perplexity", m["val_ppl"])]
+    if "val_bpb" in m:
+        rows.append(("val bits/byte", m["val_bpb"]))
+    rows += job.skipped
+    if job.curve:
+        rows.append(("loss curve", str(out / "loss_curve.png")))
+    rows.append(("written to", str(out)))
+    return StepResult(step, str(out), {**metrics, "params": params}, rows)
+
+
+def check_context(model, seq_len: int, name: str = "model") -> None:
+    """Refuse a ``--seq-len`` longer than the model's context."""
+    from slmkit.models.arch import context_length
+
+    max_pos = context_length(model.config)
+    if max_pos and seq_len > max_pos:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the {name}'s context of {max_pos} "
+                          "tokens; lower --seq-len.")
+
+
+def corpus_skips(stats) -> list[tuple[str, Any]]:
+    """The rows of a corpus' statistics that report skipped input."""
+    return [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
 
 
 def prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
@@ -74,6 +148,9 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     from slmkit.models import load_model, load_tokenizer
     from slmkit.models.presets import PRESETS, init_model
 
+    if cfg.model not in PRESETS and "/" not in cfg.model and not Path(cfg.model).exists():
+        raise ConfigError(f"--model '{cfg.model}' is neither a preset ({', '.join(PRESETS)}) "
+                          "nor a model directory; pass one of those presets or a model dir.")
     if cfg.model in PRESETS:
         if not cfg.tokenizer:
             raise ConfigError(f"--model {cfg.model} is a preset, which needs --tokenizer DIR "
@@ -151,7 +228,7 @@ def finish_run(cfg: TrainConfig, model, tok, state, out: Path, ck_root: Path, st
         metrics.update({k: v for k, v in val_hist[-1].items() if k.startswith("val_")})
     png = loss_curve_png(hist, val_hist, title=title)
     log_json = json.dumps({"history": hist, "val_history": val_hist}, indent=1)
-    params = cfg.model_dump(mode="json", exclude={"resume", "overwrite", "out"})
+    params = cfg.lineage()
     staging = out.parent / f".{out.name}.final-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, tok, staging, step=step, params=params, metrics=metrics,
@@ -170,62 +247,22 @@ def finish_run(cfg: TrainConfig, model, tok, state, out: Path, ck_root: Path, st
     return metrics
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Run ``slm train`` end to end and return what it measured.
+def run_train(cfg: TrainConfig) -> StepResult:
+    """``slm train``: pretrain (or continue pretraining) with the LM objective."""
+    return drive(cfg, "train", f"{cfg.model} on {cfg.data}", _lm_job)
 
-    Raises:
-        ConfigError, DataError, ModelLoadError, OutputError: bad options or inputs, each a
-        one-sentence message; no output dir is left half-written.
-    """
-    import torch
 
+def _lm_job(cfg: TrainConfig, out: Path) -> Job:
     from slmkit.data.corpus import CorpusStats
     from slmkit.data.tokens import token_stream
-    from slmkit.models.presets import count_params
-    from slmkit.train import checkpoint as ckpt
     from slmkit.train.batches import PackedBatches
-    from slmkit.train.loop import Trainer
     from slmkit.train.objectives import LMObjective
 
-    out, ck_root = prepare_out(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model, tok = load_model_and_tokenizer(cfg)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or \
-        getattr(model.config, "n_positions", None)
-    if max_pos and cfg.seq_len > max_pos:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_pos} "
-                          "tokens; lower --seq-len.")
-
+    check_context(model, cfg.seq_len)
     stats = CorpusStats()
     train_tokens = token_stream(cfg.data, tok, "train", cfg.val_fraction, stats=stats)
     val_b, val_bpt = validation_set(cfg, tok)
     batches = PackedBatches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(model, LMObjective(), batches, cfg, val_batches=val_b,
-                      val_bytes_per_token=val_bpt, checkpoint_root=ck_root)
-    latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
-    if latest is not None:
-        trainer.resume(latest)
-    elif cfg.resume and ck_root.exists():
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", ck_root)
-    log.info("training %s (%s params, %s) on %s train tokens, %d per step",
-             cfg.model, human_count(count_params(model)["total"]), trainer.precision,
-             f"{len(train_tokens):,}", cfg.tokens_per_step())
-    state = trainer.fit()
-
-    metrics = finish_run(cfg, model, tok, state, out, ck_root, step="train",
-                         title=f"{cfg.model} on {cfg.data}")
-    model.slmkit_ref = str(out)
-    skipped = [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
-    return TrainResult(out=out, metrics=metrics, params=count_params(model)["total"],
-                       precision=trainer.precision, skipped=skipped)
-
-
-def run_train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Recipe step entry point: train, return the measured figures (``resume`` continues)."""
-    if resume:
-        cfg = cfg.model_copy(update={"resume": True})
-    result = run_training(cfg)
-    return {**result.metrics, "params": result.params, "out": str(result.out)}
+    log.info("%s train tokens", f"{len(train_tokens):,}")
+    return Job(model, tok, LMObjective(), batches, val_b, val_bpt, skipped=corpus_skips(stats))

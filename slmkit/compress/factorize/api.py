@@ -1,45 +1,23 @@
-"""``slm factorize`` as one typed config and one entry point, shared by the CLI and recipes."""
+"""``slm factorize``: one config and one ``run_factorize(cfg) -> StepResult`` for the CLI,
+recipes and Python."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class FactorizeConfig(BaseModel):
-    """Options of ``slm factorize`` (and of the ``factorize`` recipe step)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="model dir or hub id")
-    out: str | None = None
-    method: Literal["svd", "asvd"] = "svd"
-    ratio: float | None = None
-    energy: float | None = None
-    merge: bool = False
-    targets: list[str] | None = None
-    ignore: list[str] | None = None
-    data: str = "stdlib"
-    calib_samples: int = 64
-    calib_seq_len: int = 256
-    overwrite: bool = False
+from slmkit.compress.factorize.config import FactorizeConfig
+from slmkit.step import StepResult, Table
 
 
-def run_factorize(cfg: FactorizeConfig) -> dict[str, Any]:
+def run_factorize(cfg: FactorizeConfig) -> StepResult:
     """Factorize ``cfg.model`` (or merge a low-rank one back) into ``cfg.out``."""
-    from slmkit.compress.factorize.modifier import FactorizeSettings, factorize_model
+    from slmkit.compress.factorize.modifier import factorize_model
+    from slmkit.console import human_bytes
     from slmkit.errors import ConfigError
     from slmkit.models import load_model, save_model
     from slmkit.models.info import dir_size
     from slmkit.nn.lowrank import lowrank_modules, merge_lowrank
 
-    if cfg.out is None:
-        raise ConfigError("factorize needs an output directory; pass --out DIR.")
-    settings = FactorizeSettings(method=cfg.method, ratio=cfg.ratio, energy=cfg.energy,
-                                 targets=cfg.targets, ignore=cfg.ignore, data=cfg.data,
-                                 calib_samples=cfg.calib_samples,
-                                 calib_seq_len=cfg.calib_seq_len)
+    cfg.check_output()
+    cfg.apply_threads()
     net, tok = load_model(cfg.model)
     if lowrank_modules(net):
         if not cfg.merge:
@@ -47,22 +25,28 @@ def run_factorize(cfg: FactorizeConfig) -> dict[str, Any]:
                               "back into a dense model, or factorize its dense parent.")
         n = merge_lowrank(net)
         final = save_model(net, tok, cfg.out, step="factorize-merge", overwrite=cfg.overwrite,
-                           params={"merge": True})
-        return {"merged_only": True, "layers_merged": n, "size_on_disk": dir_size(final),
-                "out": str(final)}
-    settings.validate()
-    report = factorize_model(net, tok, settings)
+                           params={"model": cfg.model, "merge": True})
+        size = dir_size(final)
+        return StepResult("factorize --merge", str(final), {"size_on_disk": size}, [
+            ("layers merged", n), ("size on disk", human_bytes(size)),
+            ("written to", str(final))])
+    report = factorize_model(net, tok, cfg)
     ranks = dict(report.ranks)
     if cfg.merge:
         merge_lowrank(net)
-    params = {k: v for k, v in vars(settings).items() if v is not None}
-    params["merge"] = cfg.merge
+    metrics = {"factored_params": report.factored_params, "dense_params": report.dense_params,
+               "ranks": ranks}
     final = save_model(net, tok, cfg.out, step="factorize", overwrite=cfg.overwrite,
-                       params=params, metrics={"factored_params": report.factored_params,
-                                               "dense_params": report.dense_params,
-                                               "ranks": ranks})
-    return {"merged_only": False, "method": settings.method, "ratio": settings.ratio,
-            "energy": settings.energy, "ranks": ranks, "skipped": list(report.skipped),
-            "layers_factorized": len(ranks), "factored_params": report.factored_params,
-            "dense_params": report.dense_params, "size_on_disk": dir_size(final),
-            "out": str(final)}
+                       params=cfg.lineage(), metrics=metrics)
+    size = dir_size(final)
+    rows = [("method", cfg.method),
+            ("target", f"ratio {cfg.ratio}" if cfg.ratio else f"energy {cfg.energy}"),
+            ("layers factorized", f"{len(ranks)} (kept dense: {len(report.skipped)})"),
+            ("targeted parameters", f"{report.dense_params:,} -> {report.factored_params:,} "
+                                    f"({report.factored_params / max(1, report.dense_params):.1%})"),
+            ("format", "dense (merged)" if cfg.merge else "lowrank"),
+            ("size on disk", human_bytes(size)), ("written to", str(final))]
+    per_layer = Table("ranks per layer", [(n, r) for n, r in ranks.items()]
+                      + [(n, "dense (no saving)") for n in report.skipped], ("layer", "rank"))
+    return StepResult("factorize", str(final), {**metrics, "size_on_disk": size}, rows,
+                      [per_layer])

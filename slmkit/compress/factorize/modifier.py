@@ -24,48 +24,9 @@ from torch import nn
 from slmkit.compress.factorize import ops
 from slmkit.compress.match import is_conv1d, match_linears, weight_matrix
 from slmkit.errors import ConfigError
+from slmkit.compress.factorize.config import FactorizeOptions
 from slmkit.nn.lowrank import FORMAT, LowRankLinear
 from slmkit.nn.surgery import set_module
-
-METHODS = ("svd", "asvd")
-
-
-@dataclass
-class FactorizeSettings:
-    """Options of a factorization run (recorded in ``slmkit.json``).
-
-    Attributes:
-        method: ``svd`` or ``asvd``.
-        ratio: fraction of each layer's parameters to keep, in (0, 1).
-        energy: fraction of spectral energy to keep, in (0, 1] (instead of ratio).
-        targets / ignore: regexes selecting linears (``compress.match``).
-        alpha: ASVD scaling exponent, ``s = mean|X| ** alpha``.
-        data / calib_samples / calib_seq_len: calibration corpus and size (asvd).
-    """
-
-    method: str = "svd"
-    ratio: float | None = None
-    energy: float | None = None
-    targets: list[str] | None = None
-    ignore: list[str] | None = None
-    alpha: float = 0.5
-    data: str = "stdlib"
-    calib_samples: int = 64
-    calib_seq_len: int = 256
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method '{self.method}' is unknown; use svd or asvd.")
-        if self.ratio is not None and self.energy is not None:
-            raise ConfigError("Both --ratio and --energy were given; pass only one of them.")
-        if self.ratio is None and self.energy is None:
-            self.ratio = 0.8
-        if self.ratio is not None:
-            ops.check_ratio(self.ratio)
-        else:
-            ops.check_energy(self.energy)
-
 
 @dataclass
 class FactorizeReport:
@@ -77,7 +38,7 @@ class FactorizeReport:
     factored_params: int = 0
 
 
-def _check_ranks(linears: dict[str, nn.Module], settings: FactorizeSettings) -> None:
+def _check_ranks(linears: dict[str, nn.Module], settings: FactorizeOptions) -> None:
     """Fail before any work when a ratio gives rank 0 for some layer."""
     if settings.ratio is None:
         return
@@ -88,7 +49,7 @@ def _check_ranks(linears: dict[str, nn.Module], settings: FactorizeSettings) -> 
 
 @torch.no_grad()
 def _factorize_layer(model: nn.Module, name: str, module: nn.Module,
-                     settings: FactorizeSettings, act_abs_mean: torch.Tensor | None,
+                     settings: FactorizeOptions, act_abs_mean: torch.Tensor | None,
                      report: FactorizeReport) -> None:
     w = weight_matrix(module).float()
     out_f, in_f = w.shape
@@ -111,13 +72,13 @@ def _factorize_layer(model: nn.Module, name: str, module: nn.Module,
 
 
 @torch.no_grad()
-def factorize_model(model: nn.Module, tokenizer, settings: FactorizeSettings) -> FactorizeReport:
+def factorize_model(model: nn.Module, tokenizer, settings: FactorizeOptions) -> FactorizeReport:
     """Factorize the targeted linears of ``model`` in place and tag its config.
 
     Args:
         model: a causal LM with ``nn.Linear`` layers (GPT-2 ``Conv1D`` is refused).
         tokenizer: its tokenizer (for ASVD calibration data).
-        settings: see :class:`FactorizeSettings`.
+        settings: see :class:`FactorizeOptions`.
 
     Returns:
         :class:`FactorizeReport`; ``model.config.slmkit`` records the ranks so that the
@@ -129,7 +90,6 @@ def factorize_model(model: nn.Module, tokenizer, settings: FactorizeSettings) ->
     """
     from slmkit.compress.prune.modifier import refuse_compressed
 
-    settings.validate()
     refuse_compressed(model, "factorize")
     linears = match_linears(model, settings.targets, settings.ignore)
     if not linears:
@@ -163,7 +123,7 @@ def _asvd(model, tokenizer, linears, settings, report) -> None:
         capture_linear_inputs,
     )
 
-    batches = calibration_batches(tokenizer, settings.data, n_samples=settings.calib_samples,
+    batches = calibration_batches(tokenizer, settings.calib_data, n_samples=settings.calib_samples,
                                   seq_len=settings.calib_seq_len, seed=settings.seed)
 
     def on_block(index, block_name, block, inputs):

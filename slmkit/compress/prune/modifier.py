@@ -24,45 +24,7 @@ from torch import nn
 from slmkit.compress.match import match_linears, set_weight_matrix, weight_matrix
 from slmkit.compress.prune import ops
 from slmkit.errors import ConfigError
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-@dataclass
-class PruneSettings:
-    """Options of an unstructured / N:M pruning run (recorded in ``slmkit.json``).
-
-    Attributes:
-        method: ``magnitude``, ``wanda`` or ``sparsegpt``.
-        sparsity: fraction of weights to remove per row, in ``[0, 1)`` (ignored with pattern).
-        pattern: ``"N:M"`` semi-structured pattern, e.g. ``"2:4"``, or None.
-        targets / ignore: regexes selecting linears (``compress.match``).
-        data / calib_samples / calib_seq_len: calibration corpus and size (wanda, sparsegpt).
-        damp: relative Hessian dampening (sparsegpt).
-        block_size: SparseGPT lazy-update block (columns).
-    """
-
-    method: str = "wanda"
-    sparsity: float = 0.5
-    pattern: str | None = None
-    targets: list[str] | None = None
-    ignore: list[str] | None = None
-    data: str = "stdlib"
-    calib_samples: int = 64
-    calib_seq_len: int = 256
-    damp: float = 0.01
-    block_size: int = 128
-    seed: int = 0
-
-    def validate(self) -> tuple[int, int] | None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method '{self.method}' is unknown; use one of "
-                              f"{', '.join(METHODS)} (or --structured).")
-        if self.pattern:
-            return ops.parse_pattern(self.pattern)
-        ops.check_sparsity(self.sparsity)
-        return None
-
+from slmkit.compress.prune.config import PruneOptions
 
 @dataclass
 class PruneReport:
@@ -91,7 +53,7 @@ def refuse_compressed(model: nn.Module, verb: str) -> None:
                           f"{verb} its dense parent instead, then compress the result.")
 
 
-def _select(model: nn.Module, settings: PruneSettings, nm) -> dict[str, nn.Module]:
+def _select(model: nn.Module, settings: PruneOptions, nm) -> dict[str, nn.Module]:
     linears = match_linears(model, settings.targets, settings.ignore)
     if not linears:
         raise ConfigError(f"--targets {settings.targets} matched no linear layer of "
@@ -102,7 +64,7 @@ def _select(model: nn.Module, settings: PruneSettings, nm) -> dict[str, nn.Modul
     return linears
 
 
-def _mask(scores: torch.Tensor, settings: PruneSettings, nm) -> torch.Tensor:
+def _mask(scores: torch.Tensor, settings: PruneOptions, nm) -> torch.Tensor:
     return ops.nm_mask(scores, *nm) if nm is not None else ops.row_mask(scores, settings.sparsity)
 
 
@@ -112,13 +74,13 @@ def _apply(module: nn.Module, w: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, tokenizer, settings: PruneSettings) -> PruneReport:
+def prune_model(model: nn.Module, tokenizer, settings: PruneOptions) -> PruneReport:
     """Prune ``model`` in place.
 
     Args:
         model: a causal LM (Llama, Qwen2, Mistral, GPT-2, ... any with linear layers).
         tokenizer: its tokenizer (for calibration data).
-        settings: see :class:`PruneSettings`.
+        settings: see :class:`PruneOptions`.
 
     Returns:
         :class:`PruneReport` with the achieved sparsity per targeted layer and overall.
@@ -127,7 +89,7 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings) -> PruneRe
         ConfigError: bad sparsity/pattern/method, a pattern that does not divide a layer,
             or targets that match nothing.
     """
-    nm = settings.validate()
+    nm = settings.nm()
     refuse_compressed(model, "prune")
     linears = _select(model, settings, nm)
     report = PruneReport()
@@ -142,7 +104,7 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings) -> PruneRe
 
     from slmkit.compress.calibrate import calibrate_layer_by_layer, calibration_batches
 
-    batches = calibration_batches(tokenizer, settings.data, n_samples=settings.calib_samples,
+    batches = calibration_batches(tokenizer, settings.calib_data, n_samples=settings.calib_samples,
                                   seq_len=settings.calib_seq_len, seed=settings.seed)
     on_block = _wanda_block if settings.method == "wanda" else _sparsegpt_block
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,53 +26,7 @@ from torch import nn
 from slmkit.compress.prune import structured_ops as sops
 from slmkit.errors import ConfigError
 from slmkit.models.arch import arch_of, head_dim, supporting
-
-
-@dataclass
-class StructuredSettings:
-    """Options of a structured pruning run (recorded in ``slmkit.json``).
-
-    Attributes:
-        target_params: keep this fraction of parameters; the tool picks the split.
-        heads: query heads to remove per layer (whole KV groups when divisible).
-        mlp_channels: MLP channels to remove per layer.
-        hidden: hidden (embedding) channels to remove.
-        drop_layers: decoder layers to remove.
-        data / calib_samples / calib_seq_len: calibration corpus and size.
-    """
-
-    target_params: float | None = None
-    heads: int | None = None
-    mlp_channels: int | None = None
-    hidden: int | None = None
-    drop_layers: int | None = None
-    data: str = "stdlib"
-    calib_samples: int = 32
-    calib_seq_len: int = 256
-    seed: int = 0
-
-    def explicit(self) -> bool:
-        return any(v is not None for v in (self.heads, self.mlp_channels, self.hidden,
-                                            self.drop_layers))
-
-    def validate_shape_free(self) -> None:
-        """Checks that need no model: one kind of target, sane numbers."""
-        if self.target_params is not None and self.explicit():
-            raise ConfigError("--target-params and explicit --heads/--mlp-channels/--hidden/"
-                              "--drop-layers were both given; pass one or the other.")
-        if self.target_params is None and not self.explicit():
-            raise ConfigError("--structured needs --target-params (e.g. 0.75) or at least one "
-                              "of --heads, --mlp-channels, --hidden, --drop-layers.")
-        if self.target_params is not None and not 0.0 < self.target_params < 1.0:
-            raise ConfigError(f"--target-params {self.target_params} is outside (0, 1); pass "
-                              "the fraction of parameters to keep, e.g. 0.75.")
-        for flag, v in (("--heads", self.heads), ("--mlp-channels", self.mlp_channels),
-                        ("--hidden", self.hidden), ("--drop-layers", self.drop_layers)):
-            if v is not None and v < 0:
-                raise ConfigError(f"{flag} {v} is negative; pass how many to remove.")
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+from slmkit.compress.prune.config import StructuredOptions
 
 
 @dataclass
@@ -366,7 +320,7 @@ def candidate_plans(config, target: int) -> list[Plan]:
     return plans
 
 
-def structured_prune(model: nn.Module, tokenizer, settings: StructuredSettings) -> StructuredResult:
+def structured_prune(model: nn.Module, tokenizer, settings: StructuredOptions) -> StructuredResult:
     """Prune ``model`` structurally (see module docstring); returns a new, smaller model.
 
     Raises:
@@ -377,7 +331,7 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredSettings) 
 
     from slmkit.compress.prune.modifier import refuse_compressed
 
-    settings.validate_shape_free()
+    settings.check_target()
     refuse_compressed(model, "prune")
     check_supported(model)
     cfg = model.config
@@ -385,9 +339,9 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredSettings) 
         plans = [Plan(settings.heads or 0, settings.mlp_channels or 0, settings.hidden or 0,
                       settings.drop_layers or 0)]
         check_plan(cfg, plans[0])
-    batches = calibration_batches(tokenizer, settings.data, n_samples=settings.calib_samples,
+    batches = calibration_batches(tokenizer, settings.calib_data, n_samples=settings.calib_samples,
                                   seq_len=settings.calib_seq_len, seed=settings.seed)
-    held_out = calibration_batches(tokenizer, settings.data, n_samples=8,
+    held_out = calibration_batches(tokenizer, settings.calib_data, n_samples=8,
                                    seq_len=settings.calib_seq_len, seed=settings.seed + 1)
     imp = collect_importance(model, list(track(batches, "importance")))
     params_before = count_params(cfg)

@@ -4,8 +4,8 @@ Names are resolved lazily so that importing a submodule (``ops``, ``gptq_ops``) 
 import the step's config and API.
 """
 
-_API = ("dequantize", "dequantize_model", "is_quantized", "quantize", "quantize_model")
-_CONFIG = ("QuantizeConfig", "make_config")
+_API = ("dequantize", "dequantize_model", "is_quantized", "quantize_model", "run_quantize")
+_CONFIG = ("QuantizeConfig", "QuantizeOptions", "make_config")
 __all__ = list(_API + _CONFIG)
 
 

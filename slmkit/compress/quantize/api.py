@@ -5,7 +5,7 @@
     >>> summary = quantize_model(model, tok, make_config(method="gptq", bits=4))
     >>> slmkit.save_model(model, tok, "runs/teacher-gptq4", step="quantize", ...)
 
-:func:`quantize` is the whole model dir -> model dir step used by ``slm quantize``.
+:func:`run_quantize` is the whole model dir -> model dir step (``slm quantize``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from torch import nn
 
 from slmkit.compress.match import is_conv1d, linear_shape, match_linears, set_module
 from slmkit.models.memory import release_file_pages, trim_heap
-from slmkit.compress.quantize.config import QuantizeConfig
+from slmkit.compress.quantize.config import QuantizeConfig, QuantizeOptions
 from slmkit.compress.quantize.ops import check_scheme, effective_bits
 from slmkit.errors import ConfigError
+from slmkit.step import StepResult
 from slmkit.nn.quant_linear import QuantLinear
 
 FORMAT = "quant"
@@ -35,7 +36,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def _check_layers(linears: dict[str, nn.Module], cfg: QuantizeConfig) -> None:
+def _check_layers(linears: dict[str, nn.Module], cfg: QuantizeOptions) -> None:
     for name, module in linears.items():
         _, in_features = linear_shape(module)
         check_scheme(cfg.bits, cfg.group_size, in_features, name)
@@ -45,7 +46,7 @@ def _check_layers(linears: dict[str, nn.Module], cfg: QuantizeConfig) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str, Any]:
+def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[str, Any]:
     """Quantize ``model``'s selected linears in place and mark its config as quantized.
 
     Args:
@@ -115,7 +116,7 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig) -> dict[str
     return summary
 
 
-def _check_embedding(model: nn.Module, cfg: QuantizeConfig) -> nn.Embedding:
+def _check_embedding(model: nn.Module, cfg: QuantizeOptions) -> nn.Embedding:
     emb = model.get_input_embeddings()
     if type(emb) is not nn.Embedding:
         raise ConfigError(f"--quantize-embeddings needs a plain nn.Embedding, but this model's "
@@ -127,7 +128,7 @@ def _check_embedding(model: nn.Module, cfg: QuantizeConfig) -> nn.Embedding:
     return emb
 
 
-def quantize_embeddings(model: nn.Module, cfg: QuantizeConfig) -> str:
+def quantize_embeddings(model: nn.Module, cfg: QuantizeOptions) -> str:
     """Replace the input embedding by a :class:`QuantEmbedding` (RTN, ``cfg``'s grid).
 
     A tied LM head (``tie_word_embeddings``) cannot keep pointing at a dense table that no
@@ -154,7 +155,7 @@ def quantize_embeddings(model: nn.Module, cfg: QuantizeConfig) -> str:
     return what
 
 
-def _mark_config(model: nn.Module, cfg: QuantizeConfig, results: dict, bpw: float) -> None:
+def _mark_config(model: nn.Module, cfg: QuantizeOptions, results: dict, bpw: float) -> None:
     scheme = cfg.scheme()
     # The quantized layers themselves are recognised by their ``.qweight`` tensors.
     model.config.slmkit = {"format": FORMAT, **scheme, "bits_per_weight": round(bpw, 3),
@@ -176,36 +177,49 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize(ref: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig,
-             overwrite: bool = False) -> dict[str, Any]:
-    """``slm quantize``: load ``ref``, quantize, save to ``out`` (atomic), return a summary."""
-    from slmkit.models.io import load_model, save_model
+def run_quantize(cfg: QuantizeConfig) -> StepResult:
+    """``slm quantize``: load ``cfg.model``, quantize (or dequantize), save to ``cfg.out``."""
+    from slmkit.console import human_bytes
     from slmkit.models.info import dir_size
+    from slmkit.models.io import load_model, resolve_ref, save_model
 
-    model, tok = load_model(ref, dtype="fp32")
+    final = cfg.check_output()
+    cfg.apply_threads()
+    model, tok = load_model(cfg.model, dtype="fp32")
+    if cfg.dequantize:
+        if not is_quantized(model):
+            raise ConfigError(f"'{cfg.model}' is not quantized, so there is nothing to "
+                              "dequantize; pass a model made by `slm quantize`.")
+        dequantize_model(model)
+        saved = save_model(model, tok, final, step="dequantize", params=cfg.lineage(),
+                           overwrite=cfg.overwrite)
+        size = dir_size(saved)
+        return StepResult("quantize --dequantize", str(saved), {"size_on_disk": size}, [
+            ("input", cfg.model), ("size on disk", human_bytes(size)),
+            ("written to", str(saved))])
     if is_quantized(model):
-        raise ConfigError(f"'{ref}' is already quantized; quantize the original dense model "
-                          "instead (or `slm quantize --dequantize` it first).")
-    from slmkit.models.io import prepare_out_dir, discard_out_dir
-
-    final, tmp = prepare_out_dir(out, overwrite)  # fail early, before the long part
-    discard_out_dir(tmp)
+        raise ConfigError(f"'{cfg.model}' is already quantized; quantize the original dense "
+                          "model instead (or `slm quantize --dequantize` it first).")
     summary = quantize_model(model, tok, cfg)
-    saved = save_model(model, tok, final, step="quantize", params=cfg.model_dump(),
-                       metrics=summary, overwrite=overwrite)
-    summary["size_on_disk"] = dir_size(saved)
-    summary["out"] = str(saved)
-    return summary
+    saved = save_model(model, tok, final, step="quantize", params=cfg.lineage(),
+                       metrics=summary, overwrite=cfg.overwrite)
+    size = dir_size(saved)
+    rows = [("method", f"{cfg.method} {cfg.bits}-bit, group {cfg.group_size}, "
+                       f"{'sym' if cfg.sym else 'asym'}"),
+            ("layers quantized", summary["layers"]),
+            ("weights quantized", f"{summary['quantized_params']:,}"),
+            ("bits per weight", f"{summary['bits_per_weight']:.3f} "
+                                f"({summary['bits_per_weight'] / 16:.1%} of fp16)"),
+            *([("embeddings", summary["embeddings"])] if "embeddings" in summary else []),
+            ("size on disk", f"{human_bytes(size)} (input "
+                             f"{human_bytes(dir_size(resolve_ref(cfg.model)))})"),
+            ("written to", str(saved))]
+    return StepResult("quantize", str(saved), {**summary, "size_on_disk": size}, rows)
 
 
 def dequantize(ref: str | os.PathLike, out: str | os.PathLike,
                overwrite: bool = False) -> Path:
-    """``slm quantize --dequantize``: a dense copy of a quantized model dir."""
-    from slmkit.models.io import load_model, save_model
-
-    model, tok = load_model(ref, dtype="fp32")
-    if not is_quantized(model):
-        raise ConfigError(f"'{ref}' is not quantized, so there is nothing to dequantize; "
-                          "pass a model made by `slm quantize`.")
-    dequantize_model(model)
-    return save_model(model, tok, out, step="dequantize", params={}, overwrite=overwrite)
+    """A dense copy of a quantized model dir (``slm quantize --dequantize`` in Python)."""
+    res = run_quantize(QuantizeConfig(model=str(ref), out=str(out), overwrite=overwrite,
+                                      dequantize=True))
+    return Path(res.out)

@@ -1,30 +1,29 @@
-"""``QuantizeConfig``: the one typed description of a quantization run.
+"""``slm quantize``'s config: the quantization options (a block other steps reuse, e.g.
+QLoRA's base) and the step config that adds the model, the output and ``--dequantize``.
 
-Used by ``slm quantize`` flags, YAML recipe steps and the ``slmkit.json`` lineage record.
+The CLI flags, YAML recipe steps and the ``slmkit.json`` lineage record are these models.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from slmkit.errors import ConfigError, validated
+from slmkit.step import Calibration, ModelStep, cli
 
 
-class QuantizeConfig(BaseModel):
-    """Options of one quantization run.
+class QuantizeOptions(Calibration):
+    """How to quantize: method, grid, which linears, and the methods' own knobs.
 
     Attributes:
         method: ``rtn`` (round to nearest), ``gptq`` (Frantar et al., 2022) or ``awq``
             (Lin et al., 2023).
-        bits: 8 or 4 (3 is experimental, stored one code per byte).
+        bits: 8 or 4 (3 is experimental, 8 codes packed in 3 bytes).
         group_size: input columns per scale; -1 is per output channel. ``None`` picks 128
             for 4/3 bit and -1 for 8 bit (the int8 kernel is per channel).
-        sym: symmetric grid (no zero points) or asymmetric.
         targets / ignore: regexes over linear names (see ``match_linears``).
-        calib_data / calib_samples / calib_seq_len: calibration corpus (train split) and
-            how many windows of how many tokens (GPTQ and AWQ only).
         damp, act_order, block_size: GPTQ options; ``preserve_zeros`` keeps exactly-zero
             (pruned) weights at zero (RTN and AWQ always do).
         awq_grid, awq_clip: AWQ scale grid size and whether to search clipping ratios.
@@ -32,40 +31,42 @@ class QuantizeConfig(BaseModel):
             row by row). A tied LM head then becomes a quantized head with the same codes.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["rtn", "gptq", "awq"] = "rtn"
-    bits: int = 4
-    group_size: int | None = None
-    sym: bool = True
-    targets: list[str] = Field(default_factory=lambda: [r".*"])
-    ignore: list[str] = Field(default_factory=lambda: [r"lm_head"])
-    calib_data: str = "stdlib"
-    calib_samples: int = 128
-    calib_seq_len: int = 512
-    damp: float = 0.01
-    act_order: bool = False
-    preserve_zeros: bool = True
-    block_size: int = 128
-    awq_grid: int = 20
-    awq_clip: bool = True
-    quantize_embeddings: bool = False
-    seed: int = 0
+    method: Literal["rtn", "gptq", "awq"] = Field(
+        default="rtn", description="rtn, gptq or awq.", json_schema_extra=cli(short="-m"))
+    bits: int = Field(default=4, description="8 or 4 (3 is experimental).",
+                      json_schema_extra=cli(short="-b"))
+    group_size: int | None = Field(default=None, description="32, 64, 128 or -1 (per "
+                                   "channel); default 128 for 4 bit, -1 for 8 bit.",
+                                   json_schema_extra=cli(short="-g"))
+    sym: bool = Field(default=True, description="Symmetric grid, or asymmetric with zero "
+                      "points.", json_schema_extra=cli(flag="--sym/--asym"))
+    targets: list[str] = Field(default_factory=lambda: [r".*"], description="Regex of "
+                               "linears to quantize (repeatable).")
+    ignore: list[str] = Field(default_factory=lambda: [r"lm_head"], description="Regex of "
+                              "linears to skip (repeatable).")
+    damp: float = Field(default=0.01, ge=0, lt=1, description="GPTQ relative Hessian "
+                        "dampening.")
+    act_order: bool = Field(default=False, description="GPTQ: quantize columns in order of "
+                            "decreasing Hessian diagonal.")
+    preserve_zeros: bool = Field(default=True, description="GPTQ: weights that are exactly "
+                                 "zero (pruned) stay zero.")
+    block_size: int = Field(default=128, ge=1, description="GPTQ lazy-update block (columns).")
+    awq_grid: int = Field(default=20, ge=1, description="AWQ: points of the scale search.")
+    awq_clip: bool = Field(default=True, description="AWQ: search per-group clipping ratios.")
+    quantize_embeddings: bool = Field(default=False, description="Also store the token "
+                                      "embedding table quantized (RTN; a tied LM head shares "
+                                      "the codes).")
 
     @model_validator(mode="after")
-    def _check(self) -> QuantizeConfig:
+    def _check(self) -> "QuantizeOptions":
         from slmkit.compress.quantize.ops import check_scheme
 
         if self.group_size is None:
             self.group_size = -1 if self.bits == 8 else 128
-        check_scheme(self.bits, self.group_size)
-        if self.calib_samples < 1 or self.calib_seq_len < 8:
-            raise ConfigError(f"--calib-samples {self.calib_samples} / --calib-seq-len "
-                              f"{self.calib_seq_len} are too small; use at least 1 sample of "
-                              "8 tokens (128 x 512 is typical).")
-        if not 0 <= self.damp < 1:
-            raise ConfigError(f"--damp {self.damp} is out of range; use a small fraction such "
-                              "as 0.01.")
+        try:
+            check_scheme(self.bits, self.group_size)
+        except ConfigError as e:     # a ValueError, so recipes name the file and step
+            raise ValueError(str(e)) from None
         return self
 
     @property
@@ -78,6 +79,13 @@ class QuantizeConfig(BaseModel):
                 "sym": self.sym, "embeddings": self.quantize_embeddings}
 
 
-def make_config(**kwargs) -> QuantizeConfig:
-    """Build a config, turning pydantic validation errors into one-sentence ConfigErrors."""
-    return validated(QuantizeConfig, **kwargs)
+class QuantizeConfig(ModelStep, QuantizeOptions):
+    """Options of ``slm quantize`` and the ``quantize`` recipe step."""
+
+    dequantize: bool = Field(default=False, description="Instead: write a dense copy of a "
+                             "quantized MODEL (for tools that need one).")
+
+
+def make_config(**kwargs) -> QuantizeOptions:
+    """Quantization options, with validation errors as one-sentence ConfigErrors."""
+    return validated(QuantizeOptions, **kwargs)

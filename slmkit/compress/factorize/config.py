@@ -1,0 +1,57 @@
+"""``slm factorize``'s config: the factorization options and the step config that adds the
+model, the output and ``--merge``. Light to import (no torch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from slmkit.step import Calibration, ModelStep, cli
+
+
+class FactorizeOptions(Calibration):
+    """How to factorize (recorded in ``slmkit.json``).
+
+    Attributes:
+        method: ``svd`` or ``asvd`` (activation-aware, Yuan et al. 2023).
+        ratio: fraction of each layer's parameters to keep, in (0, 1); 0.8 when neither
+            ratio nor energy is given.
+        energy: fraction of spectral energy to keep, in (0, 1] (instead of ratio).
+        targets / ignore: regexes selecting linears (``compress.match``).
+        alpha: ASVD scaling exponent, ``s = mean|X| ** alpha``.
+    """
+
+    method: Literal["svd", "asvd"] = Field(default="svd", description="svd or asvd "
+                                           "(activation-aware).",
+                                           json_schema_extra=cli(short="-m"))
+    ratio: float | None = Field(default=None, gt=0, lt=1, description="Fraction of each "
+                                "layer's parameters to keep, in (0, 1) (default 0.8).")
+    energy: float | None = Field(default=None, gt=0, le=1, description="Fraction of spectral "
+                                 "energy to keep (instead of --ratio).")
+    targets: list[str] | None = Field(default=None, description="Regex of linears to "
+                                      "factorize (repeatable; default all but lm_head).")
+    ignore: list[str] | None = Field(default=None, description="Regex of linears to skip "
+                                     "(repeatable; default lm_head).")
+    alpha: float = Field(default=0.5, gt=0, description="ASVD scaling exponent: s = "
+                         "mean|X| ** alpha.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "FactorizeOptions":
+        if self.ratio is not None and self.energy is not None:
+            raise ValueError("Both --ratio and --energy were given; pass only one of them")
+        if self.ratio is None and self.energy is None:
+            self.ratio = 0.8
+        return self
+
+
+class FactorizeConfig(ModelStep, FactorizeOptions):
+    """Options of ``slm factorize`` and the ``factorize`` recipe step."""
+
+    merge: bool = Field(default=False, description="Write a dense model (B @ A merged back); "
+                        "on a low-rank input, only merge.")
+
+    def lineage(self) -> dict:
+        skip = set() if self.method == "asvd" else {"calib_data", "calib_samples",
+                                                    "calib_seq_len", "seed", "alpha"}
+        return {k: v for k, v in super().lineage().items() if k not in skip}
