@@ -98,7 +98,7 @@ def build_config(preset: str, tokenizer=None, overrides: dict[str, Any] | None =
         number = (int, float) if isinstance(old, float) else type(old)
         if old is not None and not isinstance(old, (dict, list)) and (
                 not isinstance(value, number) or isinstance(value, bool) != isinstance(old, bool)):
-            raise ConfigError(f"--set {key}={value} is not a {type(old).__name__} like the "
+            raise ConfigError(f"--set {key}={value} is not of type {type(old).__name__} like the "
                               f"preset's {old!r}; pass a value of that type.")
         setattr(config, key, value)
     h, n = config.hidden_size, config.num_attention_heads
