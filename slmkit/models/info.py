@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.models import formats, lineage
+from slmkit.models.arch import context_length
 from slmkit.models.io import open_model_dir
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -81,7 +82,7 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
         "layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
-        "context": getattr(config, "max_position_embeddings", None),
+        "context": context_length(config),
         "format": fmt or "dense",
         "compression": getattr(config, "slmkit", None) or {},
         "quantization_config": _plain(getattr(config, "quantization_config", None)),
