@@ -118,3 +118,38 @@ def test_every_step_verb_is_covered():
     for c in cases():
         per_verb[c.values[0]] = per_verb.get(c.values[0], 0) + 1
     assert all(per_verb.get(v, 0) >= 2 for v in STEP_KINDS), per_verb
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--threads", "0"], "--threads"),
+    (["-n", "100000000"], "exceeds the model's context"),
+    (["--stop", ""], "--stop ''"),
+])
+def test_generate_refuses_what_it_cannot_honour(extra, says, llama_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(llama_dir), "def f(", *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["init", "--preset", "nano", "--set", "hidden_size=abc"], "--set hidden_size=abc"),
+    (["train", "--model", "bogus_preset", "--max-steps", "1"], "nano, micro"),
+])
+def test_messages_name_the_input(args, says, tokenizer_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_value_error_names_file_line_and_step(llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"steps:\n  - name: q4\n    step: quantize\n    model: {llama_dir}\n"
+                      "    bits: 5\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(recipe), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{recipe}:2: step 'q4'" in err and "--bits 5" in err
+    assert not (tmp_path / "w").exists()
