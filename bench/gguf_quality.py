@@ -90,12 +90,12 @@ def reference_or_checkpoint(work: Path) -> tuple[Path, str]:
 
 
 def slmkit_quantized(ref: Path, work: Path, method: str, calib: int) -> Path:
-    from slmkit.compress.quantize import make_config
-    from slmkit.compress.quantize.api import quantize
+    from slmkit.compress.quantize import QuantizeConfig, run_quantize
 
     out = work / f"{method}-w4g32"
-    quantize(str(ref), out, make_config(method=method, bits=4, group_size=32, sym=True,
-                                        calib_samples=calib, calib_seq_len=256))
+    run_quantize(QuantizeConfig(model=str(ref), out=str(out), method=method, bits=4,
+                                group_size=32, sym=True, calib_samples=calib,
+                                calib_seq_len=256))
     return out
 
 

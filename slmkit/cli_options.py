@@ -19,7 +19,6 @@ from typing import Any, Callable, Literal, Union
 import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from slmkit.errors import validated
 

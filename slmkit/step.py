@@ -46,6 +46,20 @@ def cli(*, argument: bool = False, short: str | None = None, flag: str | None = 
                                           hidden=hidden, metavar=metavar).items() if v}}
 
 
+def refuse_unused(cfg: BaseModel, fields: set[str], where: str) -> None:
+    """Refuse options the user set that ``where`` does not use (never ignore an input).
+
+    Only explicitly given fields count (``model_fields_set``), so defaults never trip it.
+    Raises ``ValueError``, for use inside a pydantic validator.
+    """
+    given = sorted(cfg.model_fields_set & fields)
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        one = len(given) == 1
+        raise ValueError(f"{flags} {'does' if one else 'do'} not apply to {where}; drop "
+                         f"{'it' if one else 'them'}")
+
+
 def _one_or_many(value: str | list[str]) -> str | list[str]:
     """A corpus given as a one-item list is the same corpus as the bare string."""
     if isinstance(value, list) and len(value) == 1:

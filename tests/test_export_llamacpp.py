@@ -113,12 +113,12 @@ def test_reference_model_quantized_files_keep_the_text(tmp_path):
     ref = _model_dir()
     if not (ref / "config.json").is_file():
         pytest.skip("reference model not trained yet (python bench/reference.py)")
-    from slmkit.compress.quantize import make_config, quantize
+    from slmkit.compress.quantize import QuantizeConfig, run_quantize
     from slmkit.models import load_tokenizer
 
     tok = load_tokenizer(ref)
-    quantize(ref, tmp_path / "gptq", make_config(method="gptq", bits=4, group_size=32,
-                                                 calib_samples=32, calib_seq_len=256))
+    run_quantize(QuantizeConfig(model=str(ref), out=str(tmp_path / "gptq"), method="gptq",
+                                bits=4, group_size=32, calib_samples=32, calib_seq_len=256))
     files = {"gptq_q4_0": tmp_path / "gptq.gguf"}
     export_gguf(str(tmp_path / "gptq"), files["gptq_q4_0"])
     for quant in ("f32", "q8_0"):

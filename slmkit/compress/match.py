@@ -23,7 +23,6 @@ from torch import nn
 
 from slmkit.errors import ConfigError
 from slmkit.nn.surgery import is_conv1d
-from slmkit.nn.surgery import linear_shape, set_module  # noqa: F401  (api.py imports them here)
 
 #: Default selection: every linear inside the decoder, never the output head.
 DEFAULT_TARGETS: list[str] = [r".*"]

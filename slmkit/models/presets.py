@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from slmkit.errors import ConfigError
+from slmkit.models.arch import kv_heads
 from slmkit.step import StepConfig, StepResult, cli
 
 _LLAMA_COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -105,7 +106,7 @@ def build_config(preset: str, tokenizer=None, overrides: dict[str, Any] | None =
     if h % n:
         raise ConfigError(f"hidden_size {h} is not divisible by num_attention_heads {n}; "
                           "change one with --set.")
-    kv = getattr(config, "num_key_value_heads", n) or n
+    kv = kv_heads(config)
     if n % kv:
         raise ConfigError(f"num_attention_heads {n} is not divisible by num_key_value_heads "
                           f"{kv}; change one with --set.")

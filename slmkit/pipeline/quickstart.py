@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from slmkit.console import console, human_bytes, human_count, print_table
+from slmkit.console import console, human_count, print_table
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -280,7 +280,6 @@ def validate_step(recipe: Recipe, step: Step) -> None:
     """Check a step's options with its verb's pydantic model; errors name file, line, field."""
     from pydantic import ValidationError
 
-    kind = STEP_KINDS[step.kind]
     if "out" in step.options:
         raise _err(recipe.path, step.option_lines.get("out", step.line),
                    f"step '{step.name}': 'out' is set by the pipeline "

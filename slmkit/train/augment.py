@@ -41,7 +41,6 @@ Output: ``OUT/data.jsonl`` (prompt/completion rows, originals first when ``keep_
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field

@@ -11,9 +11,7 @@ distillation") or any model dir with the teacher's tokenizer. The teacher is any
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 from pydantic import Field, model_validator
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from slmkit.step import Calibration, ModelStep, cli
+from slmkit.step import Calibration, ModelStep, cli, refuse_unused
 
 
 class FactorizeOptions(Calibration):
@@ -40,8 +40,8 @@ class FactorizeOptions(Calibration):
     def _one_target(self) -> "FactorizeOptions":
         if self.ratio is not None and self.energy is not None:
             raise ValueError("Both --ratio and --energy were given; pass only one of them")
-        if self.ratio is None and self.energy is None:
-            self.ratio = 0.8
+        if self.ratio is None and self.energy is None:   # a default, not an input
+            self.__dict__["ratio"] = 0.8
         return self
 
 
@@ -50,6 +50,13 @@ class FactorizeConfig(ModelStep, FactorizeOptions):
 
     merge: bool = Field(default=False, description="Write a dense model (B @ A merged back); "
                         "on a low-rank input, only merge.")
+
+    @model_validator(mode="after")
+    def _used(self) -> "FactorizeConfig":
+        if self.method == "svd":
+            refuse_unused(self, set(Calibration.model_fields) | {"alpha"},
+                          "--method svd, which needs no calibration")
+        return self
 
     def lineage(self) -> dict:
         skip = set() if self.method == "asvd" else {"calib_data", "calib_samples",

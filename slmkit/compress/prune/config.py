@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from slmkit.errors import ConfigError
-from slmkit.step import Calibration, ModelStep, cli
+from slmkit.step import Calibration, ModelStep, cli, refuse_unused
 
 
 class PruneOptions(Calibration):
@@ -116,6 +116,14 @@ class PruneConfig(ModelStep, PruneOptions, StructuredOptions):
                                   "--structured or drop them.")
         except ConfigError as e:     # a ValueError, so recipes name the file and step
             raise ValueError(str(e)) from None
+        if self.structured:
+            refuse_unused(self, set(PruneOptions.model_fields) - set(Calibration.model_fields),
+                          "--structured pruning")
+        elif self.method == "magnitude":
+            refuse_unused(self, set(Calibration.model_fields) | {"damp", "block_size"},
+                          "--method magnitude, which needs no calibration")
+        elif self.method == "wanda":
+            refuse_unused(self, {"damp", "block_size"}, "--method wanda")
         return self
 
     def lineage(self) -> dict:

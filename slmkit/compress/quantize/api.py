@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit.compress.match import is_conv1d, linear_shape, match_linears, set_module
-from slmkit.models.memory import release_file_pages, trim_heap
+from slmkit.compress.match import match_linears
 from slmkit.compress.quantize.config import QuantizeConfig, QuantizeOptions
-from slmkit.compress.quantize.ops import check_scheme, effective_bits
+from slmkit.compress.quantize.ops import check_scheme
 from slmkit.errors import ConfigError
-from slmkit.step import StepResult
+from slmkit.models.memory import release_file_pages, trim_heap
 from slmkit.nn.quant_linear import QuantLinear
+from slmkit.nn.surgery import is_conv1d, linear_shape, set_module
+from slmkit.step import StepResult
 
 FORMAT = "quant"
 

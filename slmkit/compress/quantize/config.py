@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from slmkit.errors import ConfigError, validated
-from slmkit.step import Calibration, ModelStep, cli
+from slmkit.step import Calibration, ModelStep, cli, refuse_unused
 
 
 class QuantizeOptions(Calibration):
@@ -61,8 +61,8 @@ class QuantizeOptions(Calibration):
     def _check(self) -> "QuantizeOptions":
         from slmkit.compress.quantize.ops import check_scheme
 
-        if self.group_size is None:
-            self.group_size = -1 if self.bits == 8 else 128
+        if self.group_size is None:    # a default, not an input: keep it out of fields_set
+            self.__dict__["group_size"] = -1 if self.bits == 8 else 128
         try:
             check_scheme(self.bits, self.group_size)
         except ConfigError as e:     # a ValueError, so recipes name the file and step
@@ -79,11 +79,29 @@ class QuantizeOptions(Calibration):
                 "sym": self.sym, "embeddings": self.quantize_embeddings}
 
 
+CALIBRATION = {"calib_data", "calib_samples", "calib_seq_len", "seed"}
+GPTQ_ONLY = {"damp", "act_order", "block_size", "preserve_zeros"}
+AWQ_ONLY = {"awq_grid", "awq_clip"}
+
+
 class QuantizeConfig(ModelStep, QuantizeOptions):
     """Options of ``slm quantize`` and the ``quantize`` recipe step."""
 
     dequantize: bool = Field(default=False, description="Instead: write a dense copy of a "
                              "quantized MODEL (for tools that need one).")
+
+    @model_validator(mode="after")
+    def _used(self) -> "QuantizeConfig":
+        if self.dequantize:
+            options = set(QuantizeOptions.model_fields)
+            refuse_unused(self, options, "--dequantize (it only undoes a quantization)")
+        elif self.method == "rtn":
+            refuse_unused(self, CALIBRATION | GPTQ_ONLY | AWQ_ONLY,
+                          "--method rtn, which needs no calibration")
+        else:
+            refuse_unused(self, AWQ_ONLY if self.method == "gptq" else GPTQ_ONLY,
+                          f"--method {self.method}")
+        return self
 
 
 def make_config(**kwargs) -> QuantizeOptions:

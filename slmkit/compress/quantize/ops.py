@@ -11,7 +11,6 @@ import torch
 
 from slmkit.errors import ConfigError
 from slmkit.nn.packing import dequantize_codes, quantize_rtn
-from slmkit.nn.packing import effective_bits  # noqa: F401  (still imported from here by api.py)
 
 SUPPORTED_BITS = (3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
