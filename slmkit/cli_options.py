@@ -122,36 +122,28 @@ def config_from_cli(config: type[BaseModel], ctx: Any, values: dict[str, Any]) -
 
 
 def add_step_command(app: typer.Typer, name: str, config: type[BaseModel],
-                     run: Callable[[Any], Any], help: str, *,
-                     extra: dict[str, tuple[Any, Any]] | None = None,
-                     show: Callable[..., None] | None = None) -> None:
-    """Register ``name`` on ``app``: flags from ``config``, then ``run(cfg).show()``.
+                     run: Callable[[Any], Any], help: str, *, json: bool = True) -> None:
+    """Register ``name`` on ``app``: flags from ``config``, then ``run(cfg)``.
 
     Args:
-        config: the step's pydantic config class.
-        run: ``run(cfg) -> StepResult`` (or anything ``show`` knows how to print).
+        config: the verb's pydantic config class.
+        run: ``run(cfg) -> StepResult`` for a step, shown as its table (or JSON with
+            ``--json``); a verb that is not a step (``json=False``) prints for itself.
         help: the command's help text (first line: its summary).
-        extra: display-only options that are not part of the config, as
-            ``{name: (annotation, typer.Option(...))}``; they are passed to ``show``.
-        show: ``show(result, **extra_values)``; default ``result.show(as_json=...)``.
     """
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY,
                                 annotation=typer.Context)]
-    fields = cli_fields(config)
-    params += [_parameter(n, f) for n, f in fields.items()]
-    extra = {"as_json": (bool, typer.Option(False, "--json", help="Print the result as "
-                                            "JSON for machines.")), **(extra or {})}
-    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=spec,
-                                 annotation=tp) for n, (tp, spec) in extra.items()]
+    params += [_parameter(n, f) for n, f in cli_fields(config).items()]
+    if json:
+        params.append(inspect.Parameter(
+            "as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+            default=typer.Option(False, "--json", help="Print the result as JSON for "
+                                 "machines.")))
 
-    def command(ctx: typer.Context, **values: Any) -> None:
-        display = {k: values.pop(k) for k in extra}
-        cfg = config_from_cli(config, ctx, values)
-        result = run(cfg)
-        if show is not None:
-            show(result, cfg=cfg, **display)
-        else:
-            result.show(as_json=display["as_json"])
+    def command(ctx: typer.Context, as_json: bool = False, **values: Any) -> None:
+        result = run(config_from_cli(config, ctx, values))
+        if json:
+            result.show(as_json=as_json)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {}

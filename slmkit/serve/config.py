@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from slmkit.errors import ConfigError
+from slmkit.step import cli
 
 #: Environment variable read for the API key when neither --api-key nor --api-key-file is set.
 API_KEY_ENV = "SLM_API_KEY"
@@ -41,23 +42,63 @@ class ServeConfig(BaseModel):
             a small model's context holds.
     """
 
-    name: str = "slm"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
-    cors_origins: list[str] = Field(default_factory=list)
-    max_concurrency: int = Field(8, ge=1, le=256)
-    max_queue: int = Field(64, ge=0)
-    max_prompt_tokens: int | None = Field(None, ge=1)
-    max_tokens_cap: int | None = Field(None, ge=1)
-    default_max_tokens: int = Field(256, ge=1)
-    request_timeout: float = Field(300.0, gt=0)
-    shutdown_timeout: float = Field(10.0, ge=0)
-    max_seq_len: int | None = Field(None, ge=2)
-    threads: int | None = Field(None, ge=1)
-    kv_cache: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
-    log_prompts: bool = False
-    max_request_bytes: int = Field(4 << 20, ge=1024)
+    name: str = Field("slm", description="Model id clients use.")
+    host: str = Field("127.0.0.1", description="Interface to listen on (loopback by default; "
+                      "0.0.0.0 exposes the server to the network).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).",
+                      json_schema_extra=cli(short="-p"))
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' (also "
+                                "$SLM_API_KEY).")
+    cors_origins: list[str] = Field(default_factory=list, description="Allow this browser "
+                                    "origin (repeatable; off by default).",
+                                    json_schema_extra=cli(flag="--cors-origin"))
+    max_concurrency: int = Field(8, ge=1, le=256, description="Requests decoded at once "
+                                 "(engine batch slots).")
+    max_queue: int = Field(64, ge=0, description="Requests that may wait for a slot; more get "
+                           "429.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted "
+                                          "(default: context - 1).")
+    max_tokens_cap: int | None = Field(None, ge=1, description="Largest max_tokens accepted "
+                                       "(default: context).")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that "
+                                    "leaves it out (capped).")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds per request before 504.")
+    shutdown_timeout: float = Field(10.0, ge=0, description="Seconds streams get to finish on "
+                                    "SIGTERM.")
+    max_seq_len: int | None = Field(None, ge=2, description="Prompt + reply tokens per request "
+                                    "(KV cache per slot; default: the model's context, at "
+                                    "most 2048).")
+    threads: int | None = Field(None, ge=1, description="CPU threads of the engine (default: "
+                                "physical cores).")
+    kv_cache: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        "auto", description="KV cache dtype: auto (fp16 for quantized fp32 models, else the "
+        "model's), fp32, fp16, bf16 or int8 (half of fp16's bytes; long contexts).")
+    log_prompts: bool = Field(False, description="Include prompt text in the request log (off "
+                              "for privacy).")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request body "
+                                   "accepted (413 above it).")
+
+
+class ServeCommand(ServeConfig):
+    """Options of ``slm serve``: the server's settings plus the model it loads."""
+
+    model: str = Field(description="Model directory or hub id.",
+                       json_schema_extra=cli(argument=True))
+    name: str | None = Field(None, description="Model id clients use (default: the model "
+                             "directory's name).")
+    api_key_file: str | None = Field(None, description="Read the API key from this file.")
+    adapter: str | None = Field(None, description="PEFT LoRA adapter dir to merge into the "
+                                "model.")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16.")
+
+    def server_config(self) -> ServeConfig:
+        """The server's settings: the API key resolved (flag, file or environment) and the
+        model id defaulted to the model directory's name."""
+        key = resolve_api_key(self.api_key, Path(self.api_key_file) if self.api_key_file
+                              else None)
+        fields = self.model_dump(exclude={"model", "api_key_file", "adapter", "dtype"})
+        fields.update(api_key=key, name=self.name or Path(self.model.rstrip("/")).name or "slm")
+        return ServeConfig(**fields)
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 
 from slmkit.errors import ConfigError, ModelLoadError
-from slmkit.serve.config import ServeConfig
+from slmkit.serve.config import ServeCommand, ServeConfig
 
 
 def merge_adapter(model, adapter_dir: str | Path):
@@ -140,3 +140,29 @@ def run_server(model, tokenizer, config: ServeConfig, on_ready=None) -> None:
                           "not allowed); pick another --port or --host.")
     logging.getLogger("slmkit.serve.access").info(json.dumps({"event": "shutdown",
                                                               "clean": True}))
+
+
+def run_serve(cmd: ServeCommand) -> None:
+    """``slm serve``: load the model (and adapter), serve until stopped, print where."""
+    from slmkit.console import console, print_table
+
+    config = cmd.server_config()
+    lm, tok = load_for_serving(cmd.model, adapter=cmd.adapter, dtype=cmd.dtype)
+    started = {}
+
+    def ready(bound_host: str, bound_port: int) -> None:
+        started["url"] = f"http://{bound_host}:{bound_port}"
+        print_table("slm serve", [
+            ("model", f"{config.name} ({cmd.model})"
+                      + (f" + adapter {cmd.adapter}" if cmd.adapter else "")),
+            ("chat page", started["url"] + "/"),
+            ("OpenAI base URL", started["url"] + "/v1"),
+            ("auth", "Bearer API key" if config.api_key else "none (loopback only is safest)"),
+            ("slots / queue", f"{config.max_concurrency} / {config.max_queue}"),
+            ("KV cache", config.kv_cache),
+            ("CORS", ", ".join(config.cors_origins) or "off")])
+        console.print("[dim]Ctrl-C or SIGTERM stops gracefully; one JSON log line per request "
+                      "follows on stderr.[/dim]", highlight=False)
+
+    run_server(lm, tok, config, on_ready=ready)
+    print_table("slm serve", [("stopped", "cleanly"), ("served at", started.get("url", "-"))])
