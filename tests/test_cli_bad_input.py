@@ -17,7 +17,7 @@ from slmkit.cli import STEP_VERBS, main
 from slmkit.cli_options import _cli_type, _meta, cli_fields, flag_name
 from slmkit.pipeline.steps import STEP_KINDS
 
-PATH_FIELDS = {"model", "tokenizer", "teacher", "student", "models", "from_report"}
+PATH_FIELDS = {"model", "tokenizer", "teacher", "student", "models", "from_report", "gguf"}
 
 
 def base_args(verb: str, model: str, tok: str, out: str) -> list[str]:
@@ -34,6 +34,7 @@ def base_args(verb: str, model: str, tok: str, out: str) -> list[str]:
         "prune": ["prune", model, "--out", out],
         "factorize": ["factorize", model, "--out", out],
         "export": ["export", model, "--format", "gguf", "--out", out],
+        "import": ["import", model, "--out", out],
         "eval": ["eval", model, "--out", out],
         "compare": ["compare", model, "--out", out],
         "tokenizer": ["tokenizer", "train", "--data", tok, "--out", out],

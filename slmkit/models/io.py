@@ -1,8 +1,8 @@
 """Load and save models: Hugging Face directories with safetensors weights and lineage.
 
 Every slmkit step reads a model dir and writes a new one (see DESIGN.md). This module is
-the only place that turns a reference (local dir or hub id) into ``(model, tokenizer)``
-and the only place that writes a model dir, atomically.
+the only place that turns a reference (local dir, hub id, GGUF file or built-in name) into
+``(model, tokenizer)`` and the only place that writes a model dir, atomically.
 """
 
 from __future__ import annotations
@@ -57,21 +57,33 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_ref(ref: str | os.PathLike) -> Path:
-    """Turn a local directory or a hub id into a local directory path.
+    """Turn a local directory, a GGUF file, a built-in name or a hub id into a local
+    directory path.
 
-    A path that exists is used as is. Something that looks like a path (``./x``, ``/x``,
-    ``~/x``, ``a/b/c``) but does not exist is an error. Otherwise it is taken as a hub id:
-    the local cache is tried first, and the hub is contacted only when the id is not
-    cached and ``HF_HUB_OFFLINE`` is not set. Only safetensors, JSON and tokenizer files are
-    fetched.
+    ``builtin:NAME`` and a GGUF file (a ``.gguf`` path, or any file that starts with the
+    GGUF magic) are imported once into the cache and that dir is used
+    (:func:`slmkit.models.gguf_import.gguf_model_dir`). A directory that exists is used as
+    is. Something that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.gguf``)
+    but does not exist is an error. Otherwise it is taken as a hub id: the local cache is
+    tried first, and the hub is contacted only when the id is not cached and
+    ``HF_HUB_OFFLINE`` is not set. Only safetensors, JSON and tokenizer files are fetched.
     """
+    from slmkit.models.gguf_file import BUILTIN_PREFIX, is_gguf
+
     text = os.fspath(ref)
     path = Path(text).expanduser()
+    if text.startswith(BUILTIN_PREFIX) or path.is_file() and (
+            path.suffix.lower() == ".gguf" or is_gguf(path)):
+        from slmkit.models.gguf_import import gguf_model_dir
+
+        return gguf_model_dir(text)
     if path.is_dir():
         return path
     if path.exists():
         raise ModelLoadError(f"'{text}' is a file, not a model directory; pass the directory "
-                             "that holds config.json.")
+                             "that holds config.json, or a .gguf file.")
+    if path.suffix.lower() == ".gguf":
+        raise ModelLoadError(f"GGUF file '{text}' does not exist; check the path.")
     looks_like_path = (text.startswith((".", "/", "~")) or text.count("/") > 1
                        or os.sep in text and os.sep != "/" or not _HUB_ID.match(text))
     if looks_like_path:

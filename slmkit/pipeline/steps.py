@@ -72,6 +72,9 @@ STEP_KINDS: dict[str, StepKind] = {
                         "side-by-side evaluation report of several models"),
     "export": StepKind("slmkit.export.step:ExportConfig", "slmkit.export.step:run_export",
                        "GGUF (llama.cpp, Ollama) or ONNX export"),
+    "import": StepKind("slmkit.models.gguf_import:ImportConfig",
+                       "slmkit.models.gguf_import:run_import",
+                       "a GGUF file (or a built-in model) as a Hugging Face model dir"),
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
