@@ -276,3 +276,23 @@ def test_awq_block_search_never_worse_than_scale_one(tokenizer, calib_dir):
     best = mod._search_block_scale(block, inputs, reference, modules, ws, xs[names[0]])
     assert not torch.all(best == 1)                           # the salient channels moved it
     assert block_error(best) < block_error(torch.ones_like(best))
+
+
+def test_default_group_is_picked_from_the_layers_and_recorded(llama_dir, tmp_path):
+    import json
+
+    from slmkit.compress.match import match_linears
+    from slmkit.compress.quantize import QuantizeConfig, run_quantize
+    from slmkit.compress.quantize.ops import auto_group_size
+    from slmkit.models import load_model
+    from slmkit.nn.surgery import linear_shape
+
+    model, _ = load_model(llama_dir)
+    want = auto_group_size(linear_shape(m)[1] for m in match_linears(model, [".*"],
+                                                                     ["lm_head"]).values())
+    res = run_quantize(QuantizeConfig(model=str(llama_dir), out=str(tmp_path / "q")))
+    assert want in (128, 64, 32)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["slmkit"]["group_size"] == want
+    assert f"group {want} (the largest" in dict(res.rows)["method"]
+    lineage = json.loads((tmp_path / "q" / "slmkit.json").read_text())
+    assert lineage["params"]["group_size"] == want

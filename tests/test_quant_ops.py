@@ -213,3 +213,12 @@ def test_gptq_preserve_zeros_keeps_pruned_weights_at_zero(act_order):
     assert torch.all(w_hat[w == 0] == 0)
     assert layer_output_error(x, w, w_hat) < layer_output_error(x, w, fake_quantize(w, 4, 16,
                                                                                    False))
+
+
+def test_auto_group_size_is_the_largest_that_divides_every_width():
+    from slmkit.compress.quantize.ops import auto_group_size
+
+    assert auto_group_size([576, 1536]) == 64          # SmolLM2-135M: 576 is 9 x 64
+    assert auto_group_size([256, 512]) == 128
+    assert auto_group_size([96, 256]) == 32
+    assert auto_group_size([100]) == -1                # no group fits: per channel

@@ -169,20 +169,14 @@ def _sft_job(cfg: FinetuneConfig, out: Path) -> Job:
 
 
 def _quantize_base(model, tok):
-    """Quantize the base's linears to 4 bit (RTN, symmetric) in place for QLoRA.
-
-    The group size is the largest of 128/64/32 dividing every input width.
-    """
-    import torch
-
+    """Quantize the base's linears to 4 bit (RTN, symmetric) in place for QLoRA, with
+    ``slm quantize``'s default group (the largest of 128/64/32 dividing every layer)."""
     from slmkit.compress.quantize.api import quantize_model
     from slmkit.compress.quantize.config import make_config
 
-    widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 32)
-    scheme = dict(method="rtn", bits=4, group_size=group, sym=True)
-    quantize_model(model, tok, make_config(**scheme))
-    return scheme
+    options = make_config(method="rtn", bits=4, sym=True)
+    quantize_model(model, tok, options)
+    return dict(method="rtn", bits=4, group_size=options.group_size, sym=True)
 
 
 def _sft_loss(model, batches, n_batches: int = 8) -> float:

@@ -70,12 +70,16 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[st
     if is_quantized(model):
         raise ConfigError("This model is already quantized; quantize the original dense "
                           "model instead (or `slm quantize --dequantize` it first).")
-    if cfg.quantize_embeddings:
-        _check_embedding(model, cfg)
     linears = match_linears(model, cfg.targets, cfg.ignore)
     if not linears:
         raise ConfigError(f"No linear layer matches --targets {cfg.targets} (minus --ignore "
                           f"{cfg.ignore}); check the patterns against `slm info` layer names.")
+    widths = [linear_shape(m)[1] for m in linears.values()]
+    if cfg.quantize_embeddings:
+        widths.append(model.get_input_embeddings().embedding_dim)
+    cfg.resolve_group_size(widths)
+    if cfg.quantize_embeddings:
+        _check_embedding(model, cfg)
     _check_layers(linears, cfg)
     model_type = getattr(model.config, "model_type", "")
     modifier = MODIFIERS[cfg.method](cfg, linears, model_type)
@@ -205,8 +209,10 @@ def run_quantize(cfg: QuantizeConfig) -> StepResult:
     saved = save_model(model, tok, final, step="quantize", params=cfg.lineage(),
                        metrics=summary, overwrite=cfg.overwrite)
     size = dir_size(saved)
-    rows = [("method", f"{cfg.method} {cfg.bits}-bit, group {cfg.group_size}, "
-                       f"{'sym' if cfg.sym else 'asym'}"),
+    auto = "group_size" not in cfg.model_fields_set and cfg.bits != 8
+    rows = [("method", f"{cfg.method} {cfg.bits}-bit, group {cfg.group_size}"
+                       + (" (the largest of 128/64/32 dividing every layer)" if auto else "")
+                       + f", {'sym' if cfg.sym else 'asym'}"),
             ("layers quantized", summary["layers"]),
             ("weights quantized", f"{summary['quantized_params']:,}"),
             ("bits per weight", f"{summary['bits_per_weight']:.3f} "

@@ -21,8 +21,10 @@ class QuantizeOptions(Calibration):
         method: ``rtn`` (round to nearest), ``gptq`` (Frantar et al., 2022) or ``awq``
             (Lin et al., 2023).
         bits: 8 or 4 (3 is experimental, 8 codes packed in 3 bytes).
-        group_size: input columns per scale; -1 is per output channel. ``None`` picks 128
-            for 4/3 bit and -1 for 8 bit (the int8 kernel is per channel).
+        group_size: input columns per scale; -1 is per output channel. ``None`` picks -1
+            for 8 bit (the int8 kernel is per channel) and, for 4/3 bit, the largest of
+            128, 64 and 32 that divides every targeted layer (``auto_group_size``, resolved
+            when the model is known).
         targets / ignore: regexes over linear names (see ``match_linears``).
         damp, act_order, block_size: GPTQ options; ``preserve_zeros`` keeps exactly-zero
             (pruned) weights at zero (RTN and AWQ always do).
@@ -36,7 +38,8 @@ class QuantizeOptions(Calibration):
     bits: int = Field(default=4, description="8 or 4 (3 is experimental).",
                       json_schema_extra=cli(short="-b"))
     group_size: int | None = Field(default=None, description="32, 64, 128 or -1 (per "
-                                   "channel); default 128 for 4 bit, -1 for 8 bit.",
+                                   "channel); default -1 for 8 bit and, for 4 bit, the "
+                                   "largest of 128, 64 and 32 that divides every layer.",
                                    json_schema_extra=cli(short="-g"))
     sym: bool = Field(default=True, description="Symmetric grid, or asymmetric with zero "
                       "points.", json_schema_extra=cli(flag="--sym/--asym"))
@@ -61,10 +64,10 @@ class QuantizeOptions(Calibration):
     def _check(self) -> "QuantizeOptions":
         from slmkit.compress.quantize.ops import check_scheme
 
-        if self.group_size is None:    # a default, not an input: keep it out of fields_set
-            self.__dict__["group_size"] = -1 if self.bits == 8 else 128
+        if self.group_size is None and self.bits == 8:   # a default, not an input
+            self.__dict__["group_size"] = -1
         try:
-            check_scheme(self.bits, self.group_size)
+            check_scheme(self.bits, self.group_size if self.group_size is not None else 32)
         except ConfigError as e:     # a ValueError, so recipes name the file and step
             raise ValueError(str(e)) from None
         return self
@@ -72,6 +75,13 @@ class QuantizeOptions(Calibration):
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn"
+
+    def resolve_group_size(self, widths) -> None:
+        """Pick the default group for these layer widths (see ``auto_group_size``)."""
+        from slmkit.compress.quantize.ops import auto_group_size
+
+        if self.group_size is None:   # a default, not an input: kept out of fields_set
+            self.__dict__["group_size"] = auto_group_size(widths)
 
     def scheme(self) -> dict:
         """What ``config.json`` records (and what ``QuantLinear`` needs to be rebuilt)."""

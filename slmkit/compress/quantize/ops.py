@@ -7,6 +7,8 @@ them, in :mod:`slmkit.nn.packing` (see its docstring for the conventions).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from slmkit.errors import ConfigError
@@ -14,6 +16,14 @@ from slmkit.nn.packing import dequantize_codes, quantize_rtn
 
 SUPPORTED_BITS = (3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
+
+
+def auto_group_size(widths: Iterable[int]) -> int:
+    """The default group of a 4/3-bit scheme: the largest of 128, 64 and 32 that divides
+    every width (input features of the targeted layers, and the embedding's when it is
+    quantized too); -1 (per channel) when none does. SmolLM2-135M's 576 gets 64."""
+    widths = list(widths)
+    return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), -1)
 
 
 def check_scheme(bits: int, group_size: int, in_features: int | None = None,
