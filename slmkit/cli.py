@@ -129,6 +129,20 @@ def _runner(step):
 def _add_steps() -> None:
     from slmkit.cli_options import add_step_command
     from slmkit.pipeline.steps import STEP_KINDS
+    from slmkit.engine.options import ChatConfig, GenerateConfig
+    from slmkit.serve.config import ServeCommand
+
+    def serve(cfg):
+        from slmkit.serve.server import run_serve
+
+        run_serve(cfg)
+
+    add_step_command(app, "serve", ServeCommand, serve, "Serve a model with an "
+                     "OpenAI-compatible API and a web chat page at /.", json=False)
+    add_step_command(app, "generate", GenerateConfig, generate, "Generate text from a "
+                     "prompt, streaming it to the terminal, then report tokens/s.", json=False)
+    add_step_command(app, "chat", ChatConfig, chat, "Chat with a model in the terminal "
+                     "(streaming, history; /reset, /exit).", json=False)
 
     for verb, (kind, help_) in STEP_VERBS.items():
         step = STEP_KINDS[kind]
@@ -181,35 +195,7 @@ def quickstart(
 
 # --------------------------------------------------------------------------- generate / chat
 
-def _sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                     stop=None, ignore_eos=False):
-    from slmkit.engine import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                          seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
-
-
-@app.command()
-def generate(
-    model: str = typer.Argument(..., help="Model directory or hub id."),
-    prompt: str = typer.Argument(..., help="The text to continue."),
-    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="New tokens at "
-                                   "most (prompt + new tokens must fit the context)."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p * p_max."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-text."),
-    chat_template: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat "
-                                       "template as one user message."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads "
-                                          "(default: physical cores)."),
-) -> None:
+def generate(cfg) -> None:
     """Generate text from a prompt, streaming it to the terminal, then report tokens/s."""
     from slmkit.engine import Engine
     from slmkit.engine.generate import chat_stop_ids, encode_prompt
@@ -217,24 +203,21 @@ def generate(
     from slmkit.models import load_model
     from slmkit.models.arch import context_length
 
-    if any(not s for s in stop or []):
-        raise ConfigError("--stop '' would stop before the first token; pass a non-empty "
-                          "stop string.")
-    params = _sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                              seed, stop, ignore_eos)
-    lm, tok = load_model(model, dtype=dtype)
-    ids = encode_prompt(tok, prompt, chat=chat_template)
-    if chat_template:
+    params = cfg.params(stop=list(cfg.stop), ignore_eos=cfg.ignore_eos)
+    lm, tok = load_model(cfg.model, dtype=cfg.dtype)
+    ids = encode_prompt(tok, cfg.prompt, chat=cfg.chat)
+    if cfg.chat:
         params.stop_token_ids = chat_stop_ids(tok)
-    context = context_length(lm.config) or len(ids) + max_tokens + 1
-    if len(ids) + max_tokens > context:
-        raise ConfigError(f"--max-tokens {max_tokens} plus the {len(ids)}-token prompt exceeds "
-                          f"the model's context of {context} tokens; lower --max-tokens.")
-    engine = Engine(lm, tok, max_batch=1, background=False, threads=threads,
-                    max_seq_len=max(2, min(len(ids) + max_tokens + 1, context)))
+    context = context_length(lm.config) or len(ids) + cfg.max_tokens + 1
+    if len(ids) + cfg.max_tokens > context:
+        raise ConfigError(f"--max-tokens {cfg.max_tokens} plus the {len(ids)}-token prompt "
+                          f"exceeds the model's context of {context} tokens; lower "
+                          "--max-tokens.")
+    engine = Engine(lm, tok, max_batch=1, background=False, threads=cfg.threads,
+                    max_seq_len=max(2, min(len(ids) + cfg.max_tokens + 1, context)))
     handle = engine.submit(ids, params)
-    if not chat_template:
-        sys.stdout.write(prompt)
+    if not cfg.chat:
+        sys.stdout.write(cfg.prompt)
     for delta in handle.text_deltas():
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -256,36 +239,20 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-@app.command()
-def chat(
-    model: str = typer.Argument(..., help="Model directory or hub id (with a chat template)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Reply tokens at "
-                                   "most."),
-    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus mass (1 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p * p_max."),
-    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="1 = off."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
-) -> None:
+def chat(cfg) -> None:
     """Chat with a model in the terminal (streaming, history; /reset, /exit)."""
     import time
 
     from slmkit.engine.chat import ChatSession
     from slmkit.models import load_model
 
-    params = _sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                              seed)
-    lm, tok = load_model(model, dtype=dtype)
-    if threads:
+    lm, tok = load_model(cfg.model, dtype=cfg.dtype)
+    if cfg.threads:
         import torch
 
-        torch.set_num_threads(threads)
-    session = ChatSession(lm, tok, params, system=system)
-    console.print(f"[bold]slm chat[/bold] {model}  ·  /reset clears the history, /exit or "
+        torch.set_num_threads(cfg.threads)
+    session = ChatSession(lm, tok, cfg.params(), system=cfg.system)
+    console.print(f"[bold]slm chat[/bold] {cfg.model}  ·  /reset clears the history, /exit or "
                   "Ctrl-D quits", highlight=False)
     turns = tokens = 0
     seconds = 0.0
@@ -325,88 +292,6 @@ def chat(
     session.close()
     print_table("slm chat", [("turns", turns), ("generated tokens", tokens),
                              ("average tok/s", f"{tokens / seconds:.1f}" if seconds else "n/a")])
-
-
-# --------------------------------------------------------------------------- serve
-
-@app.command()
-def serve(
-    model: str = typer.Argument(..., help="Model directory or hub id."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback "
-                             "by default; 0.0.0.0 exposes the server to the network)."),
-    port: int = typer.Option(8000, "--port", "-p", help="TCP port (0 = any free port)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model id clients use (default: "
-                                       "the model directory's name)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: "
-                                          "Bearer KEY' (also $SLM_API_KEY)."),
-    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API "
-                                                "key from this file."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter dir to "
-                                           "merge into the model."),
-    max_concurrency: int = typer.Option(8, "--max-concurrency", help="Requests decoded at "
-                                        "once (engine batch slots)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a "
-                                  "slot; more get 429."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="Longest "
-                                                    "prompt accepted (default: context - 1)."),
-    max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", help="Largest "
-                                                 "max_tokens accepted (default: context)."),
-    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per "
-                                          "request before 504."),
-    shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", help="Seconds streams "
-                                           "get to finish on SIGTERM."),
-    cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="Allow this "
-                                                    "browser origin (repeatable; off by "
-                                                    "default)."),
-    log_prompts: bool = typer.Option(False, "--log-prompts", help="Include prompt text in "
-                                     "the request log (off for privacy)."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Prompt + reply "
-                                              "tokens per request (KV cache per slot; "
-                                              "default: the model's context, at most 2048)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the engine "
-                                          "(default: physical cores)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
-    max_request_bytes: int = typer.Option(4 << 20, "--max-request-bytes", help="Largest "
-                                          "request body accepted (413 above it)."),
-    kv_cache: str = typer.Option("auto", "--kv-cache", help="KV cache dtype: auto (fp16 for "
-                                 "quantized fp32 models, else the model's), fp32, fp16, "
-                                 "bf16 or int8 (half of fp16's bytes; long contexts)."),
-) -> None:
-    """Serve a model with an OpenAI-compatible API and a web chat page at /."""
-    from pydantic import ValidationError
-
-    from slmkit.errors import ConfigError
-    from slmkit.serve import ServeConfig, load_for_serving, resolve_api_key, run_server
-
-    key = resolve_api_key(api_key, api_key_file)
-    try:
-        config = ServeConfig(
-            name=name or Path(model.rstrip("/")).name or "slm", host=host, port=port,
-            api_key=key, cors_origins=list(cors_origin or []), max_concurrency=max_concurrency,
-            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-            max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
-            shutdown_timeout=shutdown_timeout, log_prompts=log_prompts, max_seq_len=max_seq_len,
-            threads=threads, kv_cache=kv_cache, max_request_bytes=max_request_bytes)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}.") from None
-    lm, tok = load_for_serving(model, adapter=adapter, dtype=dtype)
-    started = {}
-
-    def ready(bound_host: str, bound_port: int) -> None:
-        started["url"] = f"http://{bound_host}:{bound_port}"
-        print_table("slm serve", [
-            ("model", f"{config.name} ({model})" + (f" + adapter {adapter}" if adapter else "")),
-            ("chat page", started["url"] + "/"),
-            ("OpenAI base URL", started["url"] + "/v1"),
-            ("auth", "Bearer API key" if key else "none (loopback only is safest)"),
-            ("slots / queue", f"{max_concurrency} / {max_queue}"),
-            ("CORS", ", ".join(config.cors_origins) or "off")])
-        console.print("[dim]Ctrl-C or SIGTERM stops gracefully; one JSON log line per request "
-                      "follows on stderr.[/dim]", highlight=False)
-
-    run_server(lm, tok, config, on_ready=ready)
-    print_table("slm serve", [("stopped", "cleanly"), ("served at", started.get("url", "-"))])
 
 
 # --------------------------------------------------------------------------- entry point

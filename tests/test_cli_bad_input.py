@@ -38,7 +38,19 @@ def base_args(verb: str, model: str, tok: str, out: str) -> list[str]:
         "eval": ["eval", model, "--out", out],
         "compare": ["compare", model, "--out", out],
         "tokenizer": ["tokenizer", "train", "--data", tok, "--out", out],
+        "generate": ["generate", model, "def f(", "-n", "2"],
+        "chat": ["chat", model, "-n", "2"],
+        "serve": ["serve", model, "--port", "0"],
     }[verb]
+
+
+def config_of(verb: str):
+    """The config a verb's flags come from: a step's, or serve/generate/chat's own."""
+    from slmkit.engine.options import ChatConfig, GenerateConfig
+    from slmkit.serve.config import ServeCommand
+
+    own = {"generate": GenerateConfig, "chat": ChatConfig, "serve": ServeCommand}
+    return own[verb] if verb in own else STEP_KINDS[verb].config_class()
 
 
 def _bounds(info) -> dict[str, float]:
@@ -73,8 +85,8 @@ def bad_values(name: str, info) -> list[tuple[str, str]]:
 
 
 def cases():
-    for verb in [*STEP_VERBS, "tokenizer"]:
-        config = STEP_KINDS[verb if verb != "tokenizer" else "tokenizer"].config_class()
+    for verb in [*STEP_VERBS, "tokenizer", "generate", "chat", "serve"]:
+        config = config_of(verb)
         for name, info in cli_fields(config).items():
             for value, why in bad_values(name, info):
                 yield pytest.param(verb, name, value, id=f"{verb}-{name}-{why}")
@@ -85,8 +97,7 @@ def test_bad_value_is_refused_cleanly(verb, field, value, llama_dir, tokenizer_d
                                       capsys):
     out = tmp_path / "out"
     args = base_args(verb, str(llama_dir), str(tokenizer_dir), str(out))
-    config = STEP_KINDS[verb].config_class()
-    info = config.model_fields[field]
+    info = config_of(verb).model_fields[field]
     meta = _meta(info)
     if meta.get("argument"):                       # the positional: replace it
         pos = 2 if verb == "tokenizer" else 1
@@ -118,13 +129,14 @@ def test_every_step_verb_is_covered():
     per_verb = {}
     for c in cases():
         per_verb[c.values[0]] = per_verb.get(c.values[0], 0) + 1
-    assert all(per_verb.get(v, 0) >= 2 for v in STEP_KINDS), per_verb
+    assert all(per_verb.get(v, 0) >= 2 for v in [*STEP_KINDS, "generate", "chat", "serve"]), \
+        per_verb
 
 
 @pytest.mark.parametrize("extra,says", [
     (["--threads", "0"], "--threads"),
     (["-n", "100000000"], "exceeds the model's context"),
-    (["--stop", ""], "--stop ''"),
+    (["--stop", ""], "Invalid --stop"),
 ])
 def test_generate_refuses_what_it_cannot_honour(extra, says, llama_dir, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -28,7 +28,7 @@ def test_generate_greedy_streams_the_same_text_as_the_library(cli, llama_dir):
 
 def test_generate_bad_input_is_one_line(cli, llama_dir, tmp_path):
     r = cli("generate", llama_dir, "x", "--top-p", "0")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "top_p" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "--top-p" in r.stderr
     r = cli("generate", tmp_path / "missing", "x")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
@@ -70,7 +70,7 @@ def test_chat_rejects_bad_sampling(llama_dir, bad):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "slmkit.cli", "chat", str(llama_dir), bad],
                        input="", capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 2 and r.stderr.startswith("error: Invalid sampling")
+    assert r.returncode == 2 and r.stderr.startswith("error: Invalid --")
 
 
 def test_chat_prompt_and_stop_ids(tokenizer):
