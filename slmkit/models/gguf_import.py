@@ -206,11 +206,14 @@ def gguf_model_dir(ref: str) -> Path:
     from slmkit.models.lineage import LINEAGE_FILE
 
     path, digest = _source(ref)
-    header = read_header(path)            # 0.1 s, and a file cut short since is refused
-    digest = digest or sha256_of(path)
+    header = None
+    if digest is None:
+        header = read_header(path)        # refuse what is not GGUF before hashing it
+        digest = sha256_of(path)          # remembered per (path, size, mtime)
     out = cache_root() / digest[:16]
-    if (out / LINEAGE_FILE).is_file():
+    if (out / LINEAGE_FILE).is_file():    # written last, atomically: a complete import
         return out
+    header = header or read_header(path)
     check_importable(header, ref)
     log.info(f"Importing {ref} into {out} (once; later uses read the cached dir).")
     extra = {"builtin": ref} if ref.startswith(BUILTIN_PREFIX) else {}
