@@ -48,12 +48,24 @@ def _main(
 
 @app.command()
 def info(
-    model: str = typer.Argument(..., help="Model directory or hub id."),
+    model: Optional[str] = typer.Argument(None, help="Model directory, hub id, .gguf file or "
+                                          "builtin name (omit with --builtins)."),
+    builtins: bool = typer.Option(False, "--builtins", help="List the built-in models."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
     """Show a model's architecture, size, compression state and lineage."""
     from slmkit.models.info import model_info
 
+    if builtins or model is None:
+        from slmkit.models.gguf_file import BUILTIN_PREFIX, BUILTINS
+
+        if not builtins:
+            raise SlmError("slm info needs a MODEL (or --builtins to list the built-in "
+                           "models).")
+        print_table("built-in models (slm info NAME, or any verb's MODEL)", [
+            (BUILTIN_PREFIX + n, b.title, b.dist) for n, b in BUILTINS.items()],
+            header=("name", "model", "package"))
+        return
     data = model_info(model)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -118,8 +118,8 @@ class StepConfig(BaseModel):
 class ModelStep(StepConfig):
     """A step that reads one model: a local dir, a hub id, a GGUF file or a built-in name."""
 
-    model: str = Field(description="Model directory or hub id.",
-                       json_schema_extra=cli(argument=True))
+    model: str = Field(description="Model directory, hub id, .gguf file or builtin name "
+                       "(builtin:smollm2-135m).", json_schema_extra=cli(argument=True))
 
 
 class Calibration(BaseModel):

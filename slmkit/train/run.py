@@ -148,7 +148,8 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     from slmkit.models import load_model, load_tokenizer
     from slmkit.models.presets import PRESETS, init_model
 
-    if cfg.model not in PRESETS and "/" not in cfg.model and not Path(cfg.model).exists():
+    if cfg.model not in PRESETS and not {"/", ":"} & set(cfg.model) \
+            and not Path(cfg.model).exists():
         raise ConfigError(f"--model '{cfg.model}' is neither a preset ({', '.join(PRESETS)}) "
                           "nor a model directory; pass one of those presets or a model dir.")
     if cfg.model in PRESETS:
