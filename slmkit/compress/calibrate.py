@@ -192,6 +192,38 @@ def capture_linear_inputs(linears: dict[str, nn.Module],
 
 
 @torch.no_grad()
+def feed_linears(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module],
+                 fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``block`` on every batch only as far as ``linears`` read their inputs.
+
+    Calls ``fn(name, x)`` like :func:`capture_linear_inputs`, then stops each batch's
+    forward as soon as every listed linear has seen its input. True-sequential GPTQ and
+    SparseGPT re-run a block once per group of linears; stopping there skips the rest of
+    the block (for q/k/v almost all of it), with the very same inputs collected.
+    """
+    pending: set[str] = set()
+    handles = []
+    for name, module in linears.items():
+        def hook(_m, args, _name=name):
+            x = args[0]
+            fn(_name, x.detach().reshape(-1, x.shape[-1]))  # [B, T, in] -> [B*T, in]
+            pending.discard(_name)
+            if not pending:
+                raise _StopForward
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            pending.update(linears)
+            try:
+                block(h, *a, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def sequential_groups(block: nn.Module, inputs: BlockInputs,
                       linears: dict[str, nn.Module]) -> list[list[str]]:
     """Group a block's linears by shared input, in execution order ("true sequential").

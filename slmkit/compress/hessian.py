@@ -109,14 +109,19 @@ def cholesky_inverse_upper(hessian: torch.Tensor, damp: float = 0.01,
         ``U`` of shape ``[in, in]``, upper triangular, float32.
     """
     d = damp
+    n = hessian.shape[0]
+    rev = torch.arange(n - 1, -1, -1)
     for _ in range(max_tries):
         h = damp_hessian(hessian, min(d, 0.99)).double()
-        chol, info = torch.linalg.cholesky_ex(h)
+        # The reversed matrix's lower factor, reversed back, is an upper R with H = R Rᵀ;
+        # then H⁻¹ = R⁻ᵀ R⁻¹, so U = R⁻¹. One factorization and one triangular inverse
+        # instead of forming H⁻¹ (torch's cholesky_inverse takes seconds at n = 1536 on
+        # CPU, 10x this) and factoring it again; the same U to ~1e-15.
+        lower, info = torch.linalg.cholesky_ex(h[rev][:, rev])
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)                  # (H + λI)⁻¹, [in, in]
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper.float()
+            r = lower[rev][:, rev]                               # upper, H = R Rᵀ
+            eye = torch.eye(n, dtype=r.dtype)
+            return torch.linalg.solve_triangular(r, eye, upper=True).float()
         d = max(d * 10, 1e-4)
     raise ConfigError("The calibration Hessian is not positive definite even with strong "
                       "dampening; use more calibration samples or a larger --damp.")

@@ -138,20 +138,20 @@ def _wanda_block(linears, block, inputs, settings, nm, report) -> None:
 
 def _sparsegpt_block(linears, block, inputs, settings, nm, report) -> None:
     """SparseGPT on one block, group by group (true sequential)."""
-    from slmkit.compress.calibrate import capture_linear_inputs, sequential_groups
+    from slmkit.compress.calibrate import feed_linears, sequential_groups
     from slmkit.compress.hessian import HessianAccumulator, cholesky_inverse_upper, dead_inputs
 
     for group in sequential_groups(block, inputs, linears):
-        acc = {n: HessianAccumulator.for_layer(linears[n]) for n in group}
-        with capture_linear_inputs({n: linears[n] for n in group},
-                                   lambda n, x: acc[n].add(x)):
-            inputs.run(block)
+        # the group's linears read the very same input: one Hessian and one factor serve all
+        acc = HessianAccumulator.for_layer(linears[group[0]])
+        feed_linears(block, inputs, {group[0]: linears[group[0]]}, lambda n, x: acc.add(x))
+        h = acc.hessian
+        dead = dead_inputs(h)
+        hinv = cholesky_inverse_upper(h, settings.damp)
         for name in group:
             module = linears[name]
-            h = acc[name].hessian
             w = weight_matrix(module).float().clone()
-            w[:, dead_inputs(h)] = 0.0  # inputs that were always zero carry no signal
-            hinv = cholesky_inverse_upper(h, settings.damp)
+            w[:, dead] = 0.0  # inputs that were always zero carry no signal
             pruned, _ = ops.sparsegpt_prune(w, hinv, sparsity=settings.sparsity, nm=nm,
                                             block_size=settings.block_size)
             _apply(module, pruned)

@@ -86,7 +86,9 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
             grp = col // g
             if not static and col % g == 0:
                 # Fit the group's grid on the current (error-compensated) weights.
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]   # [out, g]
+                ahead = W1[:, i:i + g]                                     # [out, <=g]
+                if ahead.shape[1] < g:      # the group runs past this block
+                    ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], dim=1)
                 s, z = compute_qparams(ahead, bits, -1, sym)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
             q = _quant_column(W1[:, i], scale[:, grp], zero[:, grp], bits)

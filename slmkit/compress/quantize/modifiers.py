@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slmkit.compress.calibrate import BlockInputs, capture_linear_inputs, sequential_groups
+from slmkit.compress.calibrate import (BlockInputs, capture_linear_inputs, feed_linears,
+                                      sequential_groups)
 from slmkit.compress.hessian import HessianAccumulator
 from slmkit.compress.match import set_weight_matrix, weight_matrix
 from slmkit.compress.quantize.awq_mappings import block_mappings, fold_scale
@@ -112,14 +113,14 @@ class GPTQModifier(QuantizeModifier):
             return
         cfg = self.cfg
         for group in sequential_groups(block, inputs, linears):
-            acc = {n: HessianAccumulator(weight_matrix(linears[n]).shape[1]) for n in group}
-            with capture_linear_inputs({n: linears[n] for n in group},
-                                       lambda n, x: acc[n].add(x)):
-                inputs.run(block)
+            # the group's linears read the very same input: one Hessian serves them all
+            acc = HessianAccumulator(weight_matrix(linears[group[0]]).shape[1])
+            feed_linears(block, inputs, {group[0]: linears[group[0]]},
+                         lambda n, x: acc.add(x))
             for name in group:
                 w = weight_matrix(linears[name])
                 codes, scale, zero = gptq_quantize_weight(
-                    w, acc[name].hessian, cfg.bits, cfg.group_size, cfg.sym, damp=cfg.damp,
+                    w, acc.hessian, cfg.bits, cfg.group_size, cfg.sym, damp=cfg.damp,
                     block_size=cfg.block_size, act_order=cfg.act_order,
                     preserve_zeros=cfg.preserve_zeros)
                 self.record(name, codes, scale, zero)
