@@ -190,19 +190,24 @@ def run_recipe_cmd(
 @app.command()
 def quickstart(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Working directory "
-                                       "(default runs/quickstart)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="A real pretrained model "
-                                        "(hub id or dir): run the compression and evaluation "
-                                        "half on it instead."),
-    mini: bool = typer.Option(False, "--mini", help="A miniature run with tiny budgets (to "
-                              "check an installation in about two minutes)."),
+                                       "(default runs/quickstart, or runs/from-scratch)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Run the job on this "
+                                        "model (dir, hub id, .gguf or builtin name) instead "
+                                        "of builtin:smollm2-135m."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Run the from-scratch "
+                                      "recipe instead: models trained, distilled, pruned, "
+                                      "quantized and fine-tuned on the stdlib."),
+    mini: bool = typer.Option(False, "--mini", help="The from-scratch recipe with tiny "
+                              "budgets (checks an installation in about two minutes)."),
     force: bool = typer.Option(False, help="Rerun every step, ignoring the cache."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; run nothing."),
 ) -> None:
-    """Run the built-in end-to-end job on the stdlib corpus (what `make demo` runs)."""
+    """Compress, measure and export the built-in real model end to end (what `make demo`
+    runs)."""
     from slmkit.pipeline.quickstart import run_quickstart
 
-    run_quickstart(out, model=model, mini=mini, force=force, dry_run=dry_run)
+    run_quickstart(out, model=model, from_scratch=from_scratch, mini=mini, force=force,
+                   dry_run=dry_run)
 
 
 # --------------------------------------------------------------------------- generate / chat

@@ -20,7 +20,7 @@ def test_every_shipped_recipe_validates(path, tmp_path):
 
 def test_required_recipes_are_shipped():
     names = {p.stem for p in RECIPES.glob("*.yaml")}
-    assert {"quickstart", "compress-hf-model", "distill", "finetune-lora"} <= names
+    assert {"quickstart", "from-scratch", "compress-hf-model", "distill", "finetune-lora"} <= names
 
 
 @pytest.mark.parametrize("name, var, dropped", [
@@ -88,7 +88,7 @@ def test_finetune_lora_recipe_end_to_end(tmp_path):
 
 
 def test_mini_overrides_validate(tmp_path):
-    recipe = load_recipe(recipe_path("quickstart"), tmp_path, overrides=mini_overrides())
+    recipe = load_recipe(recipe_path("from-scratch"), tmp_path, overrides=mini_overrides())
     teacher = next(s for s in recipe.steps if s.name == "teacher")
     assert teacher.options["model"] == "nano" and teacher.options["max_steps"] == 4
 

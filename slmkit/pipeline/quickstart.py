@@ -1,11 +1,13 @@
 """``slm quickstart`` (what ``make demo`` runs): the shipped quickstart recipe, end to end.
 
-On the built-in stdlib corpus with no network: tokenizer, teacher, distilled and
-prune-then-distilled students, int8/int4 quantization, a LoRA fine-tune of the teacher on
-``stdlib-docstring`` rows that the teacher itself augmented (``slm augment``), a side-by-side comparison (perplexity, bits/byte, three mined tasks,
-speed) and a GGUF export of the best model under 10 MB. Every step is cached by config hash, so a second run
-takes seconds. ``--model`` runs the compression-and-evaluation half
-(``compress-hf-model.yaml``) on a real pretrained model instead.
+By default it takes the built-in real model, SmolLM2-135M-Instruct (``builtin:smollm2-135m``,
+no network), quantizes it to int8 and 4-bit GPTQ, compares the three side by side
+(perplexity, bits/byte, two mined stdlib tasks, decode speed, size, memory), prints each
+model's answers to a few chat prompts, and exports the 4-bit model to GGUF with an Ollama
+Modelfile. ``--model`` runs the same job on another model. ``--from-scratch`` runs the
+from-scratch recipe instead: a tokenizer and models trained on the stdlib, distilled,
+pruned, quantized, fine-tuned and compared (``--mini``: the same with tiny budgets). Every
+step is cached by config hash, so a second run takes seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def recipe_path(name: str) -> Path:
 
 
 def mini_overrides() -> list[str]:
-    """Budgets for a miniature run (tests/CI): nano teacher, a few steps per stage, one
+    """Budgets for a miniature from-scratch run (tests/CI): nano teacher, a few steps per stage, one
     small stdlib package as the corpus."""
     corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "email" / "*.py")
     small = ["data", "seq_len=64", "batch_size=4", "eval_every=2", "eval_tokens=1024"]
@@ -46,18 +48,30 @@ def mini_overrides() -> list[str]:
     return out
 
 
-def run_quickstart(out: Path | None = None, model: str | None = None, mini: bool = False,
-                   force: bool = False, dry_run: bool = False) -> dict[str, Any]:
-    """Run the quickstart (or, with ``model``, the compress-hf-model recipe) and summarise."""
+#: What the real-model quickstart asks every model, greedily, in the chat template.
+PROMPTS = ("What is the capital of France?",
+           "Write a Python function that returns the square of a number.",
+           "Give me two tips for writing clear emails.")
+
+
+def run_quickstart(out: Path | None = None, model: str | None = None,
+                   from_scratch: bool = False, mini: bool = False, force: bool = False,
+                   dry_run: bool = False) -> dict[str, Any]:
+    """Run the quickstart recipe (real model) or the from-scratch one, and summarise."""
+    from slmkit.errors import ConfigError
     from slmkit.pipeline.recipe import load_recipe
     from slmkit.pipeline.runner import print_summary, run_recipe
 
-    if model is not None:
-        recipe = load_recipe(recipe_path("compress-hf-model"), out or "runs/quickstart-model",
-                             overrides=[f"vars.model={model}"])
+    from_scratch = from_scratch or mini
+    if from_scratch and model is not None:
+        raise ConfigError("--model runs the real-model quickstart on your model; drop "
+                          "--from-scratch/--mini or --model.")
+    if from_scratch:
+        recipe = load_recipe(recipe_path("from-scratch"), out,
+                             overrides=mini_overrides() if mini else None)
     else:
         recipe = load_recipe(recipe_path("quickstart"), out,
-                             overrides=mini_overrides() if mini else None)
+                             overrides=[f"vars.model={model}"] if model else None)
     results = run_recipe(recipe, dry_run=dry_run, force=force)
     print_summary(results, title="slm quickstart" + (" (dry run)" if dry_run else ""))
     if dry_run:
@@ -66,7 +80,14 @@ def run_quickstart(out: Path | None = None, model: str | None = None, mini: bool
     table = final_table(report)
     print_table("models (held-out stdlib text; Pareto plot: "
                 f"{report / 'quality_vs_size.png'})", table["rows"], header=table["header"])
-    (recipe.workdir / "summary.md").write_text(table["markdown"], encoding="utf-8")
+    summary = table["markdown"]
+    if not from_scratch:
+        answers = chat_answers(report)
+        print_table("chat (greedy, chat template)", answers, header=("model", "prompt",
+                                                                      "answer"))
+        summary += "\n| model | prompt | answer |\n|---|---|---|\n" + "".join(
+            f"| {m} | {p} | {a.replace('|', '/')} |\n" for m, p, a in answers)
+    (recipe.workdir / "summary.md").write_text(summary, encoding="utf-8")
     gguf = recipe.out_dir("gguf")
     console.print(f"report: [bold]{report / 'report.html'}[/]   summary: "
                   f"{recipe.workdir / 'summary.md'}")
@@ -76,6 +97,25 @@ def run_quickstart(out: Path | None = None, model: str | None = None, mini: bool
                   f"{gguf / 'Modelfile'}`)")
     return {"workdir": str(recipe.workdir), "report": str(report), "table": table,
             "steps": [r.status for r in results]}
+
+
+def chat_answers(report: Path, max_tokens: int = 48) -> list[tuple[str, str, str]]:
+    """Each compared model's greedy answer to each of :data:`PROMPTS`."""
+    from slmkit.engine import SamplingParams
+    from slmkit.engine.generate import chat_stop_ids, generate_text
+    from slmkit.models import load_model
+
+    rows = []
+    for m in _models(report):
+        if m.get("error"):
+            continue
+        lm, tok = load_model(m["path"])
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                stop_token_ids=chat_stop_ids(tok))
+        for prompt in PROMPTS:
+            text = generate_text(lm, tok, prompt, params, chat=True).text
+            rows.append((m["label"], prompt, " ".join(text.split())))
+    return rows
 
 
 def _best_dir(report: Path) -> str:
