@@ -154,3 +154,20 @@ def test_client_leaving_mid_body_is_one_log_line(server, server_log, sent):
     assert line["path"] == CHAT and line["duration_ms"] < 2000
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     server_log.assert_clean()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "auto"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+])
+def test_fields_that_cannot_be_honoured_are_refused(field, value):
+    from slmkit.serve.protocol import APIError, ChatRequest, parse_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
+    with pytest.raises(APIError) as err:
+        parse_request(json.dumps(body).encode(), ChatRequest)
+    assert err.value.status == 400 and err.value.param == field
+    plain = {k: v for k, v in body.items() if k != field}
+    plain["response_format"] = {"type": "text"}      # the default: honoured as it is
+    assert parse_request(json.dumps(plain).encode(), ChatRequest).model == "m"

@@ -120,6 +120,12 @@ class ChatRequest(_SamplingFields):
     max_completion_tokens: int | None = None
 
 
+#: Request fields that change what a valid answer is (tool calls, a JSON schema) and that
+#: the server cannot honour yet: refused with a 400, never silently ignored.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+               "response_format")
+
+
 def parse_request(raw: bytes, schema: type[_Strict]) -> Any:
     """Parse and validate a JSON request body.
 
@@ -138,6 +144,12 @@ def parse_request(raw: bytes, schema: type[_Strict]) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object, not "
                        f"{type(data).__name__}.", code="invalid_json")
+    for key in UNSUPPORTED:
+        if data.get(key) is not None and not (key == "response_format"
+                                              and data[key] == {"type": "text"}):
+            raise APIError(400, f"'{key}' is not supported by this server yet (it would "
+                           "change what the answer must be, so it is refused rather than "
+                           "ignored); drop it.", param=key, code="unsupported_parameter")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
