@@ -21,6 +21,11 @@ Scheduling (Yu et al. 2022, "Orca", OSDI: iteration-level scheduling). Each
 Requests join and leave between steps. Each request has its own sampler and generator,
 so its output does not depend on what else is in the batch.
 
+Constrained decoding: a request with ``SamplingParams.grammar`` holds a
+:class:`~slmkit.engine.grammar.GrammarState`. Right after each forward the rows of
+constrained requests get their token masks (``-inf`` for forbidden tokens, on either
+path, before the batched argmax), and each chosen token advances its row's state.
+
 Threading: :meth:`submit`, :meth:`RequestHandle.cancel` and the handle's iterators are
 safe from any thread. By default a background thread runs the step loop; with
 ``background=False`` nothing runs until someone calls :meth:`step` (iterating a handle
@@ -40,6 +45,7 @@ import torch
 
 from slmkit.engine import native
 from slmkit.engine.events import Completion, FinishEvent, TokenEvent
+from slmkit.engine.grammar import GrammarCompiler, GrammarState, mask_rows_
 from slmkit.engine.runner import make_runner
 from slmkit.engine.sampling import RequestSampler, SamplingParams
 from slmkit.engine.text import IncrementalDetokenizer, StopStringFilter
@@ -126,8 +132,10 @@ class _Request:
     """Engine-internal state of one request."""
 
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer, on_event: Callable[[Event], None] | None):
+                 tokenizer, on_event: Callable[[Event], None] | None,
+                 grammar: GrammarState | None = None):
         self.handle = handle
+        self.grammar = grammar
         self.prompt = prompt_ids
         self.params = params
         self.sampler = RequestSampler(params, prompt_ids)
@@ -196,6 +204,9 @@ class Engine:
         self._step_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self._bitmask: torch.Tensor | None = None  # [max_batch, ceil(V / 32)] int32
         if background:
             self._thread = threading.Thread(target=self._loop, name="slmkit-engine", daemon=True)
             self._thread.start()
@@ -216,6 +227,21 @@ class Engine:
         if native is not None:
             return "native decode step (static KV cache)"
         return f"torch loop (static KV cache; native step off: {self.runner.native_reason})"
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this engine's tokenizer (built on first use).
+
+        Raises:
+            ConfigError: the engine has no tokenizer.
+        """
+        with self._grammar_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ConfigError("Constrained decoding (a grammar or JSON schema) needs a "
+                                      "tokenizer; pass one to Engine(...).")
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+            return self._grammars
 
     @property
     def free_slots(self) -> int:
@@ -242,6 +268,7 @@ class Engine:
         Raises:
             ConfigError: empty or too long prompt, ids outside the vocabulary, bad params,
                 stop strings without a tokenizer, or a closed engine.
+            GrammarError: a grammar that cannot be enforced (a ConfigError naming it).
         """
         params = params or SamplingParams()
         params.validate()
@@ -258,8 +285,9 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ConfigError("Stop strings need a tokenizer; pass one to Engine(...) or use "
                               "stop_token_ids.")
+        grammar = self.grammars.state(params.grammar) if params.grammar is not None else None
         handle = RequestHandle(self, request_id or f"req-{next(_ids)}")
-        request = _Request(handle, prompt, params, self.tokenizer, on_event)
+        request = _Request(handle, prompt, params, self.tokenizer, on_event, grammar)
         with self._cond:
             if self._closed:
                 raise ConfigError("This engine is closed; create a new Engine.")
@@ -339,11 +367,12 @@ class Engine:
             tokens = torch.tensor([[r.next_token] for r in decoding])   # [B, 1]
             logits = self.runner.forward(tokens, [r.slot for r in decoding],
                                          [r.position for r in decoding])  # [B, V]
+            raw = self._constrain(decoding, logits)
             # one argmax over the batch for the greedy rows (a call per row cost ~0.1 ms)
             greedy = native.argmax_rows(logits) if any(
                 r.sampler.plain_greedy for r in decoding) else [None] * len(decoding)
-            for r, row, best in zip(decoding, logits, greedy):
-                self._emit_token(r, row, best)
+            for i, (r, row, best) in enumerate(zip(decoding, logits, greedy)):
+                self._emit_token(r, row, best, raw.get(i))
         budget = self.prefill_chunk
         for r in [r for r in self._active if r.next_token is None and r.slot is not None]:
             if budget <= 0:
@@ -354,10 +383,37 @@ class Engine:
             r.prefilled += n
             budget -= n
             if r.prefilled == len(r.prompt):
-                self._emit_token(r, logits[0])
+                raw = self._constrain([r], logits)
+                self._emit_token(r, logits[0], None, raw.get(0))
 
-    def _emit_token(self, r: _Request, logits: torch.Tensor, best: int | None = None) -> None:
-        choice = r.sampler.choose(logits, best)
+    def _constrain(self, reqs: list[_Request], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Mask, in place, the ``[B, V]`` logits rows of requests under a grammar.
+
+        Returns ``{row: unmasked copy}`` for the constrained rows that report logprobs.
+        """
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return {}
+        raw = {i: logits[i].clone() for i in rows
+               if reqs[i].params.logprobs or reqs[i].params.top_logprobs}
+        if self._bitmask is None:
+            self._bitmask = torch.empty(self.max_batch, self.grammars.words, dtype=torch.int32)
+        bitmask = self._bitmask[:len(rows)]
+        for j, i in enumerate(rows):
+            reqs[i].grammar.fill(bitmask, j)
+        mask_rows_(logits, rows, bitmask)
+        return raw
+
+    def _emit_token(self, r: _Request, logits: torch.Tensor, best: int | None = None,
+                    raw: torch.Tensor | None = None) -> None:
+        choice = r.sampler.choose(logits, best, raw)
+        grammar_done = False
+        if r.grammar is not None:
+            if not r.grammar.advance(choice.token_id):  # a bug: the mask allowed it
+                self._finish(r, "error", error=f"the grammar rejected token "
+                             f"{choice.token_id} ({r.grammar.error})")
+                return
+            grammar_done = r.grammar.finished
         c, p = r.completion, r.params
         index = len(c.token_ids)
         c.token_ids.append(choice.token_id)
@@ -376,7 +432,7 @@ class Engine:
         self._deliver(r, TokenEvent(r.handle.id, index, choice.token_id, text, choice.logprob,
                                     choice.top_logprobs))
         r.next_token = choice.token_id
-        if is_stop_token or stopped:
+        if is_stop_token or stopped or grammar_done:
             self._finish(r, "stop")
         elif len(c.token_ids) >= p.max_tokens or r.position >= self.max_seq_len:
             self._finish(r, "length")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmkit.engine import ops
+from slmkit.engine.grammar import Grammar
 from slmkit.errors import ConfigError
 
 
@@ -38,6 +39,9 @@ class SamplingParams:
         ignore_eos: do not stop at the model's end-of-sequence tokens.
         logprobs: report the log-probability of each chosen token.
         top_logprobs: also report the N most likely alternatives at each step.
+        grammar: the output must match this :class:`~slmkit.engine.grammar.Grammar` (a JSON
+            schema, a Lark grammar or a regex); tokens it forbids are never chosen, and the
+            request ends with ``"stop"`` once the grammar is complete.
 
     Log-probabilities are those of the model's raw distribution (``log_softmax`` of the
     logits before penalty, temperature and filters), so they can be compared across
@@ -56,6 +60,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -113,11 +118,13 @@ class RequestSampler:
         """Greedy with no repetition penalty: the token is the logits' argmax."""
         return self.params.greedy and self.params.repetition_penalty == 1.0
 
-    def choose(self, logits: torch.Tensor, argmax: int | None = None) -> Choice:
+    def choose(self, logits: torch.Tensor, argmax: int | None = None,
+               raw: torch.Tensor | None = None) -> Choice:
         """Pick the next token from ``[V]`` float32 logits and record it as seen.
 
         ``argmax``: the logits' argmax when the caller already has it (a batched argmax);
-        used only when :attr:`plain_greedy`.
+        used only when :attr:`plain_greedy`. ``raw``: the model's logits before a grammar
+        mask was applied to ``logits`` (log-probabilities are reported from these).
         """
         p = self.params
         logits = logits.float()
@@ -139,7 +146,7 @@ class RequestSampler:
         self._seen.append(token)
         choice = Choice(token)
         if p.logprobs or p.top_logprobs:
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = torch.log_softmax(logits if raw is None else raw.float(), dim=-1)
             choice.logprob = float(logprobs[token])
             if p.top_logprobs:
                 choice.top_logprobs = ops.top_logprobs(logprobs, p.top_logprobs)
