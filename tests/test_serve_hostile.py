@@ -156,18 +156,26 @@ def test_client_leaving_mid_body_is_one_log_line(server, server_log, sent):
     server_log.assert_clean()
 
 
-@pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+@pytest.mark.parametrize("endpoint,field,value", [
+    ("chat", "functions", [{"name": "f", "parameters": {}}]),
+    ("chat", "function_call", "auto"),
+    ("completion", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("completion", "tool_choice", "auto"),
+    ("completion", "parallel_tool_calls", False),
 ])
-def test_fields_that_cannot_be_honoured_are_refused(field, value):
-    from slmkit.serve.protocol import APIError, ChatRequest, parse_request
+def test_fields_that_cannot_be_honoured_are_refused(endpoint, field, value):
+    """Deprecated function fields, and tools outside chat: a 400 naming them, not ignored
+    (tools and response_format themselves are honoured: tests/test_serve_tools.py)."""
+    from slmkit.serve.protocol import APIError, ChatRequest, CompletionRequest, parse_request
 
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
+    schema = ChatRequest if endpoint == "chat" else CompletionRequest
+    body = {"model": "m", field: value, **(
+        {"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat"
+        else {"prompt": "hi"})}
     with pytest.raises(APIError) as err:
-        parse_request(json.dumps(body).encode(), ChatRequest)
+        parse_request(json.dumps(body).encode(), schema)
     assert err.value.status == 400 and err.value.param == field
+    assert err.value.code == "unsupported_parameter"
     plain = {k: v for k, v in body.items() if k != field}
-    plain["response_format"] = {"type": "text"}      # the default: honoured as it is
-    assert parse_request(json.dumps(plain).encode(), ChatRequest).model == "m"
+    plain["response_format"] = {"type": "text"}
+    assert parse_request(json.dumps(plain).encode(), schema).model == "m"

@@ -40,6 +40,7 @@ from slmkit.serve.metrics import Metrics
 from slmkit.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body,
                                    parse_request)
 from slmkit.serve.service import CLIENT_CLOSED, GenerationService
+from slmkit.serve.structured import output_plan
 
 log = logging.getLogger("slmkit.serve.access")
 
@@ -219,21 +220,23 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     async def completions(request: Request):
         req = parse_request(await request.body(), CompletionRequest)
         service.check_model(req.model)
-        params = service.sampling(req)
+        plan = output_plan(req)
+        params = service.sampling(req, plan)
         ids = service.encode_completion(req)
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = req.prompt
-        return await service.run(request, req, ids, params)
+        return await service.run(request, req, ids, params, plan)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_request(await request.body(), ChatRequest)
         service.check_model(req.model)
-        params = service.sampling(req)
-        ids = service.encode_chat(req)
+        plan = output_plan(req)
+        params = service.sampling(req, plan)
+        ids = service.encode_chat(req, plan)
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = [m.model_dump() for m in req.messages]
-        return await service.run(request, req, ids, params)
+        return await service.run(request, req, ids, params, plan)
 
     app.add_middleware(Gate, config=config, metrics=metrics)
     if config.cors_origins:  # outermost, so that 401s and 429s carry CORS headers too

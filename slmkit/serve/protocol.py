@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 #: OpenAI allows 20 top logprobs for chat and 5 for completions; we allow 20 for both.
 MAX_TOP_LOGPROBS = 20
@@ -61,6 +61,22 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    """``response_format.json_schema``: a named schema the answer must validate against."""
+
+    name: str
+    json_schema: dict | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``response_format``: free text, any JSON object, or JSON under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields shared by both generation endpoints."""
 
@@ -81,6 +97,7 @@ class _SamplingFields(_Strict):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -98,10 +115,50 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    """One entry of ``tools``: a function with JSON-schema parameters."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A call in an earlier assistant turn (``messages[i].tool_calls``)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -118,12 +175,28 @@ class ChatRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
-#: Request fields that change what a valid answer is (tool calls, a JSON schema) and that
-#: the server cannot honour yet: refused with a 400, never silently ignored.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-               "response_format")
+class EmbeddingRequest(_Strict):
+    """``POST /v1/embeddings``: one text or several, as strings or token ids."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+    user: str | None = None
+
+
+#: Request fields that change what a valid answer is and that an endpoint does not
+#: implement: refused with a 400 naming them, never silently ignored. ``functions`` and
+#: ``function_call`` are OpenAI's deprecated forms of ``tools`` and ``tool_choice``.
+UNSUPPORTED = {"functions": "use 'tools' instead", "function_call": "use 'tool_choice' instead",
+               "tools": "tools need /v1/chat/completions",
+               "tool_choice": "tools need /v1/chat/completions",
+               "parallel_tool_calls": "tools need /v1/chat/completions"}
 
 
 def parse_request(raw: bytes, schema: type[_Strict]) -> Any:
@@ -144,12 +217,11 @@ def parse_request(raw: bytes, schema: type[_Strict]) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object, not "
                        f"{type(data).__name__}.", code="invalid_json")
-    for key in UNSUPPORTED:
-        if data.get(key) is not None and not (key == "response_format"
-                                              and data[key] == {"type": "text"}):
-            raise APIError(400, f"'{key}' is not supported by this server yet (it would "
-                           "change what the answer must be, so it is refused rather than "
-                           "ignored); drop it.", param=key, code="unsupported_parameter")
+    for key, fix in UNSUPPORTED.items():
+        if data.get(key) is not None and key not in schema.model_fields:
+            raise APIError(400, f"'{key}' is not supported here (it would change what the "
+                           f"answer must be, so it is refused rather than ignored); {fix}.",
+                           param=key, code="unsupported_parameter")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -164,7 +236,10 @@ def parse_request(raw: bytes, schema: type[_Strict]) -> Any:
 
 
 _FIELD_NAMES = {name for model in (CompletionRequest, ChatRequest, ChatMessage, TextPart,
-                                   StreamOptions) for name in model.model_fields}
+                                   StreamOptions, ResponseFormat, JSONSchemaFormat, Tool,
+                                   FunctionDef, NamedToolChoice, FunctionName, ToolCall,
+                                   FunctionCall, EmbeddingRequest)
+               for name in model.model_fields} | {"schema"}
 
 
 def check_common(req: _SamplingFields) -> None:

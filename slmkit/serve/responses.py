@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 #: Engine finish reasons -> OpenAI's (a cancelled request has no client left to read it).
+#: A turn that ends in complete tool calls reports ``"tool_calls"`` instead of ``"stop"``.
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
 
@@ -84,10 +85,14 @@ class LogprobFormatter:
 
 
 def chat_response(rid: str, created: int, model: str, text: str, finish: str,
-                  logprobs: list[dict] | None, use: dict[str, int]) -> dict[str, Any]:
-    """A non-streaming ``chat.completion``."""
+                  logprobs: list[dict] | None, use: dict[str, int],
+                  tool_calls: list[dict] | None = None) -> dict[str, Any]:
+    """A non-streaming ``chat.completion`` (``tool_calls``: the message calls tools and
+    has no text content)."""
+    message = {"role": "assistant", "content": text} if not tool_calls else \
+        {"role": "assistant", "content": None, "tool_calls": tool_calls}
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None if logprobs is None else {"content": logprobs},
                          "finish_reason": finish}],
             "usage": use, "system_fingerprint": None}

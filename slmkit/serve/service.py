@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,7 @@ from slmkit.serve.config import ServeConfig
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.protocol import (MAX_TOP_LOGPROBS, APIError, ChatRequest, CompletionRequest,
                                    check_common, error_body, stop_list)
+from slmkit.serve.structured import OutputPlan, ToolCallReader, chat_messages
 
 #: Status recorded for a client that left before its answer was complete (nginx's 499).
 CLIENT_CLOSED = 499
@@ -77,6 +79,10 @@ class GenerationService:
                                   engine.max_seq_len)
         self.eos = engine.eos
         self.chat_stops = chat_stop_ids(tokenizer)
+        # the grammar compiler's one-off first mask (~1.5 s on a 49k vocabulary) is paid in
+        # the background now instead of by the first JSON-schema or tool request
+        threading.Thread(target=engine.grammars.warm, name="slmkit-grammar-warm",
+                         daemon=True).start()
 
     def close(self) -> None:
         self.engine.close()
@@ -116,15 +122,14 @@ class GenerationService:
                                f"vocabulary (0..{len(self.tokenizer) - 1}).", param="prompt")
         return self._check_prompt(ids, "prompt")
 
-    def encode_chat(self, req: ChatRequest) -> list[int]:
+    def encode_chat(self, req: ChatRequest, plan: OutputPlan | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "This model's tokenizer has no chat template; use "
                            "/v1/completions instead.", param="messages")
         if not req.messages:
             raise APIError(400, "Invalid 'messages': send at least one message.",
                            param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.text()} for m in req.messages]
+        messages = chat_messages(req, plan or OutputPlan())
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                      tokenize=True)
@@ -135,8 +140,9 @@ class GenerationService:
             ids = ids["input_ids"]
         return self._check_prompt([int(t) for t in ids], "messages")
 
-    def sampling(self, req: CompletionRequest | ChatRequest) -> SamplingParams:
-        """SamplingParams for a request, after every range check."""
+    def sampling(self, req: CompletionRequest | ChatRequest,
+                 plan: OutputPlan | None = None) -> SamplingParams:
+        """SamplingParams for a request, after every range check (``plan``: its grammar)."""
         check_common(req)
         chat = isinstance(req, ChatRequest)
         param, max_tokens = "max_tokens", req.max_tokens
@@ -177,7 +183,7 @@ class GenerationService:
             min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
             seed=req.seed, stop=stop_list(req.stop), ignore_eos=bool(req.ignore_eos),
             stop_token_ids=self.chat_stops if chat else [],
-            logprobs=want_logprobs, top_logprobs=top)
+            logprobs=want_logprobs, top_logprobs=top, grammar=plan.grammar if plan else None)
 
     # ------------------------------------------------------------------ running
 
@@ -206,8 +212,10 @@ class GenerationService:
             not params.ignore_eos and event.token_id in self.eos)
 
     async def run(self, request: Request, req: CompletionRequest | ChatRequest,
-                  ids: list[int], params: SamplingParams) -> Response:
+                  ids: list[int], params: SamplingParams,
+                  plan: OutputPlan | None = None) -> Response:
         """Generate for a validated request; returns the JSON or SSE response."""
+        tools = plan is not None and bool(plan.tools)
         record = request.scope.setdefault("slmkit", {})
         record.update(model=req.model, stream=bool(req.stream))
         deadline = time.monotonic() + self.config.request_timeout
@@ -231,12 +239,13 @@ class GenerationService:
             raise self._shutdown_error()
         if req.stream:
             watcher.cancel()  # from here on Starlette watches the connection
-            return StreamingResponse(self._stream(req, generation, params, first, deadline),
+            return StreamingResponse(self._stream(req, generation, params, first, deadline,
+                                                  tools),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
         try:
-            return await self._collect(req, generation, params, first, deadline)
+            return await self._collect(req, generation, params, first, deadline, tools)
         finally:
             watcher.cancel()
 
@@ -253,7 +262,7 @@ class GenerationService:
                         "when the server is less busy.", type="timeout_error", code="timeout")
 
     async def _collect(self, req, generation: Generation, params: SamplingParams,
-                       event, deadline: float) -> Response:
+                       event, deadline: float, tools: bool = False) -> Response:
         entries = []
         while True:
             if isinstance(event, TokenEvent) and params.logprobs \
@@ -278,30 +287,53 @@ class GenerationService:
         created, finish = R.now(), R.FINISH_REASONS[event.reason]
         if isinstance(req, ChatRequest):
             lp = [self.logprobs.chat_entry(*e) for e in entries] if params.logprobs else None
-            body = R.chat_response(rid, created, req.model, c.text, finish, lp, use)
+            calls = None
+            if tools:
+                reader = ToolCallReader()
+                reader.feed(c.text)
+                if reader.complete:
+                    calls = reader.tool_calls()
+                    finish = "tool_calls" if finish == "stop" else finish
+            body = R.chat_response(rid, created, req.model, c.text, finish, lp, use, calls)
         else:
             lp = self.logprobs.completion_block(entries, 0) if params.logprobs else None
             body = R.completion_response(rid, created, req.model, c.text, finish, lp, use)
         return JSONResponse(body)
 
     async def _stream(self, req, generation: Generation, params: SamplingParams, event,
-                      deadline: float) -> AsyncIterator[bytes]:
-        """SSE frames in OpenAI's shape; cancels the generation if the client leaves."""
+                      deadline: float, tools: bool = False) -> AsyncIterator[bytes]:
+        """SSE frames in OpenAI's shape; cancels the generation if the client leaves.
+
+        A tool turn (``tools``) streams a call as OpenAI does: one delta announcing the
+        call (index, id, name, empty arguments), then deltas of its arguments text."""
         chat = isinstance(req, ChatRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{generation.handle.id}"
         created, model = R.now(), req.model
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
         offset = 0
+        reader = ToolCallReader() if tools else None
+        pending_lp: list[dict] = []
         try:
             if chat:
-                yield R.sse(R.chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
+                yield R.sse(R.chat_chunk(rid, created, model,
+                                         {"role": "assistant", "content": None if tools else ""},
                                          with_usage=with_usage))
             while True:
                 entry = None
                 if isinstance(event, TokenEvent) and params.logprobs \
                         and not self._is_stop_token(event, params):
                     entry = (event.token_id, event.logprob, event.top_logprobs)
-                if event.text or entry is not None:
+                if reader is not None:
+                    pending_lp += [self.logprobs.chat_entry(*entry)] if entry else []
+                    content, calls = reader.feed(event.text)
+                    delta = {"tool_calls": calls} if calls else \
+                        {"content": content} if content else None
+                    if delta is not None:
+                        yield R.sse(R.chat_chunk(rid, created, model, delta,
+                                                 logprobs=pending_lp or None,
+                                                 with_usage=with_usage))
+                        pending_lp = []
+                elif event.text or entry is not None:
                     if chat:
                         lp = [self.logprobs.chat_entry(*entry)] if entry else None
                         chunk = R.chat_chunk(rid, created, model, {"content": event.text},
@@ -331,6 +363,8 @@ class GenerationService:
                                        type="server_error"))
                 return
             finish = R.FINISH_REASONS[event.reason]
+            if reader is not None and reader.complete and finish == "stop":
+                finish = "tool_calls"
             if chat:
                 yield R.sse(R.chat_chunk(rid, created, model, {}, finish, with_usage=with_usage))
             else:

@@ -1,0 +1,169 @@
+"""Tool calling for chat models whose template has no tool syntax (a documented generic format).
+
+SmolLM2's chat template (and many small models') knows nothing of tools, so slmkit
+describes them in the system prompt and lets a grammar hold the model to one answer shape:
+
+* the system prompt lists the tools (name, description, JSON-schema parameters) and says
+  how to call them: reply with only ::
+
+      {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+
+* ``tool_choice="required"`` (or a named function): the output must be that object, the
+  names limited to the allowed tools and each call's ``arguments`` valid under that
+  tool's parameters schema (one call unless parallel calls are allowed);
+* ``tool_choice="auto"``: a union grammar, *plain text* (which may not start with ``{``)
+  **or** the call object; the model's first token decides;
+* history: an assistant turn that called tools is replayed as that same JSON, and a
+  ``tool`` message becomes a user turn ``Result of <name> (<call id>): <content>``, which
+  every chat template accepts.
+
+:class:`ToolCallScanner` reads the generated text incrementally (the grammar fixes the
+layout: ``", "`` and ``": "`` separators, ``name`` before ``arguments``), so a server can
+stream each call's name and then its arguments text as it is generated; the arguments
+string of a call is exactly the JSON text the model wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from slmkit.engine.grammar import JSON_STYLE, Grammar
+
+KEY = "tool_calls"
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+@dataclass
+class Tool:
+    """One callable function: ``name``, ``description`` and its JSON-schema ``parameters``."""
+
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=lambda: dict(EMPTY_PARAMETERS))
+
+
+def call_schema(tools: list[Tool], parallel: bool = True) -> dict:
+    """The JSON schema of a reply that calls one (or, if ``parallel``, several) tools."""
+    options = [{"type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"], "additionalProperties": False}
+               for t in tools]
+    calls = {"type": "array", "items": options[0] if len(options) == 1 else {"anyOf": options},
+             "minItems": 1}
+    if not parallel:
+        calls["maxItems"] = 1
+    return {"type": "object", "properties": {KEY: calls}, "required": [KEY],
+            "additionalProperties": False}
+
+
+def tool_grammar(tools: list[Tool], required: bool, parallel: bool = True) -> Grammar:
+    """The grammar for a turn that may (``required=False``) or must call ``tools``."""
+    schema = call_schema(tools, parallel)
+    if required:
+        return Grammar.json_schema(schema)
+    embedded = json.dumps({**schema, "x-guidance": JSON_STYLE})
+    return Grammar.lark("start: TEXT | call\nTEXT: /[^{][\\s\\S]*/\ncall: %json " + embedded)
+
+
+def system_prompt(tools: list[Tool], required: bool) -> str:
+    """The text that tells the model which tools it has and how to call them."""
+    listing = "\n".join(json.dumps({"name": t.name, "description": t.description,
+                                    "parameters": t.parameters}, ensure_ascii=False)
+                        for t in tools)
+    when = ("You must call a tool now." if required else
+            "Call a tool when it helps answer; otherwise answer in plain text.")
+    return (f"You can call these tools:\n{listing}\n"
+            f"To call tools, reply with only this JSON: {{\"{KEY}\": [{{\"name\": "
+            f"\"<tool name>\", \"arguments\": {{<arguments>}}}}]}}\n{when} When a tool "
+            "result is given, use it to answer the user in plain text.")
+
+
+def render_calls(calls: list[tuple[str, dict]]) -> str:
+    """Past calls (``(name, arguments)`` pairs) as the model's own JSON reply."""
+    return json.dumps({KEY: [{"name": n, "arguments": a} for n, a in calls]},
+                      ensure_ascii=False, separators=(", ", ": "))
+
+
+def render_result(name: str, call_id: str, content: str) -> str:
+    """A tool's result as the user-turn text the model reads."""
+    return f"Result of {name} ({call_id}): {content}"
+
+
+_HEADER = re.compile(r'\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
+
+
+@dataclass
+class CallDelta:
+    """New output of call ``index``: its ``name`` (first delta only) and more arguments text."""
+
+    index: int
+    name: str | None
+    arguments: str
+
+
+class ToolCallScanner:
+    """Incremental reader of ``{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}``.
+
+    :meth:`feed` takes text deltas and returns :class:`CallDelta`\\ s: a call is announced
+    once its name is complete, then its arguments text follows as it arrives.
+    :attr:`calls` holds ``[name, arguments_text]`` per call, :attr:`complete` says whether
+    the last call's arguments closed.
+    """
+
+    def __init__(self):
+        self.text = ""
+        self.calls: list[list[str]] = []
+        self._pos = 0
+        self._in_args = False
+        self._depth = 0
+        self._in_string = self._escape = False
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.calls) and not self._in_args
+
+    def feed(self, delta: str) -> list[CallDelta]:
+        self.text += delta
+        out: list[CallDelta] = []
+        while self._pos < len(self.text):
+            if not self._in_args:
+                m = _HEADER.search(self.text, self._pos)
+                if m is None:
+                    break
+                self.calls.append([m.group(1), ""])
+                out.append(CallDelta(len(self.calls) - 1, m.group(1), ""))
+                self._pos, self._in_args, self._depth = m.end(), True, 0
+                continue
+            start = self._pos
+            while self._pos < len(self.text) and self._in_args:
+                self._step(self.text[self._pos])
+                self._pos += 1
+            piece = self.text[start:self._pos]
+            self.calls[-1][1] += piece
+            if out and out[-1].index == len(self.calls) - 1:
+                out[-1].arguments += piece
+            else:
+                out.append(CallDelta(len(self.calls) - 1, None, piece))
+        return out
+
+    def _step(self, ch: str) -> None:
+        """Track JSON nesting of the arguments object, one character at a time."""
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+                self._in_args = self._depth > 0
+            return
+        if ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1
+            self._in_args = self._depth > 0

@@ -1,0 +1,200 @@
+"""What a request says its answer must be: ``response_format`` and ``tools`` -> a grammar.
+
+:func:`output_plan` checks those fields (every problem a 400 naming the field) and returns
+an :class:`OutputPlan`: the grammar the engine enforces and, for a tool turn, the tools
+the answer may call. :func:`chat_messages` turns OpenAI messages, including assistant
+``tool_calls`` and ``tool`` results, into the plain role/content list a chat template
+takes, with the tools described in the system prompt (:mod:`slmkit.engine.tools` owns
+that format). :class:`ToolCallReader` turns the generated text back into OpenAI
+``tool_calls``, whole or as stream deltas.
+
+What is refused (400): ``response_format`` together with tools the model may call (an
+answer is either a call or schema-bound text; say ``tool_choice: "none"`` to get the
+schema), schema keywords the grammar cannot enforce (named), tool names outside
+``[A-Za-z0-9_-]{1,64}`` or repeated, parameters that are not an object schema,
+``tool_choice`` or ``parallel_tool_calls`` without ``tools``, a named tool that is not
+in ``tools``, and a ``tool`` message whose ``tool_call_id`` no earlier call has.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+
+from slmkit.engine.grammar import Grammar, GrammarError, check
+from slmkit.engine.tools import (NAME_RE, CallDelta, Tool, ToolCallScanner, render_calls,
+                                 render_result, system_prompt, tool_grammar)
+from slmkit.serve.protocol import APIError, ChatRequest, CompletionRequest
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"Invalid '{param}': {message}.", param=param)
+
+
+@dataclass
+class OutputPlan:
+    """The grammar for a request's answer and, for a tool turn, the tools it may call."""
+
+    grammar: Grammar | None = None
+    tools: list[Tool] | None = None
+    required: bool = False
+
+
+def _checked(grammar: Grammar, param: str) -> Grammar:
+    try:
+        check(grammar)
+    except GrammarError as e:
+        raise APIError(400, f"Invalid '{param}': {e}", param=param,
+                       code="unsupported_schema") from None
+    return grammar
+
+
+def response_grammar(req: CompletionRequest | ChatRequest) -> Grammar | None:
+    """The grammar ``response_format`` asks for (None for text)."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        if rf is not None and rf.json_schema is not None:
+            raise _bad("response_format.json_schema", "only goes with type 'json_schema'")
+        return None
+    if rf.type == "json_object":
+        return Grammar.json_object()
+    spec = rf.json_schema
+    if spec is None:
+        raise _bad("response_format.json_schema", "type 'json_schema' needs a json_schema "
+                   "object with 'name' and 'schema'")
+    if not NAME_RE.match(spec.name):
+        raise _bad("response_format.json_schema.name", "use 1-64 letters, digits, '_' or '-'")
+    if spec.json_schema is None:
+        raise _bad("response_format.json_schema.schema", "give the JSON schema the answer "
+                   "must follow")
+    return _checked(Grammar.json_schema(spec.json_schema), "response_format.json_schema.schema")
+
+
+def _tools(req: ChatRequest) -> list[Tool]:
+    if not req.tools:
+        raise _bad("tools", "send at least one tool, or leave 'tools' out")
+    tools, seen = [], set()
+    for i, t in enumerate(req.tools):
+        f, param = t.function, f"tools.{i}.function"
+        if not NAME_RE.match(f.name):
+            raise _bad(f"{param}.name", "use 1-64 letters, digits, '_' or '-'")
+        if f.name in seen:
+            raise _bad(f"{param}.name", f"the tool '{f.name}' is listed twice")
+        seen.add(f.name)
+        parameters = f.parameters if f.parameters is not None else \
+            {"type": "object", "properties": {}}
+        if parameters.get("type", "object") != "object":
+            raise _bad(f"{param}.parameters", "a function's parameters must be an object "
+                       "schema ({\"type\": \"object\", \"properties\": {...}})")
+        parameters = {"type": "object", **parameters}
+        _checked(Grammar.json_schema(parameters), f"{param}.parameters")
+        tools.append(Tool(f.name, f.description or "", parameters))
+    return tools
+
+
+def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
+    """Check ``response_format``, ``tools``, ``tool_choice`` and ``parallel_tool_calls``.
+
+    Raises:
+        APIError: 400 naming the field that cannot be honoured.
+    """
+    grammar = response_grammar(req)
+    if not isinstance(req, ChatRequest) or req.tools is None:
+        if isinstance(req, ChatRequest):
+            for name in ("tool_choice", "parallel_tool_calls"):
+                if getattr(req, name) is not None:
+                    raise _bad(name, "it needs 'tools'")
+        return OutputPlan(grammar)
+    tools = _tools(req)
+    choice = req.tool_choice or "auto"
+    if choice == "none":
+        return OutputPlan(grammar)
+    if grammar is not None:
+        raise _bad("response_format", "a JSON response format cannot be combined with tools "
+                   "the model may call; send tool_choice 'none' for a JSON answer, or drop "
+                   "response_format")
+    required = choice != "auto"
+    if not isinstance(choice, str):
+        tools = [t for t in tools if t.name == choice.function.name]
+        if not tools:
+            raise _bad("tool_choice.function.name", f"'{choice.function.name}' is not one "
+                       "of the 'tools'")
+    # a named function is one call, as OpenAI's tool_choice {"type": "function", ...} means
+    parallel = req.parallel_tool_calls is not False and isinstance(choice, str)
+    return OutputPlan(_checked(tool_grammar(tools, required, parallel), "tools"), tools,
+                      required)
+
+
+def chat_messages(req: ChatRequest, plan: OutputPlan) -> list[dict[str, str]]:
+    """The conversation as ``[{"role", "content"}]`` for ``apply_chat_template``."""
+    names: dict[str, str] = {}  # tool call id -> function name
+    out = []
+    for i, m in enumerate(req.messages):
+        role, text = ("system" if m.role == "developer" else m.role), m.text()
+        if m.tool_calls and m.role != "assistant":
+            raise _bad(f"messages.{i}.tool_calls", "only assistant messages carry tool calls")
+        if m.tool_calls:
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except json.JSONDecodeError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise _bad(f"messages.{i}.tool_calls.{j}.function.arguments",
+                               "must be a JSON object in a string")
+                names[call.id] = call.function.name
+                calls.append((call.function.name, arguments))
+            text = (text + "\n" if text else "") + render_calls(calls)
+        if m.role == "tool":
+            if m.tool_call_id not in names:
+                raise _bad(f"messages.{i}.tool_call_id", "a tool message must answer a call "
+                           "of an earlier assistant message (give that call's id)")
+            role, text = "user", render_result(names[m.tool_call_id], m.tool_call_id, text)
+        out.append({"role": role, "content": text})
+    if plan.tools:
+        prompt = system_prompt(plan.tools, plan.required)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+class ToolCallReader:
+    """Generated text -> OpenAI ``tool_calls`` (for a turn whose plan has tools).
+
+    A turn is a call when its text starts with ``{`` (the grammar allows plain text only
+    when it starts otherwise). :meth:`feed` returns ``(content_delta, tool_call_deltas)``
+    where each tool-call delta is already in OpenAI's streaming shape.
+    """
+
+    def __init__(self):
+        self.scanner = ToolCallScanner()
+        self.is_call: bool | None = None
+        self.ids: list[str] = []
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        if self.is_call is None and text:
+            self.is_call = text.startswith("{")
+        if not self.is_call:
+            return text, []
+        return "", [self._delta(d) for d in self.scanner.feed(text)]
+
+    def _delta(self, d: CallDelta) -> dict:
+        if d.name is None:
+            return {"index": d.index, "function": {"arguments": d.arguments}}
+        self.ids.append(f"call_{secrets.token_hex(12)}")
+        return {"index": d.index, "id": self.ids[d.index], "type": "function",
+                "function": {"name": d.name, "arguments": d.arguments}}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.is_call) and self.scanner.complete
+
+    def tool_calls(self) -> list[dict]:
+        """Every call read so far, in the non-streaming ``message.tool_calls`` shape."""
+        return [{"id": self.ids[i], "type": "function",
+                 "function": {"name": name, "arguments": arguments}}
+                for i, (name, arguments) in enumerate(self.scanner.calls)]
