@@ -6,7 +6,9 @@ Routes:
 * ``GET /health`` -- liveness plus queue state (no auth, for probes);
 * ``GET /metrics`` -- Prometheus text (:mod:`slmkit.serve.metrics`);
 * ``GET /v1/models``, ``GET /v1/models/{id}``;
-* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`slmkit.serve.service`).
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`slmkit.serve.service`);
+* ``POST /v1/embeddings`` -- mean-pooled hidden states of the served model
+  (:mod:`slmkit.serve.embeddings`).
 
 :class:`Gate` is a plain ASGI middleware in front of everything: it gives each request an
 id (``X-Request-Id``), checks ``Authorization: Bearer`` for ``/v1/*`` and ``/metrics`` when
@@ -36,9 +38,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from slmkit.serve.config import ServeConfig
+from slmkit.serve.embeddings import Embedder
 from slmkit.serve.metrics import Metrics
-from slmkit.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body,
-                                   parse_request)
+from slmkit.serve.protocol import (APIError, ChatRequest, CompletionRequest, EmbeddingRequest,
+                                   error_body, parse_request)
 from slmkit.serve.service import CLIENT_CLOSED, GenerationService
 from slmkit.serve.structured import output_plan
 
@@ -46,7 +49,7 @@ log = logging.getLogger("slmkit.serve.access")
 
 #: Paths reported by name in metrics; anything else is "other" (bounded label values).
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions",
-             "/v1/chat/completions")
+             "/v1/chat/completions", "/v1/embeddings")
 
 
 def needs_auth(path: str) -> bool:
@@ -155,6 +158,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     metrics = Metrics()
     service = GenerationService(model, tokenizer, config, metrics)
+    embedder = Embedder(model, tokenizer, service.max_prompt)
     page = chat_page()
     created = int(time.time())
 
@@ -181,7 +185,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = (f"No route {request.method} {request.url.path}; see /v1/models, "
-                   "/v1/completions and /v1/chat/completions.") if exc.status_code in (404, 405) \
+                   "/v1/completions, /v1/chat/completions and /v1/embeddings.") if exc.status_code in (404, 405) \
             else str(exc.detail)
         return JSONResponse(error_body(message), status_code=exc.status_code)
 
@@ -237,6 +241,16 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = [m.model_dump() for m in req.messages]
         return await service.run(request, req, ids, params, plan)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        req = parse_request(await request.body(), EmbeddingRequest)
+        service.check_model(req.model)
+        if config.log_prompts:
+            request.scope["slmkit"]["prompt"] = req.input
+        body = await embedder.respond(req, req.model)
+        request.scope["slmkit"]["prompt_tokens"] = body["usage"]["prompt_tokens"]
+        return JSONResponse(body)
 
     app.add_middleware(Gate, config=config, metrics=metrics)
     if config.cors_origins:  # outermost, so that 401s and 429s carry CORS headers too
