@@ -75,6 +75,9 @@ STEP_KINDS: dict[str, StepKind] = {
     "import": StepKind("slmkit.models.gguf_import:ImportConfig",
                        "slmkit.models.gguf_import:run_import",
                        "a GGUF file (or a built-in model) as a Hugging Face model dir"),
+    "federate": StepKind("slmkit.federated.config:FederateConfig",
+                         "slmkit.federated.launch:run_federate",
+                         "federated LoRA / QLoRA fine-tuning on Flower"),
 }
 
 #: Step kinds the recipe format reserves for verbs that a later slmkit version adds.
