@@ -138,15 +138,18 @@ def test_ollama_modelfile(llama_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- quantized models
 
-@pytest.mark.parametrize("bits,sym,qtype", [(4, True, "q4_0"), (4, False, "q4_1"),
-                                            (8, True, "q8_0")])
-def test_quantized_model_blocks_carry_the_calibrated_weights(bits, sym, qtype, llama_dir,
+@pytest.mark.parametrize("bits,sym,group,qtype", [
+    (4, True, 32, "q4_0"), (4, False, 32, "q4_1"), (8, True, 32, "q8_0"),
+    (4, True, 64, "q4_0"), (4, False, 64, "q4_1"), (8, True, -1, "q8_0"), (4, True, -1, "q4_0")])
+def test_quantized_model_blocks_carry_the_calibrated_weights(bits, sym, group, qtype, llama_dir,
                                                              tmp_path):
+    """Groups of 32, of a multiple of 32 (each 32-column block repeats its group's scale)
+    and per channel all map onto GGML blocks exactly."""
     from slmkit.compress.quantize import make_config, quantize_model
     from slmkit.models import load_model, save_model
 
     model, tok = load_model(llama_dir)
-    quantize_model(model, tok, make_config(method="rtn", bits=bits, group_size=32, sym=sym))
+    quantize_model(model, tok, make_config(method="rtn", bits=bits, group_size=group, sym=sym))
     qdir = save_model(model, tok, tmp_path / "q", step="quantize")
     out = tmp_path / "q.gguf"
     res = export_gguf(str(qdir), out)
@@ -169,9 +172,9 @@ def test_quantized_scheme_that_cannot_map_is_refused(llama_dir, tmp_path):
     from slmkit.models import load_model, save_model
 
     model, tok = load_model(llama_dir)
-    quantize_model(model, tok, make_config(method="rtn", bits=4, group_size=64, sym=True))
+    quantize_model(model, tok, make_config(method="rtn", bits=3, group_size=64, sym=True))
     qdir = save_model(model, tok, tmp_path / "q64", step="quantize")
-    with pytest.raises(ConfigError, match="--group-size 32"):
+    with pytest.raises(ConfigError, match="3-bit symmetric, group size 64.*--bits 4"):
         export_gguf(str(qdir), tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
