@@ -37,12 +37,6 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, inp // g, g)
 
 
-def _ungroup_params(p: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """Per-group ``[out, G]`` -> per-column ``[out, in]`` (repeat each group's value)."""
-    g = in_features if group_size == -1 else group_size
-    return p.repeat_interleave(g, dim=1)
-
-
 def compute_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool,
                     clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each group, from the group's range.
@@ -83,18 +77,17 @@ def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                    group_size: int) -> torch.Tensor:
     """Round-to-nearest codes ``[out, in]`` (uint8) of ``w`` on a given grid."""
-    s = _ungroup_params(scale, w.shape[1], group_size)        # [out, in]
-    z = _ungroup_params(zero, w.shape[1], group_size)
-    q = torch.round(w.float() / s) + z
-    return q.clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    wg = _grouped(w.float(), group_size)                      # [out, G, g]
+    q = torch.round(wg / scale[..., None]) + zero[..., None]
+    return q.clamp_(0, 2 ** bits - 1).to(torch.uint8).reshape(w.shape)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                      group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Ŵ = (q - zero) · scale`` as a dense ``[out, in]`` tensor of ``dtype``."""
-    s = _ungroup_params(scale.float(), q.shape[1], group_size)
-    z = _ungroup_params(zero.float(), q.shape[1], group_size)
-    return ((q.float() - z) * s).to(dtype)
+    qg = _grouped(q.float(), group_size)                      # [out, G, g]
+    w = (qg - zero.float()[..., None]) * scale.float()[..., None]
+    return w.reshape(q.shape).to(dtype)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool,

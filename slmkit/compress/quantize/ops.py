@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from slmkit.errors import ConfigError
-from slmkit.nn.packing import dequantize_codes, quantize_rtn
+from slmkit.nn.packing import _grouped, compute_qparams
 
 SUPPORTED_BITS = (3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
@@ -53,6 +53,10 @@ def _divisor_hint(n: int) -> str:
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool,
                   clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """``dequantize(quantize_rtn(w))`` in ``w``'s dtype: the weight the model will see."""
-    q, scale, zero = quantize_rtn(w, bits, group_size, sym, clip)
-    return dequantize_codes(q, scale, zero, group_size, w.dtype)
+    """``dequantize(quantize_rtn(w))`` in ``w``'s dtype: the weight the model will see
+    (the same arithmetic, without materialising the uint8 codes)."""
+    scale, zero = compute_qparams(w, bits, group_size, sym, clip)
+    wg = _grouped(w.float(), group_size)                      # [out, G, g]
+    s, z = scale[..., None], zero[..., None]
+    q = (torch.round(wg / s) + z).clamp_(0, 2 ** bits - 1)
+    return ((q - z) * s).reshape(w.shape).to(w.dtype)
