@@ -153,6 +153,9 @@ def test_prompt_describes_tools_and_replays_calls():
                 "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "3 degrees"}]})
     messages = chat_messages(req, output_plan(req))
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[3]["content"] == "get_weather: 3 degrees"
+    messages = chat_messages(req, output_plan(req), tool_role=False)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("Be brief.\n\nYou can call these tools:")
     assert '"name": "get_weather"' in messages[0]["content"]

@@ -14,8 +14,11 @@ describes them in the system prompt and lets a grammar hold the model to one ans
 * ``tool_choice="auto"``: a union grammar, *plain text* (which may not start with ``{``)
   **or** the call object; the model's first token decides;
 * history: an assistant turn that called tools is replayed as that same JSON, and a
-  ``tool`` message becomes a user turn ``Result of <name> (<call id>): <content>``, which
-  every chat template accepts.
+  ``tool`` message stays a ``tool`` turn reading ``<name>: <content>`` when the template
+  shows that role (SmolLM2's prints any role; Qwen's and Llama's know ``tool``), else it
+  becomes a user turn ``Result of <name> (<call id>): <content>``. With SmolLM2-135M the
+  ``tool`` turn is what makes the model answer from the result; as a user turn it called
+  the same tool again.
 
 :class:`ToolCallScanner` reads the generated text incrementally (the grammar fixes the
 layout: ``", "`` and ``": "`` separators, ``name`` before ``arguments``), so a server can
@@ -87,9 +90,10 @@ def render_calls(calls: list[tuple[str, dict]]) -> str:
                       ensure_ascii=False, separators=(", ", ": "))
 
 
-def render_result(name: str, call_id: str, content: str) -> str:
-    """A tool's result as the user-turn text the model reads."""
-    return f"Result of {name} ({call_id}): {content}"
+def render_result(name: str, call_id: str, content: str, own_role: bool = True) -> str:
+    """A tool's result as the model reads it: ``name: content`` in a ``tool`` turn, or a
+    user turn that names the call when the chat template cannot show a ``tool`` role."""
+    return f"{name}: {content}" if own_role else f"Result of {name} ({call_id}): {content}"
 
 
 _HEADER = re.compile(r'\{"name": "([A-Za-z0-9_-]+)", "arguments": ')

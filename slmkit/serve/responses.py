@@ -89,7 +89,7 @@ def chat_response(rid: str, created: int, model: str, text: str, finish: str,
                   tool_calls: list[dict] | None = None) -> dict[str, Any]:
     """A non-streaming ``chat.completion`` (``tool_calls``: the message calls tools and
     has no text content)."""
-    message = {"role": "assistant", "content": text} if not tool_calls else \
+    message = {"role": "assistant", "content": text} if tool_calls is None else \
         {"role": "assistant", "content": None, "tool_calls": tool_calls}
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message,

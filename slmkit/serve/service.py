@@ -130,6 +130,8 @@ class GenerationService:
             raise APIError(400, "Invalid 'messages': send at least one message.",
                            param="messages")
         messages = chat_messages(req, plan or OutputPlan())
+        if any(m["role"] == "tool" for m in messages) and not self._renders_tool_role(messages):
+            messages = chat_messages(req, plan or OutputPlan(), tool_role=False)
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                      tokenize=True)
@@ -139,6 +141,15 @@ class GenerationService:
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return self._check_prompt([int(t) for t in ids], "messages")
+
+    def _renders_tool_role(self, messages: list[dict]) -> bool:
+        """Whether the chat template shows ``tool`` messages (else they go as user turns)."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception:  # a template that raises on roles it does not know
+            return False
+        return all(m["content"] in text for m in messages if m["role"] == "tool")
 
     def sampling(self, req: CompletionRequest | ChatRequest,
                  plan: OutputPlan | None = None) -> SamplingParams:
@@ -291,9 +302,9 @@ class GenerationService:
             if tools:
                 reader = ToolCallReader()
                 reader.feed(c.text)
-                if reader.complete:
-                    calls = reader.tool_calls()
-                    finish = "tool_calls" if finish == "stop" else finish
+                calls = reader.tool_calls() if reader.is_call else None
+                if reader.complete and finish == "stop":
+                    finish = "tool_calls"
             body = R.chat_response(rid, created, req.model, c.text, finish, lp, use, calls)
         else:
             lp = self.logprobs.completion_block(entries, 0) if params.logprobs else None

@@ -126,8 +126,12 @@ def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
                       required)
 
 
-def chat_messages(req: ChatRequest, plan: OutputPlan) -> list[dict[str, str]]:
-    """The conversation as ``[{"role", "content"}]`` for ``apply_chat_template``."""
+def chat_messages(req: ChatRequest, plan: OutputPlan,
+                  tool_role: bool = True) -> list[dict[str, str]]:
+    """The conversation as ``[{"role", "content"}]`` for ``apply_chat_template``.
+
+    ``tool_role``: keep ``tool`` messages in their own role (for templates that render
+    it); False turns them into user turns that name the call."""
     names: dict[str, str] = {}  # tool call id -> function name
     out = []
     for i, m in enumerate(req.messages):
@@ -151,7 +155,8 @@ def chat_messages(req: ChatRequest, plan: OutputPlan) -> list[dict[str, str]]:
             if m.tool_call_id not in names:
                 raise _bad(f"messages.{i}.tool_call_id", "a tool message must answer a call "
                            "of an earlier assistant message (give that call's id)")
-            role, text = "user", render_result(names[m.tool_call_id], m.tool_call_id, text)
+            role, text = ("tool" if tool_role else "user"), \
+                render_result(names[m.tool_call_id], m.tool_call_id, text, tool_role)
         out.append({"role": role, "content": text})
     if plan.tools:
         prompt = system_prompt(plan.tools, plan.required)
@@ -191,10 +196,13 @@ class ToolCallReader:
 
     @property
     def complete(self) -> bool:
+        """The text is a call object whose every call has closed its arguments."""
         return bool(self.is_call) and self.scanner.complete
 
     def tool_calls(self) -> list[dict]:
-        """Every call read so far, in the non-streaming ``message.tool_calls`` shape."""
+        """The calls whose arguments closed, in the non-streaming ``message.tool_calls``
+        shape (a call cut off by ``max_tokens`` is left out)."""
+        done = self.scanner.calls if self.scanner.complete else self.scanner.calls[:-1]
         return [{"id": self.ids[i], "type": "function",
                  "function": {"name": name, "arguments": arguments}}
-                for i, (name, arguments) in enumerate(self.scanner.calls)]
+                for i, (name, arguments) in enumerate(done)]

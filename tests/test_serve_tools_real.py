@@ -1,0 +1,106 @@
+"""Agents against ``slm serve builtin:smollm2-135m``: the official client's tool loop,
+streamed tool calls, JSON-schema answers and embeddings, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+
+from tests.test_serve_cli import ServeProcess
+
+openai = pytest.importorskip("openai")
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"]}
+TOOLS = [{"type": "function", "function": {
+             "name": "get_weather", "description": "Current weather in a city.",
+             "parameters": WEATHER}},
+         {"type": "function", "function": {
+             "name": "add", "description": "Add two numbers.",
+             "parameters": {"type": "object", "properties": {"a": {"type": "number"},
+                                                             "b": {"type": "number"}},
+                            "required": ["a", "b"]}}}]
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+                                      "price": {"type": "number", "minimum": 0,
+                                                "maximum": 1000}},
+     "required": ["sku", "price"], "additionalProperties": False},
+]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    server = ServeProcess(tmp_path_factory.mktemp("serve"), "builtin:smollm2-135m",
+                          "--name", "smol", "--max-concurrency", "2")
+    try:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                            timeout=120)
+    finally:
+        assert server.stop() == 0
+
+
+def test_openai_tool_loop_completes(client):
+    """Call the tool, hand its result back, get a plain-text answer that uses it."""
+    messages = [{"role": "user", "content": "What is the weather in Paris in celsius?"}]
+    r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
+                                       tool_choice="required", temperature=0, max_tokens=60,
+                                       parallel_tool_calls=False)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and "Paris" in args["city"]
+    jsonschema.validate(args, WEATHER)
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id,
+                  "content": json.dumps({"temperature": 18, "sky": "sunny"})}]
+    r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
+                                       temperature=0, max_tokens=40)
+    answer = r.choices[0].message
+    assert answer.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    assert "18" in answer.content or "sunny" in answer.content.lower()
+
+
+def test_streamed_tool_call(client):
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(
+            model="smol", stream=True, temperature=0, max_tokens=60, tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "add"}},
+            messages=[{"role": "user", "content": "What is 12 plus 30?"}]):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            calls.setdefault(d.index, {"name": d.function.name, "arguments": ""})
+            calls[d.index]["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [c["name"] for c in calls.values()] == ["add"]
+    args = json.loads(calls[0]["arguments"])
+    assert {args["a"], args["b"]} == {12, 30}
+
+
+def test_json_schema_answers_validate(client):
+    prompts = ["Describe a person.", "Describe a product."]
+    for schema, prompt in zip(SCHEMAS, prompts):
+        r = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": prompt}], temperature=0,
+            max_tokens=120, response_format={"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_embeddings_put_paraphrases_closest(client):
+    texts = ["The cat sat on the mat.", "A kitten is sleeping on the rug.",
+             "Stock markets fell sharply on Monday.", "Shares dropped as investors panicked.",
+             "How do I bake bread?", "Recipe for a simple loaf of bread"]
+    out = client.embeddings.create(model="smol", input=texts)
+    vectors = np.array([d.embedding for d in out.data])
+    assert vectors.shape == (6, 576)
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -1)
+    assert similarity.argmax(1).tolist() == [1, 0, 3, 2, 5, 4]
