@@ -24,6 +24,16 @@ __all__ = ["build_adapted", "lora_layers", "get_factors", "set_factors", "attach
 
 _PEFT_PREFIX = "base_model.model."
 
+#: Models loaded ahead of time by a warm process (slmkit.federated.warm), by reference.
+_PRELOADED: dict[str, tuple] = {}
+
+
+def preload(ref: str) -> None:
+    """Load ``ref`` now; the next :func:`build_adapted` of it (in a forked child) takes it."""
+    from slmkit.models import load_model
+
+    _PRELOADED[str(ref)] = load_model(ref, dtype="fp32")
+
 
 def build_adapted(cfg: FederateConfig, model_ref: str | None = None):
     """Load the base (fp32), quantize it for QLoRA, wrap the targets with LoRA, seeded.
@@ -37,7 +47,7 @@ def build_adapted(cfg: FederateConfig, model_ref: str | None = None):
     from slmkit.train.lora import apply_lora, apply_qlora
 
     ref = model_ref or cfg.model
-    model, tok = load_model(ref, dtype="fp32")
+    model, tok = _PRELOADED.pop(str(ref), None) or load_model(ref, dtype="fp32")
     torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
         model = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)

@@ -50,6 +50,9 @@ def train(msg: Message, context: Context) -> Message:
     from slmkit.federated.local import load_examples, train_round
     from slmkit.federated.server import unpack_residual
 
+    import time
+
+    t0 = time.perf_counter()
     cfg = _config(context)
     name = client_name(context.node_config)
     cfg.apply_threads()
@@ -75,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": len(examples), "unit-weight": 1,
                             "train-loss": stats["train_loss"], "seconds": stats["seconds"],
                             "tokens": stats["tokens"], "upload-bytes": arrays.count_bytes(),
+                            "handler-seconds": time.perf_counter() - t0,
                             "peak-rss-mb": _peak_rss_mb()})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics,
                                "client": ConfigRecord({"name": name})}), reply_to=msg)

@@ -86,42 +86,61 @@ class LocalFederation:
         threads: ``OMP_NUM_THREADS`` of every process.
     """
 
-    def __init__(self, clients: list[tuple[str, str]], home: Path, threads: int):
-        self.clients, self.home, self.threads = clients, home, threads
+    def __init__(self, clients: list[tuple[str, str]], home: Path, threads: int,
+                 preload: str | None = None):
+        self.clients, self.home, self.threads, self.preload = clients, home, threads, preload
         self.procs: list[subprocess.Popen] = []
         self.port = _free_port()
         self.peak_rss = 0
         self._stop = threading.Event()
 
     def env(self) -> dict[str, str]:
-        return {**_flower_env(self.home), "OMP_NUM_THREADS": str(self.threads)}
+        return {**_flower_env(self.home), "OMP_NUM_THREADS": str(self.threads),
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], name: str, env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
         logf = open(self.home / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=self.env(),
+        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+                                env={**self.env(), **(env or {})},
                                 start_new_session=True, stdin=subprocess.DEVNULL)
         logf.close()
         self.procs.append(proc)
         return proc
 
-    def start_superlink(self) -> str:
+    def start_superlink(self, env: dict[str, str] | None = None) -> str:
         link = self._spawn([flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                             "--port", str(self.port),
-                            "--disable-runtime-dependency-installation"], "superlink")
+                            "--disable-runtime-dependency-installation"], "superlink", env)
         _wait_port(self.port, link, self.home / "superlink.log")
         return f"127.0.0.1:{self.port}"
 
-    def start_supernode(self, name: str, data: str, address: str) -> subprocess.Popen:
+    def start_warm(self) -> dict[str, str]:
+        """The warm ``flwr-clientapp`` (slmkit.federated.warm) the SuperNodes fork tasks
+        from; returns the environment that points them at it."""
+        from slmkit.federated.warm import SOCKET_ENV, install_shim
+
+        sock = str(self.home / "warm.sock")
+        shim_dir = self.home / "shim-bin"
+        install_shim(shim_dir)
+        self._spawn([sys.executable, "-m", "slmkit.federated.warm", sock,
+                     *([self.preload] if self.preload else [])], "warm-clientapp")
+        return {SOCKET_ENV: sock,
+                "PATH": str(shim_dir) + os.pathsep + self.env()["PATH"]}
+
+    def start_supernode(self, name: str, data: str, address: str,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
         """One SuperNode, the way a client machine starts it (``flower-supernode``)."""
         node_config = f"name={_toml_str(name)} data={_toml_str(data)}"
         return self._spawn([flower_bin("flower-supernode"), "--insecure", "--superlink",
                             address, "--host", "127.0.0.1", "--port", str(_free_port()),
-                            "--node-config", node_config], f"supernode-{name}")
+                            "--node-config", node_config], f"supernode-{name}", env)
 
     def __enter__(self) -> "LocalFederation":
-        address = self.start_superlink()
+        warm = self.start_warm()
+        address = self.start_superlink(warm)
         for name, data in self.clients:
-            self.start_supernode(name, data, address)
+            self.start_supernode(name, data, address, warm)
         threading.Thread(target=self._sample_memory, daemon=True).start()
         return self
 
@@ -225,9 +244,14 @@ def run_federate(cfg: FederateConfig) -> StepResult:
     out, ck_root = prepare_out(cfg)
     resolve_ref(cfg.model)                     # a built-in is imported once, here
     updates: dict = {"out": str(out.resolve())}
+    for field in ("model", "eval_data"):           # processes elsewhere see the same files
+        value = getattr(cfg, field)
+        if value and Path(value).expanduser().exists():
+            updates[field] = str(Path(value).expanduser().resolve())
     clients: list[tuple[str, str]] = []
     if cfg.clients:
-        clients = client_specs(cfg.clients, ck_root, cfg.max_samples)
+        clients = [(n, str(Path(d).expanduser().resolve()) if Path(d).expanduser().exists()
+                     else d) for n, d in client_specs(cfg.clients, ck_root, cfg.max_samples)]
         if cfg.template == "auto" and any(c.startswith("split:") for c in cfg.clients):
             updates["template"] = "plain"                     # raw-code prompts
         updates["threads"] = cfg.threads or max(1, (os.cpu_count() or 1) // len(clients))
@@ -242,7 +266,8 @@ def run_federate(cfg: FederateConfig) -> StepResult:
         app, home = work / "app", work / "home"
         home.mkdir()
         if clients:
-            fed = LocalFederation(clients, home, cfg.threads or 1)
+            fed = LocalFederation(clients, home, cfg.threads or 1,
+                                  preload=cfg.model)
             fed.__enter__()
             address = f"127.0.0.1:{fed.port}"
         else:

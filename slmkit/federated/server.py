@@ -252,6 +252,10 @@ def run_rounds(grid: Grid, cfg: FederateConfig) -> dict[str, Any]:
                   "train_loss": float(metrics["train-loss"]) if metrics else None,
                   "upload_bytes_per_client": int(valid[0].content["metrics"]["upload-bytes"]),
                   "download_bytes_per_client": int(down),
+                  "client_seconds": max(float(m.content["metrics"]["handler-seconds"])
+                                        for m in valid),
+                  "client_train_seconds": max(float(m.content["metrics"]["seconds"])
+                                              for m in valid),
                   "client_peak_rss_mb": max(float(m.content["metrics"]["peak-rss-mb"])
                                             for m in valid),
                   "residual_rank": max((U.shape[1] for U, _ in residual.values()), default=0)}
