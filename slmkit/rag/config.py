@@ -1,0 +1,158 @@
+"""Options of ``slm rag index | query | ask | eval``: one pydantic config per verb.
+
+Light to import (pydantic only): the CLI builds its flags from these classes. Shared
+blocks have one owner: :class:`SearchOptions` (how chunks are retrieved) is part of
+``query``, ``ask`` and ``eval``; :class:`AnswerOptions` (how the model answers) of ``ask``
+and ``eval``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slmkit.step import StepConfig, cli
+
+#: The built-in answering model.
+DEFAULT_MODEL = "builtin:smollm2-135m"
+Mode = Literal["hybrid", "bm25", "dense"]
+
+
+def _embedder(v: str) -> str:
+    from slmkit.rag.embed import check_embedder_name
+
+    return check_embedder_name(v)
+
+
+class IndexConfig(StepConfig):
+    """Options of ``slm rag index``."""
+
+    docs: list[str] = Field(description="Files, folders or globs to index: text, Markdown, "
+                            "HTML, reStructuredText, Python, PDF.",
+                            json_schema_extra=cli(argument=True))
+    out: str = Field(description="The index directory (updated in place when it exists: only "
+                     "added, edited and deleted files are processed).",
+                     json_schema_extra=cli(short="-o"))
+    overwrite: bool = Field(default=False, description="Rebuild the index from scratch (also "
+                            "replaces a directory that is not an index).")
+    chunk_chars: int = Field(default=1000, ge=100, le=20000, description="Chunk size cap in "
+                             "characters (chunks follow headings, paragraphs, functions).")
+    overlap: int = Field(default=150, ge=0, description="Characters of whole lines or "
+                         "paragraphs repeated at the start of the next chunk.")
+    embedder: str = Field(default="minilm", description="Embedding model: 'minilm' "
+                          "(all-MiniLM-L6-v2, offline) or 'lm:MODEL' (a causal LM's pooled "
+                          "hidden states).")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Chunks per embedding "
+                            "batch.")
+
+    @field_validator("embedder")
+    @classmethod
+    def _check_embedder(cls, v: str) -> str:
+        return _embedder(v)
+
+    @field_validator("docs")
+    @classmethod
+    def _some_docs(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one file or folder to index")
+        return v
+
+    @model_validator(mode="after")
+    def _overlap_below_cap(self):
+        if self.overlap >= self.chunk_chars:
+            raise ValueError(f"--overlap {self.overlap} must be smaller than --chunk-chars "
+                             f"{self.chunk_chars}")
+        return self
+
+
+class SearchOptions(BaseModel):
+    """How chunks are retrieved: BM25, dense vectors, or both fused by reciprocal rank."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str = Field(description="An index made by `slm rag index`.",
+                       json_schema_extra=cli(argument=True))
+    k: int = Field(default=5, ge=1, le=100, description="Chunks to return.",
+                   json_schema_extra=cli(short="-k"))
+    mode: Mode = Field(default="hybrid", description="hybrid (BM25 + dense, reciprocal rank "
+                       "fusion), bm25 or dense.")
+    candidates: int = Field(default=50, ge=1, le=1000, description="Candidates each "
+                            "retriever passes to the fusion.")
+    rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant "
+                       "(Cormack et al. 2009).")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads (default: "
+                                "torch's, one per physical core).")
+
+
+class QueryConfig(SearchOptions):
+    """Options of ``slm rag query``."""
+
+    query: str = Field(description="What to search for.", json_schema_extra=cli(argument=True))
+
+
+class AnswerOptions(BaseModel):
+    """How the model answers from the retrieved chunks."""
+
+    model: str = Field(default=DEFAULT_MODEL, description="The answering model (dir, hub id, "
+                       ".gguf or builtin name).", json_schema_extra=cli(short="-m"))
+    context_chunks: int = Field(default=3, ge=1, le=20, description="Retrieved chunks put "
+                                "in the prompt as numbered sources.")
+    max_tokens: int = Field(default=64, ge=1, le=2048, description="Answer tokens at most.",
+                            json_schema_extra=cli(short="-n"))
+    min_score: float = Field(default=0.5, ge=-1, le=1, description="Abstain (\"I don't "
+                             "know\") when the best source's cosine similarity to the question "
+                             "is below this (dense score of the embedding model).")
+    dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="fp32 or bf16.")
+
+
+class AskConfig(AnswerOptions, SearchOptions):
+    """Options of ``slm rag ask``."""
+
+    question: str = Field(description="The question.", json_schema_extra=cli(argument=True))
+    k: int = Field(default=3, ge=1, le=100, description="Chunks to retrieve (the first "
+                   "--context-chunks go in the prompt).", json_schema_extra=cli(short="-k"))
+
+
+class EvalConfig(AnswerOptions, SearchOptions):
+    """Options of ``slm rag eval``."""
+
+    index: str | None = Field(default=None, description="Index to evaluate (omit for the "
+                              "built-in stdlib set, indexed into the cache).",
+                              json_schema_extra=cli(argument=True))
+    questions: str | None = Field(default=None, description="JSONL of questions: question, "
+                                  "answer (null: not in the documents), sources "
+                                  "(['path' or 'path:START-END', ...]).")
+    limit: int | None = Field(default=None, ge=1, description="Evaluate at most this many "
+                              "questions (the first ones).")
+    answers: bool = Field(default=True, description="Also answer with the model, with and "
+                          "without retrieval (slow: one generation per question each).")
+    k: int = Field(default=10, ge=1, le=100, description="Chunks retrieved per question "
+                   "(recall@5 and nDCG@10 need 10).", json_schema_extra=cli(short="-k"))
+    modes: list[Mode] = Field(default_factory=lambda: ["bm25", "dense", "hybrid"],
+                              description="Retrieval modes to compare (repeatable).")
+    out: str | None = Field(default=None, description="Write results.json and answers.jsonl "
+                            "into this directory.", json_schema_extra=cli(short="-o"))
+    overwrite: bool = Field(default=False, description="Replace --out if it exists.")
+
+    @model_validator(mode="after")
+    def _questions_need_index(self):
+        if self.index and not self.questions:
+            raise ValueError("an INDEX needs --questions FILE (the built-in set runs on its "
+                             "own index; omit INDEX to use it)")
+        if self.questions and not self.index:
+            raise ValueError("--questions needs the INDEX they are about")
+        return self
+
+
+#: ``slm rag VERB``: (config, "module:run function", help). The CLI registers these.
+RAG_VERBS = {
+    "index": (IndexConfig, "slmkit.rag.index:run_index", "Index documents (text, Markdown, "
+              "HTML, reST, Python, PDF) for retrieval; re-run to update what changed."),
+    "query": (QueryConfig, "slmkit.rag.api:run_query", "Retrieve the chunks that best match "
+              "a query (BM25, dense or hybrid)."),
+    "ask": (AskConfig, "slmkit.rag.api:run_ask", "Answer a question from an index with "
+            "cited sources, or say it does not know."),
+    "eval": (EvalConfig, "slmkit.rag.evaluate:run_eval", "Measure retrieval (recall@5, "
+             "nDCG@10, MRR) and answers (with vs without RAG, citations, abstention)."),
+}
