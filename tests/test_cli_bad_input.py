@@ -30,6 +30,7 @@ def base_args(verb: str, model: str, tok: str, out: str) -> list[str]:
         "finetune": ["finetune", model, "--data", "stdlib-docstring", "--max-steps", "1",
                      "--out", out],
         "augment": ["augment", model, "--data", "stdlib-docstring", "--out", out],
+        "federate": ["federate", model, "--clients", "stdlib-docstring", "--out", out],
         "quantize": ["quantize", model, "--out", out],
         "prune": ["prune", model, "--out", out],
         "factorize": ["factorize", model, "--out", out],
