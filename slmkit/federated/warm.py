@@ -150,5 +150,19 @@ def _reap() -> None:
         pass
 
 
+def main(argv: list[str]) -> None:
+    """``python -m slmkit.federated.warm SOCKET [MODEL]``: write the shims beside the socket
+    (``SOCKET.bin/``), print the two variables a SuperNode started after it needs, serve."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m slmkit.federated.warm SOCKET [MODEL]\n"
+              "Serve warm Flower app processes; start flower-supernode with the printed "
+              "environment.")
+        return
+    sock = str(Path(argv[0]).expanduser().resolve())
+    shims = install_shim(Path(sock + ".bin"))
+    print(f"export {SOCKET_ENV}={sock} PATH={shims}:$PATH", flush=True)
+    serve(sock, argv[1] if len(argv) > 1 else None)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    main(sys.argv[1:])
