@@ -238,3 +238,52 @@ def test_load_examples_names_the_file(llama_dir, tmp_path):
     with pytest.raises(DataError, match="missing.jsonl"):
         load_examples(_cfg(llama_dir), str(tmp_path / "missing.jsonl"),
                       load_tokenizer(llama_dir))
+
+
+def test_qlora_adapter_residual_and_merge(llama_dir):
+    """QLoRA parties: the adapter over the 4-bit base travels the same way, and the merged
+    dense model (dequantized base + update + residual) computes what the wrapped one does."""
+    from slmkit.federated.adapters import (attach_residual, build_adapted, get_factors,
+                                           lora_layers, merge_dense, set_factors)
+
+    cfg = _cfg(llama_dir, method="qlora")
+    model, _ = build_adapted(cfg)
+    start = get_factors(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert start and trainable and all("lora_" in n for n in trainable)
+    g = torch.Generator().manual_seed(1)
+    set_factors(model, {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in start.items()})
+    key, mod = next(iter(lora_layers(model).items()))
+    residual = {key: (0.05 * torch.randn(mod.base_layer.out_features, 2, generator=g),
+                      0.05 * torch.randn(2, mod.base_layer.in_features, generator=g))}
+    x = torch.randint(0, 100, (1, 9))
+    attach_residual(model, residual)
+    from slmkit.nn.quant_linear import set_kernel_mode
+
+    set_kernel_mode("dequant")                 # the int4 kernel's own rounding aside
+    try:
+        with torch.no_grad():
+            wrapped = model(input_ids=x).logits
+    finally:
+        set_kernel_mode("auto")
+    with torch.no_grad():
+        merged = merge_dense(model, cfg, residual)
+        assert not any(type(m).__name__ in ("QuantLinear", "QLoRALinear")
+                       for m in merged.modules())
+        assert torch.allclose(merged(input_ids=x).logits, wrapped, atol=1e-4)
+
+
+def test_checkpoints_keep_the_last_two_rounds_and_resume_from_the_latest(tmp_path):
+    from slmkit.federated.server import _Checkpoints
+
+    ck = _Checkpoints(tmp_path)
+    f = {"l::A": torch.ones(2, 3), "l::B": torch.zeros(4, 2)}
+    for rnd in (1, 2, 3):
+        ck.save(rnd, {k: v * rnd for k, v in f.items()},
+                {"l": (torch.ones(4, rnd), torch.ones(rnd, 3))}, [{"round": i} for i in
+                                                                 range(1, rnd + 1)])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["round-0002", "round-0003"]
+    rnd, factors, residual, history = ck.latest()
+    assert rnd == 3 and torch.equal(factors["l::A"], 3 * torch.ones(2, 3))
+    assert residual["l"][0].shape == (4, 3) and len(history) == 3
