@@ -222,3 +222,16 @@ def test_auto_group_size_is_the_largest_that_divides_every_width():
     assert auto_group_size([256, 512]) == 128
     assert auto_group_size([96, 256]) == 32
     assert auto_group_size([100]) == -1                # no group fits: per channel
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (4, 64), (8, -1)])
+def test_fake_quantize_is_exactly_the_stored_grid(bits, group_size, sym):
+    """The fast in-place fake quantization equals decoding the stored codes bit for bit."""
+    from slmkit.nn.packing import dequantize_codes, quantize_rtn
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 3
+    w[0, :40] = 0                                          # an all-zero group
+    q, scale, zero = quantize_rtn(w, bits, group_size, sym)
+    assert torch.equal(fake_quantize(w, bits, group_size, sym),
+                       dequantize_codes(q, scale, zero, group_size))

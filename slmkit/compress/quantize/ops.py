@@ -58,5 +58,9 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool,
     scale, zero = compute_qparams(w, bits, group_size, sym, clip)
     wg = _grouped(w.float(), group_size)                      # [out, G, g]
     s, z = scale[..., None], zero[..., None]
-    q = (torch.round(wg / s) + z).clamp_(0, 2 ** bits - 1)
-    return ((q - z) * s).reshape(w.shape).to(w.dtype)
+    q = torch.div(wg, s).round_()                             # in place from here on
+    if sym:   # zero = 2^(bits-1): round(w/s) + z in [0, qmax]  <=>  round(w/s) in [-z, qmax-z]
+        q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    else:
+        q.add_(z).clamp_(0, 2 ** bits - 1).sub_(z)
+    return q.mul_(s).reshape(w.shape).to(w.dtype)
