@@ -27,7 +27,8 @@ def _task(path, word, n=6):
 def test_deployment_superlink_three_supernodes_two_rounds(llama_dir, tmp_path, cli):
     """Two rounds of exact aggregation with a client that refuses its (empty) data: the
     rounds go on with the other two, the output is a merged model that plain transformers
-    loads plus a peft adapter, and the merged weights are the base plus the exact update."""
+    loads plus a peft adapter, and the merged weights are the base plus the exact update.
+    A second submission with ``--resume --rounds 3`` continues from round 2's checkpoint."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -46,20 +47,27 @@ def test_deployment_superlink_three_supernodes_two_rounds(llama_dir, tmp_path, c
         warm = fed.start_warm()
         for name, data in (("a", a), ("b", b), ("c", empty)):
             fed.start_supernode(name, str(data), address, warm)
-        r = cli("federate", llama_dir, "--superlink", address, "--rounds", "2",
-                "--local-steps", "2", "--min-clients", "2", "--aggregation", "exact",
-                "--rank", "4", "--seq-len", "64", "--batch-size", "2", "--lr", "0.01",
-                "--round-timeout", "120", "--out", out, "--json", timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+        args = ["federate", llama_dir, "--superlink", address, "--local-steps", "2",
+                "--min-clients", "2", "--aggregation", "exact", "--rank", "4", "--seq-len",
+                "64", "--batch-size", "2", "--lr", "0.01", "--round-timeout", "120",
+                "--out", out, "--json"]
+        r = cli(*args, "--rounds", "2", timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        two = json.loads((out / "slmkit.json").read_text())
+        resumed = cli(*args, "--rounds", "3", "--resume", timeout=240)   # a server restart
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    three = json.loads((out / "slmkit.json").read_text())["metrics"]["round_history"]
+    assert [h["round"] for h in three] == [1, 2, 3]
+    assert three[:2] == two["metrics"]["round_history"]       # rounds 1-2 were not redone
     figures = json.loads(r.stdout)
-    record = json.loads((out / "slmkit.json").read_text())
+    record = two
     history = record["metrics"]["round_history"]
     assert record["step"] == "federate" and [h["round"] for h in history] == [1, 2]
     for h in history:
         assert h["clients"] == ["a", "b"]
         assert "c.jsonl" in h["left_out"]["c"] and h["left_out"]["c"].startswith("refused")
     assert history[1]["residual_rank"] > 0
-    ck = out / "checkpoints" / "round-0002"
+    ck = out / "checkpoints" / "round-0003"
     factors = load_file(ck / "adapter.safetensors")
     # what each client sends is the adapter: its bytes plus Flower's framing of each array
     framing = figures["upload_bytes_per_client_round"] - figures["adapter_bytes"]
