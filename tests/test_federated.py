@@ -133,14 +133,14 @@ def flower_task():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def _message(arrays, rnd=1, residual=None):
+def _message(arrays, rnd=1, residual=None, node=1):
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     content = RecordDict({"arrays": ArrayRecord(arrays),
                           "config": ConfigRecord({"server-round": rnd})})
     if residual:
         content["residual"] = ArrayRecord(residual)
-    return Message(content, dst_node_id=1, message_type="train")
+    return Message(content, dst_node_id=node, message_type="train")
 
 
 def _context(cfg, node_config):
@@ -287,3 +287,23 @@ def test_checkpoints_keep_the_last_two_rounds_and_resume_from_the_latest(tmp_pat
     rnd, factors, residual, history = ck.latest()
     assert rnd == 3 and torch.equal(factors["l::A"], 3 * torch.ones(2, 3))
     assert residual["l"][0].shape == (4, 3) and len(history) == 3
+
+
+def test_round_classification_leaves_out_crashed_and_refusing_clients(flower_task):
+    """A reply carrying Flower's error (a ClientApp that raised) and a refusal are left out
+    of the round, each named with its reason; an update counts."""
+    from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from slmkit.federated.server import _classify
+
+    sent = [_message({"l::A": torch.zeros(1, 2)}, node=n) for n in (1, 2, 3)]
+    ok = Message(RecordDict({"arrays": ArrayRecord({"l::A": torch.ones(1, 2)}),
+                             "metrics": MetricRecord({"num-examples": 3}),
+                             "client": ConfigRecord({"name": "a"})}), reply_to=sent[0])
+    refused = Message(RecordDict({"client": ConfigRecord({"name": "b", "refused": "b.jsonl "
+                                                          "holds no rows"})}), reply_to=sent[1])
+    crashed = Message(Error(code=0, reason="<class 'RuntimeError'>:<'boom'>"), reply_to=sent[2])
+    valid, left_out = _classify([ok, refused, crashed], {3: "c"})
+    assert valid == [ok]
+    assert left_out["b"] == "refused: b.jsonl holds no rows"
+    assert left_out["c"].startswith("failed") and "boom" in left_out["c"]
