@@ -130,7 +130,7 @@ class Answerer:
         search: keyword arguments of :meth:`Retriever.search` (k, mode, candidates, rrf_k).
     """
 
-    def __init__(self, retriever: Retriever, model, context_chunks: int = 3,
+    def __init__(self, retriever: Retriever, model, context_chunks: int = 1,
                  max_tokens: int = 64, min_score: float = 0.5, dtype: str = "fp32",
                  search: dict | None = None):
         from slmkit.engine.chat import ChatSession

@@ -92,10 +92,12 @@ def answer(index_dir: str, question: str, **options):
 
 
 def _answer(cfg: AskConfig):
+    from slmkit.models.io import check_loadable
     from slmkit.rag.answerer import Answerer
     from slmkit.rag.retrieve import Retriever
 
     _threads(cfg.threads)
+    check_loadable(cfg.model)                      # a bad --model is refused before any work
     retriever = Retriever.open(cfg.index)
     try:
         answerer = Answerer(retriever, cfg.model, context_chunks=cfg.context_chunks,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slmkit.step import StepConfig, cli
+from slmkit.step import StepConfig, cli, refuse_unused
 
 #: The built-in answering model.
 DEFAULT_MODEL = "builtin:smollm2-135m"
@@ -96,8 +96,9 @@ class AnswerOptions(BaseModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="The answering model (dir, hub id, "
                        ".gguf or builtin name).", json_schema_extra=cli(short="-m"))
-    context_chunks: int = Field(default=3, ge=1, le=20, description="Retrieved chunks put "
-                                "in the prompt as numbered sources.")
+    context_chunks: int = Field(default=1, ge=1, le=20, description="Retrieved chunks put "
+                                "in the prompt as numbered sources (the built-in 135M model "
+                                "answers best from one; larger models use more).")
     max_tokens: int = Field(default=64, ge=1, le=2048, description="Answer tokens at most.",
                             json_schema_extra=cli(short="-n"))
     min_score: float = Field(default=0.5, ge=-1, le=1, description="Abstain (\"I don't "
@@ -142,6 +143,9 @@ class EvalConfig(AnswerOptions, SearchOptions):
                              "own index; omit INDEX to use it)")
         if self.questions and not self.index:
             raise ValueError("--questions needs the INDEX they are about")
+        if not self.answers:
+            refuse_unused(self, set(AnswerOptions.model_fields) | {"mode"},
+                          "--no-answers (they set how the model answers)")
         return self
 
 

@@ -145,6 +145,10 @@ def run_eval(cfg: EvalConfig) -> StepResult:
         import torch
 
         torch.set_num_threads(cfg.threads)
+    if cfg.answers:
+        from slmkit.models.io import check_loadable
+
+        check_loadable(cfg.model)                  # a bad --model is refused before any work
     if cfg.index is None:
         root = stdlib_root()
         index_dir = builtin_index_dir()
