@@ -241,6 +241,7 @@ def run_federate(cfg: FederateConfig) -> StepResult:
     from slmkit.train.run import prepare_out
 
     t0 = time.perf_counter()
+    cfg.output()                               # "federate needs an output directory"
     out, ck_root = prepare_out(cfg)
     resolve_ref(cfg.model)                     # a built-in is imported once, here
     updates: dict = {"out": str(out.resolve())}

@@ -27,9 +27,15 @@ def load_examples(cfg: FederateConfig, data: str | list[str], tok, max_samples: 
     Raises:
         DataError: the data is missing, unreadable, empty or malformed (one sentence).
     """
-    from slmkit.train.sft import load_sft_examples
-    from slmkit.train.task_data import default_template
+    from pathlib import Path
 
+    from slmkit.train.sft import load_sft_examples
+    from slmkit.train.task_data import GENERATION_TASKS, default_template, is_builtin_task
+
+    for spec in [data] if isinstance(data, str) else data:
+        if not is_builtin_task(spec) and not Path(spec).expanduser().exists():
+            raise DataError(f"'{spec}' does not exist; give a task JSONL, a folder of them "
+                            f"or a built-in task ({', '.join(GENERATION_TASKS)}).")
     template = default_template(data) if cfg.template == "auto" else cfg.template
     return load_sft_examples(data, tok, cfg.seq_len, template, max_samples or cfg.max_samples)
 
