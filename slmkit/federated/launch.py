@@ -67,10 +67,12 @@ def _wait_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float
 
 
 def _flower_env(home: Path) -> dict[str, str]:
-    """Flower's processes start each other by name: this Python's bin dir goes first."""
+    """Flower's processes start each other by name: this Python's bin dir goes first.
+    Telemetry and the update check (both network calls) are off: loopback only."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "PYTHONUNBUFFERED": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
 
 def _toml_str(value: str) -> str:
