@@ -147,3 +147,31 @@ def test_a_copied_corpus_splits_the_same(tmp_path):
         there = [(d.id, d.text) for d in iter_documents(str(copy), split=split,
                                                          val_fraction=0.3)]
         assert here == there and here
+
+
+def test_stdlib_prose_is_docstring_prose_split_with_its_source(tmp_path, monkeypatch):
+    """The prose corpus holds the docstrings of the same files as ``stdlib``, under the
+    same ids, so a file's prose and code land in the same split (no leak between a code
+    calibration set and a prose evaluation, or the other way round)."""
+    from slmkit.data.corpus import docstring_prose
+
+    src = ('"""Parse the configuration file and return a mapping of every section."""\n'
+           'def f(x):\n    """Add one.\n\n    This function returns its argument plus one, '
+           'as the tests expect.\n\n    >>> f(1)\n    2\n    """\n    return x + 1\n')
+    prose = docstring_prose(src)
+    assert "Parse the configuration file" in prose and "plus one, as the tests" in prose
+    assert "Add one." not in prose and ">>>" not in prose and "return x + 1" not in prose
+    assert docstring_prose("def broken(:\n") == ""
+    for i in range(40):
+        (tmp_path / f"mod{i}.py").write_text(src if i % 4 else "x = 1\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text(src)
+    monkeypatch.setattr(corpus_mod, "stdlib_root", lambda: tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "pydoc_data.topics", None)
+    code = {d.id for d in iter_documents("stdlib")}
+    docs = list(iter_documents("stdlib-prose"))
+    ids = [d.id for d in docs]
+    assert len(ids) == 30 and set(ids) < code and "stdlib:test/t.py" not in ids
+    assert all(d.text == prose for d in docs)
+    # the split is a function of the id alone, so equal ids mean equal splits
+    assert {is_val(i, 0.05) for i in ids} == {True, False}

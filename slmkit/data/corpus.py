@@ -5,6 +5,10 @@ A spec is one string (or a list of them), each of:
 * ``"stdlib"``: the built-in corpus, the Python standard library's own source without its
   test folders, plus the pydoc topics. Ids are ``"stdlib:<path relative to the stdlib
   root>"`` (e.g. ``"stdlib:json/decoder.py"``) and ``"stdlib:pydoc_topics/<topic>"``.
+* ``"stdlib-prose"``: the built-in English prose: the docstrings of those same files (one
+  document per file, doctest lines and one-liners dropped) and the pydoc topics. A file's
+  prose has the id of its source, so both corpora put it in the same split: nothing of the
+  prose validation split is in the code's training split, and the other way round.
 * a text file (``.txt``, ``.md``, ``.py``, ...): one document; files above
   :data:`CHUNK_BYTES` are cut at line boundaries into documents ``"<path>#<n>"`` so that a
   file larger than RAM still streams with bounded memory.
@@ -152,6 +156,8 @@ def _resolve(spec: str):
     """Turn one spec string into a function ``stats -> Iterator[Document]``."""
     if spec == "stdlib":
         return _stdlib_documents
+    if spec == "stdlib-prose":
+        return _stdlib_prose_documents
     if any(c in _GLOB_CHARS for c in spec) and not Path(spec).exists():
         matches = sorted(p for p in globlib.glob(os.path.expanduser(spec), recursive=True)
                          if Path(p).is_file())
@@ -317,8 +323,9 @@ def render_chatml(messages: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- stdlib
 
-def _stdlib_documents(stats: CorpusStats) -> Iterator[Document]:
-    """The stdlib's ``.py`` files (sorted, test folders skipped), then the pydoc topics."""
+def _stdlib_files() -> Iterator[tuple[Path, str]]:
+    """``(path, relative posix path)`` of the stdlib's ``.py`` files, sorted, test folders
+    and the pydoc topics module skipped."""
     root = stdlib_root()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames
@@ -328,10 +335,12 @@ def _stdlib_documents(stats: CorpusStats) -> Iterator[Document]:
             if not name.endswith(".py"):
                 continue
             rel = (rel_dir / name).as_posix()
-            if rel == "pydoc_data/topics.py":   # its content comes as topic documents below
+            if rel == "pydoc_data/topics.py":   # its content comes as topic documents
                 continue
-            yield from _text_documents(Path(dirpath) / name, f"stdlib:{rel}", stats,
-                                       strict_limit=False)
+            yield Path(dirpath) / name, rel
+
+
+def _pydoc_topics(stats: CorpusStats) -> Iterator[Document]:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # pragma: no cover - some distributions strip pydoc_data
@@ -339,3 +348,52 @@ def _stdlib_documents(stats: CorpusStats) -> Iterator[Document]:
     for name in sorted(topics):
         stats.files += 1
         yield Document(f"stdlib:pydoc_topics/{name}", topics[name])
+
+
+def _stdlib_documents(stats: CorpusStats) -> Iterator[Document]:
+    """The stdlib's ``.py`` files (sorted, test folders skipped), then the pydoc topics."""
+    for path, rel in _stdlib_files():
+        yield from _text_documents(path, f"stdlib:{rel}", stats, strict_limit=False)
+    yield from _pydoc_topics(stats)
+
+
+#: A docstring paragraph is prose when it has at least this many words.
+PROSE_MIN_WORDS = 8
+
+
+def docstring_prose(source: str) -> str:
+    """The English prose of a Python file: its docstrings' paragraphs of at least
+    :data:`PROSE_MIN_WORDS` words, without doctest lines, joined by blank lines."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    paragraphs = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node, clean=False)
+        if not doc:
+            continue
+        for para in inspect.cleandoc(doc).split("\n\n"):
+            lines = [ln for ln in para.splitlines()
+                     if not ln.lstrip().startswith((">>>", "... "))]
+            text = "\n".join(lines).strip()
+            if len(text.split()) >= PROSE_MIN_WORDS:
+                paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def _stdlib_prose_documents(stats: CorpusStats) -> Iterator[Document]:
+    """The docstring prose of every stdlib file (same ids as ``stdlib``), then the pydoc
+    topics."""
+    for path, rel in _stdlib_files():
+        stats.files += 1
+        text = docstring_prose(path.read_text(encoding="utf-8", errors="replace"))
+        if text:
+            yield Document(f"stdlib:{rel}", text)
+    yield from _pydoc_topics(stats)
