@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -73,7 +73,8 @@ def _one_or_many(value: str | list[str]) -> str | list[str]:
 #: repeating the flag.
 Corpus = Annotated[str | list[str], AfterValidator(_one_or_many)]
 
-CORPUS_HELP = "Corpus: 'stdlib', a file, dir, glob or .jsonl (repeatable)."
+CORPUS_HELP = ("Corpus: 'stdlib' (Python code), 'stdlib-prose' (English prose), a file, "
+               "dir, glob or .jsonl (repeatable).")
 
 
 class StepConfig(BaseModel):
@@ -130,11 +131,19 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    calib_data: Corpus = Field(default="stdlib", description="Calibration corpus (train "
-                               "split): stdlib, a file, dir, glob or .jsonl.")
+    calib_data: Corpus = Field(default_factory=lambda: ["stdlib", "stdlib-prose"],
+                               description="Calibration corpora (train split; repeat the "
+                               "flag for several, which share the windows equally): stdlib "
+                               "(Python code), stdlib-prose (its docstrings and pydoc "
+                               "topics), a file, dir, glob or .jsonl. Default: both stdlib "
+                               "corpora, half code and half prose.")
     calib_samples: int = Field(default=128, ge=1, description="Calibration windows.")
     calib_seq_len: int = Field(default=512, ge=8, description="Tokens per calibration window.")
     seed: int = Field(default=0, description="Seed for the choice of calibration windows.")
+    calib_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="Precision of the calibration forwards: bf16 "
+        "(autocast matrix products; statistics stay fp32), fp32, or auto (bf16 where the CPU "
+        "has native bf16 instructions).")
 
 
 @dataclass

@@ -194,9 +194,10 @@ def test_cli_quantize_info_requantize_and_dequantize(llama_dir, calib_dir, tmp_p
     assert model_info(tmp_path / "dense")["format"] == "dense"
 
 
-@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32), (3, 32)])
-def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, tokenizer, calib_dir,
-                                                             tmp_path):
+@pytest.mark.parametrize("bits,group,emb_bits", [(8, -1, None), (4, 32, None), (3, 32, None),
+                                                 (4, 32, 8)])
+def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, emb_bits, tokenizer,
+                                                             calib_dir, tmp_path):
     from slmkit.engine import stream_tokens
     from slmkit.nn.quant_embedding import QuantEmbedding
 
@@ -207,8 +208,13 @@ def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, tokeni
     with torch.no_grad():
         dense = model(x).logits
     summary = quantize_model(model, tokenizer, _cfg(calib_dir, bits=bits, group_size=group,
-                                                    quantize_embeddings=True))
+                                                    quantize_embeddings=True,
+                                                    embedding_bits=emb_bits))
     emb, head = model.model.embed_tokens, model.lm_head
+    # the table may have its own grid (int8 per row) while the linears keep theirs
+    tb, tg = (emb_bits, -1) if emb_bits else (bits, group)
+    assert model.model.layers[0].mlp.up_proj.bits == bits
+    assert (emb.bits, emb.group_size, head.bits, head.group_size) == (tb, tg, tb, tg)
     assert isinstance(emb, QuantEmbedding) and type(head) is QuantLinear
     assert "tied lm_head" in summary["embeddings"]
     assert torch.equal(emb.qweight, head.qweight) and torch.equal(emb.scales, head.scales)
@@ -216,7 +222,7 @@ def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, tokeni
     rows = emb(x)
     torch.testing.assert_close(rows[0], emb.dequantize_weight()[x[0]])
     err = float((emb.dequantize_weight() - table).abs().mean() / table.abs().mean())
-    assert 0 < err < {8: 0.02, 4: 0.2, 3: 0.35}[bits]
+    assert 0 < err < {8: 0.02, 4: 0.2, 3: 0.35}[tb]
     rel = float((_exact_logits(model, x) - dense).abs().mean() / dense.abs().mean())
     assert rel < {8: 0.05, 4: 0.3, 3: 0.55}[bits]
 
@@ -224,12 +230,20 @@ def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, tokeni
     assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is False
     loaded, _ = load_model(tmp_path / "q")
     assert isinstance(loaded.model.embed_tokens, QuantEmbedding)
+    assert (loaded.model.embed_tokens.bits, loaded.lm_head.bits) == (tb, tb)
     torch.testing.assert_close(_exact_logits(loaded, x), _exact_logits(model, x))
     prompt = x[0, :8].tolist()
     assert list(stream_tokens(loaded, prompt, 6)) == list(stream_tokens(model, prompt, 6))
     dequantize_model(loaded)
     assert type(loaded.model.embed_tokens) is torch.nn.Embedding
     torch.testing.assert_close(loaded.model.embed_tokens.weight, emb.dequantize_weight())
+
+
+def test_embedding_bits_needs_quantize_embeddings_and_a_known_width():
+    with pytest.raises(ConfigError, match="--embedding-bits needs --quantize-embeddings"):
+        make_config(embedding_bits=8)
+    with pytest.raises(ConfigError, match="--embedding-bits 3 is not supported"):
+        make_config(quantize_embeddings=True, embedding_bits=3)
 
 
 def test_quantize_embeddings_refuses_a_group_that_does_not_divide_the_width(tokenizer,
@@ -241,41 +255,60 @@ def test_quantize_embeddings_refuses_a_group_that_does_not_divide_the_width(toke
                                               quantize_embeddings=True))
 
 
-def test_awq_block_search_never_worse_than_scale_one(tokenizer, calib_dir):
-    """The folded groups' scale is chosen on the decoder block's output; s = 1 (plain RTN)
-    is a candidate, so the chosen scale's block error is never above RTN's."""
+@pytest.mark.parametrize("entry", [0, 1])   # q/k/v scored on the attention, gate/up on the MLP
+def test_awq_module_search_never_worse_than_scale_one(tokenizer, calib_dir, entry):
+    """A folded entry's scale is chosen on the output of the module holding its linears
+    (attention: on whole sequences; MLP: on a token sample); s = 1 (plain RTN) is a
+    candidate, so the chosen scale's module error is never above RTN's, and salient
+    channels move it away from 1."""
     from slmkit.compress.calibrate import capture_block_inputs
     from slmkit.compress.match import set_weight_matrix, weight_matrix
     from slmkit.compress.quantize.awq_mappings import block_mappings
-    from slmkit.compress.quantize.modifiers import AWQModifier
+    from slmkit.compress.quantize.modifiers import AWQModifier, _mixes_tokens, _scope
     from slmkit.compress.quantize.ops import fake_quantize
 
     model = build_tiny_model("llama", tokenizer)
     for layer in model.model.layers:
         layer.input_layernorm.weight.data[:4] *= 30          # salient channels
+        layer.post_attention_layernorm.weight.data[:4] *= 30
     block, prefix = model.model.layers[0], "model.layers.0"
     linears = {f"{prefix}.{n}": m for n, m in block.named_modules()
                if isinstance(m, torch.nn.Linear)}
     cfg = _cfg(calib_dir, method="awq", awq_grid=8)
     mod = AWQModifier(cfg, linears, "llama")
     inputs = capture_block_inputs(model, [_ids(tokenizer)])
-    xs = mod._collect_inputs(block, inputs, linears)
-    reference = inputs.run(block)
-    _, names = block_mappings("llama", block, prefix, linears)[0]     # q, k, v
+    xs, outputs = mod._collect(block, inputs, linears)
+    for o, r in zip(outputs, inputs.run(block)):
+        torch.testing.assert_close(o, r)                     # the pass is the fp block
+    mappings = block_mappings("llama", block, prefix, linears)
+    names = [m for m in mappings if len(m[1]) > 1][entry][1]  # q/k/v, then gate/up
+    scope = _scope(block, prefix, names)
+    assert scope is (block.self_attn if entry == 0 else block.mlp)
+    assert _mixes_tokens(scope, block) == (entry == 0)
     modules = [linears[n] for n in names]
     ws = [weight_matrix(m).detach().clone() for m in modules]
+    if entry == 0:
+        args, kwargs, reference = mod._capture_calls(block, inputs, [scope])[id(scope)]
+    else:
+        args, kwargs, reference = (xs[names[0]][None],), {}, None
 
-    def block_error(scale):
+    @torch.no_grad()
+    def module_error(scale):
         for m, w in zip(modules, ws):
             set_weight_matrix(m, fake_quantize(w * scale, cfg.bits, cfg.group_size, cfg.sym) / scale)
-        err = sum(float(((o - r) ** 2).sum()) for o, r in zip(inputs.run(block), reference))
+        out = scope(*args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
         for m, w in zip(modules, ws):
             set_weight_matrix(m, w)
-        return err
+        ref = scope(*args, **kwargs)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        return float(((out - ref) ** 2).sum())
 
-    best = mod._search_block_scale(block, inputs, reference, modules, ws, xs[names[0]])
+    best = mod._search_module_scale(scope, args, kwargs, reference, modules, ws, xs[names[0]])
+    for m, w in zip(modules, ws):
+        set_weight_matrix(m, w)
     assert not torch.all(best == 1)                           # the salient channels moved it
-    assert block_error(best) < block_error(torch.ones_like(best))
+    assert module_error(best) < module_error(torch.ones_like(best))
 
 
 def test_default_group_is_picked_from_the_layers_and_recorded(llama_dir, tmp_path):
@@ -296,3 +329,19 @@ def test_default_group_is_picked_from_the_layers_and_recorded(llama_dir, tmp_pat
     assert f"group {want} (the largest" in dict(res.rows)["method"]
     lineage = json.loads((tmp_path / "q" / "slmkit.json").read_text())
     assert lineage["params"]["group_size"] == want
+
+
+def test_calibration_windows_are_shared_equally_between_corpora(tokenizer, calib_dir, tmp_path):
+    """Several calibration corpora share the windows equally and in turn, whatever their
+    sizes; one corpus gives the same windows as before."""
+    from slmkit.compress.calibrate import calibration_batches
+
+    small = tmp_path / "small.txt"
+    small.write_text("zebra quagga okapi " * 400)
+    one = calibration_batches(tokenizer, str(calib_dir), n_samples=6, seq_len=16, batch_size=4)
+    assert [b.shape for b in one] == [(4, 16), (2, 16)]
+    both = torch.cat(calibration_batches(tokenizer, [str(calib_dir), str(small)], n_samples=6,
+                                         seq_len=16, batch_size=4))
+    small_ids = set(tokenizer(small.read_text())["input_ids"])
+    from_small = [set(row.tolist()) <= small_ids for row in both]
+    assert from_small == [False, True] * 3

@@ -104,6 +104,34 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    precision: str = "fp32"
+
+    def forward(self, block: nn.Module, i: int):
+        """Block ``block`` on batch ``i``, in this calibration's precision (the raw output)."""
+        with block_precision(self.precision, self.hidden[i].device.type):
+            return block(self.hidden[i], *self.args[i], **self.kwargs[i])
+
+    def head(self, k: int) -> BlockInputs:
+        """The first ``k`` batches."""
+        return BlockInputs(self.hidden[:k], self.args[:k], self.kwargs[:k], self.precision)
+
+    def first_sequences(self, n: int) -> BlockInputs:
+        """The first ``n`` sequences of the first batch, as one batch (every tensor argument
+        whose leading dimension is the batch is cut with the hidden states)."""
+        b = self.hidden[0].shape[0]
+        n = min(n, b)
+
+        def cut(v):
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == b:
+                return v[:n]
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(x) for x in v)
+            if isinstance(v, dict):
+                return {k: cut(x) for k, x in v.items()}
+            return v
+
+        return BlockInputs([self.hidden[0][:n]], [cut(self.args[0])], [cut(self.kwargs[0])],
+                           self.precision)
 
     @property
     def num_tokens(self) -> int:
@@ -113,14 +141,46 @@ class BlockInputs:
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """Run ``block`` on every batch; returns the output hidden states per batch."""
         outs = []
-        for h, a, kw in zip(self.hidden, self.args, self.kwargs):
-            out = block(h, *a, **kw)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        for i in range(len(self.hidden)):
+            out = self.forward(block, i)
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out).float())
         return outs
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         """The same masks/positions with new hidden states (the next block's inputs)."""
-        return BlockInputs(hidden=hidden, args=self.args, kwargs=self.kwargs)
+        return BlockInputs(hidden=hidden, args=self.args, kwargs=self.kwargs,
+                           precision=self.precision)
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` -> ``"bf16"`` where this CPU multiplies bf16 natively (AVX512-BF16 or
+    AMX), else ``"fp32"``; other values pass through."""
+    if precision != "auto":
+        return precision
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # pragma: no cover - older torch
+        native = False
+    return "bf16" if native else "fp32"
+
+
+@contextmanager
+def block_precision(precision: str, device_type: str = "cpu") -> Iterator[None]:
+    """Run calibration forwards in ``precision``: ``"bf16"`` autocasts the matrix products
+    (the weights and the statistics stay float32), ``"fp32"`` runs as is."""
+    if precision == "bf16":
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def _exact(fn: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
+    """``fn`` with autocast off: statistics (Hessians, means) are accumulated in float32."""
+    def call(name: str, x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):
+            fn(name, x.float())
+    return call
 
 
 @torch.no_grad()
@@ -179,6 +239,7 @@ def capture_linear_inputs(linears: dict[str, nn.Module],
     Works for ``nn.Linear``, GPT-2 ``Conv1D`` and slmkit's wrapped layers alike.
     """
     handles = []
+    fn = _exact(fn)
     for name, module in linears.items():
         def hook(_m, args, _name=name):
             x = args[0]
@@ -203,6 +264,7 @@ def feed_linears(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Mo
     """
     pending: set[str] = set()
     handles = []
+    fn = _exact(fn)
     for name, module in linears.items():
         def hook(_m, args, _name=name):
             x = args[0]
@@ -212,10 +274,10 @@ def feed_linears(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Mo
                 raise _StopForward
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        for i in range(len(inputs.hidden)):
             pending.update(linears)
             try:
-                block(h, *a, **kw)
+                inputs.forward(block, i)
             except _StopForward:
                 pass
     finally:
@@ -248,7 +310,7 @@ def sequential_groups(block: nn.Module, inputs: BlockInputs,
             alive.append(base)
             order.append((name, id(base)))
 
-    one = BlockInputs(inputs.hidden[:1], inputs.args[:1], inputs.kwargs[:1])
+    one = inputs.head(1)
     handles = []
     for name, module in linears.items():
         def hook(_m, args, _name=name):
@@ -271,13 +333,18 @@ def sequential_groups(block: nn.Module, inputs: BlockInputs,
     return groups
 
 
-BlockCallback = Callable[[int, str, nn.Module, BlockInputs], None]
+BlockCallback = Callable[[int, str, nn.Module, BlockInputs], "list[torch.Tensor] | None"]
 
 
 @torch.no_grad()
 def calibrate_layer_by_layer(model: nn.Module, batches: list[torch.Tensor],
-                             on_block: BlockCallback, desc: str = "calibrating") -> None:
+                             on_block: BlockCallback, desc: str = "calibrating",
+                             precision: str = "fp32") -> None:
     """Run ``on_block`` on every decoder block in order, feeding compressed outputs forward.
+
+    A callback that already ran the block on every batch may return those outputs; they
+    are then the next block's inputs (AWQ feeds the full-precision outputs forward, as its
+    reference implementation does) instead of a run of the compressed block.
 
     Args:
         model: a causal LM; modified in place by the callback.
@@ -286,42 +353,56 @@ def calibrate_layer_by_layer(model: nn.Module, batches: list[torch.Tensor],
             place. ``block_name`` is the full dotted name (``"model.layers.3"``) so that
             ``match_linears(model, within=block_name)`` gives full linear names.
         desc: progress bar label.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` for the block forwards
+            (:func:`resolve_precision`); statistics are float32 either way.
     """
     from slmkit.console import progress
 
     path, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, batches)
+    inputs.precision = resolve_precision(precision)
     with progress(desc, total=len(blocks)) as update:
         for i, block in enumerate(blocks):
-            on_block(i, f"{path}.{i}", block, inputs)
-            inputs = inputs.with_hidden(inputs.run(block))
+            outputs = on_block(i, f"{path}.{i}", block, inputs)
+            inputs = inputs.with_hidden(outputs if outputs is not None else inputs.run(block))
             update(1, info=f"block {i + 1}/{len(blocks)}")
 
 
-def calibration_batches(tokenizer, data: str = "stdlib", split: str = "train",
+def calibration_batches(tokenizer, data: str | list[str] = "stdlib", split: str = "train",
                         n_samples: int = 128, seq_len: int = 512, batch_size: int = 8,
                         seed: int = 0) -> list[torch.Tensor]:
     """Random windows of ``seq_len`` tokens from a corpus, as ``[batch, seq]`` tensors.
 
-    Tokens come from the corpus token cache (``slmkit.data.tokens.token_stream``), so the
-    corpus is tokenized once per tokenizer.
+    Several corpora (a list) share the windows equally, in turn (``["stdlib",
+    "stdlib-prose"]``: half code, half prose), whatever their sizes. Tokens come from the
+    corpus token cache (``slmkit.data.tokens.token_stream``), so each corpus is tokenized
+    once per tokenizer.
 
     Raises:
-        DataError: the corpus has fewer than ``seq_len + 1`` tokens, or fewer tokens than
-            ``n_samples * seq_len / 4`` (too little for meaningful statistics).
+        DataError: a corpus has fewer than ``seq_len + 1`` tokens, or fewer tokens than
+            its share of ``n_samples * seq_len / 4`` (too little for meaningful statistics).
     """
     import numpy as np
 
-    stream = _token_stream(data, tokenizer, split)
-    need = max(seq_len + 1, n_samples * seq_len // 4)
-    if len(stream) < need:
-        raise DataError(f"Calibration data '{data}' ({split} split) has only {len(stream):,} "
-                        f"tokens, fewer than the {need:,} needed for {n_samples} samples of "
-                        f"{seq_len} tokens; give more text or lower --calib-samples / "
-                        "--calib-seq-len.")
+    specs = [data] if isinstance(data, str) else list(data)
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(stream) - seq_len, size=n_samples)
-    windows = np.stack([np.asarray(stream[s:s + seq_len], dtype=np.int64) for s in starts])
+    shares = [n_samples // len(specs) + (i < n_samples % len(specs)) for i in range(len(specs))]
+    parts = []
+    for spec, share in zip(specs, shares):
+        if share == 0:
+            continue
+        stream = _token_stream(spec, tokenizer, split)
+        need = max(seq_len + 1, share * seq_len // 4)
+        if len(stream) < need:
+            raise DataError(f"Calibration data '{spec}' ({split} split) has only "
+                            f"{len(stream):,} tokens, fewer than the {need:,} needed for "
+                            f"{share} samples of {seq_len} tokens; give more text or lower "
+                            "--calib-samples / --calib-seq-len.")
+        starts = rng.integers(0, len(stream) - seq_len, size=share)
+        parts.append(np.stack([np.asarray(stream[s:s + seq_len], dtype=np.int64)
+                               for s in starts]))
+    # interleave, so every batch holds every corpus and a shorter run sees them all
+    windows = np.stack([p[i] for i in range(max(shares)) for p in parts if i < len(p)])
     ids = torch.from_numpy(windows)  # [n_samples, seq_len]
     return list(ids.split(batch_size))
 

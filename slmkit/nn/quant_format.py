@@ -56,6 +56,10 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
     if not modules:
         raise ModelLoadError(f"'{model_dir}' says it is quantized but holds no quantized "
                              "layers (*.qweight); re-create it with `slm quantize`.")
+    # the embedding table (and a head sharing its codes) may have a grid of its own
+    emb_grid = (section.get("embedding_bits", bits),
+                section.get("embedding_group_size", group_size))
+    table = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     for name in modules:
         try:
             old = model.get_submodule(name)
@@ -63,14 +67,16 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
             raise ModelLoadError(f"'{model_dir}' lists quantized layer '{name}', which its "
                                  "architecture does not have; re-create it with "
                                  "`slm quantize`.") from None
+        b, g = emb_grid if id(old) in table and section.get("embeddings") else \
+            (bits, group_size)
         if isinstance(old, nn.Embedding):
-            layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, bits, group_size, sym,
+            layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, b, g, sym,
                                    padding_idx=old.padding_idx, dtype=dtype)
             _fill(layer, state, name, model_dir)
             set_module(model, name, layer)
             continue
         out_f, in_f = linear_shape(old)
-        layer = QuantLinear(in_f, out_f, bits, group_size, sym,
+        layer = QuantLinear(in_f, out_f, b, g, sym,
                             bias=getattr(old, "bias", None) is not None,
                             input_scale=f"{name}.input_scale" in state, conv1d=is_conv1d(old), dtype=dtype)
         _fill(layer, state, name, model_dir)

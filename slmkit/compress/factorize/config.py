@@ -60,5 +60,6 @@ class FactorizeConfig(ModelStep, FactorizeOptions):
 
     def lineage(self) -> dict:
         skip = set() if self.method == "asvd" else {"calib_data", "calib_samples",
-                                                    "calib_seq_len", "seed", "alpha"}
+                                                    "calib_seq_len", "seed", "calib_precision",
+                                                    "alpha"}
         return {k: v for k, v in super().lineage().items() if k not in skip}

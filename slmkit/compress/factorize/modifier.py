@@ -144,4 +144,5 @@ def _asvd(model, tokenizer, linears, settings, report) -> None:
             mean_abs = sums[name] / max(1, counts[name])  # [in]
             _factorize_layer(model, name, module, settings, mean_abs.float(), report)
 
-    calibrate_layer_by_layer(model, batches, on_block, desc="asvd factorization")
+    calibrate_layer_by_layer(model, batches, on_block, desc="asvd factorization",
+                             precision=settings.calib_precision)

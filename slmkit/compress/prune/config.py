@@ -131,6 +131,6 @@ class PruneConfig(ModelStep, PruneOptions, StructuredOptions):
                 "compact"} if self.structured else {"target_params", "heads", "mlp_channels",
                                                     "hidden", "drop_layers"}
         if not self.structured and self.method == "magnitude":   # needs no data
-            skip |= {"calib_data", "calib_samples", "calib_seq_len", "seed", "damp",
+            skip |= {"calib_data", "calib_samples", "calib_seq_len", "seed", "calib_precision", "damp",
                      "block_size"}
         return {k: v for k, v in super().lineage().items() if k not in skip}

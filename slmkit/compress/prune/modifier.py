@@ -113,7 +113,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneOptions) -> PruneRep
         if mine:
             on_block(mine, block, inputs, settings, nm, report)
 
-    calibrate_layer_by_layer(model, batches, callback, desc=f"{settings.method} pruning")
+    calibrate_layer_by_layer(model, batches, callback, desc=f"{settings.method} pruning",
+                             precision=settings.calib_precision)
     return report
 
 

@@ -326,7 +326,7 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredOptions) -
     Raises:
         ConfigError: unsupported architecture, conflicting or impossible targets.
     """
-    from slmkit.compress.calibrate import calibration_batches
+    from slmkit.compress.calibrate import block_precision, calibration_batches, resolve_precision
     from slmkit.console import log, track
 
     from slmkit.compress.prune.modifier import refuse_compressed
@@ -343,7 +343,9 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredOptions) -
                                   seq_len=settings.calib_seq_len, seed=settings.seed)
     held_out = calibration_batches(tokenizer, settings.calib_data, n_samples=8,
                                    seq_len=settings.calib_seq_len, seed=settings.seed + 1)
-    imp = collect_importance(model, list(track(batches, "importance")))
+    precision = resolve_precision(settings.calib_precision)
+    with block_precision(precision):
+        imp = collect_importance(model, list(track(batches, "importance")))
     params_before = count_params(cfg)
     if not settings.explicit():
         plans = candidate_plans(cfg, int(settings.target_params * params_before))
@@ -354,15 +356,18 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredOptions) -
     best = None
     for plan in track(plans, "scoring splits"):
         pruned, dropped = apply_plan(model, imp, plan)
-        loss = calib_loss(pruned, held_out)
+        with block_precision(precision):
+            loss = calib_loss(pruned, held_out)
         log.debug("plan %s: loss %.4f", plan, loss)
         if best is None or loss < best[0]:
             best = (loss, plan, pruned, dropped)
     loss, plan, pruned, dropped = best
+    with block_precision(precision):
+        loss_before = calib_loss(model, held_out)
     return StructuredResult(
         model=pruned, plan=plan, before=_shape(cfg), after=_shape(pruned.config),
         dropped=dropped, params_before=params_before, params_after=count_params(pruned.config),
-        loss_before=calib_loss(model, held_out), loss_after=loss, candidates=len(plans))
+        loss_before=loss_before, loss_after=loss, candidates=len(plans))
 
 
 def decode_speeds(before: nn.Module, after: nn.Module, tokenizer, tokens: int = 32) -> dict:

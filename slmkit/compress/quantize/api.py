@@ -87,7 +87,8 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[st
         batches = calibration_batches(tokenizer, cfg.calib_data, "train", cfg.calib_samples,
                                       cfg.calib_seq_len, seed=cfg.seed)
         calibrate_layer_by_layer(model, batches, modifier.on_block,
-                                 desc=f"{cfg.method} {cfg.bits}-bit")
+                                 desc=f"{cfg.method} {cfg.bits}-bit",
+                                 precision=cfg.calib_precision)
     else:
         from slmkit.console import track
 
@@ -126,8 +127,9 @@ def _check_embedding(model: nn.Module, cfg: QuantizeOptions) -> nn.Embedding:
     if type(emb) is not nn.Embedding:
         raise ConfigError(f"--quantize-embeddings needs a plain nn.Embedding, but this model's "
                           f"input embedding is {type(emb).__name__}; drop the option.")
-    check_scheme(cfg.bits, cfg.group_size, emb.embedding_dim, "the embedding")
-    if cfg.bits == 4 and emb.embedding_dim % 2:
+    bits, group_size = cfg.embedding_grid()
+    check_scheme(bits, group_size, emb.embedding_dim, "the embedding")
+    if bits == 4 and emb.embedding_dim % 2:
         raise ConfigError(f"The embedding has an odd width ({emb.embedding_dim}), which 4-bit "
                           "packing cannot store; drop --quantize-embeddings or use --bits 8.")
     return emb
@@ -149,9 +151,10 @@ def quantize_embeddings(model: nn.Module, cfg: QuantizeOptions) -> str:
     name = next(n for n, m in model.named_modules() if m is emb)
     head = model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is emb.weight
-    qemb = QuantEmbedding.from_embedding(emb, cfg.bits, cfg.group_size, cfg.sym)
+    bits, group_size = cfg.embedding_grid()
+    qemb = QuantEmbedding.from_embedding(emb, bits, group_size, cfg.sym)
     set_module(model, name, qemb)
-    what = f"{name} ({emb.num_embeddings}x{emb.embedding_dim}, RTN)"
+    what = f"{name} ({emb.num_embeddings}x{emb.embedding_dim}, {bits}-bit RTN)"
     if tied:
         head_name = next(n for n, m in model.named_modules() if m is head)
         set_module(model, head_name, qemb.as_linear())

@@ -100,19 +100,23 @@ def weight_channel_mean(weights: list[torch.Tensor], group_size: int) -> torch.T
 
 @torch.no_grad()
 def awq_search_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
-                     sym: bool, n_grid: int = 20) -> tuple[torch.Tensor, list[float]]:
+                     sym: bool, n_grid: int = 20, x_mean: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, list[float]]:
     """Grid-search the input-channel scale minimising the quantized output error.
 
     Args:
-        x: ``[n, in]`` inputs (subsample to a few thousand tokens first).
+        x: ``[n, in]`` inputs the error is measured on (subsample to about a thousand
+            tokens first).
         weights: the linears that read ``x``, each ``[out_k, in]``.
+        x_mean: ``[in]`` mean ``|x|`` per channel for the candidates (default: from ``x``;
+            pass it from a larger sample when there is one).
 
     Returns:
         ``(best_scale [in], errors)`` where ``errors[0]`` is the error at ``s = 1``. The
         best error is ``<= errors[0]`` by construction.
     """
     x = x.float()
-    x_mean = x.abs().mean(dim=0)                            # [in]
+    x_mean = x.abs().mean(dim=0) if x_mean is None else x_mean   # [in]
     w_mean = weight_channel_mean(weights, group_size)       # [in]
     errors = []
     best, best_err = None, float("inf")

@@ -59,6 +59,9 @@ class QuantizeOptions(Calibration):
     quantize_embeddings: bool = Field(default=False, description="Also store the token "
                                       "embedding table quantized (RTN; a tied LM head shares "
                                       "the codes).")
+    embedding_bits: int | None = Field(default=None, description="With "
+                                       "--quantize-embeddings: 8 (per row) or 4 (the "
+                                       "--group-size grid); default --bits.")
 
     @model_validator(mode="after")
     def _check(self) -> "QuantizeOptions":
@@ -70,7 +73,20 @@ class QuantizeOptions(Calibration):
             check_scheme(self.bits, self.group_size if self.group_size is not None else 32)
         except ConfigError as e:     # a ValueError, so recipes name the file and step
             raise ValueError(str(e)) from None
+        if self.embedding_bits is not None:
+            if not self.quantize_embeddings:
+                raise ValueError("--embedding-bits needs --quantize-embeddings; add it or "
+                                 "drop --embedding-bits.")
+            if self.embedding_bits not in (8, 4):
+                raise ValueError(f"--embedding-bits {self.embedding_bits} is not supported; "
+                                 "use 8 or 4.")
         return self
+
+    def embedding_grid(self) -> tuple[int, int]:
+        """``(bits, group_size)`` of a quantized embedding table: int8 per row, or the
+        linears' 4-bit grid."""
+        bits = self.embedding_bits or self.bits
+        return bits, (-1 if bits == 8 else self.group_size)
 
     @property
     def needs_calibration(self) -> bool:
@@ -85,11 +101,14 @@ class QuantizeOptions(Calibration):
 
     def scheme(self) -> dict:
         """What ``config.json`` records (and what ``QuantLinear`` needs to be rebuilt)."""
-        return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym, "embeddings": self.quantize_embeddings}
+        out = {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+               "sym": self.sym, "embeddings": self.quantize_embeddings}
+        if self.quantize_embeddings:
+            out["embedding_bits"], out["embedding_group_size"] = self.embedding_grid()
+        return out
 
 
-CALIBRATION = {"calib_data", "calib_samples", "calib_seq_len", "seed"}
+CALIBRATION = {"calib_data", "calib_samples", "calib_seq_len", "seed", "calib_precision"}
 GPTQ_ONLY = {"damp", "act_order", "block_size", "preserve_zeros"}
 AWQ_ONLY = {"awq_grid", "awq_clip"}
 

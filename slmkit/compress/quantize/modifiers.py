@@ -25,6 +25,7 @@ from slmkit.compress.quantize.awq_ops import (
     awq_search_clip,
     awq_search_scale,
     candidate_scales,
+    subsample_tokens,
     weight_channel_mean,
 )
 from slmkit.compress.quantize.config import QuantizeConfig
@@ -129,19 +130,29 @@ class GPTQModifier(QuantizeModifier):
 class AWQModifier(QuantizeModifier):
     """AWQ (Lin et al., 2023): activation-aware scales, folded where the architecture allows.
 
-    Per block: collect a token subsample of every linear's input; for each mapping entry
-    (``awq_mappings``), search the scale that minimises the error of the *block's output*
-    with that entry's linears quantized (as the reference implementation inspects the
-    attention or MLP module rather than each linear), and fold it into the producer;
-    linears without an entry get their own scale, searched on their output and kept inside
-    the quantized layer; then (optionally) search clipping ratios and round to nearest.
+    Per block, as the reference implementation does:
+
+    1. one pass over every calibration batch (in the calibration precision) collects a
+       token subsample of each linear's input; its outputs, from the full-precision block,
+       are the next block's inputs (scaling does not change the block's function, and the
+       weights are quantized only after the search);
+    2. for each mapping entry (``awq_mappings``) the scale is searched on the module that
+       holds the entry's linears (the attention for q/k/v, the MLP for gate/up, the linear
+       itself for o/down): candidates ``Q(W s) / s`` are scored by that module's output
+       error against full precision. A token-wise module (an MLP) is scored on
+       ``search_tokens`` sampled tokens, a sequence-mixing one (attention) on the first
+       calibration batch; the best scale is folded into the producer;
+    3. linears without an entry get their own scale, searched on their own output and kept
+       inside the quantized layer; then (optionally) clipping ratios; round to nearest.
     """
 
-    max_tokens = 4096
-    search_batches = 8     # calibration batches the block-output search runs on (its cost)
+    max_tokens = 4096       # per-linear input subsample: channel statistics, clipping
+    search_tokens = 1024    # tokens each candidate scale is scored on (attention: whole
+                            # sequences of the first batch, about this many tokens)
 
-    def _collect_inputs(self, block, inputs: BlockInputs,
-                        linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(self, block, inputs: BlockInputs, linears: dict[str, nn.Module]
+                 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """One pass: each linear's sampled inputs, and the block's outputs per batch."""
         per_batch = max(1, math.ceil(self.max_tokens / max(1, len(inputs.hidden))))
         gen = torch.Generator().manual_seed(self.cfg.seed)
         xs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
@@ -153,38 +164,74 @@ class AWQModifier(QuantizeModifier):
                 picks[n] = torch.randperm(n, generator=gen)[:per_batch]
             xs[name].append(x[picks[n]].float())
 
+        outputs = []
         with capture_linear_inputs(linears, keep):
-            inputs.run(block)
-        return {n: torch.cat(v) for n, v in xs.items() if v}
+            for i in range(len(inputs.hidden)):
+                picks.clear()
+                out = inputs.forward(block, i)
+                outputs.append((out[0] if isinstance(out, (tuple, list)) else out).float())
+        return {n: torch.cat(v) for n, v in xs.items() if v}, outputs
 
-    def on_block(self, index, block_name, block, inputs) -> None:
+    @staticmethod
+    def _capture_calls(block, probe: BlockInputs, modules: list[nn.Module]) -> dict[int, tuple]:
+        """``{id(module): (args, kwargs, output)}`` of each module's call on ``probe``."""
+        calls: dict[int, tuple] = {}
+
+        def hook(module, args, kwargs, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            calls[id(module)] = (args, kwargs, out.detach().float())
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+        try:
+            probe.forward(block, 0)
+        finally:
+            for h in handles:
+                h.remove()
+        return calls
+
+    def on_block(self, index, block_name, block, inputs):
         linears = self.block_linears(block_name)
         if not linears:
-            return
+            return None
         cfg = self.cfg
-        xs = self._collect_inputs(block, inputs, linears)
+        mappings = block_mappings(self.model_type, block, block_name, linears)
+        scopes = [_scope(block, block_name, names) for _, names in mappings]
+        xs, outputs = self._collect(block, inputs, linears)
+        mixing = [m for m in {id(m): m for m in scopes}.values() if _mixes_tokens(m, block)]
+        seq_len = inputs.hidden[0].shape[1]
+        probe = inputs.first_sequences(max(1, self.search_tokens // seq_len))
+        probe.precision = "fp32"
+        calls = self._capture_calls(block, probe, mixing) if mixing else {}
+        sample = {n: subsample_tokens(x, self.search_tokens, cfg.seed) for n, x in xs.items()}
         input_scale: dict[str, torch.Tensor] = {}
         folded: set[str] = set()
-        k = min(self.search_batches, len(inputs.hidden))
-        probe = BlockInputs(hidden=inputs.hidden[:k], args=inputs.args[:k],
-                            kwargs=inputs.kwargs[:k])
-        reference = probe.run(block)                      # the block in full precision
-        for producer, names in block_mappings(self.model_type, block, block_name, linears):
-            ws = [weight_matrix(linears[n]).detach().clone() for n in names]
-            scale = self._search_block_scale(block, probe, reference,
-                                             [linears[n] for n in names], ws, xs[names[0]])
-            for n, w in zip(names, ws):
-                set_weight_matrix(linears[n], w)
-            fold_scale(producer, [linears[n] for n in names], scale)
+        for (producer, names), scope in zip(mappings, scopes):
+            modules = [linears[n] for n in names]
+            ws = [weight_matrix(m).detach().clone() for m in modules]
+            if len(names) == 1 and scope is modules[0]:
+                scale, _ = awq_search_scale(sample[names[0]], ws, cfg.bits, cfg.group_size,
+                                            cfg.sym, cfg.awq_grid, x_mean=_abs_mean(xs[names[0]]))
+            else:
+                if id(scope) in calls:
+                    args, kwargs, reference = calls[id(scope)]
+                else:   # token-wise (an MLP): a token sample of its input is enough
+                    args = (sample[names[0]][None],)
+                    kwargs, reference = {}, None
+                scale = self._search_module_scale(scope, args, kwargs, reference, modules, ws,
+                                                  xs[names[0]])
+                for m, w in zip(modules, ws):
+                    set_weight_matrix(m, w)
+            fold_scale(producer, modules, scale)
             for n in names:
                 xs[n] = xs[n] / scale
+                sample[n] = sample[n] / scale
                 folded.add(n)
         for name, module in linears.items():
             if name in folded or name not in xs:
                 continue
             w = weight_matrix(module)
-            scale, errors = awq_search_scale(xs[name], [w], cfg.bits, cfg.group_size, cfg.sym,
-                                             cfg.awq_grid)
+            scale, errors = awq_search_scale(sample[name], [w], cfg.bits, cfg.group_size,
+                                             cfg.sym, cfg.awq_grid, x_mean=_abs_mean(xs[name]))
             if not torch.all(scale == 1):
                 set_weight_matrix(module, w * scale[None, :])
                 input_scale[name] = scale
@@ -196,27 +243,61 @@ class AWQModifier(QuantizeModifier):
                 clip = awq_search_clip(xs[name], w, cfg.bits, cfg.group_size, cfg.sym)
             codes, scale, zero = quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym, clip)
             self.record(name, codes, scale, zero, input_scale.get(name))
-
+        return outputs
 
     @torch.no_grad()
-    def _search_block_scale(self, block: nn.Module, probe: BlockInputs,
-                            reference: list[torch.Tensor], modules: list[nn.Module],
-                            ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _search_module_scale(self, scope: nn.Module, args: tuple, kwargs: dict,
+                             reference: torch.Tensor | None, modules: list[nn.Module],
+                             ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The candidate scale (``s = 1`` first) whose quantized linears, ``Q(W s) / s``,
-        change the block's output the least (mean squared error over the probe batches)."""
+        change ``scope``'s output on ``args``/``kwargs`` the least (mean squared error)."""
         cfg = self.cfg
-        x_mean = x.float().abs().mean(dim=0)
+
+        def run() -> torch.Tensor:
+            out = scope(*args, **kwargs)
+            return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+        if reference is None:
+            reference = run()
+        x_mean = _abs_mean(x)
         w_mean = weight_channel_mean(ws, cfg.group_size)
         best, best_err = None, float("inf")
         for s in candidate_scales(x_mean, w_mean, cfg.awq_grid):
             for m, w in zip(modules, ws):
                 set_weight_matrix(m, fake_quantize(w.float() * s, cfg.bits, cfg.group_size,
                                                    cfg.sym) / s)
-            out = probe.run(block)
-            err = sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(out, reference))
+            err = float(((run() - reference) ** 2).mean())
             if err < best_err:
                 best, best_err = s, err
         return best
+
+
+def _abs_mean(x: torch.Tensor) -> torch.Tensor:
+    """``[in]`` mean ``|x|`` per input channel over the collected tokens."""
+    return x.float().abs().mean(dim=0)
+
+
+def _scope(block: nn.Module, block_name: str, names: list[str]) -> nn.Module:
+    """The innermost submodule of ``block`` holding every one of ``names`` (full names)."""
+    parts = [n[len(block_name) + 1:].split(".") for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return block.get_submodule(".".join(common)) if common else block
+
+
+def _mixes_tokens(module: nn.Module, block: nn.Module) -> bool:
+    """Whether ``module``'s output at one token depends on other tokens (attention, or the
+    whole block); token-wise modules (MLPs, single linears) can be scored on a token
+    sample."""
+    if module is block:
+        return True
+    if isinstance(module, nn.Linear):
+        return False
+    return any("attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()
+               for m in module.modules())
 
 
 MODIFIERS = {"rtn": RTNModifier, "gptq": GPTQModifier, "awq": AWQModifier}
