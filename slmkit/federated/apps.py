@@ -98,8 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     from slmkit.federated.server import run_rounds
 
     cfg = _config(context)
-    status = Path(cfg.out) / "checkpoints" / f"status-{context.run_config['launch']}.json"
-    status.parent.mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "checkpoints").mkdir(parents=True, exist_ok=True)
     try:
         result = run_rounds(grid, cfg)
         payload = {"ok": True, **result}
@@ -110,7 +109,8 @@ def main(grid: Grid, context: Context) -> None:
 
         payload = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "bug",
                    "traceback": traceback.format_exc()}
-    status = Path(cfg.out) / "checkpoints" / status.name     # checkpoints/ moved into out
+    # after a success checkpoints/ has moved into the new out: the same path
+    status = Path(cfg.out) / "checkpoints" / f"status-{context.run_config['launch']}.json"
     status.parent.mkdir(parents=True, exist_ok=True)
     tmp = status.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
