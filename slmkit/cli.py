@@ -230,7 +230,7 @@ def generate(cfg) -> None:
     from slmkit.models import load_model
     from slmkit.models.arch import context_length
 
-    params = cfg.params(stop=list(cfg.stop), ignore_eos=cfg.ignore_eos)
+    params = cfg.params(stop=list(cfg.stop), ignore_eos=cfg.ignore_eos, grammar=cfg.grammar())
     lm, tok = load_model(cfg.model, dtype=cfg.dtype)
     ids = encode_prompt(tok, cfg.prompt, chat=cfg.chat)
     if cfg.chat:

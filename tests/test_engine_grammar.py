@@ -124,4 +124,24 @@ def test_unenforceable_schemas_are_refused_naming_the_keyword(models, tokenizer)
 def test_bitmask_unpacking_matches_bit_order():
     words = torch.tensor([[0b101, -2 ** 31]], dtype=torch.int32)  # bits 0, 2 and 63
     ok = allowed(words, 64)
-    assert ok[0].nonzero().flatten().tolist() == [0, 2, 63]
+    assert ok[0].nonzero()[0].tolist() == [0, 2, 63]
+
+
+def test_slm_generate_json_schema(llama_dir, tmp_path, capsys):
+    from slmkit.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS[0]))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(llama_dir), "Answer:", "--json-schema", str(schema), "-t", "0",
+              "-n", "60", "--threads", "1"])
+    assert exit_.value.code == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("Answer:")
+    jsonschema.validate(json.loads(first[len("Answer:"):]), SCHEMAS[0])
+    schema.write_text('{"type": "array", "uniqueItems": true}')
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(llama_dir), "x", "--json-schema", str(schema)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"--json-schema {schema}" in err and "uniqueItems" in err

@@ -212,22 +212,27 @@ class GrammarState:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
 
-def allowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def allowed(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
     """``[B, words]`` int32 bitmask -> ``[B, vocab_size]`` bool (bit ``i % 32`` of word
     ``i // 32`` says whether token ``i`` is allowed; little-endian, as llguidance writes)."""
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(bits[:, :vocab_size].astype(bool))
+    return np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab_size,
+                         bitorder="little").view(bool)
 
 
 def mask_rows_(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """Set ``logits[rows[j], t] = -inf`` wherever ``bitmask[j]`` forbids token ``t``.
 
     ``logits``: ``[B, V]`` float, changed in place; ``bitmask``: ``[len(rows), words]``.
+    Done in numpy, on one thread: torch's masked_fill splits a 49k-wide row over the
+    OpenMP pool, and on a busy 2-core machine the waits cost 5-40 ms per step (measured,
+    batch 1-8) against ~0.2 ms per row here.
     """
     forbidden = ~allowed(bitmask, logits.shape[1])
-    with torch.inference_mode():  # the runners return inference tensors
-        if rows == list(range(logits.shape[0])):
-            logits.masked_fill_(forbidden, float("-inf"))
-            return
+    if logits.dtype == torch.float32:
+        view = logits.numpy()
         for j, i in enumerate(rows):
-            logits[i].masked_fill_(forbidden[j], float("-inf"))
+            np.copyto(view[i], -np.inf, where=forbidden[j])
+        return
+    with torch.inference_mode():  # the runners return inference tensors
+        for j, i in enumerate(rows):
+            logits[i].masked_fill_(torch.from_numpy(forbidden[j]), float("-inf"))

@@ -7,6 +7,8 @@ makes one.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -53,6 +55,42 @@ class GenerateConfig(SamplingOptions):
     ignore_eos: bool = Field(default=False, description="Do not stop at end-of-text.")
     chat: bool = Field(default=False, description="Wrap the prompt in the chat template as "
                        "one user message.")
+    json_schema: Path | None = Field(default=None, description="JSON schema file: the output "
+                                     "is one JSON value valid under it (constrained decoding).")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        try:
+            schema = json.loads(Path(v).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"cannot read {v} ({e.strerror}); give a JSON schema file") \
+                from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{v} is not valid JSON ({getattr(e, 'msg', e)}); fix the file") \
+                from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"{v} holds a JSON {type(schema).__name__}, not a schema object")
+        return v
+
+    def grammar(self):
+        """The :class:`~slmkit.engine.grammar.Grammar` of ``--json-schema`` (None without).
+
+        Raises:
+            GrammarError: the schema uses something the grammar cannot enforce.
+        """
+        if self.json_schema is None:
+            return None
+        from slmkit.engine.grammar import Grammar, GrammarError, check
+
+        grammar = Grammar.json_schema(self.json_schema.read_text(encoding="utf-8"))
+        try:
+            check(grammar)
+        except GrammarError as e:
+            raise GrammarError(f"--json-schema {self.json_schema}: {e}") from None
+        return grammar
 
     @field_validator("stop")
     @classmethod
