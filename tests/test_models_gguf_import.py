@@ -49,6 +49,8 @@ def _logits(model, tok) -> torch.Tensor:
         return model(torch.tensor([tok.encode(TEXT)])).logits[0]
 
 
+# mistral exports as GGUF "llama" (as llama.cpp's converter does); transformers 5.25's
+# reader then re-labels any file whose general.name mentions mistral and fails on it
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_f32_export_imports_back_to_the_same_model(arch, gguf_files, tiny_model_dirs,
                                                    tmp_path):
@@ -88,6 +90,24 @@ def test_block_types_import_within_their_grid(quant, steps, logit_tol, gguf_file
     assert diff <= logit_tol * _logits(ref, tok).abs().max()
     went = read_record(res.out)["params"]["weights_went_through"]
     assert went.startswith(quant.upper() + " (") and "groups of 32, symmetric" in went
+
+
+def test_default_4bit_model_exports_and_imports_back_on_its_grid(llama_dir, tmp_path):
+    """A model quantized with slm quantize's defaults (4-bit, the automatic group, here 64)
+    exports to GGUF (each 32-column block repeats its group's scale) and imports back to
+    the very weights of its grid."""
+    from slmkit.compress.quantize import QuantizeConfig, run_quantize
+
+    run_quantize(QuantizeConfig(model=str(llama_dir), out=str(tmp_path / "q")))
+    quantized, tok = load_model(tmp_path / "q")
+    assert quantized.config.slmkit["group_size"] == 64
+    export_gguf(str(tmp_path / "q"), tmp_path / "q.gguf")
+    back, _ = load_model(run_import(ImportConfig(gguf=str(tmp_path / "q.gguf"),
+                                                 out=str(tmp_path / "back"))).out)
+    layer = quantized.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(back.model.layers[0].mlp.down_proj.weight,
+                               layer.dequantize_weight(torch.float32), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(back, tok), _logits(quantized, tok), atol=2e-2, rtol=0)
 
 
 def test_gguf_path_as_model_argument_is_imported_once_into_the_cache(gguf_files, llama_dir,
