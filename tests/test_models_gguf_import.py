@@ -96,7 +96,7 @@ def test_default_4bit_model_exports_and_imports_back_on_its_grid(llama_dir, tmp_
     """A model quantized with slm quantize's defaults (4-bit, the automatic group, here 64)
     exports to GGUF (each 32-column block repeats its group's scale) and imports back to
     the very weights of its grid."""
-    from slmkit.compress.quantize import QuantizeConfig, run_quantize
+    from slmkit.compress.quantize import QuantizeConfig, dequantize_model, run_quantize
 
     run_quantize(QuantizeConfig(model=str(llama_dir), out=str(tmp_path / "q")))
     quantized, tok = load_model(tmp_path / "q")
@@ -104,10 +104,14 @@ def test_default_4bit_model_exports_and_imports_back_on_its_grid(llama_dir, tmp_
     export_gguf(str(tmp_path / "q"), tmp_path / "q.gguf")
     back, _ = load_model(run_import(ImportConfig(gguf=str(tmp_path / "q.gguf"),
                                                  out=str(tmp_path / "back"))).out)
-    layer = quantized.model.layers[0].mlp.down_proj
-    torch.testing.assert_close(back.model.layers[0].mlp.down_proj.weight,
-                               layer.dequantize_weight(torch.float32), atol=0, rtol=0)
-    torch.testing.assert_close(_logits(back, tok), _logits(quantized, tok), atol=2e-2, rtol=0)
+    dequantize_model(quantized)                    # its grid's weights, as a dense model
+    want = dict(quantized.named_parameters())
+    for name, got in back.named_parameters():
+        if name.endswith("proj.weight") or got.dim() == 1:   # quantized layers, norms: exact
+            torch.testing.assert_close(got, want[name], atol=0, rtol=0)
+        else:       # the dense embedding is rounded to the file's type (Q4_0), as llama.cpp does
+            step = float(want[name].abs().max()) / 7
+            torch.testing.assert_close(got, want[name], atol=step, rtol=0)
 
 
 def test_gguf_path_as_model_argument_is_imported_once_into_the_cache(gguf_files, llama_dir,
