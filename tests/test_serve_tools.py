@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from slmkit.engine.tools import ToolCallScanner, render_calls
-from tests.test_serve_api import NAME, serve_model, start_server  # noqa: F401
+from tests.test_serve_api import NAME, client, live, serve_model  # noqa: F401
 from tests.test_serve_limits import assert_error
 
 openai = pytest.importorskip("openai")
@@ -34,18 +34,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "add", "parameters": ADD}}]
 PARAMS = {"get_weather": WEATHER, "add": ADD}
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
-
-
-@pytest.fixture(scope="module")
-def live(serve_model, tokenizer):  # noqa: F811
-    server = start_server(serve_model, tokenizer)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
 
 
 def assert_valid_calls(calls, allowed=("get_weather", "add"), at_most=None):

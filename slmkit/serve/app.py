@@ -158,7 +158,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     metrics = Metrics()
     service = GenerationService(model, tokenizer, config, metrics)
-    embedder = Embedder(model, tokenizer, service.max_prompt)
+    embedder = Embedder(model, service.encode_text)
     page = chat_page()
     created = int(time.time())
 

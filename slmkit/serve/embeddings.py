@@ -42,12 +42,12 @@ class Embedder:
 
     Args:
         model: a causal LM (the one being served).
-        tokenizer: its tokenizer.
-        max_tokens: the longest input accepted, in tokens.
+        encode: ``encode(text_or_ids, param) -> ids``, raising a 400 that names ``param``
+            for an input that cannot be used (the server's own prompt encoder and cap).
     """
 
-    def __init__(self, model, tokenizer, max_tokens: int):
-        self.model, self.tokenizer, self.max_tokens = model, tokenizer, max_tokens
+    def __init__(self, model, encode):
+        self.model, self.encode = model, encode
         self.body = getattr(model, getattr(model, "base_model_prefix", ""), None)
         self.dim = int(model.config.hidden_size)
         self.device = next(model.parameters()).device
@@ -56,34 +56,16 @@ class Embedder:
     def token_lists(self, req: EmbeddingRequest) -> list[list[int]]:
         """``input`` as token id lists, each checked (400 naming ``input`` or ``input.i``)."""
         data = req.input
-        if isinstance(data, str) or (data and isinstance(data[0], int)):
-            data, single = [data], True
-        else:
-            single = False
+        single = isinstance(data, str) or bool(data and isinstance(data[0], int))
+        if single:
+            data = [data]
         if not data:
             raise _bad("input", "send a string or a non-empty list of strings")
         if len(data) > MAX_INPUTS:
             raise _bad("input", f"{len(data)} inputs are over the limit of {MAX_INPUTS}; "
                        "split the request")
-        out = []
-        for i, item in enumerate(data):
-            param = "input" if single else f"input.{i}"
-            if isinstance(item, str):
-                ids = self.tokenizer(item, add_special_tokens=False)["input_ids"]
-            else:
-                ids = list(item)
-                bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
-                if bad:
-                    raise _bad(param, f"token id {bad[0]} is outside the vocabulary "
-                               f"(0..{len(self.tokenizer) - 1})")
-            if not ids:
-                raise _bad(param, "an input must not be empty")
-            if len(ids) > self.max_tokens:
-                raise APIError(400, f"Invalid '{param}': it is {len(ids)} tokens, over this "
-                               f"server's limit of {self.max_tokens}; shorten it.", param=param,
-                               code="context_length_exceeded")
-            out.append(ids)
-        return out
+        return [self.encode(item, "input" if single else f"input.{i}")
+                for i, item in enumerate(data)]
 
     def check(self, req: EmbeddingRequest) -> None:
         if req.dimensions is not None and req.dimensions != self.dim:

@@ -112,15 +112,24 @@ class GenerationService:
                 raise APIError(400, "Invalid 'prompt': send one prompt per request (this "
                                "server does not batch prompts in one request).", param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.encode_text(prompt, "prompt")
+
+    def encode_text(self, text: str | list[int], param: str) -> list[int]:
+        """A text (or token ids, checked against the vocabulary) as prompt token ids.
+
+        Raises:
+            APIError: 400 naming ``param``: an id outside the vocabulary, nothing to
+                encode, or more tokens than the prompt cap.
+        """
+        if isinstance(text, str):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = list(prompt)
+            ids = list(text)
             bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
             if bad:
-                raise APIError(400, f"Invalid 'prompt': token id {bad[0]} is outside the "
-                               f"vocabulary (0..{len(self.tokenizer) - 1}).", param="prompt")
-        return self._check_prompt(ids, "prompt")
+                raise APIError(400, f"Invalid '{param}': token id {bad[0]} is outside the "
+                               f"vocabulary (0..{len(self.tokenizer) - 1}).", param=param)
+        return self._check_prompt(ids, param)
 
     def encode_chat(self, req: ChatRequest, plan: OutputPlan | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
