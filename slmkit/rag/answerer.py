@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from slmkit.rag.retrieve import Hit, Retriever
 from slmkit.rag.store import bm25_tokens
 
-SYSTEM = ("Answer the question using only the numbered sources. Cite the source you use "
-          "as [1] or [2]. If the sources do not contain the answer, reply: I don't know.")
+#: The prompt's wording was chosen on the built-in model: asked to say "I don't know" when
+#: the sources lack the answer, SmolLM2-135M also said it for answers it had (abstention is
+#: decided by the retrieval score instead); told to "use only the numbered sources", it
+#: answered a one-line source with an unrelated word.
+SYSTEM = "You are a helpful assistant that answers from the given documents."
 SYSTEM_NO_SOURCES = "Answer the question briefly."
 DONT_KNOW = "I don't know: the indexed documents do not contain the answer."
 _ABSTAIN = re.compile(r"\b(i don'?t know|i do not know|cannot answer|can'?t answer|"
@@ -88,9 +91,12 @@ def says_dont_know(text: str) -> bool:
 
 
 def source_block(sources: list[Hit], question: str) -> str:
-    """The user message: numbered sources, then the question."""
-    parts = [f"[{i}] {h.location}\n{h.chunk.text.strip()}" for i, h in enumerate(sources, 1)]
-    return "Sources:\n\n" + "\n\n".join(parts) + f"\n\nQuestion: {question}"
+    """The user message: the numbered documents, then the question."""
+    parts = [f"Document [{i}] ({h.location}):\n{h.chunk.text.strip()}"
+             for i, h in enumerate(sources, 1)]
+    cite_as = "[1]" if len(sources) == 1 else "the document you use, like [1]"
+    return "\n\n".join(parts) + f"\n\nQuestion: {question}\nAnswer in one sentence, " \
+        f"citing {cite_as}."
 
 
 def cite(text: str, sources: list[Hit]) -> tuple[str, list[Citation]]:

@@ -1,0 +1,216 @@
+"""RAG side by side: retrievers, embedders, answers with vs without retrieval, and speed.
+
+Everything runs on the built-in question set (stdlib docstrings, ``slmkit.rag.evalset``)
+and real models, offline:
+
+1. **Retrieval** on the built-in index (29 stdlib modules): recall@5, nDCG@10 and MRR for
+   BM25, dense (all-MiniLM-L6-v2) and hybrid (reciprocal rank fusion).
+2. **Embedders**: MiniLM against the built-in SmolLM2-135M's own mean-pooled hidden
+   states, each indexing the same ``--embed-files`` modules, on those modules' questions
+   (dense and hybrid). The build rate (chunks/s) of each is measured here, on a fresh
+   index.
+3. **Answers** with ``builtin:smollm2-135m`` on ``--answers`` questions (3/4 answerable,
+   1/4 out of corpus): exact match, gold-contained and ROUGE-L with and without
+   retrieval, citations on the gold source, abstention rates, answer latency p50/p95.
+4. **Scale**: the built-in index's chunks and vectors copied until the store holds
+   ``--scale`` chunks (10 000; copies of real rows, so the scan costs what 10k distinct
+   chunks cost), then BM25, vector search and hybrid timed over ``--queries`` questions
+   (p50/p95; the query embedding is timed on its own).
+
+Run under the team lock::
+
+    flock /tmp/slmkit-bench.lock .venv/bin/python bench/rag.py
+
+Writes ``bench/results/rag.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def retrieval_table(title: str, results: dict) -> None:
+    from slmkit.console import print_table
+
+    print_table(title, [(m, f"{r['recall@5']:.3f}", f"{r['ndcg@10']:.3f}", f"{r['mrr']:.3f}",
+                         f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}")
+                        for m, r in results.items()],
+                header=("mode", "recall@5", "nDCG@10", "MRR", "p50 ms", "p95 ms"))
+
+
+def embedders(root: Path, files: list[str], questions, work: Path, threads: int) -> dict:
+    """Index the same files with each embedder; dense and hybrid quality; build rate."""
+    from slmkit.rag.config import IndexConfig
+    from slmkit.rag.evaluate import evaluate_retrieval
+    from slmkit.rag.index import run_index
+    from slmkit.rag.retrieve import Retriever
+
+    out = {}
+    for name in ("minilm", "lm:builtin:smollm2-135m"):
+        index = work / name.replace(":", "_")
+        t = time.perf_counter()
+        built = run_index(IndexConfig(docs=files, out=str(index), embedder=name,
+                                      threads=threads, overwrite=True))
+        seconds = time.perf_counter() - t
+        retriever = Retriever.open(index)
+        res = evaluate_retrieval(retriever, questions, ["dense", "hybrid"], 10, {})
+        retriever.close()
+        out[name] = {"chunks": built.figures["chunks"], "build_s": seconds,
+                     "chunks_per_s": built.figures["chunks"] / seconds, **res}
+    return out
+
+
+def scale(index: Path, target: int, questions, work: Path) -> dict:
+    """Copy the index's rows until it holds ``target`` chunks; time the retrievers."""
+    import numpy as np
+
+    from slmkit.rag.metrics import percentile
+    from slmkit.rag.retrieve import Retriever
+    from slmkit.rag.store import Lexical, Store
+
+    big = work / "scale"
+    shutil.copytree(index, big)
+    store = Store.open(big)
+    n = store.count()[1]
+    rows = store.db.execute("SELECT c.file_id, c.ordinal, c.heading, c.start_line, "
+                            "c.end_line, c.page, c.text, v.embedding FROM chunks c JOIN "
+                            "vectors v ON v.id = c.id ORDER BY c.id").fetchall()
+    with store.db:
+        while n < target:
+            for r in rows[:target - n]:
+                store.db.execute("INSERT INTO chunks (file_id, ordinal, heading, start_line, "
+                                 "end_line, page, text) VALUES (?, ?, ?, ?, ?, ?, ?)", r[:7])
+                store.db.execute("INSERT INTO vectors (id, embedding) VALUES (?, ?)",
+                                 (store.db.last_insert_rowid(), r[7]))
+            n = store.count()[1]
+        store.set_setting("generation", store.setting("generation") + 1)
+    t = time.perf_counter()
+    Lexical.build(store, store.setting("generation"))
+    bm25_build_s = time.perf_counter() - t
+    store.close()
+    retriever = Retriever.open(big)
+    times = {"embed_query": [], "bm25": [], "dense_search": [], "hybrid": []}
+    for q in questions:
+        t = time.perf_counter()
+        vec = retriever.embed_query(q.question)
+        times["embed_query"].append(time.perf_counter() - t)
+        for mode, key in (("bm25", "bm25"), ("dense", "dense_search"), ("hybrid", "hybrid")):
+            t = time.perf_counter()
+            retriever.search(q.question, k=10, mode=mode, query_vector=vec)
+            times[key].append(time.perf_counter() - t)
+    retriever.close()
+    out = {"chunks": n, "bm25_build_s": bm25_build_s, "queries": len(questions)}
+    for key, values in times.items():
+        ms = [v * 1000 for v in values]
+        out[key] = {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+                    "mean_ms": float(np.mean(ms))}
+    e = times["embed_query"]
+    out["hybrid_with_embedding"] = {
+        "p50_ms": percentile([(a + b) * 1000 for a, b in zip(e, times["hybrid"])], 50),
+        "p95_ms": percentile([(a + b) * 1000 for a, b in zip(e, times["hybrid"])], 95)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--answers", type=int, default=40, help="questions answered by the "
+                    "model (0: skip)")
+    ap.add_argument("--embed-files", type=int, default=6, help="modules indexed by both "
+                    "embedders (0: skip)")
+    ap.add_argument("--scale", type=int, default=10000, help="chunks in the latency store")
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rag.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from slmkit.console import print_table
+    from slmkit.data.corpus import stdlib_root
+    from slmkit.rag.answerer import Answerer
+    from slmkit.rag.config import IndexConfig
+    from slmkit.rag.evalset import builtin_questions, corpus_files
+    from slmkit.rag.evaluate import builtin_index_dir, evaluate_answers, evaluate_retrieval
+    from slmkit.rag.index import run_index
+    from slmkit.rag.retrieve import Retriever
+
+    torch.set_num_threads(args.threads)
+    root = stdlib_root()
+    result: dict = {"threads": args.threads}
+    index = builtin_index_dir()
+    built = run_index(IndexConfig(docs=corpus_files(root), out=str(index)))
+    result["index"] = {"path": str(index), **built.figures}
+    questions = builtin_questions(root, answerable=10**6, held_out=10**6)
+    answerable = [q for q in questions if q.answerable]
+
+    retriever = Retriever.open(index)
+    result["retrieval"] = evaluate_retrieval(retriever, answerable, ["bm25", "dense",
+                                                                     "hybrid"], 10, {})
+    retriever.close()
+    retrieval_table(f"retrieval, {len(answerable)} questions, {built.figures['chunks']} "
+                    "chunks", result["retrieval"])
+
+    with tempfile.TemporaryDirectory(prefix="slmkit-bench-rag-") as tmp:
+        work = Path(tmp)
+        if args.embed_files:
+            files = corpus_files(root)[:args.embed_files]
+            subset = [q for q in answerable if any(q.sources[0].path == str(Path(f).resolve())
+                                                   for f in files)]
+            result["embedders"] = embedders(root, files, subset, work, args.threads)
+            print_table(f"embedders, {len(files)} modules, {len(subset)} questions", [
+                (name, r["chunks"], f"{r['chunks_per_s']:.1f}", f"{r['dense']['ndcg@10']:.3f}",
+                 f"{r['hybrid']['ndcg@10']:.3f}", f"{r['dense']['recall@5']:.3f}")
+                for name, r in result["embedders"].items()],
+                header=("embedder", "chunks", "build chunks/s", "dense nDCG@10",
+                        "hybrid nDCG@10", "dense recall@5"))
+        result["scale"] = scale(index, args.scale, answerable[:args.queries], work)
+        s = result["scale"]
+        print_table(f"latency at {s['chunks']} chunks, {s['queries']} queries", [
+            (k, f"{s[k]['p50_ms']:.2f}", f"{s[k]['p95_ms']:.2f}")
+            for k in ("embed_query", "bm25", "dense_search", "hybrid",
+                      "hybrid_with_embedding")], header=("step", "p50 ms", "p95 ms"))
+
+    if args.answers:
+        n = args.answers
+        asked = builtin_questions(root, answerable=n * 3 // 4, held_out=n - n * 3 // 4)
+        retriever = Retriever.open(index)
+        answerer = Answerer(retriever, "builtin:smollm2-135m")
+        t = time.perf_counter()
+        summary, records = evaluate_answers(answerer, asked)
+        answerer.close()
+        retriever.close()
+        summary["seconds"] = time.perf_counter() - t
+        result["answers"] = summary
+        result["answer_records"] = records
+        print_table(f"answers, builtin:smollm2-135m, {summary['answerable']} answerable + "
+                    f"{summary['out_of_corpus']} out of corpus", [
+                        ("exact match", f"{summary['em']:.1%}", f"{summary['em_norag']:.1%}"),
+                        ("contains gold", f"{summary['contains']:.1%}",
+                         f"{summary['contains_norag']:.1%}"),
+                        ("ROUGE-L", f"{summary['rouge_l']:.3f}",
+                         f"{summary['rouge_l_norag']:.3f}")],
+                    header=("", "with RAG", "without RAG"))
+        print_table("answers, grounding", [
+            ("citations on the gold source", f"{summary['cited_gold']:.1%} of "
+             f"{summary['answered_with_citations']}"),
+            ("abstained, out of corpus", f"{summary['abstain_out']:.1%}"),
+            ("abstained, answerable", f"{summary['abstain_in']:.1%}"),
+            ("answer latency p50 / p95", f"{summary['latency_p50_s']:.2f} / "
+             f"{summary['latency_p95_s']:.2f} s")])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
