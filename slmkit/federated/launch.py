@@ -220,6 +220,21 @@ def submit(app: Path, home: Path, log_path: Path) -> int:
         return proc.wait()
 
 
+def _fits(cfg: FederateConfig):
+    """Whether a built-in task row, rendered as training renders it, fits ``--seq-len``."""
+    from slmkit.data.corpus import Document
+    from slmkit.models import load_tokenizer
+    from slmkit.train.sft import format_example
+
+    tok = load_tokenizer(cfg.model)
+    template = "plain" if cfg.template == "auto" else cfg.template
+
+    def fits(row: dict) -> bool:
+        doc = Document(row["id"], row["prompt"] + row["completion"], prompt=row["prompt"])
+        return len(format_example(tok, doc, "-", template).ids) <= cfg.seq_len + 1
+    return fits
+
+
 def _precheck(cfg: FederateConfig, clients: list[tuple[str, str]]) -> None:
     """Refuse a client whose data is missing, unreadable or empty before starting anything."""
     from slmkit.federated.local import load_examples
@@ -254,7 +269,8 @@ def run_federate(cfg: FederateConfig) -> StepResult:
     clients: list[tuple[str, str]] = []
     if cfg.clients:
         clients = [(n, str(Path(d).expanduser().resolve()) if Path(d).expanduser().exists()
-                     else d) for n, d in client_specs(cfg.clients, ck_root, cfg.max_samples)]
+                     else d) for n, d in client_specs(cfg.clients, ck_root, cfg.max_samples,
+                                                      _fits(cfg))]
         if cfg.template == "auto" and any(c.startswith("split:") for c in cfg.clients):
             updates["template"] = "plain"                     # raw-code prompts
         updates["threads"] = cfg.threads or max(1, (os.cpu_count() or 1) // len(clients))

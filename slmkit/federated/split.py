@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from slmkit.errors import ConfigError
 
@@ -37,10 +38,11 @@ def split_by_package(rows: list[dict], n: int) -> list[list[dict]]:
     return parts
 
 
-def client_specs(items: list[str], workdir: Path, max_samples: int | None = None
-                 ) -> list[tuple[str, str]]:
+def client_specs(items: list[str], workdir: Path, max_samples: int | None = None,
+                 fits: Callable[[dict], bool] | None = None) -> list[tuple[str, str]]:
     """``[(name, data spec)]`` for ``--clients``; a ``split:TASK:N`` item is written as N
-    JSONL files under ``workdir/clients/``.
+    JSONL files under ``workdir/clients/``, keeping the rows ``fits`` accepts (those that
+    fit the context; a written row that does not would refuse its whole client).
 
     Raises:
         ConfigError: a malformed ``split:`` item, an unknown task, or two clients with the
@@ -58,7 +60,8 @@ def client_specs(items: list[str], workdir: Path, max_samples: int | None = None
                                   "split:stdlib-docstring:3.")
             folder = workdir / "clients"
             folder.mkdir(parents=True, exist_ok=True)
-            for k, part in enumerate(split_by_package(builtin_task_rows(task), int(n))):
+            rows = [r for r in builtin_task_rows(task) if fits is None or fits(r)]
+            for k, part in enumerate(split_by_package(rows, int(n))):
                 part = part[:max_samples] if max_samples else part
                 path = folder / f"{task}-{k + 1}.jsonl"
                 path.write_text("".join(json.dumps({"prompt": r["prompt"],
