@@ -8,7 +8,8 @@ submitted to a SuperLink someone started, whose SuperNodes hold the data.
 
 The ``ServerApp`` writes ``--out`` (on the SuperLink's machine: run ``slm federate`` there)
 and a status file; this process reads it back as the step's result. Peak memory is the
-largest sum of resident memory over every process of a simulation, sampled twice a second.
+largest sum of proportional set sizes (PSS) over every process of a simulation, sampled
+twice a second.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class LocalFederation:
                 try:
                     ps = psutil.Process(p.pid)
                     for q in [ps, *ps.children(recursive=True)]:
-                        total += q.memory_info().rss
+                        total += _pss(q)
                 except psutil.Error:
                     continue
             self.peak_rss = max(self.peak_rss, total)
@@ -178,6 +179,18 @@ class LocalFederation:
                 except ProcessLookupError:
                     pass
                 p.wait()
+
+
+def _pss(proc) -> int:
+    """Proportional set size (a forked child's copy-on-write pages shared with its parent
+    count once overall, not once per process, as the sum of RSS would); RSS where the
+    kernel does not say."""
+    import psutil
+
+    try:
+        return proc.memory_full_info().pss
+    except (AttributeError, psutil.AccessDenied):
+        return proc.memory_info().rss
 
 
 def write_app(folder: Path, cfg: FederateConfig, launch: str, address: str) -> None:
@@ -338,7 +351,7 @@ def _result(cfg: FederateConfig, r: dict, clients, fed, wall: float) -> StepResu
         rows.append(("privacy", f"epsilon {r['dp_epsilon']:.2f} at delta {r['dp_delta']:g} "
                                 f"(noise x{r['dp_noise_multiplier']:.3f}, clip {r['dp_clip']:g})"))
     if fed is not None:
-        rows.append(("peak memory", f"{human_bytes(fed.peak_rss)} (all processes)"))
+        rows.append(("peak memory", f"{human_bytes(fed.peak_rss)} (PSS, all processes)"))
     rows += [("time", f"{wall:.1f} s"), ("written to", f"{cfg.out} (merged model"
              + (", adapter/" if cfg.method == "lora" else "") + ")")]
     return StepResult("federate", cfg.out, figures, rows,
