@@ -211,7 +211,7 @@ def report(results: dict) -> None:
             r = a[name]
             print(f"  {name}: {r['adapter_bytes']:,} adapter bytes, "
                   f"{r['upload_bytes_per_client_round']:,} sent per client per round, "
-                  f"wall {r['wall_seconds']:.0f} s, peak {r.get('peak_rss_bytes', 0) / 1e9:.2f} GB"
+                  f"wall {r['wall_seconds']:.0f} s, peak {r.get('peak_memory_bytes', 0) / 1e9:.2f} GB"
                   + (f", epsilon {r['dp_epsilon']:.2f}" if "dp_epsilon" in r else ""))
 
 

@@ -94,7 +94,7 @@ class LocalFederation:
         self.clients, self.home, self.threads, self.preload = clients, home, threads, preload
         self.procs: list[subprocess.Popen] = []
         self.port = _free_port()
-        self.peak_rss = 0
+        self.peak_memory = 0
         self._stop = threading.Event()
 
     def env(self) -> dict[str, str]:
@@ -159,7 +159,7 @@ class LocalFederation:
                         total += _pss(q)
                 except psutil.Error:
                     continue
-            self.peak_rss = max(self.peak_rss, total)
+            self.peak_memory = max(self.peak_memory, total)
             self._stop.wait(0.5)
 
     def __exit__(self, *exc) -> None:
@@ -329,7 +329,7 @@ def _result(cfg: FederateConfig, r: dict, clients, fed, wall: float) -> StepResu
     history = r.pop("history")
     figures = {**r, "wall_seconds": wall}
     if fed is not None:
-        figures["peak_rss_bytes"] = fed.peak_rss
+        figures["peak_memory_bytes"] = fed.peak_memory
     rows_t = [(h["round"], len(h["clients"]), f"{h['train_loss']:.4f}",
                f"{h['eval_loss']:.4f}" if "eval_loss" in h else "-",
                human_bytes(h["upload_bytes_per_client"]), human_bytes(h["download_bytes_per_client"]),
@@ -351,7 +351,7 @@ def _result(cfg: FederateConfig, r: dict, clients, fed, wall: float) -> StepResu
         rows.append(("privacy", f"epsilon {r['dp_epsilon']:.2f} at delta {r['dp_delta']:g} "
                                 f"(noise x{r['dp_noise_multiplier']:.3f}, clip {r['dp_clip']:g})"))
     if fed is not None:
-        rows.append(("peak memory", f"{human_bytes(fed.peak_rss)} (PSS, all processes)"))
+        rows.append(("peak memory", f"{human_bytes(fed.peak_memory)} (PSS, all processes)"))
     rows += [("time", f"{wall:.1f} s"), ("written to", f"{cfg.out} (merged model"
              + (", adapter/" if cfg.method == "lora" else "") + ")")]
     return StepResult("federate", cfg.out, figures, rows,
