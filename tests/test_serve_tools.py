@@ -125,6 +125,7 @@ def test_tool_results_feed_the_next_turn(client, live):
     r = client.chat.completions.create(model=NAME, messages=history, tools=TOOLS,
                                        tool_choice="none", temperature=0, max_tokens=8)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    assert not r.choices[0].message.content.startswith("{")  # no call written out as text
     # the history really reached the prompt: it is longer than the question alone
     bare = client.chat.completions.create(model=NAME, messages=ASK, max_tokens=1)
     assert r.usage.prompt_tokens > bare.usage.prompt_tokens + 10

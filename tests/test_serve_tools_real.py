@@ -48,24 +48,29 @@ def client(tmp_path_factory):
 
 
 def test_openai_tool_loop_completes(client):
-    """Call the tool, hand its result back, get a plain-text answer that uses it."""
+    """The client's agent loop: call the tool, hand back its result, and repeat while the
+    model calls again (at most 3 rounds; the last one with tool_choice 'none', an agent's
+    usual iteration cap), then a plain-text answer that uses the result."""
     messages = [{"role": "user", "content": "What is the weather in Paris in celsius?"}]
-    r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
-                                       tool_choice="required", temperature=0, max_tokens=60,
-                                       parallel_tool_calls=False)
-    assert r.choices[0].finish_reason == "tool_calls"
-    (call,) = r.choices[0].message.tool_calls
-    args = json.loads(call.function.arguments)
-    assert call.function.name == "get_weather" and "Paris" in args["city"]
-    jsonschema.validate(args, WEATHER)
-    messages += [r.choices[0].message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id,
-                  "content": json.dumps({"temperature": 18, "sky": "sunny"})}]
-    r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
-                                       temperature=0, max_tokens=40)
-    answer = r.choices[0].message
-    assert answer.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
-    assert "18" in answer.content or "sunny" in answer.content.lower()
+    choice = "required"
+    for round_ in range(4):
+        r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
+                                           tool_choice=choice, temperature=0, max_tokens=60,
+                                           parallel_tool_calls=False)
+        message = r.choices[0].message
+        if not message.tool_calls:
+            break
+        assert r.choices[0].finish_reason == "tool_calls"
+        (call,) = message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and "Paris" in args["city"]
+        jsonschema.validate(args, WEATHER)
+        messages += [message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id,
+                      "content": json.dumps({"temperature": 18, "sky": "sunny"})}]
+        choice = "auto" if round_ < 2 else "none"
+    assert round_ >= 1 and message.tool_calls is None
+    assert "18" in message.content or "sunny" in message.content.lower()
 
 
 def test_streamed_tool_call(client):
@@ -104,3 +109,32 @@ def test_embeddings_put_paraphrases_closest(client):
     similarity = vectors @ vectors.T
     np.fill_diagonal(similarity, -1)
     assert similarity.argmax(1).tolist() == [1, 0, 3, 2, 5, 4]
+
+
+def test_langchain_agent_tool_loop(client):
+    """LangChain's ChatOpenAI(...).bind_tools(...) with a tool loop, as an agent runs it."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str, unit: str) -> str:
+        """Current weather in a city (unit: celsius or fahrenheit)."""
+        return json.dumps({"city": city, "temperature": 18, "sky": "sunny"})
+
+    llm = ChatOpenAI(base_url=str(client.base_url), api_key="unused", model="smol",
+                     temperature=0, max_tokens=60, max_retries=0)
+    messages = [HumanMessage("What is the weather in Paris in celsius?")]
+    choice = "required"
+    for round_ in range(4):  # the same loop as above, LangChain's way
+        ai = llm.bind_tools([get_weather], tool_choice=choice,
+                            parallel_tool_calls=False).invoke(messages)
+        if not ai.tool_calls:
+            break
+        (call,) = ai.tool_calls
+        assert call["name"] == "get_weather" and "Paris" in call["args"]["city"]
+        messages += [ai, ToolMessage(get_weather.invoke(call["args"]),
+                                     tool_call_id=call["id"])]
+        choice = "auto" if round_ < 2 else "none"
+    assert round_ >= 1 and not ai.tool_calls
+    assert "18" in ai.content or "sunny" in ai.content.lower()

@@ -13,6 +13,8 @@ describes them in the system prompt and lets a grammar hold the model to one ans
   tool's parameters schema (one call unless parallel calls are allowed);
 * ``tool_choice="auto"``: a union grammar, *plain text* (which may not start with ``{``)
   **or** the call object; the model's first token decides;
+* ``tool_choice="none"``: plain text only (not starting with ``{``): SmolLM2-135M, shown
+  calls in the history and no grammar, wrote a call out as text instead of answering;
 * history: an assistant turn that called tools is replayed as that same JSON, and a
   ``tool`` message stays a ``tool`` turn reading ``<name>: <content>`` when the template
   shows that role (SmolLM2's prints any role; Qwen's and Llama's know ``tool``), else it
@@ -62,13 +64,23 @@ def call_schema(tools: list[Tool], parallel: bool = True) -> dict:
             "additionalProperties": False}
 
 
+#: Plain text, told apart from a call by its first character.
+TEXT = r"[^{][\s\S]*"
+
+
 def tool_grammar(tools: list[Tool], required: bool, parallel: bool = True) -> Grammar:
     """The grammar for a turn that may (``required=False``) or must call ``tools``."""
     schema = call_schema(tools, parallel)
     if required:
         return Grammar.json_schema(schema)
     embedded = json.dumps({**schema, "x-guidance": JSON_STYLE})
-    return Grammar.lark("start: TEXT | call\nTEXT: /[^{][\\s\\S]*/\ncall: %json " + embedded)
+    return Grammar.lark(f"start: TEXT | call\nTEXT: /{TEXT}/\ncall: %json " + embedded)
+
+
+def text_grammar() -> Grammar:
+    """A turn that must not call (``tool_choice="none"``): plain text not starting with
+    ``{``, so a model that saw calls in the history cannot write one out as text."""
+    return Grammar.regex(TEXT)
 
 
 def system_prompt(tools: list[Tool], required: bool) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from slmkit.engine.grammar import Grammar, GrammarError, check
 from slmkit.engine.tools import (NAME_RE, CallDelta, Tool, ToolCallScanner, render_calls,
-                                 render_result, system_prompt, tool_grammar)
+                                 render_result, system_prompt, text_grammar, tool_grammar)
 from slmkit.serve.protocol import APIError, ChatRequest, CompletionRequest
 
 
@@ -109,7 +109,7 @@ def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
     tools = _tools(req)
     choice = req.tool_choice or "auto"
     if choice == "none":
-        return OutputPlan(grammar)
+        return OutputPlan(grammar or text_grammar())
     if grammar is not None:
         raise _bad("response_format", "a JSON response format cannot be combined with tools "
                    "the model may call; send tool_choice 'none' for a JSON answer, or drop "
