@@ -81,7 +81,7 @@ class GenerationService:
         self.chat_stops = chat_stop_ids(tokenizer)
         # the grammar compiler's one-off first mask (~1.5 s on a 49k vocabulary) is paid in
         # the background now instead of by the first JSON-schema or tool request
-        threading.Thread(target=engine.grammars.warm, name="slmkit-grammar-warm",
+        threading.Thread(target=lambda: engine.grammars.warm(), name="slmkit-grammar-warm",
                          daemon=True).start()
 
     def close(self) -> None:
