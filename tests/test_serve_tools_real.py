@@ -55,7 +55,7 @@ def test_openai_tool_loop_completes(client):
     choice = "required"
     for round_ in range(4):
         r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
-                                           tool_choice=choice, temperature=0, max_tokens=60,
+                                           tool_choice=choice, temperature=0, max_tokens=40,
                                            parallel_tool_calls=False)
         message = r.choices[0].message
         if not message.tool_calls:
@@ -76,7 +76,7 @@ def test_openai_tool_loop_completes(client):
 def test_streamed_tool_call(client):
     calls, finish = {}, None
     for chunk in client.chat.completions.create(
-            model="smol", stream=True, temperature=0, max_tokens=60, tools=TOOLS,
+            model="smol", stream=True, temperature=0, max_tokens=40, tools=TOOLS,
             tool_choice={"type": "function", "function": {"name": "add"}},
             messages=[{"role": "user", "content": "What is 12 plus 30?"}]):
         for d in chunk.choices[0].delta.tool_calls or []:
@@ -123,7 +123,7 @@ def test_langchain_agent_tool_loop(client):
         return json.dumps({"city": city, "temperature": 18, "sky": "sunny"})
 
     llm = ChatOpenAI(base_url=str(client.base_url), api_key="unused", model="smol",
-                     temperature=0, max_tokens=60, max_retries=0)
+                     temperature=0, max_tokens=40, max_retries=0)
     messages = [HumanMessage("What is the weather in Paris in celsius?")]
     choice = "required"
     for round_ in range(4):  # the same loop as above, LangChain's way
