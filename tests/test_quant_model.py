@@ -345,3 +345,17 @@ def test_calibration_windows_are_shared_equally_between_corpora(tokenizer, calib
     small_ids = set(tokenizer(small.read_text())["input_ids"])
     from_small = [set(row.tolist()) <= small_ids for row in both]
     assert from_small == [False, True] * 3
+
+
+def test_gptq_true_sequential_off_collects_every_hessian_in_one_pass(tokenizer, calib_dir):
+    """Off, every group's Hessian comes from the unquantized block: in the first block,
+    q/k/v (nothing is quantized before them in either mode) get the same codes, and the
+    last group (down) differs."""
+    first = {}
+    for ts in (True, False):
+        model = build_tiny_model("llama", tokenizer)
+        quantize_model(model, tokenizer, _cfg(calib_dir, method="gptq", true_sequential=ts))
+        first[ts] = {n: model.model.layers[0].get_submodule(n).qweight.clone()
+                     for n in ("self_attn.q_proj", "mlp.down_proj")}
+    assert torch.equal(first[True]["self_attn.q_proj"], first[False]["self_attn.q_proj"])
+    assert not torch.equal(first[True]["mlp.down_proj"], first[False]["mlp.down_proj"])

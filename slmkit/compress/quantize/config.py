@@ -49,6 +49,9 @@ class QuantizeOptions(Calibration):
                               "linears to skip (repeatable).")
     damp: float = Field(default=0.01, ge=0, lt=1, description="GPTQ relative Hessian "
                         "dampening.")
+    true_sequential: bool = Field(default=True, description="GPTQ: collect each group's "
+                                  "Hessian (q/k/v, o, gate/up, down) after the groups before "
+                                  "it are quantized; off: one pass per block for all (faster).")
     act_order: bool = Field(default=False, description="GPTQ: quantize columns in order of "
                             "decreasing Hessian diagonal.")
     preserve_zeros: bool = Field(default=True, description="GPTQ: weights that are exactly "
@@ -109,7 +112,7 @@ class QuantizeOptions(Calibration):
 
 
 CALIBRATION = {"calib_data", "calib_samples", "calib_seq_len", "seed", "calib_precision"}
-GPTQ_ONLY = {"damp", "act_order", "block_size", "preserve_zeros"}
+GPTQ_ONLY = {"damp", "act_order", "block_size", "preserve_zeros", "true_sequential"}
 AWQ_ONLY = {"awq_grid", "awq_clip"}
 
 

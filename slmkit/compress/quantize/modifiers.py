@@ -105,7 +105,9 @@ class GPTQModifier(QuantizeModifier):
 
     For each group of linears sharing an input (q/k/v, then o, then gate/up, then down),
     the block is re-run on its calibration inputs to collect the group's Hessians *after*
-    the earlier groups were quantized, then each linear of the group is quantized.
+    the earlier groups were quantized, then each linear of the group is quantized. With
+    ``true_sequential`` off, one pass collects every group's Hessian from the unquantized
+    block (what llm-compressor's GPTQ does), about 0.45 block passes fewer.
     """
 
     def on_block(self, index, block_name, block, inputs) -> None:
@@ -113,11 +115,17 @@ class GPTQModifier(QuantizeModifier):
         if not linears:
             return
         cfg = self.cfg
-        for group in sequential_groups(block, inputs, linears):
-            # the group's linears read the very same input: one Hessian serves them all
-            acc = HessianAccumulator(weight_matrix(linears[group[0]]).shape[1])
-            feed_linears(block, inputs, {group[0]: linears[group[0]]},
-                         lambda n, x: acc.add(x))
+        groups = sequential_groups(block, inputs, linears)
+        heads = {g[0]: linears[g[0]] for g in groups}
+        # the linears of a group read the very same input: one Hessian serves them all
+        accs = {n: HessianAccumulator(weight_matrix(m).shape[1]) for n, m in heads.items()}
+        if not cfg.true_sequential:   # every group's Hessian from one pass over the block
+            feed_linears(block, inputs, heads, lambda n, x: accs[n].add(x))
+        for group in groups:
+            acc = accs[group[0]]
+            if cfg.true_sequential:   # after the groups before it were quantized
+                feed_linears(block, inputs, {group[0]: heads[group[0]]},
+                             lambda n, x: acc.add(x))
             for name in group:
                 w = weight_matrix(linears[name])
                 codes, scale, zero = gptq_quantize_weight(
