@@ -20,6 +20,9 @@ the engine spends in its mask hook (``Engine._constrain``: computing every const
 row's mask and applying it) is also summed, as a share of decode time and per token: a
 direct figure that machine noise between the two runs cannot blur.
 
+Part 3 -- each schema once on the real model (greedy, the schema in the prompt, batched):
+how many answers finish within ``--parse-tokens`` and, of those, parse and validate.
+
 Run timings under the team lock::
 
     flock /tmp/slmkit-bench.lock .venv/bin/python bench/grammar.py
@@ -313,6 +316,39 @@ def engine_overhead(model, tok, tokens: int, rounds: int, batches: list[int]) ->
     return out
 
 
+def parse_rate(model, tok, max_tokens: int) -> dict:
+    """Part 3: every schema of :data:`SCHEMAS` once on the real model, greedy, batched;
+    how many answers finish, parse and validate (``jsonschema``)."""
+    import jsonschema
+
+    engine = Engine(model, tok, max_batch=len(SCHEMAS), background=False)
+    handles = []
+    for schema in SCHEMAS:
+        ids = tok.apply_chat_template([{"role": "user", "content": "Reply with JSON that "
+                                        f"matches this schema: {json.dumps(schema)}"}],
+                                      add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        handles.append(engine.submit(ids, SamplingParams(
+            max_tokens=max_tokens, temperature=0, grammar=Grammar.json_schema(schema))))
+    finished = valid = 0
+    cut = []
+    for k, (schema, h) in enumerate(zip(SCHEMAS, handles)):
+        c = h.result()
+        if c.finish_reason != "stop":
+            cut.append(f"schema {k}: ...{c.text[-40:]!r}")
+            continue
+        finished += 1
+        try:
+            jsonschema.validate(json.loads(c.text), schema)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    out = {"schemas": len(SCHEMAS), "finished": finished, "valid_of_finished": valid,
+           "cut_by_max_tokens": cut}
+    print("parse rate", out, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -320,6 +356,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-libraries", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--parse-tokens", type=int, default=256,
+                    help="part 3: token budget per answer (0 skips part 3)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from slmkit.models import load_model
@@ -331,7 +370,10 @@ def main() -> None:
     result = {"threads": args.threads, "vocab": vocab, "schemas": len(SCHEMAS)}
     if not args.skip_libraries:
         result["libraries"] = compare_libraries(tok, vocab)
-    result["engine"] = engine_overhead(model, tok, args.tokens, args.rounds, args.batches)
+    if not args.skip_engine:
+        result["engine"] = engine_overhead(model, tok, args.tokens, args.rounds, args.batches)
+    if args.parse_tokens:
+        result["parse"] = parse_rate(model, tok, args.parse_tokens)
     out = Path(__file__).parent / "results" / "grammar.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

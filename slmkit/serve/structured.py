@@ -6,7 +6,9 @@ the answer may call. :func:`chat_messages` turns OpenAI messages, including assi
 ``tool_calls`` and ``tool`` results, into the plain role/content list a chat template
 takes, with the tools described in the system prompt (:mod:`slmkit.engine.tools` owns
 that format). :class:`ToolCallReader` turns the generated text back into OpenAI
-``tool_calls``, whole or as stream deltas.
+``tool_calls``, whole or as stream deltas. With ``tools`` and ``tool_choice: "none"``
+the answer is plain text that does not start with ``{`` (a small model that saw calls
+in the history otherwise writes one out as text).
 
 What is refused (400): ``response_format`` together with tools the model may call (an
 answer is either a call or schema-bound text; say ``tool_choice: "none"`` to get the
