@@ -145,3 +145,26 @@ def test_slm_generate_json_schema(llama_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert f"--json-schema {schema}" in err and "uniqueItems" in err
+
+
+def test_request_stop_tokens_are_allowed_once_the_grammar_accepts(models, tokenizer):
+    """A chat model may end its turn with a token other than the tokenizer's EOS."""
+    from slmkit.engine.grammar import allowed
+
+    engine = Engine(models["llama"], tokenizer, max_batch=1, background=False)
+    stop = tokenizer("x", add_special_tokens=False)["input_ids"][0]  # not a digit, not EOS
+    grammar = Grammar.regex(r"[0-9]{1,3}")
+    state = engine.grammars.state(grammar)
+    bitmask = torch.empty(1, engine.grammars.words, dtype=torch.int32)
+    state.fill(bitmask)
+    state.allow_stops(bitmask, 0, [stop])
+    assert not allowed(bitmask, engine.vocab_size)[0, stop]  # nothing matched yet
+    handle = engine.submit(_prompt(tokenizer), SamplingParams(
+        max_tokens=3, temperature=0, grammar=grammar, stop_token_ids=[stop]))
+    engine.step()  # prefill and the first token: one digit, so the grammar accepts
+    (request,) = engine._active
+    logits = torch.zeros(1, engine.vocab_size)
+    engine._constrain([request], logits)
+    assert logits[0, stop] == 0 and logits[0, tokenizer.eos_token_id] == 0
+    assert torch.isinf(logits[0]).sum() > engine.vocab_size // 2  # the rest stays masked
+    assert handle.result().text.isdigit()

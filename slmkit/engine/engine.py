@@ -133,9 +133,12 @@ class _Request:
 
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams,
                  tokenizer, on_event: Callable[[Event], None] | None,
-                 grammar: GrammarState | None = None):
+                 grammar: GrammarState | None = None, eos: set[int] = frozenset()):
         self.handle = handle
         self.grammar = grammar
+        #: tokens that end this request (allowed under a grammar once it accepts)
+        self.stop_ids = [] if grammar is None else sorted(
+            set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos)))
         self.prompt = prompt_ids
         self.params = params
         self.sampler = RequestSampler(params, prompt_ids)
@@ -287,7 +290,7 @@ class Engine:
                               "stop_token_ids.")
         grammar = self.grammars.state(params.grammar) if params.grammar is not None else None
         handle = RequestHandle(self, request_id or f"req-{next(_ids)}")
-        request = _Request(handle, prompt, params, self.tokenizer, on_event, grammar)
+        request = _Request(handle, prompt, params, self.tokenizer, on_event, grammar, self.eos)
         with self._cond:
             if self._closed:
                 raise ConfigError("This engine is closed; create a new Engine.")
@@ -400,7 +403,9 @@ class Engine:
             self._bitmask = torch.empty(self.max_batch, self.grammars.words, dtype=torch.int32)
         bitmask = self._bitmask[:len(rows)]
         for j, i in enumerate(rows):
-            reqs[i].grammar.fill(bitmask, j)
+            r = reqs[i]
+            r.grammar.fill(bitmask, j)
+            r.grammar.allow_stops(bitmask, j, r.stop_ids)
         mask_rows_(logits, rows, bitmask)
         return raw
 
@@ -408,7 +413,7 @@ class Engine:
                     raw: torch.Tensor | None = None) -> None:
         choice = r.sampler.choose(logits, best, raw)
         grammar_done = False
-        if r.grammar is not None:
+        if r.grammar is not None and choice.token_id not in r.stop_ids:
             if not r.grammar.advance(choice.token_id):  # a bug: the mask allowed it
                 self._finish(r, "error", error=f"the grammar rejected token "
                              f"{choice.token_id} ({r.grammar.error})")

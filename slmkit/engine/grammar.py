@@ -202,6 +202,16 @@ class GrammarState:
         """Consume the chosen token; False if the grammar rejects it (never, after a mask)."""
         return bool(self.matcher.consume_token(int(token_id)))
 
+    def allow_stops(self, bitmask: torch.Tensor, row: int, stop_ids: list[int]) -> None:
+        """Once the grammar accepts, also allow the request's own stop tokens in
+        ``bitmask[row]`` (llguidance allows only the tokenizer's EOS; a chat model may end
+        its turn with another token, e.g. ``<|im_end|>`` when EOS is ``<|endoftext|>``)."""
+        if stop_ids and self.matcher.is_accepting():
+            words = bitmask[row].numpy().view(np.uint32)
+            for t in stop_ids:
+                if t // 32 < len(words):
+                    words[t // 32] |= np.uint32(1 << (t % 32))
+
     @property
     def finished(self) -> bool:
         """The grammar is complete and allows no further token (end of output)."""
