@@ -325,7 +325,8 @@ class GenerationService:
         """SSE frames in OpenAI's shape; cancels the generation if the client leaves.
 
         A tool turn (``tools``) streams a call as OpenAI does: one delta announcing the
-        call (index, id, name, empty arguments), then deltas of its arguments text."""
+        call (index, id, type, name and the arguments text so far), then deltas of more
+        arguments text; the role chunk then has ``content: null``."""
         chat = isinstance(req, ChatRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{generation.handle.id}"
         created, model = R.now(), req.model
