@@ -183,3 +183,137 @@ class ToolCallScanner:
         elif ch in "}]":
             self._depth -= 1
             self._in_args = self._depth > 0
+
+
+# --------------------------------------------------------------------------- conversations
+
+class ToolFormatError(ValueError):
+    """A conversation the generic format cannot render; ``param`` names the field
+    (``messages.3.tool_call_id``) so the server can answer a 400 and a data file a line."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_tools(specs: list, param: str = "tools") -> list[Tool]:
+    """OpenAI tool definitions (``{"type": "function", "function": {"name", "description",
+    "parameters"}}`` dicts) as :class:`Tool`\\ s, or :class:`ToolFormatError` naming the
+    bad one (a missing or bad name, a repeated name, parameters that are not an object
+    schema)."""
+    if not isinstance(specs, list) or not specs:
+        raise ToolFormatError(param, "give a non-empty list of tools")
+    tools, seen = [], set()
+    for i, spec in enumerate(specs):
+        where = f"{param}.{i}"
+        f = spec.get("function") if isinstance(spec, dict) else None
+        if not isinstance(f, dict) or spec.get("type", "function") != "function":
+            raise ToolFormatError(where, 'write each tool as {"type": "function", '
+                                  '"function": {"name": ..., "parameters": {...}}}')
+        name = f.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ToolFormatError(f"{where}.function.name", "use 1-64 letters, digits, '_' "
+                                  "or '-'")
+        if name in seen:
+            raise ToolFormatError(f"{where}.function.name", f"the tool '{name}' is listed "
+                                  "twice")
+        seen.add(name)
+        parameters = f.get("parameters")
+        parameters = dict(EMPTY_PARAMETERS) if parameters is None else parameters
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise ToolFormatError(f"{where}.function.parameters", "a function's parameters "
+                                  'must be an object schema ({"type": "object", '
+                                  '"properties": {...}})')
+        description = f.get("description") or ""
+        if not isinstance(description, str):
+            raise ToolFormatError(f"{where}.function.description", "make it a string")
+        tools.append(Tool(name, description, {"type": "object", **parameters}))
+    return tools
+
+
+def _call_arguments(call, where: str) -> tuple[str, dict]:
+    """``(name, arguments)`` of one OpenAI tool call dict (arguments: a JSON string or,
+    as many datasets write them, an object)."""
+    f = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+        raise ToolFormatError(where, 'write each call as {"id": ..., "type": "function", '
+                              '"function": {"name": ..., "arguments": "{...}"}}')
+    arguments = f.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = None
+    if not isinstance(arguments, dict):
+        raise ToolFormatError(f"{where}.function.arguments", "must be a JSON object in a "
+                              "string")
+    return f["name"], arguments
+
+
+def conversation(messages: list[dict], tools: list[Tool] | None = None,
+                 required: bool = False, tool_role: bool = True) -> list[dict[str, str]]:
+    """OpenAI-format messages -> the ``[{"role", "content"}]`` list a chat template takes.
+
+    The one renderer of the generic format, used by the server (requests) and by
+    fine-tuning (``tools.jsonl`` rows), so a model is trained on exactly the prompts it is
+    served with. ``messages`` are dicts with ``role``, ``content`` (a string or None),
+    an assistant's ``tool_calls`` and a tool message's ``tool_call_id``; ``developer``
+    becomes ``system``. With ``tools`` their description (:func:`system_prompt`) is
+    appended to the system message or put first. ``tool_role=False`` turns tool
+    messages into user turns that name the call (templates that cannot show ``tool``).
+
+    Raises:
+        ToolFormatError: tool calls on a non-assistant message, unparsable arguments, a
+            tool message whose ``tool_call_id`` no earlier call has.
+    """
+    names: dict[str, str] = {}  # tool call id -> function name
+    out = []
+    for i, m in enumerate(messages):
+        role, text = m["role"], m.get("content") or ""
+        role = "system" if role == "developer" else role
+        if m.get("tool_calls") and role != "assistant":
+            raise ToolFormatError(f"messages.{i}.tool_calls", "only assistant messages carry "
+                                  "tool calls")
+        if m.get("tool_calls"):
+            calls = []
+            for j, call in enumerate(m["tool_calls"]):
+                calls.append(_call_arguments(call, f"messages.{i}.tool_calls.{j}"))
+                if isinstance(call.get("id"), str):
+                    names[call["id"]] = calls[-1][0]
+            text = (text + "\n" if text else "") + render_calls(calls)
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id not in names:
+                raise ToolFormatError(f"messages.{i}.tool_call_id", "a tool message must "
+                                      "answer a call of an earlier assistant message (give "
+                                      "that call's id)")
+            role = "tool" if tool_role else "user"
+            text = render_result(names[call_id], call_id, text, tool_role)
+        out.append({"role": role, "content": text})
+    if tools:
+        prompt = system_prompt(tools, required)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def renders_tool_role(tokenizer, messages: list[dict[str, str]]) -> bool:
+    """Whether ``tokenizer``'s chat template shows ``tool`` messages of a rendered
+    conversation (else :func:`conversation` is asked for user turns instead)."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception:  # a template that raises on roles it does not know
+        return False
+    return all(m["content"] in text for m in messages if m["role"] == "tool")
+
+
+def render_conversation(tokenizer, messages: list[dict], tools: list[Tool] | None = None,
+                        required: bool = False) -> list[dict[str, str]]:
+    """:func:`conversation` with the tool-role choice made for ``tokenizer``'s template."""
+    out = conversation(messages, tools, required)
+    if any(m["role"] == "tool" for m in out) and not renders_tool_role(tokenizer, out):
+        out = conversation(messages, tools, required, tool_role=False)
+    return out

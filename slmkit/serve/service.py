@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmkit.engine import Engine, FinishEvent, SamplingParams, TokenEvent
 from slmkit.engine.generate import chat_stop_ids
+from slmkit.engine.tools import renders_tool_role
 from slmkit.errors import ConfigError
 from slmkit.serve import responses as R
 from slmkit.serve.backend import AsyncEngine, Generation
@@ -139,7 +140,7 @@ class GenerationService:
             raise APIError(400, "Invalid 'messages': send at least one message.",
                            param="messages")
         messages = chat_messages(req, plan or OutputPlan())
-        if any(m["role"] == "tool" for m in messages) and not self._renders_tool_role(messages):
+        if any(m["role"] == "tool" for m in messages) and not renders_tool_role(self.tokenizer, messages):
             messages = chat_messages(req, plan or OutputPlan(), tool_role=False)
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -150,15 +151,6 @@ class GenerationService:
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return self._check_prompt([int(t) for t in ids], "messages")
-
-    def _renders_tool_role(self, messages: list[dict]) -> bool:
-        """Whether the chat template shows ``tool`` messages (else they go as user turns)."""
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False)
-        except Exception:  # a template that raises on roles it does not know
-            return False
-        return all(m["content"] in text for m in messages if m["role"] == "tool")
 
     def sampling(self, req: CompletionRequest | ChatRequest,
                  plan: OutputPlan | None = None) -> SamplingParams:

@@ -20,13 +20,12 @@ in ``tools``, and a ``tool`` message whose ``tool_call_id`` no earlier call has.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 
 from slmkit.engine.grammar import Grammar, GrammarError, check
-from slmkit.engine.tools import (NAME_RE, CallDelta, Tool, ToolCallScanner, render_calls,
-                                 render_result, system_prompt, text_grammar, tool_grammar)
+from slmkit.engine.tools import (NAME_RE, CallDelta, Tool, ToolCallScanner, ToolFormatError,
+                                 conversation, text_grammar, tool_grammar)
 from slmkit.serve.protocol import APIError, ChatRequest, CompletionRequest
 
 
@@ -130,43 +129,18 @@ def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
 
 def chat_messages(req: ChatRequest, plan: OutputPlan,
                   tool_role: bool = True) -> list[dict[str, str]]:
-    """The conversation as ``[{"role", "content"}]`` for ``apply_chat_template``.
+    """The conversation as ``[{"role", "content"}]`` for ``apply_chat_template``
+    (:func:`slmkit.engine.tools.conversation`, the renderer fine-tuning uses too).
 
     ``tool_role``: keep ``tool`` messages in their own role (for templates that render
     it); False turns them into user turns that name the call."""
-    names: dict[str, str] = {}  # tool call id -> function name
-    out = []
-    for i, m in enumerate(req.messages):
-        role, text = ("system" if m.role == "developer" else m.role), m.text()
-        if m.tool_calls and m.role != "assistant":
-            raise _bad(f"messages.{i}.tool_calls", "only assistant messages carry tool calls")
-        if m.tool_calls:
-            calls = []
-            for j, call in enumerate(m.tool_calls):
-                try:
-                    arguments = json.loads(call.function.arguments)
-                except json.JSONDecodeError:
-                    arguments = None
-                if not isinstance(arguments, dict):
-                    raise _bad(f"messages.{i}.tool_calls.{j}.function.arguments",
-                               "must be a JSON object in a string")
-                names[call.id] = call.function.name
-                calls.append((call.function.name, arguments))
-            text = (text + "\n" if text else "") + render_calls(calls)
-        if m.role == "tool":
-            if m.tool_call_id not in names:
-                raise _bad(f"messages.{i}.tool_call_id", "a tool message must answer a call "
-                           "of an earlier assistant message (give that call's id)")
-            role, text = ("tool" if tool_role else "user"), \
-                render_result(names[m.tool_call_id], m.tool_call_id, text, tool_role)
-        out.append({"role": role, "content": text})
-    if plan.tools:
-        prompt = system_prompt(plan.tools, plan.required)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-    return out
+    messages = [{"role": m.role, "content": m.text(), "tool_call_id": m.tool_call_id,
+                 "tool_calls": [c.model_dump() for c in m.tool_calls or []]}
+                for m in req.messages]
+    try:
+        return conversation(messages, plan.tools, plan.required, tool_role)
+    except ToolFormatError as e:
+        raise _bad(e.param, str(e)) from None
 
 
 class ToolCallReader:
