@@ -39,7 +39,8 @@ class EvalOptions(BaseModel):
                                 "the corpus split.")
     tasks: list[str] | None = Field(
         default=None, description="Comma-separated: stdlib (all built-ins), stdlib-funcname, "
-        "stdlib-docstring-mc, stdlib-nextline, stdlib-docstring, or .jsonl task files. "
+        "stdlib-docstring-mc, stdlib-nextline, stdlib-docstring, function-calling (built-in "
+        "tool calls, BFCL-style scoring), or .jsonl task files. "
         'JSONL lines: {"type":"multiple_choice","context":..,"choices":[..],"answer":i} or '
         '{"type":"generation","prompt":..,"answer":..,"stop":["\\n"]}.',
         json_schema_extra=cli(short="-t"))
@@ -181,6 +182,8 @@ def resolve_tasks(specs: list[str] | None, data: Any = "stdlib", split: str = "v
         data, split, val_fraction: where built-in tasks are mined (the corpus split).
         limit: items per task (first ``limit`` of a file; mined sets are cut the same way).
     """
+    from slmkit.eval.function_calling import TASK as FC_TASK
+    from slmkit.eval.function_calling import builtin_items
     from slmkit.eval.mining import BUILTIN_TASKS, mine_tasks
     from slmkit.eval.tasks import read_task_file
 
@@ -190,7 +193,9 @@ def resolve_tasks(specs: list[str] | None, data: Any = "stdlib", split: str = "v
         spec = spec.strip()
         if not spec:
             continue
-        if spec == "stdlib":
+        if spec == FC_TASK:
+            out[spec] = builtin_items(split, limit)  # its own fixed 20% held-out split
+        elif spec == "stdlib":
             builtin += [t for t in BUILTIN_TASKS if t not in builtin]
         elif spec in BUILTIN_TASKS:
             if spec not in builtin:
@@ -349,6 +354,10 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
     for name, t in (res.get("tasks") or {}).items():
         if t["type"] == "multiple_choice":
             text = f"acc {t['acc']:.3f}  acc_norm {t['acc_norm']:.3f}"
+        elif t["type"] == "function_call":
+            text = f"exact call {t['exact_call']:.3f} constrained, " \
+                   f"{t['exact_call_unconstrained']:.3f} free (parsed " \
+                   f"{t['parsed_unconstrained']:.3f} free)"
         else:
             text = f"EM {t['exact_match']:.3f}  F1 {t['f1']:.3f}  ROUGE-L {t['rouge_l']:.3f}"
         rows.append((f"{name} (n={t['n']})", text))

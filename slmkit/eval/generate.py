@@ -76,9 +76,7 @@ def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Se
             if on_done:
                 on_done()
         return out
-    import torch
-
-    from slmkit.engine import Engine, SamplingParams
+    from slmkit.engine import SamplingParams
 
     limit = context_length(model.config)
     jobs = []
@@ -90,8 +88,20 @@ def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Se
             ids = ids[-max(1, limit - n):]
         jobs.append((list(ids), SamplingParams(max_tokens=n, temperature=0,
                                                stop=[s for s in stop if s])))
+    return generate_many(model, tokenizer, jobs, batch=batch, on_done=on_done)
+
+
+def generate_many(model, tokenizer, jobs, batch: int = 8,
+                  on_done: Callable[[], None] | None = None) -> list[str]:
+    """The texts of ``jobs`` (``(prompt ids, SamplingParams)`` pairs: a grammar, stop
+    tokens...) run ``batch`` at a time through one engine, in order."""
+    import torch
+
+    from slmkit.engine import Engine
+
+    limit = context_length(model.config)
     longest = max(len(ids) + p.max_tokens + 1 for ids, p in jobs)
-    engine = Engine(model, tokenizer, max_batch=batch, background=False,
+    engine = Engine(model, tokenizer, max_batch=max(1, batch), background=False,
                     max_seq_len=min(longest, limit) if limit else longest,
                     threads=torch.get_num_threads())
     try:
@@ -104,4 +114,3 @@ def greedy_generate_many(model, tokenizer, requests: Sequence[tuple[str, int, Se
         return texts
     finally:
         engine.close()
-

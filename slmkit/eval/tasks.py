@@ -12,7 +12,9 @@ Multiple choice is scored lm-eval style: the log-likelihood of each choice as a
 continuation of the context; ``acc`` takes the most likely, ``acc_norm`` the most likely
 per byte (Gao et al., lm-evaluation-harness, 2021). Generation is greedy; it is scored by
 exact match, token F1 (SQuAD) and ROUGE-L, and ``metric`` names the headline figure.
-Optional fields: ``source`` (where the item was mined), ``split``.
+Optional fields: ``source`` (where the item was mined), ``split``. A third kind,
+``"function_call"`` (tools, a conversation and the expected calls, scored BFCL-style), is
+described in :mod:`slmkit.eval.function_calling`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from slmkit.errors import DataError
 from slmkit.eval.ops import exact_match, rouge_l, target_logprobs, token_f1
 
-MC, GEN = "multiple_choice", "generation"
+MC, GEN, FC = "multiple_choice", "generation", "function_call"
 GEN_METRICS = ("exact_match", "f1", "rouge_l")
 
 
@@ -60,8 +62,13 @@ def validate_item(item: Any, where: str) -> dict[str, Any]:
         if item.setdefault("metric", "exact_match") not in GEN_METRICS:
             raise DataError(f"{where} has 'metric' {item['metric']!r}; use one of "
                             f"{', '.join(GEN_METRICS)}.")
+    elif kind == FC:
+        from slmkit.eval.function_calling import validate_fc_item
+
+        validate_fc_item(item, where)
     else:
-        raise DataError(f"{where} has 'type' {kind!r}; use \"{MC}\" or \"{GEN}\".")
+        raise DataError(f"{where} has 'type' {kind!r}; use \"{MC}\", \"{GEN}\" or "
+                        f"\"{FC}\".")
     return item
 
 
@@ -95,8 +102,9 @@ def read_task_file(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"Task file '{path}' holds no task items; add one JSON object per "
                         "line.")
     if len({i["type"] for i in items}) > 1:
-        raise DataError(f"Task file '{path}' mixes multiple-choice and generation items; "
-                        "put each kind in its own file.")
+        raise DataError(f"Task file '{path}' mixes item types "
+                        f"({', '.join(sorted({i['type'] for i in items}))}); put each kind in "
+                        "its own file.")
     return items
 
 
@@ -230,4 +238,8 @@ def score_task(model, tokenizer, items: Sequence[dict[str, Any]], stream=None
     """Score one task (all items of one type)."""
     if items[0]["type"] == MC:
         return score_multiple_choice(model, tokenizer, items)
+    if items[0]["type"] == FC:
+        from slmkit.eval.function_calling import score_function_calls
+
+        return score_function_calls(model, tokenizer, items)
     return score_generation(model, tokenizer, items, stream=stream)
