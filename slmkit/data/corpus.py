@@ -13,7 +13,8 @@ A spec is one string (or a list of them), each of:
   :data:`CHUNK_BYTES` are cut at line boundaries into documents ``"<path>#<n>"`` so that a
   file larger than RAM still streams with bounded memory.
 * a ``.jsonl`` file: one document per line, with a ``text`` field, ``prompt``/``completion``
-  fields, or chat ``messages``. Ids are ``"<path>:<line>"``.
+  fields, or chat ``messages`` (OpenAI format, tool calls and results included, with the
+  row's ``tools`` list). Ids are ``"<path>:<line>"``.
 * a directory (all files below it, recursively, hidden ones skipped) or a glob.
 
 Everything is streamed file by file; nothing joins the corpus into one string. Binary
@@ -56,7 +57,10 @@ class Document:
         prompt: for ``prompt``/``completion`` JSONL rows, the prompt part; ``text`` is then
             ``prompt + completion`` and SFT can mask the prompt tokens.
         messages: for chat JSONL rows, the ``[{"role", "content"}, ...]`` list; ``text`` is
-            then the ChatML rendering of it.
+            then the ChatML rendering of it. Rows with tool calls keep the OpenAI messages
+            (``tool_calls``, ``role: "tool"``); their text is rendered with the generic tool
+            format of :mod:`slmkit.engine.tools`.
+        tools: the OpenAI ``tools`` list of such a row (None otherwise).
         where: where it came from, for messages (``/data/chat.jsonl line 3``); ids of
             files are relative to the corpus directory, so this is the full path.
     """
@@ -65,6 +69,7 @@ class Document:
     text: str
     prompt: str | None = None
     messages: list | None = None
+    tools: list | None = None
     where: str = field(default="", compare=False)
 
 
@@ -293,6 +298,9 @@ def _row_document(row, doc_id: str, path: Path, lineno: int) -> Document:
     if not isinstance(row, dict):
         raise DataError(f"{where} is a JSON {type(row).__name__}, not an object; each line "
                         "needs a 'text', 'prompt'/'completion' or 'messages' field.")
+    if "tools" in row and "messages" not in row:
+        raise DataError(f"{where} has 'tools' without 'messages'; tool rows are OpenAI-format "
+                        "conversations: add 'messages'.")
     if "text" in row:
         if not isinstance(row["text"], str):
             raise DataError(f"{where} has a non-string 'text' field; make it a string.")
@@ -303,6 +311,8 @@ def _row_document(row, doc_id: str, path: Path, lineno: int) -> Document:
             raise DataError(f"{where} has a non-string 'prompt' or 'completion'; make both "
                             "strings.")
         return Document(doc_id, prompt + completion, prompt=prompt, where=where)
+    if "messages" in row and _is_tool_row(row):
+        return _tool_row_document(row, doc_id, where)
     if "messages" in row:
         messages = row["messages"]
         ok = isinstance(messages, list) and messages and all(
@@ -314,6 +324,39 @@ def _row_document(row, doc_id: str, path: Path, lineno: int) -> Document:
         return Document(doc_id, render_chatml(messages), messages=messages, where=where)
     raise DataError(f"{where} has none of the fields 'text', 'prompt'+'completion' or "
                     f"'messages' (found: {', '.join(sorted(row)) or 'none'}); add one.")
+
+
+def _is_tool_row(row: dict) -> bool:
+    msgs = row["messages"] if isinstance(row["messages"], list) else []
+    return "tools" in row or any(isinstance(m, dict) and (m.get("tool_calls") or
+                                                          m.get("role") == "tool")
+                                 for m in msgs)
+
+
+def _tool_row_document(row: dict, doc_id: str, where: str) -> Document:
+    """A conversation with tool calls and results (OpenAI format, ``tools`` per row),
+    checked and rendered with the generic tool format the server prompts with
+    (:func:`slmkit.engine.tools.conversation`)."""
+    from slmkit.engine.tools import ToolFormatError, conversation, parse_tools
+
+    messages = row["messages"]
+    fix = ('write OpenAI-format messages: {"role", "content"}, an assistant\'s '
+           '"tool_calls" and a tool message\'s "tool_call_id"')
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where} has a malformed 'messages' field; {fix}.")
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(content, str) or (content is None and m.get("tool_calls"))):
+            raise DataError(f"{where} has a malformed message {i} (a string 'role' and "
+                            f"string 'content', null only next to 'tool_calls'); {fix}.")
+    try:
+        tools = parse_tools(row["tools"]) if "tools" in row else None
+        rendered = conversation(messages, tools)
+    except ToolFormatError as e:
+        raise DataError(f"{where} has a bad '{e.param}': {e}.") from None
+    return Document(doc_id, render_chatml(rendered), messages=messages,
+                    tools=row.get("tools"), where=where)
 
 
 def render_chatml(messages: list[dict]) -> str:

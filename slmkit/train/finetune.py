@@ -37,9 +37,11 @@ class FinetuneConfig(TrainConfig):
     model: str = Field(description="Model dir to fine-tune.",
                        json_schema_extra=cli(argument=True))
     data: Corpus = Field(description="Task JSONL with prompt/completion or chat messages "
-                         "rows, an `slm augment` output dir, or a built-in task "
-                         "(stdlib-docstring, stdlib-funcname, stdlib-nextline: its train "
-                         "split); repeatable.", json_schema_extra=cli(short="-d"))
+                         "rows (OpenAI format, tool calls and results with a 'tools' list "
+                         "included), an `slm augment` output dir, or a built-in task "
+                         "(stdlib-docstring, stdlib-funcname, stdlib-nextline, "
+                         "function-calling: its train split); repeatable.",
+                         json_schema_extra=cli(short="-d"))
     max_samples: int | None = Field(default=None, ge=1, description="Use at most this many "
                                     "samples (first rows / mined items).")
     method: Literal["lora", "qlora", "full"] = Field(

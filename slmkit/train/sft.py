@@ -10,7 +10,10 @@ Data: the JSONL rows of :mod:`slmkit.data.corpus` (``prompt``/``completion`` or 
 ``messages``). A prompt/completion row becomes the two-message chat ``user: prompt`` /
 ``assistant: completion``; every row is rendered with the tokenizer's chat template. In a
 chat row the last message must be the assistant's: it is the completion, everything before
-it is the prompt.
+it is the prompt. A conversation with tool calls (OpenAI format: assistant ``tool_calls``,
+``role: "tool"`` results, a ``tools`` list per row; or ``--data function-calling``, the
+built-in set's train split) is rendered with the generic tool format the server uses
+(:mod:`slmkit.engine.tools`) and trained on every assistant turn, calls and answers alike.
 
 Bad rows are refused with the file and line: a missing field, an empty completion, or a
 sample longer than the context (``--seq-len``). Items of a built-in task (``--data
@@ -38,11 +41,15 @@ class SFTExample:
         ids: the full token ids (prompt + completion + end-of-turn), length ``L``.
         n_prompt: how many leading ids belong to the prompt (never trained on).
         where: ``"<file> line <n>"`` for messages about this sample.
+        spans: for a conversation with several assistant turns (tool calls, then the
+            answer), the ``[start, end)`` id ranges trained on; None: all ids from
+            ``n_prompt`` on.
     """
 
     ids: list[int]
     n_prompt: int
     where: str
+    spans: tuple[tuple[int, int], ...] | None = None
 
 
 def _where(doc_id: str) -> str:
@@ -82,6 +89,9 @@ def format_example(tok, doc, where: str | None = None, template: str = "chat") -
     prompts, like ``slm eval --tasks stdlib-docstring``), uses ``prompt + completion + eos``.
     """
     where = where or doc.where or _where(doc.id)
+    if doc.tools is not None or (doc.messages and any(
+            m.get("tool_calls") or m["role"] == "tool" for m in doc.messages)):
+        return _format_tool_example(tok, doc, where, template)
     prompt_msgs, msgs = _split_messages(doc, where)
     if template == "chat" and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
@@ -96,6 +106,44 @@ def format_example(tok, doc, where: str | None = None, template: str = "chat") -
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
     return SFTExample(ids=p_ids + c_ids, n_prompt=len(p_ids), where=where)
+
+
+def _format_tool_example(tok, doc, where: str, template: str) -> SFTExample:
+    """A conversation with tool calls, rendered with the generic tool format the server
+    prompts with (:func:`slmkit.engine.tools.render_conversation`), trained on every
+    assistant turn (each call and each answer, end-of-turn included) and nothing else:
+    the system prompt, the user's turns and the tool results are masked."""
+    from slmkit.engine.tools import parse_tools, render_conversation
+
+    if template != "chat" or not getattr(tok, "chat_template", None):
+        raise DataError(f"{where}: a conversation with tool calls needs the tokenizer's chat "
+                        "template; use --template chat with a chat model.")
+    if doc.messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's (a call or an "
+                        "answer); add it or drop the trailing messages.")
+    conv = render_conversation(tok, doc.messages, parse_tools(doc.tools) if doc.tools
+                               else None)
+    ids: list[int] = []
+    spans = []
+    done = ""                                           # the text rendered so far
+    for k, m in enumerate(conv):
+        if m["role"] != "assistant":
+            continue
+        if not m["content"].strip():
+            raise DataError(f"{where} has an empty assistant turn; give it content or "
+                            "tool_calls.")
+        prompt = tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(conv[:k + 1], tokenize=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError(f"{where}: the chat template renders earlier turns differently "
+                            "once later ones follow, so the assistant turns cannot be "
+                            "located; use a prefix-stable chat template.")
+        ids += tok(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        start = len(ids)
+        ids += tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        spans.append((start, len(ids)))
+        done = full
+    return SFTExample(ids=ids, n_prompt=spans[0][0], where=where, spans=tuple(spans))
 
 
 def load_sft_examples(spec: str | list[str], tok, seq_len: int, template: str = "chat",
@@ -114,13 +162,22 @@ def load_sft_examples(spec: str | list[str], tok, seq_len: int, template: str = 
         DataError: no rows, or a bad row (file and line named), or a row longer than
         ``seq_len + 1`` tokens (it would be cut, training on half a completion).
     """
+    from pathlib import Path
+
     from slmkit.data.corpus import Document, iter_documents
+    from slmkit.eval.function_calling import TASK as FC_TASK
+    from slmkit.eval.function_calling import training_rows as fc_training_rows
     from slmkit.train.task_data import builtin_task_rows, is_builtin_task, resolve_data_file
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     docs = []                                    # (document, where)
     for s in specs:
-        if is_builtin_task(s):
+        if s == FC_TASK and not Path(s).exists():       # built-in tool conversations
+            left = None if max_samples is None else max_samples - len(docs)
+            docs += [(Document(f"{s}:{i}", "", messages=r["messages"], tools=r["tools"]),
+                      f"{s} conversation {i}")
+                     for i, r in enumerate(fc_training_rows("train", left))]
+        elif is_builtin_task(s):
             left = None if max_samples is None else max_samples - len(docs)
             docs += [(Document(r["id"], r["prompt"] + r["completion"], prompt=r["prompt"]),
                       f"{s} item {r['id']}") for r in builtin_task_rows(s, left)]
@@ -159,6 +216,12 @@ def masked_labels(ex: SFTExample) -> tuple[list[int], list[int]]:
         token is part of the completion, else :data:`IGNORE_INDEX`.
     """
     inputs = ex.ids[:-1]
+    if ex.spans is not None:
+        trained = [False] * len(ex.ids)
+        for start, end in ex.spans:
+            trained[start:end] = [True] * (end - start)
+        return inputs, [tid if trained[t + 1] else IGNORE_INDEX
+                        for t, tid in enumerate(ex.ids[1:])]
     labels = [tid if t + 1 >= ex.n_prompt else IGNORE_INDEX
               for t, tid in enumerate(ex.ids[1:])]
     return inputs, labels
