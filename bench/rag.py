@@ -126,7 +126,8 @@ def main(argv=None) -> int:
                     "model (0: skip)")
     ap.add_argument("--embed-files", type=int, default=6, help="modules indexed by both "
                     "embedders (0: skip)")
-    ap.add_argument("--scale", type=int, default=10000, help="chunks in the latency store")
+    ap.add_argument("--scale", type=int, default=10000, help="chunks in the latency store "
+                    "(0: skip)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rag.json")
@@ -172,12 +173,13 @@ def main(argv=None) -> int:
                 for name, r in result["embedders"].items()],
                 header=("embedder", "chunks", "build chunks/s", "dense nDCG@10",
                         "hybrid nDCG@10", "dense recall@5"))
-        result["scale"] = scale(index, args.scale, answerable[:args.queries], work)
-        s = result["scale"]
-        print_table(f"latency at {s['chunks']} chunks, {s['queries']} queries", [
-            (k, f"{s[k]['p50_ms']:.2f}", f"{s[k]['p95_ms']:.2f}")
-            for k in ("embed_query", "bm25", "dense_search", "hybrid",
-                      "hybrid_with_embedding")], header=("step", "p50 ms", "p95 ms"))
+        if args.scale:
+            result["scale"] = scale(index, args.scale, answerable[:args.queries], work)
+            s = result["scale"]
+            print_table(f"latency at {s['chunks']} chunks, {s['queries']} queries", [
+                (k, f"{s[k]['p50_ms']:.2f}", f"{s[k]['p95_ms']:.2f}")
+                for k in ("embed_query", "bm25", "dense_search", "hybrid",
+                          "hybrid_with_embedding")], header=("step", "p50 ms", "p95 ms"))
 
     if args.answers:
         n = args.answers

@@ -145,7 +145,7 @@ class Answerer:
 
         self.retriever = retriever
         lm, tok = load_model(model, dtype=dtype) if isinstance(model, str) else model
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n\n"])
         self.session = ChatSession(lm, tok, params, system=SYSTEM)
         self.bare = ChatSession(lm, tok, params, system=SYSTEM_NO_SOURCES)
         self.context_chunks, self.min_score = context_chunks, min_score
