@@ -254,3 +254,13 @@ def test_bad_inputs_name_the_input_and_leave_nothing(tmp_path, corpus):
     with pytest.raises(DataError, match="not a slmkit RAG index"):
         Retriever.open(tmp_path / "taken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "taken"]
+
+
+def test_an_unreadable_file_in_a_folder_is_skipped_and_reported(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ok.md").write_text("# Owls\n\nOwls hunt at night.\n")
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 truncated")
+    result = run_index(IndexConfig(docs=[str(docs)], out=str(tmp_path / "index"), threads=1))
+    assert (result.figures["files"], result.figures["skipped"]) == (1, 1)
+    assert any("broken.pdf" in note and "not a readable PDF" in note for note in result.notes)
