@@ -167,3 +167,16 @@ def test_recipe_value_error_names_file_line_and_step(llama_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"{recipe}:2: step 'q4'" in err and "--bits 5" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_cli_starts_without_importing_torch():
+    """Building every verb's flags reads only the pydantic configs: `slm --help` must not
+    pay torch's import (seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, slmkit.cli; mods = {m.split('.')[0] for m in sys.modules}; "
+            "print(sorted(mods & {'torch', 'transformers', 'flwr', 'llguidance'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

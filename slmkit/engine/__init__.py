@@ -11,11 +11,22 @@ Public API (stable; the server, eval and router build on it):
 * :func:`generate_text` / :func:`stream_text` -- one prompt string in, text out.
 """
 
-from slmkit.engine.engine import Engine, RequestHandle
-from slmkit.engine.events import Completion, FinishEvent, TokenEvent
-from slmkit.engine.generate import generate_text, stream_text, stream_tokens
-from slmkit.engine.grammar import Grammar
-from slmkit.engine.sampling import SamplingParams
+from importlib import import_module
 
-__all__ = ["Completion", "Engine", "FinishEvent", "Grammar", "RequestHandle",
-           "SamplingParams", "TokenEvent", "generate_text", "stream_text", "stream_tokens"]
+#: Public names and the module each lives in. They are imported on first use, so that
+#: light modules of this package (``engine.options``, which the CLI imports to build its
+#: flags) do not pull in torch.
+_EXPORTS = {"Engine": "engine", "RequestHandle": "engine", "Completion": "events",
+            "FinishEvent": "events", "TokenEvent": "events", "generate_text": "generate",
+            "stream_text": "generate", "stream_tokens": "generate", "Grammar": "grammar",
+            "SamplingParams": "sampling"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"slmkit.engine.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slmkit.engine' has no attribute '{name}'")
