@@ -235,3 +235,25 @@ def test_fake_quantize_is_exactly_the_stored_grid(bits, group_size, sym):
     q, scale, zero = quantize_rtn(w, bits, group_size, sym)
     assert torch.equal(fake_quantize(w, bits, group_size, sym),
                        dequantize_codes(q, scale, zero, group_size))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_stacked_rows_equals_each_linear_alone(act_order):
+    """Linears reading the same input share one Hessian and GPTQ solves every row on its
+    own, so stacking q/k/v (or gate/up) row-wise gives each one's codes unchanged."""
+    from slmkit.compress.quantize.gptq_ops import gptq_quantize_weight
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, :4] *= 10
+    h = 2 * x.t() @ x / x.shape[0]
+    ws = [torch.randn(n, 64, generator=gen) for n in (48, 16, 16)]
+    ws[1][0, :8] = 0                                           # zeros that stay zeros
+    alone = [gptq_quantize_weight(w, h, 4, 32, False, act_order=act_order,
+                                  block_size=16) for w in ws]
+    codes, scale, zero = gptq_quantize_weight(torch.cat(ws), h, 4, 32, False,
+                                              act_order=act_order, block_size=16)
+    rows = [w.shape[0] for w in ws]
+    for (c, s, z), c2, s2, z2 in zip(alone, codes.split(rows), scale.split(rows),
+                                     zero.split(rows)):
+        assert torch.equal(c, c2) and torch.equal(s, s2) and torch.equal(z, z2)
