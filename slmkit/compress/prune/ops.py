@@ -23,6 +23,7 @@ import re
 
 import torch
 
+from slmkit.compress.hessian import one_thread
 from slmkit.errors import ConfigError
 
 
@@ -154,17 +155,18 @@ def sparsegpt_prune(w: torch.Tensor, hinv: torch.Tensor, sparsity: float = 0.0,
             mask1 = row_mask(score, sparsity)
         else:
             mask1 = torch.ones_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                cols = slice(i, i + nm[1])
-                score = w1[:, cols] ** 2 / d[None, cols] ** 2  # [out, m]
-                mask1[:, cols] = nm_mask(score, nm[0], nm[1])
-            col = w1[:, i]
-            q = col * mask1[:, i]
-            err = (col - q) / d[i]  # [out]
-            w1[:, i:] -= err[:, None] * h1[i, i:][None, :]  # [out, 1] * [1, b-i]
-            w1[:, i] = q
-            err1[:, i] = err
+        with one_thread():  # thousands of small ops (see hessian.one_thread)
+            for i in range(i2 - i1):
+                if nm is not None and i % nm[1] == 0:
+                    cols = slice(i, i + nm[1])
+                    score = w1[:, cols] ** 2 / d[None, cols] ** 2  # [out, m]
+                    mask1[:, cols] = nm_mask(score, nm[0], nm[1])
+                col = w1[:, i]
+                q = col * mask1[:, i]
+                err = (col - q) / d[i]  # [out]
+                w1[:, i:] -= err[:, None] * h1[i, i:][None, :]  # [out, 1] * [1, b-i]
+                w1[:, i] = q
+                err1[:, i] = err
         w[:, i1:i2] = w1
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # [out, b] @ [b, in-i2]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from slmkit.compress.hessian import cholesky_inverse_upper, dead_inputs
+from slmkit.compress.hessian import cholesky_inverse_upper, dead_inputs, one_thread
 from slmkit.nn.packing import compute_qparams, quantize_codes
 
 
@@ -81,23 +81,24 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
         Q1 = torch.zeros_like(W1)
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]                                # [b, b]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])                         # original column index
-            grp = col // g
-            if not static and col % g == 0:
-                # Fit the group's grid on the current (error-compensated) weights.
-                ahead = W1[:, i:i + g]                                     # [out, <=g]
-                if ahead.shape[1] < g:      # the group runs past this block
-                    ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], dim=1)
-                s, z = compute_qparams(ahead, bits, -1, sym)
-                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
-            q = _quant_column(W1[:, i], scale[:, grp], zero[:, grp], bits)
-            if pruned is not None:
-                q = torch.where(pruned[:, i1 + i], torch.zeros_like(q), q)
-            Q1[:, i] = q
-            err = (W1[:, i] - q) / U1[i, i]                 # [out]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # [out, 1] x [1, b-i]
-            E1[:, i] = err
+        with one_thread():                                  # small ops: see one_thread
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])                         # original column index
+                grp = col // g
+                if not static and col % g == 0:
+                    # Fit the group's grid on the current (error-compensated) weights.
+                    ahead = W1[:, i:i + g]                                     # [out, <=g]
+                    if ahead.shape[1] < g:      # the group runs past this block
+                        ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], dim=1)
+                    s, z = compute_qparams(ahead, bits, -1, sym)
+                    scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
+                q = _quant_column(W1[:, i], scale[:, grp], zero[:, grp], bits)
+                if pruned is not None:
+                    q = torch.where(pruned[:, i1 + i], torch.zeros_like(q), q)
+                Q1[:, i] = q
+                err = (W1[:, i] - q) / U1[i, i]                 # [out]
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # [out, 1] x [1, b-i]
+                E1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ U[i1:i2, i2:]                     # lazy update: [out,b]@[b,rest]
 
