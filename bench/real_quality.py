@@ -71,6 +71,9 @@ VARIANTS: list[tuple[str, str | None, dict]] = [
                                            calib_samples=PEER_WINDOWS)),
     ("peer 4-bit g64 GPTQ, 16 windows", "peer", dict(method="gptq", bits=4, group_size=64,
                                                      calib_samples=PEER_WINDOWS)),
+    ("4-bit g64 GPTQ, 16 windows, fp32 calibration forwards", Q, dict(
+        method="gptq", bits=4, group_size=64, calib_samples=PEER_WINDOWS,
+        calib_precision="fp32")),
     ("4-bit g64 GPTQ act-order, 16 windows", Q, dict(method="gptq", bits=4, group_size=64,
                                                      act_order=True,
                                                      calib_samples=PEER_WINDOWS)),
