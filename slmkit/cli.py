@@ -241,7 +241,8 @@ def generate(cfg) -> None:
                           f"exceeds the model's context of {context} tokens; lower "
                           "--max-tokens.")
     engine = Engine(lm, tok, max_batch=1, background=False, threads=cfg.threads,
-                    max_seq_len=max(2, min(len(ids) + cfg.max_tokens + 1, context)))
+                    max_seq_len=max(2, min(len(ids) + cfg.max_tokens + 1, context)),
+                    draft=cfg.draft)
     handle = engine.submit(ids, params)
     if not cfg.chat:
         sys.stdout.write(cfg.prompt)
@@ -257,7 +258,19 @@ def generate(cfg) -> None:
         ("finish reason", c.finish_reason),
         ("time to first token", f"{c.ttft_s * 1000:.0f} ms"),
         ("decode speed", f"{rate:.1f} tok/s" if rate else "n/a"),
+        *_draft_rows(c.speculative),
         ("threads", _torch_threads())])
+
+
+def _draft_rows(spec: dict | None) -> list[tuple[str, str]]:
+    """Result-table rows of speculative decoding (none without drafts)."""
+    if spec is None:
+        return []
+    rate = "n/a" if spec["acceptance"] is None else f"{spec['acceptance']:.0%}"
+    return [("draft", spec["draft"]),
+            ("drafts accepted", f"{spec['accepted']}/{spec['drafted']} ({rate}), "
+                                f"{spec['spec_steps']} drafted steps, k now {spec['k']}"),
+            ("drafting", f"off: {spec['off']}" if spec["off"] else "on")]
 
 
 def _torch_threads() -> int:

@@ -178,12 +178,15 @@ class Engine:
         kv_cache: KV cache dtype on the fast path: ``"auto"`` (fp16 for quantized fp32
             models, else the model's dtype), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``
             (codes plus one scale per cached row: half of fp16's bytes).
+        draft: speculative decoding (:mod:`slmkit.engine.speculative`): ``"ngram"``
+            (prompt lookup), a draft model directory or built-in name sharing the
+            tokenizer, or a drafter object; None decodes without drafts.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = 256,
                  fast: bool | None = None, threads: int | None = None, background: bool = True,
-                 kv_cache: str = "auto"):
+                 kv_cache: str = "auto", draft=None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) "
                               "must be at least 1.")
@@ -210,6 +213,11 @@ class Engine:
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._bitmask: torch.Tensor | None = None  # [max_batch, ceil(V / 32)] int32
+        self.spec = None
+        if draft is not None:
+            from slmkit.engine.speculative import Speculator, make_drafter
+
+            self.spec = Speculator(self, make_drafter(draft, self))
         if background:
             self._thread = threading.Thread(target=self._loop, name="slmkit-engine", daemon=True)
             self._thread.start()
@@ -367,15 +375,7 @@ class Engine:
         decoding = [r for r in self._active if r.next_token is not None]
         if decoding:
             decoding.sort(key=lambda r: r.slot)
-            tokens = torch.tensor([[r.next_token] for r in decoding])   # [B, 1]
-            logits = self.runner.forward(tokens, [r.slot for r in decoding],
-                                         [r.position for r in decoding])  # [B, V]
-            raw = self._constrain(decoding, logits)
-            # one argmax over the batch for the greedy rows (a call per row cost ~0.1 ms)
-            greedy = native.argmax_rows(logits) if any(
-                r.sampler.plain_greedy for r in decoding) else [None] * len(decoding)
-            for i, (r, row, best) in enumerate(zip(decoding, logits, greedy)):
-                self._emit_token(r, row, best, raw.get(i))
+            (self.spec.step if self.spec is not None else self._decode)(decoding)
         budget = self.prefill_chunk
         for r in [r for r in self._active if r.next_token is None and r.slot is not None]:
             if budget <= 0:
@@ -388,6 +388,18 @@ class Engine:
             if r.prefilled == len(r.prompt):
                 raw = self._constrain([r], logits)
                 self._emit_token(r, logits[0], None, raw.get(0))
+
+    def _decode(self, decoding: list[_Request]) -> None:
+        """One token for each decoding request (sorted by slot), in one batched forward."""
+        tokens = torch.tensor([[r.next_token] for r in decoding])   # [B, 1]
+        logits = self.runner.forward(tokens, [r.slot for r in decoding],
+                                     [r.position for r in decoding])  # [B, V]
+        raw = self._constrain(decoding, logits)
+        # one argmax over the batch for the greedy rows (a call per row cost ~0.1 ms)
+        greedy = native.argmax_rows(logits) if any(
+            r.sampler.plain_greedy for r in decoding) else [None] * len(decoding)
+        for i, (r, row, best) in enumerate(zip(decoding, logits, greedy)):
+            self._emit_token(r, row, best, raw.get(i))
 
     def _constrain(self, reqs: list[_Request], logits: torch.Tensor) -> dict[int, torch.Tensor]:
         """Mask, in place, the ``[B, V]`` logits rows of requests under a grammar.
@@ -410,8 +422,8 @@ class Engine:
         return raw
 
     def _emit_token(self, r: _Request, logits: torch.Tensor, best: int | None = None,
-                    raw: torch.Tensor | None = None) -> None:
-        choice = r.sampler.choose(logits, best, raw)
+                    raw: torch.Tensor | None = None, token: int | None = None) -> None:
+        choice = r.sampler.choose(logits, best, raw, token)
         grammar_done = False
         if r.grammar is not None and choice.token_id not in r.stop_ids:
             if not r.grammar.advance(choice.token_id):  # a bug: the mask allowed it
@@ -455,6 +467,8 @@ class Engine:
             self._active.remove(r)
         if r in self._waiting:
             self._waiting.remove(r)
+        if self.spec is not None:
+            self.spec.release(r)
         if r.slot is not None:
             self.runner.release(r.slot)
             with self._cond:

@@ -46,6 +46,9 @@ class Completion:
         text: the generated text (without any stop string).
         finish_reason: one of :data:`FINISH_REASONS`.
         logprobs, top_logprobs: per generated token, when requested (else None).
+        speculative: with drafts (``Engine(draft=...)``), what drafting did: drafted and
+            accepted tokens, steps with and without drafts, the final k, and why it turned
+            itself off (None while it paid).
         ttft_s: seconds from submission to the first token.
         duration_s: seconds from submission to the end.
         error: for ``finish_reason == "error"``, what went wrong.
@@ -58,6 +61,7 @@ class Completion:
     finish_reason: str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    speculative: dict | None = None
     ttft_s: float | None = None
     duration_s: float | None = None
     error: str | None = None

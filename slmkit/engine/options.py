@@ -57,6 +57,10 @@ class GenerateConfig(SamplingOptions):
                        "one user message.")
     json_schema: Path | None = Field(default=None, description="JSON schema file: the output "
                                      "is one JSON value valid under it (constrained decoding).")
+    draft: str | None = Field(default=None, description="Speculative decoding: 'ngram' "
+                              "(prompt lookup) or a draft model dir sharing the tokenizer "
+                              "(e.g. a distilled student); the output follows the model's "
+                              "own distribution, greedy output is unchanged.")
 
     @field_validator("json_schema")
     @classmethod

@@ -143,7 +143,8 @@ class FastRunner:
         self.cache.lengths[slot] = 0
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
+                all_logits: bool = False) -> torch.Tensor:
         """Run new tokens through the model and return the logits of each row's last one.
 
         Args:
@@ -151,18 +152,20 @@ class FastRunner:
                 cache already holds ``starts[b]`` tokens.
             slots: ``B`` distinct slot indices.
             starts: ``B`` start positions.
+            all_logits: return ``[B, T, V]``, the logits of every token (torch loop only).
 
         Returns:
             ``[B, V]`` float32 logits.
         """
         B, T = tokens.shape
-        if T == 1 and self.native is not None:
+        native = self.native if not all_logits else None
+        if T == 1 and native is not None:
             h = (self.native.embed(tokens[:, 0]) if self.native.embed is not None
                  else self.embed(tokens.to(self.device))[:, 0])          # [B, hidden]
             logits = self.native(h, slots, starts)                       # [B, V]
             self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
             return logits
-        if B == 1 and self.native is not None and self.native.prefills:   # a prompt chunk
+        if B == 1 and native is not None and native.prefills:   # a prompt chunk
             rows = (self.native.embed(tokens[0]) if self.native.embed is not None
                     else self.embed(tokens.to(self.device))[0])           # [T, hidden]
             logits = self.native.prefill(rows, slots[0], starts[0])    # [1, V]
@@ -204,8 +207,47 @@ class FastRunner:
             h = h + attn.o_proj(o)
             h = h + self.mlps[i](norm_post(h))
         self.cache.lengths[slot_t] = start_t + T
+        if all_logits:
+            return self.lm_head(self.final_norm(h)).float()              # [B, T, V]
         last = self.final_norm(h[:, -1])                                 # [B, hidden]
         return self.lm_head(last).float()                            # [B, V]
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[list[int]], slots: list[int],
+                     starts: list[int]) -> list[torch.Tensor]:
+        """Speculative verification: each request's run of tokens, logits of every token.
+
+        Args:
+            rows: per request, its tokens at positions ``starts[b] ..`` (its last token and
+                the drafts after it).
+            slots, starts: as in :meth:`forward`.
+
+        Returns:
+            per request, ``[len(rows[b]), V]`` float32 logits. On the native step all runs go
+            through one call whose rows are computed exactly as decode steps are; the torch
+            loop runs one forward per request.
+        """
+        if self.native is not None:
+            flat = torch.tensor([t for run in rows for t in run])
+            h = (self.native.embed(flat) if self.native.embed is not None
+                 else self.embed(flat.to(self.device)))                  # [N, hidden]
+            row_slots = [s for run, s in zip(rows, slots) for _ in run]
+            positions = [p + j for run, p in zip(rows, starts) for j in range(len(run))]
+            logits = self.native.verify(h, row_slots, positions)         # [N, V]
+            for run, s, p in zip(rows, slots, starts):
+                self.cache.lengths[s] = p + len(run)
+            return list(logits.split([len(run) for run in rows]))
+        return [self.forward(torch.tensor([run]), [s], [p], all_logits=True)[0]
+                for run, s, p in zip(rows, slots, starts)]
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` cached tokens of ``slot`` (rejected drafts after them
+        are simply overwritten later)."""
+        self.cache.lengths[slot] = length
+
+    def draft_reason(self) -> str | None:
+        """None: this path verifies drafts (see :meth:`forward_rows`)."""
+        return None
 
 
 def _norm_fn(module):
@@ -266,6 +308,38 @@ class GenericRunner:
             self._caches[slot] = result.past_key_values
             out.append(result.logits[0, -1].float())
         return torch.stack(out)                                      # [B, V]
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[list[int]], slots: list[int],
+                     starts: list[int]) -> list[torch.Tensor]:
+        """Same contract as :meth:`FastRunner.forward_rows` (one forward per request)."""
+        from transformers import DynamicCache
+
+        out = []
+        for run, slot, start in zip(rows, slots, starts):
+            if start == 0 or self._caches[slot] is None:
+                self._caches[slot] = DynamicCache(config=self.model.config)
+            result = self.model(input_ids=torch.tensor([run], device=self.device),
+                                past_key_values=self._caches[slot], use_cache=True)
+            self._caches[slot] = result.past_key_values
+            out.append(result.logits[0].float())                     # [T, V]
+        return out
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Drop cached tokens of ``slot`` after the first ``length`` (rejected drafts)."""
+        cache = self._caches[slot]
+        if cache is not None and cache.get_seq_length() > length:
+            cache.crop(length - cache.get_seq_length())   # a negative count: tokens to drop
+
+    def draft_reason(self) -> str | None:
+        """Why drafts cannot be verified on this path (None when they can): a sliding-window
+        cache layer keeps only its window, so rejected drafts could not be dropped."""
+        cfg = self.model.config
+        types = getattr(cfg, "layer_types", None) or []
+        if getattr(cfg, "sliding_window", None) or any("sliding" in t for t in types):
+            return ("speculative decoding on the generic path needs full attention in every "
+                    f"layer; this {cfg.model_type} model has sliding-window layers")
+        return None
 
 
 def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None,

@@ -118,30 +118,50 @@ class RequestSampler:
         """Greedy with no repetition penalty: the token is the logits' argmax."""
         return self.params.greedy and self.params.repetition_penalty == 1.0
 
+    def penalized(self, logits: torch.Tensor, extra: list[int] = ()) -> torch.Tensor:
+        """``[V]`` float32 logits after the repetition penalty over the seen tokens and
+        ``extra`` (tokens after them: speculative decoding's drafts)."""
+        p = self.params
+        logits = logits.float()
+        if p.repetition_penalty == 1.0:
+            return logits
+        if extra:
+            seen = torch.tensor(self._seen + list(extra), dtype=torch.long)
+        else:
+            if self._seen_tensor is None or self._seen_tensor.numel() != len(self._seen):
+                self._seen_tensor = torch.tensor(self._seen, dtype=torch.long)
+            seen = self._seen_tensor
+        return ops.apply_repetition_penalty(logits, seen, p.repetition_penalty)
+
+    def distribution(self, logits: torch.Tensor, extra: list[int] = ()) -> torch.Tensor:
+        """The ``[V]`` probabilities a sampled request (temperature > 0) draws its next token
+        from: penalty (over the seen tokens and ``extra``), temperature, top-k, top-p, min-p."""
+        p = self.params
+        processed = self.penalized(logits, extra) / p.temperature
+        processed = ops.filter_top_k(processed, p.top_k)
+        processed = ops.filter_top_p(processed, p.top_p)
+        processed = ops.filter_min_p(processed, p.min_p)
+        return torch.softmax(processed, dim=-1)
+
     def choose(self, logits: torch.Tensor, argmax: int | None = None,
-               raw: torch.Tensor | None = None) -> Choice:
+               raw: torch.Tensor | None = None, token: int | None = None) -> Choice:
         """Pick the next token from ``[V]`` float32 logits and record it as seen.
 
         ``argmax``: the logits' argmax when the caller already has it (a batched argmax);
         used only when :attr:`plain_greedy`. ``raw``: the model's logits before a grammar
         mask was applied to ``logits`` (log-probabilities are reported from these).
+        ``token``: the token is already decided (speculative decoding's rejection rule drew
+        it from :meth:`distribution`); it is recorded with its log-probabilities.
         """
         p = self.params
         logits = logits.float()
-        processed = logits
-        if p.repetition_penalty != 1.0:
-            if self._seen_tensor is None or self._seen_tensor.numel() != len(self._seen):
-                self._seen_tensor = torch.tensor(self._seen, dtype=torch.long)
-            processed = ops.apply_repetition_penalty(processed, self._seen_tensor,
-                                                     p.repetition_penalty)
-        if p.greedy:
-            token = argmax if argmax is not None and self.plain_greedy else int(torch.argmax(processed))
+        if token is not None:
+            token = int(token)
+        elif p.greedy:
+            token = argmax if argmax is not None and self.plain_greedy else \
+                int(torch.argmax(self.penalized(logits)))
         else:
-            processed = processed / p.temperature
-            processed = ops.filter_top_k(processed, p.top_k)
-            processed = ops.filter_top_p(processed, p.top_p)
-            processed = ops.filter_min_p(processed, p.min_p)
-            probs = torch.softmax(processed, dim=-1)
+            probs = self.distribution(logits)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self._seen.append(token)
         choice = Choice(token)

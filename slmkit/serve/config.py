@@ -36,6 +36,8 @@ class ServeConfig(BaseModel):
         threads: torch threads of the engine (None = physical cores).
         kv_cache: KV cache dtype: auto (fp16 for quantized fp32 models, else the model's
             dtype), fp32, fp16, bf16 or int8.
+        draft: speculative decoding's draft (:mod:`slmkit.engine.speculative`): ``ngram``
+            or a draft model directory; None decodes without drafts.
         log_prompts: put prompt text in the per-request log line (off for privacy).
         max_request_bytes: largest request body accepted (413 above it, refused before
             reading when ``Content-Length`` declares more); 4 MiB is far above any prompt
@@ -73,6 +75,9 @@ class ServeConfig(BaseModel):
     kv_cache: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto", description="KV cache dtype: auto (fp16 for quantized fp32 models, else the "
         "model's), fp32, fp16, bf16 or int8 (half of fp16's bytes; long contexts).")
+    draft: str | None = Field(None, description="Speculative decoding: 'ngram' (prompt "
+                              "lookup) or a draft model dir sharing the tokenizer; each request "
+                              "drafts while it pays.")
     log_prompts: bool = Field(False, description="Include prompt text in the request log (off "
                               "for privacy).")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request body "

@@ -160,6 +160,7 @@ def run_serve(cmd: ServeCommand) -> None:
             ("auth", "Bearer API key" if config.api_key else "none (loopback only is safest)"),
             ("slots / queue", f"{config.max_concurrency} / {config.max_queue}"),
             ("KV cache", config.kv_cache),
+            ("draft", config.draft or "none"),
             ("CORS", ", ".join(config.cors_origins) or "off")])
         console.print("[dim]Ctrl-C or SIGTERM stops gracefully; one JSON log line per request "
                       "follows on stderr.[/dim]", highlight=False)

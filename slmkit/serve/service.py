@@ -67,7 +67,7 @@ class GenerationService:
         self.config, self.metrics = config, metrics
         engine = Engine(model, tokenizer, max_batch=config.max_concurrency,
                         max_seq_len=config.max_seq_len, threads=config.threads,
-                        background=True, kv_cache=config.kv_cache)
+                        background=True, kv_cache=config.kv_cache, draft=config.draft)
         self.engine = AsyncEngine(engine, config.max_queue, on_finish=self._on_finish)
         # the engine thread detokenizes with `tokenizer`; the event loop gets its own copy
         # (Rust tokenizers refuse concurrent use of one instance from two threads).

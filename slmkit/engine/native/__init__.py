@@ -138,6 +138,8 @@ def load_library():
     lib.slm_decode.restype = ctypes.c_int
     lib.slm_prefill.argtypes = lib.slm_decode.argtypes
     lib.slm_prefill.restype = ctypes.c_int
+    lib.slm_verify.argtypes = lib.slm_decode.argtypes
+    lib.slm_verify.restype = ctypes.c_int
     lib.slm_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
     lib.slm_work_floats.restype = ctypes.c_int64
     lib.slm_has_vnni.restype = ctypes.c_int
@@ -518,6 +520,22 @@ class NativeStep:
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
         self.lib.slm_prefill(ctypes.byref(self.struct), T, h.data_ptr(), slot_t.data_ptr(),
                              pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
+        return logits
+
+    def verify(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Rows that may continue one another in a slot (speculative decoding: a request's
+        last token and its drafts at consecutive positions, several requests side by side):
+        ``h`` ``[N, hidden]`` -> ``[N, vocab]`` logits of every row. Keys and values of all
+        rows are written before any row attends; each row's logits are bit-identical to a
+        decode step's at its position."""
+        N = h.shape[0]
+        h = h.to(torch.float32).contiguous()
+        self._ensure_work(max(N, self.max_rows))
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        logits = torch.empty(N, self.vocab, dtype=torch.float32)
+        self.lib.slm_verify(ctypes.byref(self.struct), N, h.data_ptr(), slot_t.data_ptr(),
+                            pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
         return logits
 
     def __call__(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:

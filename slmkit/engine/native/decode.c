@@ -1159,8 +1159,11 @@ int slm_has_vnni(void) {
 
 /* One decode step. h [B, hidden]: embeddings in, final hidden states out (before the norm);
  * slots/pos [B]: cache slot and position of each row's new token; logits [B, vocab]. */
-/* prefill: the B rows are consecutive positions of one sequence (a prompt chunk): keys and
- * values are all written before any row attends, and only the last row's logits are made. */
+/* prefill 1: the B rows are consecutive positions of one sequence (a prompt chunk): keys and
+ * values are all written before any row attends, and only the last row's logits are made.
+ * prefill 2 (verify): runs of consecutive positions of one or more sequences (speculative
+ * decoding's drafts): keys and values all written before any row attends, logits of every
+ * row. Each row's arithmetic is that of a decode step, so its logits are bit-identical. */
 static int step(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
                 float *logits, float *work, int prefill) {
     const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D;
@@ -1265,7 +1268,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             }
             bar_wait(&bar);
         }
-        if (prefill) {   /* the last row only: a view of its quantized activations */
+        if (prefill == 1) {   /* the last row only: a view of its quantized activations */
             const int k = m->lm_head.k, G = k / m->lm_head.group;
             act_t last = a;
             last.q = a.q + (int64_t)(B - 1) * k;
@@ -1290,4 +1293,11 @@ int slm_decode(const model_t *m, int B, float *h, const int64_t *slots, const in
 int slm_prefill(const model_t *m, int T, float *h, const int64_t *slots, const int64_t *pos,
                 float *logits, float *work) {
     return step(m, T, h, slots, pos, logits, work, 1);
+}
+
+/* Rows that may continue one another within a slot (positions ascending per slot); logits
+ * [B, vocab] of every row. */
+int slm_verify(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
+               float *logits, float *work) {
+    return step(m, B, h, slots, pos, logits, work, 2);
 }
