@@ -111,9 +111,10 @@ def test_cli_train_qat_writes_a_packed_model(cli, llama_dir, tmp_path):
     out = tmp_path / "qat"
     res = cli("train", "-m", llama_dir, "--data", "stdlib", "--max-steps", "3", "--seq-len",
               "32", "--batch-size", "2", "--qat", "int4", "--qat-group-size", "32",
-              "--val-fraction", "0", "--out", out, "--precision", "fp32")
+              "--eval-tokens", "64", "--out", out, "--precision", "fp32")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "packed vs trained logits" in res.stdout
+    assert "QAT val perplexity" in res.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["slmkit"]["format"] == "quant" and cfg["slmkit"]["bits"] == 4
     meta = json.loads((out / "slmkit.json").read_text())

@@ -61,6 +61,28 @@ class TrainConfig(StepConfig):
     precision: Literal["fp32", "bf16"] | None = Field(
         default=None, description="fp32 or bf16 (default: bf16 where the CPU supports it).")
     compile: bool = Field(default=False, description="torch.compile the model.")
+    qat: Literal["int8", "int4"] | None = Field(
+        default=None, description="Quantization-aware training: train through the exact grid "
+        "of slm quantize's packed format and write a packed quantized model.")
+    qat_group_size: int | None = Field(default=None, description="QAT group size: 32, 64, "
+                                       "128 or -1 (default as slm quantize: per channel for "
+                                       "int8, the largest of 128/64/32 dividing every layer "
+                                       "for int4).")
+    qat_sym: bool = Field(default=True, description="QAT: symmetric grid (as slm quantize).")
+    qat_start: Literal["rtn", "gptq"] = Field(
+        default="rtn", description="QAT grid from round-to-nearest of the starting weights, or "
+        "from GPTQ (the masters start at GPTQ's weights).")
+    qat_calib_data: Corpus = Field(default_factory=lambda: ["stdlib", "stdlib-prose"],
+                                   description="Calibration corpus of --qat-start gptq.")
+    qat_calib_samples: int = Field(default=128, ge=1, description="Calibration windows of "
+                                   "--qat-start gptq.")
+    qat_data_free: int = Field(default=0, ge=0, description="QAT without data: train on this "
+                               "many sequences the model samples itself (LLM-QAT), instead of "
+                               "--data.")
+    qat_eval_batches: int = Field(default=8, ge=1, description="Validation batches on "
+                                  "which QAT reports the unquantized, starting and packed "
+                                  "perplexity.")
+
 
     val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of documents "
                                 "held out.")
@@ -72,6 +94,18 @@ class TrainConfig(StepConfig):
     seed: int = Field(default=0, description="Seed for init, data order and sampling.")
     resume: bool = Field(default=False, description="Continue from the last checkpoint in "
                          "--out.")
+
+    @model_validator(mode="after")
+    def _qat_options(self) -> "TrainConfig":
+        if self.qat is None and ({"qat_group_size", "qat_sym", "qat_start", "qat_calib_data",
+                                  "qat_calib_samples", "qat_data_free", "qat_eval_batches"}
+                                 & self.model_fields_set):
+            raise ValueError("the --qat-* options need --qat int8 or --qat int4")
+        method = getattr(self, "method", "full")      # finetune's adapters
+        if self.qat is not None and method != "full":
+            raise ValueError(f"--qat trains full weights but --method {method} keeps them "
+                             "frozen; use --method full (or merge the adapter, then run QAT)")
+        return self
 
     @model_validator(mode="after")
     def _needs_budget(self) -> "TrainConfig":

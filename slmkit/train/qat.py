@@ -29,6 +29,7 @@ precision model; ``--qat-data-free N`` trains on N sequences the model samples i
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -232,7 +233,11 @@ def qat_job(cfg, job):
     if getattr(cfg, "method", "full") != "full":
         raise ConfigError(f"--qat trains full weights; --method {cfg.method} keeps them "
                           "frozen. Use --method full (or merge the adapter, then run QAT).")
+    val = job.val_batches[:cfg.qat_eval_batches] if job.val_batches else None
+    before = _val_loss(job.model, job.objective, val)            # unquantized
     info = prepare(job.model, job.tok, cfg)
+    info["val_loss_unquantized"] = before
+    info["val_loss_start"] = _val_loss(job.model, job.objective, val)   # the PTQ start
     inner = job.finish
 
     def finish(state):
@@ -248,18 +253,46 @@ def qat_job(cfg, job):
             finally:
                 set_kernel_mode("auto")
             kernel = float((model(ids).logits.float() - trained).abs().max())
-        info.update(packed_vs_trained_max_diff=exact, kernel_vs_trained_max_diff=kernel)
+        info.update(packed_vs_trained_max_diff=exact, kernel_vs_trained_max_diff=kernel,
+                    val_loss_packed=_val_loss(model, job.objective, val))
         g = "per channel" if info["group_size"] == -1 else f"g{info['group_size']}"
         rows = [*rows,
                 ("QAT", f"int{info['bits']} {g} {'sym' if info['sym'] else 'asym'}, "
                         f"{info['start']} start, {info['layers']} layers -> packed model"),
                 ("packed vs trained logits", f"max |diff| {exact:.2g} (dequant kernel), "
                                              f"{kernel:.2g} (fast kernel)")]
+        if val:
+            fp, start, end = (math.exp(info[k]) for k in
+                              ("val_loss_unquantized", "val_loss_start", "val_loss_packed"))
+            info["recovered"] = (start - end) / (start - fp) if start > fp else None
+            rows.append(("QAT val perplexity", f"unquantized {fp:.3f}, {info['start']} start "
+                         f"{start:.3f}, packed output {end:.3f}"
+                         + (f" ({info['recovered']:.0%} of the {info['start']} loss "
+                            "recovered)" if info["recovered"] is not None else "")))
         return model, {**(extra or {}), "qat": dict(info)}, rows
 
     job.finish = finish
     job.rows = [*job.rows, ("QAT grid", f"{info['start']}, int{info['bits']}")]
     return job
+
+
+def _val_loss(model, objective, batches) -> float | None:
+    """Token-weighted loss of ``objective`` in eval mode (the plain LM loss for train and
+    distill) on ``batches``, fp32; None without batches."""
+    from slmkit.train.ops import IGNORE_INDEX
+
+    if not batches:
+        return None
+    was = model.training
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            loss, _ = objective(model, batch)
+            n = int((batch["labels"] != IGNORE_INDEX).sum())
+            total, count = total + float(loss) * n, count + n
+    model.train(was)
+    return total / max(count, 1)
 
 
 def data_free_corpus(cfg):

@@ -72,7 +72,15 @@ def drive(cfg: TrainConfig, step: str, title: str,
 
     out, ck_root = prepare_out(cfg)
     cfg.apply_threads()
+    if cfg.qat and cfg.qat_data_free:
+        from slmkit.train.qat import data_free_corpus
+
+        cfg = data_free_corpus(cfg)
     job = setup(cfg, out)
+    if cfg.qat:
+        from slmkit.train.qat import qat_job
+
+        job = qat_job(cfg, job)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(job.model, job.objective, job.batches, cfg, val_batches=job.val_batches,
                       val_bytes_per_token=job.val_bytes_per_token, checkpoint_root=ck_root)
