@@ -222,3 +222,33 @@ def test_cli_generate_with_ngram_draft(cli, llama_dir):
     assert text == base.stdout.split("slm generate")[0]
     bad = cli("generate", llama_dir, "x", "--draft", str(llama_dir / "nope"))
     assert bad.returncode == 2
+
+
+def test_serve_with_ngram_draft_concurrent_requests(tokenizer):
+    """`slm serve --draft ngram`: concurrent greedy completions over HTTP equal the engine's
+    output without drafts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.test_serve_api import reference_text, start_server
+
+    model = build_tiny_model("llama", tokenizer, seed=3, max_position_embeddings=1024)
+    prompts = ["def parse(self, data):\n    return json.loads(data)\ndef parse(self, data):",
+               "class Foo:\n    def bar(self):\n        return 1\nclass Foo:\n    def bar",
+               "import os\nimport sys\nimport os\nimport"]
+    live = start_server(model, tokenizer, draft="ngram", max_concurrency=3)
+    try:
+        def ask(prompt):
+            r = httpx.post(live.url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0})
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(ask, prompts))
+        assert live.service.engine.engine.spec is not None
+    finally:
+        live.stop()
+    for prompt, text in zip(prompts, got):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert text == reference_text(model, tokenizer, ids, 24, temperature=0).text
