@@ -175,3 +175,9 @@ def test_stdlib_prose_is_docstring_prose_split_with_its_source(tmp_path, monkeyp
     assert all(d.text == prose for d in docs)
     # the split is a function of the id alone, so equal ids mean equal splits
     assert {is_val(i, 0.05) for i in ids} == {True, False}
+    # the extracted prose is cached, and a changed file is read again
+    assert list(iter_documents("stdlib-prose")) == docs
+    (tmp_path / "mod1.py").write_text('"""A brand new module docstring with more than eight '
+                                      'words in it."""\n')
+    again = {d.id: d.text for d in iter_documents("stdlib-prose")}
+    assert again["stdlib:mod1.py"].startswith("A brand new module") and len(again) == 30

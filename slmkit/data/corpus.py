@@ -431,12 +431,51 @@ def docstring_prose(source: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+#: Bump when :func:`docstring_prose` changes what it extracts (invalidates the cache).
+PROSE_VERSION = 1
+
+
 def _stdlib_prose_documents(stats: CorpusStats) -> Iterator[Document]:
     """The docstring prose of every stdlib file (same ids as ``stdlib``), then the pydoc
-    topics."""
-    for path, rel in _stdlib_files():
-        stats.files += 1
-        text = docstring_prose(path.read_text(encoding="utf-8", errors="replace"))
-        if text:
-            yield Document(f"stdlib:{rel}", text)
+    topics.
+
+    Parsing every stdlib file takes seconds, and every calibration or evaluation on this
+    corpus streams it (once to hash it, once to tokenize), so the extracted prose is kept
+    in ``$SLMKIT_CACHE_DIR/corpus``, keyed by the Python version, the extractor version and
+    every file's path, size and mtime: any change of the stdlib makes a new file.
+    """
+    import hashlib
+    import sys
+    import tempfile
+
+    from slmkit.data.tokens import cache_root
+
+    files = list(_stdlib_files())
+    key = hashlib.sha256(f"{PROSE_VERSION}\0{sys.version}\0{stdlib_root()}".encode())
+    for path, rel in files:
+        st = path.stat()
+        key.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    cached = cache_root() / "corpus" / f"stdlib-prose-{key.hexdigest()[:16]}.jsonl"
+    stats.files += len(files)
+    if cached.is_file():
+        with open(cached, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                yield Document(row["id"], row["text"])
+    else:
+        docs = []
+        for path, rel in files:
+            text = docstring_prose(path.read_text(encoding="utf-8", errors="replace"))
+            if text:
+                docs.append(Document(f"stdlib:{rel}", text))
+        try:                             # written whole or not at all (temp file + rename)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".prose.", dir=cached.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                for d in docs:
+                    fh.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
+            os.replace(tmp, cached)
+        except OSError:                  # a read-only cache only costs the parsing again
+            pass
+        yield from docs
     yield from _pydoc_topics(stats)
