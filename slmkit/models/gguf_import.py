@@ -23,6 +23,8 @@ import contextlib
 import io
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -215,10 +217,31 @@ def gguf_model_dir(ref: str) -> Path:
         return out
     header = header or read_header(path)
     check_importable(header, ref)
-    log.info(f"Importing {ref} into {out} (once; later uses read the cached dir).")
-    extra = {"builtin": ref} if ref.startswith(BUILTIN_PREFIX) else {}
-    return import_gguf(path, out, ref, overwrite=True, digest=digest, header=header,
-                       params=extra)
+    with _import_lock(out):               # two processes started at once import it once
+        if (out / LINEAGE_FILE).is_file():
+            return out
+        log.info(f"Importing {ref} into {out} (once; later uses read the cached dir).")
+        extra = {"builtin": ref} if ref.startswith(BUILTIN_PREFIX) else {}
+        return import_gguf(path, out, ref, overwrite=True, digest=digest, header=header,
+                           params=extra)
+
+
+@contextmanager
+def _import_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``out``'s import (a ``.lock`` file beside it; POSIX only, a
+    no-op elsewhere): the second process waits, then finds the finished dir."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:                   # Windows: the atomic write still keeps it whole
+        yield
+        return
+    with open(out.parent / f"{out.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_import(cfg: ImportConfig) -> StepResult:
