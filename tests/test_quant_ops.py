@@ -257,3 +257,44 @@ def test_gptq_on_stacked_rows_equals_each_linear_alone(act_order):
     for (c, s, z), c2, s2, z2 in zip(alone, codes.split(rows), scale.split(rows),
                                      zero.split(rows)):
         assert torch.equal(c, c2) and torch.equal(s, s2) and torch.equal(z, z2)
+
+
+@pytest.mark.parametrize("group_size,sym", [(16, True), (-1, False)])
+def test_hessian_clip_matches_slow_search_and_never_hurts(group_size, sym):
+    """Each group's ratio is the one a slow loop over ratios picks by ``dᵀ H_GG d``; the
+    chosen ranges never raise that error over plain min/max (ratio 1 is a candidate)."""
+    from slmkit.compress.quantize.gptq_ops import hessian_clip
+
+    torch.manual_seed(5)
+    w = torch.randn(12, 64)
+    w[:, 3] *= 6                                                   # an outlier column
+    h = hessian_reference(_correlated_inputs(seed=6)).float()
+    clip = hessian_clip(w, h, 4, group_size, sym, n_grid=10, max_shrink=0.5)
+    g = 64 if group_size == -1 else group_size
+    ratios = [1.0 - k / 10 for k in range(5)]
+    for o in range(12):
+        for gi in range(64 // g):
+            cols = slice(gi * g, (gi + 1) * g)
+            hg = h[cols, cols].double()
+
+            def err(r):
+                q = fake_quantize(w[o:o + 1, cols], 4, -1, sym, clip=r)
+                d = (w[o:o + 1, cols] - q).double()[0]
+                return float(d @ hg @ d)
+            errs = [err(r) for r in ratios]
+            assert clip[o, gi] == pytest.approx(ratios[errs.index(min(errs))])
+            assert err(float(clip[o, gi])) <= err(1.0) + 1e-9
+    assert (clip < 1).any()                                       # the search does clip
+
+
+def test_gptq_clip_search_lowers_output_error_on_outlier_weights():
+    torch.manual_seed(7)
+    w = torch.randn(48, 64) * 0.05
+    w[torch.rand_like(w) < 0.02] *= 12                            # heavy-tailed weights
+    x = _correlated_inputs(seed=8)
+    h = hessian_reference(x).float()
+    errs = {}
+    for clip in (False, True):
+        q, s, z = gptq_quantize_weight(w, h, 4, 16, sym=True, clip_search=clip)
+        errs[clip] = layer_output_error(x, w, dequantize_codes(q, s, z, 16))
+    assert errs[True] < 0.9 * errs[False]

@@ -263,26 +263,20 @@ def feed_linears(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Mo
     the block (for q/k/v almost all of it), with the very same inputs collected.
     """
     pending: set[str] = set()
-    handles = []
-    fn = _exact(fn)
-    for name, module in linears.items():
-        def hook(_m, args, _name=name):
-            x = args[0]
-            fn(_name, x.detach().reshape(-1, x.shape[-1]))  # [B, T, in] -> [B*T, in]
-            pending.discard(_name)
-            if not pending:
-                raise _StopForward
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
+
+    def take(name: str, x: torch.Tensor) -> None:
+        fn(name, x)
+        pending.discard(name)
+        if not pending:
+            raise _StopForward
+
+    with capture_linear_inputs(linears, take):
         for i in range(len(inputs.hidden)):
             pending.update(linears)
             try:
                 inputs.forward(block, i)
             except _StopForward:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

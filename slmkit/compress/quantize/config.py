@@ -26,7 +26,7 @@ class QuantizeOptions(Calibration):
             128, 64 and 32 that divides every targeted layer (``auto_group_size``, resolved
             when the model is known).
         targets / ignore: regexes over linear names (see ``match_linears``).
-        damp, act_order, block_size: GPTQ options; ``preserve_zeros`` keeps exactly-zero
+        damp, act_order, block_size, true_sequential, gptq_clip: GPTQ options; ``preserve_zeros`` keeps exactly-zero
             (pruned) weights at zero (RTN and AWQ always do).
         awq_grid, awq_clip: AWQ scale grid size and whether to search clipping ratios.
         quantize_embeddings: also store the token embedding table with the same grid (RTN,
@@ -57,6 +57,9 @@ class QuantizeOptions(Calibration):
     preserve_zeros: bool = Field(default=True, description="GPTQ: weights that are exactly "
                                  "zero (pruned) stay zero.")
     block_size: int = Field(default=128, ge=1, description="GPTQ lazy-update block (columns).")
+    gptq_clip: bool = Field(default=False, description="GPTQ: fit each group's range to "
+                            "its output error on the calibration inputs (a clipping search) "
+                            "instead of its min/max.")
     awq_grid: int = Field(default=20, ge=1, description="AWQ: points of the scale search.")
     awq_clip: bool = Field(default=True, description="AWQ: search per-group clipping ratios.")
     quantize_embeddings: bool = Field(default=False, description="Also store the token "
@@ -112,7 +115,8 @@ class QuantizeOptions(Calibration):
 
 
 CALIBRATION = {"calib_data", "calib_samples", "calib_seq_len", "seed", "calib_precision"}
-GPTQ_ONLY = {"damp", "act_order", "block_size", "preserve_zeros", "true_sequential"}
+GPTQ_ONLY = {"damp", "act_order", "block_size", "preserve_zeros", "true_sequential",
+             "gptq_clip"}
 AWQ_ONLY = {"awq_grid", "awq_clip"}
 
 

@@ -24,6 +24,41 @@ from slmkit.compress.hessian import cholesky_inverse_upper, dead_inputs, one_thr
 from slmkit.nn.packing import compute_qparams, quantize_codes
 
 
+@torch.no_grad()
+def hessian_clip(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                 sym: bool, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Per-group range shrink ratio minimising the group's own output error.
+
+    For row ``o`` and group ``G`` the error of ratio ``r`` is ``dᵀ H_GG d`` with
+    ``d = w_oG - Q_r(w_oG)``: the layer's output error from that group alone, on the
+    calibration inputs (``H = 2XXᵀ``). This is the data-aware form of the MSE range search
+    in GPTQ's reference quantizer; ``r = 1`` (no clipping) is on the grid, so the chosen
+    range is never worse than the plain one by this measure.
+
+    Args:
+        w: ``[out, in]``; hessian: ``[in, in]`` (``in`` divisible by ``group_size``).
+
+    Returns:
+        ``[out, G]`` ratios in ``[1 - max_shrink, 1]``.
+    """
+    out, inp = w.shape
+    g = inp if group_size == -1 else group_size
+    wg = w.float().reshape(out, inp // g, g)                              # [out, G, g]
+    hb = torch.stack([hessian[i:i + g, i:i + g] for i in range(0, inp, g)]).float()
+    best_err = torch.full((out, inp // g), float("inf"))
+    best_r = torch.ones(out, inp // g)
+    for k in range(max(1, int(max_shrink * n_grid))):
+        r = 1.0 - k / n_grid
+        scale, zero = compute_qparams(w, bits, group_size, sym, clip=r)      # [out, G]
+        s, z = scale[..., None], zero[..., None]
+        d = wg - (torch.clamp(torch.round(wg / s) + z, 0, 2 ** bits - 1) - z) * s
+        err = torch.einsum("ogj,gjk,ogk->og", d, hb, d)                  # [out, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return best_r
+
+
 def _quant_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bits: int) -> torch.Tensor:
     """RTN of one column ``[out]`` on per-row grid ``scale``/``zero`` (``[out]``); dequantized."""
@@ -34,7 +69,8 @@ def _quant_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 @torch.no_grad()
 def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                          sym: bool, damp: float = 0.01, block_size: int = 128,
-                         act_order: bool = False, preserve_zeros: bool = False):
+                         act_order: bool = False, preserve_zeros: bool = False,
+                         clip_search: bool = False):
     """Quantize ``w`` with GPTQ given its layer Hessian.
 
     Args:
@@ -47,6 +83,7 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
         preserve_zeros: weights that are exactly zero in ``w`` (pruned) stay exactly zero;
             their rounding "error" is compensated like any other (mask-aware GPTQ, as in
             SparseGPT's joint sparsify-and-quantize). Zero is always on the grid.
+        clip_search: fit each group's range by :func:`hessian_clip` instead of its min/max.
 
     Returns:
         ``(codes [out, in] uint8, scale [out, G], zero [out, G])`` in original column order.
@@ -59,7 +96,8 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
     pruned = (W == 0) if preserve_zeros else None           # [out, in]
 
     if group_size == -1 or act_order:  # all grids up front
-        scale, zero = compute_qparams(W, bits, group_size, sym)   # [out, G]
+        clip = hessian_clip(W, H, bits, group_size, sym) if clip_search else 1.0
+        scale, zero = compute_qparams(W, bits, group_size, sym, clip)   # [out, G]
         static = True
     else:
         scale = torch.zeros(out, cols // g)
@@ -90,7 +128,9 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
                     ahead = W1[:, i:i + g]                                     # [out, <=g]
                     if ahead.shape[1] < g:      # the group runs past this block
                         ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], dim=1)
-                    s, z = compute_qparams(ahead, bits, -1, sym)
+                    clip = (hessian_clip(ahead, H[col:col + g, col:col + g], bits, -1, sym)
+                            if clip_search else 1.0)
+                    s, z = compute_qparams(ahead, bits, -1, sym, clip)
                     scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
                 q = _quant_column(W1[:, i], scale[:, grp], zero[:, grp], bits)
                 if pruned is not None:

@@ -133,7 +133,7 @@ class GPTQModifier(QuantizeModifier):
             codes, scale, zero = gptq_quantize_weight(
                 torch.cat(ws), acc.hessian, cfg.bits, cfg.group_size, cfg.sym, damp=cfg.damp,
                 block_size=cfg.block_size, act_order=cfg.act_order,
-                preserve_zeros=cfg.preserve_zeros)
+                preserve_zeros=cfg.preserve_zeros, clip_search=cfg.gptq_clip)
             rows = [w.shape[0] for w in ws]
             for name, c, sc, z in zip(group, codes.split(rows), scale.split(rows),
                                       zero.split(rows)):
