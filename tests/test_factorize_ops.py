@@ -71,3 +71,22 @@ def test_merge_lowrank_swaps_modules_back():
     assert merge_lowrank(model) == 1
     assert isinstance(model[0], torch.nn.Linear)
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_allocate_ranks_meets_the_budget_and_favours_flat_spectra():
+    shapes = {"flat": (64, 64), "steep": (64, 64), "wide": (32, 128)}
+    spectra = {"flat": torch.ones(64), "steep": 0.5 ** torch.arange(64.0),
+               "wide": torch.linspace(2, 1, 32)}
+    ranks = ops.allocate_ranks(spectra, shapes, 0.5)
+    params = sum(r * (o + i) for (n, r), (o, i) in zip(ranks.items(), shapes.values()))
+    dense = sum(o * i for o, i in shapes.values())
+    assert 0.45 * dense < params <= 0.5 * dense
+    assert ranks["steep"] <= 3 < ranks["flat"]     # the steep spectrum gives up (almost) all
+    # the dropped energy is never more than a uniform split of the same budget drops
+    def lost(rk):
+        return sum(float((spectra[n][rk[n]:] ** 2).sum() / (spectra[n] ** 2).sum())
+                   for n in rk)
+    uniform = {n: ops.rank_for_ratio(o, i, 0.5) for n, (o, i) in shapes.items()}
+    assert lost(ranks) < lost(uniform)
+    with pytest.raises(ConfigError, match="--ratio"):
+        ops.allocate_ranks(spectra, shapes, 0.01)

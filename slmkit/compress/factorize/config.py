@@ -20,6 +20,10 @@ class FactorizeOptions(Calibration):
         energy: fraction of spectral energy to keep, in (0, 1] (instead of ratio).
         targets / ignore: regexes selecting linears (``compress.match``).
         alpha: ASVD scaling exponent, ``s = mean|X| ** alpha``.
+        allocate: with ``ratio``, ``global`` spends one parameter budget over all targeted
+            layers where their (scaled) spectra lose the least energy; ``uniform`` keeps
+            the same share of every layer. Default: ``global`` for ASVD (its
+            activation-scaled spectra say where truncation hurts), ``uniform`` for SVD.
     """
 
     method: Literal["svd", "asvd"] = Field(default="svd", description="svd or asvd "
@@ -35,6 +39,9 @@ class FactorizeOptions(Calibration):
                                      "(repeatable; default lm_head).")
     alpha: float = Field(default=0.5, gt=0, description="ASVD scaling exponent: s = "
                          "mean|X| ** alpha.")
+    allocate: Literal["global", "uniform"] | None = Field(
+        default=None, description="With --ratio: one budget over all layers (global) or the "
+        "same share of each (uniform); default global for asvd, uniform for svd.")
 
     @model_validator(mode="after")
     def _one_target(self) -> "FactorizeOptions":
@@ -42,6 +49,11 @@ class FactorizeOptions(Calibration):
             raise ValueError("Both --ratio and --energy were given; pass only one of them")
         if self.ratio is None and self.energy is None:   # a default, not an input
             self.__dict__["ratio"] = 0.8
+        if self.allocate is not None and self.ratio is None:
+            raise ValueError("--allocate applies to --ratio; with --energy each layer keeps "
+                             "its own energy share, so drop --allocate")
+        if self.allocate is None:                         # a default, not an input
+            self.__dict__["allocate"] = "global" if self.method == "asvd" else "uniform"
         return self
 
 

@@ -5,13 +5,14 @@ layer in ``slmkit.nn.lowrank``.
 
 * ``svd`` needs no data: each targeted linear is truncated to the rank its target allows.
 * ``asvd`` runs the model block by block on calibration data (``compress.calibrate``),
-  records ``mean |X_j|`` per input feature of every linear in the block, scales the weight
-  by it before the SVD and unscales after (ASVD, arXiv:2312.05821). Later blocks see the
-  outputs of already-factorized blocks.
+  records ``mean |X_j|`` per input feature of every linear, scales the weight by it before
+  the SVD and unscales after (ASVD, arXiv:2312.05821).
 
-The rank of each layer comes from ``--ratio`` (keep that fraction of its parameters) or
-``--energy`` (keep that fraction of its spectral energy; for ASVD, of the scaled weight).
-A layer where the rank would not save parameters stays dense.
+The rank of each layer comes from ``--ratio`` (keep that fraction of the parameters:
+``--allocate uniform`` of each layer, ``global`` of all targeted layers together, spent by
+:func:`ops.allocate_ranks` on the (scaled) spectra) or ``--energy`` (keep that fraction of
+each layer's spectral energy; for ASVD, of the scaled weight). A layer where the rank would
+not save parameters stays dense.
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ def _check_ranks(linears: dict[str, nn.Module], settings: FactorizeOptions) -> N
 @torch.no_grad()
 def _factorize_layer(model: nn.Module, name: str, module: nn.Module,
                      settings: FactorizeOptions, act_abs_mean: torch.Tensor | None,
-                     report: FactorizeReport) -> None:
+                     report: FactorizeReport, rank: int | None = None) -> None:
+    """Replace one linear by its truncated (ASVD-scaled when ``act_abs_mean``) SVD at
+    ``rank`` (default: from ``--ratio`` or ``--energy``), or keep it dense where the rank
+    would not save parameters."""
     w = weight_matrix(module).float()
     out_f, in_f = w.shape
     scale = ops.asvd_scale(act_abs_mean, settings.alpha) if act_abs_mean is not None else None
     u, s, vh = ops.svd(w, scale)
-    if settings.ratio is not None:
+    if rank is None and settings.ratio is not None:
         rank = ops.rank_for_ratio(out_f, in_f, settings.ratio, name)
-    else:
+    elif rank is None:
         rank = ops.rank_for_energy(s, settings.energy)
     report.dense_params += out_f * in_f
     if not ops.saves_params(out_f, in_f, rank):
@@ -69,6 +73,21 @@ def _factorize_layer(model: nn.Module, name: str, module: nn.Module,
     set_module(model, name, LowRankLinear.from_factors(a.to(w.device), b.to(w.device), bias))
     report.ranks[name] = rank
     report.factored_params += rank * (out_f + in_f)
+
+
+@torch.no_grad()
+def _global_ranks(linears: dict[str, nn.Module], settings: FactorizeOptions,
+                  act_abs_means: dict[str, torch.Tensor] | None) -> dict[str, int]:
+    """``--allocate global``: every layer's (scaled) spectrum, then one budget for all."""
+    spectra, shapes = {}, {}
+    for name, module in linears.items():
+        w = weight_matrix(module).float()
+        scale = (ops.asvd_scale(act_abs_means[name], settings.alpha)
+                 if act_abs_means is not None else None)
+        wd = w.double() * scale[None, :] if scale is not None else w.double()
+        spectra[name] = torch.linalg.svdvals(wd)
+        shapes[name] = tuple(w.shape)
+    return ops.allocate_ranks(spectra, shapes, settings.ratio)
 
 
 @torch.no_grad()
@@ -99,15 +118,18 @@ def factorize_model(model: nn.Module, tokenizer, settings: FactorizeOptions) -> 
     if conv:
         raise ConfigError(f"'{conv[0]}' is a GPT-2 Conv1D layer, which slm factorize does not "
                           "support; use a Llama/Qwen2/Mistral-style model.")
-    _check_ranks(linears, settings)
+    glob = settings.ratio is not None and settings.allocate == "global"
+    if not glob:
+        _check_ranks(linears, settings)
     report = FactorizeReport()
-    if settings.method == "svd":
-        from slmkit.console import track
+    means = _asvd_stats(model, tokenizer, linears, settings) if settings.method == "asvd" \
+        else None
+    ranks = _global_ranks(linears, settings, means) if glob else {}
+    from slmkit.console import track
 
-        for name, module in track(list(linears.items()), "svd factorization"):
-            _factorize_layer(model, name, module, settings, None, report)
-    else:
-        _asvd(model, tokenizer, linears, settings, report)
+    for name, module in track(list(linears.items()), f"{settings.method} factorization"):
+        _factorize_layer(model, name, module, settings,
+                         means[name] if means is not None else None, report, ranks.get(name))
     if not report.ranks:
         raise ConfigError(f"No targeted layer would save parameters at --energy "
                           f"{settings.energy}; lower --energy or use --ratio.")
@@ -116,7 +138,9 @@ def factorize_model(model: nn.Module, tokenizer, settings: FactorizeOptions) -> 
     return report
 
 
-def _asvd(model, tokenizer, linears, settings, report) -> None:
+def _asvd_stats(model, tokenizer, linears, settings) -> dict[str, torch.Tensor]:
+    """``mean |X_j|`` per input feature of every targeted linear, block by block on the
+    calibration windows (the dense model's activations)."""
     from slmkit.compress.calibrate import (
         calibrate_layer_by_layer,
         calibration_batches,
@@ -125,6 +149,7 @@ def _asvd(model, tokenizer, linears, settings, report) -> None:
 
     batches = calibration_batches(tokenizer, settings.calib_data, n_samples=settings.calib_samples,
                                   seq_len=settings.calib_seq_len, seed=settings.seed)
+    means: dict[str, torch.Tensor] = {}
 
     def on_block(index, block_name, block, inputs):
         mine = {n: m for n, m in linears.items() if n.startswith(block_name + ".")}
@@ -140,9 +165,13 @@ def _asvd(model, tokenizer, linears, settings, report) -> None:
 
         with capture_linear_inputs(mine, collect):
             inputs.run(block)
-        for name, module in mine.items():
-            mean_abs = sums[name] / max(1, counts[name])  # [in]
-            _factorize_layer(model, name, module, settings, mean_abs.float(), report)
+        for name in mine:
+            means[name] = (sums[name] / max(1, counts[name])).float()  # [in]
 
-    calibrate_layer_by_layer(model, batches, on_block, desc="asvd factorization",
+    calibrate_layer_by_layer(model, batches, on_block, desc="asvd statistics",
                              precision=settings.calib_precision)
+    missing = [n for n in linears if n not in means]
+    if missing:                        # outside the decoder blocks: no activation statistics
+        raise ConfigError(f"'{missing[0]}' is outside the decoder blocks, where ASVD has no "
+                          "activation statistics; --ignore it or use --method svd.")
+    return means

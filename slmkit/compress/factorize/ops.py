@@ -12,8 +12,9 @@ A linear ``W`` of shape ``[out, in]`` is replaced by ``B @ A`` with ``A: [r, in]
   "ASVD: Activation-aware Singular Value Decomposition for Compressing Large Language
   Models", arXiv:2312.05821).
 
-The rank of each layer comes from a parameter ratio (``rank_for_ratio``) or a spectral
-energy target (``rank_for_energy``).
+The rank of each layer comes from a parameter ratio (``rank_for_ratio``: the same share of
+every layer, or ``allocate_ranks``: one budget for all layers, spent where the spectrum
+says truncation hurts most) or a spectral energy target (``rank_for_energy``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,56 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     cum = torch.cumsum(power, 0) / power.sum().clamp_min(1e-30)  # [k]
     rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1
     return min(max(rank, 1), singular_values.numel())
+
+
+def allocate_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                   ratio: float) -> dict[str, int]:
+    """Ranks for all layers together that keep at most ``ratio`` of their parameters.
+
+    Truncating singular value ``i`` of a layer loses the share ``s_i² / Σ s²`` of its
+    (scaled) spectral energy and saves ``in + out`` parameters. Starting every layer at the
+    largest rank worth factorizing (``r·(in+out) <= in·out``), the values with the least
+    energy per parameter are dropped first, over all layers at once, until the factors fit
+    the budget: layers with a flat spectrum keep more rank, steep ones give it up (the
+    spirit of ASVD's sensitivity-based rank search, with the energy share as the
+    sensitivity instead of a perplexity probe per layer and ratio).
+
+    Args:
+        spectra: layer name -> ``[k]`` singular values, descending.
+        shapes: layer name -> ``(out, in)``.
+        ratio: fraction of the layers' dense parameters to keep, in (0, 1).
+
+    Returns:
+        layer name -> rank; a rank equal to the layer's break-even rank means "keep it
+        dense" (see :func:`saves_params`).
+
+    Raises:
+        ConfigError: the budget cannot be met even at rank 1 everywhere.
+    """
+    dense = sum(o * i for o, i in shapes.values())
+    budget = ratio * dense
+    full = {n: min(int(o * i // (o + i)), spectra[n].numel()) for n, (o, i) in shapes.items()}
+    cost = {n: o + i for n, (o, i) in shapes.items()}
+    if sum(cost.values()) > budget:
+        raise ConfigError(f"--ratio {ratio} is below what rank 1 in every layer needs; raise "
+                          "--ratio or exclude layers with --ignore.")
+    names, keys, costs = [], [], []
+    for n, sv in spectra.items():
+        p = sv.double() ** 2
+        p = p / p.sum().clamp_min(1e-30)
+        r = full[n]
+        keys.append(p[1:r] / cost[n])           # rank 1 always stays
+        names += [n] * (r - 1)
+        costs += [cost[n]] * (r - 1)
+    order = torch.argsort(torch.cat(keys), stable=True).tolist()
+    ranks = dict(full)
+    total = sum(full[n] * cost[n] for n in full)
+    for j in order:
+        if total <= budget:
+            break
+        ranks[names[j]] -= 1
+        total -= costs[j]
+    return ranks
 
 
 def saves_params(out_features: int, in_features: int, rank: int) -> bool:
