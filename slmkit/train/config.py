@@ -83,7 +83,6 @@ class TrainConfig(StepConfig):
                                   "which QAT reports the unquantized, starting and packed "
                                   "perplexity.")
 
-
     val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of documents "
                                 "held out.")
     eval_every: int = Field(default=100, ge=1, description="Validate every N steps.")
@@ -94,6 +93,9 @@ class TrainConfig(StepConfig):
     seed: int = Field(default=0, description="Seed for init, data order and sampling.")
     resume: bool = Field(default=False, description="Continue from the last checkpoint in "
                          "--out.")
+    dist_timeout: float = Field(default=1800.0, gt=0, description="Under torchrun: seconds "
+                                "a process waits for a stuck peer before the job fails (a "
+                                "dead one fails it at once).")
 
     @model_validator(mode="after")
     def _qat_options(self) -> "TrainConfig":

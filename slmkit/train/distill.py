@@ -113,7 +113,9 @@ def _kd_job(cfg: DistillConfig, out: Path) -> Job:
     from slmkit.train.objectives_kd import IndexedBatches, KDObjective, TopKCache
     from slmkit.train.run import check_context, corpus_skips, validation_set
 
-    if not cfg.resume:
+    from slmkit.train.distributed import Dist
+
+    if not cfg.resume and Dist.from_env().is_main:      # rank 0 sets up before the others
         shutil.rmtree(out / CACHE_DIR, ignore_errors=True)   # another run's teacher targets
     teacher, teacher_tok = load_teacher(cfg)
     model, tok = load_student(cfg, teacher_tok)

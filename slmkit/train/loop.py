@@ -21,6 +21,7 @@ from slmkit.console import log, progress
 from slmkit.train import checkpoint as ckpt
 from slmkit.train.batches import BatchSource
 from slmkit.train.config import TrainConfig
+from slmkit.train.distributed import Dist
 from slmkit.train.objectives import IGNORE_INDEX, Objective
 from slmkit.train.ops import (
     cosine_progress,
@@ -54,20 +55,28 @@ class Trainer:
         val_bytes_per_token: UTF-8 bytes per target token of ``val_batches``, for
             bits-per-byte.
         checkpoint_root: folder for checkpoints (None: no checkpoints).
+        dist: this process' rank in a torchrun job (None: one process); see
+            :mod:`slmkit.train.distributed`. Each rank trains its rows of every micro-batch
+            through DistributedDataParallel; counters, logged metrics and validation are
+            global (summed over the ranks), so every rank takes the same decisions.
     """
 
     def __init__(self, model: torch.nn.Module, objective: Objective, batches: BatchSource,
                  cfg: TrainConfig, val_batches: list[dict] | None = None,
                  val_bytes_per_token: float | None = None,
-                 checkpoint_root: str | Path | None = None):
+                 checkpoint_root: str | Path | None = None, dist: Dist | None = None):
         self.model, self.objective, self.batches, self.cfg = model, objective, batches, cfg
+        self.dist = dist or Dist()
         self.val_batches, self.val_bpt = val_batches or [], val_bytes_per_token
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self.precision = cfg.resolved_precision()
         self.device = next(model.parameters()).device
         self.state = TrainState()
         self.optimizer = self._build_optimizer()
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.eval_model = torch.compile(model) if cfg.compile else model
+        self.ddp = self.dist.wrap(model)        # the model itself in one process
+        self.forward_model = (torch.compile(self.ddp) if cfg.compile and self.dist.active
+                              else self.ddp if self.dist.active else self.eval_model)
         self.flops_per_token = train_flops_per_token(model, cfg.seq_len)
         self._peak = None
 
@@ -128,44 +137,69 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
-        cfg, model = self.cfg, self.model
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics.
+
+        Each micro-batch loss is the mean over this rank's labelled tokens, scaled by
+        :meth:`Dist.loss_scale` so the gradient DDP averages is that of the whole
+        micro-batch's token mean (the scale is exactly 1 in one process). The returned
+        metrics and token count are the whole job's.
+        """
+        cfg, model, d = self.cfg, self.model, self.dist
         model.train()
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        first = self.state.step * cfg.grad_accum
+        micro_batches = [d.shard(self.batches.batch(first + m)) for m in range(cfg.grad_accum)]
+        counts = torch.tensor([int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches],
+                              dtype=torch.float64)                       # [grad_accum]
+        totals = d.sum(counts)
         sums: dict[str, float] = {}
-        tokens = 0
-        for micro in range(cfg.grad_accum):
-            batch = self.batches.batch(self.state.step * cfg.grad_accum + micro)
+        for micro, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                loss, metrics = self.objective(self.forward_model, batch)
-            (loss / cfg.grad_accum).backward()
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            scale = d.loss_scale(int(counts[micro]), float(totals[micro]))
+            sync = (self.ddp.no_sync() if d.active and micro < cfg.grad_accum - 1
+                    else contextlib.nullcontext())
+            with sync, d.guard():
+                with self.autocast():
+                    loss, metrics = self.objective(self.forward_model, batch)
+                if not counts[micro]:         # no labelled token on this rank: no gradient
+                    loss = loss.nan_to_num(0.0)
+                (loss * scale / cfg.grad_accum).backward()
+            share = float(counts[micro] / totals[micro]) if d.active and totals[micro] else 1.0
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                sums[k] = sums.get(k, 0.0) + float(v) * share / cfg.grad_accum
+        if d.active:
+            keys = sorted(sums)
+            reduced = d.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums = {k: float(v) for k, v in zip(keys, reduced)}
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             sums["grad_norm"] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(totals.sum())
         self.state.step += 1
         self.state.tokens += tokens
         return {**sums, "lr": lr, "tokens": tokens}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted validation loss, perplexity and bits per byte on ``val_batches``."""
+        """Token-weighted validation loss, perplexity and bits per byte on ``val_batches``
+        (each rank evaluates every N-th batch; the sums are the job's)."""
         self.model.eval()
+        d = self.dist
         total, count = 0.0, 0
-        for batch in self.val_batches:
+        for batch in self.val_batches[d.rank::d.world_size]:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
-                loss, _ = self.objective(self.forward_model, batch)
+                loss, _ = self.objective(self.eval_model, batch)
             n = int((batch["labels"] != IGNORE_INDEX).sum())
             total += float(loss) * n
             count += n
+        if d.active:
+            total, count = (float(v) for v in d.sum(torch.tensor([total, count],
+                                                                 dtype=torch.float64)))
         loss = total / max(count, 1)
         out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         if self.val_bpt:
@@ -193,12 +227,16 @@ class Trainer:
                 metrics = self.train_step()
                 window_t += time.perf_counter() - t0
                 s.elapsed = start_elapsed + time.perf_counter() - start_time
+                if self.dist.active and cfg.max_minutes:   # rank 0's clock decides for all
+                    s.elapsed = self.dist.broadcast_float(s.elapsed)
                 window.append(metrics)
                 window_tokens += metrics["tokens"]
                 last = self.done() or s.step == until_step
                 if s.step % cfg.log_every == 0 or last:
                     speed = window_tokens / max(window_t, 1e-9)
-                    mfu = speed * self.flops_per_token / self.peak_flops()
+                    mfu = (speed * self.flops_per_token
+                           / (self.peak_flops() * self.dist.world_size)
+                           if self.dist.is_main else 0.0)
                     record = {"step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
                               "tokens_per_s": speed, "mfu": mfu}
                     for k in window[0]:
@@ -235,7 +273,9 @@ class Trainer:
             parts.append(f"eta {s.elapsed * (1 - p) / p:,.0f}s")
         return " · ".join(parts)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
         state = {"state": asdict(self.state), "config": self.cfg.model_dump(mode="json")}
         return ckpt.save_checkpoint(self.checkpoint_root, self.model, self.optimizer, state,
                                     self.state.step, self.cfg.keep_checkpoints)

@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from slmkit.train.config import KDOptions
+from slmkit.train.distributed import replicated
 from slmkit.train.kd_ops import IGNORE_INDEX, chunked_kd_loss, teacher_topk
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind a ``torch.compile`` wrapper."""
-    return getattr(model, "_orig_mod", model)
+    """The plain module behind ``torch.compile`` and DistributedDataParallel wrappers."""
+    from slmkit.train.distributed import unwrap as plain
+
+    return plain(model)
 
 
 def hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor):
@@ -48,6 +51,8 @@ def hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor):
     if head is None or special or inner is base:
         logits = model(input_ids=input_ids, use_cache=False).logits               # [B, T, V]
         return logits, torch.nn.Identity()
+    if replicated(model):     # through DDP's forward, so it all-reduces this backward
+        return model(hidden_only=True, input_ids=input_ids, use_cache=False), head
     return inner(input_ids=input_ids, use_cache=False)[0], head
 
 

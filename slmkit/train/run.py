@@ -64,38 +64,69 @@ def drive(cfg: TrainConfig, step: str, title: str,
         ConfigError, DataError, ModelLoadError, OutputError: bad options or inputs, each a
         one-sentence message; no output dir is left half-written.
     """
+    from slmkit.train.distributed import Dist
+
+    dist = Dist.from_env()
+    dist.init(cfg.dist_timeout)
+    try:
+        with dist.stop_on_sigterm():
+            return _drive(cfg, step, title, setup, dist)
+    finally:
+        dist.close()
+
+
+def _drive(cfg: TrainConfig, step: str, title: str, setup: Callable[[TrainConfig, Path], Job],
+           dist) -> StepResult:
+    """:func:`drive` inside the job's process group (world size 1 without torchrun)."""
     import torch
 
     from slmkit.models.presets import count_params
     from slmkit.train import checkpoint as ckpt
+    from slmkit.train.distributed import check_world, describe
     from slmkit.train.loop import Trainer
 
-    out, ck_root = prepare_out(cfg)
+    if dist.active:
+        check_world(cfg.batch_size, dist.world_size)
+        if not dist.is_main:
+            _quiet_rank()
+    out, ck_root = prepare_out(cfg, main=dist.is_main)
+    dist.barrier()                     # every rank checked --out before rank 0 writes in it
     cfg.apply_threads()
     if cfg.qat and cfg.qat_data_free:
         from slmkit.train.qat import data_free_corpus
 
         cfg = data_free_corpus(cfg)
-    job = setup(cfg, out)
+    with dist.rank_zero_first():       # rank 0 fills the token and teacher caches first
+        job = setup(cfg, out)
     if cfg.qat:
         from slmkit.train.qat import qat_job
 
         job = qat_job(cfg, job)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(job.model, job.objective, job.batches, cfg, val_batches=job.val_batches,
-                      val_bytes_per_token=job.val_bytes_per_token, checkpoint_root=ck_root)
+                      val_bytes_per_token=job.val_bytes_per_token,
+                      checkpoint_root=ck_root if dist.is_main else None, dist=dist)
     latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
     if latest is not None:
         trainer.resume(latest)
-    elif cfg.resume and ck_root.exists():
+    elif cfg.resume and ck_root.exists() and dist.is_main:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", ck_root)
+    if dist.active:
+        main_step = int(dist.broadcast_float(trainer.state.step))
+        if main_step != trainer.state.step:
+            raise ConfigError(f"--resume: rank {dist.rank} finds step {trainer.state.step} in "
+                              f"{ck_root} but rank 0 resumes at step {main_step}; on several "
+                              "machines put --out on a filesystem they all share.")
     params = job.params or count_params(job.model)["total"]
     log.info("%s %s (%s params, %s), %d tokens per step", step, cfg.model,
              human_count(params), trainer.precision, cfg.tokens_per_step())
     state = trainer.fit()
+    dist.barrier()
+    if not dist.is_main:               # rank 0 alone finishes and writes the output
+        return StepResult(step, None, {}, [])
     model, extra, more_rows = job.finish(state) if job.finish else (job.model, {}, [])
     metrics = finish_run(cfg, model, job.tok, state, out, ck_root, step=step, title=title,
-                         extra=extra)
+                         extra={**(extra or {}), **describe(dist)})
     m = metrics
     rows = [*job.rows, *more_rows,
             ("parameters", f"{params:,} ({human_count(params)})"),
@@ -104,6 +135,9 @@ def drive(cfg: TrainConfig, step: str, title: str,
             ("time", f"{m['train_minutes']:.1f} min"),
             ("throughput", f"{m['tokens_per_s']:,.0f} tokens/s  (MFU {m['mfu']:.1%})"),
             ("train loss", m.get("train_loss"))]
+    if dist.active:
+        rows.insert(len(job.rows) + len(more_rows),
+                    ("processes", f"{dist.world_size} ({dist.backend}, DistributedDataParallel)"))
     if "val_loss" in m:
         rows += [("val loss", m["val_loss"]), ("val perplexity", m["val_ppl"])]
     if "val_bpb" in m:
@@ -130,7 +164,21 @@ def corpus_skips(stats) -> list[tuple[str, Any]]:
     return [r for r in stats.summary_rows() if r[0].startswith(("skipped", "non-UTF"))]
 
 
-def prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
+def _quiet_rank() -> None:
+    """Ranks other than 0 print no tables, bars or info logs (errors still reach stderr)."""
+    import logging
+    import sys
+
+    from slmkit.console import configure
+
+    configure(quiet=True)
+    log.setLevel(logging.ERROR)
+    sys.stdout = open(os.devnull, "w")     # --json and result tables: rank 0's only
+
+
+def prepare_out(cfg: TrainConfig, main: bool = True) -> tuple[Path, Path]:
+    """``(out, out/checkpoints)`` after the checks on ``--out``; only the ``main`` rank
+    removes a replaced run's checkpoints or creates the parent."""
     if not cfg.out:
         raise ConfigError("train needs an output directory; pass --out DIR.")
     out = Path(cfg.out).expanduser()
@@ -142,7 +190,10 @@ def prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
             raise OutputError(f"Output directory '{cfg.out}' already exists; pass --resume to "
                               "continue its training, --overwrite to start over, or a new "
                               "--out.")
-        shutil.rmtree(ck_root, ignore_errors=True)   # stale checkpoints of an older run
+        if main:
+            shutil.rmtree(ck_root, ignore_errors=True)   # stale checkpoints of an older run
+    if not main:
+        return out, ck_root
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
