@@ -74,6 +74,20 @@ def test_trained_logits_equal_packed_logits(tokenizer, tmp_path):
             assert torch.equal(served(ids).logits, trained)
     finally:
         set_kernel_mode("auto")
+    # GGUF export keeps the trained grid: int4 g32 symmetric is Q4_0, block for block
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from slmkit.export import ggml_blocks
+    from slmkit.export.gguf_export import export_gguf
+
+    res = export_gguf(str(out), tmp_path / "qat.gguf")
+    assert res.quant == "q4_0" and res.from_quantized == 14 and res.requantized == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "qat.gguf").tensors}
+    layer = served.get_submodule("model.layers.0.mlp.down_proj")
+    back = ggml_blocks.dequantize(np.array(tensors["blk.0.ffn_down.weight"].data), "q4_0",
+                                  layer.in_features)
+    assert torch.equal(torch.as_tensor(back), layer.dequantize_weight(torch.float32))
 
 
 def test_gptq_start_is_the_gptq_model(tokenizer):
