@@ -32,6 +32,9 @@ class ServeConfig(BaseModel):
         request_timeout: seconds a request may take from arrival to its last token (504).
         shutdown_timeout: seconds in-flight streams get to finish on SIGTERM before they
             are cancelled.
+        drain_seconds: seconds from SIGTERM to closing the port, in which ``/health``
+            answers 503 ``draining`` and new requests a retryable 503 while running streams
+            go on (:mod:`slmkit.serve.drain`); 0 closes the port at once.
         max_seq_len: prompt + output tokens per request (None = model context, <= 2048).
         threads: torch threads of the engine (None = physical cores).
         kv_cache: KV cache dtype: auto (fp16 for quantized fp32 models, else the model's
@@ -67,6 +70,10 @@ class ServeConfig(BaseModel):
     request_timeout: float = Field(300.0, gt=0, description="Seconds per request before 504.")
     shutdown_timeout: float = Field(10.0, ge=0, description="Seconds streams get to finish on "
                                     "SIGTERM.")
+    drain_seconds: float = Field(0.0, ge=0, le=3600, description="On SIGTERM, first keep "
+                                 "listening this long with /health at 503 draining and new "
+                                 "requests refused with a retryable 503 (behind a load "
+                                 "balancer: at least its health-check interval).")
     max_seq_len: int | None = Field(None, ge=2, description="Prompt + reply tokens per request "
                                     "(KV cache per slot; default: the model's context, at "
                                     "most 2048).")

@@ -1,9 +1,11 @@
 """Load a model (optionally with a LoRA adapter merged in) and run the server.
 
 ``slm serve`` calls :func:`load_for_serving` then :func:`run_server`. Shutdown on SIGTERM
-or Ctrl-C is graceful: uvicorn stops accepting connections, in-flight streams get
-``shutdown_timeout`` seconds to finish, the rest are cancelled (their engine slots freed),
-the engine thread stops, and the process exits 0.
+or Ctrl-C is graceful: the replica drains first (``/health`` answers 503 ``draining`` and new
+requests get a retryable 503 for ``drain_seconds``, see :mod:`slmkit.serve.drain`), then
+uvicorn stops accepting connections, in-flight streams get ``shutdown_timeout`` seconds to
+finish, the rest are cancelled (their engine slots freed), the engine thread stops, and the
+process exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
@@ -86,9 +89,24 @@ class DrainingServer(uvicorn.Server):
     OpenAI error frame (503, ``shutting_down``) and frees the engine before it stops.
     """
 
-    def __init__(self, config: uvicorn.Config, service, drain_after: float):
+    def __init__(self, config: uvicorn.Config, service, drain_after: float,
+                 lifecycle=None, drain_seconds: float = 0.0):
         super().__init__(config)
         self.service, self.drain_after = service, drain_after
+        self.lifecycle, self.drain_seconds = lifecycle, drain_seconds
+
+    async def main_loop(self) -> None:
+        """Serve until a stop signal, then drain: keep the port open ``drain_seconds``
+        while ``/health`` says draining and new requests are refused (retryable)."""
+        await super().main_loop()
+        if self.lifecycle is None:
+            return
+        self.lifecycle.start_drain()
+        logging.getLogger("slmkit.serve.access").info(json.dumps(
+            {"event": "draining", "seconds": self.drain_seconds}))
+        end = time.monotonic() + self.drain_seconds
+        while time.monotonic() < end and not self.force_exit:
+            await asyncio.sleep(0.05)
 
     async def shutdown(self, sockets=None) -> None:
         timer = asyncio.get_running_loop().call_later(self.drain_after,
@@ -106,15 +124,20 @@ def run_server(model, tokenizer, config: ServeConfig, on_ready=None) -> None:
         on_ready: called with the bound ``(host, port)`` once the server accepts requests.
     """
     from slmkit.serve.app import create_app
+    from slmkit.serve.drain import DrainGate, Lifecycle
 
     app = create_app(model, tokenizer, config)
     configure_access_log()
+    lifecycle = Lifecycle()
+    engine = app.state.service.engine
+    gated = DrainGate(app, lifecycle, lambda: engine.running + engine.queue_depth)
     # uvicorn's own deadline is only a backstop: at shutdown_timeout we cancel what is
     # still generating ourselves, so every stream ends with a proper error frame.
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    uv_config = uvicorn.Config(gated, host=config.host, port=config.port, log_level="warning",
                                access_log=False, lifespan="on",
                                timeout_graceful_shutdown=config.shutdown_timeout + 10)
-    server = DrainingServer(uv_config, app.state.service, config.shutdown_timeout)
+    server = DrainingServer(uv_config, app.state.service, config.shutdown_timeout, lifecycle,
+                            config.drain_seconds)
     if on_ready is not None:
         startup = server.startup
 
@@ -138,8 +161,8 @@ def run_server(model, tokenizer, config: ServeConfig, on_ready=None) -> None:
     if not server.started:
         raise ConfigError(f"Could not listen on {config.host}:{config.port} (port in use or "
                           "not allowed); pick another --port or --host.")
-    logging.getLogger("slmkit.serve.access").info(json.dumps({"event": "shutdown",
-                                                              "clean": True}))
+    logging.getLogger("slmkit.serve.access").info(json.dumps({
+        "event": "shutdown", "clean": True, "refused_while_draining": lifecycle.refused}))
 
 
 def run_serve(cmd: ServeCommand) -> None:
