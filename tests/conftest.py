@@ -38,6 +38,29 @@ TINY = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                  pad_token_id=None),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    # Gemma 2 / 3: head_dim 32 != hidden / heads, one KV head, a window of 16 on the first
+    # layer (tests generate past it), query_pre_attn_scalar != head_dim, Gemma 2 soft-caps.
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                   max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=64,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                        max_position_embeddings=256, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=256),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25),
+    "granite": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.0625, logits_scaling=8.0),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_experts=4, num_experts_per_tok=2),
 }
 ARCHS = list(TINY)
 

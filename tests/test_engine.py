@@ -11,8 +11,8 @@ from slmkit.engine import Engine, FinishEvent, SamplingParams, TokenEvent, strea
 from slmkit.errors import ConfigError
 from tests.conftest import build_tiny_model
 
-FAMILIES = ["llama", "qwen2", "mistral"]
-GENERIC = ["gpt2", "phi3", "mixtral"]
+FAMILIES = ["llama", "qwen2", "mistral", "phi3", "mixtral"]   # static KV cache paths
+GENERIC = ["gpt2"]
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False,
         history: earlier ``{"role", "content"}`` messages (chat only).
     """
     if not chat:
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"] or (
+        return prompt_ids(tokenizer, prompt) or (
             [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("This model's tokenizer has no chat template; use `slm generate` "
@@ -69,6 +69,20 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False,
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return [int(t) for t in ids]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a plain-completion prompt, as ``tokenizer(text)`` gives them to
+    ``model.generate`` in transformers: with the tokenizer's own leading special tokens
+    (Gemma's ``<bos>``, Llama 3's ``<|begin_of_text|>``; models trained with one write
+    garbage without it), but never a trailing end-of-sequence token (which would end the
+    text before it starts)."""
+    ids = [int(t) for t in tokenizer(text)["input_ids"]]
+    eos = tokenizer.eos_token_id
+    if ids and eos is not None and ids[-1] == eos and not text.endswith(
+            str(tokenizer.eos_token)):
+        ids = ids[:-1]
+    return ids
 
 
 def chat_stop_ids(tokenizer) -> list[int]:

@@ -82,7 +82,7 @@ def attention_mask(starts: torch.Tensor, new_tokens: int, key_len: int,
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float) -> torch.Tensor:
+              scale: float, softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads (Ainslie et al. 2023, GQA).
 
     Written as two batched matmuls with the query heads of one KV group stacked along the
@@ -95,6 +95,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k, v: ``[B, Hkv, L, D]`` with ``H % Hkv == 0``.
         mask: ``[B, 1, T, L]`` bool (True = attend) or None for "attend to all keys".
         scale: softmax scale, usually ``D ** -0.5``.
+        softcap: Gemma 2's attention-logit soft-capping: scores become
+            ``softcap * tanh(scores / softcap)`` before the mask (None: off).
 
     Returns:
         ``[B, H, T, D]``.
@@ -104,6 +106,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     G = H // Hkv
     qg = q.reshape(B, Hkv, G * T, D)                             # [B, Hkv, G*T, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale       # [B, Hkv, G*T, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         full = mask[:, :, None].expand(B, 1, G, T, L).reshape(B, 1, G * T, L)
         scores = scores.masked_fill(~full, float("-inf"))

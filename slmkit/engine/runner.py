@@ -357,9 +357,18 @@ def make_runner(model, n_slots: int, max_seq_len: int, fast: bool | None = None,
     if kv_cache != "auto":
         kv_cache_dtype(model, kv_cache)   # a bad name is an error on every path
     reason = fast_path_reason(model)
-    if fast is True and reason is not None:
+    family = None
+    if reason is not None and fast is not False:   # Gemma, Qwen3, Phi-3, Granite, MoE
+        from slmkit.engine.families import FamilyRunner, family_reason
+
+        family = FamilyRunner if family_reason(model) is None else None
+        if family is None and arch.arch_of(model.config.model_type).fast_decode:
+            reason = family_reason(model)
+    if fast is True and reason is not None and family is None:
         raise ConfigError(f"The fast engine path cannot run this model ({reason}); drop "
                           "--fast or use the generic path.")
+    if family is not None:
+        return family(model, n_slots, max_seq_len, kv_cache=kv_cache)
     if reason is None and fast is not False:
         return FastRunner(model, n_slots, max_seq_len, kv_cache=kv_cache)
     return GenericRunner(model, n_slots, max_seq_len)

@@ -42,13 +42,15 @@ def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
     """``(llama.cpp arch name, permute Q/K rows)`` for a HF config, or a clear refusal."""
     kind = getattr(config, "model_type", "?")
     facts = arch_of(kind)
+    onnx = "export it with --format onnx" if facts.llama_layout else \
+        "slm generate / slm serve run it as it is"
     if facts.gguf_arch is None:
         known = ", ".join(supporting("gguf_arch"))
         raise ConfigError(f"'{model_ref}' is a '{kind}' model, which GGUF export does not "
-                          f"support yet (supported: {known}); export it with --format onnx.")
-    if getattr(config, "num_local_experts", 0):
-        raise ConfigError(f"'{model_ref}' is a mixture-of-experts model, which GGUF export "
-                          "does not support yet; export it with --format onnx.")
+                          f"support yet (supported: {known}); {onnx}.")
+    if getattr(config, "num_local_experts", 0) or facts.moe:
+        raise ConfigError(f"'{model_ref}' is a '{kind}' mixture-of-experts model, which GGUF "
+                          f"export does not support yet; {onnx}.")
     rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):

@@ -78,7 +78,8 @@ class ExportDecoder(nn.Module):
         if not arch.arch_of(cfg.model_type).llama_layout:
             known = ", ".join(arch.supporting("llama_layout"))
             raise ConfigError(f"ONNX export supports {known}, not '{cfg.model_type}'; use a "
-                              "Llama-family model.")
+                              "Llama-family model (slm generate / slm serve run "
+                              f"'{cfg.model_type}' models as they are).")
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"ONNX export does not support RoPE scaling "

@@ -102,7 +102,9 @@ class OnnxRunner:
     def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
         """Greedy continuation of ``prompt`` as text."""
         tok = self.tokenizer
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        from slmkit.engine.generate import prompt_ids
+
+        ids = prompt_ids(tok, prompt)
         new = list(self.stream_tokens(ids, max_new_tokens))
         return tok.decode(new, skip_special_tokens=True)
 

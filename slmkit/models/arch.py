@@ -24,6 +24,23 @@ _LLAMA_MLP = (
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
+#: Gemma 2 / 3: ``post_attention_layernorm`` normalizes the attention *output* (it feeds the
+#: residual stream, not a linear); ``pre_feedforward_layernorm`` feeds the MLP.
+_GEMMA_MLP = (
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+#: Phi-3: fused q/k/v and gate/up linears (gate_up's output is split, so nothing folds
+#: into down_proj).
+_PHI3 = (
+    ("input_layernorm", ("self_attn.qkv_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+)
+#: GPT-NeoX (Pythia): LayerNorms with a bias (both fold), fused query_key_value.
+_NEOX = (
+    ("input_layernorm", ("attention.query_key_value",)),
+    ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+)
 
 
 @dataclass(frozen=True)
@@ -40,10 +57,19 @@ class Arch:
         gguf_permute_qk: permute Q/K rows on GGUF export (llama.cpp's ``llama`` rotates
             interleaved pairs, Hugging Face the two halves of a head).
         window_all_layers: ``sliding_window`` covers every layer when the config lists no
-            ``layer_types`` (Mistral).
+            ``layer_types`` (Mistral, Mixtral, Phi-3).
         conv1d: the linears are GPT-2 ``Conv1D`` (weights stored ``[in, out]``).
         awq: AWQ folding entries ``(producer, consumers)`` of one decoder block (Mixtral's
             experts are fused 3-D tensors, not linears, so only its attention is listed).
+        norm_offset: the family's RMSNorm computes ``x_hat * (offset + w)`` (Gemma: 1), so
+            a scale folded into it divides ``offset + w``, not ``w``.
+        fast_decode: the engine's family decoder (:mod:`slmkit.engine.families`) runs it on
+            a static KV cache: Llama-like blocks with q/k norms (Qwen3, Gemma 3), sandwich
+            norms and soft-capping (Gemma 2/3), fused q/k/v (Phi-3), Granite's multipliers,
+            MoE blocks (Mixtral, Qwen2-MoE). ``llama_layout`` families run the original
+            fast path (and its native step).
+        moe: the MLP is a mixture of experts whose weights are fused 3-D tensors (not
+            linears), which the linear-wise compressors leave dense.
     """
 
     llama_layout: bool = False
@@ -53,6 +79,9 @@ class Arch:
     window_all_layers: bool = False
     conv1d: bool = False
     awq: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    norm_offset: float = 0.0
+    fast_decode: bool = False
+    moe: bool = False
 
 
 #: model_type -> its facts.
@@ -63,12 +92,32 @@ ARCHS: dict[str, Arch] = {
                     gguf_permute_qk=True, window_all_layers=True, awq=_LLAMA_ATTN + _LLAMA_MLP),
     "qwen2": Arch(llama_layout=True, rms_norm="Qwen2RMSNorm", gguf_arch="qwen2",
                   awq=_LLAMA_ATTN + _LLAMA_MLP),
-    "mixtral": Arch(awq=_LLAMA_ATTN),
+    "mixtral": Arch(awq=_LLAMA_ATTN, fast_decode=True, moe=True, window_all_layers=True),
     "gpt2": Arch(conv1d=True),
+    "qwen3": Arch(rms_norm="Qwen3RMSNorm", fast_decode=True, awq=_LLAMA_ATTN + _LLAMA_MLP),
+    "granite": Arch(rms_norm="GraniteRMSNorm", fast_decode=True, awq=_LLAMA_ATTN + _LLAMA_MLP),
+    "gemma2": Arch(rms_norm="Gemma2RMSNorm", norm_offset=1.0, fast_decode=True,
+                   awq=_LLAMA_ATTN + _GEMMA_MLP),
+    "gemma3_text": Arch(rms_norm="Gemma3RMSNorm", norm_offset=1.0, fast_decode=True,
+                        awq=_LLAMA_ATTN + _GEMMA_MLP),
+    "phi3": Arch(rms_norm="Phi3RMSNorm", fast_decode=True, awq=_PHI3, window_all_layers=True),
+    "gpt_neox": Arch(awq=_NEOX),
+    "qwen2_moe": Arch(awq=_LLAMA_ATTN, fast_decode=True, moe=True),
 }
+
+#: Families whose code ships with the checkpoint (``auto_map``) and that transformers has
+#: no class for: slmkit never runs remote code, so these are refused at load time.
+REMOTE_CODE_ONLY = {"openelm": "OpenELM"}
 
 #: RMSNorm classes of the Llama-layout families (fused to one ``F.rms_norm``, run natively).
 RMS_NORMS = frozenset(a.rms_norm for a in ARCHS.values() if a.llama_layout)
+
+#: RMSNorm classes the native decode step computes (``w * x_hat``: no offset).
+NATIVE_RMS_NORMS = frozenset(a.rms_norm for a in ARCHS.values()
+                             if a.rms_norm and not a.norm_offset)
+
+#: RMSNorm classes that compute ``x_hat * (offset + w)`` with a non-zero offset (Gemma).
+NORM_OFFSETS = {a.rms_norm: a.norm_offset for a in ARCHS.values() if a.norm_offset}
 
 #: Encoder-only families whose "causal" head only exists when the config says is_decoder.
 ENCODER_ONLY = frozenset({

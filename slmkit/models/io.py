@@ -131,7 +131,7 @@ def load_config(ref: str | os.PathLike):
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"'{ref}' has no config.json; point to a Hugging Face model "
                              "directory (config.json, model.safetensors and tokenizer files).")
-    read_config_json(model_dir)
+    _refuse_remote_code(ref, read_config_json(model_dir))
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except ValueError as e:
@@ -144,6 +144,23 @@ def load_config(ref: str | os.PathLike):
                              "the model.") from None
     checks.check_causal(config, model_dir)
     return model_dir, config
+
+
+def _refuse_remote_code(ref, data: dict) -> None:
+    """Refuse a family whose code only ships with the checkpoint (OpenELM: ``auto_map``
+    and no transformers class): slmkit never runs remote code."""
+    from transformers import CONFIG_MAPPING
+
+    from slmkit.models.arch import REMOTE_CODE_ONLY
+
+    kind = str(data.get("model_type", "?"))
+    if kind in REMOTE_CODE_ONLY or (data.get("auto_map") and kind not in CONFIG_MAPPING):
+        name = REMOTE_CODE_ONLY.get(kind, kind)
+        raise ModelLoadError(f"'{ref}' is a {name} model ('{kind}') whose code ships with the "
+                             "checkpoint (auto_map) and has no built-in transformers class; "
+                             "slmkit never runs remote code, so it cannot load it: use a "
+                             "family transformers supports natively (Llama, Qwen2/3, Gemma, "
+                             "Phi-3, Granite, ...).")
 
 
 def read_config_json(model_dir: Path) -> dict:

@@ -32,12 +32,15 @@ class QuantEmbedding(QuantLinear):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
                  sym: bool, padding_idx: int | None = None,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, embed_scale: float = 1.0):
         super().__init__(embedding_dim, num_embeddings, bits, group_size, sym, dtype=dtype,
                          device=device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.out_dtype = dtype
+        #: the factor a scaled embedding multiplies its rows by (Gemma: sqrt(hidden)); not
+        #: stored in the checkpoint, the model's config implies it
+        self.embed_scale = float(embed_scale)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int,
@@ -50,7 +53,8 @@ class QuantEmbedding(QuantLinear):
         w = emb.weight.detach().float()                                  # [V, D]
         codes, scale, zero = quantize_rtn(w, bits, group_size, sym)
         layer = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, sym,
-                    padding_idx=emb.padding_idx, dtype=emb.weight.dtype, device=w.device)
+                    padding_idx=emb.padding_idx, dtype=emb.weight.dtype, device=w.device,
+                    embed_scale=embedding_scale(emb))
         layer.qweight.copy_(pack_codes(codes, bits))
         layer.scales.copy_(scale.to(torch.float16))
         if not sym:
@@ -66,12 +70,17 @@ class QuantEmbedding(QuantLinear):
         zero = (self.zeros.index_select(0, flat).float() if not self.sym else
                 torch.full(scale.shape, 2.0 ** (self.bits - 1), device=scale.device))
         rows = dequantize_codes(codes, scale, zero, self.group_size, self.out_dtype)
+        if self.embed_scale != 1.0:   # as transformers: rows * scale in the rows' dtype
+            rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)             # [..., D]
 
     def to_dense(self) -> nn.Embedding:
-        """An ``nn.Embedding`` holding the dequantized table."""
-        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                           dtype=self.out_dtype, device=self.qweight.device)
+        """An ``nn.Embedding`` holding the dequantized table (a :class:`ScaledEmbedding`
+        when the rows are scaled)."""
+        kind = nn.Embedding if self.embed_scale == 1.0 else ScaledEmbedding
+        extra = {} if kind is nn.Embedding else {"embed_scale": self.embed_scale}
+        emb = kind(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                   dtype=self.out_dtype, device=self.qweight.device, **extra)
         emb.weight.data.copy_(self.dequantize_weight(self.out_dtype))
         return emb
 
@@ -85,3 +94,22 @@ class QuantEmbedding(QuantLinear):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}")
+
+
+def embedding_scale(emb: nn.Module) -> float:
+    """The factor a scaled word embedding multiplies its rows by (transformers' Gemma,
+    Gemma 2/3 ``*ScaledWordEmbedding``: ``scalar_embed_scale``), 1.0 for a plain one."""
+    return float(getattr(emb, "scalar_embed_scale", 1.0) or 1.0)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose rows are multiplied by ``embed_scale`` (Gemma's sqrt(hidden)),
+    as transformers' scaled word embeddings compute it; the state dict is the plain table."""
+
+    def __init__(self, *args, embed_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scalar_embed_scale = float(embed_scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        return rows * torch.tensor(self.scalar_embed_scale, dtype=self.weight.dtype)

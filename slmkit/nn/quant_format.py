@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import ModelLoadError
-from slmkit.nn.quant_embedding import QuantEmbedding
+from slmkit.nn.quant_embedding import QuantEmbedding, embedding_scale
 from slmkit.nn.quant_linear import QuantLinear
 from slmkit.nn.surgery import is_conv1d, linear_shape, set_module
 
@@ -71,7 +71,8 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
             (bits, group_size)
         if isinstance(old, nn.Embedding):
             layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, b, g, sym,
-                                   padding_idx=old.padding_idx, dtype=dtype)
+                                   padding_idx=old.padding_idx, dtype=dtype,
+                                   embed_scale=embedding_scale(old))
             _fill(layer, state, name, model_dir)
             set_module(model, name, layer)
             continue

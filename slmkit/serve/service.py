@@ -30,7 +30,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmkit.engine import Engine, FinishEvent, SamplingParams, TokenEvent
-from slmkit.engine.generate import chat_stop_ids
+from slmkit.engine.generate import chat_stop_ids, prompt_ids
 from slmkit.engine.tools import renders_tool_role
 from slmkit.errors import ConfigError
 from slmkit.serve import responses as R
@@ -123,7 +123,7 @@ class GenerationService:
                 encode, or more tokens than the prompt cap.
         """
         if isinstance(text, str):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(self.tokenizer, text)   # with the BOS the model expects
         else:
             ids = list(text)
             bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]

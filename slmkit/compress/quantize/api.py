@@ -124,7 +124,8 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[st
 
 def _check_embedding(model: nn.Module, cfg: QuantizeOptions) -> nn.Embedding:
     emb = model.get_input_embeddings()
-    if type(emb) is not nn.Embedding:
+    scaled = isinstance(emb, nn.Embedding) and hasattr(emb, "scalar_embed_scale")  # Gemma
+    if type(emb) is not nn.Embedding and not scaled:
         raise ConfigError(f"--quantize-embeddings needs a plain nn.Embedding, but this model's "
                           f"input embedding is {type(emb).__name__}; drop the option.")
     bits, group_size = cfg.embedding_grid()

@@ -3,7 +3,8 @@
 AWQ divides a linear group's input by a per-channel scale ``s``; that division is folded
 into the op that *produces* the input, so it costs nothing at inference:
 
-* an RMSNorm: ``norm.weight /= s`` (all linears reading the norm must be scaled together);
+* an RMSNorm: ``norm.weight /= s`` (all linears reading the norm must be scaled together;
+  Gemma's ``x_hat * (1 + w)`` norms: ``1 + w`` is divided; a LayerNorm: weight and bias);
 * a linear: its output rows ``W_prev[j, :] /= s_j`` (and bias), e.g. ``v_proj -> o_proj``
   (only when the shapes line up: no grouped-query attention) and ``up_proj -> down_proj``
   (``down(act(gate) * up)``: scaling ``up``'s rows scales ``down``'s input).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slmkit.models.arch import arch_of
+from slmkit.models.arch import NORM_OFFSETS, arch_of
 
 
 def block_mappings(model_type: str, block: nn.Module, block_name: str,
@@ -48,6 +49,8 @@ def block_mappings(model_type: str, block: nn.Module, block_name: str,
 def _output_width(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, nn.LayerNorm) and module.weight is not None:
+        return module.weight.shape[0]       # y = w * normalize(x) + b: both scale by 1/s
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
             getattr(module, "bias", None) is None:  # RMSNorm-like: y = w * normalize(x)
@@ -72,6 +75,13 @@ def fold_scale(producer: nn.Module, consumers: list[nn.Module], scale: torch.Ten
         if producer.bias is not None:
             producer.bias.div_(s)
     else:
-        producer.weight.div_(s)
+        # Gemma's RMSNorm multiplies by (1 + w): the factor to divide is 1 + w, not w
+        offset = NORM_OFFSETS.get(type(producer).__name__, 0.0)
+        if offset:
+            producer.weight.copy_((producer.weight + offset) / s - offset)
+        else:
+            producer.weight.div_(s)
+        if getattr(producer, "bias", None) is not None:   # a LayerNorm (GPT-NeoX)
+            producer.bias.div_(s)
     for lin in consumers:
         lin.weight.mul_(s[None, :].to(lin.weight.dtype))    # columns = input channels

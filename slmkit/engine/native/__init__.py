@@ -48,7 +48,8 @@ class Layer(ctypes.Structure):
     _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", Lin * 3),
                 ("n_qkv", ctypes.c_int32), ("o", Lin), ("gu", Lin * 2), ("n_gu", ctypes.c_int32),
                 ("down", Lin), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
-                ("window", ctypes.c_int32), ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p)]
+                ("window", ctypes.c_int32), ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p),
+                ("qn", ctypes.c_void_p), ("kn", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -59,7 +60,8 @@ class Model(ctypes.Structure):
                 ("n_threads", ctypes.c_int32), ("eps", ctypes.c_float),
                 ("attn_scale", ctypes.c_float), ("cos", ctypes.c_void_p),
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
-                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32)]
+                ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32),
+                ("resid_mult", ctypes.c_float)]
 
 
 #: decode.c's KV cache kinds (model_t.kv_kind), by the cache's torch dtype
@@ -328,6 +330,7 @@ def quant_embedder(lib, module):
     if not isinstance(module, QuantEmbedding) or module.bits not in (8, 4) \
             or module.out_dtype != torch.float32 or module.qweight.device.type != "cpu" \
             or getattr(module, "input_scale", None) is not None \
+            or getattr(module, "embed_scale", 1.0) != 1.0 \
             or (module.bits == 4 and module.embedding_dim % 2):
         return None
     D, V = module.embedding_dim, module.num_embeddings
@@ -436,24 +439,41 @@ class NativeStep:
         eps = None
         for i, layer in enumerate(runner.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if type(norm).__name__ not in arch.RMS_NORMS \
+            head_norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+            for norm in [layer.input_layernorm, layer.post_attention_layernorm, *head_norms]:
+                if norm is None:
+                    continue
+                if type(norm).__name__ not in arch.NATIVE_RMS_NORMS \
                         or norm.weight.dtype != torch.float32:
                     return None, f"norm {type(norm).__name__} is not an fp32 RMSNorm"
+                if eps is not None and norm.variance_epsilon != eps:
+                    return None, "the norms do not share one epsilon"
                 eps = norm.variance_epsilon
-            qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj], keep, vnni,
-                         getattr(attn, "_slmkit_qkv", None) if runner.qkv[i] is not None
-                         else None, used)
-            gu = _group([mlp.gate_proj, mlp.up_proj], keep, vnni,
-                        getattr(mlp, "_slmkit_gate_up", None)
-                        if runner.mlps[i] is not mlp else None, used)
+            if hasattr(layer, "pre_feedforward_layernorm"):
+                return None, "sandwich norms (Gemma) have no native step yet"
+            if not hasattr(mlp, "down_proj") or not (hasattr(mlp, "gate_proj")
+                                                     or hasattr(mlp, "gate_up_proj")):
+                return None, "mixture-of-experts blocks have no native step yet"
+            if hasattr(attn, "qkv_proj"):          # Phi-3: one linear, rows q | k | v
+                qkv = _group([attn.qkv_proj], keep, vnni, None, used)
+            else:
+                qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj], keep, vnni,
+                             getattr(attn, "_slmkit_qkv", None) if runner.qkv[i] is not None
+                             else None, used)
+            if hasattr(mlp, "gate_up_proj"):       # Phi-3: one linear, rows gate | up
+                gu = _group([mlp.gate_up_proj], keep, vnni, None, used)
+            else:
+                gu = _group([mlp.gate_proj, mlp.up_proj], keep, vnni,
+                            getattr(mlp, "_slmkit_gate_up", None)
+                            if runner.mlps[i] is not mlp else None, used)
             o = _lin(attn.o_proj, keep, vnni, used=used)
             down = _lin(mlp.down_proj, keep, vnni, used=used)
             for part in (qkv, gu, o, down):
                 if isinstance(part, str):
                     return None, part
-            if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
-                return None, f"MLP activation {type(mlp.act_fn).__name__} is not SiLU"
+            act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+            if type(act).__name__ not in ("SiLU", "SiLUActivation"):
+                return None, f"MLP activation {type(act).__name__} is not SiLU"
             L = layers[i]
             L.norm1 = _ptr(layer.input_layernorm.weight.detach(), keep)
             L.norm2 = _ptr(layer.post_attention_layernorm.weight.detach(), keep)
@@ -470,11 +490,13 @@ class NativeStep:
                 L.ks = _ptr(runner.cache.ks[i], keep)
                 L.vs = _ptr(runner.cache.vs[i], keep)
             L.window = runner.windows[i] or 0
+            L.qn = _ptr(None if head_norms[0] is None else head_norms[0].weight.detach(), keep)
+            L.kn = _ptr(None if head_norms[1] is None else head_norms[1].weight.detach(), keep)
         head = _lin(runner.lm_head, keep, vnni, used=used)
         if isinstance(head, str):
             return None, "LM head: " + head
         final = runner.norm
-        if type(final).__name__ not in arch.RMS_NORMS:
+        if type(final).__name__ not in arch.NATIVE_RMS_NORMS:
             return None, "final norm is not an RMSNorm"
         attn0 = runner.layers[0].self_attn
         m = Model()
@@ -490,6 +512,7 @@ class NativeStep:
         keep.append(layers)
         m.lm_head = head
         m.kv_kind = KV_KINDS[runner.cache.k[0].dtype]
+        m.resid_mult = float(getattr(runner, "residual_mult", None) or 1.0)
         if used is not None:
             return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)

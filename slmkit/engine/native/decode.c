@@ -115,6 +115,8 @@ typedef struct {
     void *kc, *vc;      /* [slots, n_kv, max_seq, head_dim], fp32, fp16 or int8 (model_t.kv_kind) */
     int32_t window;     /* sliding window, 0 = full attention */
     float *ks, *vs;     /* int8 cache: each cached row's scale [slots, n_kv, max_seq]; else NULL */
+    const float *qn, *kn;   /* RMSNorm weights [head_dim] over each query / key head before
+                             * RoPE (Qwen3), or NULL */
 } layer_t;
 
 typedef struct {
@@ -126,6 +128,7 @@ typedef struct {
     lin_t lm_head;
     int32_t kv_kind;    /* the KV cache holds fp32 (KV_F32), IEEE fp16 (KV_F16) or int8 codes
                          * with one scale per cached row of head_dim values (KV_I8) */
+    float resid_mult;   /* each block's output is added to the residual times this (Granite) */
 } model_t;
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
@@ -1038,6 +1041,13 @@ static inline void rope_head(float *v, const float *cs, const float *sn, int D) 
     memcpy(v, r, D * sizeof(float));
 }
 
+/* One query or key head: its RMSNorm (w: NULL for none), then RoPE, in place. */
+static inline void qk_head(float *v, const float *w, float eps, const float *cs,
+                           const float *sn, int D) {
+    if (w) rms_norm(v, w, D, eps, v);
+    rope_head(v, cs, sn, D);
+}
+
 /* Attention of query heads h0 .. h0 + nh - 1 (one KV group or less) of row b. */
 static void attend_group(const model_t *m, const layer_t *L, int b, int h0, int nh,
                          const float *qkv, const int64_t *slots, const int64_t *pos,
@@ -1213,9 +1223,9 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                     const int b = it / m->n_kv, kh = it % m->n_kv;
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
-                    rope_head(row + nq + kh * D, cs, sn, D);
+                    qk_head(row + nq + kh * D, L->kn, m->eps, cs, sn, D);
                     kv_put(m, L, slots[b], kh, pos[b], row);
-                    for (int h = kh * grp; h < (kh + 1) * grp; h++) rope_head(row + h * D, cs, sn, D);
+                    for (int h = kh * grp; h < (kh + 1) * grp; h++) qk_head(row + h * D, L->qn, m->eps, cs, sn, D);
                     attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
                 }
                 bar_wait(&bar);
@@ -1224,7 +1234,8 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
                     const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
-                    for (int hh = 0; hh < m->n_heads + m->n_kv; hh++) rope_head(row + hh * D, cs, sn, D);
+                    for (int hh = 0; hh < m->n_heads + m->n_kv; hh++)
+                        qk_head(row + hh * D, hh < m->n_heads ? L->qn : L->kn, m->eps, cs, sn, D);
                     for (int kh = 0; kh < m->n_kv; kh++) {
                         kv_put(m, L, slots[b], kh, pos[b], row);
                     }
@@ -1241,7 +1252,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             lin_multi(&L->o, 1, att, &a, B, tmp);
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
-                for (int i = 0; i < H; i++) h[b * H + i] += tmp[b * H + i];
+                for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
                 rms_norm(h + b * H, L->norm2, H, m->eps, xn + b * H);
                 prep_row(&L->gu[0], xn, b, &a);
             }
@@ -1262,7 +1273,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             const lin_t *next = l + 1 < m->n_layers ? &m->layers[l + 1].qkv[0] : &m->lm_head;
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
-                for (int i = 0; i < H; i++) h[b * H + i] += tmp[b * H + i];
+                for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
                 rms_norm(h + b * H, next_norm, H, m->eps, xn + b * H);
                 prep_row(next, xn, b, &a);
             }

@@ -1,0 +1,238 @@
+"""Every model family of the tiny test set through the engine (greedy equals transformers),
+the prompt's BOS, and families slmkit refuses (issue 25)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slmkit.engine import Engine, SamplingParams
+from slmkit.engine.generate import encode_prompt, stream_tokens
+from slmkit.engine.runner import make_runner
+from slmkit.models import arch
+from tests.conftest import ARCHS, build_tiny_model
+
+#: families the engine runs on a static KV cache (FastRunner or FamilyRunner)
+FAST = [a for a in ARCHS if arch.arch_of(a).llama_layout or arch.arch_of(a).fast_decode]
+
+
+def _reference(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy continuation (EOS does not stop it)."""
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                         do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+#: families the older engine tests already cover run in the slow tier here
+COVERED = {"llama", "qwen2", "mistral", "gpt2"}
+
+
+@pytest.mark.parametrize("kind", [pytest.param(a, marks=pytest.mark.slow) if a in COVERED
+                                  else a for a in ARCHS])
+def test_greedy_equals_transformers_for_every_family(kind, tokenizer):
+    """Larger weights (initializer 0.2) keep logits far from flat, so an argmax is not
+    decided by rounding; 12 + 20 tokens run past the Gemma window of 16. Two requests side
+    by side in one batched engine, rows at different positions, and the one-request
+    stream (eval's speed contract) give transformers' greedy tokens."""
+    model = build_tiny_model(kind, tokenizer, initializer_range=0.2)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (12, 5)]
+    refs = [_reference(model, p, 20) for p in prompts]
+    assert make_runner(model, 1, 64).fast == (kind in FAST)
+    assert list(stream_tokens(model, prompts[1], 20)) == refs[1]
+    with Engine(model, None, max_batch=2, background=False, max_seq_len=64) as engine:
+        handles = [engine.submit(p, SamplingParams(max_tokens=20, temperature=0,
+                                                   ignore_eos=True)) for p in prompts]
+        assert [h.result().token_ids for h in handles] == refs
+
+
+@pytest.mark.parametrize("kind,full", [("gemma3_text", 1),
+                                       pytest.param("gemma2", 1, marks=pytest.mark.slow),
+                                       pytest.param("phi3", 0, marks=pytest.mark.slow)])
+def test_sliding_window_ring_generates_past_its_window(kind, full, tokenizer):
+    """Window 16: the sliding layer keeps a ring of 16 + RING_SPARE rows, not one per
+    position, and a 44-token prompt (prefilled in chunks of 8) plus 16 new tokens, past the
+    ring, beside a short request at other positions, still equal transformers' greedy
+    output."""
+    from slmkit.engine.families import RING_SPARE
+
+    model = build_tiny_model(kind, tokenizer, initializer_range=0.2, sliding_window=16)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (44, 5)]
+    refs = [_reference(model, p, 16) for p in prompts]
+    with Engine(model, None, max_batch=2, background=False, max_seq_len=96,
+                prefill_chunk=8) as engine:
+        handles = [engine.submit(p, SamplingParams(max_tokens=16, temperature=0,
+                                                   ignore_eos=True)) for p in prompts]
+        assert [h.result().token_ids for h in handles] == refs
+        runner = engine.runner
+    rows = 16 + RING_SPARE
+    assert list(runner.rings) == [rows] and runner.rings[rows].k[0].shape[2] == rows
+    assert len(runner.cache.k) == full and len(runner.rings[rows].k) == 2 - full
+    per_row = runner.rings[rows].nbytes // (rows * (2 - full))
+    assert runner.kv_bytes == per_row * (96 * full + rows * (2 - full))
+
+
+@pytest.mark.parametrize("kind", [a for a in FAST if not arch.arch_of(a).llama_layout])
+def test_family_runner_prefill_logits_and_cache_dtypes(kind, tokenizer):
+    """The family loop's logits equal the model's forward (fp32), chunked prefill equals one
+    pass, and the narrower KV caches run (fp16 / int8 round, so only closeness)."""
+    model = build_tiny_model(kind, tokenizer)
+    ids = torch.randint(3, len(tokenizer), (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits[0, -1]
+    runner = make_runner(model, 1, 32)
+    torch.testing.assert_close(runner.forward(ids, [0], [0])[0], want, atol=1e-5, rtol=1e-4)
+    chunked = make_runner(model, 1, 32)
+    chunked.forward(ids[:, :7], [0], [0])
+    torch.testing.assert_close(chunked.forward(ids[:, 7:], [0], [7])[0], want,
+                               atol=1e-5, rtol=1e-4)
+    for cache in ("fp16", "int8"):
+        got = make_runner(model, 1, 32, kv_cache=cache).forward(ids, [0], [0])[0]
+        assert torch.allclose(got, want, atol=0.05 * float(want.abs().max())), cache
+
+
+def _bos_tokenizer(tokenizer, out):
+    """The test tokenizer, made to prepend its BOS as Gemma's and Llama 3's do."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out) if (out / "tokenizer.json").exists() else None
+    if tok is None:
+        tokenizer.save_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(out)
+        bos = tok.bos_token_id
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B",
+            special_tokens=[(tok.bos_token, bos)])
+        tok.save_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(out)
+    return tok
+
+
+def test_prompt_keeps_the_bos_the_tokenizer_adds(tokenizer, tmp_path):
+    """The Gemma 3 report: without its <bos> a model trained with one writes garbage. A
+    plain prompt is encoded as transformers users feed generate(), BOS included."""
+    tok = _bos_tokenizer(tokenizer, tmp_path / "tok")
+    text = "def fibonacci(n):"
+    ids = encode_prompt(tok, text)
+    assert ids == tok(text)["input_ids"] and ids[0] == tok.bos_token_id
+    assert ids[1:] == tok(text, add_special_tokens=False)["input_ids"]
+    # a tokenizer that adds nothing is unchanged
+    assert encode_prompt(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_cli_generate_temperature_0_equals_transformers_on_gemma3(tokenizer, tmp_path, cli):
+    """`slm generate --temperature 0` on a Gemma 3 model with a BOS-adding tokenizer prints
+    what transformers' greedy decoding of tokenizer(prompt) writes."""
+    from slmkit.models import save_model
+
+    tok = _bos_tokenizer(tokenizer, tmp_path / "tok")
+    model = build_tiny_model("gemma3_text", tok, initializer_range=0.2)
+    out = save_model(model, tok, tmp_path / "gemma3", step="init")
+    prompt = "def fibonacci(n):"
+    ids = tok(prompt)["input_ids"]
+    want = tok.decode(_reference(model, ids, 16), skip_special_tokens=True)
+    r = cli("generate", out, prompt, "--temperature", "0", "--max-tokens", "16",
+            "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt + want), (r.stdout[:200], want)
+    assert "static KV cache" in r.stdout   # the family decoder, not transformers' forward
+
+
+def test_openelm_is_refused_naming_remote_code(tmp_path):
+    from slmkit.errors import ModelLoadError
+    from slmkit.models.io import load_config
+
+    d = tmp_path / "openelm"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "openelm", "architectures": ["OpenELMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_openelm.OpenELMConfig",
+                     "AutoModelForCausalLM": "modeling_openelm.OpenELMForCausalLM"}}))
+    with pytest.raises(ModelLoadError, match="OpenELM.*never runs remote code"):
+        load_config(d)   # what every verb (and `slm info`) loads first
+
+
+def test_gemma_scaled_embedding_quantizes_saves_and_dequantizes(tokenizer, tmp_path):
+    """Gemma's embedding multiplies its rows by sqrt(hidden): a quantized table keeps the
+    factor (dropping it was a silent garbage-output path), through save/load and back to
+    dense, and the family decoder still equals the model's forward."""
+    from slmkit.compress.quantize import dequantize_model, quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.models import load_model, save_model
+    from slmkit.nn.quant_embedding import QuantEmbedding
+
+    model = build_tiny_model("gemma3_text", tokenizer, tie_word_embeddings=True)
+    ids = torch.randint(3, len(tokenizer), (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = model(ids).logits
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1,
+                                                quantize_embeddings=True))
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) and emb.embed_scale == pytest.approx(64 ** 0.5)
+    with torch.no_grad():
+        quant = model(ids).logits
+    assert float((quant - dense).abs().max()) < 0.05 * float(dense.abs().max())
+    out = save_model(model, tokenizer, tmp_path / "q", step="quantize")
+    loaded, _ = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, quant, atol=1e-4, rtol=1e-4)
+    runner = make_runner(loaded, 1, 16, kv_cache="fp32")
+    assert runner.fast
+    got = runner.forward(ids, [0], [0])[0]    # the head's kernel sees one row here
+    assert float((got - quant[0, -1]).abs().max()) < 0.01 * float(quant.abs().max())
+    from slmkit.nn.quant_linear import set_kernel_mode
+
+    set_kernel_mode("dequant")   # fp32 through the dequantized weights, as dense runs
+    try:
+        with torch.no_grad():
+            exact = loaded(ids).logits
+    finally:
+        set_kernel_mode("auto")
+    dequantize_model(loaded)   # back to a dense table that still scales its rows
+    assert type(loaded.get_input_embeddings()).__name__ == "ScaledEmbedding"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, exact, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "granite"])
+def test_native_step_equals_the_torch_loop(kind, tokenizer):
+    """Qwen3 (q/k head norms), Phi-3 (fused q/k/v, gate/up) and Granite (multipliers) decode
+    through the compiled step; each step's logits equal the family torch loop's, two rows
+    at different positions, and the int8 kernels run too."""
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.engine.families import FamilyRunner
+
+    model = build_tiny_model(kind, tokenizer, initializer_range=0.2)
+    fast = FamilyRunner(model, 2, 48)
+    if fast.native is None:
+        pytest.skip(f"no native step here: {fast.native_reason}")
+    slow = FamilyRunner(model, 2, 48, native=False)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g) for n in (9, 4)]
+    for r in (fast, slow):
+        for slot, p in enumerate(prompts):
+            r.forward(p[None], [slot], [0])
+    tokens = torch.tensor([[7], [11]])
+    for step in range(6):
+        starts = [9 + step, 4 + step]
+        a = fast.forward(tokens, [0, 1], starts)
+        b = slow.forward(tokens, [0, 1], starts)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        tokens = a.argmax(-1, keepdim=True)
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
+    q = FamilyRunner(model, 1, 48)
+    if q.native is None:
+        pytest.skip(f"no int8 native kernel here: {q.native_reason}")
+    ids = prompts[0][None]
+    q.forward(ids, [0], [0])
+    ref = FamilyRunner(model, 1, 48, native=False)
+    ref.forward(ids, [0], [0])
+    a, b = q.forward(tokens[:1], [0], [9]), ref.forward(tokens[:1], [0], [9])
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
