@@ -46,8 +46,11 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(root: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], step: int,
-                    keep: int) -> Path:
+                    keep: int, optimizer_state: dict | None = None) -> Path:
     """Write ``root/step-<step>`` atomically and prune to the last ``keep``.
+
+    ``optimizer_state`` replaces ``optimizer.state_dict()`` (a sharded run passes the full
+    state it gathered, in the same form).
 
     Returns:
         The checkpoint directory.
@@ -66,7 +69,8 @@ def save_checkpoint(root: str | os.PathLike, model: torch.nn.Module,
     tmp.mkdir()
     try:
         save_safetensors(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+        torch.save({"optimizer": optimizer_state or optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state()},
                    tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():

@@ -93,6 +93,10 @@ class TrainConfig(StepConfig):
     seed: int = Field(default=0, description="Seed for init, data order and sampling.")
     resume: bool = Field(default=False, description="Continue from the last checkpoint in "
                          "--out.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="Under torchrun: ddp (every process holds the model) or "
+        "fsdp (parameters, gradients and AdamW state sharded over the processes, for a model "
+        "too big for one; train and full fine-tuning).")
     dist_timeout: float = Field(default=1800.0, gt=0, description="Under torchrun: seconds "
                                 "a process waits for a stuck peer before the job fails (a "
                                 "dead one fails it at once).")

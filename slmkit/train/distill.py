@@ -41,6 +41,10 @@ class DistillConfig(TrainConfig, KDOptions):
     @model_validator(mode="after")
     def _student_is_model(self) -> "DistillConfig":
         self.model = self.student
+        if self.distributed == "fsdp":
+            raise ValueError("--distributed fsdp is not supported by distill (the teacher and "
+                             "the chunked KD projection run outside the sharded forward); use "
+                             "ddp")
         return self
 
 

@@ -210,12 +210,18 @@ class Dist:
 
     # ------------------------------------------------------------------ model
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, strategy: str = "ddp") -> torch.nn.Module:
         """The model the objective calls: DistributedDataParallel around a :class:`Replica`
         (the model itself alone). Buffers are not re-broadcast every forward: every rank
-        builds the same model and the initial parameters come from rank 0."""
+        builds the same model and the initial parameters come from rank 0.
+
+        ``strategy="fsdp"`` shards the model in place instead (:meth:`shard_model`) and
+        returns it.
+        """
         if not self.active:
             return model
+        if strategy == "fsdp":
+            return self.shard_model(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device = next(model.parameters()).device
@@ -225,6 +231,76 @@ class Dist:
         with self.guard():       # a mixture of experts leaves unrouted experts without grads
             return DDP(Replica(model), device_ids=ids, broadcast_buffers=False,
                        find_unused_parameters=sparse)
+
+
+    def shard_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2): each repeated block (the
+        decoder layers) and then the rest of the model become one sharded unit, so a rank
+        holds 1/N of the parameters, gradients and AdamW state, and gathers a block's
+        parameters only while it runs (Zhao et al. 2023, "PyTorch FSDP"). Rank 0's initial
+        weights are every rank's (each rank built the same model from the same seed).
+        Returns the same module, now sharded."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = next(model.parameters()).device
+        with self.guard():
+            for p in model.parameters():        # every rank starts from rank 0's weights
+                torch.distributed.broadcast(p.data, src=0)
+            mesh = init_device_mesh(device.type, (self.world_size,))
+            for block in repeated_blocks(model):
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        return model
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The children of the model's longest ``nn.ModuleList`` (its decoder layers)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def gather_full_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) model and optimizer state of a sharded model, on rank 0's CPU
+    (empty dicts elsewhere). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer,
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, optimizer, model_sd: dict,
+                    optim_sd: dict) -> None:
+    """Load full state dicts (every rank has them) into a sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_names(model: torch.nn.Module, optimizer) -> list[str]:
+    """The parameter name of each position in the optimizer's groups (what the integer keys
+    of ``optimizer.state_dict()`` count)."""
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state_by_name(sd: dict, names: list[str]) -> dict:
+    """``optimizer.state_dict()`` (integer keys) -> the same keyed by parameter name."""
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                             for g in sd["param_groups"]]}
+
+
+def optimizer_state_by_index(sd: dict, names: list[str]) -> dict:
+    """The inverse of :func:`optimizer_state_by_name`: what ``load_state_dict`` reads, so
+    a sharded run's checkpoint is the same file a one-process run writes."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in sd["param_groups"]]}
 
 
 class Replica(torch.nn.Module):

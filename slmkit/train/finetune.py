@@ -92,6 +92,9 @@ class FinetuneConfig(TrainConfig):
                              "drop --merge")
         if self.requantize and self.method != "qlora":
             raise ValueError("--requantize applies to --method qlora only; drop --requantize")
+        if self.distributed == "fsdp" and self.method != "full":
+            raise ValueError("--distributed fsdp applies to --method full (LoRA and QLoRA train "
+                             "small adapters on a frozen base, which ddp replicates); drop it")
         return self
 
 

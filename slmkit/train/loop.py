@@ -9,6 +9,7 @@ ETA) and atomic checkpoints that :meth:`Trainer.resume` continues from bit-exact
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,12 +73,17 @@ class Trainer:
         self.precision = cfg.resolved_precision()
         self.device = next(model.parameters()).device
         self.state = TrainState()
+        self.flops_per_token = train_flops_per_token(model, cfg.seq_len)
+        self.sharded = self.dist.active and cfg.distributed == "fsdp"
+        self._model_class = type(model)           # before FSDP swaps in its subclass
+        # DDP wraps the model; FSDP shards it in place (so before the optimizer sees it)
+        self.ddp = self.dist.wrap(model, cfg.distributed)  # the model itself in one process
         self.optimizer = self._build_optimizer()
         self.eval_model = torch.compile(model) if cfg.compile else model
-        self.ddp = self.dist.wrap(model)        # the model itself in one process
         self.forward_model = (torch.compile(self.ddp) if cfg.compile and self.dist.active
-                              else self.ddp if self.dist.active else self.eval_model)
-        self.flops_per_token = train_flops_per_token(model, cfg.seq_len)
+                              and not self.sharded
+                              else self.ddp if self.dist.active and not self.sharded
+                              else self.eval_model)
         self._peak = None
 
     # ------------------------------------------------------------------ set-up
@@ -102,8 +108,12 @@ class Trainer:
         return self._peak
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint dir: weights, optimizer, RNG, counters and history."""
-        data = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        """Continue from a checkpoint dir: weights, optimizer, RNG, counters and history
+        (a sharded model reads the same files: every rank loads its shards from them)."""
+        if self.sharded:
+            data = self._load_sharded(Path(path))
+        else:
+            data = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.state = TrainState(**data["state"])
         log.info("resumed from %s (step %d, %s tokens)", path, self.state.step,
                  f"{self.state.tokens:,}")
@@ -158,7 +168,10 @@ class Trainer:
         for micro, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             scale = d.loss_scale(int(counts[micro]), float(totals[micro]))
-            sync = (self.ddp.no_sync() if d.active and micro < cfg.grad_accum - 1
+            last_micro = micro == cfg.grad_accum - 1
+            if self.sharded:                  # FSDP reduces gradients on the last micro only
+                model.set_requires_gradient_sync(last_micro)
+            sync = (self.ddp.no_sync() if d.active and not self.sharded and not last_micro
                     else contextlib.nullcontext())
             with sync, d.guard():
                 with self.autocast():
@@ -174,7 +187,10 @@ class Trainer:
             reduced = d.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
             sums = {k: float(v) for k, v in zip(keys, reduced)}
         if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            with d.guard():
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if hasattr(norm, "full_tensor"):  # a sharded model's norm is a DTensor
+                norm = norm.full_tensor()
             sums["grad_norm"] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,14 +206,17 @@ class Trainer:
         self.model.eval()
         d = self.dist
         total, count = 0.0, 0
-        for batch in self.val_batches[d.rank::d.world_size]:
+        # DDP: rank r evaluates every N-th batch; FSDP: every rank runs every batch (each
+        # forward gathers the shards, so all ranks must run the same forwards)
+        mine = self.val_batches if self.sharded else self.val_batches[d.rank::d.world_size]
+        for batch in mine:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
                 loss, _ = self.objective(self.eval_model, batch)
             n = int((batch["labels"] != IGNORE_INDEX).sum())
             total += float(loss) * n
             count += n
-        if d.active:
+        if d.active and not self.sharded:
             total, count = (float(v) for v in d.sum(torch.tensor([total, count],
                                                                  dtype=torch.float64)))
         loss = total / max(count, 1)
@@ -274,8 +293,55 @@ class Trainer:
         return " · ".join(parts)
 
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes ``checkpoint_root/step-N``; a sharded model first gathers its full
+        weights and optimizer state there (every rank takes part), so the files are the
+        ones a one-process run writes."""
+        model, optim_state = self.model, None
+        if self.sharded:
+            model, optim_state = self.gather()
         if not self.dist.is_main:
             return None
         state = {"state": asdict(self.state), "config": self.cfg.model_dump(mode="json")}
-        return ckpt.save_checkpoint(self.checkpoint_root, self.model, self.optimizer, state,
-                                    self.state.step, self.cfg.keep_checkpoints)
+        return ckpt.save_checkpoint(self.checkpoint_root, model, self.optimizer, state,
+                                    self.state.step, self.cfg.keep_checkpoints,
+                                    optimizer_state=optim_state)
+
+    # ------------------------------------------------------------------ FSDP
+
+    def gather(self) -> tuple[torch.nn.Module | None, dict | None]:
+        """A sharded model's full weights as a plain model, and its optimizer state in
+        ``optimizer.state_dict()`` form, on rank 0 (None, None elsewhere). Collective."""
+        from slmkit.train import distributed as dd
+
+        with self.dist.guard():
+            model_sd, optim_sd = dd.gather_full_state(self.model, self.optimizer)
+        if not self.dist.is_main:
+            return None, None
+        with torch.device("meta"):
+            dense = self._model_class(self.model.config)
+        dense.to_empty(device="cpu")
+        dense.load_state_dict(model_sd, strict=False)
+        if hasattr(dense, "tie_weights"):
+            dense.tie_weights()
+        buffers = dict(self.model.named_buffers())      # FSDP leaves buffers whole
+        with torch.no_grad():
+            for name, buf in dense.named_buffers():
+                buf.copy_(buffers[name])
+        if getattr(self.model, "generation_config", None) is not None:
+            dense.generation_config = self.model.generation_config
+        names = dd.optimizer_names(self.model, self.optimizer)
+        return dense.eval(), dd.optimizer_state_by_index(optim_sd, names)
+
+    def _load_sharded(self, path: Path) -> dict:
+        from safetensors.torch import load_file
+
+        from slmkit.train import distributed as dd
+
+        model_sd = load_file(str(path / "model.safetensors"))
+        blob = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+        names = dd.optimizer_names(self.model, self.optimizer)
+        with self.dist.guard():
+            dd.load_full_state(self.model, self.optimizer, model_sd,
+                               dd.optimizer_state_by_name(blob["optimizer"], names))
+        torch.set_rng_state(blob["torch_rng"])
+        return json.loads((path / "state.json").read_text())

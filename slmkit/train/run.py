@@ -67,6 +67,10 @@ def drive(cfg: TrainConfig, step: str, title: str,
     from slmkit.train.distributed import Dist
 
     dist = Dist.from_env()
+    if cfg.distributed == "fsdp" and not dist.active:
+        raise ConfigError("--distributed fsdp shards the model over the processes of a "
+                          "torchrun job; start the command with torchrun --nproc-per-node N "
+                          "(N >= 2), or drop it.")
     dist.init(cfg.dist_timeout)
     try:
         with dist.stop_on_sigterm():
@@ -105,7 +109,7 @@ def _drive(cfg: TrainConfig, step: str, title: str, setup: Callable[[TrainConfig
     torch.manual_seed(cfg.seed)
     trainer = Trainer(job.model, job.objective, job.batches, cfg, val_batches=job.val_batches,
                       val_bytes_per_token=job.val_bytes_per_token,
-                      checkpoint_root=ck_root if dist.is_main else None, dist=dist)
+                      checkpoint_root=ck_root, dist=dist)     # rank 0 alone writes
     latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
     if latest is not None:
         trainer.resume(latest)
@@ -121,10 +125,13 @@ def _drive(cfg: TrainConfig, step: str, title: str, setup: Callable[[TrainConfig
     log.info("%s %s (%s params, %s), %d tokens per step", step, cfg.model,
              human_count(params), trainer.precision, cfg.tokens_per_step())
     state = trainer.fit()
+    dense = trainer.gather()[0] if trainer.sharded else None    # FSDP: full weights, rank 0
     dist.barrier()
     if not dist.is_main:               # rank 0 alone finishes and writes the output
         return StepResult(step, None, {}, [])
     model, extra, more_rows = job.finish(state) if job.finish else (job.model, {}, [])
+    if dense is not None and model is job.model:
+        model = dense
     metrics = finish_run(cfg, model, job.tok, state, out, ck_root, step=step, title=title,
                          extra={**(extra or {}), **describe(dist)})
     m = metrics
@@ -137,7 +144,8 @@ def _drive(cfg: TrainConfig, step: str, title: str, setup: Callable[[TrainConfig
             ("train loss", m.get("train_loss"))]
     if dist.active:
         rows.insert(len(job.rows) + len(more_rows),
-                    ("processes", f"{dist.world_size} ({dist.backend}, DistributedDataParallel)"))
+                    ("processes", f"{dist.world_size} ({dist.backend}, "
+                                  f"{'FSDP' if trainer.sharded else 'DistributedDataParallel'})"))
     if "val_loss" in m:
         rows += [("val loss", m["val_loss"]), ("val perplexity", m["val_ppl"])]
     if "val_bpb" in m:
