@@ -212,8 +212,8 @@ class Dist:
 
     def wrap(self, model: torch.nn.Module, strategy: str = "ddp") -> torch.nn.Module:
         """The model the objective calls: DistributedDataParallel around a :class:`Replica`
-        (the model itself alone). Buffers are not re-broadcast every forward: every rank
-        builds the same model and the initial parameters come from rank 0.
+        (the model itself alone). Parameters and buffers come from rank 0 once; buffers are
+        not re-broadcast every forward (every rank builds the same model).
 
         ``strategy="fsdp"`` shards the model in place instead (:meth:`shard_model`) and
         returns it.
@@ -229,7 +229,7 @@ class Dist:
         cfg = getattr(model, "config", None)
         sparse = bool(getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0))
         with self.guard():       # a mixture of experts leaves unrouted experts without grads
-            return DDP(Replica(model), device_ids=ids, broadcast_buffers=False,
+            return DDP(Replica(model), device_ids=ids, forward_sync_buffers=False,
                        find_unused_parameters=sparse)
 
 
