@@ -20,7 +20,7 @@ Decoding", ICML; Chen et al. 2023, arXiv:2302.01318):
   drafts pass, the last row gives one more token from ``p``.
 
 Drafts: :class:`NgramDrafter` (prompt lookup: the continuation of the latest earlier
-occurrence of the last 1-3 tokens in the prompt and the output so far; Saxena 2023,
+occurrence of the last 2-3 tokens in the prompt and the output so far; Saxena 2023,
 "Prompt Lookup Decoding") and :class:`ModelDrafter` (a small model sharing the tokenizer,
 e.g. a student distilled from the target, with its own KV cache slots).
 
@@ -93,7 +93,7 @@ class NgramDrafter:
 
     name = "ngram"
 
-    def __init__(self, max_n: int = 3, min_n: int = 1):
+    def __init__(self, max_n: int = 3, min_n: int = 2):
         if not 1 <= min_n <= max_n:
             raise ConfigError(f"n-gram sizes must satisfy 1 <= min_n <= max_n (got {min_n}, "
                               f"{max_n}).")
@@ -230,17 +230,23 @@ class ModelDrafter:
 
 
 def make_drafter(draft, engine) -> NgramDrafter | ModelDrafter:
-    """``"ngram"``, a model directory / built-in name, or a drafter object."""
-    if not isinstance(draft, str):
-        return draft
-    if draft == "ngram":
-        return NgramDrafter()
-    from slmkit.models import load_model
+    """``"ngram"``, a model directory / built-in name, a ``(model, tokenizer)`` pair, or a
+    drafter object (used as is)."""
+    if isinstance(draft, tuple):
+        model, tok = draft
+        where = "(given in memory)"
+    elif isinstance(draft, str):
+        if draft == "ngram":
+            return NgramDrafter()
+        from slmkit.models import load_model
 
-    model, tok = load_model(draft)
-    check_shared_tokenizer(engine.tokenizer, tok, f"'{draft}'")
+        model, tok = load_model(draft)
+        where = f"'{draft}'"
+    else:
+        return draft
+    check_shared_tokenizer(engine.tokenizer, tok, where)
     return ModelDrafter(model, engine.max_batch, engine.max_seq_len, engine.vocab_size,
-                        name=str(draft), prefill_chunk=engine.prefill_chunk)
+                        name=where.strip("'"), prefill_chunk=engine.prefill_chunk)
 
 
 # --------------------------------------------------------------------------- control
