@@ -52,9 +52,13 @@ def test_drain_health_refuses_new_work_and_finishes_streams(llama_dir, tmp_path)
     assert events[-1] == {"event": "shutdown", "clean": True, "refused_while_draining": 1}
 
 
-def test_drain_seconds_is_validated(cli, llama_dir):
-    r = cli("serve", str(llama_dir), "--drain-seconds=-1")
-    assert r.returncode == 2 and "--drain-seconds" in r.stderr
+def test_drain_seconds_is_validated():
+    from slmkit.errors import ConfigError, validated
+    from slmkit.serve.config import ServeCommand
+
+    with pytest.raises(ConfigError, match="--drain-seconds"):
+        validated(ServeCommand, model="m", drain_seconds=-1)
+    assert validated(ServeCommand, model="m").server_config().drain_seconds == 0.0
 
 
 nginx = pytest.mark.skipif(shutil.which("nginx") is None and
