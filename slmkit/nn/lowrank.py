@@ -105,12 +105,28 @@ def merge_lowrank(model: nn.Module) -> int:
 
 def load_lowrank(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
     """Format loader for ``"lowrank"``: build the skeleton, swap in factors, load weights."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    from slmkit.models.formats import load_weights, read_weights
+    from slmkit.models.formats import read_weights
 
     ranks = (config.slmkit or {}).get("ranks") or {}
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Dense tensors load through transformers, which knows each family's checkpoint names
+    # (GPT-NeoX's embed_out, Mixtral's block_sparse_moe); the factorized layers' dense
+    # weights are reported missing there, and their factors are filled in below.
+    dense_config = copy.deepcopy(config)
+    delattr(dense_config, "slmkit")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, config=dense_config, dtype=dtype, use_safetensors=True,
+            local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ModelLoadError(f"'{model_dir}' could not be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]}); re-create it with "
+                             "`slm factorize`.") from None
+    model.config.slmkit = config.slmkit
+    state = read_weights(model_dir)
     for name, rank in ranks.items():
         try:
             dense = model.get_submodule(name)
@@ -118,9 +134,14 @@ def load_lowrank(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn
             raise ModelLoadError(f"'{model_dir}' lists low-rank layer '{name}', which its "
                                  "architecture does not have; re-create the model with "
                                  "`slm factorize`.") from None
-        set_module(model, name, LowRankLinear(dense.in_features, dense.out_features,
-                                               int(rank), bias=dense.bias is not None,
-                                               dtype=dtype))
-    load_weights(model, read_weights(model_dir), config, dtype, model_dir, "low-rank weights",
-                 "slm factorize")
-    return model.to(device)
+        layer = LowRankLinear(dense.in_features, dense.out_features, int(rank),
+                              bias=dense.bias is not None, dtype=dtype)
+        own = {k: state.get(f"{name}.{k}") for k in layer.state_dict()}
+        missing = [k for k, v in own.items() if v is None]
+        if missing:
+            raise ModelLoadError(f"'{model_dir}' has low-rank weights that do not match its "
+                                 f"config.json (e.g. '{name}.{missing[0]}' is missing); "
+                                 "re-create it with `slm factorize`.")
+        layer.load_state_dict({k: v.to(dtype) for k, v in own.items()})
+        set_module(model, name, layer)
+    return model.to(device).eval()

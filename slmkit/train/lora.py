@@ -19,10 +19,12 @@ from slmkit.models.arch import arch_of
 __all__ = ["DEFAULT_TARGETS", "apply_lora", "merge_lora", "trainable_fraction", "QLoRALinear",
            "apply_qlora", "merge_qlora"]
 
-#: Attention and MLP projections of Llama/Qwen2/Mistral/Phi-3 (qkv_proj, gate_up_proj) and
-#: GPT-2 (c_attn, c_proj, c_fc); lm_head and embeddings are never adapted.
+#: Attention and MLP projections of Llama/Qwen2/3/Mistral/Gemma/Granite, Phi-3 (qkv_proj,
+#: gate_up_proj), GPT-2 (c_attn, c_proj, c_fc) and GPT-NeoX (query_key_value, dense,
+#: dense_h_to_4h, dense_4h_to_h); lm_head and embeddings are never adapted.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj",
-                   "down_proj", "gate_up_proj", "c_attn", "c_proj", "c_fc"]
+                   "down_proj", "gate_up_proj", "c_attn", "c_proj", "c_fc", "query_key_value",
+                   "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
 def _compile_targets(targets: list[str]) -> list[re.Pattern]:
