@@ -53,11 +53,14 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qat.json"))
+    ap.add_argument("--from-run", default=None, help="report an earlier run's output dir "
+                    "(.../qat) instead of training")
     args = ap.parse_args()
 
     from slmkit.train.distill import DistillConfig, run_distill
 
-    work = Path(tempfile.mkdtemp(prefix="qat-bench-"))
+    work = Path(args.from_run).parent if args.from_run else \
+        Path(tempfile.mkdtemp(prefix="qat-bench-"))
     cfg = DistillConfig(
         teacher=args.model, student=args.model, data=args.data, out=str(work / "qat"),
         qat=args.bits, qat_group_size=args.group_size, qat_start=args.start,
@@ -68,12 +71,17 @@ def main() -> None:
         batch_size=args.batch_size, lr=args.lr, warmup_steps=5, weight_decay=0.0,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens,
         checkpoint_every=10 ** 6, precision="fp32", threads=args.threads)
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = run_distill(cfg)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if args.from_run:
+        wall, cpu = None, None
+    else:
+        t0, c0 = time.perf_counter(), time.process_time()
+        run_distill(cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     meta = json.loads((work / "qat" / "slmkit.json").read_text())
     log = json.loads((work / "qat" / "train_log.json").read_text())
-    qat = res.metrics["qat"]
+    qat = meta["metrics"]["qat"]
+    if wall is None:                       # --from-run: the run's own training time
+        wall = meta["metrics"]["train_minutes"] * 60
     fp, start = math.exp(qat["val_loss_unquantized"]), math.exp(qat["val_loss_start"])
 
     def recovered(ppl: float) -> float:
@@ -93,14 +101,14 @@ def main() -> None:
     bar = recovered(packed) >= 0.5
     note = "" if not args.steps and args.minutes >= 60 else \
         f" (a {args.steps} steps / {wall / 60:.1f}-minute run; the bar is for 60 minutes)"
-    print(f"wall {wall / 60:.1f} min, process CPU {cpu / 60:.1f} min, load average "
-          f"{os.getloadavg()[0]:.1f}")
+    print(f"wall {wall / 60:.1f} min" + (f", process CPU {cpu / 60:.1f} min" if cpu else "")
+          + f", load average {os.getloadavg()[0]:.1f}")
     print(f"bar: QAT recovers >= 50% of the {args.start.upper()} perplexity loss: "
           f"{'PASS' if bar else 'FAIL'}{note}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "model": args.model, "args": vars(args), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+        "model": args.model, "args": vars(args), "wall_s": round(wall, 1), "cpu_s": cpu and round(cpu, 1),
         "load_average_end": os.getloadavg(), "ppl_unquantized": fp, "ppl_start": start,
         "ppl_packed": packed, "recovered_packed": recovered(packed), "bar_50pct": bar,
         "curve": curve, "qat": qat, "metrics": {k: v for k, v in meta.get("metrics", {}).items()
