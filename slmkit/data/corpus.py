@@ -153,8 +153,10 @@ def iter_documents(spec: str | list[str], split: str = "all", val_fraction: floa
 
 
 def _describe(specs: list) -> str:
+    """The corpus as the user named it: one path whole (its file name is what they need),
+    a long list shortened."""
     text = ", ".join(os.fspath(s) for s in specs)
-    return text if len(text) < 80 else text[:77] + "..."
+    return text if len(specs) == 1 or len(text) < 80 else text[:77] + "..."
 
 
 def _resolve(spec: str):
