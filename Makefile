@@ -29,8 +29,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slm quickstart
 
+# Two pytest-xdist workers of one torch thread each: most tests are single-threaded
+# (CLI subprocesses importing torch, servers, small tensors), so this keeps both cores busy
+# without oversubscribing them. `$(BIN)/python -m pytest` alone runs it in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
