@@ -123,8 +123,9 @@ def test_every_verb_on_every_family(kind, tiny_model_dirs, corpus, task_file, tm
     for method, extra in (("rtn", {}), ("gptq", _calib(corpus)),
                           ("awq", {**_calib(corpus), "awq_grid": 4})):
         out = tmp_path / f"q-{method}"
-        run_quantize(QuantizeConfig(model=src, out=str(out), method=method, bits=4,
-                                    group_size=32, **extra))
+        res = run_quantize(QuantizeConfig(model=src, out=str(out), method=method, bits=4,
+                                          group_size=32, **extra))
+        assert any(row[0] == "left dense" for row in res.rows) == facts.moe   # said, not hidden
         _runs(out)
     for pattern in (None, "2:4"):
         out = tmp_path / f"p-{pattern}"

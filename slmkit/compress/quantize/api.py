@@ -225,7 +225,19 @@ def run_quantize(cfg: QuantizeConfig) -> StepResult:
             ("size on disk", f"{human_bytes(size)} (input "
                              f"{human_bytes(dir_size(resolve_ref(cfg.model)))})"),
             ("written to", str(saved))]
+    experts = dense_experts(model)
+    if experts:   # fused 3-D expert tensors are no linear layers: say what stays dense
+        rows.insert(4, ("left dense", f"{experts:,} expert weights of this "
+                                      f"{model.config.model_type} model (fused 3-D tensors, "
+                                      "not linear layers)"))
     return StepResult("quantize", str(saved), {**summary, "size_on_disk": size}, rows)
+
+
+def dense_experts(model: nn.Module) -> int:
+    """Weights in a mixture-of-experts model's fused expert tensors (``[experts, out, in]``
+    parameters under an ``experts`` module), which linear-wise compression leaves dense."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if p.dim() == 3 and ".experts." in f".{name}")
 
 
 def dequantize(ref: str | os.PathLike, out: str | os.PathLike,
