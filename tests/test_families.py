@@ -184,8 +184,8 @@ def test_gemma_scaled_embedding_quantizes_saves_and_dequantizes(tokenizer, tmp_p
         torch.testing.assert_close(loaded(ids).logits, quant, atol=1e-4, rtol=1e-4)
     runner = make_runner(loaded, 1, 16, kv_cache="fp32")
     assert runner.fast
-    got = runner.forward(ids, [0], [0])[0]    # the head's kernel sees one row here
-    assert float((got - quant[0, -1]).abs().max()) < 0.01 * float(quant.abs().max())
+    got = runner.forward(ids, [0], [0])[0]   # int8 kernels (native: int8 activations too)
+    assert float((got - quant[0, -1]).abs().max()) < 0.05 * float(quant.abs().max())
     from slmkit.nn.quant_linear import set_kernel_mode
 
     set_kernel_mode("dequant")   # fp32 through the dequantized weights, as dense runs
@@ -200,11 +200,13 @@ def test_gemma_scaled_embedding_quantizes_saves_and_dequantizes(tokenizer, tmp_p
         torch.testing.assert_close(loaded(ids).logits, exact, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "granite"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "granite", "gemma3_text"])
 def test_native_step_equals_the_torch_loop(kind, tokenizer):
-    """Qwen3 (q/k head norms), Phi-3 (fused q/k/v, gate/up) and Granite (multipliers) decode
-    through the compiled step; each step's logits equal the family torch loop's, two rows
-    at different positions, and the int8 kernels run too."""
+    """Qwen3 (q/k head norms), Phi-3 (fused q/k/v, gate/up), Granite (multipliers) and
+    Gemma 3 (four norms of 1 + w, GELU-tanh, local and global RoPE tables; its window of 16
+    fits the 48-token cache, so no ring) decode through the compiled step; each step's
+    logits equal the family torch loop's, two rows at different positions, and the int8
+    kernels run too."""
     from slmkit.compress.quantize import quantize_model
     from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.engine.families import FamilyRunner

@@ -134,8 +134,6 @@ class FamilyRunner(FastRunner):
 
         if self.rings:
             return None, "sliding-window rings have no native step yet"
-        if any(table is not self.rope[0] for table in self.rope):
-            return None, "per-layer RoPE tables have no native step yet"
         if self.cos.shape[-1] != self.head_dim:
             return None, "partial rotary dims have no native step yet"
         if self.attn_cap or self.final_cap:

@@ -49,7 +49,9 @@ class Layer(ctypes.Structure):
                 ("n_qkv", ctypes.c_int32), ("o", Lin), ("gu", Lin * 2), ("n_gu", ctypes.c_int32),
                 ("down", Lin), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
                 ("window", ctypes.c_int32), ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p),
-                ("qn", ctypes.c_void_p), ("kn", ctypes.c_void_p)]
+                ("qn", ctypes.c_void_p), ("kn", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
+                ("norm_ao", ctypes.c_void_p), ("norm_mo", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -61,7 +63,7 @@ class Model(ctypes.Structure):
                 ("attn_scale", ctypes.c_float), ("cos", ctypes.c_void_p),
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32),
-                ("resid_mult", ctypes.c_float)]
+                ("resid_mult", ctypes.c_float), ("act", ctypes.c_int32)]
 
 
 #: decode.c's KV cache kinds (model_t.kv_kind), by the cache's torch dtype
@@ -384,6 +386,28 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+#: config activations and MLP activation modules the step computes -> decode.c's act kind
+_ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}
+_ACT_MODULES = {"SiLU": 0, "SiLUActivation": 0, "PytorchGELUTanh": 1, "GELUTanh": 1}
+
+
+def _norm_eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps"))
+
+
+def _norm_weight(norm, keep: list) -> int | str:
+    """Pointer to the fp32 factor an RMSNorm multiplies ``x_hat`` by: its weight, or for
+    Gemma's ``x_hat * (1 + w)`` a kept copy of ``1 + w``; or why the step cannot."""
+    name = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.dtype != torch.float32 or not (
+            name in arch.NATIVE_RMS_NORMS or name in arch.NORM_OFFSETS):
+        return f"norm {name} is not an fp32 RMSNorm"
+    if name in arch.NORM_OFFSETS:
+        return _ptr((weight.detach() + arch.NORM_OFFSETS[name]).contiguous(), keep)
+    return _ptr(weight.detach(), keep)
+
+
 class NativeStep:
     """The compiled decode step bound to one :class:`~slmkit.engine.runner.FastRunner`.
 
@@ -412,8 +436,9 @@ class NativeStep:
         cfg = model.config
         if runner.dtype != torch.float32 or runner.device.type != "cpu":
             return None, "the native step runs fp32 activations on the CPU"
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            return None, f"activation '{cfg.hidden_act}' is not SiLU"
+        act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "silu")
+        if act not in _ACTS:
+            return None, f"activation '{act}' is not SiLU or GELU-tanh"
         if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
             return None, f"head dim {runner.head_dim} is not supported"
         if runner.cache.k[0].dtype not in KV_KINDS:
@@ -437,20 +462,26 @@ class NativeStep:
         keep: list = []
         layers = (Layer * len(runner.layers))()
         eps = None
+        act_kind = None
         for i, layer in enumerate(runner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             head_norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
-            for norm in [layer.input_layernorm, layer.post_attention_layernorm, *head_norms]:
-                if norm is None:
-                    continue
-                if type(norm).__name__ not in arch.NATIVE_RMS_NORMS \
-                        or norm.weight.dtype != torch.float32:
-                    return None, f"norm {type(norm).__name__} is not an fp32 RMSNorm"
-                if eps is not None and norm.variance_epsilon != eps:
-                    return None, "the norms do not share one epsilon"
-                eps = norm.variance_epsilon
-            if hasattr(layer, "pre_feedforward_layernorm"):
-                return None, "sandwich norms (Gemma) have no native step yet"
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")     # Gemma 2 / 3
+            mlp_norm = layer.pre_feedforward_layernorm if sandwich else \
+                layer.post_attention_layernorm
+            outs = [layer.post_attention_layernorm, layer.post_feedforward_layernorm] \
+                if sandwich else [None, None]
+            weights = []
+            for norm in [layer.input_layernorm, mlp_norm, *head_norms, *outs]:
+                w = None if norm is None else _norm_weight(norm, keep)
+                if isinstance(w, str):
+                    return None, w
+                weights.append(w)
+                if norm is not None:
+                    e = _norm_eps(norm)
+                    if eps is not None and e != eps:
+                        return None, "the norms do not share one epsilon"
+                    eps = e
             if not hasattr(mlp, "down_proj") or not (hasattr(mlp, "gate_proj")
                                                      or hasattr(mlp, "gate_up_proj")):
                 return None, "mixture-of-experts blocks have no native step yet"
@@ -472,11 +503,12 @@ class NativeStep:
                 if isinstance(part, str):
                     return None, part
             act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
-            if type(act).__name__ not in ("SiLU", "SiLUActivation"):
-                return None, f"MLP activation {type(act).__name__} is not SiLU"
+            kind = _ACT_MODULES.get(type(act).__name__)
+            if kind is None or act_kind not in (None, kind):
+                return None, f"MLP activation {type(act).__name__} is not SiLU or GELU-tanh"
+            act_kind = kind
             L = layers[i]
-            L.norm1 = _ptr(layer.input_layernorm.weight.detach(), keep)
-            L.norm2 = _ptr(layer.post_attention_layernorm.weight.detach(), keep)
+            L.norm1, L.norm2, L.qn, L.kn, L.norm_ao, L.norm_mo = weights
             for j, lin in enumerate(qkv):
                 L.qkv[j] = lin
             L.n_qkv = len(qkv)
@@ -490,14 +522,16 @@ class NativeStep:
                 L.ks = _ptr(runner.cache.ks[i], keep)
                 L.vs = _ptr(runner.cache.vs[i], keep)
             L.window = runner.windows[i] or 0
-            L.qn = _ptr(None if head_norms[0] is None else head_norms[0].weight.detach(), keep)
-            L.kn = _ptr(None if head_norms[1] is None else head_norms[1].weight.detach(), keep)
+            rope = getattr(runner, "rope", None)       # per-layer tables (FamilyRunner)
+            if rope is not None and rope[i][0] is not runner.cos:
+                L.cos = _ptr(rope[i][0].contiguous(), keep)
+                L.sin_signed = _ptr(rope[i][1].contiguous(), keep)
         head = _lin(runner.lm_head, keep, vnni, used=used)
         if isinstance(head, str):
             return None, "LM head: " + head
-        final = runner.norm
-        if type(final).__name__ not in arch.NATIVE_RMS_NORMS:
-            return None, "final norm is not an RMSNorm"
+        final = _norm_weight(runner.norm, keep)
+        if isinstance(final, str):
+            return None, "final " + final
         attn0 = runner.layers[0].self_attn
         m = Model()
         m.n_layers, m.hidden = len(runner.layers), cfg.hidden_size
@@ -507,12 +541,13 @@ class NativeStep:
         m.eps, m.attn_scale = float(eps), float(attn0.scaling)
         m.cos = _ptr(runner.cos.contiguous(), keep)
         m.sin_signed = _ptr(runner.sin.contiguous(), keep)
-        m.final_norm = _ptr(final.weight.detach(), keep)
+        m.final_norm = final
         m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
         keep.append(layers)
         m.lm_head = head
         m.kv_kind = KV_KINDS[runner.cache.k[0].dtype]
         m.resid_mult = float(getattr(runner, "residual_mult", None) or 1.0)
+        m.act = act_kind or 0
         if used is not None:
             return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)

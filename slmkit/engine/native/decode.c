@@ -116,7 +116,11 @@ typedef struct {
     int32_t window;     /* sliding window, 0 = full attention */
     float *ks, *vs;     /* int8 cache: each cached row's scale [slots, n_kv, max_seq]; else NULL */
     const float *qn, *kn;   /* RMSNorm weights [head_dim] over each query / key head before
-                             * RoPE (Qwen3), or NULL */
+                             * RoPE (Qwen3, Gemma 3), or NULL */
+    const float *cos, *sin_signed;  /* this layer's RoPE tables (Gemma 3's local and global
+                                     * layers differ), or NULL: the model's */
+    const float *norm_ao, *norm_mo; /* RMSNorms on the attention and MLP outputs before the
+                                     * residual add (Gemma's sandwich), or NULL */
 } layer_t;
 
 typedef struct {
@@ -129,6 +133,7 @@ typedef struct {
     int32_t kv_kind;    /* the KV cache holds fp32 (KV_F32), IEEE fp16 (KV_F16) or int8 codes
                          * with one scale per cached row of head_dim values (KV_I8) */
     float resid_mult;   /* each block's output is added to the residual times this (Granite) */
+    int32_t act;        /* gated MLP activation: 0 SiLU, 1 GELU with the tanh approximation */
 } model_t;
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
@@ -829,6 +834,15 @@ static inline void silu_mul(const float *g, const float *u, float *out, int n) {
 #endif
 }
 
+/* out = GELU(g) * u, GELU's tanh approximation as torch computes it (Gemma). */
+static inline void gelu_tanh_mul(const float *g, const float *u, float *out, int n) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    for (int i = 0; i < n; i++) {
+        const float x = g[i], inner = beta * (x + kappa * x * x * x);
+        out[i] = 0.5f * x * (1.f + tanhf(inner)) * u[i];
+    }
+}
+
 /* s[i] = e^(s[i] - mx) for n values; returns their sum (16 lanes, then the lanes in order). */
 static inline float exp_sub_sum(float *s, int n, float mx) {
 #ifdef SLM_AVX512
@@ -1222,7 +1236,8 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 for (int it = 0; it < B * m->n_kv; it++) {
                     const int b = it / m->n_kv, kh = it % m->n_kv;
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
-                    const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
+                    const float *cs = (L->cos ? L->cos : m->cos) + pos[b] * D,
+                                *sn = (L->sin_signed ? L->sin_signed : m->sin_signed) + pos[b] * D;
                     qk_head(row + nq + kh * D, L->kn, m->eps, cs, sn, D);
                     kv_put(m, L, slots[b], kh, pos[b], row);
                     for (int h = kh * grp; h < (kh + 1) * grp; h++) qk_head(row + h * D, L->qn, m->eps, cs, sn, D);
@@ -1233,7 +1248,8 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 #pragma omp for schedule(static) nowait
                 for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
-                    const float *cs = m->cos + pos[b] * D, *sn = m->sin_signed + pos[b] * D;
+                    const float *cs = (L->cos ? L->cos : m->cos) + pos[b] * D,
+                                *sn = (L->sin_signed ? L->sin_signed : m->sin_signed) + pos[b] * D;
                     for (int hh = 0; hh < m->n_heads + m->n_kv; hh++)
                         qk_head(row + hh * D, hh < m->n_heads ? L->qn : L->kn, m->eps, cs, sn, D);
                     for (int kh = 0; kh < m->n_kv; kh++) {
@@ -1252,6 +1268,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             lin_multi(&L->o, 1, att, &a, B, tmp);
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
+                if (L->norm_ao) rms_norm(tmp + b * H, L->norm_ao, H, m->eps, tmp + b * H);
                 for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
                 rms_norm(h + b * H, L->norm2, H, m->eps, xn + b * H);
                 prep_row(&L->gu[0], xn, b, &a);
@@ -1261,8 +1278,9 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {      /* SiLU(gate) * up, 16 at a time */
                 for (int i0 = 0; i0 < I; i0 += 16)
-                    silu_mul(gu + (int64_t)b * 2 * I + i0, gu + (int64_t)b * 2 * I + I + i0,
-                             act + (int64_t)b * I + i0, I - i0 < 16 ? I - i0 : 16);
+                    (m->act ? gelu_tanh_mul : silu_mul)(
+                        gu + (int64_t)b * 2 * I + i0, gu + (int64_t)b * 2 * I + I + i0,
+                        act + (int64_t)b * I + i0, I - i0 < 16 ? I - i0 : 16);
                 prep_row(&L->down, act, b, &a);
             }
             bar_wait(&bar);
@@ -1273,6 +1291,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             const lin_t *next = l + 1 < m->n_layers ? &m->layers[l + 1].qkv[0] : &m->lm_head;
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
+                if (L->norm_mo) rms_norm(tmp + b * H, L->norm_mo, H, m->eps, tmp + b * H);
                 for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
                 rms_norm(h + b * H, next_norm, H, m->eps, xn + b * H);
                 prep_row(next, xn, b, &a);
