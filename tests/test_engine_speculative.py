@@ -83,12 +83,22 @@ def _engine(model, tokenizer, draft=None, **kw):
     return e
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def _int4(model, tokenizer):
+    """An int4 RTN copy (g32): the native step's integer kernels verify the drafts."""
+    from slmkit.compress.quantize import make_config, quantize_model
+
+    q = copy.deepcopy(model)
+    quantize_model(q, tokenizer, make_config(method="rtn", bits=4, group_size=32))
+    return q
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-int4", "gpt2"])
 @pytest.mark.parametrize("draft", ["ngram", "model"])
 def test_greedy_identical_with_drafts_batched(tokenizer, target, other, arch, draft):
     """Three concurrent requests (different lengths, one with a repetition penalty and
     logprobs) give the same tokens and logprobs with drafts as without."""
-    model = target if arch == "llama" else build_tiny_model("gpt2", tokenizer, seed=3)
+    model = {"llama": lambda: target, "llama-int4": lambda: _int4(target, tokenizer),
+             "gpt2": lambda: build_tiny_model("gpt2", tokenizer, seed=3)}[arch]()
     prompts = [_copy_prompt(tokenizer, 60), _copy_prompt(tokenizer, 25)[3:],
                tokenizer("class Foo:\n    def bar(self):", add_special_tokens=False)["input_ids"]]
     params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
@@ -98,7 +108,7 @@ def test_greedy_identical_with_drafts_batched(tokenizer, target, other, arch, dr
     base = _engine(model, tokenizer)
     expected = [base.generate(p, sp) for p, sp in zip(prompts, params)]
     drafter = "ngram" if draft == "ngram" else ModelDrafter(
-        other if arch == "llama" else model, 3, 160, base.vocab_size)
+        model if arch == "gpt2" else other, 3, 160, base.vocab_size)
     spec = _engine(model, tokenizer, drafter)
     handles = [spec.submit(p, sp) for p, sp in zip(prompts, params)]
     got = [h.result() for h in handles]
