@@ -27,8 +27,9 @@ def _reference(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-#: families the older engine tests already cover run in the slow tier here
-COVERED = {"llama", "qwen2", "mistral", "gpt2"}
+#: families tests/test_engine.py already checks greedy (and GPT-NeoX, on transformers' own
+#: forward) run in the slow tier here
+COVERED = {"llama", "qwen2", "mistral", "gpt2", "phi3", "mixtral", "gpt_neox"}
 
 
 @pytest.mark.parametrize("kind", [pytest.param(a, marks=pytest.mark.slow) if a in COVERED
