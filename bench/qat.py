@@ -48,7 +48,7 @@ def main() -> None:
                     "sequences instead of --data (validation stays on --data)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=1e-4, help="the measured short run used 2e-4")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
