@@ -2,6 +2,9 @@
 
 Model: a random SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads / 3 KV heads,
 MLP 1536, vocabulary 49152, tied embeddings) built from a config, so no download is needed.
+``--arch`` picks another family's real shape (:data:`SHAPES`: Qwen2.5-0.5B, Qwen3-0.6B,
+Gemma 3 270M, Phi-3-mini's layout scaled to fit), run on whichever engine path it takes
+(native step, family torch loop or transformers' forward: the "path" in the JSON).
 
 Figures (all measured in this run, 2 threads by default):
 
@@ -68,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slmkit.console import print_table  # noqa: E402
 from slmkit.engine import Engine, SamplingParams, stream_tokens  # noqa: E402
 from slmkit.engine import native  # noqa: E402
-from slmkit.engine.runner import FastRunner  # noqa: E402
+from slmkit.engine.runner import FastRunner, make_runner  # noqa: E402, F401
 
 LLAMA_CPP_PUBLISHED = {"fp32": 46.5, "int8": 131.0}  # decode tok/s, issue 8, 2 threads (fallback)
 #: (GGUF --quant, what the file holds) per precision; see the module docstring.
@@ -80,12 +83,46 @@ SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9
                     rope_theta=100000.0, hidden_act="silu", bos_token_id=0, eos_token_id=0)
 
 
-def build_model(dtype: torch.dtype):
-    """The random 135M-shaped Llama, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: ``--arch`` shapes: random models of each fast family's real shape (model_type, config).
+SHAPES = {
+    "smollm2-135m": ("llama", SMOLLM2_135M),
+    "qwen2.5-0.5b": ("qwen2", dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936, max_position_embeddings=2048,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=0,
+        eos_token_id=0)),
+    "qwen3-0.6b": ("qwen3", dict(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=2048,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=0,
+        eos_token_id=0)),
+    # Gemma 3 270M: 5 local (window 512) : 1 global layers, head_dim 256, one KV head, a
+    # 262k vocabulary tied to the head (two thirds of the weights)
+    "gemma3-270m": ("gemma3_text", dict(
+        hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=256, intermediate_size=2048, vocab_size=262144, max_position_embeddings=2048,
+        sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=True,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                     for i in range(18)], bos_token_id=2, eos_token_id=1, pad_token_id=0)),
+    # Phi-3-mini's layout (fused qkv / gate_up, head_dim 96, 32k vocabulary) at a third of
+    # its width and 8 of its 32 layers, to fit the 2-core machines' time
+    "phi3-mini-scaled": ("phi3", dict(
+        hidden_size=1152, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
+        intermediate_size=3072, vocab_size=32064, max_position_embeddings=2048,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
+        pad_token_id=32000)),
+}
+ARCH = {"name": "smollm2-135m"}
 
+
+def build_model(dtype: torch.dtype):
+    """The random model of the ``--arch`` shape (default: SmolLM2-135M), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, fields = SHAPES[ARCH["name"]]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype).eval()
+    config = AutoConfig.for_model(kind, **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype).eval()
     return model
 
 
@@ -385,8 +422,10 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
         finally:
             if close is not None:
                 close()
-        probe = FastRunner(model, 1, 8)
-        res["slmkit"]["path"] = "native" if probe.native else f"torch ({probe.native_reason})"
+        probe = make_runner(model, 1, 8)
+        res["slmkit"]["path"] = ("generic (transformers forward)" if not probe.fast else
+                                 "native" if probe.native else
+                                 f"torch ({probe.native_reason})")
         del probe
         if "transformers" in res:
             res["greedy_equal_to_transformers"] = \
@@ -447,6 +486,8 @@ def bench_reference(args, prompt_len: int) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="smollm2-135m", choices=list(SHAPES),
+                    help="the random model's family and shape")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -475,6 +516,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    ARCH["name"] = args.arch
     if args.memory_child:
         memory_child(args.memory_child, args.prompt_len + args.new_tokens + 8, args.prompt_len,
                      args.new_tokens)
@@ -486,7 +528,8 @@ def main() -> None:
         return
     prompt = torch.randint(1, 49152, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
-    results = {"model": "random SmolLM2-135M shape", "threads": args.threads,
+    results = {"model": f"random {args.arch} shape ({SHAPES[args.arch][0]})",
+               "arch": args.arch, "threads": args.threads,
                "torch": torch.__version__, "machine": platform.machine(),
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "bandwidth": args.bandwidth,
