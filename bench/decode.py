@@ -115,6 +115,11 @@ SHAPES = {
 ARCH = {"name": "smollm2-135m"}
 
 
+def vocab() -> int:
+    """The ``--arch`` shape's vocabulary (prompt ids are drawn below it)."""
+    return SHAPES[ARCH["name"]][1]["vocab_size"]
+
+
 def build_model(dtype: torch.dtype):
     """The random model of the ``--arch`` shape (default: SmolLM2-135M), in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -223,7 +228,7 @@ def time_streams(model, streams: int, prompt_len: int, n: int) -> dict:
     engine = Engine(model, None, max_batch=streams, max_seq_len=prompt_len + n + 8,
                     prefill_chunk=256, background=False)
     g = torch.Generator().manual_seed(streams)
-    prompts = [torch.randint(1, 49152, (prompt_len,), generator=g).tolist()
+    prompts = [torch.randint(1, min(49152, vocab()), (prompt_len,), generator=g).tolist()
                for _ in range(streams)]
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     engine.generate(prompts[0][:8], SamplingParams(max_tokens=3, temperature=0))  # warm up
@@ -526,7 +531,7 @@ def main() -> None:
         report_memory(m)
         print(json.dumps(m))
         return
-    prompt = torch.randint(1, 49152, (args.prompt_len,),
+    prompt = torch.randint(1, min(49152, vocab()), (args.prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
     results = {"model": f"random {args.arch} shape ({SHAPES[args.arch][0]})",
                "arch": args.arch, "threads": args.threads,
