@@ -155,7 +155,18 @@ def test_two_processes_train_what_one_trains(tiny_llama, corpus, env, tmp_path, 
     assert r.stdout.count("written to") == 1                     # rank 0's table only
     assert "2 (gloo, DistributedDataParallel)" in r.stdout
 
-    # --resume from a checkpoint one process wrote, continued by two processes
+
+@pytest.mark.slow
+def test_resume_of_a_one_process_checkpoint_under_torchrun(tiny_llama, corpus, env, tmp_path,
+                                                           monkeypatch):
+    """--resume from a checkpoint one process wrote, continued by two processes."""
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.run import run_train
+
+    one = tmp_path / "one"
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    run_train(TrainConfig(**_train_opts(tiny_llama, corpus, one)))
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(one / "checkpoints" / "step-00000003",
