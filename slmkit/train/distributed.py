@@ -1,9 +1,9 @@
 """Data parallelism for the one training loop, on ``torch.distributed`` (launched by torchrun).
 
-``torchrun --nproc-per-node N [--nnodes M ...] $(which slm) train ...`` starts N x M copies of
-the same command; each reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``
-from the environment torchrun sets, joins one process group (gloo on CPU, NCCL when the
-model is on a GPU) and trains one shard of every batch. Without those variables
+``torchrun --nproc-per-node N [--nnodes M ...] -m slmkit.cli train ...`` starts N x M copies
+of the same command; each reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``
+from the environment torchrun sets, joins one process group (gloo: slmkit trains on CPU;
+:meth:`Dist.init` picks NCCL when given a CUDA device) and trains one shard of every batch. Without those variables
 :meth:`Dist.from_env` is the single process (world size 1) and every method is a no-op, so
 the loop has one code path.
 
