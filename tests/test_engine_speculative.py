@@ -234,6 +234,7 @@ def test_cli_generate_with_ngram_draft(cli, llama_dir):
     assert bad.returncode == 2
 
 
+@pytest.mark.slow
 def test_serve_with_ngram_draft_concurrent_requests(tokenizer):
     """`slm serve --draft ngram`: concurrent greedy completions over HTTP equal the engine's
     output without drafts."""
