@@ -168,3 +168,69 @@ def test_request_stop_tokens_are_allowed_once_the_grammar_accepts(models, tokeni
     assert logits[0, stop] == 0 and logits[0, tokenizer.eos_token_id] == 0
     assert torch.isinf(logits[0]).sum() > engine.vocab_size // 2  # the rest stays masked
     assert handle.result().text.isdigit()
+
+
+#: Unbounded strings, arrays and nesting: a random model rambles in them until the budget.
+OPEN_SCHEMAS = [
+    {"type": "object", "properties": {
+        "story": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "meta": {"type": "object", "properties": {"author": {"type": "string"},
+                                                  "year": {"type": "integer"}},
+                 "required": ["author", "year"]}},
+     "required": ["story", "tags", "meta"]},
+    {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]+$"},
+                                      "n": {"type": "number"}},
+     "required": ["code", "n"], "additionalProperties": False},
+]
+
+
+def test_output_parses_when_max_tokens_runs_out(models, tokenizer):
+    """Tight budgets: the closing plan takes over before the last token, so every output
+    still parses and validates (finish reason 'length' when the model had not finished).
+    The guard sits where every path records a token, so one path is tested here."""
+    engine = Engine(models["llama"], tokenizer, max_batch=4, max_seq_len=256, background=False)
+    handles, lengths = [], set()
+    for k, schema in enumerate(OPEN_SCHEMAS):
+        grammar = Grammar.json_schema(schema)
+        engine.grammars.state(grammar, budget=200)
+        need = engine.grammars._need[grammar]  # the shortest output, in tokens
+        assert need is not None and need < 60
+        for max_tokens in (need, need + 1, need + 15):
+            for temperature in (0.0, 1.5):
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                        seed=k, grammar=grammar, ignore_eos=True)
+                handles.append((schema, max_tokens, engine.submit(_prompt(tokenizer), params)))
+        with pytest.raises(GrammarError, match="below the shortest output"):
+            engine.submit(_prompt(tokenizer), SamplingParams(max_tokens=need - 1,
+                                                             grammar=grammar))
+    for schema, max_tokens, handle in handles:
+        c = handle.result()
+        assert c.finish_reason in ("stop", "length") and len(c.token_ids) <= max_tokens
+        jsonschema.validate(json.loads(c.text), schema)
+        lengths.add(c.finish_reason)
+    assert "length" in lengths  # the budget did run out, on some request
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_builtin_model_output_parses_at_small_max_tokens():
+    """SmolLM2-135M asked for a long story inside JSON: cut at 30 tokens, it still parses."""
+    from slmkit import load_model
+
+    model, tok = load_model("builtin:smollm2-135m")
+    engine = Engine(model, tok, max_batch=2, background=False)
+    schema = OPEN_SCHEMAS[0]
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a very long story "
+                                    "about a dragon, as JSON with story, tags and meta."}],
+                                  add_generation_prompt=True, tokenize=False)
+    prompt = tok(ids, add_special_tokens=False)["input_ids"]
+    reasons = set()
+    for max_tokens, temperature in ((30, 0.0), (45, 1.0), (60, 0.7)):
+        c = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                 seed=3, grammar=Grammar.json_schema(schema))
+                          ).result()
+        jsonschema.validate(json.loads(c.text), schema)
+        assert len(c.token_ids) <= max_tokens
+        reasons.add(c.finish_reason)

@@ -296,7 +296,8 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ConfigError("Stop strings need a tokenizer; pass one to Engine(...) or use "
                               "stop_token_ids.")
-        grammar = self.grammars.state(params.grammar) if params.grammar is not None else None
+        grammar = None if params.grammar is None else self.grammars.state(
+            params.grammar, budget=min(params.max_tokens, self.max_seq_len - len(prompt) + 1))
         handle = RequestHandle(self, request_id or f"req-{next(_ids)}")
         request = _Request(handle, prompt, params, self.tokenizer, on_event, grammar, self.eos)
         with self._cond:
@@ -426,10 +427,16 @@ class Engine:
         choice = r.sampler.choose(logits, best, raw, token)
         grammar_done = False
         if r.grammar is not None and choice.token_id not in r.stop_ids:
-            if not r.grammar.advance(choice.token_id):  # a bug: the mask allowed it
+            n = len(r.completion.token_ids)  # tokens left, this one included:
+            left = min(r.params.max_tokens - n, self.max_seq_len - r.prefilled - n + 1)
+            taken = r.grammar.advance_within(choice.token_id, left, r.stop_ids)
+            if taken is None:  # a bug: the mask allowed it
                 self._finish(r, "error", error=f"the grammar rejected token "
                              f"{choice.token_id} ({r.grammar.error})")
                 return
+            if taken != choice.token_id:  # the budget closes the output: record the token
+                choice = r.sampler.choose(logits, None, raw, taken)  # the closing plan took
+                del r.sampler._seen[-2]  # the replaced choice was never emitted
             grammar_done = r.grammar.finished
         c, p = r.completion, r.params
         index = len(c.token_ids)
@@ -449,8 +456,8 @@ class Engine:
         self._deliver(r, TokenEvent(r.handle.id, index, choice.token_id, text, choice.logprob,
                                     choice.top_logprobs))
         r.next_token = choice.token_id
-        if is_stop_token or stopped or grammar_done:
-            self._finish(r, "stop")
+        if is_stop_token or stopped or grammar_done:  # "length" if the budget closed it
+            self._finish(r, "length" if r.grammar is not None and r.grammar.forced else "stop")
         elif len(c.token_ids) >= p.max_tokens or r.position >= self.max_seq_len:
             self._finish(r, "length")
 

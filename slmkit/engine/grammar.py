@@ -26,6 +26,21 @@ Its one-off cost is the first mask for a tokenizer (~1.5 s: it builds the token 
 
 JSON output uses fixed separators (``", "`` and ``": "``, no newlines): a small model
 given free whitespace can emit newlines until ``max_tokens`` and never close the object.
+
+**Output parses even when the token budget runs out.** llguidance has no notion of a
+budget, so the engine keeps one (:meth:`GrammarState.advance_within`). A *closing plan*
+is the token sequence a fixed policy takes from the current grammar state to an accepting
+one: among the allowed tokens, the one that closes the most strings, arrays and objects net
+of those it opens and of commas (tracking whether the output is inside a JSON string),
+then the longest (which writes a forced key or a
+pattern's literal in as few tokens as the vocabulary allows); the plan is deterministic,
+so after its first token the rest of it is the plan of the next state. Once a request's
+remaining budget is within a margin of the plan of its start state, every model token is
+checked: if the plan from the state after it no longer fits in the budget left, the token
+is replaced by the current plan's next one, so the output closes by the last token (the
+finish reason is then ``"length"``: the value was cut short, though it parses). A
+request whose ``max_tokens`` is below the start state's plan length (the schema's
+shortest output under that policy) is refused at submit.
 """
 
 from __future__ import annotations
@@ -151,6 +166,10 @@ class GrammarCompiler:
         self._cache: OrderedDict[Grammar, object] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        self._hf = tokenizer
+        self._scores: np.ndarray | None = None
+        self._ends: np.ndarray | None = None
+        self._need: dict[Grammar, int | None] = {}
 
     def _prototype(self, grammar: Grammar):
         with self._lock:
@@ -169,13 +188,90 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return matcher
 
-    def state(self, grammar: Grammar) -> GrammarState:
+    def state(self, grammar: Grammar, budget: int | None = None) -> GrammarState:
         """A fresh per-request state (a copy of the cached compiled grammar).
 
+        ``budget``: tokens the request may generate; the state then closes its output
+        within it (:meth:`GrammarState.advance_within`).
+
         Raises:
-            GrammarError: the grammar cannot be enforced (see :func:`check`).
+            GrammarError: the grammar cannot be enforced (see :func:`check`), or its
+                shortest output is longer than ``budget`` tokens.
         """
-        return GrammarState(self._prototype(grammar).deep_copy(), self.words)
+        proto = self._prototype(grammar)
+        state = GrammarState(proto.deep_copy(), self.words, self)
+        if budget is not None:
+            self._lexer()
+            if grammar not in self._need:
+                plan = self.closing_plan(proto)
+                self._need[grammar] = None if plan is None else len(plan)
+            need = self._need[grammar]
+            if need is not None and need > budget:
+                raise GrammarError(f"max_tokens ({budget}) is below the shortest output this "
+                                   f"grammar allows ({need} tokens); raise max_tokens.")
+            state.margin = 2 * (need or 0) + 16
+        return state
+
+    def _lexer(self) -> tuple[np.ndarray, np.ndarray]:
+        """The closing policy's tables, built once per tokenizer: for each JSON lexical
+        state ``s`` (0 outside a string, 1 inside, 2 inside after a backslash) and token
+        id, ``scores[s, id]`` (strings and brackets closed minus opened and commas, * 4096,
+        plus the
+        piece's length) and ``ends[s, id]`` (the state after the piece). Ids the tokenizer
+        lacks rank lowest; a grammar that is not JSON just gets a length preference."""
+        if self._scores is None:
+            n = len(self._hf)
+            pieces = self._hf.convert_ids_to_tokens(list(range(n)))
+            size = self.words * 32
+            scores = np.full((3, size), -(1 << 40), dtype=np.int64)
+            ends = np.tile(np.arange(3, dtype=np.int8)[:, None], (1, size))
+            for i, piece in enumerate(pieces):
+                if piece is None:
+                    continue
+                for s0 in range(3):
+                    state, net = s0, 0
+                    for ch in piece:
+                        if state == 2:
+                            state = 1
+                        elif state == 1:
+                            if ch == "\\":
+                                state = 2
+                            elif ch == '"':
+                                state, net = 0, net + 1
+                        elif ch == '"':
+                            state, net = 1, net - 1
+                        elif ch in "]}":
+                            net += 1
+                        elif ch in "[{,":
+                            net -= 1
+                    scores[s0, i] = net * 4096 + min(len(piece), 4095)
+                    ends[s0, i] = state
+            self._scores, self._ends = scores, ends
+        return self._scores, self._ends
+
+    def closing_plan(self, matcher, lex: int = 0, limit: int = 256) -> list[int] | None:
+        """Tokens the closing policy takes from ``matcher``'s state (left untouched; ``lex``
+        its JSON lexical state, see :meth:`_lexer`) to an accepting state; ``[]`` when it
+        accepts already, None when not within ``limit`` tokens."""
+        scores, ends = self._lexer()
+        m = matcher.deep_copy()
+        bitmask = torch.empty(1, self.words, dtype=torch.int32)
+        ok = bitmask[0].numpy().view(np.uint8)
+        plan: list[int] = []
+        while not m.is_accepting():
+            if len(plan) >= limit or m.is_error():
+                return None
+            m.unsafe_compute_mask_ptr(bitmask.data_ptr(), self.words * 4)
+            bits = np.unpackbits(ok, bitorder="little").view(bool)
+            bits[self.vocab_size:] = False
+            if not bits.any():
+                return None
+            token = int(np.where(bits, scores[lex], np.iinfo(np.int64).min).argmax())
+            if not m.consume_token(token):
+                return None
+            lex = int(ends[lex, token])
+            plan.append(token)
+        return plan
 
     def warm(self) -> None:
         """Pay the tokenizer's one-off first-mask cost (~1.5 s on 49k tokens) now."""
@@ -190,8 +286,50 @@ class GrammarState:
         words: int32 words per bitmask row (``ceil(vocab / 32)``).
     """
 
-    def __init__(self, matcher, words: int):
-        self.matcher, self.words = matcher, words
+    def __init__(self, matcher, words: int, compiler: GrammarCompiler | None = None):
+        self.matcher, self.words, self.compiler = matcher, words, compiler
+        #: budget (tokens left) at which every token is checked against the closing plan
+        self.margin = 0
+        self._plan: list[int] | None = None
+        #: JSON lexical state of the output so far (for the closing policy)
+        self.lex = 0
+        #: the budget replaced a model token: the output was cut short (finish "length")
+        self.forced = False
+
+    def advance_within(self, token_id: int, left: int, stop_ids: list[int] = ()) -> int | None:
+        """Consume ``token_id``, the model's choice with ``left`` tokens of budget left
+        (this one included), unless that would leave too few tokens to close the output;
+        then consume the closing plan's next token instead (or, in an accepting state, a
+        stop token is returned, not consumed). Returns the token taken, None if the
+        grammar rejects ``token_id`` (never, after a mask)."""
+        token_id = int(token_id)
+        if left > self.margin or self.compiler is None:
+            return token_id if self.advance(token_id) else None
+        plan = self._plan
+        if plan is None:
+            plan = self.compiler.closing_plan(self.matcher, self.lex)
+        if plan and token_id == plan[0]:
+            self._plan = plan[1:]
+            return token_id if self.advance(token_id) else None
+        if not self.advance(token_id):
+            return None
+        after = self.compiler.closing_plan(self.matcher, self.lex)
+        if after is not None and len(after) <= left - 1:
+            self._plan = after
+            return token_id
+        if plan is None:  # no way to close found from before either: keep the choice
+            self._plan = after
+            return token_id
+        self._rollback()
+        if not plan:  # accepting already: end here
+            if stop_ids:
+                self._plan, self.forced = [], True
+                return int(stop_ids[0])
+            self.advance(token_id)
+            self._plan = after
+            return token_id
+        self._plan, self.forced = plan[1:], True
+        return plan[0] if self.advance(plan[0]) else None
 
     def fill(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write the allowed-token bits into ``bitmask[row]`` (``[B, words]`` int32)."""
@@ -200,7 +338,15 @@ class GrammarState:
 
     def advance(self, token_id: int) -> bool:
         """Consume the chosen token; False if the grammar rejects it (never, after a mask)."""
-        return bool(self.matcher.consume_token(int(token_id)))
+        if not self.matcher.consume_token(int(token_id)):
+            return False
+        if self.compiler is not None and self.compiler._ends is not None:
+            self._lex_before, self.lex = self.lex, int(self.compiler._ends[self.lex, token_id])
+        return True
+
+    def _rollback(self) -> None:
+        self.matcher.rollback(1)
+        self.lex = getattr(self, "_lex_before", 0)
 
     def allow_stops(self, bitmask: torch.Tensor, row: int, stop_ids: list[int]) -> None:
         """Once the grammar accepts, also allow the request's own stop tokens in
