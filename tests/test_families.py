@@ -239,3 +239,25 @@ def test_native_step_equals_the_torch_loop(kind, tokenizer):
     ref.forward(ids, [0], [0])
     a, b = q.forward(tokens[:1], [0], [9]), ref.forward(tokens[:1], [0], [9])
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+
+
+def test_ring_rollback_of_rejected_drafts_keeps_the_window(tokenizer):
+    """Speculative decoding writes drafts into the ring and then drops the rejected ones:
+    up to RING_SPARE tokens back, every key the window needs is still there, so the next
+    logits equal those of a runner that never saw the drafts; further back is refused."""
+    from slmkit.engine.families import RING_SPARE, FamilyRunner
+
+    model = build_tiny_model("gemma3_text", tokenizer, initializer_range=0.2)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, len(tokenizer), (1, 60), generator=g)
+    drafts = torch.randint(3, len(tokenizer), (1, 6), generator=g)
+    a, b = FamilyRunner(model, 1, 96), FamilyRunner(model, 1, 96)
+    assert a.rings
+    for r in (a, b):
+        r.forward(ids[:, :50], [0], [0])
+    a.forward_rows([drafts[0].tolist()], [0], [50])     # positions 50..55, all rejected
+    a.truncate(0, 50)
+    torch.testing.assert_close(a.forward(ids[:, 50:], [0], [50]),
+                               b.forward(ids[:, 50:], [0], [50]))
+    with pytest.raises(RuntimeError, match="rolls back at most"):
+        a.truncate(0, 60 - RING_SPARE - 1)
