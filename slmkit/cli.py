@@ -160,6 +160,20 @@ def _add_steps() -> None:
                      "prompt, streaming it to the terminal, then report tokens/s.", json=False)
     add_step_command(app, "chat", ChatConfig, chat, "Chat with a model in the terminal "
                      "(streaming, history; /reset, /exit).", json=False)
+    from slmkit.monitor.config import MonitorConfig
+
+    def monitor(cfg):
+        from slmkit.monitor.report import run
+
+        def embed(texts):  # the embedder `slm serve --request-log` logs prompts with
+            from slmkit.rag.embed import Embedder
+
+            return Embedder("minilm").encode(texts)
+        return run(cfg, embed=embed)
+
+    add_step_command(app, "monitor", MonitorConfig, monitor,
+                     "Drift of a request log (prompt embeddings, length, language, "
+                     "confidence, flags): table, Prometheus gauges, HTML report.")
 
     for verb, (kind, help_) in STEP_VERBS.items():
         step = STEP_KINDS[kind]

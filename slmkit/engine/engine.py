@@ -150,7 +150,8 @@ class _Request:
         self.stops = StopStringFilter(params.stop)
         self.completion = Completion(request_id=handle.id, prompt_ids=list(prompt_ids),
                                      logprobs=[] if params.logprobs else None,
-                                     top_logprobs=[] if params.top_logprobs else None)
+                                     top_logprobs=[] if params.top_logprobs else None,
+                                     confidence=[] if params.confidence else None)
         self.t0 = time.perf_counter()
 
     @property
@@ -452,6 +453,8 @@ class Engine:
         text, stopped = "", False
         if not is_stop_token and r.detok is not None:
             text, stopped = r.stops.push(r.detok.add(choice.token_id))
+        if c.confidence is not None and not is_stop_token:
+            c.confidence.append((choice.logprob, choice.entropy, len(c.text)))
         c.text += text
         self._deliver(r, TokenEvent(r.handle.id, index, choice.token_id, text, choice.logprob,
                                     choice.top_logprobs))

@@ -42,6 +42,9 @@ class SamplingParams:
         grammar: the output must match this :class:`~slmkit.engine.grammar.Grammar` (a JSON
             schema, a Lark grammar or a regex); tokens it forbids are never chosen, and the
             request ends with ``"stop"`` once the grammar is complete.
+        confidence: record each generated token's log-probability and the entropy of the
+            distribution it was drawn from (``Completion.confidence``; what
+            :mod:`slmkit.monitor.confidence` summarises). Costs one ``log_softmax`` per token.
 
     Log-probabilities are those of the model's raw distribution (``log_softmax`` of the
     logits before penalty, temperature and filters), so they can be compared across
@@ -61,6 +64,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: Grammar | None = None
+    confidence: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,6 +100,8 @@ class Choice:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    #: entropy (nats) of the model's raw distribution at this step, with ``confidence``
+    entropy: float | None = None
 
 
 class RequestSampler:
@@ -165,9 +171,12 @@ class RequestSampler:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self._seen.append(token)
         choice = Choice(token)
-        if p.logprobs or p.top_logprobs:
+        if p.logprobs or p.top_logprobs or p.confidence:
             logprobs = torch.log_softmax(logits if raw is None else raw.float(), dim=-1)
             choice.logprob = float(logprobs[token])
+            if p.confidence:  # H = -sum p log p; 0 * -inf counts as 0
+                probs = logprobs.exp()
+                choice.entropy = float(-torch.special.xlogy(probs, probs).sum())
             if p.top_logprobs:
                 choice.top_logprobs = ops.top_logprobs(logprobs, p.top_logprobs)
         return choice

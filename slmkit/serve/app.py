@@ -162,14 +162,26 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     page = chat_page()
     created = int(time.time())
 
+    canary = None
+    if config.canary:
+        from slmkit.serve.canary import Canary, parse_interval
+
+        canary = Canary(service, metrics, config.canary, parse_interval(config.canary_every),
+                        config.canary_drop, config.canary_webhook)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if canary is not None:
+            canary.start()
         yield
+        if canary is not None:
+            await canary.stop()
         service.close()
 
     app = FastAPI(title="slmkit server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service, app.state.metrics, app.state.config = service, metrics, config
+    app.state.canary = canary
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

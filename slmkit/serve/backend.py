@@ -36,6 +36,10 @@ class Generation:
         #: why the server cancelled it ("cancelled" for a client that left, "timeout").
         self.cancel_reason: str | None = None
         self.context: dict = {}  # free-form data for the ``on_finish`` callback
+        #: the answer's confidence summary, set at the finish when monitoring is on
+        self.confidence: dict | None = None
+        #: what the request log needs besides the completion (endpoint, prompt text)
+        self.monitor: dict = {}
 
     @property
     def done(self) -> bool:

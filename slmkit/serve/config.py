@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from slmkit.errors import ConfigError
 from slmkit.step import cli
@@ -41,7 +41,21 @@ class ServeConfig(BaseModel):
             dtype), fp32, fp16, bf16 or int8.
         draft: speculative decoding's draft (:mod:`slmkit.engine.speculative`): ``ngram``
             or a draft model directory; None decodes without drafts.
-        log_prompts: put prompt text in the per-request log line (off for privacy).
+        log_prompts: put prompt text in the per-request log line, and prompt and answer text
+            in the request log database (off for privacy).
+        monitor: compute each answer's confidence figures and hallucination flag (the
+            ``confidence`` field of every choice, and ``/metrics``); off saves one
+            ``log_softmax`` per generated token.
+        flag_model: a flag model refitted for this model (``FlagModel.save``'s JSON); None
+            uses the one fitted on the built-in model.
+        request_log: SQLite file of the request log (None = no log); see
+            :mod:`slmkit.monitor.log`.
+        log_embedder: embeds each prompt into the request log for drift: ``minilm``
+            (all-MiniLM-L6-v2) or ``none``.
+        log_max_mb, log_max_days: retention of the request log.
+        canary, canary_every, canary_drop, canary_webhook: continuous evaluation
+            (:mod:`slmkit.serve.canary`): a generation task file scored every interval,
+            an alert when the score falls more than ``canary_drop`` below the first run.
         max_request_bytes: largest request body accepted (413 above it, refused before
             reading when ``Content-Length`` declares more); 4 MiB is far above any prompt
             a small model's context holds.
@@ -89,6 +103,47 @@ class ServeConfig(BaseModel):
                               "for privacy).")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request body "
                                    "accepted (413 above it).")
+    monitor: bool = Field(True, description="Per-answer confidence, hallucination flag and "
+                          "their metrics (--no-monitor turns them off).",
+                          json_schema_extra=cli(flag="--monitor/--no-monitor"))
+    flag_model: str | None = Field(None, description="Hallucination-flag model JSON refitted "
+                                   "for this model (default: the one fitted on the built-in "
+                                   "model).")
+    request_log: str | None = Field(None, description="Log every request to this SQLite file "
+                                    "(figures and a prompt embedding; text only with "
+                                    "--log-prompts).")
+    log_embedder: Literal["minilm", "none"] = Field("minilm", description="Prompt embedding "
+                                                    "stored in the request log, for drift.")
+    log_max_mb: float = Field(256.0, gt=0, description="Request log size cap in MB (oldest "
+                              "rows go first).")
+    log_max_days: float = Field(30.0, gt=0, description="Request log rows older than this "
+                                "many days are deleted.")
+    canary: str | None = Field(None, description="Score this generation task file (JSONL) "
+                               "against the live model in the background.")
+    canary_every: str = Field("10m", description="Canary interval (30s, 10m, 1h).")
+    canary_drop: float = Field(0.1, ge=0, le=1, description="Alert when the canary score "
+                               "falls this much below its first run.")
+    canary_webhook: str | None = Field(None, description="POST canary alerts as JSON to this "
+                                       "URL.")
+
+    @field_validator("canary_every")
+    @classmethod
+    def _interval(cls, v: str) -> str:
+        from slmkit.serve.canary import parse_interval
+
+        parse_interval(v)
+        return v
+
+    @model_validator(mode="after")
+    def _canary_flags_need_canary(self):
+        given = [f for f in ("canary_every", "canary_drop", "canary_webhook")
+                 if getattr(self, f) != type(self).model_fields[f].default]
+        if given and not self.canary:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"{flags} need --canary TASKS.jsonl; add it or drop them")
+        if self.canary_webhook and not self.canary_webhook.startswith(("http://", "https://")):
+            raise ValueError(f"--canary-webhook {self.canary_webhook!r} is not an http(s) URL")
+        return self
 
 
 class ServeCommand(ServeConfig):

@@ -7,7 +7,13 @@ Exposed at ``GET /metrics``:
   (stop, length, cancelled, error, timeout);
 * ``slm_prompt_tokens_total`` / ``slm_completion_tokens_total``;
 * ``slm_time_to_first_token_seconds`` and ``slm_request_duration_seconds`` histograms;
-* gauges ``slm_queue_depth``, ``slm_running_streams``, ``slm_engine_free_slots``.
+* gauges ``slm_queue_depth``, ``slm_running_streams``, ``slm_engine_free_slots``;
+* answer confidence (with monitoring on): ``slm_answers_scored_total``,
+  ``slm_answers_flagged_total``, histograms ``slm_answer_mean_logprob`` and
+  ``slm_answer_risk``, and gauges over the last :data:`RECENT` answers
+  (``slm_recent_mean_logprob``, ``slm_recent_min_logprob``, ``slm_recent_mean_entropy``,
+  ``slm_recent_flag_rate``);
+* whatever else registers a gauge with :meth:`Metrics.set_gauge` (drift, canaries).
 
 Format reference: https://prometheus.io/docs/instrumenting/exposition_formats/
 """
@@ -15,11 +21,17 @@ Format reference: https://prometheus.io/docs/instrumenting/exposition_formats/
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+import threading
+from collections import Counter, deque
 
 #: Latency buckets in seconds (CPU generation: milliseconds to minutes).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PREFIX = "slm_"
+#: Mean token log-probability buckets of an answer (nats; 0 is certain).
+LOGPROB_BUCKETS = (-8.0, -4.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.3, -0.2, -0.1, -0.05, 0.0)
+RISK_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: Answers the ``slm_recent_*`` gauges average over.
+RECENT = 100
 
 
 class Histogram:
@@ -66,6 +78,38 @@ class Metrics:
         self.completion_tokens = 0
         self.ttft = Histogram()
         self.latency = Histogram()
+        self.answers = 0
+        self.flagged = 0
+        self.answer_logprob = Histogram(LOGPROB_BUCKETS)
+        self.answer_risk = Histogram(RISK_BUCKETS)
+        self.recent: deque[dict] = deque(maxlen=RECENT)
+        #: name -> (help, {label tuple: value}); see :meth:`set_gauge`
+        self.gauges: dict[str, tuple[str, dict[tuple, float]]] = {}
+        self._gauge_lock = threading.Lock()  # set_gauge may run on other threads
+
+    def record_answer(self, confidence: dict) -> None:
+        """One answer's ``confidence`` field (:func:`slmkit.monitor.confidence.summarize`)."""
+        self.answers += 1
+        self.flagged += bool(confidence.get("flagged"))
+        self.answer_logprob.observe(confidence["mean_logprob"])
+        if "risk" in confidence:
+            self.answer_risk.observe(confidence["risk"])
+        self.recent.append(confidence)
+
+    def set_gauge(self, name: str, value: float, help: str, **labels: str) -> None:
+        """Set gauge ``slm_<name>{labels}`` (drift and canary figures)."""
+        with self._gauge_lock:
+            self.gauges.setdefault(name, (help, {}))[1][tuple(sorted(labels.items()))] = value
+
+    def recent_summary(self) -> dict[str, float]:
+        """Means over the last :data:`RECENT` answers (empty before the first one)."""
+        if not self.recent:
+            return {}
+        n = len(self.recent)
+        return {"recent_mean_logprob": sum(c["mean_logprob"] for c in self.recent) / n,
+                "recent_min_logprob": sum(c["min_logprob"] for c in self.recent) / n,
+                "recent_mean_entropy": sum(c["mean_entropy"] for c in self.recent) / n,
+                "recent_flag_rate": sum(bool(c.get("flagged")) for c in self.recent) / n}
 
     def record_request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, int(status))] += 1
@@ -105,6 +149,29 @@ class Metrics:
                 ("running_streams", running, "Requests holding a decoding slot."),
                 ("engine_free_slots", free_slots, "Free KV-cache slots in the engine.")):
             out += [f"# HELP {p}{name} {help}", f"# TYPE {p}{name} gauge", f"{p}{name} {value}"]
+        for name, value, help in (
+                ("answers_scored_total", self.answers, "Answers with confidence figures."),
+                ("answers_flagged_total", self.flagged, "Answers flagged as likely wrong.")):
+            out += [f"# HELP {p}{name} {help}", f"# TYPE {p}{name} counter",
+                    f"{p}{name} {value}"]
+        out += self.answer_logprob.render(f"{p}answer_mean_logprob",
+                                          "Mean token log-probability of each answer.")
+        out += self.answer_risk.render(f"{p}answer_risk",
+                                       "Hallucination risk of each answer (0..1).")
+        helps = {"recent_mean_logprob": "Mean token log-probability, last answers.",
+                 "recent_min_logprob": "Lowest token log-probability, mean over last answers.",
+                 "recent_mean_entropy": "Mean token entropy (nats), last answers.",
+                 "recent_flag_rate": "Share of the last answers flagged."}
+        for name, value in self.recent_summary().items():
+            out += [f"# HELP {p}{name} {helps[name]} (last {RECENT})",
+                    f"# TYPE {p}{name} gauge", f"{p}{name} {value:.6g}"]
+        with self._gauge_lock:
+            gauges = [(name, help, sorted(values.items()))
+                      for name, (help, values) in sorted(self.gauges.items())]
+        for name, help, values in gauges:
+            out += [f"# HELP {p}{name} {help}", f"# TYPE {p}{name} gauge"]
+            for labels, value in values:
+                out.append(f"{p}{name}{_labels(**dict(labels)) if labels else ''} {value:.6g}")
         return "\n".join(out) + "\n"
 
 

@@ -184,7 +184,13 @@ def run_serve(cmd: ServeCommand) -> None:
             ("slots / queue", f"{config.max_concurrency} / {config.max_queue}"),
             ("KV cache", config.kv_cache),
             ("draft", config.draft or "none"),
-            ("CORS", ", ".join(config.cors_origins) or "off")])
+            ("CORS", ", ".join(config.cors_origins) or "off"),
+            ("monitoring", "confidence + flag per answer" if config.monitor else "off"),
+            ("request log", (config.request_log + (" (with text)" if config.log_prompts
+                                                    else " (no text)"))
+             if config.request_log else "off"),
+            ("canary", f"{config.canary} every {config.canary_every}" if config.canary
+             else "off")])
         console.print("[dim]Ctrl-C or SIGTERM stops gracefully; one JSON log line per request "
                       "follows on stderr.[/dim]", highlight=False)
 

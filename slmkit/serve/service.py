@@ -15,7 +15,11 @@ Lifecycle of one request:
 5. non-streaming: collect events until the finish event (504 past the deadline);
    streaming: wait for the first event (so a timeout in the queue is still a clean 504),
    then send SSE frames; a disconnect cancels the stream (Starlette cancels the body
-   task), a timeout mid-stream sends an error frame.
+   task), a timeout mid-stream sends an error frame;
+6. monitoring (``ServeConfig.monitor``): the engine records each token's log-probability
+   and entropy; at the finish the answer's confidence summary and hallucination flag
+   (:mod:`slmkit.monitor.confidence`) go into ``choices[0].confidence`` (the last chunk
+   of a stream), ``/metrics``, the access log line (figures only) and the request log.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from slmkit.serve import responses as R
 from slmkit.serve.backend import AsyncEngine, Generation
 from slmkit.serve.config import ServeConfig
 from slmkit.serve.metrics import Metrics
+from slmkit.monitor.confidence import FlagModel, summarize
 from slmkit.serve.protocol import (MAX_TOP_LOGPROBS, APIError, ChatRequest, CompletionRequest,
                                    check_common, error_body, stop_list)
 from slmkit.serve.structured import OutputPlan, ToolCallReader, chat_messages
@@ -80,6 +85,14 @@ class GenerationService:
                                   engine.max_seq_len)
         self.eos = engine.eos
         self.chat_stops = chat_stop_ids(tokenizer)
+        self.flag = None
+        if config.monitor:
+            try:
+                self.flag = FlagModel.load(config.flag_model)
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"Cannot read the flag model {config.flag_model} ({e}); pass "
+                                  "a JSON file FlagModel.save wrote.") from None
+        self.request_log = make_request_log(config, self._drift_gauges)
         # the grammar compiler's one-off first mask (~1.5 s on a 49k vocabulary) is paid in
         # the background now instead of by the first JSON-schema or tool request
         threading.Thread(target=lambda: engine.grammars.warm(), name="slmkit-grammar-warm",
@@ -87,6 +100,8 @@ class GenerationService:
 
     def close(self) -> None:
         self.engine.close()
+        if self.request_log is not None:
+            self.request_log.close()
 
     # ------------------------------------------------------------------ prompts, params
 
@@ -195,7 +210,8 @@ class GenerationService:
             min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
             seed=req.seed, stop=stop_list(req.stop), ignore_eos=bool(req.ignore_eos),
             stop_token_ids=self.chat_stops if chat else [],
-            logprobs=want_logprobs, top_logprobs=top, grammar=plan.grammar if plan else None)
+            logprobs=want_logprobs, top_logprobs=top, grammar=plan.grammar if plan else None,
+            confidence=self.config.monitor)
 
     # ------------------------------------------------------------------ running
 
@@ -218,6 +234,40 @@ class GenerationService:
             prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
             finish_reason=reason,
             ttft_ms=None if c.ttft_s is None else round(c.ttft_s * 1000, 1))
+        if event.reason not in ("stop", "length"):
+            return
+        conf = summarize(c.confidence, c.text, self.flag) if self.config.monitor else None
+        generation.confidence = conf
+        if conf is not None and not generation.monitor.get("canary"):
+            self.metrics.record_answer(conf)
+            generation.context.update({k: conf[k] for k in (
+                "mean_logprob", "min_logprob", "mean_entropy", "risk", "flagged") if k in conf})
+        if self.request_log is not None:
+            monitor = generation.monitor
+            self.request_log.record({
+                "ts": time.time(), "request_id": generation.context.get("request_id"),
+                "model": self.config.name, "endpoint": monitor.get("endpoint"),
+                "finish_reason": reason, "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "latency_ms": None if c.duration_s is None else c.duration_s * 1000,
+                "ttft_ms": None if c.ttft_s is None else c.ttft_s * 1000,
+                "canary": bool(monitor.get("canary")),
+                **({k: conf.get(k) for k in ("mean_logprob", "min_logprob", "mean_entropy",
+                                             "risk", "flagged")} if conf else {})},
+                prompt=monitor.get("prompt"), answer=c.text)
+
+    def _drift_gauges(self, signals: dict) -> None:
+        """``slm_drift_p_value{signal}`` and ``slm_drift_alarm{signal}`` from the request log's
+        live drift check (its writer thread calls this)."""
+        for name, sig in signals.items():
+            if sig["p_value"] is not None:
+                self.metrics.set_gauge("drift_p_value", sig["p_value"], "p-value of the drift "
+                                       "test, reference vs recent requests.", signal=name)
+            self.metrics.set_gauge("drift_alarm", float(sig["drift"]), "1 when the signal "
+                                   "drifted (p <= 0.001).", signal=name)
+        if "mmd2" in signals.get("embedding", {}):
+            self.metrics.set_gauge("drift_embedding_mmd2", signals["embedding"]["mmd2"],
+                                   "Prompt-embedding MMD² vs the reference.")
 
     def _is_stop_token(self, event: TokenEvent, params: SamplingParams) -> bool:
         return event.token_id in params.stop_token_ids or (
@@ -232,6 +282,9 @@ class GenerationService:
         record.update(model=req.model, stream=bool(req.stream))
         deadline = time.monotonic() + self.config.request_timeout
         generation = self._submit(ids, params, record)
+        if self.request_log is not None:
+            generation.monitor = {"endpoint": "chat" if isinstance(req, ChatRequest)
+                                  else "completions", "prompt": self.prompt_text(req)}
         watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
         try:
             first = await generation.next_event(deadline)
@@ -260,6 +313,17 @@ class GenerationService:
             return await self._collect(req, generation, params, first, deadline, tools)
         finally:
             watcher.cancel()
+
+    def prompt_text(self, req: CompletionRequest | ChatRequest) -> str:
+        """The request's prompt as text, for the request log (messages joined by lines)."""
+        if isinstance(req, ChatRequest):
+            return "\n".join(m.text() for m in req.messages)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            return self.tokenizer.decode(prompt, skip_special_tokens=True)
+        return prompt
 
     @staticmethod
     def _shutdown_error() -> APIError:
@@ -310,6 +374,8 @@ class GenerationService:
         else:
             lp = self.logprobs.completion_block(entries, 0) if params.logprobs else None
             body = R.completion_response(rid, created, req.model, c.text, finish, lp, use)
+        if self.config.monitor:
+            body["choices"][0]["confidence"] = generation.confidence
         return JSONResponse(body)
 
     async def _stream(self, req, generation: Generation, params: SamplingParams, event,
@@ -379,10 +445,12 @@ class GenerationService:
             if reader is not None and reader.complete and finish == "stop":
                 finish = "tool_calls"
             if chat:
-                yield R.sse(R.chat_chunk(rid, created, model, {}, finish, with_usage=with_usage))
+                last = R.chat_chunk(rid, created, model, {}, finish, with_usage=with_usage)
             else:
-                yield R.sse(R.completion_chunk(rid, created, model, "", finish,
-                                               with_usage=with_usage))
+                last = R.completion_chunk(rid, created, model, "", finish, with_usage=with_usage)
+            if self.config.monitor:
+                last["choices"][0]["confidence"] = generation.confidence
+            yield R.sse(last)
             if with_usage:
                 c = event.completion
                 obj = "chat.completion.chunk" if chat else "text_completion"
@@ -393,3 +461,25 @@ class GenerationService:
             if not generation.done and generation.cancel_reason is None:  # client gone
                 generation.cancel("cancelled")
                 generation.context["status"] = CLIENT_CLOSED
+
+
+def make_request_log(config: ServeConfig, on_drift=None):
+    """The server's :class:`~slmkit.monitor.log.RequestLog` (None without ``request_log``);
+    MiniLM is loaded by the log's thread on its first batch, not at start-up."""
+    if not config.request_log:
+        return None
+    from slmkit.monitor.log import RequestLog
+
+    embed = None
+    if config.log_embedder == "minilm":
+        from slmkit.rag.embed import Embedder
+
+        holder: list = []
+
+        def embed(texts: list[str]):
+            if not holder:
+                holder.append(Embedder("minilm", batch_size=16))
+            return holder[0].encode(texts)
+    return RequestLog(config.request_log, embed=embed, embedder=config.log_embedder,
+                      store_text=config.log_prompts, max_mb=config.log_max_mb,
+                      max_days=config.log_max_days, on_drift=on_drift)

@@ -1,0 +1,382 @@
+"""Monitoring: per-token confidence from the engine, answer summaries and the flag, the
+SQLite request log with retention, and all of it through a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_tiny_model
+from tests.test_serve_api import NAME, start_server, wait_idle
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return build_tiny_model("llama", tokenizer, seed=3)
+
+
+def test_engine_confidence_matches_a_full_forward(tiny, tokenizer):
+    from slmkit.engine import Engine, SamplingParams
+
+    prompt = tokenizer("def parse(self, text):\n    ", add_special_tokens=False)["input_ids"]
+    with Engine(tiny, tokenizer, max_batch=2, background=False) as engine:
+        c = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0,
+                                                   logprobs=True, confidence=True,
+                                                   ignore_eos=True))
+    assert len(c.confidence) == len(c.token_ids) == 12
+    ids = torch.tensor([prompt + c.token_ids])
+    with torch.no_grad():
+        logits = tiny(ids).logits[0, len(prompt) - 1:-1].float()           # [12, V]
+    lp = torch.log_softmax(logits, -1)
+    want_lp = lp.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    want_ent = -(lp.exp() * lp).sum(-1)
+    got = torch.tensor([x[:2] for x in c.confidence])
+    torch.testing.assert_close(got[:, 0], want_lp, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got[:, 1], want_ent, atol=2e-4, rtol=1e-4)
+    assert [x[0] for x in c.confidence] == c.logprobs
+    offsets = [x[2] for x in c.confidence]
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(c.text)
+
+
+def test_summary_spans_and_flag_model(tmp_path):
+    from slmkit.monitor.confidence import FEATURES, FlagModel, features, summarize
+
+    text = "The answer is Paris."
+    conf = [(-0.01, 0.1, 0), (-0.02, 0.2, 3), (-0.05, 0.3, 10), (-3.0, 2.5, 13),
+            (-2.0, 2.0, 16), (-0.01, 0.1, 19)]
+    s = summarize(conf, text)
+    assert s["tokens"] == 6 and s["min_logprob"] == -3.0
+    assert s["mean_logprob"] == pytest.approx(sum(c[0] for c in conf) / 6, abs=1e-4)
+    assert s["low_confidence_spans"] == [{"start": 13, "end": 19, "text": " Paris",
+                                          "min_logprob": -3.0, "tokens": 2}]
+    assert "risk" not in s and summarize([], "") is None
+    # a flag fitted where low min_logprob means wrong ranks such answers high
+    rng = np.random.default_rng(0)
+    rows, wrong = [], []
+    for _ in range(200):
+        bad = bool(rng.random() < 0.4)
+        lps = rng.normal(-2.5 if bad else -0.3, 0.5, size=5).clip(max=0)
+        rows.append(features([(float(x), 1.0, i) for i, x in enumerate(lps)]))
+        wrong.append(bad)
+    flag = FlagModel.fit(rows, wrong)
+    again = FlagModel.load(flag.save(tmp_path / "flag.json"))
+    risks = [again.risk(r) for r in rows]
+    assert risks == [flag.risk(r) for r in rows]
+    pos = [r for r, w in zip(risks, wrong) if w]
+    neg = [r for r, w in zip(risks, wrong) if not w]
+    assert np.mean([p > n for p in pos for n in neg]) > 0.95
+    s = summarize(conf, text, again)
+    assert 0 <= s["risk"] <= 1 and s["flagged"] == (s["risk"] >= again.threshold)
+    shipped = FlagModel.load()
+    assert len(shipped.weights) == len(FEATURES) and shipped.source.get("items", 0) > 100
+
+
+def test_language_labels():
+    from slmkit.monitor.text import language
+
+    assert language("def f(x):\n    return x + 1\n") == "code"
+    assert language("What is the capital of France and why is it there?") == "en"
+    assert language("Wie spät ist es und wo ist der Bahnhof in der Stadt?") == "de"
+    assert language("Привет, как дела?") == "cyrillic"
+    assert language("12345 !!!") == "none"
+
+
+def test_request_log_retention_by_age_and_size(tmp_path):
+    from slmkit.monitor.log import RequestLog, connect, read_rows
+
+    path = tmp_path / "req.db"
+    log = RequestLog(path, embed=lambda texts: np.ones((len(texts), 4), np.float32),
+                     embedder="ones", max_days=1.0)
+    now = time.time()
+    log.record({"ts": now - 3 * 86400, "model": "m"}, prompt="old", answer="a")
+    log.record({"ts": now, "model": "m", "mean_logprob": -0.5, "flagged": True},
+               prompt="What is the capital of France?", answer="Paris")
+    log.flush()
+    rows = read_rows(path)
+    assert len(rows) == 1  # the three-day-old row is gone
+    r = rows[0]
+    assert r["prompt"] is None and r["answer"] is None  # no text without the opt-in
+    assert r["prompt_chars"] == 30 and r["language"] == "en" and r["flagged"] == 1
+    assert r["embedding"].tolist() == [1, 1, 1, 1] and r["embedder"] == "ones"
+    log.close()
+    # size: 2000 rows of ~2 KB embeddings under a 1 MB cap
+    log = RequestLog(path, embed=lambda texts: np.zeros((len(texts), 512), np.float32),
+                     store_text=True, max_mb=1.0)
+    for i in range(2000):
+        log.record({"ts": time.time(), "model": "m"}, prompt=f"prompt {i}", answer="x")
+    log.flush()
+    log.close()
+    assert path.stat().st_size <= 1.05 * (1 << 20)
+    rows = read_rows(path)
+    assert 100 < len(rows) < 2000 and rows[-1]["prompt"] == "prompt 1999"
+    assert rows[-1]["answer"] == "x"
+    with pytest.raises(Exception, match="not an slmkit request log"):
+        import sqlite3
+        other = tmp_path / "other.db"
+        sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+        connect(other)
+
+
+def _sse_chunks(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines()
+            if line.startswith("data: {")]
+
+
+def test_server_reports_confidence_metrics_and_logs(tiny, tokenizer, tmp_path):
+    path = tmp_path / "requests.db"
+    live = start_server(tiny, tokenizer, request_log=str(path), log_embedder="none")
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            body = client.post("/v1/chat/completions", json={
+                "model": NAME, "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
+            conf = body["choices"][0]["confidence"]
+            assert conf["tokens"] == 8 and conf["min_logprob"] <= conf["mean_logprob"] <= 0
+            assert 0 <= conf["risk"] <= 1 and isinstance(conf["flagged"], bool)
+            assert conf["mean_entropy"] >= 0
+            body = client.post("/v1/completions", json={
+                "model": NAME, "prompt": "import os\n", "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True, "logprobs": 1}).json()
+            choice = body["choices"][0]
+            assert choice["confidence"]["mean_logprob"] == pytest.approx(
+                sum(choice["logprobs"]["token_logprobs"]) / 6, abs=1e-3)
+            stream = client.post("/v1/chat/completions", json={
+                "model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True}).text
+            chunks = _sse_chunks(stream)
+            assert all("confidence" not in c["choices"][0] for c in chunks[:-1])
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert chunks[-1]["choices"][0]["confidence"]["tokens"] == 5
+            wait_idle(live)
+            metrics = client.get("/metrics").text
+        assert "slm_answers_scored_total 3" in metrics
+        assert "slm_answer_mean_logprob_count 3" in metrics
+        assert "slm_recent_flag_rate" in metrics
+        live.service.request_log.flush()
+        from slmkit.monitor.log import read_rows
+
+        rows = read_rows(path)
+        assert [r["endpoint"] for r in rows] == ["chat", "completions", "chat"]
+        assert [r["completion_tokens"] for r in rows] == [8, 6, 5]
+        assert all(r["prompt"] is None and r["answer"] is None for r in rows)
+        assert rows[0]["prompt_chars"] == len("hello there") and rows[0]["latency_ms"] > 0
+        assert rows[1]["language"] == "code"
+        assert rows[0]["mean_logprob"] == pytest.approx(conf["mean_logprob"])
+    finally:
+        live.stop()
+
+
+def test_server_stores_text_only_when_asked_and_monitor_off(tiny, tokenizer, tmp_path):
+    path = tmp_path / "requests.db"
+    live = start_server(tiny, tokenizer, request_log=str(path), log_embedder="none",
+                        log_prompts=True)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            body = client.post("/v1/completions", json={
+                "model": NAME, "prompt": "x = ", "max_tokens": 3, "temperature": 0}).json()
+        live.service.request_log.flush()
+        from slmkit.monitor.log import read_rows
+
+        (row,) = read_rows(path)
+        assert row["prompt"] == "x = " and row["answer"] == body["choices"][0]["text"]
+    finally:
+        live.stop()
+    live = start_server(tiny, tokenizer, monitor=False)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            body = client.post("/v1/completions", json={
+                "model": NAME, "prompt": "x = ", "max_tokens": 3, "temperature": 0}).json()
+            assert "confidence" not in body["choices"][0]
+            assert "slm_answers_scored_total 0" in client.get("/metrics").text
+    finally:
+        live.stop()
+
+
+def test_mmd_drift_detector_and_signals():
+    from slmkit.monitor.drift import DriftDetector, compare
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(100, 16))
+    det = DriftDetector(ref, window=100)
+    same = det.check(rng.normal(size=(100, 16)))
+    moved = det.check(np.concatenate([rng.normal(size=(60, 16)),
+                                      rng.normal(loc=0.6, size=(40, 16))]))
+    assert same["p_value"] > 0.01 and not same["drift"]
+    assert moved["p_value"] <= 0.001 and moved["drift"] and moved["mmd2"] > same["mmd2"]
+
+    def rows(n, loc, chars, lang, lp, flag):
+        return [{"embedding": rng.normal(loc=loc, size=16), "prompt_chars": int(c),
+                 "language": lang, "mean_logprob": float(m), "flagged": bool(f)}
+                for c, m, f in zip(rng.normal(chars, 10, n), rng.normal(lp, 0.1, n),
+                                   rng.random(n) < flag)]
+    ref_rows = rows(100, 0.0, 100, "en", -0.5, 0.1)
+    steady = compare(ref_rows, rows(100, 0.0, 100, "en", -0.5, 0.1))
+    assert not any(s["drift"] for s in steady.values())
+    shifted = compare(ref_rows, rows(100, 0.6, 300, "code", -1.5, 0.6))
+    assert all(s["drift"] for s in shifted.values()), shifted
+    assert shifted["language"]["recent"] == {"code": 100}
+
+
+def _fake_log(path, n_ref=120, n_new=120, shift=1.0):
+    from slmkit.monitor.log import RequestLog
+
+    rng = np.random.default_rng(1)
+    log = RequestLog(path, drift_every=0)
+    t = time.time() - 3600
+    for i in range(n_ref + n_new):
+        late = i >= n_ref
+        row = {"ts": t + i, "model": "m", "endpoint": "chat", "prompt_tokens": 10,
+               "completion_tokens": 5, "latency_ms": 50.0,
+               "mean_logprob": float(rng.normal(-1.2 if late else -0.4, 0.1)),
+               "min_logprob": -2.0, "mean_entropy": 1.0, "risk": 0.3,
+               "flagged": bool(rng.random() < (0.7 if late else 0.1)),
+               "embedding": rng.normal(loc=shift if late else 0.0, size=8).astype(
+                   np.float32).tobytes(), "embedder": "minilm"}
+        prompt = "def f(x):\n    return x\n" if late else "What is the weather like today?"
+        log.record(row, prompt=prompt, answer="ok")
+    log.flush()
+    log.close()
+
+
+@pytest.mark.slow
+def test_slm_monitor_cli_report_gauges_and_refusals(tmp_path, cli):
+    path = tmp_path / "req.db"
+    _fake_log(path)
+    report, prom = tmp_path / "report.html", tmp_path / "slm.prom"
+    r = cli("monitor", str(path), "--reference", "100", "--window", "100", "-o", str(report),
+            "--prometheus", str(prom), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data["drift"]) == {"embedding", "length", "language", "confidence",
+                                  "flag_rate"}
+    page = report.read_text()
+    assert page.count("<img") == 3 and "DRIFT" in page
+    assert 'slm_drift_alarm{signal="embedding"} 1' in prom.read_text()
+    r = cli("monitor", str(tmp_path / "missing.db"))
+    assert r.returncode == 2 and "does not exist" in r.stderr + r.stdout
+    from slmkit.errors import ConfigError
+    from slmkit.monitor.config import MonitorConfig
+    from slmkit.monitor.report import run
+
+    small = run(MonitorConfig(log=str(path), reference=100, window=20))
+    assert "embedding" in small.data["drift"] and small.data["recent"] == 20
+    with pytest.raises(ConfigError, match="too few"):
+        run(MonitorConfig(log=str(path), reference=1000))
+
+
+def test_live_drift_gauges_from_the_request_log(tmp_path):
+    from slmkit.monitor.log import RequestLog
+    from slmkit.serve.metrics import Metrics
+
+    metrics = Metrics()
+    rng = np.random.default_rng(2)
+
+    def gauges(signals):
+        for name, s in signals.items():
+            metrics.set_gauge("drift_alarm", float(s["drift"]), "x", signal=name)
+
+    log = RequestLog(tmp_path / "r.db", embed=lambda texts: rng.normal(
+        loc=float("code" in texts[0]), size=(len(texts), 8)).astype(np.float32),
+        drift_reference=60, drift_window=40, drift_every=20, on_drift=gauges)
+    for i in range(60):
+        log.record({"ts": time.time()}, prompt="a question")
+        log.flush()  # one row per batch: the embedding is drawn per row
+    for i in range(40):
+        log.record({"ts": time.time()}, prompt="code here")
+        log.flush()
+    log.close()
+    assert log.last_drift["embedding"]["drift"]
+    assert 'slm_drift_alarm{signal="embedding"} 1' in metrics.render(0, 0, 1)
+
+
+def test_canary_scores_alerts_and_posts_the_webhook(tiny, tokenizer, tmp_path):
+    import http.server
+    import threading
+
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    from slmkit.engine import Engine, SamplingParams
+
+    prompts = ["def main():\n", "import sys\n", "class A:\n"]
+    with Engine(tiny, tokenizer, max_batch=3, background=False) as engine:
+        answers = [engine.generate(tokenizer(p, add_special_tokens=False)["input_ids"],
+                                   SamplingParams(max_tokens=4, temperature=0)).text
+                   for p in prompts]
+    tasks = tmp_path / "canary.jsonl"
+    tasks.write_text("".join(json.dumps({"type": "generation", "prompt": p, "answer": a,
+                                         "stop": [], "max_new_tokens": 4}) + "\n"
+                             for p, a in zip(prompts, answers)))
+    live = start_server(tiny, tokenizer, canary=str(tasks), canary_every="1s",
+                        canary_drop=0.5,
+                        canary_webhook=f"http://127.0.0.1:{hook.server_port}/alert")
+    try:
+        canary = live.app.state.canary
+        deadline = time.monotonic() + 30
+        while canary.runs < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert canary.history[0]["score"] == 1.0 and not received
+        for item in canary.items:  # the answers change: as if the model had got worse
+            item["answer"] = "something else entirely"
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received and received[0]["event"] == "canary_alert"
+        assert received[0]["score"] == 0.0 and received[0]["baseline"] == 1.0
+        metrics = httpx.get(live.url + "/metrics").text
+        assert 'slm_canary_alert{task="canary"} 1' in metrics
+        assert 'slm_canary_baseline{task="canary"} 1' in metrics
+        assert "slm_answers_scored_total 0" in metrics  # canaries stay out of the gauges
+    finally:
+        live.stop()
+        hook.shutdown()
+
+
+def test_serve_refuses_bad_monitor_flags(tmp_path):
+    from pydantic import ValidationError
+
+    from slmkit.serve import ServeConfig
+
+    with pytest.raises(ValidationError, match="need --canary"):
+        ServeConfig(canary_every="5m")
+    with pytest.raises(ValidationError, match="not an interval"):
+        ServeConfig(canary="x.jsonl", canary_every="soon")
+    with pytest.raises(ValidationError, match="http"):
+        ServeConfig(canary="x.jsonl", canary_webhook="ftp://x")
+
+
+def test_grafana_dashboard_uses_only_metrics_the_server_exports():
+    import re
+    from pathlib import Path
+
+    from slmkit.serve.metrics import Metrics
+
+    root = Path(__file__).resolve().parent.parent
+    dash = json.loads((root / "docs" / "grafana" / "slmkit-dashboard.json").read_text())
+    used = {re.sub(r"_(bucket|sum|count)$", "", n) for p in dash["panels"]
+            for t in p["targets"] for n in re.findall(r"slm_\w+", t["expr"])}
+    m = Metrics()
+    m.record_request("/v1/completions", 200)
+    m.record_generation("stop", 3, 4, 0.1, 0.2)
+    m.record_answer({"mean_logprob": -0.5, "min_logprob": -2, "mean_entropy": 1.0,
+                     "risk": 0.2, "flagged": False})
+    exported = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
+                for line in m.render(0, 0, 1).splitlines() if not line.startswith("#")}
+    source = "".join(p.read_text() for p in (root / "slmkit" / "serve").glob("*.py"))
+    exported |= {"slm_" + n for n in re.findall(r'set_gauge\("(\w+)"', source)}
+    assert used and used <= exported, used - exported
