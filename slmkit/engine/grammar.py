@@ -31,10 +31,12 @@ given free whitespace can emit newlines until ``max_tokens`` and never close the
 budget, so the engine keeps one (:meth:`GrammarState.advance_within`). A *closing plan*
 is the token sequence a fixed policy takes from the current grammar state to an accepting
 one: among the allowed tokens, the one that closes the most strings, arrays and objects net
-of those it opens and of commas (tracking whether the output is inside a JSON string),
-then the longest (which writes a forced key or a
+of those it opens, of commas and of number/literal characters (tracking whether the output
+is inside a JSON string), then the longest (which writes a forced key or a
 pattern's literal in as few tokens as the vocabulary allows); the plan is deterministic,
-so after its first token the rest of it is the plan of the next state. Once a request's
+so after its first token the rest of it is the plan of the next state; after another token
+the held plan is first tried as is (it still closes after text inside a string), which
+costs a few token consumptions instead of a new plan's masks. Once a request's
 remaining budget is within a margin of the plan of its start state, every model token is
 checked: if the plan from the state after it no longer fits in the budget left, the token
 is replaced by the current plan's next one, so the output closes by the last token (the
@@ -215,8 +217,8 @@ class GrammarCompiler:
     def _lexer(self) -> tuple[np.ndarray, np.ndarray]:
         """The closing policy's tables, built once per tokenizer: for each JSON lexical
         state ``s`` (0 outside a string, 1 inside, 2 inside after a backslash) and token
-        id, ``scores[s, id]`` (strings and brackets closed minus opened and commas, * 4096,
-        plus the
+        id, ``scores[s, id]`` (strings and brackets closed minus opened and commas, and
+        minus two per number or literal character outside strings, * 4096, plus the
         piece's length) and ``ends[s, id]`` (the state after the piece). Ids the tokenizer
         lacks rank lowest; a grammar that is not JSON just gets a length preference."""
         if self._scores is None:
@@ -244,6 +246,8 @@ class GrammarCompiler:
                             net += 1
                         elif ch in "[{,":
                             net -= 1
+                        elif ch.isalnum() or ch in ".-+":  # a number or literal goes on
+                            net -= 2
                     scores[s0, i] = net * 4096 + min(len(piece), 4095)
                     ends[s0, i] = state
             self._scores, self._ends = scores, ends
@@ -253,7 +257,18 @@ class GrammarCompiler:
         """Tokens the closing policy takes from ``matcher``'s state (left untouched; ``lex``
         its JSON lexical state, see :meth:`_lexer`) to an accepting state; ``[]`` when it
         accepts already, None when not within ``limit`` tokens."""
+        plan = self._plan_with(matcher, lex, limit, short=False)
+        return plan if plan is not None else self._plan_with(matcher, lex, limit, short=True)
+
+    def _plan_with(self, matcher, lex: int, limit: int, short: bool) -> list[int] | None:
+        """One closing policy: ``short=False`` prefers long tokens (few steps through forced
+        keys), ``short=True`` short tokens not used before in the plan (walks a string
+        pattern with an unbounded repeat, where the longest token repeats for ever)."""
         scores, ends = self._lexer()
+        if short:
+            net = scores // 4096
+            scores = np.where(scores < -(1 << 30), scores, net * (1 << 24) - scores % 4096)
+        used: dict[int, int] = {}
         m = matcher.deep_copy()
         bitmask = torch.empty(1, self.words, dtype=torch.int32)
         ok = bitmask[0].numpy().view(np.uint8)
@@ -266,11 +281,17 @@ class GrammarCompiler:
             bits[self.vocab_size:] = False
             if not bits.any():
                 return None
-            token = int(np.where(bits, scores[lex], np.iinfo(np.int64).min).argmax())
+            row = scores[lex]
+            if short and used:
+                row = row.copy()
+                ids = np.fromiter(used, dtype=np.int64)
+                row[ids] -= np.fromiter(used.values(), dtype=np.int64) * 4096
+            token = int(np.where(bits, row, np.iinfo(np.int64).min).argmax())
             if not m.consume_token(token):
                 return None
             lex = int(ends[lex, token])
             plan.append(token)
+            used[token] = used.get(token, 0) + 1
         return plan
 
     def warm(self) -> None:
@@ -313,6 +334,9 @@ class GrammarState:
             return token_id if self.advance(token_id) else None
         if not self.advance(token_id):
             return None
+        if plan and len(plan) <= left - 1 and self._closes(plan):
+            self._plan = plan  # the held plan still closes from here (text in a string)
+            return token_id
         after = self.compiler.closing_plan(self.matcher, self.lex)
         if after is not None and len(after) <= left - 1:
             self._plan = after
@@ -343,6 +367,15 @@ class GrammarState:
         if self.compiler is not None and self.compiler._ends is not None:
             self._lex_before, self.lex = self.lex, int(self.compiler._ends[self.lex, token_id])
         return True
+
+    def _closes(self, plan: list[int]) -> bool:
+        """Whether ``plan`` takes the current state to an accepting one (state unchanged;
+        consuming tokens costs far less than computing the masks of a new plan)."""
+        n = self.matcher.try_consume_tokens(plan)
+        ok = n == len(plan) and self.matcher.is_accepting()
+        if n:
+            self.matcher.rollback(n)
+        return ok
 
     def _rollback(self) -> None:
         self.matcher.rollback(1)
