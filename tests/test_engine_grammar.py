@@ -234,3 +234,22 @@ def test_builtin_model_output_parses_at_small_max_tokens():
         jsonschema.validate(json.loads(c.text), schema)
         assert len(c.token_ids) <= max_tokens
         reasons.add(c.finish_reason)
+
+
+def test_closing_plan_ends_unbounded_numbers_and_patterns(models, tokenizer):
+    """The closing policy must not write digits, or the longest token a pattern's ``+``
+    allows, for ever: its plan from the start state is a short valid answer."""
+    engine = Engine(models["llama"], tokenizer, max_batch=1, background=False)
+    for schema in ({"type": "object", "properties": {"id": {"type": "integer"},
+                                                     "roles": {"type": "array"}},
+                    "required": ["id", "roles"]},
+                   {"type": "object", "properties": {"ratio": {
+                       "type": "string", "pattern": "^[a-z]+-[0-9]{1,3}$"}},
+                    "required": ["ratio"]},
+                   {"type": "object", "properties": {"email": {"type": "string",
+                                                               "format": "email"}},
+                    "required": ["email"]}):
+        grammar = Grammar.json_schema(schema)
+        plan = engine.grammars.closing_plan(engine.grammars._prototype(grammar))
+        assert plan is not None and len(plan) < 80
+        jsonschema.validate(json.loads(tokenizer.decode(plan)), schema)
