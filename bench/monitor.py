@@ -2,17 +2,22 @@
 
 Three parts (``--parts flag,drift,cost``), all offline on real models:
 
-1. **flag**: greedy answers of ``builtin:smollm2-135m`` to the built-in stdlib generation
-   tasks (``stdlib-funcname``: name the masked function; ``stdlib-nextline``: write the next
-   line), labelled wrong when they are not an exact match. The flag's risk model
-   (:class:`slmkit.monitor.confidence.FlagModel`) is fitted on the corpus *train* split
-   (``--fit`` writes it to ``slmkit/monitor/flag_model.json``) and scored on the validation
-   split: AUROC of "this answer is wrong" for the risk and for the plain mean token
+1. **flag**: greedy chat answers of ``builtin:smollm2-135m`` (its chat template, as the
+   server runs it) to questions whose answers are known by construction: which stdlib
+   module provides a function (from the running interpreter: 600 questions) and integer
+   arithmetic (400), every ``--qa-every``-th kept; an answer is wrong when it does not
+   name the module / end in the right number. (The mined stdlib completion tasks did not
+   serve: the instruct model continues their raw-text prompts with a newline or a code
+   fence, so nearly every answer was empty.) The flag's risk model
+   (:class:`slmkit.monitor.confidence.FlagModel`) is fitted on the questions' hash-split
+   *train* 60% (``--fit`` writes ``slmkit/monitor/flag_model.json``) and scored on the
+   other 40%: AUROC of "this answer is wrong" for the risk and for the plain mean token
    log-probability (the baseline), and precision/recall at the shipped threshold.
    Bar: AUROC >= 0.70 and >= 5 points above the baseline.
 2. **drift**: request streams whose prompts come from one domain (stdlib code: function
    sources) and, after ``--shift-at`` requests, from another (stdlib prose: docstrings and
-   pydoc topics); the reference is the stream's first ``--reference`` requests. The
+   pydoc topics; a second scenario: text-handling modules' code -> concurrency modules'
+   code); the reference is the stream's first ``--reference`` requests. The
    detector (:class:`slmkit.monitor.drift.DriftDetector`, MMD permutation test on MiniLM
    prompt embeddings) checks every ``--every`` requests. Over ``--seeds`` seeds: the share
    of shifted streams caught within 200 requests of the shift and the share of unshifted
@@ -39,10 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 MODEL = "builtin:smollm2-135m"
-TASKS = ("stdlib-funcname", "stdlib-nextline")
-#: Prompts keep their last this many tokens (the question is at the end; a shared 2-core
-#: machine prefills a 135M model at a few hundred tokens/s).
-PROMPT_CAP = 320
 
 
 def args_threads() -> int:
@@ -60,57 +61,6 @@ def auroc(scores, positive) -> float:
     pos = [s for s, p in zip(scores, positive) if p]
     neg = [s for s, p in zip(scores, positive) if not p]
     return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
-
-
-def answer_items(model, tok, items, batch: int = 8) -> list[dict]:
-    """Greedy answers with their confidence features and exact-match labels."""
-    import torch
-
-    from slmkit.engine import Engine, SamplingParams
-    from slmkit.eval.ops import exact_match
-    from slmkit.monitor.confidence import features
-
-    engine = Engine(model, tok, max_batch=batch, background=False, max_seq_len=1024,
-                    threads=args_threads())
-    handles = []
-    for it in items:
-        # the mined prompts end in a space (funcname) or the next line's indentation
-        # (nextline); a BPE model continues such a cut token with a newline, so the
-        # prompt ends before it and the answer is read from the text (``read_answer``)
-        ids = tok(it["prompt"].rstrip(" \t"), add_special_tokens=False)["input_ids"]
-        handles.append(engine.submit(ids[-PROMPT_CAP:], SamplingParams(
-            max_tokens=it["max_new_tokens"], temperature=0, stop=["\n"], confidence=True)))
-    rows = []
-    t0 = time.time()
-    for i, (it, h) in enumerate(zip(items, handles)):
-        c = h.result()
-        if (i + 1) % 50 == 0:
-            print(f"[flag] {i + 1}/{len(items)} answered ({time.time() - t0:.0f} s)", flush=True)
-        task = it["id"].split("/")[0]
-        start, end, prediction = read_answer(task, c.text)
-        # the confidence of the tokens that make the answer (what an app would show)
-        conf = [x for j, x in enumerate(c.confidence)
-                if x[2] < end and (c.confidence[j + 1][2] if j + 1 < len(c.confidence)
-                                   else len(c.text)) > start] if prediction else []
-        if not conf:
-            conf = c.confidence[:1]  # no answer in the text: judged on its first token
-        if not conf:
-            continue  # nothing generated (an immediate end of text): no answer to judge
-        rows.append({"id": it["id"], "task": task, "answer": it["answer"],
-                     "prediction": prediction, "text": c.text,
-                     "wrong": not exact_match(prediction, it["answer"]), **features(conf)})
-    engine.close()
-    return rows
-
-
-def read_answer(task: str, text: str) -> tuple[int, int, str]:
-    """``(start, end, answer)`` in a generated text: the first identifier (funcname) or the
-    stripped line (nextline)."""
-    import re
-
-    m = re.search(r"[A-Za-z_]\w*", text) if task == "stdlib-funcname" else \
-        re.search(r"\S(.*\S)?", text)
-    return (m.start(), m.end(), m.group(0)) if m else (0, 0, "")
 
 
 STDLIB_MODULES = ("os", "os.path", "json", "re", "math", "random", "string", "itertools",
@@ -193,22 +143,6 @@ def answer_chat(model, tok, items, batch: int = 8) -> list[dict]:
                          "prediction": c.text, "wrong": not is_right(it, c.text),
                          **features(c.confidence)})
     engine.close()
-    return rows
-
-
-def labelled(split: str, limit: int, model, tok, cache: Path) -> list[dict]:
-    if cache.exists():
-        return json.loads(cache.read_text())
-    from slmkit.eval.mining import mine_tasks
-
-    t0 = time.time()
-    mined = mine_tasks(TASKS, split=split, limit=limit)
-    items = [it for name in TASKS for it in mined[name]]
-    print(f"[flag] {split}: {len(items)} items mined in {time.time() - t0:.0f} s", flush=True)
-    t0 = time.time()
-    rows = answer_items(model, tok, items)
-    print(f"[flag] {split}: answered in {time.time() - t0:.0f} s", flush=True)
-    cache.write_text(json.dumps(rows))
     return rows
 
 
@@ -464,8 +398,6 @@ def main() -> None:
     ap.add_argument("--parts", default="flag,drift,cost")
     ap.add_argument("--fit", action="store_true", help="refit slmkit/monitor/flag_model.json "
                     "on the train split before scoring")
-    ap.add_argument("--train-items", type=int, default=400, help="items per task (train)")
-    ap.add_argument("--val-items", type=int, default=200, help="items per task (validation)")
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--reference", type=int, default=100)
     ap.add_argument("--shift-at", type=int, default=300)

@@ -14,9 +14,12 @@ answer carries (its ``confidence`` field):
 The risk is a logistic model over these figures (:class:`FlagModel`): the token-level
 uncertainty signals of Manakul et al. 2023 ("SelfCheckGPT", the grey-box baselines: mean
 and max of ``-log p`` and of entropy) combined instead of read one at a time. Its weights
-ship in ``flag_model.json``, fitted by ``bench/monitor.py --fit`` on the *train* split of
-the built-in stdlib tasks with the built-in model (labels: the answer is wrong), and scored
-on the validation split; :meth:`FlagModel.fit` refits them for another model or task mix.
+ship in ``flag_model.json``, fitted by ``bench/monitor.py --fit`` on the built-in model's
+chat answers to the train 60% of its questions with known answers (which stdlib module
+provides a function; integer arithmetic; label: the answer is wrong) and scored on the
+other 40%. On that held-out set it does *not* beat the plain mean log-probability (see the
+README's figures): refit it with :meth:`FlagModel.fit` on labelled answers of your own
+model and traffic, and serve that with ``slm serve --flag-model``.
 """
 
 from __future__ import annotations
