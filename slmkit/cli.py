@@ -109,6 +109,9 @@ app.add_typer(tokenizer_app, name="tokenizer")
 rag_app = typer.Typer(no_args_is_help=True, help="Retrieval-augmented generation over local "
                       "documents, offline: index, query, ask (with citations), eval.")
 app.add_typer(rag_app, name="rag")
+route_app = typer.Typer(no_args_is_help=True, help="SLM <-> LLM routing for `slm serve "
+                        "--fallback`: train a router, calibrate thresholds, measure.")
+app.add_typer(route_app, name="route")
 
 #: verb -> (step kind, help). Flags come from each step's config (slmkit.pipeline.steps).
 STEP_VERBS = {
@@ -183,6 +186,10 @@ def _add_steps() -> None:
 
     for verb, (config, target, help_) in RAG_VERBS.items():
         add_step_command(rag_app, verb, config, lambda cfg, t=target: _resolve(t)(cfg), help_)
+    from slmkit.route.config import ROUTE_VERBS
+
+    for verb, (config, target, help_) in ROUTE_VERBS.items():
+        add_step_command(route_app, verb, config, lambda cfg, t=target: _resolve(t)(cfg), help_)
     tok = STEP_KINDS["tokenizer"]
     add_step_command(tokenizer_app, "train", tok.config_class(), _runner(tok),
                      "Train a byte-level BPE tokenizer (GPT-2 regex, bos/eos/pad, ChatML "

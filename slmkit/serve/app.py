@@ -159,6 +159,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     metrics = Metrics()
     service = GenerationService(model, tokenizer, config, metrics)
     embedder = Embedder(model, service.encode_text)
+    hybrid = None
+    if config.fallback:  # one endpoint over this model and a bigger one
+        from slmkit.serve.hybrid import Hybrid
+
+        hybrid = Hybrid(service, config, model, tokenizer)
     page = chat_page()
     created = int(time.time())
 
@@ -176,11 +181,23 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         yield
         if canary is not None:
             await canary.stop()
+        if hybrid is not None:
+            await hybrid.aclose()
         service.close()
 
     app = FastAPI(title="slmkit server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service, app.state.metrics, app.state.config = service, metrics, config
+    app.state.hybrid = hybrid
+
+    async def generate(request: Request, raw: bytes, req, ids, params, plan):
+        """The local answer, or the routed one when the server has a fallback."""
+        if hybrid is not None:
+            return await hybrid.handle(request, req, json.loads(raw), ids, params, plan)
+        if b'"route"' in raw and "route" in json.loads(raw):
+            raise APIError(400, "This server has no fallback model to route to (start it "
+                           "with --fallback URL); drop 'route'.", param="route")
+        return await service.run(request, req, ids, params, plan)
     app.state.canary = canary
 
     @app.exception_handler(APIError)
@@ -216,7 +233,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/metrics")
     async def prometheus():
         e = service.engine
-        return PlainTextResponse(metrics.render(e.queue_depth, e.running, e.engine.free_slots),
+        return PlainTextResponse(metrics.render(e.queue_depth, e.running, e.engine.free_slots)
+                                 + (hybrid.metrics_text() if hybrid is not None else ""),
                                  media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
@@ -234,25 +252,27 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(await request.body(), CompletionRequest)
+        raw = await request.body()
+        req = parse_request(raw, CompletionRequest)
         service.check_model(req.model)
         plan = output_plan(req)
         params = service.sampling(req, plan)
         ids = service.encode_completion(req)
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = req.prompt
-        return await service.run(request, req, ids, params, plan)
+        return await generate(request, raw, req, ids, params, plan)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await request.body(), ChatRequest)
+        raw = await request.body()
+        req = parse_request(raw, ChatRequest)
         service.check_model(req.model)
         plan = output_plan(req)
         params = service.sampling(req, plan)
         ids = service.encode_chat(req, plan)
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = [m.model_dump() for m in req.messages]
-        return await service.run(request, req, ids, params, plan)
+        return await generate(request, raw, req, ids, params, plan)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -9,14 +9,16 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from slmkit.errors import ConfigError
+from slmkit.route.config import RouteOptions
 from slmkit.step import cli
 
 #: Environment variable read for the API key when neither --api-key nor --api-key-file is set.
 API_KEY_ENV = "SLM_API_KEY"
 
 
-class ServeConfig(BaseModel):
-    """Everything the server needs besides the model.
+class ServeConfig(RouteOptions):
+    """Everything the server needs besides the model (``--fallback`` and the routing
+    options come from :class:`~slmkit.route.config.RouteOptions`).
 
     Attributes:
         name: the model id clients send and see in ``/v1/models``.

@@ -190,7 +190,11 @@ def run_serve(cmd: ServeCommand) -> None:
                                                     else " (no text)"))
              if config.request_log else "off"),
             ("canary", f"{config.canary} every {config.canary_every}" if config.canary
-             else "off")])
+             else "off"),
+            *([("fallback", f"{config.fallback} ({config.route_mode}"
+                + (f", router {config.router}" if config.route_mode == "router" else
+                   f", signal {config.route_signal}" if config.route_mode == "cascade" else "")
+                + ")")] if config.fallback else [])])
         console.print("[dim]Ctrl-C or SIGTERM stops gracefully; one JSON log line per request "
                       "follows on stderr.[/dim]", highlight=False)
 

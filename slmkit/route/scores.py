@@ -1,0 +1,80 @@
+"""Cascade scores: how sure the small model was of its own answer, from its token logprobs.
+
+The engine records, per generated token, its log-probability and the entropy of the
+distribution it was drawn from (``SamplingParams(confidence=True)`` ->
+``Completion.confidence``, the same record :mod:`slmkit.monitor.confidence` summarises for
+every answer). A cascade (FrugalGPT, Chen et al. 2023; AutoMix, Madaan et al. 2023) keeps
+the local answer when its score is at least the threshold and escalates otherwise. Every
+signal is oriented "higher = more confident":
+
+==============  =================================================================
+``mean``        mean token log-probability (length-normalised sequence likelihood)
+``min``         the lowest token log-probability
+``q05`` .. q50  a quantile of the token log-probabilities: Gupta et al. ICLR 2024
+                ("Language model cascades: token-level uncertainty and beyond") find
+                low quantiles beat the plain sequence probability as deferral signal
+``entropy``     minus the mean per-token entropy (nats)
+``max_entropy`` minus the largest per-token entropy
+``flag``        1 - the monitor's hallucination risk (its logistic model over these)
+==============  =================================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SIGNALS = ("mean", "min", "q05", "q10", "q25", "q50", "entropy", "max_entropy", "flag")
+_QUANTILES = {"q05": 5, "q10": 10, "q25": 25, "q50": 50}
+
+
+def all_scores(conf: list[tuple[float, float, int]] | None) -> dict[str, float]:
+    """Every signal of one answer (``Completion.confidence``); an answer with no token
+    scores ``-inf`` everywhere (nothing to trust: escalate)."""
+    if not conf:
+        return dict.fromkeys(SIGNALS, float("-inf"))
+    lps = np.array([c[0] for c in conf], dtype=np.float64)
+    ents = np.array([c[1] for c in conf], dtype=np.float64)
+    out = {"mean": float(lps.mean()), "min": float(lps.min()),
+           "entropy": -float(ents.mean()), "max_entropy": -float(ents.max())}
+    for name, q in _QUANTILES.items():
+        out[name] = float(np.percentile(lps, q))
+    flag = _flag_model()
+    if flag is not None:   # the monitor's features of the same record
+        out["flag"] = 1.0 - flag.risk({
+            "mean_logprob": out["mean"], "min_logprob": out["min"],
+            "mean_entropy": -out["entropy"], "max_entropy": -out["max_entropy"],
+            "first_logprob": float(lps[0]), "log_tokens": math.log(len(lps))})
+    return out
+
+
+def available_signals() -> tuple[str, ...]:
+    """The signals this installation can compute ('flag' needs the monitor's model)."""
+    return SIGNALS if _flag_model() is not None else SIGNALS[:-1]
+
+
+def score(conf: list[tuple[float, float, int]] | None, signal: str) -> float:
+    """One signal of one answer (see the module table)."""
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown cascade signal {signal!r}; use one of {', '.join(SIGNALS)}")
+    scores = all_scores(conf)
+    if signal not in scores:
+        raise ValueError("the 'flag' signal needs the monitor's flag model "
+                         "(slmkit/monitor/flag_model.json), which is not installed")
+    return scores[signal]
+
+
+_FLAG: list = []
+
+
+def _flag_model():
+    """The monitor's shipped flag model, or None where it is not installed."""
+    if not _FLAG:
+        try:
+            from slmkit.monitor.confidence import FlagModel
+
+            _FLAG.append(FlagModel.load())
+        except (OSError, ValueError, KeyError):
+            _FLAG.append(None)
+    return _FLAG[0]
