@@ -202,8 +202,14 @@ def test_chat_sse_bytes(live):
     for piece in pieces:
         expected += head + '"delta":{"content":%s},"logprobs":null,"finish_reason":null}],' \
             '"usage":null}\n\n' % json.dumps(piece, ensure_ascii=False)
-    expected += head + '"delta":{},"logprobs":null,"finish_reason":"%s"}],"usage":null}\n\n' \
-        % finish
+    # the last chunk carries the documented extra field (slm serve's per-answer confidence)
+    last = frames[-4]
+    prefix = head + '"delta":{},"logprobs":null,"finish_reason":"%s","confidence":' % finish
+    tail = '}],"usage":null}'
+    assert last.startswith(prefix) and last.endswith(tail), last
+    confidence = json.loads(last[len(prefix):-len(tail)])
+    assert {"mean_logprob", "min_logprob", "flagged"} <= set(confidence)
+    expected += last + "\n\n"
     expected += ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,'
                  '"model":"tiny","system_fingerprint":null,"choices":[],"usage":'
                  '{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}\n\n'
@@ -223,7 +229,10 @@ def test_completion_sse_bytes_without_usage(live):
     chunks = [json.loads(f[len("data: "):]) for f in frames[:-2]]
     for c in chunks:
         assert list(c) == ["id", "object", "created", "model", "system_fingerprint", "choices"]
-        assert list(c["choices"][0]) == ["text", "index", "logprobs", "finish_reason"]
+        keys = ["text", "index", "logprobs", "finish_reason"]
+        if c is chunks[-1]:          # slm serve's documented per-answer confidence, last
+            keys.append("confidence")
+        assert list(c["choices"][0]) == keys
         assert c["object"] == "text_completion"
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
