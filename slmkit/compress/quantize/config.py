@@ -57,9 +57,9 @@ class QuantizeOptions(Calibration):
     preserve_zeros: bool = Field(default=True, description="GPTQ: weights that are exactly "
                                  "zero (pruned) stay zero.")
     block_size: int = Field(default=128, ge=1, description="GPTQ lazy-update block (columns).")
-    gptq_clip: bool = Field(default=False, description="GPTQ: fit each group's range to "
-                            "its output error on the calibration inputs (a clipping search) "
-                            "instead of its min/max.")
+    gptq_clip: bool = Field(default=True, description="GPTQ: fit each group's range to "
+                            "its output error on the calibration inputs (a clipping search); "
+                            "off: the group's min/max.")
     awq_grid: int = Field(default=20, ge=1, description="AWQ: points of the scale search.")
     awq_clip: bool = Field(default=True, description="AWQ: search per-group clipping ratios.")
     quantize_embeddings: bool = Field(default=False, description="Also store the token "
