@@ -57,29 +57,45 @@ class HessianAccumulator:
         H = acc.hessian          # [in, in]
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+    def __init__(self, in_features: int, device: torch.device | str = "cpu",
+                 bf16: bool = False):
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32,
                                    device=device)
         self.num_tokens = 0
+        self.bf16 = bf16
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs ``x`` of shape ``[tokens, in]`` (or ``[..., in]``)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)  # [n, in]
+        """Accumulate a batch of inputs ``x`` of shape ``[tokens, in]`` (or ``[..., in]``).
+
+        With ``bf16`` (calibration forwards in bf16) the batch's ``XᵀX`` is one bf16
+        matrix product, summed into the float32 ``H``: the inputs are the bf16 values the
+        layer's own product reads in that mode, every product of two of them is exact and
+        the sum over the batch runs in float32 inside the kernel; only the batch total is
+        rounded to bf16 (relative 2⁻⁹ per entry, far below the sampling noise of ``H``
+        from a few thousand tokens). On CPUs with AVX512-BF16 this is 2-3x faster than
+        float32, and the down projection's 1536-wide Hessian is most of GPTQ's time.
+        """
+        x = x.reshape(-1, x.shape[-1]).to(self.hessian.device)  # [n, in]
         n = x.shape[0]
         if n == 0:
             return
         total = self.num_tokens + n
         self.hessian.mul_(self.num_tokens / total)
-        x = x * (2.0 / total) ** 0.5
-        self.hessian.addmm_(x.t(), x)  # [in, n] @ [n, in]
+        if self.bf16:
+            xb = x.to(torch.bfloat16)
+            self.hessian.add_(torch.mm(xb.t(), xb).float(), alpha=2.0 / total)
+        else:
+            x = x.float() * (2.0 / total) ** 0.5
+            self.hessian.addmm_(x.t(), x)  # [in, n] @ [n, in]
         self.num_tokens = total
 
     @classmethod
-    def for_layer(cls, layer: nn.Module) -> HessianAccumulator:
+    def for_layer(cls, layer: nn.Module, bf16: bool = False) -> HessianAccumulator:
         """An accumulator sized for a Linear / Conv1D / QuantLinear ``layer``."""
         in_features = getattr(layer, "in_features", None) or linear_shape(layer)[1]
-        return cls(in_features, device=next(layer.parameters(), torch.empty(0)).device)
+        return cls(in_features, device=next(layer.parameters(), torch.empty(0)).device,
+                   bf16=bf16)
 
 
 def hessian_reference(x: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def _sparsegpt_block(linears, block, inputs, settings, nm, report) -> None:
 
     for group in sequential_groups(block, inputs, linears):
         # the group's linears read the very same input: one Hessian and one factor serve all
-        acc = HessianAccumulator.for_layer(linears[group[0]])
+        acc = HessianAccumulator.for_layer(linears[group[0]], bf16=inputs.precision == "bf16")
         feed_linears(block, inputs, {group[0]: linears[group[0]]}, lambda n, x: acc.add(x))
         h = acc.hessian
         dead = dead_inputs(h)

@@ -118,7 +118,9 @@ class GPTQModifier(QuantizeModifier):
         groups = sequential_groups(block, inputs, linears)
         heads = {g[0]: linears[g[0]] for g in groups}
         # the linears of a group read the very same input: one Hessian serves them all
-        accs = {n: HessianAccumulator(weight_matrix(m).shape[1]) for n, m in heads.items()}
+        accs = {n: HessianAccumulator(weight_matrix(m).shape[1],
+                                      bf16=inputs.precision == "bf16")
+                for n, m in heads.items()}
         if not cfg.true_sequential:   # every group's Hessian from one pass over the block
             feed_linears(block, inputs, heads, lambda n, x: accs[n].add(x))
         for group in groups:
