@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-all install clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ demo: $(STAMP)
 
 # Two pytest-xdist workers of one torch thread each: most tests are single-threaded
 # (CLI subprocesses importing torch, servers, small tensors), so this keeps both cores busy
-# without oversubscribing them. `$(BIN)/python -m pytest` alone runs it in one process.
+# without oversubscribing them. `make test` is the tier that fits in 10 minutes on 2 cores:
+# every test but the `slow` ones, except those on the built-in real model (`real`), which
+# always run; `make test-all` adds the slow tier (multi-process training, every verb on
+# every family, browsers, federated runs).
 test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow or real"
+
+test-all: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 clean:

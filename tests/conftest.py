@@ -130,3 +130,10 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300,
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the built-in real model first: they are the longest, and under
+    pytest-xdist (`make test`) a long test collected last leaves the other worker idle."""
+    items.sort(key=lambda item: (item.get_closest_marker("real") is None,
+                                 "quickstart" not in item.nodeid))
