@@ -82,6 +82,31 @@ def low_confidence_spans(conf: list[tuple[float, float, int]], text: str,
     return out
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, eps: float = 1e-6
+                 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """L2-regularised logistic regression on standardised ``x [n, d]``, labels ``y [n]``
+    in {0, 1} (scipy L-BFGS; ``eps`` keeps a constant column's scale positive). Returns
+    ``(weights [d], bias, mean [d], scale [d])``: ``p = sigmoid((x - mean) / scale @ w + b)``."""
+    from scipy.optimize import minimize
+    from scipy.special import log_expit, expit
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    mean, scale = x.mean(0), x.std(0) + eps
+    xs = (x - mean) / scale
+    n = len(y)
+
+    def loss(p):
+        z = xs @ p[:-1] + p[-1]
+        nll = -(y * log_expit(z) + (1 - y) * log_expit(-z)).sum() / n
+        grad_z = (expit(z) - y) / n
+        grad = np.concatenate([xs.T @ grad_z + l2 * p[:-1] / n, [grad_z.sum()]])
+        return nll + 0.5 * l2 * float(p[:-1] @ p[:-1]) / n, grad
+
+    p = minimize(loss, np.zeros(xs.shape[1] + 1), jac=True, method="L-BFGS-B").x
+    return p[:-1], float(p[-1]), mean, scale
+
+
 @dataclass
 class FlagModel:
     """Logistic risk over standardised :data:`FEATURES`; ``flagged = risk >= threshold``.
@@ -115,24 +140,12 @@ class FlagModel:
             rows: :func:`features` of each answer.
             wrong: True where the answer was wrong (what the flag should catch).
         """
-        from scipy.optimize import minimize
-        from scipy.special import expit, log_expit
+        from scipy.special import expit
 
         x = np.array([[r[k] for k in FEATURES] for r in rows], dtype=np.float64)
         y = np.asarray(wrong, dtype=np.float64)
-        mean, scale = x.mean(0), x.std(0) + 1e-9
-        xs = (x - mean) / scale
-        n = len(y)
-
-        def loss(p):
-            z = xs @ p[:-1] + p[-1]
-            nll = -(y * log_expit(z) + (1 - y) * log_expit(-z)).sum() / n
-            grad_z = (expit(z) - y) / n
-            g = np.concatenate([xs.T @ grad_z + l2 * p[:-1] / n, [grad_z.sum()]])
-            return nll + 0.5 * l2 * float(p[:-1] @ p[:-1]) / n, g
-
-        p = minimize(loss, np.zeros(xs.shape[1] + 1), jac=True, method="L-BFGS-B").x
-        risk = expit(xs @ p[:-1] + p[-1])
+        w, b, mean, scale = fit_logistic(x, y, l2, eps=1e-9)
+        risk = expit((x - mean) / scale @ w + b)
         best, threshold = -1.0, 0.5
         for t in np.unique(np.round(risk, 4)):
             pred = risk >= t
@@ -140,8 +153,7 @@ class FlagModel:
             f1 = 2 * tp / max(1.0, pred.sum() + y.sum())
             if f1 > best:
                 best, threshold = f1, float(t)
-        return cls(p[:-1].tolist(), float(p[-1]), mean.tolist(), scale.tolist(), threshold,
-                   source or {})
+        return cls(w.tolist(), b, mean.tolist(), scale.tolist(), threshold, source or {})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

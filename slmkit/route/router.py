@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.errors import ConfigError, DataError
+from slmkit.monitor.confidence import fit_logistic
 
 ROUTER_FILE = "router.json"
 
@@ -125,30 +126,6 @@ class MiniLMFeatures:
         emb = self.embedder.encode(texts)
         lengths = [math.log1p(len(self.embedder.tokenizer(t)["input_ids"])) for t in texts]
         return np.concatenate([emb, np.array(lengths, dtype=np.float32)[:, None]], axis=1)
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0
-                 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """L2-regularised logistic regression on standardised ``x [n, d]``, labels ``y [n]``
-    in {0, 1} (scipy L-BFGS). Returns ``(weights [d], bias, mean [d], scale [d])``."""
-    from scipy.optimize import minimize
-    from scipy.special import expit, log_expit
-
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mean) / scale
-    n = len(y)
-
-    def loss(p):
-        z = xs @ p[:-1] + p[-1]
-        nll = -(y * log_expit(z) + (1 - y) * log_expit(-z)).sum() / n
-        grad_z = (expit(z) - y) / n
-        grad = np.concatenate([xs.T @ grad_z + l2 * p[:-1] / n, [grad_z.sum()]])
-        return nll + 0.5 * l2 * float(p[:-1] @ p[:-1]) / n, grad
-
-    p = minimize(loss, np.zeros(xs.shape[1] + 1), jac=True, method="L-BFGS-B").x
-    return p[:-1], float(p[-1]), mean, scale
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
