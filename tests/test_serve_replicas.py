@@ -16,15 +16,29 @@ from tests.test_serve_cli import ServeProcess
 
 
 def test_drain_health_refuses_new_work_and_finishes_streams(llama_dir, tmp_path):
-    server = ServeProcess(tmp_path, str(llama_dir), "--drain-seconds", "3", "--name", "m")
+    from concurrent.futures import ThreadPoolExecutor
+
+    # One slot and five requests queued behind the stream: the tiny model decodes a request
+    # in a fraction of a second, so the queue is what keeps work in flight while the drain
+    # starts (uvicorn notices the signal on its next 0.1 s tick).
+    server = ServeProcess(tmp_path, str(llama_dir), "--drain-seconds", "3", "--name", "m",
+                          "--max-concurrency", "1")
+    queued = {"model": "m", "prompt": "z", "max_tokens": 200, "ignore_eos": True}
     try:
         ready = httpx.get(server.url + "/health", timeout=10)
         assert ready.status_code == 200 and ready.json()["status"] == "ok"
-        body = {"model": "m", "prompt": "x", "max_tokens": 120, "ignore_eos": True,
+        body = {"model": "m", "prompt": "x", "max_tokens": 200, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as s:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as s, \
+                ThreadPoolExecutor(5) as pool:
             lines = s.iter_lines()
             assert next(lines).startswith("data: ")
+            behind = [pool.submit(httpx.post, server.url + "/v1/completions", json=queued,
+                                  timeout=60) for _ in range(5)]
+            deadline = time.monotonic() + 10
+            while httpx.get(server.url + "/health", timeout=10).json()["queued"] < 4:
+                assert time.monotonic() < deadline, "the five requests were never queued"
+                time.sleep(0.01)
             server.proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
             while True:              # the drain starts within a tick of the signal
@@ -40,9 +54,13 @@ def test_drain_health_refuses_new_work_and_finishes_streams(llama_dir, tmp_path)
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "shutting_down"
             rest = [line for line in lines if line]
+            answers = [f.result() for f in behind]
         frames = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
         assert rest[-1] == "data: [DONE]"
-        assert frames[-1]["usage"]["completion_tokens"] == 120    # the stream finished whole
+        assert frames[-1]["usage"]["completion_tokens"] == 200    # the stream finished whole
+        # the queued requests were admitted before the drain, so they finish whole too
+        assert [a.status_code for a in answers] == [200] * 5
+        assert [a.json()["usage"]["completion_tokens"] for a in answers] == [200] * 5
         assert server.proc.wait(60) == 0
     finally:
         if server.proc.poll() is None:
