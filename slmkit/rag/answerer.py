@@ -66,6 +66,8 @@ class Answer:
         sources: every chunk given to the model, in prompt order (``[1]`` first).
         hits: everything retrieved.
         timings: ``retrieve_s``, ``generate_s``; ``tokens``: generated tokens.
+        groundedness: share of the reply's content words found in the sources
+            (:func:`groundedness`; None when abstained).
     """
 
     question: str
@@ -77,13 +79,14 @@ class Answer:
     hits: list[Hit] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     tokens: int = 0
+    groundedness: float | None = None
 
     def to_dict(self) -> dict:
         return {"question": self.question, "answer": self.text, "abstained": self.abstained,
                 "reason": self.reason, "citations": [c.to_dict() for c in self.citations],
                 "sources": [h.to_dict() for h in self.sources],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()},
-                "completion_tokens": self.tokens}
+                "completion_tokens": self.tokens, "groundedness": self.groundedness}
 
 
 def says_dont_know(text: str) -> bool:
@@ -124,6 +127,62 @@ def cite(text: str, sources: list[Hit]) -> tuple[str, list[Citation]]:
     return text.rstrip() + f" [{best + 1}]", [citation(best + 1, attributed=True)]
 
 
+@dataclass
+class Grounding:
+    """What retrieval gives one question: the chunks, the ones for the prompt, and whether
+    to abstain (the best prompt source's cosine under ``min_score``)."""
+
+    question: str
+    hits: list[Hit]
+    sources: list[Hit]
+    best: float
+    min_score: float
+    retrieve_s: float
+
+    @property
+    def abstain(self) -> bool:
+        return self.best < self.min_score
+
+    @property
+    def reason(self) -> str:
+        return f"best source {self.best:.2f} < min-score {self.min_score:g}" \
+            if self.abstain else ""
+
+
+def ground(retriever: Retriever, question: str, search: dict, context_chunks: int,
+           min_score: float, hits: list[Hit] | None = None) -> Grounding:
+    """Retrieve for ``question`` (``search``: :meth:`Retriever.search` keywords) and decide
+    whether the sources can answer it; ``slm rag ask`` and ``slm serve --rag`` share this."""
+    t0 = time.perf_counter()
+    qvec = retriever.embed_query(question)
+    if hits is None:
+        hits = retriever.search(question, query_vector=qvec, **search)
+    sources = hits[:context_chunks]
+    for h in sources:
+        if h.dense is None:
+            h.dense = retriever.dense_score(h, qvec)
+    best = max((h.dense for h in sources), default=-1.0)
+    return Grounding(question, hits, sources, best, min_score, time.perf_counter() - t0)
+
+
+def groundedness(answer: str, source_texts: list[str]) -> float | None:
+    """The share of the answer's content words (BM25's tokens: stop words out, stemmed,
+    identifiers also split into parts; ``[n]`` markers dropped) that occur in the sources:
+    1.0 when every word the answer uses is in the retrieved text, None for an answer
+    without content words. A lexical signal, cheap enough for every answer (RAGAS'
+    faithfulness asks an LLM judge per claim instead)."""
+    from slmkit.rag.store import _stemmer
+
+    stemmer = _stemmer()
+    words = set(bm25_tokens(_MARK.sub(" ", answer), stemmer))
+    if not words:
+        return None
+    seen: set[str] = set()
+    for text in source_texts:
+        seen.update(bm25_tokens(text, stemmer))
+    return len(words & seen) / len(words)
+
+
 class Answerer:
     """Retrieval plus an answering model, kept open for many questions.
 
@@ -159,29 +218,22 @@ class Answerer:
 
     def ask(self, question: str, hits: list[Hit] | None = None) -> Answer:
         """Answer ``question`` from the index (``hits``: a retrieval already made)."""
-        t0 = time.perf_counter()
-        qvec = self.retriever.embed_query(question)
-        if hits is None:
-            hits = self.retriever.search(question, query_vector=qvec, **self.search)
-        sources = hits[:self.context_chunks]
-        for h in sources:
-            if h.dense is None:
-                h.dense = self.retriever.dense_score(h, qvec)
-        best = max((h.dense for h in sources), default=-1.0)
-        t1 = time.perf_counter()
-        answer = Answer(question, DONT_KNOW, sources=sources, hits=hits)
-        if best < self.min_score:
-            answer.abstained = True
-            answer.reason = f"best source {best:.2f} < min-score {self.min_score:g}"
-            answer.timings = {"retrieve_s": t1 - t0, "generate_s": 0.0}
+        g = ground(self.retriever, question, self.search, self.context_chunks, self.min_score,
+                   hits)
+        answer = Answer(question, DONT_KNOW, sources=g.sources, hits=g.hits)
+        if g.abstain:
+            answer.abstained, answer.reason = True, g.reason
+            answer.timings = {"retrieve_s": g.retrieve_s, "generate_s": 0.0}
             return answer
-        text, answer.tokens = self._reply(self.session, source_block(sources, question))
-        answer.timings = {"retrieve_s": t1 - t0, "generate_s": time.perf_counter() - t1}
+        t1 = time.perf_counter()
+        text, answer.tokens = self._reply(self.session, source_block(g.sources, question))
+        answer.timings = {"retrieve_s": g.retrieve_s, "generate_s": time.perf_counter() - t1}
         if says_dont_know(text):
             answer.abstained, answer.reason = True, "the model found no answer in the sources"
             answer.text = text or DONT_KNOW
             return answer
-        answer.text, answer.citations = cite(text, sources)
+        answer.text, answer.citations = cite(text, g.sources)
+        answer.groundedness = groundedness(answer.text, [h.chunk.text for h in g.sources])
         return answer
 
     def ask_without_retrieval(self, question: str) -> str:

@@ -58,6 +58,9 @@ def run_ask(cfg: AskConfig) -> StepResult:
     rows = [("answer", a.text)]
     if a.abstained:
         rows.append(("abstained", a.reason))
+    elif a.groundedness is not None:
+        rows.append(("groundedness", f"{a.groundedness:.2f} (share of the answer's content "
+                     "words found in the sources)"))
     rows += [("retrieval", f"{a.timings['retrieve_s'] * 1000:.0f} ms ({cfg.mode})"),
              ("generation", f"{a.timings['generate_s']:.1f} s, {a.tokens} tokens")]
     return StepResult("rag ask", figures={"abstained": a.abstained,

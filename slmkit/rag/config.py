@@ -149,6 +149,54 @@ class EvalConfig(AnswerOptions, SearchOptions):
         return self
 
 
+class RagServeOptions(BaseModel):
+    """The RAG block of ``slm serve`` (``ServeConfig`` inherits it): chat completions answered
+    from an index, with their sources (:mod:`slmkit.serve.rag`). Defaults are those of
+    ``slm rag ask``; a request may pick its own with ``"rag": {...}``."""
+
+    rag: str | None = Field(None, description="Ground every chat completion in this index "
+                            "(from `slm rag index`): the last user message is answered from "
+                            "retrieved chunks, and the response carries the sources "
+                            "(message.annotations and the slm_rag field).")
+    rag_mode: Mode = Field(SearchOptions.model_fields["mode"].default,
+                           description="Retrieval for --rag: hybrid, bm25 or dense.")
+    rag_k: int = Field(AskConfig.model_fields["k"].default, ge=1, le=100,
+                       description="Chunks retrieved per request for --rag (listed in slm_rag; "
+                       "the first --rag-context-chunks go in the prompt).")
+    rag_context_chunks: int = Field(AnswerOptions.model_fields["context_chunks"].default,
+                                    ge=1, le=20, description="Retrieved chunks put in the "
+                                    "prompt as numbered sources for --rag.")
+    rag_min_score: float = Field(AnswerOptions.model_fields["min_score"].default, ge=-1, le=1,
+                                 description="--rag abstains (\"I don't know\", no generation) "
+                                 "when the best source's cosine to the question is below this.")
+
+    @field_validator("rag")
+    @classmethod
+    def _is_index(cls, v: str | None) -> str | None:
+        from pathlib import Path
+
+        from slmkit.rag.store import is_index
+
+        if v is not None and not is_index(Path(v).expanduser()):
+            raise ValueError(f"--rag '{v}' is not a slmkit RAG index; build one with `slm rag "
+                             f"index DOCS... --out {v}`")
+        return v
+
+    @model_validator(mode="after")
+    def _rag_flags_need_rag(self):
+        # compared with the defaults, not model_fields_set: ServeCommand passes every field
+        given = [f for f in ("rag_mode", "rag_k", "rag_context_chunks", "rag_min_score")
+                 if getattr(self, f) != type(self).model_fields[f].default]
+        if given and not self.rag:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"{flags} {'needs' if len(given) == 1 else 'need'} --rag INDEX; "
+                             "add it or drop them")
+        if self.rag and self.rag_context_chunks > self.rag_k:
+            raise ValueError(f"--rag-context-chunks {self.rag_context_chunks} is more than "
+                             f"--rag-k {self.rag_k} retrieves; raise --rag-k")
+        return self
+
+
 #: ``slm rag VERB``: (config, "module:run function", help). The CLI registers these.
 RAG_VERBS = {
     "index": (IndexConfig, "slmkit.rag.index:run_index", "Index documents (text, Markdown, "

@@ -6,7 +6,8 @@ Routes:
 * ``GET /health`` -- liveness plus queue state (no auth, for probes);
 * ``GET /metrics`` -- Prometheus text (:mod:`slmkit.serve.metrics`);
 * ``GET /v1/models``, ``GET /v1/models/{id}``;
-* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`slmkit.serve.service`);
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`slmkit.serve.service`;
+  with ``--rag INDEX`` chat answers come from the documents, :mod:`slmkit.serve.rag`);
 * ``POST /v1/embeddings`` -- mean-pooled hidden states of the served model
   (:mod:`slmkit.serve.embeddings`).
 
@@ -42,6 +43,7 @@ from slmkit.serve.embeddings import Embedder
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.protocol import (APIError, ChatRequest, CompletionRequest, EmbeddingRequest,
                                    error_body, parse_request)
+from slmkit.serve.rag import no_index_error
 from slmkit.serve.service import CLIENT_CLOSED, GenerationService
 from slmkit.serve.structured import output_plan
 
@@ -164,6 +166,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         from slmkit.serve.hybrid import Hybrid
 
         hybrid = Hybrid(service, config, model, tokenizer)
+    rag = None
+    if config.rag:  # chat answered from a document index, with sources
+        from slmkit.serve.rag import RagChat
+
+        try:
+            rag = RagChat(service, config)
+        except BaseException:
+            service.close()
+            raise
     page = chat_page()
     created = int(time.time())
 
@@ -183,12 +194,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             await canary.stop()
         if hybrid is not None:
             await hybrid.aclose()
+        if rag is not None:
+            rag.close()
         service.close()
 
     app = FastAPI(title="slmkit server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service, app.state.metrics, app.state.config = service, metrics, config
-    app.state.hybrid = hybrid
+    app.state.hybrid, app.state.rag = hybrid, rag
 
     async def generate(request: Request, raw: bytes, req, ids, params, plan):
         """The local answer, or the routed one when the server has a fallback."""
@@ -234,7 +247,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     async def prometheus():
         e = service.engine
         return PlainTextResponse(metrics.render(e.queue_depth, e.running, e.engine.free_slots)
-                                 + (hybrid.metrics_text() if hybrid is not None else ""),
+                                 + (hybrid.metrics_text() if hybrid is not None else "")
+                                 + (rag.metrics_text() if rag is not None else ""),
                                  media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
@@ -255,6 +269,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         raw = await request.body()
         req = parse_request(raw, CompletionRequest)
         service.check_model(req.model)
+        if b'"rag"' in raw and "rag" in json.loads(raw):
+            raise APIError(400, "'rag' applies to /v1/chat/completions only (a completion "
+                           "prompt is text to continue, not a question); drop it.",
+                           param="rag") if rag is not None else no_index_error()
         plan = output_plan(req)
         params = service.sampling(req, plan)
         ids = service.encode_completion(req)
@@ -269,9 +287,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         service.check_model(req.model)
         plan = output_plan(req)
         params = service.sampling(req, plan)
-        ids = service.encode_chat(req, plan)
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = [m.model_dump() for m in req.messages]
+        if rag is not None:
+            return await rag.handle(request, req, json.loads(raw), plan, params)
+        if b'"rag"' in raw and "rag" in json.loads(raw):
+            raise no_index_error()
+        ids = service.encode_chat(req, plan)
         return await generate(request, raw, req, ids, params, plan)
 
     @app.post("/v1/embeddings")

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from slmkit.errors import ConfigError
+from slmkit.rag.config import RagServeOptions
 from slmkit.route.config import RouteOptions
 from slmkit.step import cli
 
@@ -16,9 +17,10 @@ from slmkit.step import cli
 API_KEY_ENV = "SLM_API_KEY"
 
 
-class ServeConfig(RouteOptions):
+class ServeConfig(RouteOptions, RagServeOptions):
     """Everything the server needs besides the model (``--fallback`` and the routing
-    options come from :class:`~slmkit.route.config.RouteOptions`).
+    options come from :class:`~slmkit.route.config.RouteOptions`, ``--rag`` and its options
+    from :class:`~slmkit.rag.config.RagServeOptions`).
 
     Attributes:
         name: the model id clients send and see in ``/v1/models``.
@@ -145,6 +147,10 @@ class ServeConfig(RouteOptions):
             raise ValueError(f"{flags} need --canary TASKS.jsonl; add it or drop them")
         if self.canary_webhook and not self.canary_webhook.startswith(("http://", "https://")):
             raise ValueError(f"--canary-webhook {self.canary_webhook!r} is not an http(s) URL")
+        if self.rag and self.fallback:
+            raise ValueError("--rag and --fallback cannot be combined yet (a forwarded request "
+                             "would go without its sources); serve the index without a "
+                             "fallback")
         return self
 
 

@@ -191,6 +191,9 @@ def run_serve(cmd: ServeCommand) -> None:
              if config.request_log else "off"),
             ("canary", f"{config.canary} every {config.canary_every}" if config.canary
              else "off"),
+            *([("documents (--rag)", f"{config.rag} ({config.rag_mode}, "
+                f"{config.rag_context_chunks} of {config.rag_k} chunks in the prompt, "
+                f"abstains under {config.rag_min_score:g})")] if config.rag else []),
             *([("fallback", f"{config.fallback} ({config.route_mode}"
                 + (f", router {config.router}" if config.route_mode == "router" else
                    f", signal {config.route_signal}" if config.route_mode == "cascade" else "")

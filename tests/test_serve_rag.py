@@ -1,0 +1,239 @@
+"""``slm serve --rag INDEX``: chat answered from local documents, on a real server.
+
+A real uvicorn server on 127.0.0.1 over a tiny random Llama and a real index (the six-format
+corpus of test_rag, the real all-MiniLM-L6-v2 embedder, SQLite + sqlite-vec, bm25s);
+clients: the official ``openai`` package and raw ``httpx``. The tiny model writes noise, so
+these tests check the plumbing: the retrieved sources reach the prompt (the answer equals
+the engine's own on the grounded prompt), the response carries them, abstention, streaming,
+refusals. The built-in real model answering with a citation is the ``real`` test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import build_tiny_model
+from tests.test_rag import make_docs
+from tests.test_serve_api import NAME, start_server
+
+openai = pytest.importorskip("openai")
+
+QUESTION = "How often should the zebra feeder bowl be rinsed with warm water?"
+OFF_TOPIC = "Which Byzantine emperor reformed the coinage in 1092?"
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory):
+    from slmkit.rag.config import IndexConfig
+    from slmkit.rag.index import run_index
+
+    root = tmp_path_factory.mktemp("serve-rag")
+    docs = make_docs(root / "docs")
+    out = root / "index"
+    run_index(IndexConfig(docs=[str(docs)], out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def live(tokenizer, index_dir):
+    model = build_tiny_model("llama", tokenizer, max_position_embeddings=1024)
+    server = start_server(model, tokenizer, rag=str(index_dir), rag_min_score=0.3,
+                          rag_k=3)
+    server.model = model
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_answer_comes_from_the_sources(live, client, tokenizer):
+    """The answer is the engine's own on the grounded prompt (the top chunk as Document
+    [1], the question, the answering system prompt), and the sources come back."""
+    from slmkit.engine import Engine, SamplingParams
+    from slmkit.rag.answerer import SYSTEM, source_block
+    from slmkit.rag.retrieve import Retriever
+
+    resp = client.chat.completions.create(model=NAME, messages=[
+        {"role": "user", "content": QUESTION}], max_tokens=10, temperature=0)
+    rag = resp.model_extra["slm_rag"]
+    assert rag["question"] == QUESTION and rag["mode"] == "hybrid" and not rag["abstained"]
+    assert len(rag["sources"]) == 3 and [s["n"] for s in rag["sources"]] == [1, 2, 3]
+    top = rag["sources"][0]
+    assert top["path"].endswith("guide.md") and "Rinse the feeder bowl" in top["text"]
+    assert "Cleaning" in top["heading"]
+    assert top["url"].startswith("file://") and top["url"].endswith(
+        f"#L{top['start_line']}" + (f"-L{top['end_line']}"
+                                    if top["end_line"] > top["start_line"] else ""))
+    assert rag["best_score"] >= 0.3 and top["dense"] == pytest.approx(rag["best_score"],
+                                                                       abs=1e-4)
+
+    retriever = Retriever.open(live.app.state.config.rag)
+    hits = retriever.search(QUESTION, k=3)
+    retriever.close()
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": source_block(hits[:1], QUESTION)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    from slmkit.engine.generate import chat_stop_ids
+
+    with Engine(live.model, tokenizer, max_batch=1, background=False) as engine:
+        ref = engine.generate(ids, SamplingParams(max_tokens=10, temperature=0,
+                                                  stop_token_ids=chat_stop_ids(tokenizer)))
+    content = resp.choices[0].message.content
+    assert content.startswith(ref.text)          # plus " [n]" when a citation was attributed
+    assert resp.usage.prompt_tokens == len(ids)
+
+    # citations, annotations and the markers in the content agree
+    citations = rag["citations"]
+    annotations = resp.choices[0].message.annotations or []
+    assert len(annotations) == sum(content.count(f"[{c['n']}]") for c in citations)
+    for a in annotations:
+        marker = content[a.url_citation.start_index:a.url_citation.end_index]
+        n = int(marker.strip("[]"))
+        assert a.type == "url_citation" and a.url_citation.url == rag["sources"][n - 1]["url"]
+        assert a.url_citation.title == rag["sources"][n - 1]["location"]
+    for c in citations:
+        if c["attributed"]:
+            assert content == ref.text.rstrip() + f" [{c['n']}]"
+    g = rag["groundedness"]
+    assert g is None or 0.0 <= g <= 1.0
+
+
+def test_off_topic_question_abstains_without_generating(live, client):
+    resp = client.chat.completions.with_raw_response.create(model=NAME, messages=[
+        {"role": "user", "content": OFF_TOPIC}], max_tokens=10)
+    assert resp.headers["x-slm-rag-abstained"] == "1"
+    body = resp.parse()
+    assert body.choices[0].message.content.startswith("I don't know")
+    assert body.choices[0].finish_reason == "stop" and body.usage.completion_tokens == 0
+    rag = body.model_extra["slm_rag"]
+    assert rag["abstained"] and "min-score 0.3" in rag["reason"] and rag["citations"] == []
+    assert rag["groundedness"] is None and rag["best_score"] < 0.3
+
+
+def test_stream_carries_sources(live, client):
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=10,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    plain = client.chat.completions.create(model=NAME, messages=[
+        {"role": "user", "content": QUESTION}], max_tokens=10, temperature=0)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    last = chunks[-1]
+    assert last.choices == [] and last.model_extra["slm_rag"] == {
+        **plain.model_extra["slm_rag"], "retrieve_ms": last.model_extra["slm_rag"][
+            "retrieve_ms"]}
+    assert [c for c in chunks if c.usage] and chunks[0].id == last.id
+    # an abstention streams too
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": OFF_TOPIC}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) \
+        .startswith("I don't know")
+    assert chunks[-1].model_extra["slm_rag"]["abstained"]
+
+
+def test_request_settings_and_rag_off(live, client):
+    resp = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": OFF_TOPIC}], max_tokens=4,
+        extra_body={"rag": {"mode": "bm25", "k": 5, "context_chunks": 2,
+                            "min_score": -1}})
+    rag = resp.model_extra["slm_rag"]
+    assert rag["mode"] == "bm25" and not rag["abstained"]
+    assert len(rag["sources"]) <= 5
+    off = client.chat.completions.create(model=NAME, messages=[
+        {"role": "user", "content": OFF_TOPIC}], max_tokens=4, extra_body={"rag": False})
+    assert "slm_rag" not in (off.model_extra or {})
+    metrics = httpx.get(live.url + "/metrics").text
+    assert 'slm_rag_requests_total{outcome="off"}' in metrics
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"rag": {"top": 3}}, "rag", "mode, k, context_chunks, min_score"),
+    ({"rag": "yes"}, "rag", "true, false"),
+    ({"rag": {"mode": "fuzzy"}}, "rag.mode", "hybrid, bm25, dense"),
+    ({"rag": {"k": 0}}, "rag.k", "1..100"),
+    ({"rag": {"min_score": 2}}, "rag.min_score", "[-1, 1]"),
+    ({"rag": {"k": 2, "context_chunks": 3}}, "rag.context_chunks", "more than"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     "tools", "\"rag\": false"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "no [n] citations"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                        "content": "Hello"}]},
+     "messages", "last user message"),
+])
+def test_refusals(live, body, param, words):
+    payload = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}],
+               "max_tokens": 4, **body}
+    r = httpx.post(live.url + "/v1/chat/completions", json=payload, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"]
+
+
+def test_rag_on_completions_and_without_index_refused(live, tokenizer):
+    r = httpx.post(live.url + "/v1/completions", json={
+        "model": NAME, "prompt": "x", "max_tokens": 2, "rag": True}, timeout=30)
+    assert r.status_code == 400 and "chat/completions only" in r.json()["error"]["message"]
+    plain = start_server(build_tiny_model("llama", tokenizer), tokenizer)
+    try:
+        for path, extra in (("/v1/chat/completions",
+                             {"messages": [{"role": "user", "content": "hi"}]}),
+                            ("/v1/completions", {"prompt": "hi"})):
+            r = httpx.post(plain.url + path, json={"model": NAME, "max_tokens": 2,
+                                                   "rag": False, **extra}, timeout=30)
+            assert r.status_code == 400 and "--rag INDEX" in r.json()["error"]["message"]
+    finally:
+        plain.stop()
+
+
+def test_config_refusals(tmp_path, index_dir):
+    from slmkit.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match="not a slmkit RAG index"):
+        ServeConfig(rag=str(tmp_path))
+    with pytest.raises(ValueError, match="--rag-k needs --rag INDEX"):
+        ServeConfig(rag_k=5)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ServeConfig(rag=str(index_dir), fallback="http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match="more than --rag-k"):
+        ServeConfig(rag=str(index_dir), rag_k=1, rag_context_chunks=2)
+
+
+def test_groundedness():
+    from slmkit.rag.answerer import groundedness
+
+    source = ["Rinse the feeder bowl with warm water every Tuesday."]
+    assert groundedness("Rinse the bowl with warm water [1].", source) == 1.0
+    assert groundedness("Rinse the bowl with cold milk.", source) == pytest.approx(2 / 4)
+    assert groundedness("It is the [1].", source) is None          # no content words
+    assert groundedness("Rinsing bowls", source) == 1.0           # stems match
+
+
+@pytest.mark.real
+def test_builtin_model_cites_the_source(index_dir):
+    """SmolLM2-135M behind the server answers from the index and cites guide.md."""
+    from slmkit.models import load_model
+
+    model, tok = load_model("builtin:smollm2-135m")
+    server = start_server(model, tok, rag=str(index_dir), rag_min_score=0.3)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(model=NAME, messages=[
+            {"role": "user", "content": "When should I rinse the feeder bowl?"}],
+            max_tokens=40, temperature=0)
+    finally:
+        server.stop()
+    content = resp.choices[0].message.content
+    rag = resp.model_extra["slm_rag"]
+    assert "tuesday" in content.lower(), content
+    assert rag["citations"] and rag["citations"][0]["path"].endswith("guide.md")
+    assert resp.choices[0].message.annotations[0].url_citation.title.startswith(
+        rag["citations"][0]["path"])
+    assert rag["groundedness"] is not None and rag["groundedness"] >= 0.5, (content, rag)
+    print(json.dumps({"content": content, "groundedness": rag["groundedness"]}))
