@@ -132,7 +132,8 @@ def test_tool_results_feed_the_next_turn(client, live):
     assert r.usage.prompt_tokens > bare.usage.prompt_tokens + 10
 
 
-def test_prompt_describes_tools_and_replays_calls():
+def test_prompt_describes_tools_and_replays_calls(tokenizer):
+    from slmkit.engine.tools import conversation
     from slmkit.serve.protocol import ChatRequest
     from slmkit.serve.structured import chat_messages, output_plan
 
@@ -142,10 +143,13 @@ def test_prompt_describes_tools_and_replays_calls():
             {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
                 "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "3 degrees"}]})
-    messages = chat_messages(req, output_plan(req))
+    plan = output_plan(req)
+    messages, kwargs = chat_messages(req, plan, tokenizer)
+    assert kwargs == {}  # ChatML knows no tools: the generic format, tools in the system turn
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
     assert messages[3]["content"] == "get_weather: 3 degrees"
-    messages = chat_messages(req, output_plan(req), tool_role=False)
+    messages = conversation([m.model_dump(exclude_none=True) for m in req.messages],
+                            plan.tools, plan.required, tool_role=False)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("Be brief.\n\nYou can call these tools:")
     assert '"name": "get_weather"' in messages[0]["content"]

@@ -1,5 +1,8 @@
 """Tool calling for chat models whose template has no tool syntax (a documented generic format).
 
+(Templates that do know tools, such as Qwen2.5's and Llama 3.2's, are used in their own
+format instead: :mod:`slmkit.engine.tool_formats` finds which one a template has.)
+
 SmolLM2's chat template (and many small models') knows nothing of tools, so slmkit
 describes them in the system prompt and lets a grammar hold the model to one answer shape:
 
@@ -108,7 +111,8 @@ def render_result(name: str, call_id: str, content: str, own_role: bool = True) 
     return f"{name}: {content}" if own_role else f"Result of {name} ({call_id}): {content}"
 
 
-_HEADER = re.compile(r'\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
+def _header(args_key: str) -> re.Pattern:
+    return re.compile(r'\{"name": "([A-Za-z0-9_-]+)", "' + re.escape(args_key) + '": ')
 
 
 @dataclass
@@ -126,10 +130,14 @@ class ToolCallScanner:
     :meth:`feed` takes text deltas and returns :class:`CallDelta`\\ s: a call is announced
     once its name is complete, then its arguments text follows as it arrives.
     :attr:`calls` holds ``[name, arguments_text]`` per call, :attr:`complete` says whether
-    the last call's arguments closed.
+    the last call's arguments closed. ``args_key``: the key of a call's arguments
+    (``parameters`` in Llama 3's own format, :mod:`slmkit.engine.tool_formats`); a call
+    object found anywhere after the last one is read, so the same scanner reads calls
+    wrapped in ``<tool_call>`` blocks.
     """
 
-    def __init__(self):
+    def __init__(self, args_key: str = "arguments"):
+        self._header = _header(args_key)
         self.text = ""
         self.calls: list[list[str]] = []
         self._pos = 0
@@ -146,7 +154,7 @@ class ToolCallScanner:
         out: list[CallDelta] = []
         while self._pos < len(self.text):
             if not self._in_args:
-                m = _HEADER.search(self.text, self._pos)
+                m = self._header.search(self.text, self._pos)
                 if m is None:
                     break
                 self.calls.append([m.group(1), ""])

@@ -10,9 +10,10 @@ An item (one JSONL line, ``"type": "function_call"``)::
      "tool_choice": "auto", "parallel_tool_calls": true, "max_new_tokens": 96}
 
 ``answer: []`` means the right answer is *not* to call (BFCL's irrelevance category).
-The prompt is the conversation rendered with the generic tool format of
-:mod:`slmkit.engine.tools` (the very prompt ``slm serve`` builds for ``tools=[...]``) and
-the model's chat template. Each item is generated greedily twice: free, and under the
+The prompt is the conversation rendered the way ``slm serve`` prompts that model for
+``tools=[...]`` (:func:`slmkit.engine.tool_formats.render_chat`: the chat template's own
+tool format when it has one, else the generic format of :mod:`slmkit.engine.tools`), and
+replies are read in that format. Each item is generated greedily twice: free, and under the
 tool grammar the server enforces for that ``tool_choice`` (``auto``: text or a call;
 ``required``: a call).
 
@@ -189,15 +190,27 @@ def check_item(item: dict, calls: list[tuple[str, Any]] | None) -> dict[str, boo
 # --------------------------------------------------------------------------- scoring
 
 def _prompt_and_grammar(tokenizer, item: dict):
-    from slmkit.engine.tools import parse_tools, render_conversation, tool_grammar
+    from slmkit.engine.tool_formats import render_chat, tool_format
+    from slmkit.engine.tools import parse_tools
 
     tools = parse_tools(item["tools"])
     required = item["tool_choice"] == "required"
-    messages = render_conversation(tokenizer, item["messages"], tools, required)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    fmt = tool_format(tokenizer)
+    messages, kwargs = render_chat(tokenizer, item["messages"], tools, required, fmt)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **kwargs)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
-    return [int(t) for t in ids], tool_grammar(tools, required, item["parallel_tool_calls"])
+    return [int(t) for t in ids], fmt.grammar(tools, required, item["parallel_tool_calls"])
+
+
+def parse_reply(tokenizer, text: str) -> list[tuple[str, Any]] | None:
+    """The calls of a reply in ``tokenizer``'s tool format (:func:`parse_calls` for the
+    generic one, the model's own format otherwise)."""
+    from slmkit.engine.tool_formats import tool_format
+
+    fmt = tool_format(tokenizer)
+    return fmt.parse(text) if fmt.native else parse_calls(text)
 
 
 def score_function_calls(model, tokenizer, items: Sequence[dict[str, Any]],
@@ -242,7 +255,7 @@ def score_function_calls(model, tokenizer, items: Sequence[dict[str, Any]],
             suffix = "" if mode == "constrained" else "_unconstrained"
             totals = {"exact": 0, "parsed": 0, "name": 0}
             for it, text, pred in zip(items, texts, predictions):
-                verdict = check_item(it, parse_calls(text))
+                verdict = check_item(it, parse_reply(tokenizer, text))
                 for k in totals:
                     totals[k] += verdict[k]
                 pred[f"prediction{suffix}"] = text

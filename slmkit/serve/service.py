@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmkit.engine import Engine, FinishEvent, SamplingParams, TokenEvent
 from slmkit.engine.generate import chat_stop_ids, prompt_ids
-from slmkit.engine.tools import renders_tool_role
+from slmkit.engine.tool_formats import tool_format
 from slmkit.errors import ConfigError
 from slmkit.serve import responses as R
 from slmkit.serve.backend import AsyncEngine, Generation
@@ -78,6 +78,8 @@ class GenerationService:
         # (Rust tokenizers refuse concurrent use of one instance from two threads).
         self.tokenizer = copy.deepcopy(tokenizer)
         self.logprobs = R.LogprobFormatter(self.tokenizer)
+        #: how this model's chat template writes tool calls (its own format or generic)
+        self.tool_format = tool_format(self.tokenizer)
         self.max_seq_len = engine.max_seq_len
         self.max_prompt = min(config.max_prompt_tokens or engine.max_seq_len - 1,
                               engine.max_seq_len - 1)
@@ -154,12 +156,10 @@ class GenerationService:
         if not req.messages:
             raise APIError(400, "Invalid 'messages': send at least one message.",
                            param="messages")
-        messages = chat_messages(req, plan or OutputPlan())
-        if any(m["role"] == "tool" for m in messages) and not renders_tool_role(self.tokenizer, messages):
-            messages = chat_messages(req, plan or OutputPlan(), tool_role=False)
+        messages, kwargs = chat_messages(req, self.bind(plan or OutputPlan()), self.tokenizer)
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True)
+                                                     tokenize=True, **kwargs)
         except Exception as e:  # a template that rejects this conversation (jinja error)
             raise APIError(400, f"The chat template rejected these messages ({e}).",
                            param="messages") from None
@@ -167,11 +167,18 @@ class GenerationService:
             ids = ids["input_ids"]
         return self._check_prompt([int(t) for t in ids], "messages")
 
+    def bind(self, plan: OutputPlan) -> OutputPlan:
+        """``plan`` with its tool grammar in this model's tool format."""
+        return plan if plan.format == self.tool_format else plan.bind(self.tool_format)
+
     def sampling(self, req: CompletionRequest | ChatRequest,
                  plan: OutputPlan | None = None) -> SamplingParams:
-        """SamplingParams for a request, after every range check (``plan``: its grammar)."""
+        """SamplingParams for a request, after every range check (``plan``: its grammar,
+        bound to this model's tool format)."""
         check_common(req)
         chat = isinstance(req, ChatRequest)
+        if plan is not None and chat:
+            self.bind(plan)
         param, max_tokens = "max_tokens", req.max_tokens
         if chat and req.max_completion_tokens is not None:
             param, max_tokens = "max_completion_tokens", req.max_completion_tokens
@@ -365,7 +372,7 @@ class GenerationService:
             lp = [self.logprobs.chat_entry(*e) for e in entries] if params.logprobs else None
             calls = None
             if tools:
-                reader = ToolCallReader()
+                reader = ToolCallReader(self.tool_format)
                 reader.feed(c.text)
                 calls = reader.tool_calls() if reader.is_call else None
                 if reader.complete and finish == "stop":
@@ -390,7 +397,7 @@ class GenerationService:
         created, model = R.now(), req.model
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
         offset = 0
-        reader = ToolCallReader() if tools else None
+        reader = ToolCallReader(self.tool_format) if tools else None
         pending_lp: list[dict] = []
         try:
             if chat:

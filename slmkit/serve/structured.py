@@ -2,20 +2,22 @@
 
 :func:`output_plan` checks those fields (every problem a 400 naming the field) and returns
 an :class:`OutputPlan`: the grammar the engine enforces and, for a tool turn, the tools
-the answer may call. :func:`chat_messages` turns OpenAI messages, including assistant
-``tool_calls`` and ``tool`` results, into the plain role/content list a chat template
-takes, with the tools described in the system prompt (:mod:`slmkit.engine.tools` owns
-that format). :class:`ToolCallReader` turns the generated text back into OpenAI
-``tool_calls``, whole or as stream deltas. With ``tools`` and ``tool_choice: "none"``
-the answer is plain text that does not start with ``{`` (a small model that saw calls
-in the history otherwise writes one out as text).
+the answer may call, in the served model's tool format (:mod:`slmkit.engine.tool_formats`:
+the chat template's own syntax, e.g. Qwen2.5's ``<tool_call>`` blocks or Llama 3.2's JSON
+calls, else the generic format of :mod:`slmkit.engine.tools`). :func:`chat_messages`
+turns OpenAI messages, including assistant ``tool_calls`` and ``tool`` results, into what
+the chat template takes in that format. :class:`ToolCallReader` turns the generated text
+back into OpenAI ``tool_calls``, whole or as stream deltas. With ``tools`` and
+``tool_choice: "none"`` the answer is plain text that does not start like a call (a small
+model that saw calls in the history otherwise writes one out as text).
 
 What is refused (400): ``response_format`` together with tools the model may call (an
 answer is either a call or schema-bound text; say ``tool_choice: "none"`` to get the
 schema), schema keywords the grammar cannot enforce (named), tool names outside
 ``[A-Za-z0-9_-]{1,64}`` or repeated, parameters that are not an object schema,
 ``tool_choice`` or ``parallel_tool_calls`` without ``tools``, a named tool that is not
-in ``tools``, and a ``tool`` message whose ``tool_call_id`` no earlier call has.
+in ``tools``, a ``tool`` message whose ``tool_call_id`` no earlier call has, and several
+calls in one history turn of a format that carries one (Llama 3).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import secrets
 from dataclasses import dataclass
 
 from slmkit.engine.grammar import Grammar, GrammarError, check
-from slmkit.engine.tools import (NAME_RE, CallDelta, Tool, ToolCallScanner, ToolFormatError,
-                                 conversation, text_grammar, tool_grammar)
+from slmkit.engine.tool_formats import GENERIC, ToolFormat, render_chat
+from slmkit.engine.tools import NAME_RE, CallDelta, Tool, ToolFormatError
 from slmkit.serve.protocol import APIError, ChatRequest, CompletionRequest
 
 
@@ -35,11 +37,33 @@ def _bad(param: str, message: str) -> APIError:
 
 @dataclass
 class OutputPlan:
-    """The grammar for a request's answer and, for a tool turn, the tools it may call."""
+    """The grammar for a request's answer and, for a tool turn, the tools it may call.
+
+    A tool turn's grammar depends on how the served model writes calls
+    (:mod:`slmkit.engine.tool_formats`): :func:`output_plan` builds it for the generic
+    format, and the service re-binds the plan to its model's own format
+    (:meth:`bind`)."""
 
     grammar: Grammar | None = None
     tools: list[Tool] | None = None
     required: bool = False
+    parallel: bool = True
+    #: tools were given with ``tool_choice: "none"``: text that does not start like a call
+    no_call: bool = False
+    format: ToolFormat = GENERIC
+    #: the grammar ``response_format`` asks for (kept to re-bind)
+    response: Grammar | None = None
+
+    def bind(self, fmt: ToolFormat) -> OutputPlan:
+        """Set the grammar for a model whose template writes calls in ``fmt`` (400 naming
+        ``tools`` when that grammar cannot be compiled). Returns ``self``."""
+        if self.tools:
+            self.grammar = _checked(fmt.grammar(self.tools, self.required, self.parallel),
+                                    "tools")
+        elif self.no_call:
+            self.grammar = self.response or fmt.text_grammar()
+        self.format = fmt
+        return self
 
 
 def _checked(grammar: Grammar, param: str) -> Grammar:
@@ -94,8 +118,9 @@ def _tools(req: ChatRequest) -> list[Tool]:
     return tools
 
 
-def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
-    """Check ``response_format``, ``tools``, ``tool_choice`` and ``parallel_tool_calls``.
+def output_plan(req: CompletionRequest | ChatRequest, fmt: ToolFormat = GENERIC) -> OutputPlan:
+    """Check ``response_format``, ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
+    the plan's grammar is for a model writing calls in ``fmt`` (see :meth:`OutputPlan.bind`).
 
     Raises:
         APIError: 400 naming the field that cannot be honoured.
@@ -110,7 +135,7 @@ def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
     tools = _tools(req)
     choice = req.tool_choice or "auto"
     if choice == "none":
-        return OutputPlan(grammar or text_grammar())
+        return OutputPlan(grammar, no_call=True, response=grammar).bind(fmt)
     if grammar is not None:
         raise _bad("response_format", "a JSON response format cannot be combined with tools "
                    "the model may call; send tool_choice 'none' for a JSON answer, or drop "
@@ -123,22 +148,18 @@ def output_plan(req: CompletionRequest | ChatRequest) -> OutputPlan:
                        "of the 'tools'")
     # a named function is one call, as OpenAI's tool_choice {"type": "function", ...} means
     parallel = req.parallel_tool_calls is not False and isinstance(choice, str)
-    return OutputPlan(_checked(tool_grammar(tools, required, parallel), "tools"), tools,
-                      required)
+    return OutputPlan(tools=tools, required=required, parallel=parallel).bind(fmt)
 
 
-def chat_messages(req: ChatRequest, plan: OutputPlan,
-                  tool_role: bool = True) -> list[dict[str, str]]:
-    """The conversation as ``[{"role", "content"}]`` for ``apply_chat_template``
-    (:func:`slmkit.engine.tools.conversation`, the renderer fine-tuning uses too).
-
-    ``tool_role``: keep ``tool`` messages in their own role (for templates that render
-    it); False turns them into user turns that name the call."""
+def chat_messages(req: ChatRequest, plan: OutputPlan, tokenizer) -> tuple[list[dict], dict]:
+    """The conversation and keyword arguments for ``tokenizer.apply_chat_template``, in
+    the plan's tool format (:func:`slmkit.engine.tool_formats.render_chat`, the renderer
+    fine-tuning and the function-calling eval use too)."""
     messages = [{"role": m.role, "content": m.text(), "tool_call_id": m.tool_call_id,
                  "tool_calls": [c.model_dump() for c in m.tool_calls or []]}
                 for m in req.messages]
     try:
-        return conversation(messages, plan.tools, plan.required, tool_role)
+        return render_chat(tokenizer, messages, plan.tools, plan.required, plan.format)
     except ToolFormatError as e:
         raise _bad(e.param, str(e)) from None
 
@@ -146,19 +167,26 @@ def chat_messages(req: ChatRequest, plan: OutputPlan,
 class ToolCallReader:
     """Generated text -> OpenAI ``tool_calls`` (for a turn whose plan has tools).
 
-    A turn is a call when its text starts with ``{`` (the grammar allows plain text only
+    A turn is a call when its text starts like one in the model's tool format ``fmt``
+    (``{``, or ``<tool_call>`` in the hermes format; the grammar allows plain text only
     when it starts otherwise). :meth:`feed` returns ``(content_delta, tool_call_deltas)``
     where each tool-call delta is already in OpenAI's streaming shape.
     """
 
-    def __init__(self):
-        self.scanner = ToolCallScanner()
+    def __init__(self, fmt: ToolFormat = GENERIC):
+        self.format = fmt
+        self.scanner = fmt.scanner()
         self.is_call: bool | None = None
         self.ids: list[str] = []
+        self._head = ""
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
-        if self.is_call is None and text:
-            self.is_call = text.startswith("{")
+        if self.is_call is None:
+            self._head += text
+            self.is_call = self.format.starts_call(self._head)
+            if self.is_call is None:
+                return "", []
+            text, self._head = self._head, ""
         if not self.is_call:
             return text, []
         return "", [self._delta(d) for d in self.scanner.feed(text)]

@@ -12,8 +12,11 @@ Data: the JSONL rows of :mod:`slmkit.data.corpus` (``prompt``/``completion`` or 
 chat row the last message must be the assistant's: it is the completion, everything before
 it is the prompt. A conversation with tool calls (OpenAI format: assistant ``tool_calls``,
 ``role: "tool"`` results, a ``tools`` list per row; or ``--data function-calling``, the
-built-in set's train split) is rendered with the generic tool format the server uses
-(:mod:`slmkit.engine.tools`) and trained on every assistant turn, calls and answers alike.
+built-in set's train split) is rendered the way the server prompts that model
+(:func:`slmkit.engine.tool_formats.render_chat`: the template's own tool format when it
+has one, such as Qwen2.5's ``<tool_call>`` blocks or Llama 3.2's JSON calls, else the
+generic format of :mod:`slmkit.engine.tools`) and trained on every assistant turn, calls
+and answers alike.
 
 Bad rows are refused with the file and line: a missing field, an empty completion, or a
 sample longer than the context (``--seq-len``). Items of a built-in task (``--data
@@ -109,11 +112,12 @@ def format_example(tok, doc, where: str | None = None, template: str = "chat") -
 
 
 def _format_tool_example(tok, doc, where: str, template: str) -> SFTExample:
-    """A conversation with tool calls, rendered with the generic tool format the server
-    prompts with (:func:`slmkit.engine.tools.render_conversation`), trained on every
+    """A conversation with tool calls, rendered as the server prompts this tokenizer's
+    model (:func:`slmkit.engine.tool_formats.render_chat`), trained on every
     assistant turn (each call and each answer, end-of-turn included) and nothing else:
     the system prompt, the user's turns and the tool results are masked."""
-    from slmkit.engine.tools import parse_tools, render_conversation
+    from slmkit.engine.tool_formats import render_chat
+    from slmkit.engine.tools import ToolFormatError, parse_tools
 
     if template != "chat" or not getattr(tok, "chat_template", None):
         raise DataError(f"{where}: a conversation with tool calls needs the tokenizer's chat "
@@ -121,19 +125,23 @@ def _format_tool_example(tok, doc, where: str, template: str) -> SFTExample:
     if doc.messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's (a call or an "
                         "answer); add it or drop the trailing messages.")
-    conv = render_conversation(tok, doc.messages, parse_tools(doc.tools) if doc.tools
-                               else None)
+    try:
+        conv, kwargs = render_chat(tok, doc.messages, parse_tools(doc.tools) if doc.tools
+                                   else None)
+    except ToolFormatError as e:
+        raise DataError(f"{where} has a bad '{e.param}': {e}.") from None
     ids: list[int] = []
     spans = []
     done = ""                                           # the text rendered so far
     for k, m in enumerate(conv):
         if m["role"] != "assistant":
             continue
-        if not m["content"].strip():
+        if not m["content"].strip() and not m.get("tool_calls"):
             raise DataError(f"{where} has an empty assistant turn; give it content or "
                             "tool_calls.")
-        prompt = tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(conv[:k + 1], tokenize=False)
+        prompt = tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True,
+                                         **kwargs)
+        full = tok.apply_chat_template(conv[:k + 1], tokenize=False, **kwargs)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError(f"{where}: the chat template renders earlier turns differently "
                             "once later ones follow, so the assistant turns cannot be "
