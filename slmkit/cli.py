@@ -131,6 +131,8 @@ STEP_VERBS = {
               "(--structured)."),
     "factorize": ("factorize", "Replace linears by low-rank factors B @ A (SVD or "
                   "activation-aware SVD)."),
+    "search": ("search", "Search per-layer compression (bits, group size, dense) for the "
+               "best model under a size / decode-speed budget."),
     "export": ("export", "Export to GGUF (llama.cpp / Ollama) or ONNX (ONNX Runtime)."),
     "import": ("import", "Import a GGUF file (llama.cpp / Ollama) or builtin:NAME as a Hugging "
                "Face model dir."),

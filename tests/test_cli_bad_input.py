@@ -34,6 +34,7 @@ def base_args(verb: str, model: str, tok: str, out: str) -> list[str]:
         "quantize": ["quantize", model, "--out", out],
         "prune": ["prune", model, "--out", out],
         "factorize": ["factorize", model, "--out", out],
+        "search": ["search", model, "--max-size-mb", "1", "--out", out],
         "export": ["export", model, "--format", "gguf", "--out", out],
         "import": ["import", model, "--out", out],
         "eval": ["eval", model, "--out", out],

@@ -16,8 +16,9 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-#: Subfolders that travel with a model dir but are not part of the model (training state).
-NOT_MODEL = {"checkpoints"}
+#: Subfolders that travel with a model dir but are not part of the model (training state,
+#: ``slm search``'s report).
+NOT_MODEL = {"checkpoints", "search"}
 
 
 def dir_size(path: Path) -> int:
@@ -38,6 +39,7 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     fmt = formats.format_of(config)
     quant = getattr(config, "slmkit", None) or {}
     quant_bits = quant.get("bits") if quant.get("format") == "quant" else None
+    grids = (quant.get("layer_grids") or {}) if quant_bits else {}   # mixed precision
     # slm prune --compact: a layer's kept values stand for its dense out x in weights
     nm_layers = quant.get("layers") if quant.get("format") == "nm_sparse" else None
     nm_dense = {f"{k}.weight_nm_values": v[0] * v[1] for k, v in (nm_layers or {}).items()}
@@ -57,11 +59,14 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
                 n = nm_dense[name]
             elif nm_layers and name.endswith(".weight_nm_mask"):
                 n = 0
-            elif quant_bits == 3 and name.endswith(".qweight"):  # padded, or an older layout
-                n = _int3_params(t["shape"], header.get(name[:-len("qweight")] + "scales"),
-                                 quant.get("group_size"))
             else:
-                n = _quant_params(name, n, quant_bits)
+                bits, group = grids.get(name.rpartition(".")[0],
+                                        (quant_bits, quant.get("group_size")))
+                if bits == 3 and name.endswith(".qweight"):  # padded, or an older layout
+                    n = _int3_params(t["shape"], header.get(name[:-len("qweight")] + "scales"),
+                                     group)
+                else:
+                    n = _quant_params(name, n, bits)
             n_params += n
             dtypes[t["dtype"]] += n
             if ".experts" in name:

@@ -387,7 +387,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, step: str,
         metrics: figures measured on the result.
         parent: the model this one was made from; defaults to where ``model`` was loaded
             from (``model.slmkit_lineage``), or none for a model built from scratch.
-        extra_files: more files to write into the dir (name -> content).
+        extra_files: more files to write into the dir (name -> content; a name may hold
+            a subfolder).
         state_dict: tensors to write instead of the model's own (a compact on-disk format
             whose loader is named in ``model.config.slmkit``).
 
@@ -408,6 +409,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, step: str,
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)   # "search/pareto.json"
             with open(tmp / name, mode) as f:
                 f.write(content)
         record = lineage.make_record(step, params, metrics, chain)

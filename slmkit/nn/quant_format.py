@@ -1,7 +1,9 @@
 """The ``"quant"`` on-disk format: rebuild ``QuantLinear`` layers when loading.
 
 ``config.json`` holds ``"slmkit": {"format": "quant", "method", "bits", "group_size",
-"sym", "bits_per_weight", "layers"}`` (plus a descriptive ``quantization_config``);
+"sym", "bits_per_weight", "layers"}`` (plus a descriptive ``quantization_config``), and
+``"layer_grids": {name: [bits, group_size]}`` for the layers of a mixed-precision model
+(``slm search``) whose grid is not the default one;
 ``model.safetensors`` holds each quantized layer's ``qweight`` / ``scales`` / ``zeros`` /
 ``bias`` / ``input_scale`` under the layer's name (a ``.qweight`` tensor marks a quantized
 layer), and every other tensor as in a dense checkpoint. :func:`load` is the format's
@@ -68,7 +70,7 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
                                  "architecture does not have; re-create it with "
                                  "`slm quantize`.") from None
         b, g = emb_grid if id(old) in table and section.get("embeddings") else \
-            (bits, group_size)
+            tuple(section.get("layer_grids", {}).get(name, (bits, group_size)))
         if isinstance(old, nn.Embedding):
             layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, b, g, sym,
                                    padding_idx=old.padding_idx, dtype=dtype,

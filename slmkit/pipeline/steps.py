@@ -66,6 +66,8 @@ STEP_KINDS: dict[str, StepKind] = {
     "factorize": StepKind("slmkit.compress.factorize.config:FactorizeConfig",
                           "slmkit.compress.factorize.api:run_factorize",
                           "SVD / activation-aware SVD low-rank factorization"),
+    "search": StepKind("slmkit.search.config:SearchConfig", "slmkit.search.run:run_search",
+                       "per-layer compression searched under size / speed budgets"),
     "eval": StepKind("slmkit.eval.evaluate:EvalConfig", "slmkit.eval.evaluate:run_eval",
                      "one model's perplexity, task scores and speed (results.json)"),
     "compare": StepKind("slmkit.eval.compare:CompareConfig", "slmkit.eval.compare:run_compare",

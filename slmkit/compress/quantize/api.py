@@ -37,23 +37,29 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def _check_layers(linears: dict[str, nn.Module], cfg: QuantizeOptions) -> None:
+def _check_layers(linears: dict[str, nn.Module], cfg: QuantizeOptions,
+                  grids: dict[str, tuple[int, int]]) -> None:
     for name, module in linears.items():
         _, in_features = linear_shape(module)
-        check_scheme(cfg.bits, cfg.group_size, in_features, name)
-        if cfg.bits == 4 and in_features % 2:
+        bits, group_size = grids.get(name, (cfg.bits, cfg.group_size))
+        check_scheme(bits, group_size, in_features, name)
+        if bits == 4 and in_features % 2:
             raise ConfigError(f"{name} has an odd number of input features ({in_features}), "
                               "which 4-bit packing cannot store; --ignore it or use --bits 8.")
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[str, Any]:
+def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions,
+                   grids: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """Quantize ``model``'s selected linears in place and mark its config as quantized.
 
     Args:
         model: a dense causal LM (fp32 recommended).
         tokenizer: its tokenizer (for calibration data).
         cfg: the run's options.
+        grids: ``{linear name: (bits, group_size)}`` for layers on a grid of their own (a
+            mixed-precision model, as ``slm search`` writes; RTN and GPTQ); recorded in
+            ``config.json`` as ``layer_grids``.
 
     Returns:
         A summary: ``layers``, ``quantized_params``, ``bits_per_weight`` (effective, over
@@ -74,15 +80,18 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[st
     if not linears:
         raise ConfigError(f"No linear layer matches --targets {cfg.targets} (minus --ignore "
                           f"{cfg.ignore}); check the patterns against `slm info` layer names.")
-    widths = [linear_shape(m)[1] for m in linears.values()]
+    grids = dict(grids or {})
+    if grids and cfg.method == "awq":
+        raise ConfigError("Per-layer grids work with --method rtn or gptq, not awq.")
+    widths = [linear_shape(m)[1] for n, m in linears.items() if n not in grids]
     if cfg.quantize_embeddings:
         widths.append(model.get_input_embeddings().embedding_dim)
     cfg.resolve_group_size(widths)
     if cfg.quantize_embeddings:
         _check_embedding(model, cfg)
-    _check_layers(linears, cfg)
+    _check_layers(linears, cfg, grids)
     model_type = getattr(model.config, "model_type", "")
-    modifier = MODIFIERS[cfg.method](cfg, linears, model_type)
+    modifier = MODIFIERS[cfg.method](cfg, linears, model_type, grids=grids)
     if cfg.needs_calibration:
         batches = calibration_batches(tokenizer, cfg.calib_data, "train", cfg.calib_samples,
                                       cfg.calib_seq_len, seed=cfg.seed)
@@ -101,7 +110,7 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[st
     for name, r in modifier.results.items():
         old = linears[name]
         bias = old.bias if getattr(old, "bias", None) is not None else None
-        layer = QuantLinear.from_codes(r.codes, r.scale, r.zero, cfg.bits, cfg.group_size,
+        layer = QuantLinear.from_codes(r.codes, r.scale, r.zero, *modifier.grid(name),
                                        cfg.sym, bias=bias, input_scale=r.input_scale,
                                        conv1d=is_conv1d(old), dtype=dtype)
         set_module(model, name, layer)
@@ -119,6 +128,11 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions) -> dict[st
     if cfg.quantize_embeddings:
         summary["embeddings"] = quantize_embeddings(model, cfg)
     _mark_config(model, cfg, modifier.results, bpw)
+    own = {n: list(g) for n, g in grids.items()
+           if n in modifier.results and tuple(g) != (cfg.bits, cfg.group_size)}
+    if own:
+        model.config.slmkit["layer_grids"] = own
+        model.config.quantization_config["layer_grids"] = own
     return summary
 
 

@@ -52,13 +52,21 @@ class QuantizeModifier:
         cfg: the run's options.
         linears: ``{full_name: module}`` from ``match_linears``.
         model_type: ``config.model_type`` (AWQ's mapping table key).
+        grids: per-layer ``(bits, group_size)`` that replace ``cfg``'s grid for those layers
+            (a mixed-precision model, as ``slm search`` writes; RTN and GPTQ only).
     """
 
-    def __init__(self, cfg: QuantizeConfig, linears: dict[str, nn.Module], model_type: str):
+    def __init__(self, cfg: QuantizeConfig, linears: dict[str, nn.Module], model_type: str,
+                 grids: dict[str, tuple[int, int]] | None = None):
         self.cfg = cfg
         self.linears = linears
         self.model_type = model_type
+        self.grids = dict(grids or {})
         self.results: dict[str, QuantizedLayer] = {}
+
+    def grid(self, name: str) -> tuple[int, int]:
+        """``(bits, group_size)`` of layer ``name``."""
+        return self.grids.get(name, (self.cfg.bits, self.cfg.group_size))
 
     def block_linears(self, block_name: str) -> dict[str, nn.Module]:
         prefix = block_name + "."
@@ -72,14 +80,15 @@ class QuantizeModifier:
         self.results[name] = QuantizedLayer(codes, scale, zero, input_scale)
         if not self.cfg.needs_calibration:
             return
-        w = dequantize_codes(codes, scale, zero, self.cfg.group_size)
+        w = dequantize_codes(codes, scale, zero, self.grid(name)[1])
         if input_scale is not None:
             w = w / input_scale[None, :]
         set_weight_matrix(self.linears[name], w)
 
     def quantize_rtn(self, name: str) -> None:
         w = weight_matrix(self.linears[name])
-        self.record(name, *quantize_rtn(w, self.cfg.bits, self.cfg.group_size, self.cfg.sym))
+        bits, group_size = self.grid(name)
+        self.record(name, *quantize_rtn(w, bits, group_size, self.cfg.sym))
 
     def quantize_remaining(self) -> None:
         """RTN for selected linears that no block callback reached (outside the blocks)."""
@@ -129,17 +138,19 @@ class GPTQModifier(QuantizeModifier):
                 feed_linears(block, inputs, {group[0]: heads[group[0]]},
                              lambda n, x: acc.add(x))
             # GPTQ treats every output row on its own given the shared Hessian, so the
-            # group's linears are stacked row-wise and solved in one call (same codes,
-            # fewer trips through the column loop)
-            ws = [weight_matrix(linears[name]) for name in group]
-            codes, scale, zero = gptq_quantize_weight(
-                torch.cat(ws), acc.hessian, cfg.bits, cfg.group_size, cfg.sym, damp=cfg.damp,
-                block_size=cfg.block_size, act_order=cfg.act_order,
-                preserve_zeros=cfg.preserve_zeros, clip_search=cfg.gptq_clip)
-            rows = [w.shape[0] for w in ws]
-            for name, c, sc, z in zip(group, codes.split(rows), scale.split(rows),
-                                      zero.split(rows)):
-                self.record(name, c, sc, z)
+            # group's linears on one grid are stacked row-wise and solved in one call (same
+            # codes, fewer trips through the column loop)
+            for grid in dict.fromkeys(self.grid(name) for name in group):
+                names = [name for name in group if self.grid(name) == grid]
+                ws = [weight_matrix(linears[name]) for name in names]
+                codes, scale, zero = gptq_quantize_weight(
+                    torch.cat(ws), acc.hessian, *grid, cfg.sym, damp=cfg.damp,
+                    block_size=cfg.block_size, act_order=cfg.act_order,
+                    preserve_zeros=cfg.preserve_zeros, clip_search=cfg.gptq_clip)
+                rows = [w.shape[0] for w in ws]
+                for name, c, sc, z in zip(names, codes.split(rows), scale.split(rows),
+                                          zero.split(rows)):
+                    self.record(name, c, sc, z)
 
 
 class AWQModifier(QuantizeModifier):

@@ -1,0 +1,189 @@
+"""slm search: per-layer sensitivities, the solve (checked against brute force), the budgets
+re-measured on the written model dir, refusals, and the mixed-precision format."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from slmkit.search.config import SearchConfig
+from slmkit.search.solve import brute_force, solve_knapsack
+
+FAST = ["--calib-samples", "8", "--calib-seq-len", "64", "--kl-samples", "4",
+        "--kl-seq-len", "64", "--threads", "1"]
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="x", max_size_mb=1.0, calib_samples=8, calib_seq_len=64, kl_samples=4,
+                kl_seq_len=64, cache_dir=str(tmp_path / "cache"))
+    return SearchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def sens(llama_dir, tmp_path_factory):
+    """Exact per-(layer, option) KLs of the tiny Llama."""
+    from slmkit.models.io import load_model
+    from slmkit.search.sensitivity import measure_sensitivities
+
+    model, tok = load_model(llama_dir, dtype="fp32")
+    cfg = _cfg(tmp_path_factory.mktemp("s"), sensitivity="exact")
+    layers, path, complete = measure_sensitivities(model, tok, cfg)
+    return model, tok, cfg, layers, path, complete
+
+
+def test_knapsack_matches_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for _ in range(150):
+        n = rng.randint(1, 5)
+        costs = [[rng.random() for _ in range(3)] for _ in range(n)]
+        weights = [[rng.randint(1, 60) for _ in range(3)] for _ in range(n)]
+        budget = rng.randint(1, 180)
+        a, b = solve_knapsack(costs, weights, budget), brute_force(costs, weights, budget)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert sum(weights[i][j] for i, j in enumerate(a)) <= budget
+            assert sum(costs[i][j] for i, j in enumerate(a)) == pytest.approx(
+                sum(costs[i][j] for i, j in enumerate(b)), abs=1e-12)
+
+
+def test_sensitivities_are_measured_and_cached(sens):
+    from slmkit.search.sensitivity import measure_sensitivities
+
+    model, tok, cfg, layers, path, complete = sens
+    assert complete and path.exists()
+    assert len(layers) == 14                       # 2 blocks x 7 linears, no lm_head
+    for info in layers.values():
+        assert info.kl["dense"] == 0.0
+        assert set(info.measured) == {o.key for o in info.options if not o.dense}
+        assert info.bytes["q3g32"] < info.bytes["q4g32"] < info.bytes["q8"] < info.bytes["dense"]
+    # fewer bits, more divergence (q/k of a random tiny model sit at float noise, ~1e-8)
+    assert sum(i.kl["q3g32"] for i in layers.values()) > \
+        3 * sum(i.kl["q4g32"] for i in layers.values()) > \
+        9 * sum(i.kl["q8"] for i in layers.values())
+    loud = [i for i in layers.values() if i.kl["q8"] > 1e-7]
+    assert loud and all(i.kl["q3g32"] > i.kl["q4g32"] > i.kl["q8"] for i in loud)
+    # a second call reads the cache (no model pass: the cache file is not rewritten)
+    mtime = path.stat().st_mtime_ns
+    again, _, _ = measure_sensitivities(model, tok, cfg)
+    assert path.stat().st_mtime_ns == mtime
+    assert {n: i.kl for n, i in again.items()} == {n: i.kl for n, i in layers.items()}
+
+
+def test_tail_reference_is_the_models_own_distribution(sens):
+    from slmkit.compress.calibrate import calibration_batches
+    from slmkit.search.sensitivity import Tail
+
+    model, tok, cfg, *_ = sens
+    batches = calibration_batches(tok, cfg.calib_data, "train", 4, 32, batch_size=4, seed=5)
+    tail = Tail(model, batches)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=batches[0]).logits.float(), -1)
+    ref = ref.reshape(-1, ref.shape[-1])                    # [tokens, vocab]
+    torch.testing.assert_close(tail.ref[0], ref, atol=1e-4, rtol=1e-4)
+    assert tail.kl(0) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_solve_on_measured_sensitivities_is_optimal_by_enumeration(sens):
+    """The tiny space: block 0's seven linears, three options each (3^7 assignments)."""
+    *_, layers, _, _ = sens
+    names = [n for n in layers if ".layers.0." in n]
+    keys = ["q8", "q4g32", "q3g64"]
+    costs = [[layers[n].kl[k] for k in keys] for n in names]
+    weights = [[layers[n].bytes[k] for k in keys] for n in names]
+    lo, hi = sum(min(w) for w in weights), sum(max(w) for w in weights)
+    for frac in (0.1, 0.35, 0.6, 0.9):
+        budget = int(lo + frac * (hi - lo))
+        picks = solve_knapsack(costs, weights, budget)
+        best = min((sum(c[j] for c, j in zip(costs, combo)), combo)
+                   for combo in itertools.product(range(3), repeat=len(names))
+                   if sum(w[j] for w, j in zip(weights, combo)) <= budget)
+        assert sum(c[j] for c, j in zip(costs, picks)) == pytest.approx(best[0], rel=1e-12)
+        assert sum(w[j] for w, j in zip(weights, picks)) <= budget
+
+
+def test_search_writes_a_model_within_budget(llama_dir, tmp_path, cli):
+    from slmkit.models.info import dir_size, model_info
+    from slmkit.models.io import load_model
+    from slmkit.nn.quant_linear import QuantLinear
+
+    out = tmp_path / "searched"
+    budget_mb = 0.36
+    r = cli("search", str(llama_dir), "--max-size-mb", str(budget_mb), *FAST,
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Pareto front" in r.stdout
+    assert dir_size(out) <= budget_mb * 1e6           # re-measured from the written files
+    report = json.loads((out / "search" / "search.json").read_text())
+    assert (out / "search" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["chosen"]["written_bytes"] == dir_size(out)
+    assert report["chosen"]["size_bytes"] >= dir_size(out)   # the prediction never undercounts
+    assert len(report["pareto"]) >= 3
+    # the additive prediction and the true end-to-end KL agree to a factor of two here
+    chosen = report["chosen"]
+    assert 0.5 < chosen["true_kl"] / chosen["predicted_kl"] < 2
+    info = model_info(out)
+    assert info["lineage"][-1]["step"] == "search"
+    model, _ = load_model(out)
+    for name, key in report["assignment"].items():
+        layer = model.get_submodule(name)
+        if key == "dense":
+            assert not isinstance(layer, QuantLinear)
+        else:
+            assert isinstance(layer, QuantLinear)
+            assert f"q{layer.bits}" + ("" if layer.group_size == -1
+                                       else f"g{layer.group_size}") == key
+    # a bigger budget never predicts a worse model (the front is monotone)
+    kls = [p["predicted_kl"] for p in report["pareto"]]
+    assert all(b <= a + 1e-15 for a, b in zip(kls, kls[1:]))
+
+
+def test_unmeetable_budgets_are_refused(llama_dir, tmp_path, cli):
+    out = tmp_path / "never"
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.05", *FAST,
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 2
+    assert "cannot be met" in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = cli("search", str(llama_dir), "--out", str(out))
+    assert r.returncode == 2 and "budget" in (r.stderr + r.stdout)
+
+
+def test_speed_budget_predicts_and_remeasures(llama_dir, tmp_path, cli):
+    out = tmp_path / "fast"
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.4", "--min-decode-tok-s", "5",
+            *FAST, "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    chosen = json.loads((out / "search" / "search.json").read_text())["chosen"]
+    assert chosen["predicted_decode_tok_s"] >= 5
+    assert chosen["measured_decode_tok_s"] > 0
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.4", "--min-decode-tok-s", "1e9",
+            *FAST, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "no"))
+    assert r.returncode == 2 and "cannot be met" in r.stderr + r.stdout
+
+
+def test_mixed_grids_round_trip(llama_dir, tmp_path, tokenizer):
+    """quantize_model with per-layer grids writes layer_grids, and the format loads them."""
+    from slmkit.compress.quantize.api import quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.models import save_model
+    from slmkit.models.info import model_info
+    from slmkit.models.io import load_model
+
+    model, tok = load_model(llama_dir, dtype="fp32")
+    grids = {"model.layers.0.mlp.down_proj": (8, -1), "model.layers.1.self_attn.q_proj": (3, 32)}
+    quantize_model(model, tok, QuantizeOptions(bits=4, group_size=64), grids=grids)
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    out = save_model(model, tok, tmp_path / "mixed", step="quantize")
+    loaded, _ = load_model(out)
+    assert loaded.get_submodule("model.layers.0.mlp.down_proj").bits == 8
+    assert loaded.get_submodule("model.layers.1.self_attn.q_proj").group_size == 32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, before)
+    info = model_info(out)
+    assert info["params"] == model_info(llama_dir)["params"]
