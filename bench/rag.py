@@ -4,7 +4,9 @@ Everything runs on the built-in question set (stdlib docstrings, ``slmkit.rag.ev
 and real models, offline:
 
 1. **Retrieval** on the built-in index (29 stdlib modules): recall@5, nDCG@10 and MRR for
-   BM25, dense (all-MiniLM-L6-v2) and hybrid (reciprocal rank fusion).
+   BM25, dense (all-MiniLM-L6-v2) and hybrid (the default fusion); then every fusion
+   function over the same candidates (``--fusion``: RRF at several k, weighted RRF, convex
+   combinations), with the weight picked by 2-fold cross-validation.
 2. **Embedders**: MiniLM against the built-in SmolLM2-135M's own mean-pooled hidden
    states, each indexing the same ``--embed-files`` modules, on those modules' questions
    (dense and hybrid). The build rate (chunks/s) of each is measured here, on a fresh
@@ -15,7 +17,8 @@ and real models, offline:
 4. **Scale**: the built-in index's chunks and vectors copied until the store holds
    ``--scale`` chunks (10 000; copies of real rows, so the scan costs what 10k distinct
    chunks cost), then BM25, vector search and hybrid timed over ``--queries`` questions
-   (p50/p95; the query embedding is timed on its own).
+   (p50/p95; the query embedding is timed on its own, through ONNX Runtime as searches
+   run it and, in turn on the same query, through transformers).
 
 Run under the team lock::
 
@@ -98,11 +101,15 @@ def scale(index: Path, target: int, questions, work: Path) -> dict:
     bm25_build_s = time.perf_counter() - t
     store.close()
     retriever = Retriever.open(big)
-    times = {"embed_query": [], "bm25": [], "dense_search": [], "hybrid": []}
+    times = {"embed_query": [], "embed_query_torch": [], "bm25": [], "dense_search": [],
+             "hybrid": []}
     for q in questions:
         t = time.perf_counter()
-        vec = retriever.embed_query(q.question)
+        vec = retriever.embed_query(q.question)                # ONNX Runtime when installed
         times["embed_query"].append(time.perf_counter() - t)
+        t = time.perf_counter()                                # the same on transformers
+        retriever.embedder.encode_query(q.question, onnx=False)
+        times["embed_query_torch"].append(time.perf_counter() - t)
         for mode, key in (("bm25", "bm25"), ("dense", "dense_search"), ("hybrid", "hybrid")):
             t = time.perf_counter()
             retriever.search(q.question, k=10, mode=mode, query_vector=vec)
@@ -120,6 +127,80 @@ def scale(index: Path, target: int, questions, work: Path) -> dict:
     return out
 
 
+def fusion_sweep(retriever, questions, depth: int = 50) -> dict:
+    """Fusion functions over the same BM25 and dense candidate lists (``depth`` each), on
+    the bench's questions: reciprocal rank fusion (Cormack et al. 2009) with several k,
+    weighted RRF, and the convex combination of min-max normalised scores that Bruch et al.
+    (2023, "An Analysis of Fusion Functions for Hybrid Retrieval") found better than RRF
+    when its weight is tuned. The weight is picked by 2-fold cross-validation (even / odd
+    questions) so the held-out figure is not tuned on itself."""
+    from slmkit.rag import metrics as M
+    from slmkit.rag.evaluate import n_relevant
+    from slmkit.rag.retrieve import convex, rrf
+
+    rows = []
+    for q in questions:
+        vec = retriever.embed_query(q.question)
+        lexical = retriever.lexical.search(q.question, depth)
+        dense = retriever.store.dense(vec, depth)
+        ids = {i for i, _ in lexical} | {i for i, _ in dense}
+        chunk = retriever.store.chunk_rows(sorted(ids))
+        rel = {i: any(g.matches(chunk[i]["path"], chunk[i]["display"], chunk[i]["start_line"],
+                                chunk[i]["end_line"]) for g in q.sources) for i in ids}
+        rows.append((lexical, dense, rel, n_relevant(retriever.store, q)))
+
+    def fused(name, lexical, dense):
+        kind, _, arg = name.partition(":")
+        if kind == "bm25":
+            return [i for i, _ in lexical]
+        if kind == "dense":
+            return [i for i, _ in dense]
+        if kind == "rrf":
+            return [i for i, _ in rrf([[i for i, _ in lexical], [i for i, _ in dense]],
+                                      int(arg))]
+        if kind == "wrrf":                      # BM25 weighted w, dense 1, k = 60
+            w, score = float(arg), {}
+            for r, (i, _) in enumerate(lexical, 1):
+                score[i] = score.get(i, 0.0) + w / (60 + r)
+            for r, (i, _) in enumerate(dense, 1):
+                score[i] = score.get(i, 0.0) + 1 / (60 + r)
+            return sorted(score, key=lambda i: -score[i])
+        return [i for i, _ in convex(lexical, dense, float(arg))]   # what --fusion convex runs
+
+    names = ["bm25", "dense"] + [f"rrf:{k}" for k in (1, 10, 30, 60, 100)] + \
+        [f"wrrf:{w}" for w in (1.5, 2, 3, 4)] + \
+        [f"convex:{a}" for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    per = {n: [] for n in names}
+    for lexical, dense, rel, ideal in rows:
+        for n in names:
+            ranked = [rel[i] for i in fused(n, lexical, dense)[:10]]
+            per[n].append((M.ndcg_at(ranked, 10, ideal), M.recall_at(ranked, 5),
+                           M.reciprocal_rank(ranked)))
+
+    def mean(n, idx, which=None):
+        vals = [v[idx] for j, v in enumerate(per[n]) if which is None or j % 2 == which]
+        return sum(vals) / len(vals)
+
+    def versus_bm25(n):                         # questions better / worse than BM25 alone
+        pairs = list(zip(per[n], per["bm25"]))
+        return (sum(a[0] > b[0] + 1e-9 for a, b in pairs),
+                sum(a[0] < b[0] - 1e-9 for a, b in pairs))
+
+    out = {"questions": len(rows), "depth": depth,
+           "all": {n: {"ndcg@10": mean(n, 0), "recall@5": mean(n, 1), "mrr": mean(n, 2),
+                       "better_worse_than_bm25": versus_bm25(n)} for n in names}}
+    for family in ("rrf", "wrrf", "convex"):
+        members = [n for n in names if n.startswith(family + ":")]
+        held, picks = [], []
+        for fold in (0, 1):                     # tune on one half, score the other
+            best = max(members, key=lambda n: mean(n, 0, fold))
+            picks.append(best)
+            held.append(mean(best, 0, 1 - fold))
+        out[f"cv_{family}"] = {"picked": picks, "held_out_ndcg@10": sum(held) / 2}
+    out["cv_bm25"] = {"held_out_ndcg@10": (mean("bm25", 0, 0) + mean("bm25", 0, 1)) / 2}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--answers", type=int, default=40, help="questions answered by the "
@@ -130,6 +211,8 @@ def main(argv=None) -> int:
                     "(0: skip)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
+                    help="sweep fusion functions over the same candidates")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rag.json")
     args = ap.parse_args(argv)
 
@@ -156,9 +239,20 @@ def main(argv=None) -> int:
     retriever = Retriever.open(index)
     result["retrieval"] = evaluate_retrieval(retriever, answerable, ["bm25", "dense",
                                                                      "hybrid"], 10, {})
-    retriever.close()
     retrieval_table(f"retrieval, {len(answerable)} questions, {built.figures['chunks']} "
                     "chunks", result["retrieval"])
+    if args.fusion:
+        f = result["fusion"] = fusion_sweep(retriever, answerable)
+        print_table(f"fusion functions, {f['questions']} questions, top {f['depth']} of each",
+                    [(n, f"{r['ndcg@10']:.3f}", f"{r['recall@5']:.3f}", f"{r['mrr']:.3f}",
+                      "{} / {}".format(*r["better_worse_than_bm25"]))
+                     for n, r in f["all"].items()], header=("fusion", "nDCG@10", "recall@5",
+                                                             "MRR", "vs BM25 +/-"))
+        print_table("2-fold cross-validated nDCG@10 (weight picked on the other half)", [
+            (k[3:], ", ".join(v.get("picked", [])), f"{v['held_out_ndcg@10']:.3f}")
+            for k, v in f.items() if k.startswith("cv_")], header=("family", "picked",
+                                                                     "held-out nDCG@10"))
+    retriever.close()
 
     with tempfile.TemporaryDirectory(prefix="slmkit-bench-rag-") as tmp:
         work = Path(tmp)
@@ -178,7 +272,7 @@ def main(argv=None) -> int:
             s = result["scale"]
             print_table(f"latency at {s['chunks']} chunks, {s['queries']} queries", [
                 (k, f"{s[k]['p50_ms']:.2f}", f"{s[k]['p95_ms']:.2f}")
-                for k in ("embed_query", "bm25", "dense_search", "hybrid",
+                for k in ("embed_query", "embed_query_torch", "bm25", "dense_search", "hybrid",
                           "hybrid_with_embedding")], header=("step", "p50 ms", "p95 ms"))
 
     if args.answers:

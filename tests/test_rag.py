@@ -142,6 +142,36 @@ def test_bm25_tokens_split_identifiers():
     assert {"load_extension", "load", "extension", "jsondecoder", "decoder"} <= set(toks)
 
 
+def test_convex_fusion_keeps_score_margins():
+    from slmkit.rag.retrieve import convex, minmax
+
+    assert minmax([(1, 9.0), (2, 3.0), (3, 1.0)]) == {1: 1.0, 2: 0.25, 3: 0.0}
+    assert minmax([(4, 0.5)]) == {4: 1.0}
+    lexical = [(1, 12.0), (2, 3.0), (3, 2.9)]        # BM25 sure of 1
+    dense = [(3, 0.61), (2, 0.60), (1, 0.40)]        # dense barely prefers 3
+    assert [i for i, _ in convex(lexical, dense, 0.8)] == [1, 3, 2]
+    ranks = dict(rrf([[1, 2, 3], [3, 2, 1]], rrf_k=60))       # ranks alone: 1 and 3 tie
+    assert ranks[1] == pytest.approx(ranks[3])
+    assert [i for i, _ in convex(lexical, dense, 0.0)] == [3, 2, 1]   # alpha 0: dense only
+    fused = dict(convex(lexical, [(5, 0.9)], 0.8))   # one list lacks a chunk: 0 from it
+    assert fused[5] == pytest.approx(0.2) and fused[1] == pytest.approx(0.8)
+    assert convex([], [], 0.5) == []
+
+
+def test_fusion_options_refused_where_unused():
+    from slmkit.rag.config import AskConfig, EvalConfig, QueryConfig
+
+    with pytest.raises(ValueError, match="--alpha does not apply to --fusion rrf"):
+        QueryConfig(index="i", query="q", fusion="rrf", alpha=0.5)
+    with pytest.raises(ValueError, match="--rrf-k does not apply to --fusion convex"):
+        AskConfig(index="i", question="q", rrf_k=10)
+    with pytest.raises(ValueError, match="--alpha does not apply to bm25 or dense"):
+        QueryConfig(index="i", query="q", mode="bm25", alpha=0.5)
+    with pytest.raises(ValueError, match="--fusion does not apply"):
+        EvalConfig(modes=["bm25", "dense"], fusion="rrf", answers=False)
+    assert QueryConfig(index="i", query="q", fusion="rrf", rrf_k=10).rrf_k == 10
+
+
 # --------------------------------------------------------------------------- metrics
 
 def test_metrics_on_hand_made_cases():
@@ -264,3 +294,20 @@ def test_an_unreadable_file_in_a_folder_is_skipped_and_reported(tmp_path):
     result = run_index(IndexConfig(docs=[str(docs)], out=str(tmp_path / "index"), threads=1))
     assert (result.figures["files"], result.figures["skipped"]) == (1, 1)
     assert any("broken.pdf" in note and "not a readable PDF" in note for note in result.notes)
+
+
+def test_query_embedding_through_onnx_runtime_matches_transformers():
+    """Queries run MiniLM through ONNX Runtime (exported once, verified); the vectors are
+    the ones transformers gives, so queries still match the chunks embedded by torch."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from slmkit.rag.embed import Embedder, _minilm_onnx
+
+    embedder = Embedder("minilm")
+    assert _minilm_onnx() is not None
+    for text in ("Which function does this: Encode a byte string using Base 85.", "hi",
+                 "word " * 400):                      # over the 256-piece cap: truncated alike
+        a, b = embedder.encode_query(text), embedder.encode_query(text, onnx=False)
+        assert a.shape == (384,) and a.dtype == np.float32
+        assert float(a @ b) > 0.99999 and abs(float(np.linalg.norm(a)) - 1) < 1e-5

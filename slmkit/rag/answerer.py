@@ -192,7 +192,8 @@ class Answerer:
             ``(model, tokenizer)`` pair already loaded.
         context_chunks, max_tokens, min_score, dtype: see
             :class:`~slmkit.rag.config.AnswerOptions`.
-        search: keyword arguments of :meth:`Retriever.search` (k, mode, candidates, rrf_k).
+        search: keyword arguments of :meth:`Retriever.search` (k, mode, candidates,
+            fusion, alpha, rrf_k).
     """
 
     def __init__(self, retriever: Retriever, model, context_chunks: int = 1,

@@ -20,7 +20,8 @@ def _threads(n: int | None) -> None:
 
 
 def _search_kwargs(cfg) -> dict:
-    return {"k": cfg.k, "mode": cfg.mode, "candidates": cfg.candidates, "rrf_k": cfg.rrf_k}
+    return {"k": cfg.k, "mode": cfg.mode, "candidates": cfg.candidates, "rrf_k": cfg.rrf_k,
+            "fusion": cfg.fusion, "alpha": cfg.alpha}
 
 
 def _snippet(text: str, width: int = 90) -> str:
@@ -77,7 +78,7 @@ def index(docs: list[str], out: str, **options) -> StepResult:
 
 def search(index_dir: str, query: str, **options) -> list:
     """The best chunks for ``query`` as :class:`~slmkit.rag.retrieve.Hit` objects
-    (``options``: k, mode, candidates, rrf_k)."""
+    (``options``: k, mode, candidates, fusion, alpha, rrf_k)."""
     from slmkit.rag.retrieve import Retriever
 
     retriever = Retriever.open(index_dir)

@@ -161,7 +161,8 @@ def run_eval(cfg: EvalConfig) -> StepResult:
         index_dir = Path(cfg.index)
         questions = load_questions(cfg.questions)[:cfg.limit]
         source = cfg.questions
-    search = {"candidates": cfg.candidates, "rrf_k": cfg.rrf_k}
+    search = {"candidates": cfg.candidates, "rrf_k": cfg.rrf_k, "fusion": cfg.fusion,
+              "alpha": cfg.alpha}
     retriever = Retriever.open(index_dir)
     t0 = time.perf_counter()
     try:
