@@ -138,3 +138,80 @@ def test_langchain_agent_tool_loop(client):
         choice = "auto" if round_ < 2 else "none"
     assert round_ >= 1 and not ai.tool_calls
     assert "18" in ai.content or "sunny" in ai.content.lower()
+
+
+ADD_ARGS = TOOLS[1]["function"]["parameters"]
+TWO_SUMS = [{"role": "user", "content": "Add 1 and 2, and add 3 and 4."}]
+
+
+def test_openai_parallel_calls_whole_and_streamed(client):
+    """tool_choice 'required' with parallel calls (the generic format carries several):
+    the model calls add twice with the two pairs, and the stream carries the same calls
+    at indices 0, 1, ... (the 135M model then repeats calls until max_tokens, where the
+    budget closes the list: finish 'length', every returned call complete)."""
+    kwargs = dict(model="smol", messages=TWO_SUMS, tools=TOOLS, tool_choice="required",
+                  temperature=0, max_tokens=80)
+    r = client.chat.completions.create(**kwargs)
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) >= 2 and len({c.id for c in calls}) == len(calls)
+    args = [json.loads(c.function.arguments) for c in calls]
+    assert [c.function.name for c in calls[:2]] == ["add", "add"]
+    assert args[:2] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+    for call, a in zip(calls, args):
+        jsonschema.validate(a, TOOLS[[t["function"]["name"] for t in TOOLS].index(
+            call.function.name)]["function"]["parameters"])
+    streamed = {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            if d.id:
+                streamed[d.index] = [d.function.name, ""]
+            streamed[d.index][1] += d.function.arguments or ""
+    assert [tuple(v) for v in streamed.values()][:len(calls)] == \
+        [(c.function.name, c.function.arguments) for c in calls]
+
+
+def test_openai_auto_answers_small_talk_in_text_and_named_forces_the_call(client):
+    ask = [{"role": "user", "content": "Thank you for your help!"}]
+    r = client.chat.completions.create(model="smol", messages=ask, tools=TOOLS,
+                                       tool_choice="auto", temperature=0, max_tokens=30)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    r = client.chat.completions.create(
+        model="smol", temperature=0, max_tokens=40, tools=TOOLS,
+        messages=[{"role": "user", "content": "What is the weather in Paris in celsius?"}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+
+
+def test_langchain_named_choice_parallel_calls_and_streaming(client):
+    """LangChain's ChatOpenAI: a named tool_choice, parallel calls, and the same calls
+    assembled from a stream of tool_call_chunks."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def add(a: float, b: float) -> float:
+        """Add two numbers."""
+        return a + b
+
+    @tool
+    def get_weather(city: str, unit: str) -> str:
+        """Current weather in a city (unit: celsius or fahrenheit)."""
+        return "sunny"
+
+    llm = ChatOpenAI(base_url=str(client.base_url), api_key="unused", model="smol",
+                     temperature=0, max_tokens=80, max_retries=0)
+    ai = llm.bind_tools([get_weather, add], tool_choice="add").invoke(
+        "What is 12 plus 30?")
+    (call,) = ai.tool_calls                # a named function: exactly one call
+    assert call["name"] == "add" and {call["args"]["a"], call["args"]["b"]} == {12, 30}
+    assert add.invoke(call["args"]) == 42
+    bound = llm.bind_tools([get_weather, add], tool_choice="required")
+    ai = bound.invoke(TWO_SUMS[0]["content"])
+    assert [c["args"] for c in ai.tool_calls[:2]] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+    total = None
+    for chunk in bound.stream(TWO_SUMS[0]["content"]):
+        total = chunk if total is None else total + chunk
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == \
+        [(c["name"], c["args"]) for c in ai.tool_calls]

@@ -244,3 +244,30 @@ def test_training_turns_are_what_the_server_grammar_allows(qwen, llama):
             matcher.is_accepting(), tok.decode(call_ids)
         assert fmt.parse(tok.decode(call_ids, skip_special_tokens=True)) == [
             ("get_weather", {"city": "Oslo", "unit": "C"})]
+
+
+def test_call_arguments_take_only_the_listed_parameters(tokenizer, qwen):
+    """Parameters that say nothing about other keys allow none (a function's signature);
+    a schema that sets additionalProperties keeps its choice."""
+    from slmkit.engine.grammar import GrammarCompiler
+
+    open_ = {"type": "object", "properties": {"x": {"type": "integer"},
+                                              "o": {"type": "object",
+                                                    "properties": {"y": {"type": "integer"}}}}}
+    free = {**open_, "additionalProperties": True}
+    cases = [(tokenizer, '{"tool_calls": [{"name": "f", "arguments": %s}]}'),
+             (qwen, '<tool_call>\n{"name": "f", "arguments": %s}\n</tool_call>')]
+    for tok, shape in cases:
+        fmt, compiler = tool_format(tok), GrammarCompiler(tok, len(tok))
+
+        def accepts(parameters, args: str) -> bool:
+            tools = parse_tools([{"type": "function", "function": {
+                "name": "f", "parameters": parameters}}])
+            m = compiler.state(fmt.grammar(tools, required=True)).matcher
+            ids = tok(shape % args, add_special_tokens=False)["input_ids"]
+            return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+        assert accepts(open_, '{"x": 1, "o": {"y": 2}}')
+        assert not accepts(open_, '{"x": 1, "z": 2}')
+        assert not accepts(open_, '{"x": 1, "o": {"y": 2, "z": 3}}')
+        assert accepts(free, '{"x": 1, "z": 2}')

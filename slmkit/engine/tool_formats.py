@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from slmkit.engine.grammar import JSON_STYLE, Grammar
 from slmkit.engine.tools import (TEXT, Tool, ToolCallScanner, ToolFormatError, _call_arguments,
-                                 render_conversation, text_grammar, tool_grammar)
+                                 closed, render_conversation, text_grammar, tool_grammar)
 
 HERMES, LLAMA3, GENERIC_NAME = "hermes", "llama3-json", "generic"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -77,7 +77,8 @@ class ToolFormat:
 
     def _call_schema(self, tools: list[Tool]) -> dict:
         options = [{"type": "object",
-                    "properties": {"name": {"const": t.name}, self.args_key: t.parameters},
+                    "properties": {"name": {"const": t.name},
+                                   self.args_key: closed(t.parameters)},
                     "required": ["name", self.args_key], "additionalProperties": False}
                    for t in tools]
         schema = options[0] if len(options) == 1 else {"anyOf": options}

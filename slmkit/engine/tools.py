@@ -53,10 +53,44 @@ class Tool:
     parameters: dict = field(default_factory=lambda: dict(EMPTY_PARAMETERS))
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed(schema):
+    """A copy of ``schema`` where every object schema that lists ``properties`` and says
+    nothing about other keys (no ``additionalProperties``, ``patternProperties`` or
+    ``unevaluatedProperties``) allows no other keys.
+
+    Tool parameters are a function's signature: under plain JSON-schema defaults a small
+    model fills a call with keys the function does not take (SmolLM2-135M wrote
+    ``"type"``, ``"properties"`` and ``"description"`` into ``get_weather``'s arguments),
+    which the function then rejects. A schema that sets ``additionalProperties`` keeps its
+    choice. (``response_format`` schemas are enforced as written.)"""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    for key in (*_SUBSCHEMA_LISTS, "items", "additionalProperties", "not", "if", "then",
+                "else", "contains"):
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = closed(out[key])
+    if isinstance(out.get("properties"), dict) and not any(
+            k in out for k in ("additionalProperties", "patternProperties",
+                               "unevaluatedProperties")):
+        out["additionalProperties"] = False
+    return out
+
+
 def call_schema(tools: list[Tool], parallel: bool = True) -> dict:
-    """The JSON schema of a reply that calls one (or, if ``parallel``, several) tools."""
+    """The JSON schema of a reply that calls one (or, if ``parallel``, several) tools
+    (their parameters :func:`closed`)."""
     options = [{"type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "properties": {"name": {"const": t.name}, "arguments": closed(t.parameters)},
                 "required": ["name", "arguments"], "additionalProperties": False}
                for t in tools]
     calls = {"type": "array", "items": options[0] if len(options) == 1 else {"anyOf": options},
