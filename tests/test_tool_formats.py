@@ -271,3 +271,19 @@ def test_call_arguments_take_only_the_listed_parameters(tokenizer, qwen):
         assert not accepts(open_, '{"x": 1, "z": 2}')
         assert not accepts(open_, '{"x": 1, "o": {"y": 2, "z": 3}}')
         assert accepts(free, '{"x": 1, "z": 2}')
+
+
+def test_function_calling_eval_scores_in_the_models_own_format(qwen, llama):
+    """slm eval's function-calling task prompts, constrains and reads replies in the
+    template's format: under the grammar every reply of a required item is a parsed call."""
+    from slmkit.eval import function_calling as fc
+    from tests.test_function_calling import _pick_items
+
+    for tok in (qwen, llama):
+        items = _pick_items()
+        model = build_tiny_model("llama", tok, max_position_embeddings=1024)
+        res = fc.score_function_calls(model, tok, items, modes=("constrained",), batch=3)
+        assert res["parsed"] == 1.0 and res["name_match"] == 1.0
+        texts = [p["prediction"] for p in res["predictions"]]
+        assert all(t.startswith("<tool_call>") if tok is qwen else t.startswith('{"name": ')
+                   for t in texts), texts
