@@ -192,6 +192,32 @@ def test_rag_on_completions_and_without_index_refused(live, tokenizer):
         plain.stop()
 
 
+def test_embeddings_serve_the_index_model(live, client):
+    """/v1/embeddings also serves MiniLM under its own id: the index's own vectors."""
+    import numpy as np
+
+    from slmkit.rag.embed import Embedder
+
+    assert [m.id for m in client.models.list()] == [NAME, "all-MiniLM-L6-v2"]
+    assert client.models.retrieve("all-MiniLM-L6-v2").id == "all-MiniLM-L6-v2"
+    texts = ["Rinse the feeder bowl with warm water.", "Spring tides follow the full moon."]
+    out = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)   # base64 on the wire
+    ref = Embedder("minilm").encode(texts)
+    got = np.array([d.embedding for d in out.data], dtype=np.float32)
+    assert got.shape == (2, 384) and np.allclose(got, ref, atol=1e-5)
+    assert out.model == "all-MiniLM-L6-v2" and out.usage.prompt_tokens > 10
+    floats = httpx.post(live.url + "/v1/embeddings", json={
+        "model": "all-MiniLM-L6-v2", "input": texts[0], "encoding_format": "float"}).json()
+    assert np.allclose(floats["data"][0]["embedding"], ref[0], atol=1e-6)
+    own = client.embeddings.create(model=NAME, input="hello")             # the LM's, as before
+    assert len(own.data[0].embedding) == 64
+    for body, param in (({"input": [1, 2, 3]}, "input.0"), ({"input": ""}, "input"),
+                        ({"input": "x", "dimensions": 100}, "dimensions")):
+        r = httpx.post(live.url + "/v1/embeddings", json={"model": "all-MiniLM-L6-v2",
+                                                           **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_config_refusals(tmp_path, index_dir):
     from slmkit.serve.config import ServeConfig
 

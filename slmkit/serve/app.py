@@ -255,12 +255,20 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return {"id": config.name, "object": "model", "created": created, "owned_by": "slmkit",
                 "max_model_len": service.max_seq_len}
 
+    def embedding_card() -> dict | None:  # --rag: the index's embedding model
+        name = rag.embedding_model if rag is not None else None
+        return {"id": name, "object": "model", "created": created, "owned_by": "slmkit"} \
+            if name else None
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *filter(None, [embedding_card()])]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
+        card = embedding_card()
+        if card is not None and model_id == card["id"]:
+            return card
         service.check_model(model_id)
         return model_card()
 
@@ -299,10 +307,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         req = parse_request(await request.body(), EmbeddingRequest)
-        service.check_model(req.model)
+        by_index = rag is not None and req.model == rag.embedding_model
+        if not by_index:
+            service.check_model(req.model)
         if config.log_prompts:
             request.scope["slmkit"]["prompt"] = req.input
-        body = await embedder.respond(req, req.model)
+        body = await (rag.embeddings(req) if by_index else embedder.respond(req, req.model))
         request.scope["slmkit"]["prompt_tokens"] = body["usage"]["prompt_tokens"]
         return JSONResponse(body)
 

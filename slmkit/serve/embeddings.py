@@ -101,12 +101,16 @@ class Embedder:
         self.check(req)
         ids = self.token_lists(req)
         vectors = await asyncio.to_thread(self.embed, ids)
-        as_base64 = req.encoding_format == "base64"
-        data = []
-        for i, v in enumerate(vectors):
-            value = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") \
-                if as_base64 else v.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(map(len, ids))
-        return {"object": "list", "data": data, "model": model_name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return embedding_list(vectors.numpy(), sum(map(len, ids)), model_name,
+                              req.encoding_format == "base64")
+
+
+def embedding_list(vectors, tokens: int, model_name: str, as_base64: bool) -> dict:
+    """OpenAI's ``list`` of embeddings for ``[N, dim]`` float vectors (numpy)."""
+    data = []
+    for i, v in enumerate(vectors):
+        value = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") \
+            if as_base64 else [float(x) for x in v]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

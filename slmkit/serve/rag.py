@@ -24,6 +24,10 @@ Where the sources come back:
 * headers ``X-SLM-RAG-Sources`` (chunks in the prompt) and, on abstention,
   ``X-SLM-RAG-Abstained: 1``.
 
+``/v1/embeddings`` also serves the index's embedding model under its own id
+(:data:`EMBEDDING_MODEL`, listed in ``/v1/models``; the served LM keeps its id): the same
+vectors the chunks were indexed with, so a client can search or cache with them.
+
 An abstention is answered without generating: ``"I don't know: ..."`` with
 ``finish_reason: "stop"`` and zero completion tokens (streamed as one delta when asked).
 
@@ -54,6 +58,8 @@ from slmkit.serve.protocol import APIError, ChatMessage, ChatRequest
 REQUEST_KEYS = {"mode": "rag_mode", "k": "rag_k", "context_chunks": "rag_context_chunks",
                 "min_score": "rag_min_score"}
 MODES = ("hybrid", "bm25", "dense")
+#: The model id of the index's embedding model on ``/v1/embeddings`` (MiniLM indexes).
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 
 def no_index_error() -> APIError:
@@ -86,6 +92,49 @@ class RagChat:
     def close(self) -> None:
         with self._lock:
             self.retriever.close()
+
+    # ------------------------------------------------------------------ /v1/embeddings
+
+    @property
+    def embedding_model(self) -> str | None:
+        """The embedding model's id on ``/v1/embeddings`` (None for an ``lm:`` index)."""
+        return EMBEDDING_MODEL if self.retriever.embedder_name == "minilm" else None
+
+    async def embeddings(self, req) -> dict:
+        """``/v1/embeddings`` with the index's embedder (strings only; 400 naming the
+        input otherwise)."""
+        from slmkit.serve.embeddings import MAX_INPUTS, embedding_list
+
+        def bad(param: str, what: str) -> APIError:
+            return APIError(400, f"Invalid '{param}': {what}.", param=param)
+
+        embedder = self.retriever.embedder
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not texts:
+            raise bad("input", "send a string or a non-empty list of strings")
+        if len(texts) > MAX_INPUTS:
+            raise bad("input", f"{len(texts)} inputs are over the limit of {MAX_INPUTS}; "
+                      "split the request")
+        for i, t in enumerate(texts):
+            param = "input" if isinstance(req.input, str) else f"input.{i}"
+            if not isinstance(t, str):
+                raise bad(param, f"{EMBEDDING_MODEL} takes text, not token ids (ids are the "
+                          "chat model's vocabulary)")
+            if not t.strip():
+                raise bad(param, "the text is empty")
+        if req.dimensions is not None and req.dimensions != embedder.dim:
+            raise bad("dimensions", f"{EMBEDDING_MODEL} gives {embedder.dim} dimensions and "
+                      f"cannot be shortened; leave it out or send {embedder.dim}")
+
+        def run():
+            with self._lock:
+                vectors = embedder.encode(texts)
+                tokens = sum(len(ids) for ids in embedder.tokenizer(
+                    texts, truncation=True, max_length=embedder.max_tokens)["input_ids"])
+            return vectors, tokens
+        vectors, tokens = await asyncio.to_thread(run)
+        return embedding_list(vectors, tokens, EMBEDDING_MODEL,
+                              req.encoding_format == "base64")
 
     # ------------------------------------------------------------------ the request
 
