@@ -132,14 +132,23 @@ class CostModel:
         layers = layers if layers is not None else self._layers
         return 1.0 / self.seconds(layers, choice)
 
-    def fastest(self) -> float:
-        best = 0.0
-        for path in self.fits:
-            choice = {n: min((o for o in i.options if path == "torch" or native_capable(o)),
-                             key=lambda o: self.layer_times[self.key(
-                                 i.out_features, i.in_features, o, path)])
-                      for n, i in self._layers.items()}
-            best = max(best, 1.0 / self.seconds(self._layers, choice, path))
+    def fastest(self, layers, budget: int, solve) -> float | None:
+        """The highest predicted decode tokens/s of any assignment within ``budget`` bytes
+        (None when nothing fits)."""
+        best = None
+        for path, fit in self.fits.items():
+            units = _units(layers, path)
+            for names, u in units:    # cost = time: the same solve, minimising time
+                u.kl = {o.key: sum(self.layer_times[self.key(layers[n].out_features,
+                                                              layers[n].in_features, o, path)]
+                                   for n in names) for o in u.options}
+            picked = solve({u.name: u for _, u in units}, budget)
+            if picked is None:
+                continue
+            choice = {n: picked[u.name] for names, u in units for n in names}
+            if self.path_of(choice) == path:
+                speed = 1.0 / self.seconds(layers, choice, path)
+                best = speed if best is None else max(best, speed)
         return best
 
     def solve(self, layers, budget: int, min_tok_s: float, solve):

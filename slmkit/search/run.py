@@ -28,9 +28,19 @@ from slmkit.search.space import HEADER_BYTES_PER_TENSOR, Option
 from slmkit.step import StepResult, Table
 
 MB = 1e6
-#: Growth of config.json and slmkit.json a search adds (layer grids, lineage), bounded.
-FILE_MARGIN = 16_384
-GRID_BYTES_PER_LAYER = 96
+#: What a search adds to config.json (the quant section) and slmkit.json (its lineage
+#: record) beyond the per-layer grids, bounded.
+FILE_MARGIN = 3072
+
+
+def other_files(model_dir: Path, layer_names) -> int:
+    """Bytes of the non-weight files of the output: the input's, plus the layer grids
+    (written twice in config.json, indented) and :data:`FILE_MARGIN`."""
+    others = sum(f.stat().st_size for f in model_dir.iterdir()
+                 if f.is_file() and not f.name.endswith(".safetensors")
+                 and f.name != "model.safetensors.index.json")
+    grids = len(json.dumps({n: [4, 128] for n in layer_names}, indent=4))
+    return others + 2 * grids + FILE_MARGIN
 
 
 def fixed_bytes(model, model_dir: Path, layer_names: set[str]) -> int:
@@ -46,10 +56,42 @@ def fixed_bytes(model, model_dir: Path, layer_names: set[str]) -> int:
             continue
         seen.add(key)
         total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR
-    others = sum(f.stat().st_size for f in model_dir.iterdir()
-                 if f.is_file() and not f.name.endswith(".safetensors")
-                 and f.name != "model.safetensors.index.json")
-    return total + others + FILE_MARGIN + GRID_BYTES_PER_LAYER * len(layer_names) + 8
+    return total + other_files(model_dir, layer_names) + 8
+
+
+def exact_bytes(model, layers, choice: dict[str, Option], sym: bool, model_dir: Path) -> int:
+    """The output dir's size for ``choice``, its weight file serialized for real (tensors of
+    the right shapes and dtypes, as ``QuantLinear`` stores them; tied tensors once, as
+    ``save_pretrained`` writes them) plus :func:`other_files`."""
+    from safetensors.torch import save
+
+    from slmkit.nn.packing import num_groups, packed_cols
+
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in choice:
+            continue
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            state[name] = t
+    for name, o in choice.items():
+        info = layers[name]
+        out_f, in_f = info.out_features, info.in_features
+        if o.dense:
+            state[f"{name}.weight"] = torch.empty(out_f, in_f)
+        else:
+            g = num_groups(in_f, o.group_size)
+            state[f"{name}.qweight"] = torch.empty(out_f, packed_cols(o.bits, in_f),
+                                                   dtype=torch.uint8)
+            state[f"{name}.scales"] = torch.empty(out_f, g, dtype=torch.float16)
+            if not sym:
+                state[f"{name}.zeros"] = torch.empty(out_f, g, dtype=torch.uint8)
+        if info.bias:
+            state[f"{name}.bias"] = torch.empty(out_f)
+    state = {k: v.contiguous() for k, v in state.items()}
+    return len(save(state, metadata={"format": "pt"})) + other_files(model_dir, choice)
 
 
 def _layer_kls(layers: dict) -> None:
@@ -167,7 +209,7 @@ def run_search(cfg: SearchConfig) -> StepResult:
     from slmkit.console import console, human_bytes
     from slmkit.models.info import dir_size
     from slmkit.models.io import load_model, resolve_ref, save_model
-    from slmkit.search.sensitivity import Tail, measure_sensitivities
+    from slmkit.search.sensitivity import Tail, layer_infos, measure_sensitivities
 
     t0 = time.monotonic()
     deadline = t0 + cfg.time_limit if cfg.time_limit else None
@@ -180,18 +222,19 @@ def run_search(cfg: SearchConfig) -> StepResult:
         raise ConfigError(f"'{cfg.model}' is already quantized; search from the original "
                           "dense model.")
     src = resolve_ref(cfg.model)
-    layers, cache, complete = measure_sensitivities(
-        model, tok, cfg, deadline=deadline,
-        log=lambda m: None)
+    shapes = layer_infos(model, cfg)         # sizes need no measurement: check them first
+    budget_bytes = int(cfg.max_size_mb * MB) if cfg.max_size_mb else None
+    lightest = exact_bytes(model, shapes, {n: min(i.options, key=lambda o: i.bytes[o.key])
+                                           for n, i in shapes.items()}, cfg.sym, src)
+    if budget_bytes is not None and budget_bytes < lightest:
+        raise ConfigError(f"--max-size-mb {cfg.max_size_mb:g} cannot be met: the smallest "
+                          f"model this search can write is {lightest / MB:.3f} MB (every "
+                          "layer at its fewest bits); raise the budget"
+                          + (" or add --bits 3." if 3 not in cfg.bits else "."))
+    layers, cache, complete = measure_sensitivities(model, tok, cfg, deadline=deadline)
     if not complete:
         _layer_kls(layers)
     fixed = fixed_bytes(model, src, set(layers))
-    lightest = fixed + sum(min(i.bytes.values()) for i in layers.values())
-    budget_bytes = int(cfg.max_size_mb * MB) if cfg.max_size_mb else None
-    if budget_bytes is not None and budget_bytes < lightest:
-        raise ConfigError(f"--max-size-mb {cfg.max_size_mb:g} cannot be met: the smallest "
-                          f"model this search can write is {lightest / MB:.2f} MB (every "
-                          "layer at its fewest bits); raise the budget or add --bits 3.")
     if budget_bytes is None:
         budget_bytes = fixed + sum(max(i.bytes.values()) for i in layers.values())
     cost = None
@@ -199,15 +242,21 @@ def run_search(cfg: SearchConfig) -> StepResult:
         from slmkit.search.cost import decode_cost_model
 
         cost = decode_cost_model(model, tok, layers, cfg)
-    choice = None
     written = None
     margin = 0
+    front = pareto(layers, fixed, cfg.pareto_points)
     for _attempt in range(3):
-        choice = _choose(layers, budget_bytes - fixed - margin, cost, cfg)
-        if choice is None:
-            raise ConfigError(_unmet(cfg, cost))
-        front = pareto(layers, fixed, cfg.pareto_points)
+        for _ in range(8):       # the solve's per-tensor header estimate, checked exactly
+            choice = _choose(layers, budget_bytes - fixed - margin, cost, cfg)
+            if choice is None:
+                raise ConfigError(_unmet(cfg, cost, layers, budget_bytes - fixed - margin))
+            exact = exact_bytes(model if _attempt == 0 else work, layers, choice, cfg.sym,
+                                src)
+            if cfg.max_size_mb is None or exact <= budget_bytes:
+                break
+            margin += exact - budget_bytes + 256
         chosen = summarize(layers, choice, fixed)
+        chosen["size_bytes"] = exact
         if cost is not None:
             chosen["predicted_decode_tok_s"] = cost.predict(choice)
         console.print(f"[dim]search: predicted KL {chosen['predicted_kl']:.4g} at "
@@ -254,6 +303,7 @@ def run_search(cfg: SearchConfig) -> StepResult:
     if cost is not None:
         rows.append(("decode tok/s", f"{measured_speed:.1f} measured, "
                                      f"{chosen['predicted_decode_tok_s']:.1f} predicted"))
+    rows.append(("decode path", decode_path(work)))
     rows += [("sensitivities", f"{cache} ({'complete' if complete else 'stopped early'})"),
              ("search time", f"{elapsed:.0f} s"),
              ("written to", f"{saved} (front: search/search.json, search/pareto.png)")]
@@ -269,6 +319,18 @@ def run_search(cfg: SearchConfig) -> StepResult:
                        decode_tok_s=measured_speed)
     return StepResult("search", str(saved), figures, rows, [table],
                       data={**figures, "out": str(saved), "chosen": chosen, "pareto": front})
+
+
+def decode_path(model) -> str:
+    """Which engine path decodes ``model``: the native step, or the torch loop and why
+    (3-bit layers, or projections sharing an input on different kernels, have no native
+    step: the speed budget accounts for it)."""
+    from slmkit.engine.runner import make_runner
+
+    runner = make_runner(model, n_slots=1, max_seq_len=8)
+    if getattr(runner, "native", None) is not None:
+        return "native step"
+    return f"torch loop ({getattr(runner, 'native_reason', None) or type(runner).__name__})"
 
 
 def _kl_batches(tok, cfg):
@@ -311,10 +373,11 @@ def _budget_text(cfg) -> str:
     return ", ".join(parts)
 
 
-def _unmet(cfg, cost) -> str:
+def _unmet(cfg, cost, layers, budget: int) -> str:
     if cost is not None:
-        best = cost.fastest()
+        best = cost.fastest(layers, budget, _solve)
+        fastest = f"{best:.1f} tok/s" if best else "none"
         return (f"--min-decode-tok-s {cfg.min_decode_tok_s:g} cannot be met within the size "
-                f"budget: the fastest model this search predicts is {best:.1f} tok/s; "
+                f"budget: the fastest model this search predicts there is {fastest}; "
                 "lower it or raise --max-size-mb.")
     return f"--max-size-mb {cfg.max_size_mb:g} cannot be met; raise it."
