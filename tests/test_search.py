@@ -195,3 +195,24 @@ def test_mixed_grids_round_trip(llama_dir, tmp_path, tokenizer):
         torch.testing.assert_close(loaded(input_ids=ids).logits, before)
     info = model_info(out)
     assert info["params"] == model_info(llama_dir)["params"]
+
+
+def test_time_limit_still_writes_the_best_so_far(llama_dir, tmp_path, cli):
+    """A limit spent before the first block: unmeasured layers borrow placeholder KLs, the
+    model is still written within budget and says its sensitivities are incomplete."""
+    from slmkit.models.info import dir_size
+
+    out = tmp_path / "early"
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.36", "--time-limit", "0.001",
+            *FAST, "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stopped early" in r.stdout
+    report = json.loads((out / "search" / "search.json").read_text())
+    assert report["sensitivity_complete"] is False
+    assert dir_size(out) <= 0.36e6
+
+
+def test_rtn_search_refuses_calibration_windows(llama_dir, tmp_path, cli):
+    r = cli("search", str(llama_dir), "--max-size-mb", "1", "--method", "rtn",
+            "--calib-samples", "8", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--calib-samples" in r.stderr

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from slmkit.step import Calibration, ModelStep, cli
+from slmkit.step import Calibration, ModelStep, cli, refuse_unused
 
 
 class SearchConfig(ModelStep, Calibration):
@@ -45,9 +45,6 @@ class SearchConfig(ModelStep, Calibration):
     kl_samples: int = Field(default=4, ge=1, description="Windows the KL divergence is "
                             "measured on.")
     kl_seq_len: int = Field(default=128, ge=8, description="Tokens per KL window.")
-    refine: int = Field(default=0, ge=0, description="Generations of evolutionary "
-                        "refinement (EvoPress-style) on the true end-to-end KL after the "
-                        "additive solve; 0 = off.")
     pareto_points: int = Field(default=12, ge=2, description="Budgets on the Pareto front "
                                "(from the smallest model to the dense one).")
     time_limit: float | None = Field(default=None, gt=0, description="Stop the search after "
@@ -65,6 +62,9 @@ class SearchConfig(ModelStep, Calibration):
             raise ValueError(f"--bits {bad[0]} is not supported; use 8, 4 or 3")
         if not self.bits:
             raise ValueError("give at least one --bits")
+        if self.method == "rtn":   # the KL windows still use --calib-data and --seed
+            refuse_unused(self, {"calib_samples", "calib_seq_len", "calib_precision"},
+                          "--method rtn, which needs no calibration windows")
         badg = [g for g in self.group_sizes if g <= 0 or g % 8]
         if badg:
             raise ValueError(f"--group-sizes {badg[0]} is invalid; use multiples of 8 such "
