@@ -71,6 +71,7 @@ def search_cfg(args, work: Path, out: str, **kw):
 
     return SearchConfig(model=MODEL, out=str(work / out), overwrite=True,
                         calib_samples=args.calib_samples, threads=args.threads,
+                        kl_samples=args.kl_samples, group_sizes=args.group_sizes,
                         cache_dir=str(work / "cache"), **kw)
 
 
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kl-samples", type=int, default=2, help="KL windows of 128 tokens")
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-bench-search"))
     ap.add_argument("--redo", nargs="*", default=[])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
     def save():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": MODEL, "calib_samples": args.calib_samples,
+                                        "kl_samples": args.kl_samples,
+                                        "group_sizes": args.group_sizes,
                                         "threads": args.threads, "rows": rows,
                                         "bars": bars(rows)}, indent=1))
 
@@ -205,14 +210,13 @@ def main(argv=None) -> int:
     row("searched @ uniform quality", searched_at_quality)
 
     def q4km():
-        from slmkit.search.config import SearchConfig  # noqa: F401
-        from slmkit.search.sensitivity import layer_infos
+        from slmkit.search.sensitivity import layer_infos, layer_store
 
         cfg = search_cfg(args, args.work, "q4km", max_size_mb=1.0)
         model, tok = load_model(MODEL, dtype="fp32")
         names = list(layer_infos(model, cfg))
         choice = q4km_choice(names, model.config.num_hidden_layers)
-        summary = materialize(model, tok, cfg, choice)
+        summary = materialize(model, tok, cfg, choice, layer_store(model, cfg))
         save_model(model, tok, args.work / "q4km", step="quantize", overwrite=True,
                    params={"layout": "llama.cpp Q4_K_M with slmkit's GPTQ"}, metrics=summary)
         counts = {}

@@ -30,7 +30,7 @@ from slmkit.step import StepResult, Table
 MB = 1e6
 #: What a search adds to config.json (the quant section) and slmkit.json (its lineage
 #: record) beyond the per-layer grids, bounded.
-FILE_MARGIN = 3072
+FILE_MARGIN = 512
 
 
 def other_files(model_dir: Path, layer_names) -> int:
@@ -132,16 +132,35 @@ def summarize(layers, choice: dict[str, Option], fixed: int) -> dict:
     return {"size_bytes": size, "predicted_kl": kl, "options": dict(counts.most_common())}
 
 
-def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option]) -> dict:
-    """Quantize ``model`` in place to ``choice`` through the quantize step's code."""
-    from slmkit.compress.quantize.api import quantize_model
-    from slmkit.compress.quantize.config import QuantizeOptions
+def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
+                store=None) -> dict:
+    """Quantize ``model`` in place to ``choice``: from the sensitivity pass's stored codes
+    (exactly the weights that were scored) through the quantize step's
+    :func:`~slmkit.compress.quantize.api.install_codes`, or, for anything not stored,
+    by running :func:`~slmkit.compress.quantize.api.quantize_model` with per-layer grids."""
     from slmkit.compress.match import DEFAULT_IGNORE
+    from slmkit.compress.quantize.api import install_codes, quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.nn.surgery import linear_shape
 
     quant = {n: o for n, o in choice.items() if not o.dense}
     if not quant:
-        return {"layers": 0}
+        return {"layers": 0, "weights": "dense"}
     common = Counter((o.bits, o.group_size) for o in quant.values()).most_common(1)[0][0]
+    grids = {n: (o.bits, o.group_size) for n, o in quant.items()}
+    if store is not None:
+        results = {}
+        for n, o in quant.items():
+            r = store.load(n, o, linear_shape(model.get_submodule(n))[1])
+            if r is None:
+                break
+            results[n] = r
+        else:
+            opts = QuantizeOptions(method=cfg.method, bits=common[0], group_size=common[1],
+                                   sym=cfg.sym)
+            linears = {n: model.get_submodule(n) for n in quant}
+            return {**install_codes(model, linears, results, opts, grids),
+                    "weights": "stored (the scored variants)"}
     dense = [re.escape(n) + "$" for n, o in choice.items() if o.dense]
     fields = dict(method=cfg.method, bits=common[0], group_size=common[1], sym=cfg.sym,
                   targets=["|".join(re.escape(n) + "$" for n in quant)],
@@ -151,8 +170,7 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option]) -> dic
                       calib_seq_len=cfg.calib_seq_len, seed=cfg.seed,
                       calib_precision=cfg.calib_precision)
     opts = QuantizeOptions(**fields)
-    grids = {n: (o.bits, o.group_size) for n, o in quant.items()}
-    return quantize_model(model, tok, opts, grids=grids)
+    return {**quantize_model(model, tok, opts, grids=grids), "weights": "quantized again"}
 
 
 def pareto(layers, fixed: int, points: int) -> list[dict]:
@@ -209,7 +227,8 @@ def run_search(cfg: SearchConfig) -> StepResult:
     from slmkit.console import console, human_bytes
     from slmkit.models.info import dir_size
     from slmkit.models.io import load_model, resolve_ref, save_model
-    from slmkit.search.sensitivity import Tail, layer_infos, measure_sensitivities
+    from slmkit.search.sensitivity import (Tail, layer_infos, layer_store,
+                                           measure_sensitivities)
 
     t0 = time.monotonic()
     deadline = t0 + cfg.time_limit if cfg.time_limit else None
@@ -263,7 +282,7 @@ def run_search(cfg: SearchConfig) -> StepResult:
                       f"{chosen['size_bytes'] / MB:.2f} MB; writing it[/dim]")
         work = load_model(cfg.model, dtype="fp32")[0] if _attempt else model
         tail = Tail(work, _kl_batches(tok, cfg))       # dense references, before quantizing
-        summary = materialize(work, tok, cfg, choice)
+        summary = materialize(work, tok, cfg, choice, layer_store(work, cfg))
         chosen["true_kl"] = _true_kl(work, tail)
         report = {"config": cfg.lineage(), "chosen": chosen,
                   "assignment": {n: o.key for n, o in choice.items()},

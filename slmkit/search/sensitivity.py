@@ -185,10 +185,10 @@ class Tail:
         return max(total / self.n_tokens, 0.0)
 
 
-def _quantize(w: torch.Tensor, hessian: torch.Tensor, opt: Option, cfg) -> torch.Tensor:
-    """The dequantized weight of ``w`` ``[out, in]`` under ``opt`` (the existing quantizers,
-    with the quantize step's defaults; the 8-bit grid skips GPTQ's range search, which
-    finds nothing to clip there and costs most of the time per channel)."""
+def _quantize(w: torch.Tensor, hessian: torch.Tensor, opt: Option, cfg):
+    """``(codes, scale, zero)`` of ``w`` ``[out, in]`` under ``opt`` (the existing
+    quantizers, with the quantize step's defaults; the 8-bit grid skips GPTQ's range
+    search, which finds nothing to clip there and costs most of the time per channel)."""
     if cfg.method == "gptq":
         codes, scale, zero = gptq_quantize_weight(w, hessian, opt.bits, opt.group_size,
                                                   cfg.sym, damp=0.01,
@@ -196,7 +196,65 @@ def _quantize(w: torch.Tensor, hessian: torch.Tensor, opt: Option, cfg) -> torch
                                                   preserve_zeros=True)
     else:
         codes, scale, zero = quantize_rtn(w, opt.bits, opt.group_size, cfg.sym)
-    return dequantize_codes(codes, scale, zero, opt.group_size)
+    return codes, scale, zero
+
+
+class LayerStore:
+    """Every (layer, option)'s codes and grid from the sensitivity pass, one safetensors
+    file per block (EvoPress's database of layer variants): the chosen model is assembled
+    from exactly the weights that were scored, without quantizing again.
+
+    Codes are stored packed (:func:`~slmkit.nn.packing.pack_codes`), scales as fp16 (the
+    grid's own precision), zero points as uint8."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _file(self, block_name: str) -> Path:
+        return self.root / f"{block_name}.safetensors"
+
+    def save_block(self, block_name: str, entries: dict) -> None:
+        from safetensors.torch import save_file
+
+        from slmkit.nn.packing import pack_codes
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for (name, key), (codes, scale, zero) in entries.items():
+            bits = Option.parse(key).bits
+            state[f"{name}|{key}|codes"] = pack_codes(codes, bits).contiguous()
+            state[f"{name}|{key}|scale"] = scale.to(torch.float16).contiguous()
+            state[f"{name}|{key}|zero"] = zero.to(torch.uint8).contiguous()
+        tmp = self._file(block_name).with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(self._file(block_name))
+
+    def has(self, block_name: str) -> bool:
+        return self._file(block_name).exists()
+
+    def load(self, name: str, opt: Option, in_features: int):
+        """``QuantizedLayer`` of ``name`` under ``opt``, or None when not stored."""
+        from safetensors import safe_open
+
+        from slmkit.compress.quantize.modifiers import QuantizedLayer
+        from slmkit.nn.packing import unpack_codes
+
+        for f in sorted(self.root.glob("*.safetensors")):
+            if not name.startswith(f.stem + "."):
+                continue
+            with safe_open(str(f), framework="pt") as st:
+                k = f"{name}|{opt.key}|"
+                if k + "codes" not in st.keys():
+                    return None
+                codes = unpack_codes(st.get_tensor(k + "codes"), opt.bits, in_features)
+                return QuantizedLayer(codes, st.get_tensor(k + "scale").float(),
+                                      st.get_tensor(k + "zero").float())
+        return None
+
+
+def layer_store(model: nn.Module, cfg) -> LayerStore:
+    """The store of the sensitivity pass for this model and these settings."""
+    return LayerStore(cache_root(cfg) / f"layers-{sensitivity_key(model, cfg)}")
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -234,6 +292,7 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
     """
     key = sensitivity_key(model, cfg)
     path = cache_root(cfg) / f"sensitivity-{key}.json"
+    store = LayerStore(cache_root(cfg) / f"layers-{key}")
     layers = layer_infos(model, cfg)
     done: set[str] = set()
     if path.exists():
@@ -243,7 +302,8 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
                 layers[d["name"]] = LayerInfo.from_json(d)
         done = set(saved.get("blocks_done", []))
     _, blocks = find_blocks(model)
-    if len(done) == len(blocks):
+    if len(done) == len(blocks) and all(store.has(f"{bp}.{i}") for i in range(len(blocks))
+                                        for bp in [find_blocks(model)[0]]):
         return layers, path, True
 
     kl_batches = calibration_batches(tokenizer, cfg.calib_data, "train", cfg.kl_samples,
@@ -262,7 +322,7 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
         tmp.replace(path)
 
     def on_block(index: int, block_name: str, block: nn.Module, inputs: BlockInputs | None):
-        if block_name in done or state["stopped"]:
+        if (block_name in done and store.has(block_name)) or state["stopped"]:
             return None
         if deadline is not None and time.monotonic() > deadline:
             state["stopped"] = True
@@ -279,17 +339,25 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
         else:   # RTN: no data; the output error is measured against an identity Hessian
             groups = [[n] for n in linears]
             hess = {n: torch.eye(weight_matrix(m).shape[1]) for n, m in linears.items()}
+        entries = {}
         for group in groups:
             ws = {n: weight_matrix(linears[n]).detach().float().clone() for n in group}
             options = [o for o in layers[group[0]].options if not o.dense]
+            rows = [ws[n].shape[0] for n in group]
             for opt in options:
-                stacked = _quantize(torch.cat([ws[n] for n in group]), hess[group[0]], opt, cfg)
-                for n, w_hat in zip(group, stacked.split([ws[n].shape[0] for n in group])):
+                codes, scale, zero = _quantize(torch.cat([ws[n] for n in group]),
+                                               hess[group[0]], opt, cfg)
+                stacked = dequantize_codes(codes, scale, zero, opt.group_size)
+                for n, c, sc, z in zip(group, codes.split(rows), scale.split(rows),
+                                       zero.split(rows)):
+                    entries[(n, opt.key)] = (c, sc, z)
+                for n, w_hat in zip(group, stacked.split(rows)):
                     layers[n].err[opt.key] = output_error(ws[n], w_hat, hess[n])
                     if cfg.sensitivity == "exact" or opt == options[-1]:
                         set_weight_matrix(linears[n], w_hat)
                         layers[n].kl[opt.key] = tail.kl(index)
-                        layers[n].measured.append(opt.key)
+                        if opt.key not in layers[n].measured:
+                            layers[n].measured.append(opt.key)
                         set_weight_matrix(linears[n], ws[n])
             for n in group:
                 info = layers[n]
@@ -300,6 +368,7 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
                     for opt in options[:-1]:
                         ratio = info.err[opt.key] / info.err[ref] if info.err[ref] > 0 else 0.0
                         info.kl[opt.key] = info.kl[ref] * ratio
+        store.save_block(block_name, entries)
         done.add(block_name)
         save()
         if log:

@@ -104,13 +104,26 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions,
         for name in track(list(linears), f"rtn {cfg.bits}-bit"):
             modifier.quantize_rtn(name)
     modifier.quantize_remaining()
+    return install_codes(model, linears, modifier.results, cfg, grids)
 
+
+def install_codes(model: nn.Module, linears: dict[str, nn.Module], results: dict, cfg,
+                  grids: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Swap each quantized linear for its ``QuantLinear`` and mark the config (the end of
+    :func:`quantize_model`; ``slm search`` calls it with codes it made earlier).
+
+    Args:
+        linears: ``{name: dense module}``; results: ``{name: QuantizedLayer}``.
+        cfg: the scheme (its grid is the default; ``grids`` gives per-layer ones).
+    """
+    grids = dict(grids or {})
     dtype = next(model.parameters()).dtype
     total_bits = n_params = 0
-    for name, r in modifier.results.items():
+    for name, r in results.items():
         old = linears[name]
         bias = old.bias if getattr(old, "bias", None) is not None else None
-        layer = QuantLinear.from_codes(r.codes, r.scale, r.zero, *modifier.grid(name),
+        layer = QuantLinear.from_codes(r.codes, r.scale, r.zero,
+                                       *grids.get(name, (cfg.bits, cfg.group_size)),
                                        cfg.sym, bias=bias, input_scale=r.input_scale,
                                        conv1d=is_conv1d(old), dtype=dtype)
         set_module(model, name, layer)
@@ -119,17 +132,17 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions,
         total_bits += n * layer.bits_per_weight
     # the dense originals are garbage now: drop their file pages (still mapped while a tied
     # embedding keeps the safetensors mapping alive) and the quantizer's freed temporaries
-    release_file_pages([linears[name].weight.data for name in modifier.results
+    release_file_pages([linears[name].weight.data for name in results
                         if isinstance(getattr(linears[name], "weight", None), torch.Tensor)])
     trim_heap()
     bpw = total_bits / n_params
-    summary = {"layers": len(modifier.results), "quantized_params": n_params,
+    summary = {"layers": len(results), "quantized_params": n_params,
                "bits_per_weight": round(bpw, 3)}
     if cfg.quantize_embeddings:
         summary["embeddings"] = quantize_embeddings(model, cfg)
-    _mark_config(model, cfg, modifier.results, bpw)
+    _mark_config(model, cfg, results, bpw)
     own = {n: list(g) for n, g in grids.items()
-           if n in modifier.results and tuple(g) != (cfg.bits, cfg.group_size)}
+           if n in results and tuple(g) != (cfg.bits, cfg.group_size)}
     if own:
         model.config.slmkit["layer_grids"] = own
         model.config.quantization_config["layer_grids"] = own
