@@ -12,8 +12,9 @@ and real models, offline:
    (dense and hybrid). The build rate (chunks/s) of each is measured here, on a fresh
    index.
 3. **Answers** with ``builtin:smollm2-135m`` on ``--answers`` questions (3/4 answerable,
-   1/4 out of corpus): exact match, gold-contained and ROUGE-L with and without
-   retrieval, citations on the gold source, abstention rates, answer latency p50/p95.
+   1/4 out of corpus, or ``--out-of-corpus`` of those): exact match, gold-contained and
+   ROUGE-L with and without retrieval, citations on the gold source, abstention rates,
+   answer latency p50/p95.
 4. **Scale**: the built-in index's chunks and vectors copied until the store holds
    ``--scale`` chunks (10 000; copies of real rows, so the scan costs what 10k distinct
    chunks cost), then BM25, vector search and hybrid timed over ``--queries`` questions
@@ -203,6 +204,9 @@ def fusion_sweep(retriever, questions, depth: int = 50) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-of-corpus", type=int, default=None, help="out-of-corpus "
+                    "questions among the answered ones (default: a quarter of --answers; "
+                    "all 119 measure abstention on the whole held-out set)")
     ap.add_argument("--answers", type=int, default=40, help="questions answered by the "
                     "model (0: skip)")
     ap.add_argument("--embed-files", type=int, default=6, help="modules indexed by both "
@@ -277,7 +281,8 @@ def main(argv=None) -> int:
 
     if args.answers:
         n = args.answers
-        asked = builtin_questions(root, answerable=n * 3 // 4, held_out=n - n * 3 // 4)
+        held = n - n * 3 // 4 if args.out_of_corpus is None else args.out_of_corpus
+        asked = builtin_questions(root, answerable=n * 3 // 4, held_out=held)
         retriever = Retriever.open(index)
         answerer = Answerer(retriever, "builtin:smollm2-135m")
         t = time.perf_counter()
