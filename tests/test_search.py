@@ -216,3 +216,19 @@ def test_rtn_search_refuses_calibration_windows(llama_dir, tmp_path, cli):
     r = cli("search", str(llama_dir), "--max-size-mb", "1", "--method", "rtn",
             "--calib-samples", "8", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--calib-samples" in r.stderr
+
+
+def test_refinement_scores_candidates_end_to_end(llama_dir, tmp_path, cli, cache):
+    """EvoPress-style refinement starts from the additive answer, never ends worse, and the
+    written model's true KL is the refined one (the same stored weights)."""
+    from slmkit.models.info import dir_size
+
+    out = tmp_path / "refined"
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.34", "--refine", "3", *FAST,
+            "--cache-dir", str(cache), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    chosen = json.loads((out / "search" / "search.json").read_text())["chosen"]
+    ref = chosen["refinement"]
+    assert ref["evaluations"] >= 2 and ref["best_kl"] <= ref["start_kl"]
+    assert chosen["true_kl"] == pytest.approx(ref["best_kl"], rel=1e-4)
+    assert dir_size(out) <= 0.34e6

@@ -45,6 +45,11 @@ class SearchConfig(ModelStep, Calibration):
     kl_samples: int = Field(default=4, ge=1, description="Windows the KL divergence is "
                             "measured on.")
     kl_seq_len: int = Field(default=128, ge=8, description="Tokens per KL window.")
+    refine: int = Field(default=0, ge=0, description="Generations of evolutionary refinement "
+                        "(EvoPress-style) of the chosen assignment on the true end-to-end "
+                        "KL; 0 = the additive solve's answer as is.")
+    refine_offspring: int = Field(default=4, ge=1, description="Candidates per refinement "
+                                  "generation (each one full-model KL evaluation).")
     pareto_points: int = Field(default=12, ge=2, description="Budgets on the Pareto front "
                                "(from the smallest model to the dense one).")
     time_limit: float | None = Field(default=None, gt=0, description="Stop the search after "

@@ -282,6 +282,22 @@ def run_search(cfg: SearchConfig) -> StepResult:
                       f"{chosen['size_bytes'] / MB:.2f} MB; writing it[/dim]")
         work = load_model(cfg.model, dtype="fp32")[0] if _attempt else model
         tail = Tail(work, _kl_batches(tok, cfg))       # dense references, before quantizing
+        if cfg.refine and _attempt == 0 and complete:
+            from slmkit.search.refine import refine
+
+            refined, info = refine(work, tail, layers, layer_store(work, cfg), choice,
+                                   budget_bytes - fixed - margin, cfg.refine,
+                                   cfg.refine_offspring, cfg.seed, deadline)
+            size = exact_bytes(work, layers, refined, cfg.sym, src)
+            fits = cfg.max_size_mb is None or size <= budget_bytes
+            fast = cost is None or cost.predict(refined) >= cfg.min_decode_tok_s
+            info["kept"] = fits and fast
+            if fits and fast:
+                choice, exact = refined, size
+                chosen = {**summarize(layers, choice, fixed), "size_bytes": exact}
+                if cost is not None:
+                    chosen["predicted_decode_tok_s"] = cost.predict(choice)
+            chosen["refinement"] = info
         summary = materialize(work, tok, cfg, choice, layer_store(work, cfg))
         chosen["true_kl"] = _true_kl(work, tail)
         report = {"config": cfg.lineage(), "chosen": chosen,
@@ -323,6 +339,12 @@ def run_search(cfg: SearchConfig) -> StepResult:
         rows.append(("decode tok/s", f"{measured_speed:.1f} measured, "
                                      f"{chosen['predicted_decode_tok_s']:.1f} predicted"))
     rows.append(("decode path", decode_path(work)))
+    if "refinement" in chosen:
+        r = chosen["refinement"]
+        rows.append(("refinement", f"end-to-end KL {r['start_kl']:.4g} -> {r['best_kl']:.4g} "
+                                   f"({r['evaluations']} evaluations, {r['accepted']} "
+                                   f"generations improved"
+                                   + ("" if r["kept"] else "; over a budget, not kept") + ")"))
     rows += [("sensitivities", f"{cache} ({'complete' if complete else 'stopped early'})"),
              ("search time", f"{elapsed:.0f} s"),
              ("written to", f"{saved} (front: search/search.json, search/pareto.png)")]
