@@ -261,6 +261,20 @@ def main(argv=None) -> int:
                 "true_kl": res.figures["true_kl"], "options": res.data["chosen"]["options"]}
 
     row("searched @ uniform size and 80% of its speed", speed_budget)
+
+    def q4km_kl():
+        from slmkit.search.run import _kl_batches, _true_kl
+        from slmkit.search.sensitivity import Tail
+
+        cfg = search_cfg(args, args.work, "unused", max_size_mb=1.0)
+        dense_model, tok = load_model(MODEL, dtype="fp32")
+        tail = Tail(dense_model, _kl_batches(tok, cfg))
+        q, _ = load_model(args.work / "q4km", dtype="fp32")
+        for i, block in enumerate(q.model.layers):
+            dense_model.model.layers[i] = block
+        return {"true_kl": _true_kl(dense_model, tail)}
+
+    row("Q4_K_M layout KL", q4km_kl)
     save()
     print(json.dumps(bars(rows), indent=1))
     return 0
@@ -295,6 +309,23 @@ def bars(rows: dict) -> dict:
         out["loss ratio searched/Q4_K_M at Q4_K_M size"] = {
             t: _loss(sq, d, t) / _loss(qk, d, t) for t in ("prose", "code")}
         out["Q4_K_M-size search within budget"] = sq["size_bytes"] <= sq["budget_bytes"]
+    pts = []      # (true KL, mean log perplexity ratio over both texts) per compressed model
+    for name, kl_row in (("uniform", "uniform KL"), ("Q4_K_M layout", "Q4_K_M layout KL"),
+                         ("searched @ uniform size", None), ("searched @ uniform quality", None),
+                         ("searched @ Q4_K_M size", None),
+                         ("searched @ uniform size and 80% of its speed", None)):
+        r = rows.get(name)
+        kl = (rows.get(kl_row) or {}).get("true_kl") if kl_row else (r or {}).get("true_kl")
+        if d and r and kl is not None:
+            import math
+
+            pts.append((kl, sum(math.log(r["ppl"][t]["ppl"] / d["ppl"][t]["ppl"])
+                                for t in ("prose", "code")) / 2))
+    if len(pts) >= 3:
+        from scipy.stats import spearmanr
+
+        out["KL vs perplexity rank correlation (Spearman)"] = {
+            "models": len(pts), "rho": float(spearmanr(*zip(*pts)).statistic)}
     sb = rows.get("searched @ uniform size and 80% of its speed")
     if sb:
         out["speed budget met when re-measured"] = sb["measured_tok_s"] >= sb["budget_tok_s"]
