@@ -156,13 +156,15 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
                 break
             results[n] = r
         else:
+            # the embedding table is not one of the search's choices: it stays as it is
             opts = QuantizeOptions(method=cfg.method, bits=common[0], group_size=common[1],
-                                   sym=cfg.sym)
+                                   sym=cfg.sym, quantize_embeddings=False)
             linears = {n: model.get_submodule(n) for n in quant}
             return {**install_codes(model, linears, results, opts, grids),
                     "weights": "stored (the scored variants)"}
     dense = [re.escape(n) + "$" for n, o in choice.items() if o.dense]
     fields = dict(method=cfg.method, bits=common[0], group_size=common[1], sym=cfg.sym,
+                  quantize_embeddings=False,
                   targets=["|".join(re.escape(n) + "$" for n in quant)],
                   ignore=list(DEFAULT_IGNORE) + dense)
     if cfg.method == "gptq":
@@ -250,7 +252,24 @@ def run_search(cfg: SearchConfig) -> StepResult:
                           f"model this search can write is {lightest / MB:.3f} MB (every "
                           "layer at its fewest bits); raise the budget"
                           + (" or add --bits 3." if 3 not in cfg.bits else "."))
-    layers, cache, complete = measure_sensitivities(model, tok, cfg, deadline=deadline)
+    def show(done: int, total: int, measured: dict) -> None:
+        """One line per block: time, and the best assignment the search would pick now
+        (layers not yet measured borrow their kind's mean, as a stopped search does)."""
+        line = f"sensitivities: block {done}/{total}, {time.monotonic() - t0:.0f} s"
+        if budget_bytes is not None:
+            import copy
+
+            trial = copy.deepcopy(measured)
+            _layer_kls(trial)
+            best = _solve(trial, budget_bytes - fixed_bytes(model, src, set(trial)))
+            if best is not None:
+                r = summarize(trial, best, 0)
+                line += (f"; current best: predicted KL {r['predicted_kl']:.4g} ("
+                         + ", ".join(f"{k} x{v}" for k, v in r["options"].items()) + ")")
+        console.print(f"[dim]{line}[/dim]", highlight=False)
+
+    layers, cache, complete = measure_sensitivities(model, tok, cfg, deadline=deadline,
+                                                    log=show)
     if not complete:
         _layer_kls(layers)
     fixed = fixed_bytes(model, src, set(layers))

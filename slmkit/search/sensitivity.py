@@ -372,7 +372,7 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
         done.add(block_name)
         save()
         if log:
-            log(f"sensitivity: block {index + 1}/{len(blocks)}")
+            log(index + 1, len(blocks), layers)
         return None
 
     if batches is not None:
