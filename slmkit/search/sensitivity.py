@@ -91,7 +91,8 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long()
+        k = min(64, flat.numel())
+        idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
         h.update(name.encode())
         h.update(flat[idx].float().numpy().tobytes())
     return h.hexdigest()[:16]
