@@ -263,3 +263,38 @@ def test_builtin_model_cites_the_source(index_dir):
         rag["citations"][0]["path"])
     assert rag["groundedness"] is not None and rag["groundedness"] >= 0.5, (content, rag)
     print(json.dumps({"content": content, "groundedness": rag["groundedness"]}))
+
+
+@pytest.mark.slow
+def test_chat_page_lists_the_sources(live):
+    """The web page shows the sources under a grounded answer and the reason under an
+    abstention (headless Chromium; skipped where it is not installed)."""
+    from pathlib import Path
+
+    from tests import test_serve_browser as page
+
+    if not page.CHROMIUM.exists() or not Path(page.DRIVER).exists():
+        pytest.skip("headless Chromium (/usr/bin/chromium + chromedriver) is not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(page.CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(page.DRIVER), options=options)
+    try:
+        driver.get(live.url + "/")
+        page._send(driver, QUESTION)
+        reply = page._wait_done(driver, 1)[-1]
+        sources = reply.find_element(By.CLASS_NAME, "sources")
+        items = sources.find_elements(By.TAG_NAME, "li")
+        assert len(items) == 3 and "guide.md" in items[0].text
+        assert sources.text.startswith("Sources")
+        page._send(driver, OFF_TOPIC)
+        reply = page._wait_done(driver, 2)[-1]
+        assert "I don't know" in reply.find_element(By.CLASS_NAME, "content").text
+        assert "Not in the documents" in reply.find_element(By.CLASS_NAME, "sources").text
+    finally:
+        driver.quit()
