@@ -202,6 +202,49 @@ def fusion_sweep(retriever, questions, depth: int = 50) -> dict:
     return out
 
 
+def lm_rerank(retriever, questions, model_ref: str = "builtin:smollm2-135m",
+              depth: int = 10) -> dict:
+    """The hybrid top ``depth`` reranked by an installed causal LM (no cross-encoder can be
+    had offline here): UPR's query likelihood (Sachan et al. 2022, "Improving Passage
+    Retrieval with Zero-Shot Question Generation"), the mean log-probability of the
+    question's tokens after the passage and a request to write a question about it. One
+    forward per candidate, so its cost is the point of measuring it."""
+    import numpy as np
+    import torch
+
+    from slmkit.models import load_model
+    from slmkit.rag import metrics as M
+    from slmkit.rag.evaluate import n_relevant, relevance
+
+    model, tok = load_model(model_ref)
+    model.eval()
+
+    def likelihood(passage: str, question: str) -> float:
+        head = tok(f"Passage: {passage}\nPlease write a question based on this passage.\n"
+                   "Question:", add_special_tokens=False)["input_ids"][-300:]
+        tail = tok(" " + question, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = model(torch.tensor([head + tail])).logits[0, len(head) - 1:-1]
+        logp = torch.log_softmax(logits.float(), -1)                    # [len(tail), vocab]
+        return float(logp.gather(1, torch.tensor(tail)[:, None]).mean())
+
+    base, reranked, seconds = [], [], []
+    for q in questions:
+        hits = retriever.search(q.question, k=depth)
+        ideal = n_relevant(retriever.store, q)
+        base.append(M.ndcg_at(relevance(hits, q), 10, ideal))
+        t = time.perf_counter()
+        scores = [likelihood(h.chunk.text, q.question) for h in hits]
+        seconds.append(time.perf_counter() - t)
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])
+        reranked.append(M.ndcg_at(relevance([hits[i] for i in order], q), 10, ideal))
+    return {"model": model_ref, "depth": depth, "questions": len(questions),
+            "hybrid_ndcg@10": float(np.mean(base)), "reranked_ndcg@10": float(np.mean(reranked)),
+            "better": sum(a > b + 1e-9 for a, b in zip(reranked, base)),
+            "worse": sum(a < b - 1e-9 for a, b in zip(reranked, base)),
+            "rerank_s_p50": M.percentile(seconds, 50), "rerank_s_p95": M.percentile(seconds, 95)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-of-corpus", type=int, default=None, help="out-of-corpus "
@@ -215,6 +258,9 @@ def main(argv=None) -> int:
                     "(0: skip)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rerank-lm", type=int, default=0, help="rerank the hybrid top 10 of "
+                    "this many questions with the built-in LM's query likelihood (slow: one "
+                    "forward per candidate; 0: skip)")
     ap.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
                     help="sweep fusion functions over the same candidates")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rag.json")
@@ -256,6 +302,17 @@ def main(argv=None) -> int:
             (k[3:], ", ".join(v.get("picked", [])), f"{v['held_out_ndcg@10']:.3f}")
             for k, v in f.items() if k.startswith("cv_")], header=("family", "picked",
                                                                      "held-out nDCG@10"))
+    if args.rerank_lm:
+        from slmkit.rag.evalset import _thin
+
+        r = result["rerank_lm"] = lm_rerank(retriever, _thin(answerable, args.rerank_lm))
+        print_table(f"hybrid + {r['model']} query-likelihood rerank of the top {r['depth']}, "
+                    f"{r['questions']} questions", [
+                        ("nDCG@10 hybrid / reranked", f"{r['hybrid_ndcg@10']:.3f} / "
+                         f"{r['reranked_ndcg@10']:.3f}"),
+                        ("questions better / worse", f"{r['better']} / {r['worse']}"),
+                        ("rerank time per query p50 / p95", f"{r['rerank_s_p50']:.1f} / "
+                         f"{r['rerank_s_p95']:.1f} s")])
     retriever.close()
 
     with tempfile.TemporaryDirectory(prefix="slmkit-bench-rag-") as tmp:
