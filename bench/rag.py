@@ -202,6 +202,26 @@ def fusion_sweep(retriever, questions, depth: int = 50) -> dict:
     return out
 
 
+def abstention(retriever, questions, thresholds=(0.4, 0.45, 0.5, 0.55, 0.6)) -> dict:
+    """The abstention decision alone (no generation) on every built-in question: the best
+    prompt source's cosine from :func:`slmkit.rag.answerer.ground` (what ``slm rag ask``
+    and ``slm serve --rag`` compare with ``--min-score``), the share abstained at each
+    threshold on out-of-corpus and on answerable questions, and the score's AUROC."""
+    from slmkit.rag.answerer import ground
+
+    best = {True: [], False: []}
+    for q in questions:
+        g = ground(retriever, q.question, {"k": 3}, 1, 0.0)
+        best[q.answerable].append(g.best)
+    inside, outside = best[True], best[False]
+    pairs = [(a > b) + 0.5 * (a == b) for a in inside for b in outside]
+    return {"answerable": len(inside), "out_of_corpus": len(outside),
+            "auroc": sum(pairs) / len(pairs) if pairs else None,
+            "rates": {str(t): {"out_of_corpus": sum(b < t for b in outside) / len(outside),
+                               "answerable": sum(b < t for b in inside) / len(inside)}
+                      for t in thresholds}}
+
+
 def lm_rerank(retriever, questions, model_ref: str = "builtin:smollm2-135m",
               depth: int = 10) -> dict:
     """The hybrid top ``depth`` reranked by an installed causal LM (no cross-encoder can be
@@ -258,6 +278,8 @@ def main(argv=None) -> int:
                     "(0: skip)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--abstention", action=argparse.BooleanOptionalAction, default=True,
+                    help="abstention rates by the retrieval score on every question")
     ap.add_argument("--rerank-lm", type=int, default=0, help="rerank the hybrid top 10 of "
                     "this many questions with the built-in LM's query likelihood (slow: one "
                     "forward per candidate; 0: skip)")
@@ -302,6 +324,14 @@ def main(argv=None) -> int:
             (k[3:], ", ".join(v.get("picked", [])), f"{v['held_out_ndcg@10']:.3f}")
             for k, v in f.items() if k.startswith("cv_")], header=("family", "picked",
                                                                      "held-out nDCG@10"))
+    if args.abstention:
+        questions = builtin_questions(root, answerable=10**6, held_out=10**6)
+        a = result["abstention"] = abstention(retriever, questions)
+        print_table(f"abstention by the retrieval score alone, {a['answerable']} answerable + "
+                    f"{a['out_of_corpus']} out-of-corpus questions (AUROC {a['auroc']:.3f})",
+                    [(t, f"{r['out_of_corpus']:.1%}", f"{r['answerable']:.1%}")
+                     for t, r in a["rates"].items()],
+                    header=("--min-score", "abstained, out of corpus", "abstained, answerable"))
     if args.rerank_lm:
         from slmkit.rag.evalset import _thin
 
