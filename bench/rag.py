@@ -6,7 +6,10 @@ and real models, offline:
 1. **Retrieval** on the built-in index (29 stdlib modules): recall@5, nDCG@10 and MRR for
    BM25, dense (all-MiniLM-L6-v2) and hybrid (the default fusion); then every fusion
    function over the same candidates (``--fusion``: RRF at several k, weighted RRF, convex
-   combinations), with the weight picked by 2-fold cross-validation.
+   combinations), with the weight picked by 2-fold cross-validation; the abstention
+   decision alone (``--abstention``: the retrieval score against ``--min-score`` on every
+   answerable and out-of-corpus question, no generation); optionally the hybrid top 10
+   reranked by the built-in LM's query likelihood (``--rerank-lm N``, slow).
 2. **Embedders**: MiniLM against the built-in SmolLM2-135M's own mean-pooled hidden
    states, each indexing the same ``--embed-files`` modules, on those modules' questions
    (dense and hybrid). The build rate (chunks/s) of each is measured here, on a fresh
