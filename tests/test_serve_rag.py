@@ -231,6 +231,13 @@ def test_config_refusals(tmp_path, index_dir):
         ServeConfig(rag=str(index_dir), rag_k=1, rag_context_chunks=2)
 
 
+def test_cli_refuses_a_folder_that_is_not_an_index(cli, llama_dir, tmp_path):
+    """`slm serve MODEL --rag DIR` on a non-index says so before loading anything."""
+    r = cli("serve", llama_dir, "--rag", tmp_path, "--port", "0", timeout=120)
+    assert r.returncode == 2 and "is not a slmkit RAG index" in r.stderr, r.stderr
+    assert "slm rag index" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_groundedness():
     from slmkit.rag.answerer import groundedness
 
