@@ -146,7 +146,9 @@ def main(argv=None) -> int:
     def uniform():
         run_quantize(QuantizeConfig(model=MODEL, out=str(args.work / "uniform"), overwrite=True,
                                     method="gptq", bits=4, group_size=64,
-                                    calib_samples=args.calib_samples, threads=args.threads))
+                                    calib_samples=args.calib_samples, threads=args.threads,
+                                    # like for like: the search keeps the table dense too
+                                    quantize_embeddings=False))
         return scored(args.work / "uniform", args)
 
     uni = row("uniform", uniform)

@@ -207,7 +207,8 @@ def test_quantlinear_models_run_unchanged_on_the_fast_path(tokenizer, bits, grou
     for dtype in (torch.float32, torch.bfloat16):
         model = build_tiny_model("llama", tokenizer, seed=3).to(dtype)
         quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=bits,
-                                                        group_size=group))
+                                                        group_size=group,
+                                                        quantize_embeddings=False))
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
         engine = Engine(model, tokenizer, max_batch=1, max_seq_len=64, background=False)
         assert engine.fast

@@ -25,7 +25,7 @@ def _quantize(model, tokenizer, bits=4, group=32, sym=True):
 
     quantize_model(model, tokenizer, QuantizeOptions(method="rtn", bits=bits, group_size=group,
                                                     sym=sym, quantize_embeddings=True,
-                                                    ignore=[]))
+                                                    embedding_bits=bits, ignore=[]))
     return model
 
 

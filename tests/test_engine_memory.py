@@ -131,7 +131,8 @@ def test_quantized_panels_share_one_huge_page_buffer():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1024,
                                          num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=512)).eval()
-    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1,
+                                                quantize_embeddings=False))
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         ref = model(prompt).logits[0, -1]
@@ -184,7 +185,8 @@ def test_a_refused_native_step_builds_and_moves_nothing():
     from slmkit.nn.quant_linear import QuantLinear
 
     model = _tiny_llama(hidden_size=512, intermediate_size=1024)
-    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1,
+                                                quantize_embeddings=False))
     mlp = model.model.layers[1].mlp                  # one 3-bit layer: no native kernel
     codes, scale, zero = quantize_rtn(mlp.down_proj.dense_weight(), 3, 32, False)
     mlp.down_proj = QuantLinear.from_codes(codes, scale, zero, 3, 32, False)

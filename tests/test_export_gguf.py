@@ -127,6 +127,25 @@ def test_tied_embeddings_write_no_output_tensor(tokenizer, tmp_path):
     assert "token_embd.weight" in names and "output.weight" not in names
 
 
+def test_quantized_tied_table_is_written_once(tokenizer, tmp_path):
+    """`slm quantize` gives a tied head its own copy of the int8 table's codes; the GGUF
+    holds the table once (Q8_0) and llama.cpp reuses it as the output layer."""
+    from slmkit.compress.quantize import make_config, quantize_model
+    from slmkit.models import load_model, save_model
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model("llama", tokenizer, tie_word_embeddings=True)
+    quantize_model(model, None, make_config(method="rtn", bits=4, group_size=32))
+    d = save_model(model, tokenizer, tmp_path / "q", step="quantize")
+    loaded, _ = load_model(d)
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    res = export_gguf(str(d), tmp_path / "q.gguf")
+    t = _tensors(gguf.GGUFReader(tmp_path / "q.gguf"))
+    assert "output.weight" not in t and t["token_embd.weight"].tensor_type.name == "Q8_0"
+    assert res.from_quantized == 15 and res.requantized == 0
+
+
 def test_ollama_modelfile(llama_dir, tmp_path):
     res = export_gguf(str(llama_dir), tmp_path / "m.gguf", quant="q8_0", ollama=True)
     text = (tmp_path / "Modelfile").read_text()
@@ -153,8 +172,14 @@ def test_quantized_model_blocks_carry_the_calibrated_weights(bits, sym, group, q
     qdir = save_model(model, tok, tmp_path / "q", step="quantize")
     out = tmp_path / "q.gguf"
     res = export_gguf(str(qdir), out)
-    assert res.quant == qtype and res.from_quantized == 14 and res.requantized == 0
+    # 14 linears and the int8 table (the default; this model's untied head stays dense)
+    assert res.quant == qtype and res.from_quantized == 15 and res.requantized == 0
     t = _tensors(gguf.GGUFReader(out))
+    assert t["token_embd.weight"].tensor_type.name == "Q8_0"
+    table = model.get_input_embeddings()
+    back = ggml_blocks.dequantize(np.array(t["token_embd.weight"].data), "q8_0",
+                                  table.in_features)
+    torch.testing.assert_close(back, table.dequantize_weight(torch.float32), rtol=0, atol=0)
     for hf, name in (("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight"),
                      ("model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight")):
         layer = model.get_submodule(hf)

@@ -72,7 +72,12 @@ def test_every_architecture_quantizes_saves_and_reloads(arch, tokenizer, calib_d
     assert rel < 0.2, f"{arch}: quantized logits drift {rel:.2%}"
     save_model(model, tokenizer, tmp_path / arch, step="quantize")
     loaded, _ = load_model(tmp_path / arch)
-    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == summary["layers"]
+    table = {id(loaded.get_input_embeddings()), id(loaded.get_output_embeddings())}
+    assert sum(isinstance(m, QuantLinear) and id(m) not in table
+               for m in loaded.modules()) == summary["layers"]
+    # the table is int8 by default, or kept dense where the model's embedding cannot be
+    assert isinstance(loaded.get_input_embeddings(), QuantLinear) != \
+        summary["embeddings"].startswith("kept dense"), summary["embeddings"]
     torch.testing.assert_close(_exact_logits(loaded, x), _exact_logits(model, x))
     with torch.no_grad():  # the real kernels agree too, to bf16 precision
         torch.testing.assert_close(loaded(x).logits, quant, atol=0.05, rtol=0.02)
@@ -195,7 +200,7 @@ def test_cli_quantize_info_requantize_and_dequantize(llama_dir, calib_dir, tmp_p
 
 
 @pytest.mark.parametrize("bits,group,emb_bits", [(8, -1, None), (4, 32, None), (3, 32, None),
-                                                 (4, 32, 8)])
+                                                 (4, 32, 4), (3, 32, 4)])
 def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, emb_bits, tokenizer,
                                                              calib_dir, tmp_path):
     from slmkit.engine import stream_tokens
@@ -211,8 +216,8 @@ def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, emb_bi
                                                     quantize_embeddings=True,
                                                     embedding_bits=emb_bits))
     emb, head = model.model.embed_tokens, model.lm_head
-    # the table may have its own grid (int8 per row) while the linears keep theirs
-    tb, tg = (emb_bits, -1) if emb_bits else (bits, group)
+    # the table has its own grid (int8 per row, the default) or the linears' 4-bit one
+    tb, tg = (8, -1) if (emb_bits or 8) == 8 else (emb_bits, group)
     assert model.model.layers[0].mlp.up_proj.bits == bits
     assert (emb.bits, emb.group_size, head.bits, head.group_size) == (tb, tg, tb, tg)
     assert isinstance(emb, QuantEmbedding) and type(head) is QuantLinear
@@ -240,8 +245,9 @@ def test_quantize_embeddings_ties_the_head_to_the_same_codes(bits, group, emb_bi
 
 
 def test_embedding_bits_needs_quantize_embeddings_and_a_known_width():
-    with pytest.raises(ConfigError, match="--embedding-bits needs --quantize-embeddings"):
-        make_config(embedding_bits=8)
+    with pytest.raises(ConfigError, match="--embedding-bits needs a quantized embedding"):
+        make_config(quantize_embeddings=False, embedding_bits=8)
+    assert make_config().embedding_grid() == (8, -1)     # the default: int8 per row
     with pytest.raises(ConfigError, match="--embedding-bits 3 is not supported"):
         make_config(quantize_embeddings=True, embedding_bits=3)
 
@@ -252,7 +258,7 @@ def test_quantize_embeddings_refuses_a_group_that_does_not_divide_the_width(toke
     width = model.model.embed_tokens.embedding_dim
     with pytest.raises(ConfigError, match="embedding"):
         quantize_model(model, tokenizer, _cfg(calib_dir, bits=4, group_size=width * 2,
-                                              quantize_embeddings=True))
+                                              quantize_embeddings=True, embedding_bits=4))
 
 
 @pytest.mark.parametrize("entry", [0, 1])   # q/k/v scored on the attention, gate/up on the MLP

@@ -155,10 +155,12 @@ def export_gguf(model_ref: str, out: str | os.PathLike, quant: str | None = None
 
 def _default_quant(model, model_ref: str) -> str:
     """``f16`` for dense models; the mapped block type for slmkit-quantized ones."""
-    layers = _quant_layers(model)
+    from slmkit.nn.quant_embedding import QuantEmbedding
+
+    layers = [m for m in _quant_layers(model).values() if not isinstance(m, QuantEmbedding)]
     if not layers:
         return "f16"
-    first = next(iter(layers.values()))
+    first = layers[0]                     # the linears' grid (a table may be int8 per row)
     return quant_map.ggml_type_for(first.bits, first.group_size, first.sym, model_ref)
 
 
@@ -169,10 +171,10 @@ def _quant_layers(model) -> dict:
 def _source_tensors(model, config):
     """``(hf_name, tensor or QuantLinear)`` for every weight the GGUF file needs."""
     quant = _quant_layers(model)
-    tied = getattr(config, "tie_word_embeddings", False)
+    tied = getattr(config, "tie_word_embeddings", False) or _same_codes(model)
     for name, value in model.state_dict().items():
         owner = name.rsplit(".", 1)[0]
-        if tied and name == "lm_head.weight":
+        if tied and (name == "lm_head.weight" or owner == "lm_head"):
             continue                      # llama.cpp reuses token_embd when output is absent
         if "rotary_emb" in name:
             continue
@@ -183,6 +185,16 @@ def _source_tensors(model, config):
                 yield name, value
             continue                      # scales / zeros / input_scale live in the blocks
         yield name, value
+
+
+def _same_codes(model) -> bool:
+    """A quantized table whose LM head holds the very same codes (``slm quantize`` unties a
+    tied head into a copy): llama.cpp then reuses ``token_embd``, so ``output`` is left out."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, QuantLinear) or not isinstance(head, QuantLinear):
+        return False
+    a, b = emb.state_dict(), head.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _encode(value, quant: str, model_ref: str, result: GGUFResult) -> tuple[np.ndarray, str, int]:

@@ -69,17 +69,19 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
             raise ModelLoadError(f"'{model_dir}' lists quantized layer '{name}', which its "
                                  "architecture does not have; re-create it with "
                                  "`slm quantize`.") from None
-        b, g = emb_grid if id(old) in table and section.get("embeddings") else \
+        in_table = id(old) in table and section.get("embeddings")
+        b, g = emb_grid if in_table else \
             tuple(section.get("layer_grids", {}).get(name, (bits, group_size)))
+        s = section.get("embedding_sym", sym) if in_table else sym
         if isinstance(old, nn.Embedding):
-            layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, b, g, sym,
+            layer = QuantEmbedding(old.num_embeddings, old.embedding_dim, b, g, s,
                                    padding_idx=old.padding_idx, dtype=dtype,
                                    embed_scale=embedding_scale(old))
             _fill(layer, state, name, model_dir)
             set_module(model, name, layer)
             continue
         out_f, in_f = linear_shape(old)
-        layer = QuantLinear(in_f, out_f, b, g, sym,
+        layer = QuantLinear(in_f, out_f, b, g, s,
                             bias=getattr(old, "bias", None) is not None,
                             input_scale=f"{name}.input_scale" in state, conv1d=is_conv1d(old), dtype=dtype)
         _fill(layer, state, name, model_dir)

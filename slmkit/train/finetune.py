@@ -179,7 +179,8 @@ def _quantize_base(model, tok):
     from slmkit.compress.quantize.api import quantize_model
     from slmkit.compress.quantize.config import make_config
 
-    options = make_config(method="rtn", bits=4, sym=True)
+    # QLoRA quantizes the frozen linears; the embedding table stays as it is
+    options = make_config(method="rtn", bits=4, sym=True, quantize_embeddings=False)
     quantize_model(model, tok, options)
     return dict(method="rtn", bits=4, group_size=options.group_size, sym=True)
 
@@ -202,7 +203,7 @@ def _requantize(model, tok, batches, scheme) -> dict[str, float]:
     from slmkit.compress.quantize.config import make_config
 
     dense = _sft_loss(model, batches)
-    quantize_model(model, tok, make_config(**scheme))
+    quantize_model(model, tok, make_config(**{"quantize_embeddings": False, **scheme}))
     quant = _sft_loss(model, batches)
     return {"sft_loss_dense": dense, "sft_loss_requantized": quant,
             "requantize_loss_cost": quant - dense}

@@ -116,7 +116,7 @@ def scheme(cfg):
     kw = dict(method="rtn", bits=QAT_BITS[cfg.qat], sym=cfg.qat_sym)
     if cfg.qat_group_size is not None:
         kw["group_size"] = cfg.qat_group_size
-    return make_config(**kw)
+    return make_config(quantize_embeddings=False, **kw)   # QAT trains the linears only
 
 
 def prepare(model: nn.Module, tok, cfg) -> dict:
@@ -142,7 +142,8 @@ def prepare(model: nn.Module, tok, cfg) -> dict:
                           "(`slm quantize --dequantize` a quantized one).")
     if opts.group_size is None:
         opts = make_config(**{**opts.model_dump(include={"method", "bits", "sym"}),
-                              "group_size": _auto_group(linears, opts)})
+                              "group_size": _auto_group(linears, opts),
+                              "quantize_embeddings": False})
     from slmkit.compress.quantize.ops import check_scheme
 
     for name, lin in linears.items():
@@ -152,6 +153,7 @@ def prepare(model: nn.Module, tok, cfg) -> dict:
         ptq_model = copy.deepcopy(model).float().eval()
         kw = opts.model_dump(include={"bits", "group_size", "sym"})
         quantize_model(ptq_model, tok, make_config(method="gptq", **kw,
+                                                   quantize_embeddings=False,
                                                    calib_data=cfg.qat_calib_data,
                                                    calib_samples=cfg.qat_calib_samples))
         ptq = {n: m for n, m in ptq_model.named_modules() if isinstance(m, QuantLinear)}
@@ -191,7 +193,7 @@ def convert(model: nn.Module, info: dict) -> nn.Module:
         total += q.in_features * q.out_features * q.bits_per_weight
         n_params += q.in_features * q.out_features
     opts = make_config(method="rtn", bits=info["bits"], group_size=info["group_size"],
-                       sym=info["sym"])
+                       sym=info["sym"], quantize_embeddings=False)
     _mark_config(model, opts, layers, total / max(n_params, 1))
     model.config.slmkit["method"] = f"qat ({info['start']} start)"
     return model

@@ -84,11 +84,18 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions,
     if grids and cfg.method == "awq":
         raise ConfigError("Per-layer grids work with --method rtn or gptq, not awq.")
     widths = [linear_shape(m)[1] for n, m in linears.items() if n not in grids]
-    if cfg.quantize_embeddings:
+    if cfg.quantize_embeddings and cfg.embedding_grid()[0] == 4:   # on the linears' grid
         widths.append(model.get_input_embeddings().embedding_dim)
     cfg.resolve_group_size(widths)
+    dense_table = None
     if cfg.quantize_embeddings:
-        _check_embedding(model, cfg)
+        try:
+            _check_embedding(model, cfg)
+        except ConfigError as e:
+            if "quantize_embeddings" in cfg.model_fields_set:
+                raise
+            cfg.__dict__["quantize_embeddings"] = False     # a default this model cannot take
+            dense_table = f"kept dense ({e})"
     _check_layers(linears, cfg, grids)
     model_type = getattr(model.config, "model_type", "")
     modifier = MODIFIERS[cfg.method](cfg, linears, model_type, grids=grids)
@@ -104,7 +111,10 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions,
         for name in track(list(linears), f"rtn {cfg.bits}-bit"):
             modifier.quantize_rtn(name)
     modifier.quantize_remaining()
-    return install_codes(model, linears, modifier.results, cfg, grids)
+    summary = install_codes(model, linears, modifier.results, cfg, grids)
+    if dense_table:
+        summary["embeddings"] = dense_table
+    return summary
 
 
 def install_codes(model: nn.Module, linears: dict[str, nn.Module], results: dict, cfg,
@@ -180,7 +190,7 @@ def quantize_embeddings(model: nn.Module, cfg: QuantizeOptions) -> str:
     head = model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is emb.weight
     bits, group_size = cfg.embedding_grid()
-    qemb = QuantEmbedding.from_embedding(emb, bits, group_size, cfg.sym)
+    qemb = QuantEmbedding.from_embedding(emb, bits, group_size, cfg.embedding_sym())
     set_module(model, name, qemb)
     what = f"{name} ({emb.num_embeddings}x{emb.embedding_dim}, {bits}-bit RTN)"
     if tied:

@@ -29,8 +29,13 @@ class QuantizeOptions(Calibration):
         damp, act_order, block_size, true_sequential, gptq_clip: GPTQ options; ``preserve_zeros`` keeps exactly-zero
             (pruned) weights at zero (RTN and AWQ always do).
         awq_grid, awq_clip: AWQ scale grid size and whether to search clipping ratios.
-        quantize_embeddings: also store the token embedding table with the same grid (RTN,
-            row by row). A tied LM head then becomes a quantized head with the same codes.
+        quantize_embeddings: also store the token embedding table quantized (RTN, int8 per
+            row unless ``embedding_bits`` says 4). A tied LM head then becomes a quantized
+            head with the same codes. On by default: on SmolLM2-135M an int8 table costs
+            +0.4% prose / -0.2% code perplexity (4-bit g64 RTN) and decodes 1.4x faster
+            than an fp32 one (``bench/quant_speed.py``); an int4 table costs +18% on prose.
+            A default that a model cannot take (an embedding that is not a plain
+            ``nn.Embedding``) keeps the table dense and says so; asked for, it is refused.
     """
 
     method: Literal["rtn", "gptq", "awq"] = Field(
@@ -62,12 +67,12 @@ class QuantizeOptions(Calibration):
                             "off: the group's min/max.")
     awq_grid: int = Field(default=20, ge=1, description="AWQ: points of the scale search.")
     awq_clip: bool = Field(default=True, description="AWQ: search per-group clipping ratios.")
-    quantize_embeddings: bool = Field(default=False, description="Also store the token "
-                                      "embedding table quantized (RTN; a tied LM head shares "
-                                      "the codes).")
-    embedding_bits: int | None = Field(default=None, description="With "
-                                       "--quantize-embeddings: 8 (per row) or 4 (the "
-                                       "--group-size grid); default --bits.")
+    quantize_embeddings: bool = Field(default=True, description="Also store the token "
+                                      "embedding table quantized (RTN, int8 per row; a tied "
+                                      "LM head shares the codes); off keeps it dense.")
+    embedding_bits: int | None = Field(default=None, description="The embedding table's "
+                                       "grid: 8 (per row, the default) or 4 (the "
+                                       "--group-size grid).")
 
     @model_validator(mode="after")
     def _check(self) -> "QuantizeOptions":
@@ -81,8 +86,8 @@ class QuantizeOptions(Calibration):
             raise ValueError(str(e)) from None
         if self.embedding_bits is not None:
             if not self.quantize_embeddings:
-                raise ValueError("--embedding-bits needs --quantize-embeddings; add it or "
-                                 "drop --embedding-bits.")
+                raise ValueError("--embedding-bits needs a quantized embedding table; drop "
+                                 "--no-quantize-embeddings or --embedding-bits.")
             if self.embedding_bits not in (8, 4):
                 raise ValueError(f"--embedding-bits {self.embedding_bits} is not supported; "
                                  "use 8 or 4.")
@@ -91,8 +96,12 @@ class QuantizeOptions(Calibration):
     def embedding_grid(self) -> tuple[int, int]:
         """``(bits, group_size)`` of a quantized embedding table: int8 per row, or the
         linears' 4-bit grid."""
-        bits = self.embedding_bits or self.bits
+        bits = self.embedding_bits or 8
         return bits, (-1 if bits == 8 else self.group_size)
+
+    def embedding_sym(self) -> bool:
+        """An int8 table is symmetric per row whatever ``sym`` says: Q8_0 holds it exactly."""
+        return True if self.embedding_grid()[0] == 8 else self.sym
 
     @property
     def needs_calibration(self) -> bool:
@@ -111,6 +120,7 @@ class QuantizeOptions(Calibration):
                "sym": self.sym, "embeddings": self.quantize_embeddings}
         if self.quantize_embeddings:
             out["embedding_bits"], out["embedding_group_size"] = self.embedding_grid()
+            out["embedding_sym"] = self.embedding_sym()
         return out
 
 
