@@ -91,8 +91,9 @@ def run_quickstart(out: Path | None = None, model: str | None = None,
     gguf = recipe.out_dir("gguf")
     console.print(f"report: [bold]{report / 'report.html'}[/]   summary: "
                   f"{recipe.workdir / 'summary.md'}")
-    console.print(f"serve it:  [bold]slm serve {_best_dir(report)}[/]   chat: "
-                  f"[bold]slm chat {_best_dir(report)}[/]")
+    export = next((s.options for s in recipe.steps if s.kind == "export"), {})
+    best = _best_dir(report, export.get("max_size_mb"))
+    console.print(f"serve it:  [bold]slm serve {best}[/]   chat: [bold]slm chat {best}[/]")
     console.print(f"llama.cpp / Ollama: {gguf / 'model.gguf'}  (`ollama create slm -f "
                   f"{gguf / 'Modelfile'}`)")
     return {"workdir": str(recipe.workdir), "report": str(report), "table": table,
@@ -118,11 +119,16 @@ def chat_answers(report: Path, max_tokens: int = 48) -> list[tuple[str, str, str
     return rows
 
 
-def _best_dir(report: Path) -> str:
-    models = _models(report)
-    ok = [m for m in models if not m.get("error") and m.get("perplexity")]
-    best = min(ok, key=lambda m: m["perplexity"]["bits_per_byte"]) if ok else models[0]
-    return best["path"]
+def _best_dir(report: Path, max_size_mb: float | None) -> str:
+    """The model to serve: the one the export step picks (best bits/byte under its size
+    cap), so the commands printed and the GGUF written are the same model."""
+    from slmkit.errors import ConfigError
+    from slmkit.export.step import ranked_candidates
+
+    try:
+        return ranked_candidates(str(report), max_size_mb)[0]["path"]
+    except ConfigError:                    # nothing fits the cap: the best of all
+        return ranked_candidates(str(report), None)[0]["path"]
 
 
 def _models(report: Path) -> list[dict[str, Any]]:
