@@ -147,7 +147,10 @@ def build(kind: str | None, opts: dict, args, work: Path):
 
         opts = dict(opts)
         emb_bits = opts.pop("emb_bits", None)
-        extra = {"quantize_embeddings": True, "embedding_bits": emb_bits} if emb_bits else {}
+        # the method rows keep the table dense (slm quantize's default makes it int8): the
+        # peer never quantizes it, and the "+ embeddings" rows measure the table on its own
+        extra = {"quantize_embeddings": True, "embedding_bits": emb_bits} if emb_bits \
+            else {"quantize_embeddings": False}
         quantize_model(model, tok, make_config(**opts, **extra, **calib_kwargs(args, opts)))
     elif kind == "prune":
         from slmkit.compress.prune.modifier import PruneOptions, prune_model
