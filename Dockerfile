@@ -12,6 +12,12 @@ FROM python:3.11-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 COLUMNS=160
 
+# A C compiler: slmkit builds its native decode step (engine/native/decode.c, for this
+# CPU) on first use; without one it runs the slower torch path.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/slmkit
 COPY pyproject.toml constraints.txt README.md ./
 COPY slmkit ./slmkit
@@ -25,8 +31,10 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
 RUN useradd --system --uid 10001 --create-home --home-dir /home/slm slm
 USER slm
 WORKDIR /home/slm
-# Convert the built-in GGUF once at build time, so a container starts in seconds.
-RUN python -c "from slmkit.models import load_model; load_model('builtin:smollm2-135m')"
+# Convert the built-in GGUF once at build time, so a container starts in seconds, and
+# build the native decode step (rebuilt at start only on a CPU with other features).
+RUN python -c "from slmkit.models import load_model; load_model('builtin:smollm2-135m')" \
+ && python -c "from slmkit.engine.native import load_library; assert load_library()"
 
 EXPOSE 8000
 HEALTHCHECK --interval=5s --timeout=3s --start-period=60s --retries=3 \
