@@ -99,3 +99,28 @@ def test_nginx_in_front_of_two_replicas(llama_dir, tmp_path, stop):
     else:
         assert res["replica_b_exit"] == -signal.SIGKILL
         assert res["cut"] <= 4                             # at most its in-flight streams
+
+
+@pytest.mark.slow                 # two servers: ~40 s on the loaded 2-core box
+def test_two_replicas_share_one_request_log(llama_dir, tmp_path):
+    """The monitoring state replicas share is one SQLite request log (WAL: concurrent
+    writers on one host, `slm monitor` reading meanwhile): both replicas' requests land in it."""
+    from slmkit.monitor.log import read_rows
+
+    db = tmp_path / "requests.db"
+    servers = [ServeProcess(tmp_path / name, str(llama_dir), "--name", "m", "--request-log",
+                            str(db), "--log-embedder", "none")
+               for name in ("a", "b") if (tmp_path / name).mkdir() is None]
+    try:
+        for i in range(6):
+            url = servers[i % 2].url
+            r = httpx.post(url + "/v1/completions", timeout=30,
+                           json={"model": "m", "prompt": f"x{i}", "max_tokens": 3})
+            assert r.status_code == 200, r.text
+        assert all(s.stop() == 0 for s in servers)    # a clean stop flushes the log
+    finally:
+        for s in servers:
+            if s.proc.poll() is None:
+                s.proc.kill()
+    rows = read_rows(db)
+    assert len(rows) == 6 and len({r["request_id"] for r in rows}) == 6
