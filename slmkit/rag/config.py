@@ -45,6 +45,18 @@ class IndexConfig(StepConfig):
                           "hidden states).")
     batch_size: int = Field(default=32, ge=1, le=1024, description="Chunks per embedding "
                             "batch.")
+    store: str | None = Field(default=None, description="Keep the chunks and vectors in "
+                              "this PostgreSQL server with pgvector instead of the embedded "
+                              "SQLite store: postgresql://USER[:PASSWORD]@HOST:PORT/DB (the "
+                              "password is never written; later runs read PGPASSWORD or "
+                              "~/.pgpass). Every verb that takes INDEX then reads from it.")
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, v: str | None) -> str | None:
+        from slmkit.rag.pgstore import check_url
+
+        return None if v is None else check_url(v)
 
     @field_validator("embedder")
     @classmethod

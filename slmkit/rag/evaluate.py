@@ -39,9 +39,7 @@ def n_relevant(store, q: Question) -> int:
     """Chunks in the index that hold a gold source (the ideal ranking's length)."""
     n = 0
     for g in q.sources:
-        rows = store.db.execute(
-            "SELECT c.start_line, c.end_line, f.path, f.display FROM chunks c "
-            "JOIN files f ON f.id = c.file_id")
+        rows = store.chunk_spans()
         n += sum(g.matches(p, d, a, b) for a, b, p, d in rows)
     return n
 

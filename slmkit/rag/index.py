@@ -23,7 +23,7 @@ from slmkit.errors import ConfigError, DataError, OutputError
 from slmkit.rag.chunk import chunk_sections
 from slmkit.rag.config import IndexConfig
 from slmkit.rag.parse import SUFFIXES, read_sections
-from slmkit.rag.store import Lexical, Store, is_index, search_text
+from slmkit.rag.store import MANIFEST, Lexical, Store, is_index, search_text
 from slmkit.step import StepResult
 
 #: Settings an index keeps; an update uses them unless the user sets a different value.
@@ -142,10 +142,15 @@ def run_index(cfg: IndexConfig) -> StepResult:
                           "--out or pass --overwrite.")
     cfg.apply_threads()
     tmp = None
+    replaced_server_index = cfg.overwrite and (out / MANIFEST).is_file()
     if update:
-        store = Store.open(out)
+        store = Store.open(out, url=cfg.store)
         settings = settings_for(cfg, store)
     else:
+        if cfg.store:                    # an unreachable server fails before any embedding
+            from slmkit.rag.pgstore import check_server
+
+            check_server(cfg.store)
         final, tmp = prepare_out_dir(out, overwrite=True)
         settings = settings_for(cfg, None)
         store = None
@@ -158,15 +163,29 @@ def run_index(cfg: IndexConfig) -> StepResult:
 
             embedder = Embedder(settings["embedder"], batch_size=cfg.batch_size)
         if store is None:
-            store = Store.create(tmp, settings, dim=embedder.dim if embedder else 384)
+            store = Store.create(tmp, settings, dim=embedder.dim if embedder else 384,
+                                 url=cfg.store)
         new_chunks = _apply(store, changes, settings, embedder)
         Lexical.build(store, store.setting("generation"))
+        tuned = store.tune()
         n_files, n_chunks = store.count()
-        store.close()
+        location = store.location
     except BaseException:
         if tmp is not None:
+            if store is not None:
+                try:
+                    store.drop()             # its schema in the server, if any
+                except Exception:            # noqa: BLE001 -- keep the first error
+                    pass
             discard_out_dir(tmp)
         raise
+    finally:
+        if store is not None:
+            store.close()
+    if replaced_server_index:
+        from slmkit.rag.pgstore import drop_index
+
+        drop_index(out)                  # the schema the replaced index had in its server
     if tmp is not None:
         commit_out_dir(tmp, final)
     seconds = time.perf_counter() - start
@@ -180,14 +199,16 @@ def run_index(cfg: IndexConfig) -> StepResult:
             ("files", f"{n_files} ({len(changes.added)} added, {len(changes.edited)} edited, "
                       f"{len(changes.deleted)} deleted, {changes.unchanged} unchanged)"),
             ("chunks", f"{n_chunks} ({new_chunks} embedded now)"),
-            ("embedder", settings["embedder"]),
+            ("embedder", settings["embedder"]), ("store", location),
             ("chunking", f"{settings['chunk_chars']} chars, {settings['overlap']} overlap"),
             ("time", f"{seconds:.1f} s" + (f" ({rate:.1f} chunks/s)" if new_chunks else ""))]
-    notes = [f"skipped {s}" for s in changes.skipped[:10]]
+    notes = [tuned] if tuned else []
+    notes += [f"skipped {s}" for s in changes.skipped[:10]]
     if len(changes.skipped) > 10:
         notes.append(f"... and {len(changes.skipped) - 10} more skipped files")
     return StepResult("rag index", out=str(out), figures=figures, rows=rows, notes=notes,
                       data={**figures, "out": str(out), "settings": settings,
+                            "store": location,
                             "skipped_files": changes.skipped})
 
 
@@ -207,7 +228,7 @@ def _apply(store: Store, changes: Changes, settings: dict, embedder) -> int:
         parsed.append((path, display, os.stat(path), _sha256(path), chunks))
     total = sum(len(p[4]) for p in parsed)
     embedded = 0
-    with store.db, progress("embedding chunks", total=total) as advance:
+    with store.transaction(), progress("embedding chunks", total=total) as advance:
         for path in changes.deleted + [p for p, _ in changes.edited]:
             if path in known:
                 store.remove_file(known[path][0])

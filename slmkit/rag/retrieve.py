@@ -166,9 +166,7 @@ class Retriever:
 
     def dense_score(self, hit: Hit, query_vector: np.ndarray) -> float:
         """The cosine of a hit's stored vector with the query (for hits BM25 alone found)."""
-        row = self.store.db.execute("SELECT embedding FROM vectors WHERE id = ?",
-                                    (hit.chunk_id,)).fetchone()
-        return float(np.frombuffer(row[0], dtype=np.float32) @ query_vector)
+        return float(self.store.vector(hit.chunk_id) @ query_vector)
 
     def close(self) -> None:
         self.store.close()

@@ -1,4 +1,9 @@
-"""The index on disk: one SQLite database with sqlite-vec, and a BM25 index beside it.
+"""The index: one SQLite database with sqlite-vec, and a BM25 index beside it.
+
+Two stores implement :class:`Store`: the embedded :class:`SqliteStore` (this module, the
+default) and, for ``slm rag index --store postgresql://...``, a PostgreSQL server with
+pgvector (:mod:`slmkit.rag.pgstore`), where ``INDEX/`` holds ``store.json`` and the BM25
+cache instead of ``rag.sqlite``. The rest of slmkit sees only the interface.
 
 An index is a directory::
 
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmkit.errors import DataError
+from slmkit.errors import ConfigError, DataError
 
 DB_NAME = "rag.sqlite"
 BM25_DIR = "bm25"
@@ -46,8 +51,12 @@ CREATE INDEX chunks_file ON chunks(file_id);
 """
 
 
+#: In an index whose chunks live in a PostgreSQL server: where (see :mod:`slmkit.rag.pgstore`).
+MANIFEST = "store.json"
+
+
 def is_index(path: Path) -> bool:
-    return (path / DB_NAME).is_file()
+    return (path / DB_NAME).is_file() or (path / MANIFEST).is_file()
 
 
 def connect(db_path: Path):
@@ -63,6 +72,113 @@ def connect(db_path: Path):
 
 
 class Store:
+    """Files, chunks and vectors of one index: the interface both stores implement.
+
+    :meth:`open` and :meth:`create` pick the implementation: :class:`SqliteStore` (the
+    embedded default, ``INDEX/rag.sqlite``) or, for an index made with ``--store
+    postgresql://...``, :class:`slmkit.rag.pgstore.PostgresStore` (a PostgreSQL server with
+    pgvector). Both give chunks the same ids (one more than the largest id in use), so
+    the same corpus retrieves the same chunk ids in the same order from either.
+    """
+
+    root: Path
+    meta: dict
+
+    @classmethod
+    def create(cls, root: Path, settings: dict, dim: int, url: str | None = None) -> Store:
+        root.mkdir(parents=True, exist_ok=True)
+        rows = {"format": FORMAT, "dim": dim, "generation": 0, **settings}
+        if url:
+            from slmkit.rag.pgstore import PostgresStore
+
+            return PostgresStore.create(root, rows, dim, url)
+        return SqliteStore.create(root, rows, dim)
+
+    @classmethod
+    def open(cls, root: str | Path, url: str | None = None) -> Store:
+        """The index at ``root``; ``url`` (``--store`` given again to an update) must be
+        the server the index lives in."""
+        root = Path(root).expanduser()
+        if not is_index(root):
+            raise DataError(f"'{root}' is not a slmkit RAG index; build one with `slm rag "
+                            f"index DOCS... --out {root}`.")
+        if (root / MANIFEST).is_file():
+            from slmkit.rag.pgstore import PostgresStore
+
+            store = PostgresStore.open(root, url)
+        elif url:
+            from slmkit.rag.pgstore import redact
+
+            raise ConfigError(f"The index '{root}' keeps its chunks in the embedded store; "
+                              f"pass --overwrite to rebuild it in {redact(url)}, or drop "
+                              "--store.")
+        else:
+            store = SqliteStore(root, connect(root / DB_NAME))
+        if store.setting("format") != FORMAT:
+            raise DataError(f"'{root}' was written by another slmkit version (index format "
+                            f"{store.setting('format')}); rebuild it with `slm rag "
+                            "index ... --overwrite`.")
+        return store
+
+    def setting(self, key: str):
+        value = self.meta.get(key)
+        return json.loads(value) if value is not None else None
+
+    #: Where the chunks live, for messages (a server URL without its password).
+    location = "embedded (SQLite + sqlite-vec)"
+    #: The server URL the index was made with (None for the embedded store).
+    url: str | None = None
+
+    # Each implementation provides the methods below.
+    def set_setting(self, key: str, value) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def transaction(self):
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Remove what the index holds outside its directory (nothing, when embedded)."""
+
+    def tune(self) -> str | None:
+        """After an index run: adapt the store to its size; a note saying what changed."""
+        return None
+
+    def files(self) -> dict[str, tuple]:
+        raise NotImplementedError
+
+    def touch_file(self, file_id: int, size: int, mtime_ns: int) -> None:
+        raise NotImplementedError
+
+    def add_file(self, path, display, size, mtime_ns, sha256, chunks, vectors) -> None:
+        raise NotImplementedError
+
+    def remove_file(self, file_id: int) -> None:
+        raise NotImplementedError
+
+    def count(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def chunk_rows(self, ids: list[int]) -> dict[int, dict]:
+        raise NotImplementedError
+
+    def chunk_spans(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def all_texts(self) -> tuple[list[int], list[str]]:
+        raise NotImplementedError
+
+    def dense(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        raise NotImplementedError
+
+    def vector(self, chunk_id: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+
+class SqliteStore(Store):
     """Files, chunks and vectors in ``INDEX/rag.sqlite`` (see the module docstring)."""
 
     def __init__(self, root: Path, db):
@@ -71,34 +187,15 @@ class Store:
         self.meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
 
     @classmethod
-    def create(cls, root: Path, settings: dict, dim: int) -> Store:
-        root.mkdir(parents=True, exist_ok=True)
+    def create(cls, root: Path, rows: dict, dim: int) -> SqliteStore:
         db = connect(root / DB_NAME)
         with db:
             db.execute(_SCHEMA)
             db.execute(f"CREATE VIRTUAL TABLE vectors USING vec0(id INTEGER PRIMARY KEY, "
                        f"embedding float[{int(dim)}] distance_metric=cosine)")
-            rows = {"format": FORMAT, "dim": dim, "generation": 0, **settings}
             db.executemany("INSERT INTO meta VALUES (?, ?)",
                            [(k, json.dumps(v)) for k, v in rows.items()])
         return cls(root, db)
-
-    @classmethod
-    def open(cls, root: str | Path) -> Store:
-        root = Path(root).expanduser()
-        if not is_index(root):
-            raise DataError(f"'{root}' is not a slmkit RAG index; build one with `slm rag "
-                            f"index DOCS... --out {root}`.")
-        store = cls(root, connect(root / DB_NAME))
-        if store.setting("format") != FORMAT:
-            raise DataError(f"'{root}' was written by another slmkit version (index format "
-                            f"{store.setting('format')}); rebuild it with `slm rag index "
-                            "... --overwrite`.")
-        return store
-
-    def setting(self, key: str):
-        value = self.meta.get(key)
-        return json.loads(value) if value is not None else None
 
     def set_setting(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
@@ -106,6 +203,10 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def transaction(self):
+        """A context manager: one transaction (rolled back on an exception)."""
+        return self.db
 
     # ------------------------------------------------------------------ files and chunks
 
@@ -157,6 +258,11 @@ class Store:
         keys = ("path", "display", "heading", "start_line", "end_line", "page", "text")
         return {r[0]: dict(zip(keys, r[1:])) for r in rows}
 
+    def chunk_spans(self) -> list[tuple]:
+        """``(start_line, end_line, path, display)`` of every chunk."""
+        return list(self.db.execute("SELECT c.start_line, c.end_line, f.path, f.display "
+                                    "FROM chunks c JOIN files f ON f.id = c.file_id"))
+
     def all_texts(self) -> tuple[list[int], list[str]]:
         rows = self.db.execute("SELECT c.id, f.display, c.heading, c.text FROM chunks c "
                                "JOIN files f ON f.id = c.file_id ORDER BY c.id").fetchall()
@@ -172,6 +278,12 @@ class Store:
                                "AND k = ? ORDER BY distance",
                                (np.ascontiguousarray(query, dtype=np.float32).tobytes(), k))
         return [(int(i), 1.0 - float(d)) for i, d in rows]
+
+    def vector(self, chunk_id: int) -> np.ndarray:
+        """The stored vector of one chunk."""
+        row = self.db.execute("SELECT embedding FROM vectors WHERE id = ?",
+                              (int(chunk_id),)).fetchone()
+        return np.frombuffer(row[0], dtype=np.float32)
 
 
 def search_text(display: str, heading: str, text: str) -> str:
