@@ -153,6 +153,35 @@ def test_request_settings_and_rag_off(live, client):
     assert 'slm_rag_requests_total{outcome="off"}' in metrics
 
 
+def test_follow_up_query():
+    from slmkit.rag.answerer import follow_up_query
+
+    first = "What do beekeepers do before opening the hive?"
+    assert follow_up_query([first, "Why?"]) == f"{first} Why?"                    # short
+    assert follow_up_query([first, "Does the smoke calm them down for long?"]) \
+        == f"{first} Does the smoke calm them down for long?"                    # pronoun
+    standalone = "How should the zebra feeder bowl be rinsed every week?"
+    assert follow_up_query([first, standalone]) == standalone
+    assert follow_up_query(["Why?"]) == "Why?"
+    assert follow_up_query(["a", "b", "c", "  "]) == "b c"      # the previous user turn only
+
+
+def test_a_follow_up_is_retrieved_with_the_turn_before(live, client):
+    """"Why?" alone matches nothing (abstains); after a question about bees it retrieves
+    the beekeeping file, and the prompt still asks the user's own words."""
+    first = "What do beekeepers do before opening the hive?"
+    alone = client.chat.completions.create(model=NAME, max_tokens=4, messages=[
+        {"role": "user", "content": "Why?"}]).model_extra["slm_rag"]
+    assert alone["abstained"] and alone["query"] == "Why?"
+    rag = client.chat.completions.create(model=NAME, max_tokens=4, messages=[
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": "They smoke the hive."},
+        {"role": "user", "content": "Why?"}]).model_extra["slm_rag"]
+    assert rag["question"] == "Why?" and rag["query"] == f"{first} Why?"
+    assert not rag["abstained"] and rag["sources"][0]["path"].endswith("plain.txt")
+    assert rag["best_score"] > alone["best_score"] + 0.3
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"rag": {"top": 3}}, "rag", "mode, k, context_chunks, min_score"),
     ({"rag": "yes"}, "rag", "true, false"),

@@ -149,14 +149,42 @@ class Grounding:
             if self.abstain else ""
 
 
+#: Words that make a user turn lean on the one before it ("and the other one?", "why is
+#: that?", "what does it return?"): pronouns and demonstratives that name nothing alone.
+_LEANING = frozenset("it its it's itself they them their theirs themselves this that these "
+                     "those he him his she her hers one ones other others another same "
+                     "former latter there then".split())
+#: A turn of at most this many words is a follow-up whatever its words ("How often?").
+_SHORT = 4
+
+
+def follow_up_query(user_turns: list[str]) -> str:
+    """What to retrieve with in a conversation: the last user turn, preceded by the user
+    turn before it when the last is short (:data:`_SHORT` words or fewer) or leans on it
+    (a pronoun or demonstrative of :data:`_LEANING`). Only user turns count: the model's
+    replies are its own words, not what the user asked about."""
+    turns = [t.strip() for t in user_turns if t and t.strip()]
+    if not turns:
+        return ""
+    last = turns[-1]
+    words = re.findall(r"[a-z']+", last.lower())
+    if len(turns) > 1 and (len(words) <= _SHORT or _LEANING.intersection(words)):
+        return f"{turns[-2]} {last}"
+    return last
+
+
 def ground(retriever: Retriever, question: str, search: dict, context_chunks: int,
-           min_score: float, hits: list[Hit] | None = None) -> Grounding:
+           min_score: float, hits: list[Hit] | None = None,
+           query: str | None = None) -> Grounding:
     """Retrieve for ``question`` (``search``: :meth:`Retriever.search` keywords) and decide
-    whether the sources can answer it; ``slm rag ask`` and ``slm serve --rag`` share this."""
+    whether the sources can answer it; ``slm rag ask`` and ``slm serve --rag`` share this.
+    ``query``, when given, is what retrieval and the abstention score use instead of the
+    question (a follow-up with the turn it leans on, :func:`follow_up_query`)."""
     t0 = time.perf_counter()
-    qvec = retriever.embed_query(question)
+    query = query or question
+    qvec = retriever.embed_query(query)
     if hits is None:
-        hits = retriever.search(question, query_vector=qvec, **search)
+        hits = retriever.search(query, query_vector=qvec, **search)
     sources = hits[:context_chunks]
     for h in sources:
         if h.dense is None:

@@ -6,7 +6,10 @@ request it takes the last user message as the question, retrieves with the index
 abstention when the best source's cosine is under ``--rag-min-score``), replaces that
 message with the numbered sources and the question (``source_block``, the prompt ``slm rag
 ask`` uses; the answering system prompt is added when the client sent none), and lets the
-engine answer. Earlier turns pass unchanged.
+engine answer. Earlier turns pass unchanged. A follow-up ("How often?", "and what does it
+return?": four words or fewer, or a pronoun that leans on the turn before) is retrieved
+with the previous user turn prefixed (:func:`slmkit.rag.answerer.follow_up_query`); the
+prompt keeps the user's own words, and ``slm_rag.query`` shows what was searched.
 
 Where the sources come back:
 
@@ -17,10 +20,11 @@ Where the sources come back:
   ``url`` = a ``file://`` URL with ``#L12-L30``), so clients that render citations show
   them;
 * ``slm_rag`` (an extra top-level field; in a stream, one chunk with ``choices: []`` before
-  ``[DONE]``): ``question``, ``mode``, ``abstained`` and ``reason``, ``sources`` (every
-  retrieved chunk: ``n`` for those in the prompt, path, lines, heading, scores, text),
-  ``citations`` and ``groundedness`` (share of the answer's content words found in the
-  prompt's sources, :func:`slmkit.rag.answerer.groundedness`; null when abstained);
+  ``[DONE]``): ``question``, ``query`` (what retrieval searched), ``mode``, ``abstained``
+  and ``reason``, ``sources`` (every retrieved chunk: ``n`` for those in the prompt, path,
+  lines, heading, scores, text), ``citations`` and ``groundedness`` (share of the answer's
+  content words found in the prompt's sources, :func:`slmkit.rag.answerer.groundedness`;
+  null when abstained);
 * headers ``X-SLM-RAG-Sources`` (chunks in the prompt) and, on abstention,
   ``X-SLM-RAG-Abstained: 1``.
 
@@ -190,13 +194,13 @@ class RagChat:
                            param="messages")
         return question
 
-    def _ground(self, question: str, opts: dict):
+    def _ground(self, question: str, opts: dict, query: str | None = None):
         from slmkit.rag.answerer import ground
 
         search = {"k": opts["k"], "mode": opts["mode"]}
         with self._lock:
             return ground(self.retriever, question, search, opts["context_chunks"],
-                          opts["min_score"])
+                          opts["min_score"], query=query)
 
     def grounded_request(self, req: ChatRequest, g) -> ChatRequest:
         """``req`` with its last message replaced by the sources and the question."""
@@ -220,9 +224,13 @@ class RagChat:
             record["rag"] = "off"
             ids = service.encode_chat(req, plan)
             return await service.run(request, req, ids, params, plan)
+        from slmkit.rag.answerer import follow_up_query
+
         question = self.check(req, plan)
-        g = await asyncio.to_thread(self._ground, question, opts)
-        info = {"question": question, "mode": opts["mode"], "abstained": g.abstain,
+        query = follow_up_query([m.text() for m in req.messages if m.role == "user"])
+        g = await asyncio.to_thread(self._ground, question, opts, query)
+        info = {"question": question, "query": query, "mode": opts["mode"],
+                "abstained": g.abstain,
                 "reason": g.reason, "best_score": round(g.best, 4),
                 "retrieve_ms": round(g.retrieve_s * 1000, 1),
                 "sources": [self._source(h, i) for i, h in enumerate(g.hits, 1)],
