@@ -25,18 +25,8 @@ from slmkit.rag.config import IndexConfig
 from slmkit.rag.index import run_index
 from slmkit.rag.retrieve import Retriever
 from slmkit.rag.store import Store
+from tests.test_rag import make_docs
 
-
-def _load_make_docs():
-    """test_rag's six-format corpus (loaded by path: the tests folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("_rag_docs", Path(__file__).parent /
-                                                  "test_rag.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_docs
-
-
-make_docs = _load_make_docs()
 pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'slmkit[pgvector]')")
 
 QUERIES = ["zebra feeder bowl", "fog at dawn lighthouse", "tune the cello strings",
@@ -152,6 +142,8 @@ def test_server_store_retrieves_what_the_embedded_store_does(tmp_path, server):
                                                                       mode="bm25")[0]
     v = ra.embed_query("kites")
     assert rb.dense_score(hit_b, v) == pytest.approx(ra.dense_score(hit_a, v), abs=1e-6)
+    # what slm rag eval reads to judge relevance
+    assert sorted(rb.store.chunk_spans()) == sorted(ra.store.chunk_spans())
     ra.close(), rb.close()
 
 
