@@ -61,6 +61,8 @@ def test_sensitivities_are_measured_and_cached(sens):
 
     model, tok, cfg, layers, path, complete = sens
     assert complete and path.exists()
+    table = layers.pop("model.embed_tokens")       # the embedding table: dense or int8 rows
+    assert table.kl["q8"] > 0 and table.bytes["q8"] < table.bytes["dense"] / 3
     assert len(layers) == 14                       # 2 blocks x 7 linears, no lm_head
     for info in layers.values():
         assert info.kl["dense"] == 0.0
@@ -76,7 +78,8 @@ def test_sensitivities_are_measured_and_cached(sens):
     mtime = path.stat().st_mtime_ns
     again, _, _ = measure_sensitivities(model, tok, cfg)
     assert path.stat().st_mtime_ns == mtime
-    assert {n: i.kl for n, i in again.items()} == {n: i.kl for n, i in layers.items()}
+    assert {n: i.kl for n, i in again.items()} == {**{n: i.kl for n, i in layers.items()},
+                                                   table.name: table.kl}
 
 
 def test_tail_reference_is_the_models_own_distribution(sens):

@@ -34,6 +34,9 @@ class SearchConfig(ModelStep, Calibration):
     group_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128], description="Group "
                                    "sizes of 4- and 3-bit layers (repeatable; those that "
                                    "divide a layer's width are tried).")
+    embeddings: bool = Field(default=True, description="The token embedding table (and a "
+                             "tied LM head) may also be stored int8 per row, as `slm quantize "
+                             "--quantize-embeddings` stores it (needs 8 in --bits).")
     keep_dense: bool = Field(default=True, description="A layer may also stay dense.")
     sym: bool = Field(default=True, description="Symmetric grids, or asymmetric with zero "
                       "points.", json_schema_extra=cli(flag="--sym/--asym"))

@@ -270,6 +270,14 @@ def _decode_with(model, tok, choice: dict[str, Option], native_on: bool) -> floa
     from slmkit.nn.quant_linear import QuantLinear
     from slmkit.nn.surgery import set_module
 
+    from slmkit.search.sensitivity import embedding_table, quantize_table
+
+    table = embedding_table(model)
+    restore_table = lambda: None  # noqa: E731
+    if table and table[0] in choice:
+        if not choice[table[0]].dense:
+            restore_table = quantize_table(model)
+        choice = {n: o for n, o in choice.items() if n != table[0]}
     originals = {}
     for name, opt in choice.items():
         if opt.dense:
@@ -289,3 +297,4 @@ def _decode_with(model, tok, choice: dict[str, Option], native_on: bool) -> floa
         native.set_enabled(was)
         for name, old in originals.items():
             set_module(model, name, old)
+        restore_table()

@@ -27,6 +27,10 @@ class Variants:
     """Swaps stored layer variants into a dense model's linears (and back)."""
 
     def __init__(self, model, layers, store):
+        from slmkit.search.sensitivity import embedding_table
+
+        table = embedding_table(model)
+        layers = {n: i for n, i in layers.items() if not table or n != table[0]}
         self.model, self.layers, self.store = model, layers, store
         self.dense = {n: weight_matrix(model.get_submodule(n)).detach().clone()
                       for n in layers}
@@ -43,7 +47,7 @@ class Variants:
 
     def apply(self, choice: dict[str, Option]) -> None:
         for n, o in choice.items():
-            if self.current[n] != o:
+            if n in self.current and self.current[n] != o:
                 set_weight_matrix(self.model.get_submodule(n), self.weight(n, o))
                 self.current[n] = o
 
@@ -56,9 +60,9 @@ def _bytes(layers, choice) -> int:
 
 
 def mutate(layers, parent: dict[str, Option], budget: int, rng: random.Random,
-           tries: int = 50) -> dict[str, Option] | None:
+           tries: int = 50, frozen: frozenset = frozenset()) -> dict[str, Option] | None:
     """One layer a level up (next option by bytes), others a level down until it fits."""
-    names = list(parent)
+    names = [n for n in parent if n not in frozen]
     ladders = {n: sorted(layers[n].options, key=lambda o: layers[n].bytes[o.key])
                for n in names}
     for _ in range(tries):
@@ -96,11 +100,17 @@ def refine(model, tail, layers, store, choice: dict[str, Option], budget: int,
     """
     from slmkit.console import progress
 
+    from slmkit.search.sensitivity import embedding_table, quantize_table
+
     rng = random.Random(seed)
     swap = Variants(model, layers, store)
+    table = embedding_table(model)
+    frozen = frozenset([table[0]]) if table and table[0] in choice else frozenset()
+    restore_table = quantize_table(model) if frozen and not choice[table[0]].dense \
+        else (lambda: None)
     try:
         swap.apply(choice)
-        best, best_kl = dict(choice), tail.kl(0)
+        best, best_kl = dict(choice), tail.kl_model(model)
         info = {"start_kl": best_kl, "evaluations": 1, "accepted": 0}
         with progress("evolutionary refinement", total=generations) as update:
             for _ in range(generations):
@@ -108,11 +118,11 @@ def refine(model, tail, layers, store, choice: dict[str, Option], budget: int,
                     break
                 gen_best, gen_kl = None, best_kl
                 for _ in range(offspring):
-                    child = mutate(layers, best, budget, rng)
+                    child = mutate(layers, best, budget, rng, frozen=frozen)
                     if child is None:
                         continue
                     swap.apply(child)
-                    kl = tail.kl(0)
+                    kl = tail.kl_model(model)
                     info["evaluations"] += 1
                     if kl < gen_kl:
                         gen_best, gen_kl = child, kl
@@ -124,3 +134,4 @@ def refine(model, tail, layers, store, choice: dict[str, Option], budget: int,
         return best, info
     finally:
         swap.restore()
+        restore_table()

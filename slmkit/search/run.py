@@ -48,8 +48,9 @@ def fixed_bytes(model, model_dir: Path, layer_names: set[str]) -> int:
     linears (tied tensors once) with its header entry, and the non-weight files."""
     seen = set()
     total = 0
+    skip = _tied_head(model, layer_names)
     for name, t in model.state_dict(keep_vars=True).items():
-        if name.rpartition(".")[0] in layer_names:
+        if name.rpartition(".")[0] in layer_names or name.rpartition(".")[0] == skip:
             continue
         key = (t.data_ptr(), t.numel())
         if key in seen:
@@ -57,6 +58,25 @@ def fixed_bytes(model, model_dir: Path, layer_names: set[str]) -> int:
         seen.add(key)
         total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR
     return total + other_files(model_dir, layer_names) + 8
+
+
+def skip_table(model) -> str | None:
+    """The name of the input embedding table, when it is a plain one."""
+    from slmkit.search.sensitivity import embedding_table
+
+    found = embedding_table(model)
+    return found[0] if found else None
+
+
+def _tied_head(model, units) -> str | None:
+    """The tied LM head's name when the embedding table is one of ``units`` (its tensor is
+    the table's: counted with the table's option, not as a fixed tensor)."""
+    from slmkit.search.sensitivity import embedding_table
+
+    found = embedding_table(model)
+    if found and found[0] in units and found[2]:
+        return found[2]
+    return None
 
 
 def exact_bytes(model, layers, choice: dict[str, Option], sym: bool, model_dir: Path) -> int:
@@ -68,9 +88,10 @@ def exact_bytes(model, layers, choice: dict[str, Option], sym: bool, model_dir: 
     from slmkit.nn.packing import num_groups, packed_cols
 
     state, seen = {}, set()
+    skip = _tied_head(model, choice)
     for name, t in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if owner in choice:
+        if owner in choice or owner == skip:
             continue
         key = (t.data_ptr(), t.numel())
         if key not in seen:
@@ -79,6 +100,11 @@ def exact_bytes(model, layers, choice: dict[str, Option], sym: bool, model_dir: 
     for name, o in choice.items():
         info = layers[name]
         out_f, in_f = info.out_features, info.in_features
+        if name == skip_table(model) and not o.dense:       # int8 table (+ tied head)
+            for owner in [name] + ([skip] if skip else []):
+                state[f"{owner}.qweight"] = torch.empty(out_f, in_f, dtype=torch.uint8)
+                state[f"{owner}.scales"] = torch.empty(out_f, 1, dtype=torch.float16)
+            continue
         if o.dense:
             state[f"{name}.weight"] = torch.empty(out_f, in_f)
         else:
@@ -143,9 +169,16 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
     from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.nn.surgery import linear_shape
 
+    table = skip_table(model)
+    int8_table = table in choice and not choice[table].dense
+    choice = {n: o for n, o in choice.items() if n != table}
     quant = {n: o for n, o in choice.items() if not o.dense}
     if not quant:
-        return {"layers": 0, "weights": "dense"}
+        if int8_table:
+            from slmkit.search.sensitivity import quantize_table
+
+            quantize_table(model)
+        return {"layers": 0, "weights": "dense", "embeddings": "int8" if int8_table else "dense"}
     common = Counter((o.bits, o.group_size) for o in quant.values()).most_common(1)[0][0]
     grids = {n: (o.bits, o.group_size) for n, o in quant.items()}
     if store is not None:
@@ -158,13 +191,15 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
         else:
             # the embedding table is not one of the search's choices: it stays as it is
             opts = QuantizeOptions(method=cfg.method, bits=common[0], group_size=common[1],
-                                   sym=cfg.sym, quantize_embeddings=False)
+                                   sym=cfg.sym, quantize_embeddings=int8_table,
+                                   **({"embedding_bits": 8} if int8_table else {}))
             linears = {n: model.get_submodule(n) for n in quant}
             return {**install_codes(model, linears, results, opts, grids),
                     "weights": "stored (the scored variants)"}
     dense = [re.escape(n) + "$" for n, o in choice.items() if o.dense]
     fields = dict(method=cfg.method, bits=common[0], group_size=common[1], sym=cfg.sym,
-                  quantize_embeddings=False,
+                  quantize_embeddings=int8_table,
+                  **({"embedding_bits": 8} if int8_table else {}),
                   targets=["|".join(re.escape(n) + "$" for n in quant)],
                   ignore=list(DEFAULT_IGNORE) + dense)
     if cfg.method == "gptq":
@@ -410,7 +445,7 @@ def _true_kl(model, tail) -> float:
     mode = _MODE["kernel"]
     set_kernel_mode("dequant")
     try:
-        return tail.kl(0)
+        return tail.kl_model(model)
     finally:
         set_kernel_mode(mode)
         for m in model.modules():           # drop the dense copies the fallback cached

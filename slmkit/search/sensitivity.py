@@ -148,6 +148,7 @@ class Tail:
 
         _, self.blocks = find_blocks(model)
         self.head = final_head(model)
+        self.batches = batches
         self.precision = resolve_precision(precision)
         self.inputs: list[BlockInputs] = []
         inputs = capture_block_inputs(model, batches)
@@ -173,6 +174,17 @@ class Tail:
                 out = self.blocks[j](h, *inputs.args[b], **inputs.kwargs[b])
                 h = out[0] if isinstance(out, (tuple, list)) else out
             return self.head(h)
+
+    @torch.no_grad()
+    def kl_model(self, model: nn.Module, batches: list[torch.Tensor] | None = None) -> float:
+        """Mean KL(dense || ``model``) per token through the model's own forward (any
+        change, the embedding table and the head included)."""
+        total = 0.0
+        for ids, ref, p in zip(batches or self.batches, self.ref, self.p):
+            z = model(input_ids=ids, use_cache=False).logits.float()
+            logq = torch.log_softmax(z.reshape(-1, z.shape[-1]), -1)
+            total += float((p * (ref - logq)).sum(-1).double().sum())
+        return max(total / self.n_tokens, 0.0)
 
     @torch.no_grad()
     def kl(self, start: int) -> float:
@@ -279,7 +291,64 @@ def layer_infos(model: nn.Module, cfg) -> dict[str, LayerInfo]:
         out[name] = LayerInfo(name, o, i, bias, options,
                               {x.key: option_bytes(x, o, i, bias, cfg.sym, dtype_bytes)
                                for x in options})
+    emb = embedding_unit(model, cfg)
+    if emb is not None:
+        out[emb.name] = emb
     return out
+
+
+def embedding_table(model: nn.Module) -> tuple[str, nn.Module, str | None] | None:
+    """``(name, module, tied head name or None)`` of a plain input embedding table."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding:
+        return None
+    name = next(n for n, m in model.named_modules() if m is emb)
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    head_name = next(n for n, m in model.named_modules() if m is head) if tied else None
+    return name, emb, head_name
+
+
+def embedding_unit(model: nn.Module, cfg) -> LayerInfo | None:
+    """The token embedding table as one more unit (``--embeddings``): kept as it is, or
+    int8 per row as ``slm quantize --quantize-embeddings --embedding-bits 8`` stores it (a
+    tied LM head then holds the same codes, written a second time)."""
+    if not getattr(cfg, "embeddings", False) or 8 not in cfg.bits:
+        return None
+    found = embedding_table(model)
+    if found is None:
+        return None
+    name, emb, head = found
+    v, d = emb.weight.shape
+    copies = 2 if head else 1
+    h = HEADER_BYTES
+    return LayerInfo(name, v, d, False, [DENSE, Option(8, -1)],
+                     {"dense": v * d * emb.weight.element_size() + h,
+                      "q8": copies * (v * d + v * 2 + 2 * h)})
+
+
+HEADER_BYTES = 120
+
+
+def quantize_table(model: nn.Module):
+    """Store the embedding table int8 per row (the quantize step's own code); returns a
+    function that puts the dense table (and tied head) back."""
+    from slmkit.compress.quantize.api import quantize_embeddings
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.nn.surgery import set_module
+
+    name, emb, head = embedding_table(model)
+    old_head = model.get_submodule(head) if head else None
+    tied = model.config.tie_word_embeddings
+    quantize_embeddings(model, QuantizeOptions(bits=8, quantize_embeddings=True,
+                                               embedding_bits=8))
+
+    def restore() -> None:
+        set_module(model, name, emb)
+        if head:
+            set_module(model, head, old_head)
+        model.config.tie_word_embeddings = tied
+    return restore
 
 
 @torch.no_grad()
@@ -303,6 +372,25 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
                 layers[d["name"]] = LayerInfo.from_json(d)
         done = set(saved.get("blocks_done", []))
     _, blocks = find_blocks(model)
+    table = embedding_table(model)
+    unit = layers.get(table[0]) if table else None
+    if unit is not None and "q8" not in unit.kl:
+        # the table's KL: one full forward with it stored int8 (blocks see other inputs)
+        kl_batches = calibration_batches(tokenizer, cfg.calib_data, "train", cfg.kl_samples,
+                                         cfg.kl_seq_len, batch_size=4, seed=cfg.seed + 1)
+        tail = Tail(model, kl_batches)
+        restore = quantize_table(model)
+        try:
+            unit.kl = {"dense": 0.0, "q8": tail.kl_model(model, kl_batches)}
+            unit.err = {"dense": 0.0, "q8": 0.0}
+            unit.measured = ["q8"]
+        finally:
+            restore()
+        if path.exists():
+            saved = json.loads(path.read_text())
+            saved["layers"] = [d for d in saved["layers"] if d["name"] != unit.name] + \
+                [unit.to_json()]
+            path.write_text(json.dumps(saved))
     if len(done) == len(blocks) and all(store.has(f"{bp}.{i}") for i in range(len(blocks))
                                         for bp in [find_blocks(model)[0]]):
         return layers, path, True
