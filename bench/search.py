@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-bench-search"))
     ap.add_argument("--redo", nargs="*", default=[])
+    ap.add_argument("--iso-steps", type=int, default=4,
+                    help="bisection steps on true perplexity for the iso-quality row")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = ap.parse_args(argv)
     MODEL = args.model
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     def searched_at_size():
         shutil.rmtree(args.work / "cache", ignore_errors=True)     # time it from scratch
         t = time.time()
-        res = run_search(search_cfg(args, args.work, "searched",
+        res = run_search(search_cfg(args, args.work, "searched", embeddings=False,
                                     max_size_mb=uni["size_bytes"] / MB))
         took = time.time() - t
         return {**scored(args.work / "searched", args), "search_seconds": round(took, 1),
@@ -166,6 +168,15 @@ def main(argv=None) -> int:
                 "options": res.data["chosen"]["options"]}
 
     s1 = row("searched @ uniform size", searched_at_size)
+
+    def searched_at_size_table():
+        res = run_search(search_cfg(args, args.work, "searched-table",
+                                    max_size_mb=uni["size_bytes"] / MB))
+        return {**scored(args.work / "searched-table", args), "budget_bytes": uni["size_bytes"],
+                "true_kl": res.figures["true_kl"], "predicted_kl": res.figures["predicted_kl"],
+                "options": res.data["chosen"]["options"]}
+
+    row("searched @ uniform size, table in the space", searched_at_size_table)
 
     def uniform_kl():
         from slmkit.search.run import _kl_batches, _true_kl
@@ -182,12 +193,12 @@ def main(argv=None) -> int:
 
     ukl = row("uniform KL", uniform_kl)
 
-    def searched_at_quality():
+    def searched_at_quality(table: bool = True):
         from slmkit.search.run import _solve, fixed_bytes
         from slmkit.search.sensitivity import measure_sensitivities
         from slmkit.models.io import resolve_ref
 
-        cfg = search_cfg(args, args.work, "iso", max_size_mb=1.0)
+        cfg = search_cfg(args, args.work, "iso", max_size_mb=1.0, embeddings=table)
         model, tok = load_model(MODEL, dtype="fp32")
         layers, _, _ = measure_sensitivities(model, tok, cfg)
         fixed = fixed_bytes(model, resolve_ref(MODEL), set(layers))
@@ -203,18 +214,43 @@ def main(argv=None) -> int:
             else:
                 lo = mid + 1
         budget = hi + fixed
-        res = run_search(search_cfg(args, args.work, "iso", max_size_mb=budget / MB))
-        return {**scored(args.work / "iso", args), "budget_bytes": budget,
-                "target_predicted_kl": target, "true_kl": res.figures["true_kl"],
-                "predicted_kl": res.figures["predicted_kl"],
-                "options": res.data["chosen"]["options"]}
+        out = "iso" if not table else "iso-table"
 
+        def attempt(b):
+            res = run_search(search_cfg(args, args.work, out, max_size_mb=b / MB,
+                                        embeddings=table))
+            r = {**scored(args.work / out, args), "budget_bytes": b,
+                 "true_kl": res.figures["true_kl"], "predicted_kl": res.figures["predicted_kl"],
+                 "options": res.data["chosen"]["options"]}
+            r["ok"] = all(r["ppl"][t]["ppl"] <= uni["ppl"][t]["ppl"] for t in ("prose", "code"))
+            print(f"  iso try at {b / MB:.2f} MB: {r['ppl']['prose']['ppl']:.3f} / "
+                  f"{r['ppl']['code']['ppl']:.4f} ok={r['ok']}", flush=True)
+            return r
+
+        first = attempt(budget)
+        tries, best = [first], first if first["ok"] else None
+        if table and not first["ok"]:     # the KL proxy missed: bisect on true perplexity
+            lo, hi = budget, uni["size_bytes"]
+            for _ in range(args.iso_steps):
+                mid = (lo + hi) // 2
+                r = attempt(mid)
+                tries.append(r)
+                if r["ok"]:
+                    hi, best = mid, r
+                else:
+                    lo = mid
+        final = best or tries[-1]
+        return {**final, "target_predicted_kl": target,
+                "tries": [{"budget_bytes": t["budget_bytes"], "ok": t["ok"],
+                           "ppl": {k: v["ppl"] for k, v in t["ppl"].items()}} for t in tries]}
+
+    row("searched @ uniform quality (linears only)", lambda: searched_at_quality(False))
     row("searched @ uniform quality", searched_at_quality)
 
     def q4km():
         from slmkit.search.sensitivity import layer_infos, layer_store
 
-        cfg = search_cfg(args, args.work, "q4km", max_size_mb=1.0)
+        cfg = search_cfg(args, args.work, "q4km", max_size_mb=1.0, embeddings=False)
         model, tok = load_model(MODEL, dtype="fp32")
         names = list(layer_infos(model, cfg))
         choice = q4km_choice(names, model.config.num_hidden_layers)
@@ -229,7 +265,7 @@ def main(argv=None) -> int:
     qk = row("Q4_K_M layout", q4km)
 
     def searched_at_q4km():
-        res = run_search(search_cfg(args, args.work, "searched-q4km",
+        res = run_search(search_cfg(args, args.work, "searched-q4km", embeddings=False,
                                     max_size_mb=qk["size_bytes"] / MB))
         return {**scored(args.work / "searched-q4km", args), "budget_bytes": qk["size_bytes"],
                 "true_kl": res.figures["true_kl"], "options": res.data["chosen"]["options"]}
@@ -240,7 +276,7 @@ def main(argv=None) -> int:
         from slmkit.search.cost import measure_decode
 
         names = {"uniform": "uniform", "searched @ uniform size": "searched",
-                 "searched @ uniform quality": "iso", "Q4_K_M layout": "q4km"}
+                 "searched @ uniform quality (linears only)": "iso", "Q4_K_M layout": "q4km"}
         models = {k: load_model(args.work / d, dtype="fp32") for k, d in names.items()}
         out = {k: [] for k in names}
         for _ in range(3):                     # interleaved rounds
@@ -298,6 +334,11 @@ def bars(rows: dict) -> dict:
         out["size within budget"] = s1["size_bytes"] <= s1["budget_bytes"]
         out["whole search seconds"] = s1["search_seconds"]
         out["bar: search under 30 minutes"] = s1["search_seconds"] < 1800
+    lin = rows.get("searched @ uniform quality (linears only)")
+    if d and u and lin:
+        out["size ratio at uniform quality, linears only"] = lin["size_bytes"] / u["size_bytes"]
+        out["ppl no worse than uniform, linears only"] = all(
+            lin["ppl"][t]["ppl"] <= u["ppl"][t]["ppl"] for t in ("prose", "code"))
     iso = rows.get("searched @ uniform quality")
     if d and u and iso:
         out["size ratio at uniform quality"] = iso["size_bytes"] / u["size_bytes"]
@@ -314,6 +355,8 @@ def bars(rows: dict) -> dict:
     pts = []      # (true KL, mean log perplexity ratio over both texts) per compressed model
     for name, kl_row in (("uniform", "uniform KL"), ("Q4_K_M layout", "Q4_K_M layout KL"),
                          ("searched @ uniform size", None), ("searched @ uniform quality", None),
+                         ("searched @ uniform quality (linears only)", None),
+                         ("searched @ uniform size, table in the space", None),
                          ("searched @ Q4_K_M size", None),
                          ("searched @ uniform size and 80% of its speed", None)):
         r = rows.get(name)
