@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -77,12 +76,22 @@ def _time(fn, min_seconds: float = 0.05, rounds: int = 5) -> float:
         for _ in range(n):
             fn()
         times.append((time.perf_counter() - t) / n)
-    return statistics.median(times)
+    return min(times)          # preemption only ever adds time
 
 
 @torch.no_grad()
 def time_layer(out_f: int, in_f: int, option: Option, path: str) -> float:
-    """Seconds of one batch-1 product of a layer of this shape and option on ``path``."""
+    """Seconds of one batch-1 product of a layer of this shape and option on ``path``, on
+    one thread: on a busy machine a two-thread call waits at an OpenMP barrier for a
+    descheduled thread (every kernel then timed about one scheduler slice, 6 ms here, the
+    shape lost); the per-path fit's ``alpha`` maps one-thread times to the engine's."""
+    from slmkit.compress.hessian import one_thread
+
+    with one_thread():
+        return _time_layer(out_f, in_f, option, path)
+
+
+def _time_layer(out_f: int, in_f: int, option: Option, path: str) -> float:
     layer = _layer(out_f, in_f, option)
     x = torch.randn(1, in_f)
     if path == "torch":
@@ -215,8 +224,7 @@ def decode_cost_model(model, tok, layers, cfg) -> CostModel:
     from slmkit.engine import native
     from slmkit.search.sensitivity import cache_root, model_fingerprint
 
-    threads = torch.get_num_threads()
-    path = cache_root(cfg) / f"cost-{model_fingerprint(model)}-t{threads}.json"
+    path = cache_root(cfg) / f"cost-v2-{model_fingerprint(model)}.json"
     times: dict[str, float] = {}
     if path.exists():
         times = json.loads(path.read_text()).get("layer_times", {})
