@@ -140,6 +140,12 @@ def test_quantized_tied_table_is_written_once(tokenizer, tmp_path):
     loaded, _ = load_model(d)
     x = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    from slmkit.eval.speed import size_stats
+    from slmkit.models.io import load_config
+
+    dense_params = sum(p.numel() for p in build_tiny_model(
+        "llama", tokenizer, tie_word_embeddings=True).parameters())
+    assert size_stats(d, load_config(d)[1])["params"] == dense_params   # the head counts once
     res = export_gguf(str(d), tmp_path / "q.gguf")
     t = _tensors(gguf.GGUFReader(tmp_path / "q.gguf"))
     assert "output.weight" not in t and t["token_embd.weight"].tensor_type.name == "Q8_0"

@@ -56,6 +56,12 @@ def size_stats(model_dir: Path, config) -> dict[str, Any]:
     from slmkit.models.info import dir_size
     from slmkit.models.presets import count_params
 
+    section = getattr(config, "slmkit", None)
+    if isinstance(section, dict) and section.get("tied_head"):
+        import copy
+
+        config = copy.deepcopy(config)          # a quantized table's head holds the same
+        config.tie_word_embeddings = True       # codes: one set of parameters, not two
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     counts = count_params(skeleton)

@@ -151,6 +151,8 @@ def install_codes(model: nn.Module, linears: dict[str, nn.Module], results: dict
     if cfg.quantize_embeddings:
         summary["embeddings"] = quantize_embeddings(model, cfg)
     _mark_config(model, cfg, results, bpw)
+    if "tied lm_head" in summary.get("embeddings", ""):
+        model.config.slmkit["tied_head"] = True     # the head is a copy of the table's codes
     own = {n: list(g) for n, g in grids.items()
            if n in results and tuple(g) != (cfg.bits, cfg.group_size)}
     if own:
