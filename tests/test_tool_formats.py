@@ -21,17 +21,7 @@ from tests.tool_templates import with_template
 
 openai = pytest.importorskip("openai")
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
-                                            "unit": {"enum": ["C", "F"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 9}},
-       "required": ["a", "b"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
-PARAMS = {"get_weather": WEATHER, "add": ADD}
-ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+from tests.test_serve_tools import ADD, ASK, PARAMS, TOOLS  # noqa: E402  (the same tools)
 HISTORY = ASK + [
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function",
