@@ -336,6 +336,31 @@ def test_router_train_and_router_mode(tmp_path, small_model, tokenizer, big, cli
         server.stop()
 
 
+def test_token_router_is_the_router(tokenizer):
+    """The served decision for a 0-layer router (embeddings folded per vocabulary token,
+    the prompt's tail tokenized) gives the trained router's own scores, for a dense and a
+    4-bit embedding table and for a prompt far longer than max_tokens."""
+    from slmkit.nn.quant_embedding import QuantEmbedding
+    from slmkit.route.router import HiddenFeatures, TokenRouter, train_router
+
+    texts = [f"def f{i}(x):\n    return x * {i}" for i in range(6)] + \
+        [f"Tell me a story about dragon {i}." for i in range(6)] + \
+        ["", "word " * 2000 + "the end"]
+    labels = np.array([0] * 6 + [1] * 6 + [0, 1])
+    for quantized in (False, True):
+        model = build_tiny_model("llama", tokenizer, seed=2)
+        if quantized:
+            model.set_input_embeddings(QuantEmbedding.from_embedding(
+                model.get_input_embeddings(), 4, 16, False))
+        feats = HiddenFeatures(model, tokenizer, 0, 16)
+        router = train_router(feats, texts, labels, kind="hidden", layers=0, max_tokens=16)
+        decide = router.decider(model, tokenizer)
+        assert isinstance(decide, TokenRouter) and decide.lean
+        want = router.scores(feats(texts))
+        assert len(set(np.round(want, 6))) > 2   # a router that ranks, not a constant
+        assert [decide(t) for t in texts] == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
 def test_calibrate_cli(tmp_path, cli):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"scores": {"mean": -i / 10}, "small_quality": i % 2,
@@ -378,7 +403,8 @@ def test_route_eval_on_two_models(tiny_model_dirs, tmp_path):
              for i, w in enumerate(words)]
     tasks = {"a": items[:4], "b": [dict(it, id="b" + it["id"]) for it in items[4:]]}
     cfg = EvalConfig(small=str(tiny_model_dirs["qwen2"]), big=str(tiny_model_dirs["llama"]),
-                     tasks=["a", "b"], layers=[0, 1], folds=2, out=str(tmp_path / "ev"))
+                     tasks=["a", "b"], layers=[0, 1], folds=2, decisions=20,
+                     out=str(tmp_path / "ev"))
     result = run_eval(cfg, tasks)
     data = result.data
     assert data["items"] == 8 and set(data["tasks"]) == {"a", "b"}

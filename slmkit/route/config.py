@@ -156,6 +156,8 @@ class EvalConfig(StepConfig):
     folds: int = Field(5, ge=2, le=20, description="Cross-validation folds of the router "
                        "(each item is scored by a router that never saw it).")
     seed: int = Field(0, description="Seed of the folds and of random routing.")
+    decisions: int = Field(1000, ge=10, description="Router decisions timed per router "
+                           "(5 ms apart, as requests arrive; then as many back to back).")
     out: str | None = Field(None, description="Write results.json and per-item scores.jsonl "
                             "(the input of slm route calibrate) here.",
                             json_schema_extra=cli(short="-o"))

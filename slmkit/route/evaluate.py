@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.route.calibrate import curve, share_below, threshold_at
-from slmkit.route.router import HiddenFeatures, auc, fit_logistic
+from slmkit.route.router import HiddenFeatures, auc, train_router
 from slmkit.route.scores import all_scores
 
 
@@ -127,28 +127,88 @@ def quality(item: dict, text: str) -> float:
 
 
 def cross_val_router(x: np.ndarray, labels: np.ndarray, folds: int, seed: int,
-                     l2: float = 1.0) -> np.ndarray:
-    """Each row's router score ``P(small suffices)`` from a router fitted without it."""
+                     l2: float = 1.0, extra: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> np.ndarray:
+    """Each row's router score ``P(small suffices)`` from a router fitted without it.
+
+    ``extra``: more labelled rows ``(x, labels)`` (a training split never evaluated) added
+    to every fold's fit."""
     rng = np.random.default_rng(seed)
     fold = rng.permutation(len(x)) % folds
     out = np.zeros(len(x))
     for f in range(folds):
         test, train = fold == f, fold != f
-        if len(set(labels[train])) < 2:   # one class only: no ranking to learn
-            out[test] = 1.0 - labels[train].mean()
+        xt, yt = x[train], labels[train]
+        if extra is not None:
+            xt, yt = np.concatenate([xt, extra[0]]), np.concatenate([yt, extra[1]])
+        if len(set(yt)) < 2:   # one class only: no ranking to learn
+            out[test] = 1.0 - yt.mean()
             continue
-        w, b, mean, scale = fit_logistic(x[train], labels[train], l2)
+        w, b, mean, scale = fit_logistic(xt, yt, l2)
         z = ((x[test] - mean) / scale) @ w + b
         out[test] = 1.0 / (1.0 + np.exp(np.clip(z, -60, 60)))
     return out
 
 
-def run_eval(cfg, tasks: dict[str, list[dict]] | None = None):
+def decision_times(decide, texts: list[str], n: int, pause_s: float) -> dict[str, float]:
+    """Wall milliseconds of ``decide(text)``, p50/p95/p99 over ``n`` decisions cycling
+    ``texts``: once back to back, once paced ``pause_s`` apart (one decision per request
+    arrival, as a server makes them); with the load average it ran under."""
+    import os
+
+    decide(texts[0])   # first-call costs outside the timing
+    out = {}
+    for how, pause in (("", pause_s), ("back_to_back_", 0.0)):
+        times = np.empty(n)
+        for i in range(n):
+            if pause:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            decide(texts[i % len(texts)])
+            times[i] = time.perf_counter() - t0
+        p50, p95, p99 = np.percentile(times * 1000, [50, 95, 99])
+        out.update({f"{how}p50": float(p50), f"{how}p95": float(p95), f"{how}p99": float(p99)})
+    out.update(decisions=n, pause_ms=pause_s * 1000, load_avg_1m=os.getloadavg()[0])
+    return out
+
+
+def answer_both(cfg, items, small_model, small_tok, cache: Path | None):
+    """Both models' greedy answers (and the small one's confidence records) for ``items``,
+    read from ``cache`` when an earlier run answered the same ids with the same models."""
+    from slmkit.console import console
+    from slmkit.models import load_model
+
+    key = {"small": cfg.small, "big": cfg.big, "ids": [it.get("id") for it in items]}
+    cached = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if cached.get("key") == key:   # the answers of an earlier run on the same items
+        console.print(f"[dim]{len(items)} items; answers from {cache}[/dim]")
+        return cached["small"], cached["big"], [
+            [tuple(c) for c in conf] if conf else conf for conf in cached["confs"]]
+    console.print(f"[dim]{len(items)} items; answering with the small model...[/dim]")
+    small_text, confs, _ = answer_locally(small_model, small_tok, items, True)
+    console.print("[dim]answering with the big model...[/dim]")
+    if cfg.big.startswith(("http://", "https://")):
+        big_text = answer_remotely(cfg.big, items)
+    else:
+        big_model, big_tok = load_model(cfg.big)
+        big_text = answer_locally(big_model, big_tok, items, False)[0]
+        del big_model
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "small": small_text, "big": big_text,
+                                     "confs": confs}))
+    return small_text, big_text, [[tuple(c) for c in conf] if conf else conf
+                                  for conf in confs]
+
+
+def run_eval(cfg, tasks: dict[str, list[dict]] | None = None,
+             train: dict[str, list[dict]] | None = None):
     """Answer, score, route; the table of figures (and results.json / scores.jsonl).
 
     ``tasks``: generation items prepared by the caller (``{task: items}``; their
     ``metric`` may also be ``contains``: the normalised gold text appears in the answer)
-    instead of ``cfg.tasks``."""
+    instead of ``cfg.tasks``. ``train``: more items of the same kind, answered by both
+    models and used only to fit the routers (a separate split: never scored)."""
     import torch
 
     from slmkit.console import console
@@ -167,26 +227,7 @@ def run_eval(cfg, tasks: dict[str, list[dict]] | None = None):
     items = [dict(it, task=name) for name, its in tasks.items() for it in its]
     small_model, small_tok = load_model(cfg.small)
     cache = Path(cfg.out) / "answers.json" if cfg.out else None
-    key = {"small": cfg.small, "big": cfg.big, "ids": [it.get("id") for it in items]}
-    cached = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
-    if cached.get("key") == key:   # the answers of an earlier run on the same items
-        console.print(f"[dim]{len(items)} items; answers from {cache}[/dim]")
-        small_text, big_text = cached["small"], cached["big"]
-        confs = [[tuple(c) for c in conf] if conf else conf for conf in cached["confs"]]
-    else:
-        console.print(f"[dim]{len(items)} items; answering with the small model...[/dim]")
-        small_text, confs, _ = answer_locally(small_model, small_tok, items, True)
-        console.print("[dim]answering with the big model...[/dim]")
-        if cfg.big.startswith(("http://", "https://")):
-            big_text = answer_remotely(cfg.big, items)
-        else:
-            big_model, big_tok = load_model(cfg.big)
-            big_text = answer_locally(big_model, big_tok, items, False)[0]
-            del big_model
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "small": small_text, "big": big_text,
-                                         "confs": confs}))
+    small_text, big_text, confs = answer_both(cfg, items, small_model, small_tok, cache)
     # what an escalated request waits for before the big model starts: one local answer
     # alone (the batched runs queue items behind each other)
     alone = answer_locally(small_model, small_tok, items[:8], True, batch=1)[2]
@@ -198,27 +239,40 @@ def run_eval(cfg, tasks: dict[str, list[dict]] | None = None):
     start = time.perf_counter()
     per_item = [all_scores(c) for c in confs]
     score_us = (time.perf_counter() - start) * 1e6 / len(items)
-    # routers: features of each prompt from the small model, k-fold, one per depth
+    # routers: features of each prompt from the small model, k-fold, one per depth; the
+    # training split's items (answered by both models, never scored) join every fold's fit
     labels = (big_q > small_q).astype(int)
+    extra_items, extra_labels = [], None
+    if train:
+        extra_items = [dict(it, task=name) for name, its in train.items() for it in its]
+        tcache = Path(cfg.out) / "answers-train.json" if cfg.out else None
+        ts, tb, _ = answer_both(cfg, extra_items, small_model, small_tok, tcache)
+        extra_labels = np.array([quality(it, b) > quality(it, a)
+                                 for it, a, b in zip(extra_items, ts, tb)], dtype=int)
     torch.set_num_threads(1)
-    routers, decision_ms = {}, {}
+    routers, decision_ms, spread = {}, {}, {}
+    texts = [it["prompt"] for it in items]
     for layers in cfg.layers:
         feats = HiddenFeatures(small_model, small_tok, layers, 128)
-        times = []
-        x = np.zeros((len(items), feats.dim), dtype=np.float32)
-        for i, it in enumerate(items):
-            t0 = time.perf_counter()
-            x[i] = feats([it["prompt"]])[0]
-            times.append(time.perf_counter() - t0)
+        x = feats(texts)
+        extra = None if extra_labels is None else \
+            (feats([it["prompt"] for it in extra_items]), extra_labels)
         name = f"router-l{layers}"
-        routers[name] = cross_val_router(x, labels, cfg.folds, cfg.seed)
-        # the classifier itself on one prompt (a dot product), for the decision overhead
-        w, b, mean, scale = fit_logistic(x, labels)
-        t0 = time.perf_counter()
-        for row in x[:50]:
-            _ = 1.0 / (1.0 + np.exp(((row - mean) / scale) @ w + b))
-        classify_s = (time.perf_counter() - t0) / min(50, len(x))
-        decision_ms[name] = (np.array(times) + classify_s) * 1000
+        routers[name] = cross_val_router(x, labels, cfg.folds, cfg.seed, extra=extra)
+        # how much the figure owes to one assignment of folds
+        apgrs = [pgr_figures(cross_val_router(x, labels, cfg.folds, seed, extra=extra),
+                             small_q, big_q)["apgr"] for seed in range(10)]
+        spread[name] = {"mean": float(np.mean(apgrs)), "sd": float(np.std(apgrs)),
+                        "min": float(np.min(apgrs)), "max": float(np.max(apgrs))}
+        # the decision as the server makes it (Router.decider: the folded token router
+        # for 0 layers), fitted on every item here only to be timed
+        xs, ys = (x, labels) if extra is None else \
+            (np.concatenate([x, extra[0]]), np.concatenate([labels, extra[1]]))
+        router = train_router(lambda _: xs, [], ys, kind="hidden", layers=layers,
+                              max_tokens=128)
+        decide = router.decider(small_model, small_tok)
+        decision_ms[name] = decision_times(decide, texts, cfg.decisions if layers == 0 else
+                                           min(cfg.decisions, 40), 0.005)
 
     strategies = {f"cascade:{s}": np.array([p[s] for p in per_item]) for s in cfg.signals
                   if s in per_item[0]}
@@ -237,14 +291,17 @@ def run_eval(cfg, tasks: dict[str, list[dict]] | None = None):
         results["strategies"][name] = pgr_figures(s, small_q, big_q)
         if name.startswith("cascade:"):
             results["strategies"][name]["auc"] = auc(-s, labels == 1)
+        if name in spread:
+            results["strategies"][name]["apgr_over_10_fold_seeds"] = spread[name]
+    if extra_items:
+        results["router_training"] = {"extra_items": len(extra_items),
+                                      "extra_needs_big": int(extra_labels.sum())}
     q95 = 0.95 * big_q.mean()
     gap = big_q.mean() - small_q.mean()
     results["strategies"]["random (expected)"]["share_for_95pct_quality"] = \
         float(min(1.0, max(0.0, (q95 - small_q.mean()) / gap))) if gap > 0 else None
     results["overhead"] = {
-        "router_decision_ms": {k: {"p50": float(np.percentile(v, 50)),
-                                   "p95": float(np.percentile(v, 95))}
-                               for k, v in decision_ms.items()},
+        "router_decision_ms": decision_ms,
         "cascade_scoring_us": score_us,
         "cascade_local_answer_ms_mean": float(np.mean(alone) * 1000)}
     # calibration on the first task, checked on the second (another traffic mix)
@@ -285,8 +342,12 @@ def run_eval(cfg, tasks: dict[str, list[dict]] | None = None):
                                     f"{results['big_better']}, small on "
                                     f"{results['small_better']})"),
             ("best mode", f"{best}: APGR {results['strategies'][best]['apgr']:.3f}"),
-            *[(f"{k}: AUC (cross-validated), decision p50 / p95",
-               f"{aucs[k]}, {v['p50']:.2f} / {v['p95']:.2f} ms")
+            *[(f"{k}: AUC (cross-validated), APGR over 10 fold seeds",
+               f"{aucs[k]}, {spread[k]['mean']:.3f} +- {spread[k]['sd']:.3f}")
+              for k in routers],
+            *[(f"{k}: decision p50 / p95 / p99", f"{v['p50']:.2f} / {v['p95']:.2f} / "
+               f"{v['p99']:.2f} ms ({v['decisions']}, {v['pause_ms']:.0f} ms apart; back to "
+               f"back p95 {v['back_to_back_p95']:.2f} ms; load {v['load_avg_1m']:.1f})")
               for k, v in o["router_decision_ms"].items()],
             ("cascade scoring / local answer", f"{o['cascade_scoring_us']:.0f} us / "
                                                f"{o['cascade_local_answer_ms_mean']:.0f} ms "

@@ -94,6 +94,7 @@ class HiddenFeatures:
         hidden = getattr(self.embed, "embedding_dim", None) or model.config.hidden_size
         self.dim = int(hidden) + 1    # (a quantized embedding has no .weight)
         self._torch = torch
+        self.encode = _tail_encoder(tokenizer, max_tokens)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """``float32 [len(texts), hidden + 1]``."""
@@ -101,8 +102,7 @@ class HiddenFeatures:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for i, text in enumerate(texts):
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids = (ids or [self.tokenizer.eos_token_id or 0])[-self.max_tokens:]
+                ids = self.encode(text) or [self.tokenizer.eos_token_id or 0]
                 x = torch.tensor([ids])                                     # [1, T]
                 if self.view is None:
                     hidden = self.embed(x)                                  # [1, T, H]
@@ -167,6 +167,20 @@ class Router:
                               "`slm route train`.")
         return f
 
+    def decider(self, model, tokenizer):
+        """``decide(text) -> score`` for serving: the same score as
+        ``score(featurizer(...)([text])[0])``, on the lean path where there is one.
+
+        With token-embedding features (``hidden``, 0 layers) the classifier is linear in the
+        mean-pooled embedding, so it folds into one number per vocabulary token at load time
+        (``E @ (w / scale)``, :class:`TokenRouter`): a decision is the prompt's tail
+        tokenized, a mean of up to ``max_tokens`` floats and one exponential, in the
+        caller's thread, with no tensor. Other routers run their features here."""
+        if self.features == "hidden" and self.layers == 0:
+            return TokenRouter(self, model, tokenizer)
+        feats = self.featurizer(model, tokenizer)
+        return lambda text: self.score(feats([text])[0])
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         xs = (np.asarray(x, dtype=np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
         z = np.clip(xs @ np.asarray(self.weights) + self.bias, -60, 60)
@@ -197,6 +211,70 @@ class Router:
         except (OSError, ValueError, KeyError, AssertionError):
             raise ConfigError(f"{directory} is not a router directory (no readable "
                               f"{ROUTER_FILE}); pass one `slm route train` wrote.") from None
+
+
+class TokenRouter:
+    """A 0-layer hidden-state router folded per vocabulary token (see
+    :meth:`Router.decider`): ``z = mean_t proj[id_t] + w_len * log(1 + T) + c``."""
+
+    lean = True    # cheap enough to run on the caller's thread (no hop to a worker)
+    CHUNK = 4096   # embedding rows dequantized at a time while folding
+
+    def __init__(self, router: Router, model, tokenizer):
+        import torch
+
+        embed = model.get_input_embeddings()
+        vocab = getattr(embed, "num_embeddings", None) or embed.weight.shape[0]
+        dim = getattr(embed, "embedding_dim", None) or model.config.hidden_size
+        if dim + 1 != len(router.weights):
+            router.featurizer(model, tokenizer)   # raises the one-sentence mismatch error
+        w = np.asarray(router.weights, dtype=np.float64) / np.asarray(router.scale)
+        mean = np.asarray(router.mean, dtype=np.float64)
+        wt = torch.from_numpy(w[:-1].astype(np.float32))
+        proj = np.empty(vocab, dtype=np.float64)
+        with torch.inference_mode():   # the served (possibly quantized) rows, chunk by chunk
+            for start in range(0, vocab, self.CHUNK):
+                ids = torch.arange(start, min(vocab, start + self.CHUNK))
+                proj[start:start + len(ids)] = (embed(ids).float() @ wt).double().numpy()
+        self.proj = proj.tolist()          # list indexing: no array per request
+        self.w_len = float(w[-1])
+        self.const = float(router.bias - mean @ w)
+        self.max_tokens = router.max_tokens
+        self.tokenizer = tokenizer
+        self.encode = _tail_encoder(tokenizer, router.max_tokens)
+        self.empty = [tokenizer.eos_token_id or 0]
+
+    def __call__(self, text: str) -> float:
+        ids = self.encode(text) or self.empty
+        proj = self.proj
+        z = sum(proj[i] for i in ids) / len(ids) + self.w_len * math.log1p(len(ids)) \
+            + self.const
+        return 1.0 / (1.0 + math.exp(min(60.0, max(-60.0, z))))
+
+
+def _tail_encoder(tokenizer, max_tokens: int):
+    """``encode(text)``: the last ``max_tokens`` token ids of ``text`` (what
+    :class:`HiddenFeatures` pools), tokenizing only the text's tail when it is long.
+
+    A tail of ``16 * max_tokens`` characters holds more than ``max_tokens`` tokens for any
+    text but pathological ones; its first token may be a cut word, so it is dropped and
+    the whole text is tokenized whenever the tail yields too few tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        def full(text):
+            return backend.encode(text, add_special_tokens=False).ids
+    else:
+        def full(text):
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+    window = 16 * max_tokens
+
+    def encode(text: str) -> list[int]:
+        if len(text) > window:
+            ids = full(text[-window:])
+            if len(ids) > max_tokens:
+                return ids[-max_tokens:]
+        return full(text)[-max_tokens:]
+    return encode
 
 
 def read_rows(path: str | Path, margin: float = 0.0) -> tuple[list[str], np.ndarray]:

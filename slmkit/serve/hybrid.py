@@ -74,7 +74,7 @@ class Hybrid:
             from slmkit.route.router import Router
 
             self.router = Router.load(config.router)
-            self.features = self.router.featurizer(model, tokenizer)
+            self.decide = self.router.decider(model, tokenizer)
         if config.route_signal not in available_signals():
             raise ConfigError("--route-signal flag needs the monitor's flag model "
                               "(slmkit/monitor/flag_model.json), which is not installed; "
@@ -134,9 +134,6 @@ class Hybrid:
                 threshold = DEFAULT_THRESHOLDS[signal]
         return mode, threshold, signal
 
-    def router_score(self, text: str) -> float:
-        return self.router.score(self.features([text])[0])
-
     # ------------------------------------------------------------------ serving
 
     async def handle(self, request: Request, req, body: dict, ids: list[int], params,
@@ -152,7 +149,10 @@ class Hybrid:
         if mode == "router":
             start = time.perf_counter()
             text = prompt_text(body, self.tokenizer)
-            score = await asyncio.to_thread(self.router_score, text)
+            if getattr(self.decide, "lean", False):   # tens of microseconds: no thread hop
+                score = self.decide(text)
+            else:   # decoder layers: a worker thread keeps the event loop free
+                score = await asyncio.to_thread(self.decide, text)
             took = time.perf_counter() - start
             self.decision.observe(took)
             info.update(score=round(score, 4), threshold=threshold,
