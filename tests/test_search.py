@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shlex
 
 import pytest
 import torch
@@ -148,6 +149,15 @@ def test_search_writes_a_model_within_budget(llama_dir, tmp_path, cli, cache):
     # a bigger budget never predicts a worse model (the front is monotone)
     kls = [p["predicted_kl"] for p in report["pareto"]]
     assert all(b <= a + 1e-15 for a, b in zip(kls, kls[1:]))
+    # a point of the front is written by its one command (sensitivities from the cache)
+    point = report["pareto"][len(report["pareto"]) // 2]
+    args = shlex.split(point["command"])
+    assert args[:3] == ["slm", "search", str(llama_dir)] and args[-1] == "OUT"
+    r = cli(*args[1:-1], str(tmp_path / "point"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = json.loads((tmp_path / "point" / "search" / "search.json").read_text())
+    assert again["assignment"] == point["assignment"]
+    assert dir_size(tmp_path / "point") <= point["max_size_mb"] * 1e6
 
 
 def test_unmeetable_budgets_are_refused(llama_dir, tmp_path, cli):
@@ -171,6 +181,14 @@ def test_speed_budget_predicts_and_remeasures(llama_dir, tmp_path, cli, cache):
     chosen = json.loads((out / "search" / "search.json").read_text())["chosen"]
     assert chosen["predicted_decode_tok_s"] >= 5
     assert chosen["measured_decode_tok_s"] > 0
+    out = tmp_path / "streams"         # each of 2 concurrent streams at 5 tok/s
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.4", "--min-decode-tok-s", "5",
+            "--streams", "2", *FAST, "--cache-dir", str(cache), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "search" / "search.json").read_text())
+    assert report["chosen"]["predicted_decode_tok_s"] >= 5
+    assert report["chosen"]["measured_decode_tok_s"] > 0
+    assert any(k.endswith("-s2.json") for k in [p.name for p in cache.iterdir()])
     r = cli("search", str(llama_dir), "--max-size-mb", "0.4", "--min-decode-tok-s", "1e9",
             *FAST, "--cache-dir", str(cache), "--out", str(tmp_path / "no"))
     assert r.returncode == 2 and "cannot be met" in r.stderr + r.stdout
@@ -236,3 +254,84 @@ def test_refinement_scores_candidates_end_to_end(llama_dir, tmp_path, cli, cache
     assert ref["evaluations"] >= 2 and ref["best_kl"] <= ref["start_kl"]
     assert chosen["true_kl"] == pytest.approx(ref["best_kl"], rel=1e-4)
     assert dir_size(out) <= 0.34e6
+
+
+def test_resident_bytes_count_what_the_kernels_keep():
+    """Measured on built layers: int8/int4 keep their codes plus the kernels' packed copies
+    (still under a dense fp32 layer), a 3-bit layer keeps a dense copy (over it)."""
+    from slmkit.search.memory import resident_bytes
+    from slmkit.search.space import Option
+
+    dense = resident_bytes(64, 128, Option(0), native_step=False)
+    assert dense == 64 * 128 * 4
+    assert resident_bytes(64, 128, Option(4, 32), native_step=False) < dense / 2
+    assert resident_bytes(64, 128, Option(8), native_step=False) < dense
+    assert resident_bytes(64, 128, Option(3, 32), native_step=False) > dense
+
+
+def test_memory_budget_is_predicted_and_remeasured(llama_dir, tmp_path, cli, cache):
+    """--max-memory-mb at 3 streams: the dense model served in a fresh process fits the
+    model's runtime term, the chosen dir is served again and its peak is within the budget
+    and close to the prediction; a budget under the runtime alone is refused."""
+    out = tmp_path / "mem"
+    r = cli("search", str(llama_dir), "--max-memory-mb", "4000", "--streams", "3",
+            "--context", "128", *FAST, "--cache-dir", str(cache), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "serving memory" in r.stdout
+    report = json.loads((out / "search" / "search.json").read_text())
+    chosen, mm = report["chosen"], report["memory_model"]
+    assert mm["streams"] == 3 and mm["context"] == 128
+    assert chosen["served"]["streams"] == 3
+    quantized = any(k != "dense" for k in report["assignment"].values())
+    assert chosen["served"]["kv_bytes"] == mm["kv"]["quantized" if quantized else "dense"]
+    assert chosen["measured_memory_bytes"] <= 4000e6
+    assert abs(chosen["predicted_memory_bytes"] / chosen["measured_memory_bytes"] - 1) < 0.03
+    r = cli("search", str(llama_dir), "--max-memory-mb", "50", "--streams", "3",
+            "--context", "128", *FAST, "--cache-dir", str(cache), "--out", str(tmp_path / "n"))
+    assert r.returncode == 2 and "cannot be met" in r.stdout + r.stderr
+    assert "runtime" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def test_unsupported_combinations_are_refused(tmp_path):
+    """One sentence each, from the config (the CLI shows it and exits 2)."""
+    from pydantic import ValidationError
+
+    for kw, words in ((dict(streams=2), "--streams"), (dict(context=64), "--context"),
+                      (dict(drop_layers=1, min_decode_tok_s=5), "not supported"),
+                      (dict(drop_layers=1, refine=2), "not supported")):
+        with pytest.raises(ValidationError, match=words):
+            _cfg(tmp_path, out=str(tmp_path / "x"), **kw)
+
+
+def test_dropping_a_block_is_in_the_search_space(llama_dir, tmp_path, cli, cache):
+    """Under a budget no per-layer assignment meets, --drop-layers 1 drops the block whose
+    KL (measured with it skipped) costs least: the written model has one block fewer, its
+    size and KL are what the search predicted, and its layers are the chosen ones."""
+    from slmkit.models.info import dir_size
+    from slmkit.models.io import load_model
+    from slmkit.nn.quant_linear import QuantLinear
+
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.215", *FAST,
+            "--cache-dir", str(cache), "--out", str(tmp_path / "no"))
+    assert r.returncode == 2 and "cannot be met" in r.stdout + r.stderr
+    out = tmp_path / "dropped"
+    r = cli("search", str(llama_dir), "--max-size-mb", "0.215", "--drop-layers", "1", *FAST,
+            "--cache-dir", str(cache), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "search" / "search.json").read_text())
+    chosen = report["chosen"]
+    assert len(chosen["dropped_blocks"]) == 1 and dir_size(out) <= 0.215e6
+    assert 0.5 < chosen["true_kl"] / chosen["predicted_kl"] < 2
+    gone = chosen["dropped_blocks"][0]
+    model, _ = load_model(out)
+    assert model.config.num_hidden_layers == len(model.model.layers) == 1
+    for name, key in report["assignment"].items():
+        if f"layers.{1 - gone}." not in name:
+            continue
+        layer = model.get_submodule(name.replace(f"layers.{1 - gone}.", "layers.0."))
+        assert isinstance(layer, QuantLinear) == (key != "dense")
+        if key != "dense":
+            assert key.startswith(f"q{layer.bits}")
+    r = cli("search", str(llama_dir), "--max-size-mb", "1", "--drop-layers", "2",
+            "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "no decoder block" in r.stdout + r.stderr

@@ -27,6 +27,18 @@ class SearchConfig(ModelStep, Calibration):
                                            "batch-1 decode tokens/s on slmkit's engine on "
                                            "this machine, predicted by a per-layer cost "
                                            "model measured here, then re-measured.")
+    max_memory_mb: float | None = Field(default=None, gt=0, description="Memory budget: "
+                                        "peak resident MB of serving the model on slmkit's "
+                                        "engine (weights as its kernels hold them, the KV "
+                                        "cache for --streams x --context, the runtime), "
+                                        "predicted by a measured model, then re-measured in a "
+                                        "fresh process.")
+    streams: int = Field(default=1, ge=1, description="Concurrent streams the speed and "
+                         "memory budgets are for (the engine's continuous batching): "
+                         "--min-decode-tok-s is then each stream's decode speed.")
+    context: int | None = Field(default=None, ge=16, description="Tokens per stream the KV "
+                                "cache holds under --max-memory-mb (default: the model's "
+                                "context, at most 2048, as the engine sizes it).")
     method: Literal["gptq", "rtn"] = Field(default="gptq", description="Quantizer of every "
                                            "quantized option: gptq or rtn.")
     bits: list[int] = Field(default_factory=lambda: [8, 4, 3], description="Bit widths a "
@@ -48,6 +60,10 @@ class SearchConfig(ModelStep, Calibration):
     kl_samples: int = Field(default=4, ge=1, description="Windows the KL divergence is "
                             "measured on.")
     kl_seq_len: int = Field(default=128, ge=8, description="Tokens per KL window.")
+    drop_layers: int = Field(default=0, ge=0, description="At most this many whole "
+                             "decoder blocks may be dropped (each block's KL measured with "
+                             "it skipped; for k = 0..N the k cheapest blocks are dropped and "
+                             "the rest solved, the best total kept).")
     refine: int = Field(default=0, ge=0, description="Generations of evolutionary refinement "
                         "(EvoPress-style) of the chosen assignment on the true end-to-end "
                         "KL; 0 = the additive solve's answer as is.")
@@ -63,8 +79,15 @@ class SearchConfig(ModelStep, Calibration):
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":
-        if self.max_size_mb is None and self.min_decode_tok_s is None:
-            raise ValueError("give a budget: --max-size-mb and/or --min-decode-tok-s")
+        if self.max_size_mb is None and self.min_decode_tok_s is None \
+                and self.max_memory_mb is None:
+            raise ValueError("give a budget: --max-size-mb, --max-memory-mb and/or "
+                             "--min-decode-tok-s")
+        if self.max_memory_mb is None:
+            refuse_unused(self, {"context"}, "a search without --max-memory-mb")
+            if self.min_decode_tok_s is None:
+                refuse_unused(self, {"streams"}, "a search without --min-decode-tok-s or "
+                              "--max-memory-mb")
         bad = sorted(set(self.bits) - {8, 4, 3})
         if bad:
             raise ValueError(f"--bits {bad[0]} is not supported; use 8, 4 or 3")
@@ -73,6 +96,12 @@ class SearchConfig(ModelStep, Calibration):
         if self.method == "rtn":   # the KL windows still use --calib-data and --seed
             refuse_unused(self, {"calib_samples", "calib_seq_len", "calib_precision"},
                           "--method rtn, which needs no calibration windows")
+        if self.drop_layers and self.min_decode_tok_s is not None:
+            raise ValueError("--drop-layers with --min-decode-tok-s is not supported (the "
+                             "decode cost model has no per-block term); drop one of them")
+        if self.drop_layers and self.refine:
+            raise ValueError("--drop-layers with --refine is not supported (refinement "
+                             "mutates per-layer levels only); drop one of them")
         badg = [g for g in self.group_sizes if g <= 0 or g % 8]
         if badg:
             raise ValueError(f"--group-sizes {badg[0]} is invalid; use multiples of 8 such "

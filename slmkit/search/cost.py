@@ -1,11 +1,12 @@
-"""The decode cost model: batch-1 decode time per token, per layer option, measured here.
+"""The decode cost model: decode time per token of one stream, per layer option, measured
+here, at batch 1 or at ``--streams N`` concurrent streams of the continuous-batching engine.
 
 Hardware in the loop (HAQ, AMC): nothing is counted in FLOPs. slmkit's engine decodes a
 Llama-layout model either with the native step (one C call per token; fp32, int8 and int4
 layers) or with its torch loop (any layer, e.g. 3-bit ones). A model takes the native step
 only when *every* linear has a native kernel, so the cost model has one table per path:
 
-* per distinct ``(shape, option, path)``, the time of one ``[1, in]`` product through that
+* per distinct ``(shape, option, path)``, the time of one ``[N, in]`` product through that
   path's kernel (the native ``slm_linear`` call, or the layer's torch forward), timed on
   this machine (median of repeats) and cached with the sensitivities;
 * per path, ``T = base + alpha * sum(t_layer)`` fitted on two reference models decoded
@@ -38,12 +39,57 @@ def native_capable(option: Option) -> bool:
     return option.dense or option.bits in (8, 4)
 
 
-def measure_decode(model, tok, tokens: int = 48, repeats: int = 3) -> float:
-    """Batch-1 decode tokens/s through the engine (:func:`slmkit.eval.speed.measure_speed`)."""
+def measure_decode(model, tok, tokens: int = 48, repeats: int = 3, streams: int = 1) -> float:
+    """Decode tokens/s of one stream through the engine: batch 1 with
+    :func:`slmkit.eval.speed.measure_speed`, or each of ``streams`` concurrent streams of
+    the continuous-batching engine (:func:`measure_streams`, best of ``repeats``)."""
+    if streams > 1:
+        return max(measure_streams(model, tok, streams, tokens)["per_stream_tok_s"]
+                   for _ in range(max(1, repeats - 1)))
     from slmkit.eval.speed import measure_speed
 
     return float(measure_speed(model, tok, prompt_lengths=(), decode_tokens=tokens,
                                repeats=repeats)["decode_tok_s"])
+
+
+def measure_streams(model, tok, streams: int, tokens: int = 32,
+                    max_seq_len: int | None = None, threads: int | None = None) -> dict:
+    """``streams`` concurrent greedy requests (a 32-token prompt each, ``tokens`` new tokens)
+    through the continuous-batching :class:`~slmkit.engine.engine.Engine`, after one
+    warm-up round. The clock runs from the moment every stream has its first token (all
+    prefills done, the batch decoding together) to the last token.
+
+    Returns ``{"per_stream_tok_s", "aggregate_tok_s", "kv_bytes", "path", "streams"}``."""
+    import time as _time
+
+    from slmkit.engine.engine import Engine
+    from slmkit.engine.events import TokenEvent
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.eval.speed import prompt_ids
+
+    ids = prompt_ids(tok, 32)
+    engine = Engine(model, tok, max_batch=streams, background=False, threads=threads,
+                    max_seq_len=max_seq_len or 32 + tokens + 8)
+    try:
+        rate = 0.0
+        for _ in range(2):               # a warm-up round, then the timed one
+            stamps: list[list[float]] = [[] for _ in range(streams)]
+            for s in range(streams):
+                engine.submit(ids, SamplingParams(max_tokens=tokens, temperature=0,
+                                                  ignore_eos=True),
+                              on_event=lambda ev, s=s: stamps[s].append(_time.perf_counter())
+                              if isinstance(ev, TokenEvent) else None)
+            while engine.step():
+                pass
+            start = max(t[0] for t in stamps)
+            end = max(t[-1] for t in stamps)
+            after = sum(1 for t in stamps for x in t if x > start)
+            rate = after / max(end - start, 1e-9)
+        return {"per_stream_tok_s": rate / streams, "aggregate_tok_s": rate,
+                "kv_bytes": getattr(getattr(engine.runner, "cache", None), "nbytes", None),
+                "path": engine.path, "streams": streams}
+    finally:
+        engine.close()
 
 
 def _layer(out_f: int, in_f: int, option: Option) -> nn.Module:
@@ -80,7 +126,7 @@ def _time(fn, min_seconds: float = 0.05, rounds: int = 5) -> float:
 
 
 @torch.no_grad()
-def time_layer(out_f: int, in_f: int, option: Option, path: str) -> float:
+def time_layer(out_f: int, in_f: int, option: Option, path: str, rows: int = 1) -> float:
     """Seconds of one batch-1 product of a layer of this shape and option on ``path``, on
     one thread: on a busy machine a two-thread call waits at an OpenMP barrier for a
     descheduled thread (every kernel then timed about one scheduler slice, 6 ms here, the
@@ -88,12 +134,12 @@ def time_layer(out_f: int, in_f: int, option: Option, path: str) -> float:
     from slmkit.compress.hessian import one_thread
 
     with one_thread():
-        return _time_layer(out_f, in_f, option, path)
+        return _time_layer(out_f, in_f, option, path, rows)
 
 
-def _time_layer(out_f: int, in_f: int, option: Option, path: str) -> float:
+def _time_layer(out_f: int, in_f: int, option: Option, path: str, rows: int = 1) -> float:
     layer = _layer(out_f, in_f, option)
-    x = torch.randn(1, in_f)
+    x = torch.randn(rows, in_f)
     if path == "torch":
         return _time(lambda: layer(x))
     from slmkit.engine import native
@@ -104,11 +150,11 @@ def _time_layer(out_f: int, in_f: int, option: Option, path: str) -> float:
     if isinstance(lin, str):
         raise RuntimeError(lin)
     threads = torch.get_num_threads()
-    y = torch.empty(1, lin.n)
-    work = torch.empty(int(lib.slm_linear_work_floats(ctypes.byref(lin), 1, threads)))
+    y = torch.empty(rows, lin.n)
+    work = torch.empty(int(lib.slm_linear_work_floats(ctypes.byref(lin), rows, threads)))
     ref = ctypes.byref(lin)
-    return _time(lambda: lib.slm_linear(ref, 1, x.data_ptr(), y.data_ptr(), work.data_ptr(),
-                                        threads))
+    return _time(lambda: lib.slm_linear(ref, rows, x.data_ptr(), y.data_ptr(),
+                                        work.data_ptr(), threads))
 
 
 @dataclass
@@ -214,6 +260,8 @@ def _units(layers, path: str) -> list[tuple[list[str], object]]:
         unit = LayerInfo(key, infos[0].out_features, infos[0].in_features, infos[0].bias,
                          common, {o.key: sum(i.bytes[o.key] for i in infos) for o in common},
                          {o.key: sum(i.kl[o.key] for i in infos) for o in common})
+        if all(i.mem for i in infos):
+            unit.mem = {o.key: sum(i.mem[o.key] for i in infos) for o in common}
         units.append((names, unit))
     return units
 
@@ -224,7 +272,9 @@ def decode_cost_model(model, tok, layers, cfg) -> CostModel:
     from slmkit.engine import native
     from slmkit.search.sensitivity import cache_root, model_fingerprint
 
-    path = cache_root(cfg) / f"cost-v2-{model_fingerprint(model)}.json"
+    streams = getattr(cfg, "streams", 1)
+    suffix = "" if streams == 1 else f"-s{streams}"     # kernels timed on [streams, in]
+    path = cache_root(cfg) / f"cost-v2-{model_fingerprint(model)}{suffix}.json"
     times: dict[str, float] = {}
     if path.exists():
         times = json.loads(path.read_text()).get("layer_times", {})
@@ -238,7 +288,7 @@ def decode_cost_model(model, tok, layers, cfg) -> CostModel:
                 k = CostModel.key(o_f, i_f, opt, p)
                 if k in times or (p == "native" and not native_capable(opt)):
                     continue
-                times[k] = time_layer(o_f, i_f, opt, p)
+                times[k] = time_layer(o_f, i_f, opt, p, rows=streams)
     cost = CostModel(times)
     cost._layers = layers
     fits = {}
@@ -248,7 +298,8 @@ def decode_cost_model(model, tok, layers, cfg) -> CostModel:
         dense = {n: Option(0) for n in layers}
         meas = {}
         for label, choice in (("dense", dense), ("smallest", smallest)):
-            meas[label] = _decode_with(model, tok, choice, native_on=(p == "native"))
+            meas[label] = _decode_with(model, tok, choice, native_on=(p == "native"),
+                                       streams=streams)
             cost.references[f"{p}:{label}"] = meas[label]
         r_d, r_s = (sum(times[CostModel.key(layers[n].out_features, layers[n].in_features,
                                             o, p)] for n, o in c.items())
@@ -269,9 +320,11 @@ def decode_cost_model(model, tok, layers, cfg) -> CostModel:
 
 
 @torch.no_grad()
-def _decode_with(model, tok, choice: dict[str, Option], native_on: bool) -> float:
-    """Decode tokens/s of ``model`` with its searched linears swapped for RTN layers of
-    ``choice`` (speed does not depend on the quantizer), then restored."""
+def _decode_with(model, tok, choice: dict[str, Option], native_on: bool,
+                 streams: int = 1) -> float:
+    """Decode tokens/s per stream of ``model`` at ``streams`` concurrent streams with its
+    searched linears swapped for RTN layers of ``choice`` (speed does not depend on the
+    quantizer), then restored."""
     from slmkit.compress.match import weight_matrix
     from slmkit.engine import native
     from slmkit.nn.packing import quantize_rtn
@@ -300,7 +353,7 @@ def _decode_with(model, tok, choice: dict[str, Option], native_on: bool) -> floa
     was = native._ENABLED["on"]
     native.set_enabled(native_on)
     try:
-        return measure_decode(model, tok)
+        return measure_decode(model, tok, streams=streams)
     finally:
         native.set_enabled(was)
         for name, old in originals.items():

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -89,15 +91,18 @@ def exact_bytes(model, layers, choice: dict[str, Option], sym: bool, model_dir: 
 
     state, seen = {}, set()
     skip = _tied_head(model, choice)
+    gone = tuple(p + "." for p in dropped_blocks(model, choice).values())
     for name, t in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if owner in choice or owner == skip:
+        if owner in choice or owner == skip or (gone and name.startswith(gone)):
             continue
         key = (t.data_ptr(), t.numel())
         if key not in seen:
             seen.add(key)
             state[name] = t
     for name, o in choice.items():
+        if o.dropped:
+            continue
         info = layers[name]
         out_f, in_f = info.out_features, info.in_features
         if name == skip_table(model) and not o.dense:       # int8 table (+ tied head)
@@ -120,6 +125,67 @@ def exact_bytes(model, layers, choice: dict[str, Option], sym: bool, model_dir: 
     return len(save(state, metadata={"format": "pt"})) + other_files(model_dir, choice)
 
 
+def block_of(name: str) -> int | None:
+    """The decoder block index of a searched unit's name (None for the embedding table)."""
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def dropped_blocks(model, choice: dict[str, Option]) -> dict[int, str]:
+    """``{block index: module prefix}`` of the blocks ``choice`` drops."""
+    from slmkit.compress.calibrate import find_blocks
+
+    idx = {block_of(n) for n, o in choice.items() if o.dropped}
+    if not idx:
+        return {}
+    path, _ = find_blocks(model)
+    return {i: f"{path}.{i}" for i in sorted(idx)}
+
+
+def add_drops(model, tok, layers, cfg, mem) -> list[tuple[int, float]]:
+    """``--drop-layers``: each block's drop KL (measured once, cached), spread over its
+    linears as their ``drop`` entry (0 bytes, the block's KV cache off the memory), not an
+    option the solve picks per layer. Returns ``[(block, KL)]``, cheapest first."""
+    if not cfg.drop_layers:
+        return []
+    from slmkit.search.sensitivity import drop_sensitivities
+
+    kls = drop_sensitivities(model, tok, cfg)
+    per_block: dict[int, list[str]] = {}
+    for n in layers:
+        if block_of(n) is not None:
+            per_block.setdefault(block_of(n), []).append(n)
+    kv_layer = mem.kv["quantized"] // model.config.num_hidden_layers if mem else 0
+    for b, names in per_block.items():
+        for n in names:
+            layers[n].kl["drop"] = kls[b] / len(names)
+            layers[n].bytes["drop"] = 0
+            if mem is not None:
+                layers[n].mem["drop"] = -kv_layer // len(names)
+    return sorted(((b, kls[b]) for b in per_block), key=lambda x: x[1])[:cfg.drop_layers]
+
+
+def _pick(layers, budget: int, cost, cfg, mem_limit, drops, kv_layer: int):
+    """The best assignment over k = 0..len(drops) dropped blocks (the k cheapest), each
+    rest solved under the budgets (a dropped block frees its KV cache too)."""
+    from slmkit.search.space import DROP
+
+    best, best_kl = None, float("inf")
+    for k in range(len(drops) + 1):
+        gone = {b for b, _ in drops[:k]}
+        sub = {n: i for n, i in layers.items() if block_of(n) not in gone}
+        solve = _solve if mem_limit is None else \
+            functools.partial(_solve, memory=mem_limit + k * kv_layer)
+        choice = _choose(sub, budget, cost, cfg, solve)
+        if choice is None:
+            continue
+        choice.update({n: DROP for n in layers if n not in sub})
+        kl = sum(layers[n].kl[o.key] for n, o in choice.items())
+        if kl < best_kl:
+            best, best_kl = choice, kl
+    return best
+
+
 def _layer_kls(layers: dict) -> None:
     """Layers a stopped sensitivity pass did not reach get the mean KL of measured layers
     of the same kind (``q_proj``, ...) and option, so the best-so-far search can still run."""
@@ -136,26 +202,73 @@ def _layer_kls(layers: dict) -> None:
                 info.kl[o.key] = sum(vals) / len(vals)
 
 
-def _solve(layers, budget: int, times=None, max_time=None, base_time=0.0):
-    from slmkit.search.solve import solve_knapsack, solve_with_time
+def _solve(layers, budget: int, times=None, max_time=None, base_time=0.0, memory=None):
+    """One option per unit: least summed KL within ``budget`` bytes, and, when given,
+    ``base_time + sum(times) <= max_time`` and ``sum(unit.mem) <= memory`` (resident bytes
+    the units may hold when served)."""
+    from slmkit.search.solve import solve_with_limits
 
     infos = list(layers.values())
     costs = [[info.kl[o.key] for o in info.options] for info in infos]
     weights = [[info.bytes[o.key] for o in info.options] for info in infos]
-    if times is None:
-        picks = solve_knapsack(costs, weights, budget)
-    else:
-        picks = solve_with_time(costs, weights, times, budget, max_time, base_time)
+    limits = []
+    if times is not None:
+        limits.append((times, max_time, base_time))
+    if memory is not None:
+        limits.append(([[info.mem[o.key] for o in info.options] for info in infos], memory,
+                       0.0))
+    picks = solve_with_limits(costs, weights, budget, limits)
     if picks is None:
         return None
     return {info.name: info.options[j] for info, j in zip(infos, picks)}
 
 
-def summarize(layers, choice: dict[str, Option], fixed: int) -> dict:
+def summarize(layers, choice: dict[str, Option], fixed: int, mem=None) -> dict:
     size = fixed + sum(layers[n].bytes[o.key] for n, o in choice.items())
     kl = sum(layers[n].kl[o.key] for n, o in choice.items())
-    counts = Counter(o.key for o in choice.values())
-    return {"size_bytes": size, "predicted_kl": kl, "options": dict(counts.most_common())}
+    counts = Counter(o.key for o in choice.values() if not o.dropped)
+    out = {"size_bytes": size, "predicted_kl": kl, "options": dict(counts.most_common())}
+    blocks = {block_of(n) for n, o in choice.items() if o.dropped}
+    if blocks:
+        out["options"]["dropped blocks"] = len(blocks)
+        out["dropped_blocks"] = sorted(blocks)
+    if mem is not None:
+        out["predicted_memory_bytes"] = mem.predict(choice)
+    return out
+
+
+def _memory_model(model, src, layers, cfg):
+    """The serving-memory model under ``--max-memory-mb`` (None without one); refuses a
+    budget that even the smallest choice cannot meet before any search."""
+    if cfg.max_memory_mb is None:
+        return None
+    from slmkit.console import console
+    from slmkit.search.memory import memory_model
+
+    if _runner_kind(model) == "GenericRunner":
+        raise ConfigError(f"--max-memory-mb needs the engine's static KV cache, which "
+                          f"'{cfg.model}' does not run on (a Llama-family layout does); "
+                          "drop it.")
+    console.print("[dim]memory model: serving the dense model in a fresh process[/dim]")
+    mm = memory_model(model, src, layers, cfg)
+    for n, info in layers.items():
+        info.mem = mm.units[n]
+    least = mm.predict({n: min(i.options, key=lambda o: i.mem[o.key])
+                        for n, i in layers.items()})
+    if least > cfg.max_memory_mb * MB:
+        raise ConfigError(
+            f"--max-memory-mb {cfg.max_memory_mb:g} cannot be met: serving the leanest model "
+            f"this search can write takes {least / MB:.1f} MB here (runtime "
+            f"{mm.base / MB:.0f} MB, KV cache {mm.kv['quantized'] / MB:.1f} MB for "
+            f"{mm.streams} stream(s) x {mm.context} tokens); raise it, or lower --streams "
+            "or --context.")
+    return mm
+
+
+def _runner_kind(model) -> str:
+    from slmkit.engine.runner import make_runner
+
+    return type(make_runner(model, n_slots=1, max_seq_len=8)).__name__
 
 
 def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
@@ -163,7 +276,32 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
     """Quantize ``model`` in place to ``choice``: from the sensitivity pass's stored codes
     (exactly the weights that were scored) through the quantize step's
     :func:`~slmkit.compress.quantize.api.install_codes`, or, for anything not stored,
-    by running :func:`~slmkit.compress.quantize.api.quantize_model` with per-layer grids."""
+    by running :func:`~slmkit.compress.quantize.api.quantize_model` with per-layer grids;
+    then the dropped decoder blocks are removed (their layers' grids renamed)."""
+    gone = dropped_blocks(model, choice)
+    choice = {n: o for n, o in choice.items() if not o.dropped}
+    summary = _materialize(model, tok, cfg, choice, store)
+    if gone:
+        from slmkit.search.sensitivity import drop_blocks
+
+        renames = drop_blocks(model, sorted(gone))
+        section = getattr(model.config, "slmkit", None) or {}
+        for where in (section, getattr(model.config, "quantization_config", None) or {}):
+            if isinstance(where, dict) and "layer_grids" in where:
+                where["layer_grids"] = {_rename(n, renames): g
+                                        for n, g in where["layer_grids"].items()}
+        summary["dropped_blocks"] = sorted(gone)
+    return summary
+
+
+def _rename(name: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
+def _materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option], store) -> dict:
     from slmkit.compress.match import DEFAULT_IGNORE
     from slmkit.compress.quantize.api import install_codes, quantize_model
     from slmkit.compress.quantize.config import QuantizeOptions
@@ -210,7 +348,7 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
     return {**quantize_model(model, tok, opts, grids=grids), "weights": "quantized again"}
 
 
-def pareto(layers, fixed: int, points: int) -> list[dict]:
+def pareto(layers, fixed: int, points: int, mem=None) -> list[dict]:
     """The predicted front: the best assignment at ``points`` sizes from the smallest
     model to the one with every layer at its most expensive option."""
     lo = sum(min(i.bytes.values()) for i in layers.values())
@@ -221,11 +359,42 @@ def pareto(layers, fixed: int, points: int) -> list[dict]:
         choice = _solve(layers, budget)
         if choice is None:
             continue
-        row = summarize(layers, choice, fixed)
+        row = summarize(layers, choice, fixed, mem)
         if out and row["size_bytes"] == out[-1]["size_bytes"]:
             continue
+        row["max_size_mb"] = math.ceil(row["size_bytes"] / 1e3) / 1e3   # fits, rounded up
+        row["assignment"] = {n: o.key for n, o in choice.items()}
         out.append(row)
     return out
+
+
+def point_command(cfg: SearchConfig, size_mb: float) -> str:
+    """The ``slm search`` command that writes the front's point of ``size_mb``: this run's
+    own flags (so the cached sensitivities are reused) with that size budget, less the
+    ones the front does not solve for (the other budgets, drops, refinement)."""
+    import shlex
+
+    from slmkit.cli_options import flag_name
+
+    fields = type(cfg).model_fields
+    parts = ["slm", "search", cfg.model]
+    for name in sorted(cfg.model_fields_set - {
+            "model", "out", "max_size_mb", "overwrite", "max_memory_mb", "min_decode_tok_s",
+            "streams", "context", "drop_layers", "refine", "refine_offspring",
+            "pareto_points", "time_limit"}):
+        value = getattr(cfg, name)
+        extra = fields[name].json_schema_extra
+        flag = (extra.get("cli", {}) if isinstance(extra, dict) else {}).get("flag") \
+            or flag_name(name)
+        if isinstance(value, bool):
+            on, _, off = flag.partition("/")
+            parts.append(on if value else (off or "--no-" + on[2:]))
+        elif isinstance(value, list):
+            for v in value:
+                parts += [flag, str(v)]
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts + ["--max-size-mb", f"{size_mb:g}", "--out", "OUT"])
 
 
 def plot_front(front: list[dict], chosen: dict, path_png: Path | None) -> bytes:
@@ -280,7 +449,16 @@ def run_search(cfg: SearchConfig) -> StepResult:
     src = resolve_ref(cfg.model)
     shapes = layer_infos(model, cfg)         # sizes need no measurement: check them first
     budget_bytes = int(cfg.max_size_mb * MB) if cfg.max_size_mb else None
-    lightest = exact_bytes(model, shapes, {n: min(i.options, key=lambda o: i.bytes[o.key])
+    from slmkit.compress.calibrate import find_blocks
+    from slmkit.search.space import DROP
+
+    n_blocks = len(find_blocks(model)[1])
+    if cfg.drop_layers >= n_blocks:
+        raise ConfigError(f"--drop-layers {cfg.drop_layers} would leave no decoder block "
+                          f"of the {n_blocks}; use at most {n_blocks - 1}.")
+    lightest = exact_bytes(model, shapes, {n: DROP if (block_of(n) is not None and
+                                                       block_of(n) < cfg.drop_layers)
+                                           else min(i.options, key=lambda o: i.bytes[o.key])
                                            for n, i in shapes.items()}, cfg.sym, src)
     if budget_bytes is not None and budget_bytes < lightest:
         raise ConfigError(f"--max-size-mb {cfg.max_size_mb:g} cannot be met: the smallest "
@@ -315,20 +493,36 @@ def run_search(cfg: SearchConfig) -> StepResult:
         from slmkit.search.cost import decode_cost_model
 
         cost = decode_cost_model(model, tok, layers, cfg)
+    mem = _memory_model(model, src, layers, cfg)
+    drops = add_drops(model, tok, layers, cfg, mem)
+    kv_layer = mem.kv["quantized"] // model.config.num_hidden_layers if mem else 0
+    solve = _solve
     written = None
-    margin = 0
-    front = pareto(layers, fixed, cfg.pareto_points)
+    margin = mem_margin = 0
+    front = pareto(layers, fixed, cfg.pareto_points, mem)
+    for row in front:
+        row["command"] = point_command(cfg, row["max_size_mb"])
     for _attempt in range(3):
         for _ in range(8):       # the solve's per-tensor header estimate, checked exactly
-            choice = _choose(layers, budget_bytes - fixed - margin, cost, cfg)
+            mem_limit = None     # the units' share of the memory budget (KV fp16 first)
+            if mem is not None:
+                mem_limit = mem.layer_budget(int(cfg.max_memory_mb * MB) - mem_margin)
+                solve = functools.partial(_solve, memory=mem_limit)
+            choice = _pick(layers, budget_bytes - fixed - margin, cost, cfg, mem_limit,
+                           drops, kv_layer)
             if choice is None:
-                raise ConfigError(_unmet(cfg, cost, layers, budget_bytes - fixed - margin))
+                raise ConfigError(_unmet(cfg, cost, layers, budget_bytes - fixed - margin,
+                                         solve, mem))
+            if mem is not None and mem.predict(choice) > cfg.max_memory_mb * MB - mem_margin:
+                # an all-dense answer keeps an fp32 KV cache: take the excess off
+                mem_margin += mem.predict(choice) - int(cfg.max_memory_mb * MB - mem_margin) + 1
+                continue
             exact = exact_bytes(model if _attempt == 0 else work, layers, choice, cfg.sym,
                                 src)
             if cfg.max_size_mb is None or exact <= budget_bytes:
                 break
             margin += exact - budget_bytes + 256
-        chosen = summarize(layers, choice, fixed)
+        chosen = summarize(layers, choice, fixed, mem)
         chosen["size_bytes"] = exact
         if cost is not None:
             chosen["predicted_decode_tok_s"] = cost.predict(choice)
@@ -345,10 +539,12 @@ def run_search(cfg: SearchConfig) -> StepResult:
             size = exact_bytes(work, layers, refined, cfg.sym, src)
             fits = cfg.max_size_mb is None or size <= budget_bytes
             fast = cost is None or cost.predict(refined) >= cfg.min_decode_tok_s
-            info["kept"] = fits and fast
-            if fits and fast:
+            small = mem is None or \
+                mem.predict(refined) <= cfg.max_memory_mb * MB - mem_margin
+            info["kept"] = fits and fast and small
+            if fits and fast and small:
                 choice, exact = refined, size
-                chosen = {**summarize(layers, choice, fixed), "size_bytes": exact}
+                chosen = {**summarize(layers, choice, fixed, mem), "size_bytes": exact}
                 if cost is not None:
                     chosen["predicted_decode_tok_s"] = cost.predict(choice)
             chosen["refinement"] = info
@@ -361,6 +557,8 @@ def run_search(cfg: SearchConfig) -> StepResult:
                   "layers": {n: i.to_json() for n, i in layers.items()}}
         if cost is not None:
             report["cost_model"] = cost.to_json()
+        if mem is not None:
+            report["memory_model"] = mem.to_json()
         saved = save_model(work, tok, final, step="search", params=cfg.lineage(),
                            metrics={**summary, "predicted_kl": chosen["predicted_kl"],
                                     "true_kl": chosen["true_kl"]},
@@ -369,9 +567,22 @@ def run_search(cfg: SearchConfig) -> StepResult:
                                         "search/pareto.png": plot_front(front, chosen, None)})
         written = dir_size(saved)
         chosen["written_bytes"] = written
-        if cfg.max_size_mb is None or written <= int(cfg.max_size_mb * MB):
+        mem_ok = True
+        if mem is not None:      # served in a fresh process: the real peak
+            from slmkit.search.memory import measure_serving
+
+            served = measure_serving(saved, mem.streams, mem.context, threads=cfg.threads)
+            chosen["measured_memory_bytes"] = served["peak_bytes"]
+            chosen["served"] = served
+            over = served["peak_bytes"] - int(cfg.max_memory_mb * MB)
+            mem_ok = over <= 0
+            if not mem_ok:
+                mem_margin += over + 1_000_000
+        size_ok = cfg.max_size_mb is None or written <= int(cfg.max_size_mb * MB)
+        if size_ok and mem_ok:
             break
-        margin += written - int(cfg.max_size_mb * MB) + 4096   # re-solve without the excess
+        if not size_ok:
+            margin += written - int(cfg.max_size_mb * MB) + 4096   # re-solve without excess
     report["chosen"] = chosen
     (Path(saved) / "search" / "search.json").write_text(json.dumps(report, indent=1))
     (Path(saved) / "search" / "pareto.png").write_bytes(plot_front(front, chosen, None))
@@ -379,7 +590,7 @@ def run_search(cfg: SearchConfig) -> StepResult:
     if cost is not None:
         from slmkit.search.cost import measure_decode
 
-        measured_speed = measure_decode(work, tok)
+        measured_speed = measure_decode(work, tok, streams=cfg.streams)
         chosen["measured_decode_tok_s"] = measured_speed
         (Path(saved) / "search" / "search.json").write_text(json.dumps(report, indent=1))
     elapsed = time.monotonic() - t0
@@ -390,8 +601,14 @@ def run_search(cfg: SearchConfig) -> StepResult:
             ("KL to dense", f"{chosen['true_kl']:.4g} measured, {chosen['predicted_kl']:.4g} "
                             "predicted (sum of per-layer KLs)")]
     if cost is not None:
-        rows.append(("decode tok/s", f"{measured_speed:.1f} measured, "
-                                     f"{chosen['predicted_decode_tok_s']:.1f} predicted"))
+        per = "" if cfg.streams == 1 else f" per stream at {cfg.streams} streams"
+        rows.append(("decode tok/s" + per, f"{measured_speed:.1f} measured, "
+                                           f"{chosen['predicted_decode_tok_s']:.1f} predicted"))
+    if mem is not None:
+        m, p = chosen["measured_memory_bytes"], chosen["predicted_memory_bytes"]
+        rows.append(("serving memory", f"{human_bytes(m)} measured peak, {human_bytes(p)} "
+                                       f"predicted ({(p - m) / m:+.1%}); {mem.streams} "
+                                       f"stream(s) x {mem.context} tokens"))
     rows.append(("decode path", decode_path(work)))
     if "refinement" in chosen:
         r = chosen["refinement"]
@@ -402,16 +619,20 @@ def run_search(cfg: SearchConfig) -> StepResult:
     rows += [("sensitivities", f"{cache} ({'complete' if complete else 'stopped early'})"),
              ("search time", f"{elapsed:.0f} s"),
              ("written to", f"{saved} (front: search/search.json, search/pareto.png)")]
-    table = Table("Pareto front (predicted; materialise one with --max-size-mb)",
-                  [(f"{r['size_bytes'] / MB:.2f}", f"{r['predicted_kl']:.4g}",
+    table = Table("Pareto front (predicted; write a point with this run's command and its "
+                  "--max-size-mb, listed in search/search.json)",
+                  [(f"{r['max_size_mb']:g}", f"{r['predicted_kl']:.4g}",
                     ", ".join(f"{k} x{v}" for k, v in r["options"].items()))
-                   for r in front], header=("MB", "predicted KL", "layers"))
+                   for r in front], header=("--max-size-mb", "predicted KL", "layers"))
     figures = {"size_on_disk": written, "predicted_size": chosen["size_bytes"],
                "predicted_kl": chosen["predicted_kl"], "true_kl": chosen["true_kl"],
                "search_seconds": elapsed}
     if cost is not None:
         figures.update(predicted_decode_tok_s=chosen["predicted_decode_tok_s"],
                        decode_tok_s=measured_speed)
+    if mem is not None:
+        figures.update(predicted_memory_bytes=chosen["predicted_memory_bytes"],
+                       memory_bytes=chosen["measured_memory_bytes"])
     return StepResult("search", str(saved), figures, rows, [table],
                       data={**figures, "out": str(saved), "chosen": chosen, "pareto": front})
 
@@ -453,26 +674,33 @@ def _true_kl(model, tail) -> float:
                 m._cache = {}
 
 
-def _choose(layers, budget: int, cost, cfg):
+def _choose(layers, budget: int, cost, cfg, solve=_solve):
     if cost is None:
-        return _solve(layers, budget)
-    return cost.solve(layers, budget, cfg.min_decode_tok_s, _solve)
+        return solve(layers, budget)
+    return cost.solve(layers, budget, cfg.min_decode_tok_s, solve)
 
 
 def _budget_text(cfg) -> str:
     parts = []
     if cfg.max_size_mb:
         parts.append(f"<= {cfg.max_size_mb:g} MB")
+    if cfg.max_memory_mb:
+        parts.append(f"<= {cfg.max_memory_mb:g} MB serving memory")
+    if cfg.streams > 1:
+        parts.append(f"at {cfg.streams} streams")
     if cfg.min_decode_tok_s:
         parts.append(f">= {cfg.min_decode_tok_s:g} decode tok/s")
     return ", ".join(parts)
 
 
-def _unmet(cfg, cost, layers, budget: int) -> str:
+def _unmet(cfg, cost, layers, budget: int, solve=_solve, mem=None) -> str:
     if cost is not None:
-        best = cost.fastest(layers, budget, _solve)
+        best = cost.fastest(layers, budget, solve)
         fastest = f"{best:.1f} tok/s" if best else "none"
         return (f"--min-decode-tok-s {cfg.min_decode_tok_s:g} cannot be met within the size "
                 f"budget: the fastest model this search predicts there is {fastest}; "
                 "lower it or raise --max-size-mb.")
+    if mem is not None:
+        return (f"--max-memory-mb {cfg.max_memory_mb:g} and --max-size-mb "
+                f"{cfg.max_size_mb or 0:g} cannot be met together; raise one of them.")
     return f"--max-size-mb {cfg.max_size_mb:g} cannot be met; raise it."

@@ -65,6 +65,7 @@ class LayerInfo:
     kl: dict[str, float] = field(default_factory=dict)
     err: dict[str, float] = field(default_factory=dict)
     measured: list[str] = field(default_factory=list)   # options whose KL was run, not scaled
+    mem: dict[str, int] = field(default_factory=dict)   # resident bytes when served (memory)
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": [self.out_features, self.in_features],
@@ -182,6 +183,17 @@ class Tail:
         total = 0.0
         for ids, ref, p in zip(batches or self.batches, self.ref, self.p):
             z = model(input_ids=ids, use_cache=False).logits.float()
+            logq = torch.log_softmax(z.reshape(-1, z.shape[-1]), -1)
+            total += float((p * (ref - logq)).sum(-1).double().sum())
+        return max(total / self.n_tokens, 0.0)
+
+    @torch.no_grad()
+    def kl_skip(self, index: int) -> float:
+        """Mean KL(dense || the model without block ``index``): block ``index``'s input
+        goes straight to the next block (ShortGPT-style layer dropping)."""
+        total = 0.0
+        for b, (ref, p) in enumerate(zip(self.ref, self.p)):
+            z = self._logits(index + 1, self.inputs[index], b).float()
             logq = torch.log_softmax(z.reshape(-1, z.shape[-1]), -1)
             total += float((p * (ref - logq)).sum(-1).double().sum())
         return max(total / self.n_tokens, 0.0)
@@ -474,3 +486,40 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
         for i in track(range(len(blocks)), "layer sensitivities"):
             on_block(i, f"{path_name}.{i}", blocks[i], None)
     return layers, path, len(done) == len(blocks)
+
+
+@torch.no_grad()
+def drop_sensitivities(model: nn.Module, tokenizer, cfg) -> list[float]:
+    """Per decoder block, the next-token KL of the model with only that block dropped
+    (one tail per block on the KL windows), cached beside the per-layer sensitivities."""
+    path = cache_root(cfg) / f"drops-{sensitivity_key(model, cfg)}.json"
+    if path.exists():
+        return json.loads(path.read_text())["kl"]
+    batches = calibration_batches(tokenizer, cfg.calib_data, "train", cfg.kl_samples,
+                                  cfg.kl_seq_len, batch_size=4, seed=cfg.seed + 1)
+    tail = Tail(model, batches)
+    kls = [tail.kl_skip(i) for i in range(len(tail.blocks))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kl": kls}))
+    return kls
+
+
+def drop_blocks(model: nn.Module, drop: list[int]) -> dict[str, str]:
+    """Remove decoder blocks ``drop`` in place (the config's layer count and per-layer
+    fields as :func:`~slmkit.compress.prune.structured.pruned_config` writes them, each
+    attention's cache index renumbered). Returns ``{old module prefix: new prefix}``."""
+    from slmkit.compress.prune.structured import Plan, pruned_config
+    from slmkit.nn.surgery import set_module
+
+    path, blocks = find_blocks(model)
+    kept = [i for i in range(len(blocks)) if i not in set(drop)]
+    set_module(model, path, nn.ModuleList([blocks[i] for i in kept]))
+    for new_i, block in enumerate(model.get_submodule(path)):
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_i
+    new = pruned_config(model.config, Plan(drop_layers=len(drop)), kept)
+    for key in ("num_hidden_layers", "layer_types", "max_window_layers"):
+        if hasattr(new, key):
+            setattr(model.config, key, getattr(new, key))
+    return {f"{path}.{old}": f"{path}.{i}" for i, old in enumerate(kept)}

@@ -121,3 +121,50 @@ def solve_with_time(costs, weights, times, budget: int, max_time: float | None,
         else:
             lo = mid
     return best
+
+
+def solve_with_limits(costs, weights, budget: int, limits: Sequence[tuple]) -> list[int] | None:
+    """:func:`solve_knapsack` under ``budget`` plus up to two more additive limits, each
+    ``(values, limit, base)`` meaning ``base + sum(values) <= limit`` (decode time, serving
+    memory). One limit: :func:`solve_with_time`. Two: the second one's Lagrange multiplier
+    is bisected around :func:`solve_with_time` of the first (each inner solve meets the
+    first limit; the answer meets both, or None when no multiplier found one that does)."""
+    limits = [lim for lim in limits if lim is not None and lim[1] is not None]
+    if not limits:
+        return solve_knapsack(costs, weights, budget)
+    if len(limits) == 1:
+        values, limit, base = limits[0]
+        return solve_with_time(costs, weights, values, budget, limit, base)
+    if len(limits) > 2:
+        raise ValueError("at most two limits besides the byte budget")
+    (va, la, ba), (vb, lb, bb) = limits
+
+    def total(p):
+        return bb + sum(vb[i][j] for i, j in enumerate(p))
+
+    def at(mu):
+        mixed = [[c + mu * v for c, v in zip(cs, vs)] for cs, vs in zip(costs, vb)]
+        return solve_with_time(mixed, weights, va, budget, la, ba, iters=20)
+
+    p = at(0.0)
+    if p is None or total(p) <= lb:
+        return p
+    scale = max(max(c) for c in costs) or 1.0
+    vmin = max(min(v) for v in vb) or 1e-9
+    hi = scale / vmin
+    for _ in range(40):
+        p = at(hi)
+        if p is not None and total(p) <= lb:
+            break
+        hi *= 4
+    else:
+        return None
+    lo, best = 0.0, p
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        p = at(mid)
+        if p is not None and total(p) <= lb:
+            hi, best = mid, p
+        else:
+            lo = mid
+    return best

@@ -32,21 +32,32 @@ class Option:
         return self.bits == 0
 
     @property
+    def dropped(self) -> bool:
+        """The layer's whole decoder block is dropped (``--drop-layers``)."""
+        return self.bits == -1
+
+    @property
     def key(self) -> str:
-        """A short stable name: ``dense``, ``q8``, ``q4g64``, ``q3g32``."""
+        """A short stable name: ``dense``, ``q8``, ``q4g64``, ``q3g32``, ``drop``."""
         if self.dense:
             return "dense"
+        if self.dropped:
+            return "drop"
         return f"q{self.bits}" + ("" if self.group_size == -1 else f"g{self.group_size}")
 
     @classmethod
     def parse(cls, key: str) -> Option:
         if key == "dense":
             return cls(0)
+        if key == "drop":
+            return cls(-1)
         bits, _, group = key[1:].partition("g")
         return cls(int(bits), int(group) if group else -1)
 
 
 DENSE = Option(0)
+#: Not an option of one linear: every linear of a dropped block carries it.
+DROP = Option(-1)
 
 
 def layer_options(in_features: int, bits: list[int], group_sizes: list[int],
