@@ -167,6 +167,23 @@ def test_sampled_output_follows_target(tokenizer, target, other):
     assert _chi2(observed, probs) < CHI2_999[7]
 
 
+def test_model_drafts_start_short(tokenizer, target, other):
+    """Prompt lookup starts at 4 drafts (free), a draft model at 2 (each costs its step), so a
+    model draft that always fails wastes 2 + 1 + 1 + 1 drafts before the pay-off check."""
+    assert _engine(target, tokenizer, "ngram").spec.k0 == 4
+
+    class Recording(ModelDrafter):
+        def propose(self, reqs, ks):
+            asked.append(list(ks))
+            return super().propose(reqs, ks)
+
+    asked = []
+    e = _engine(target, tokenizer, Recording(other, 3, 160, len(tokenizer)), probe_steps=0)
+    e.generate(_copy_prompt(tokenizer, 30), SamplingParams(max_tokens=8, temperature=0,
+                                                           ignore_eos=True))
+    assert asked[0] == [2]
+
+
 def test_draft_model_needs_the_same_tokenizer(tmp_path, tokenizer, target, other):
     from slmkit.models import save_model
 

@@ -24,8 +24,9 @@ occurrence of the last 2-3 tokens in the prompt and the output so far; Saxena 20
 "Prompt Lookup Decoding") and :class:`ModelDrafter` (a small model sharing the tokenizer,
 e.g. a student distilled from the target, with its own KV cache slots).
 
-Pay-off (:class:`SpecState`): k grows by one when all drafts pass and shrinks by one when
-one fails (1..k_max). Each request's first decode steps run without drafts to time a
+Pay-off (:class:`SpecState`): k starts at the drafter's ``k0`` (4 for prompt lookup, whose
+drafts are free; 2 for a draft model, whose every draft costs one of its steps), grows by
+one when all drafts pass and shrinks by one when one fails (1..k_max). Each request's first decode steps run without drafts to time a
 plain token; after a few drafted steps, a request whose time per token with drafts is not
 below its plain time per token stops drafting (``Completion.speculative["off"]`` says why).
 Requests under a grammar decode without drafts.
@@ -92,6 +93,7 @@ class NgramDrafter:
     """
 
     name = "ngram"
+    k0 = 4      #: drafts to start with: a lookup costs nothing, only the verify rows
 
     def __init__(self, max_n: int = 3, min_n: int = 2):
         if not 1 <= min_n <= max_n:
@@ -158,6 +160,10 @@ class ModelDrafter:
         vocab: the target's output vocabulary (draft logits are cut or padded to it).
         name: for reports.
     """
+
+    #: drafts to start with: each costs a draft step, so a request whose drafts fail wastes
+    #: 2 + 1 + 1 + 1 of them before the pay-off check, not 4 + 3 + 2 + 1
+    k0 = 2
 
     def __init__(self, model, n_slots: int, max_seq_len: int, vocab: int, name: str = "model",
                  prefill_chunk: int = 256):
@@ -286,14 +292,17 @@ class Speculator:
         engine: the engine (its runner verifies; its ``_emit_token`` records tokens).
         drafter: :class:`NgramDrafter`, :class:`ModelDrafter` or anything with ``propose``,
             ``accepted``, ``release`` and ``name``.
-        k: drafts per step to start with; k_max: the most (k adapts in 1..k_max).
+        k: drafts per step to start with (default: the drafter's ``k0``, 4 for prompt
+            lookup, 2 for a draft model); k_max: the most (k adapts in 1..k_max).
         min_steps: drafted steps before the pay-off check; reprobe: drafted steps between
             plain steps that re-time a plain token; probe_steps: plain steps timed at the
             start of each request.
     """
 
-    def __init__(self, engine, drafter, k: int = 4, k_max: int = 8, min_steps: int = 4,
-                 reprobe: int = 32, probe_steps: int = 2):
+    def __init__(self, engine, drafter, k: int | None = None, k_max: int = 8,
+                 min_steps: int = 4, reprobe: int = 32, probe_steps: int = 2):
+        if k is None:
+            k = min(getattr(drafter, "k0", 4), k_max)
         if not 1 <= k <= k_max:
             raise ConfigError(f"Draft length k must satisfy 1 <= k <= k_max (got {k}, {k_max}).")
         reason = draft_reason(engine.runner)
