@@ -14,7 +14,12 @@ Rows, every model written to disk and re-measured from its files:
   int8 per channel for Q6_K; every other linear 4-bit g32 for Q4_K's 4.5 bits per weight),
   and **searched @ Q4_K_M size**;
 * **searched @ uniform size and speed**: ``--min-decode-tok-s`` at 80% of uniform's
-  measured decode speed: the cost model's prediction against the re-measured figure.
+  measured decode speed: the cost model's prediction against the re-measured figure;
+* **uniform, int8 table**: the same GPTQ with ``slm quantize``'s default int8 embedding
+  table; **searched @ its serving memory** (``--max-memory-mb`` at its peak served with
+  ``--streams`` x ``--context``, measured in a fresh process), **at its size and 80% of its
+  per-stream speed at ``--streams``**, and **at its quality** (the budget bisected on true
+  perplexity, the table in the search space on both sides).
 
 Perplexity is ``bench/real_quality.py``'s ``score`` (seq_len 512, 4096 tokens of the
 stdlib's held-out prose and code); "loss" is the rise over fp32. Decode speeds are measured
@@ -101,6 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iso-steps", type=int, default=4,
                     help="bisection steps on true perplexity for the iso-quality row")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
+    ap.add_argument("--streams", type=int, default=4,
+                    help="concurrent streams of the memory and multi-stream speed rows")
+    ap.add_argument("--context", type=int, default=2048,
+                    help="tokens per stream the memory row's KV cache holds")
+    ap.add_argument("--iso-lo-mb", type=float, default=90.0,
+                    help="low end of the int8-table iso-quality bisection (MB)")
     args = ap.parse_args(argv)
     MODEL = args.model
 
@@ -193,6 +204,18 @@ def main(argv=None) -> int:
 
     ukl = row("uniform KL", uniform_kl)
 
+    def iso_attempt(out: str, b: int, base: dict, **kw) -> dict:
+        """The search at ``b`` bytes, scored; ``ok`` when no worse than ``base`` on both
+        texts."""
+        res = run_search(search_cfg(args, args.work, out, max_size_mb=b / MB, **kw))
+        r = {**scored(args.work / out, args), "budget_bytes": b,
+             "true_kl": res.figures["true_kl"], "predicted_kl": res.figures["predicted_kl"],
+             "options": res.data["chosen"]["options"]}
+        r["ok"] = all(r["ppl"][t]["ppl"] <= base["ppl"][t]["ppl"] for t in ("prose", "code"))
+        print(f"  iso try ({out}) at {b / MB:.2f} MB: {r['ppl']['prose']['ppl']:.3f} / "
+              f"{r['ppl']['code']['ppl']:.4f} ok={r['ok']}", flush=True)
+        return r
+
     def searched_at_quality(table: bool = True):
         from slmkit.search.run import _solve, fixed_bytes
         from slmkit.search.sensitivity import measure_sensitivities
@@ -217,30 +240,28 @@ def main(argv=None) -> int:
         out = "iso" if not table else "iso-table"
 
         def attempt(b):
-            res = run_search(search_cfg(args, args.work, out, max_size_mb=b / MB,
-                                        embeddings=table))
-            r = {**scored(args.work / out, args), "budget_bytes": b,
-                 "true_kl": res.figures["true_kl"], "predicted_kl": res.figures["predicted_kl"],
-                 "options": res.data["chosen"]["options"]}
-            r["ok"] = all(r["ppl"][t]["ppl"] <= uni["ppl"][t]["ppl"] for t in ("prose", "code"))
-            print(f"  iso try at {b / MB:.2f} MB: {r['ppl']['prose']['ppl']:.3f} / "
-                  f"{r['ppl']['code']['ppl']:.4f} ok={r['ok']}", flush=True)
-            return r
+            return iso_attempt(out, b, uni, embeddings=table)
 
         first = attempt(budget)
-        tries, best = [first], first if first["ok"] else None
         if table and not first["ok"]:     # the KL proxy missed: bisect on true perplexity
-            lo, hi = budget, uni["size_bytes"]
-            for _ in range(args.iso_steps):
-                mid = (lo + hi) // 2
-                r = attempt(mid)
-                tries.append(r)
-                if r["ok"]:
-                    hi, best = mid, r
-                else:
-                    lo = mid
+            return {**bisect_iso(out, budget, uni["size_bytes"], uni, [first], None,
+                                 embeddings=table), "target_predicted_kl": target}
+        return {**bisect_iso(out, 0, 0, uni, [first], first if first["ok"] else None, steps=0),
+                "target_predicted_kl": target}
+
+    def bisect_iso(out, lo: int, hi: int, base: dict, tries: list, best, steps=None, **kw):
+        """Budgets between ``lo`` (worse than ``base``) and ``hi`` bisected on true
+        perplexity; the smallest one found no worse, with every try."""
+        for _ in range(args.iso_steps if steps is None else steps):
+            mid = (lo + hi) // 2
+            r = iso_attempt(out, mid, base, **kw)
+            tries.append(r)
+            if r["ok"]:
+                hi, best = mid, r
+            else:
+                lo = mid
         final = best or tries[-1]
-        return {**final, "target_predicted_kl": target,
+        return {**final, "found": best is not None,
                 "tries": [{"budget_bytes": t["budget_bytes"], "ok": t["ok"],
                            "ppl": {k: v["ppl"] for k, v in t["ppl"].items()}} for t in tries]}
 
@@ -313,6 +334,64 @@ def main(argv=None) -> int:
         return {"true_kl": _true_kl(dense_model, tail)}
 
     row("Q4_K_M layout KL", q4km_kl)
+
+    # --- serving memory, concurrent streams, and the int8-table baseline -------------
+    def uniform_int8_table():
+        run_quantize(QuantizeConfig(model=MODEL, out=str(args.work / "uniform-int8"),
+                                    overwrite=True, method="gptq", bits=4, group_size=64,
+                                    calib_samples=args.calib_samples, threads=args.threads))
+        return scored(args.work / "uniform-int8", args)     # slm quantize's default table
+
+    u8 = row("uniform, int8 table (slm quantize's default)", uniform_int8_table)
+
+    def memory_budget():
+        from slmkit.search.memory import measure_serving
+
+        base = measure_serving(args.work / "uniform-int8", args.streams, args.context,
+                               threads=args.threads)
+        res = run_search(search_cfg(args, args.work, "memory",
+                                    max_memory_mb=base["peak_bytes"] / MB,
+                                    streams=args.streams, context=args.context))
+        chosen = res.data["chosen"]
+        return {**scored(args.work / "memory", args),
+                "budget_bytes": base["peak_bytes"], "uniform_int8_served": base,
+                "predicted_memory_bytes": chosen["predicted_memory_bytes"],
+                "measured_memory_bytes": chosen["measured_memory_bytes"],
+                "prediction_error": chosen["predicted_memory_bytes"]
+                / chosen["measured_memory_bytes"] - 1,
+                "served": chosen["served"], "true_kl": res.figures["true_kl"],
+                "options": chosen["options"]}
+
+    row(f"searched @ uniform (int8 table)'s serving memory, {args.streams} streams x "
+        f"{args.context}", memory_budget)
+
+    def streams_budget():
+        from slmkit.search.cost import measure_decode
+
+        m, t = load_model(args.work / "uniform-int8", dtype="fp32")
+        base = [measure_decode(m, t, streams=args.streams) for _ in range(2)]
+        del m
+        target = 0.8 * max(base)
+        res = run_search(search_cfg(args, args.work, "streams", max_size_mb=u8["size_bytes"] / MB,
+                                    min_decode_tok_s=target, streams=args.streams))
+        return {**scored(args.work / "streams", args), "budget_tok_s_per_stream": target,
+                "uniform_int8_per_stream_tok_s": base, "budget_bytes": u8["size_bytes"],
+                "predicted_tok_s": res.figures["predicted_decode_tok_s"],
+                "measured_tok_s": res.figures["decode_tok_s"],
+                "prediction_error": res.figures["predicted_decode_tok_s"]
+                / res.figures["decode_tok_s"] - 1,
+                "true_kl": res.figures["true_kl"], "options": res.data["chosen"]["options"]}
+
+    row(f"searched @ uniform (int8 table)'s size and 80% of its speed at {args.streams} "
+        "streams", streams_budget)
+
+    def searched_at_int8_quality():
+        """Bisect the budget on true perplexity against the int8-table uniform (table in
+        the space), from the smallest model that can be written to uniform's size."""
+        return bisect_iso("iso-int8", int(args.iso_lo_mb * MB), u8["size_bytes"], u8, [],
+                          None)
+
+    row("searched @ uniform (int8 table)'s quality", searched_at_int8_quality)
     save()
     print(json.dumps(bars(rows), indent=1))
     return 0
@@ -376,6 +455,22 @@ def bars(rows: dict) -> dict:
         out["speed budget met when re-measured"] = sb["measured_tok_s"] >= sb["budget_tok_s"]
         out["speed prediction error"] = sb["prediction_error"]
         out["speed-budget model within size"] = sb["size_bytes"] <= sb["budget_bytes"]
+    for name, r in rows.items():
+        if name.startswith("searched @ uniform (int8 table)'s serving memory"):
+            out["memory budget met when re-measured"] = \
+                r["measured_memory_bytes"] <= r["budget_bytes"]
+            out["memory prediction error"] = r["prediction_error"]
+        elif name.startswith("searched @ uniform (int8 table)'s size and 80%"):
+            out["multi-stream speed budget met when re-measured"] = \
+                r["measured_tok_s"] >= r["budget_tok_s_per_stream"]
+            out["multi-stream speed prediction error"] = r["prediction_error"]
+    u8 = rows.get("uniform, int8 table (slm quantize's default)")
+    iso8 = rows.get("searched @ uniform (int8 table)'s quality")
+    if u8 and iso8:
+        out["size ratio at the int8-table uniform's perplexity"] = \
+            iso8["size_bytes"] / u8["size_bytes"] if iso8["found"] else None
+        out["bar: >= 15% smaller at uniform's perplexity (int8-table baseline)"] = \
+            bool(iso8["found"] and iso8["size_bytes"] <= 0.85 * u8["size_bytes"])
     return out
 
 

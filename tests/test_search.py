@@ -57,6 +57,34 @@ def test_knapsack_matches_brute_force_on_random_instances():
                 sum(costs[i][j] for i, j in enumerate(b)), abs=1e-12)
 
 
+def test_two_extra_limits_give_a_feasible_answer_near_the_optimum():
+    """Bytes by DP, time and memory by Lagrange multipliers: every answer meets all three,
+    and costs no less than the brute-force optimum (a relaxation's answer, feasible)."""
+    from slmkit.search.solve import solve_with_limits
+
+    rng = random.Random(1)
+    found = 0
+    for _ in range(60):
+        n = rng.randint(2, 5)
+        costs = [[rng.random() for _ in range(3)] for _ in range(n)]
+        weights = [[rng.randint(1, 40) for _ in range(3)] for _ in range(n)]
+        times = [[rng.random() for _ in range(3)] for _ in range(n)]
+        mems = [[rng.randint(1, 40) for _ in range(3)] for _ in range(n)]
+        budget, tmax, mmax = rng.randint(20, 120), rng.uniform(0.5, 3), rng.randint(20, 120)
+        p = solve_with_limits(costs, weights, budget, [(times, tmax, 0.0), (mems, mmax, 0.0)])
+        feasible = [c for c in itertools.product(range(3), repeat=n)
+                    if sum(weights[i][j] for i, j in enumerate(c)) <= budget
+                    and sum(times[i][j] for i, j in enumerate(c)) <= tmax
+                    and sum(mems[i][j] for i, j in enumerate(c)) <= mmax]
+        if p is None:
+            continue
+        found += 1
+        assert tuple(p) in feasible
+        best = min(sum(costs[i][j] for i, j in enumerate(c)) for c in feasible)
+        assert sum(costs[i][j] for i, j in enumerate(p)) >= best - 1e-12
+    assert found >= 20
+
+
 def test_sensitivities_are_measured_and_cached(sens):
     from slmkit.search.sensitivity import measure_sensitivities
 

@@ -104,10 +104,15 @@ def solve_with_time(costs, weights, times, budget: int, max_time: float | None,
         return picks
     scale = max(max(c) for c in costs) or 1.0
     tmin = max(min(t) for t in times) or 1e-9
-    hi = scale / tmin
-    for _ in range(60):       # grow until the time budget is met (or cannot be)
+    return _smallest_multiplier(at, lambda p: total_time(p) <= max_time, scale / tmin, iters)
+
+
+def _smallest_multiplier(at, ok, hi: float, iters: int, grow: int = 60):
+    """``at(mu)``'s answer at about the smallest ``mu >= 0`` whose answer is ``ok``: ``hi``
+    grown (x4) until it is, then bisected ``iters`` times; None when no ``mu`` found one."""
+    for _ in range(grow):
         p = at(hi)
-        if p is not None and total_time(p) <= max_time:
+        if p is not None and ok(p):
             break
         hi *= 4
     else:
@@ -116,7 +121,7 @@ def solve_with_time(costs, weights, times, budget: int, max_time: float | None,
     for _ in range(iters):
         mid = (lo + hi) / 2
         p = at(mid)
-        if p is not None and total_time(p) <= max_time:
+        if p is not None and ok(p):
             hi, best = mid, p
         else:
             lo = mid
@@ -151,20 +156,4 @@ def solve_with_limits(costs, weights, budget: int, limits: Sequence[tuple]) -> l
         return p
     scale = max(max(c) for c in costs) or 1.0
     vmin = max(min(v) for v in vb) or 1e-9
-    hi = scale / vmin
-    for _ in range(40):
-        p = at(hi)
-        if p is not None and total(p) <= lb:
-            break
-        hi *= 4
-    else:
-        return None
-    lo, best = 0.0, p
-    for _ in range(16):
-        mid = (lo + hi) / 2
-        p = at(mid)
-        if p is not None and total(p) <= lb:
-            hi, best = mid, p
-        else:
-            lo = mid
-    return best
+    return _smallest_multiplier(at, lambda p: total(p) <= lb, scale / vmin, 16, grow=40)
