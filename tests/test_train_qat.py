@@ -124,9 +124,47 @@ def test_qat_refuses_lora_and_stray_options():
 
     with pytest.raises(ValueError, match="need --qat"):
         TrainConfig(model="nano", max_steps=1, qat_start="gptq")
-    with pytest.raises(ValueError, match="--method full"):
-        FinetuneConfig(model="x", data="y.jsonl", max_steps=1, qat="int4", method="lora")
+    with pytest.raises(ValueError, match="--method lora --qat int4"):
+        FinetuneConfig(model="x", data="y.jsonl", max_steps=1, qat="int4", method="qlora")
+    with pytest.raises(ValueError, match="drop --dropout"):
+        FinetuneConfig(model="x", data="y.jsonl", max_steps=1, qat="int4", dropout=0.1)
     FinetuneConfig(model="x", data="y.jsonl", max_steps=1, qat="int4", method="full")
+    FinetuneConfig(model="x", data="y.jsonl", max_steps=1, qat="int4", method="lora")
+
+
+def test_qat_lora_trains_the_adapter_through_the_grid(tokenizer):
+    """QAT + LoRA: W stays frozen, A and B learn through the grid, and the packed model
+    (W + BA merged on the grid) computes exactly the trained logits."""
+    model = build_tiny_model("llama", tokenizer, seed=5)
+    info = prepare(model, tokenizer, _Cfg)
+    model.requires_grad_(False)
+    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+    for m in layers:
+        m.add_lora(4, 8.0)
+    frozen = layers[0].weight.detach().clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(layers)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layers[0].weight, frozen) and layers[0].lora_B.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    convert(model, info)
+    set_kernel_mode("dequant")
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, trained)
+    finally:
+        set_kernel_mode("auto")
 
 
 @pytest.mark.slow
@@ -151,9 +189,16 @@ def test_cli_train_qat_writes_a_packed_model(cli, llama_dir, tmp_path):
     assert json.loads((tmp_path / "kd" / "config.json").read_text())["slmkit"]["bits"] == 8
     rows = tmp_path / "sft.jsonl"
     rows.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    lora = cli("finetune", llama_dir, "--data", rows, "--max-steps", "2", "--qat", "int4",
+               "--qat-group-size", "32", "--out", tmp_path / "lora", "--precision", "fp32")
+    assert lora.returncode == 0, lora.stderr[-2000:]
+    assert json.loads((tmp_path / "lora" / "config.json").read_text())["slmkit"]["bits"] == 4
+    meta = json.loads((tmp_path / "lora" / "slmkit.json").read_text())
+    assert '"packed_vs_trained_max_diff": 0.0' in json.dumps(meta)
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
     bad = cli("finetune", llama_dir, "--data", rows, "--max-steps", "1", "--qat", "int4",
-              "--out", tmp_path / "lora")
-    assert bad.returncode == 2 and "--method full" in bad.stdout + bad.stderr
+              "--method", "qlora", "--out", tmp_path / "qlora")
+    assert bad.returncode == 2 and "--method lora --qat int4" in bad.stdout + bad.stderr
 
 
 def test_data_free_corpus_is_the_models_own_text(tokenizer, tmp_path):

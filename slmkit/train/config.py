@@ -108,9 +108,14 @@ class TrainConfig(StepConfig):
                                  & self.model_fields_set):
             raise ValueError("the --qat-* options need --qat int8 or --qat int4")
         method = getattr(self, "method", "full")      # finetune's adapters
-        if self.qat is not None and method != "full":
-            raise ValueError(f"--qat trains full weights but --method {method} keeps them "
-                             "frozen; use --method full (or merge the adapter, then run QAT)")
+        if self.qat is not None and method == "qlora":
+            raise ValueError("--qat trains through its own grid, but --method qlora already "
+                             "quantizes the base; use --method lora --qat int4 (the adapter "
+                             "is trained through the grid and merged into a packed model)")
+        if self.qat is not None and method == "lora" and getattr(self, "dropout", 0.0):
+            raise ValueError("--qat with --method lora fake-quantizes W + BA as one weight, "
+                             "which leaves no separate adapter input to drop out; drop "
+                             "--dropout")
         return self
 
     @model_validator(mode="after")

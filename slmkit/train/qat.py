@@ -83,9 +83,30 @@ class QATLinear(nn.Module):
         self.register_buffer("scale", scale.float().clone())
         self.register_buffer("zero", zero.float().clone())
         self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.lora_A = self.lora_B = None
+        self.scaling = 0.0
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """QAT + LoRA: freeze ``weight`` and train ``W + alpha/r · B A`` through the grid
+        (``A [r, in]`` Kaiming-uniform, ``B [out, r]`` zero, as peft initializes them), so the
+        adapter learns what survives quantization and merges into the packed model."""
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        a = torch.empty(rank, self.in_features, dtype=self.weight.dtype)
+        nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=self.weight.dtype))
+        self.scaling = alpha / rank
+
+    def merged_weight(self) -> torch.Tensor:
+        """The master weight the grid quantizes: ``W``, plus ``alpha/r · B A`` with LoRA."""
+        if self.lora_A is None:
+            return self.weight
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
 
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize_on_grid(self.weight, self.scale, self.zero, self.bits,
+        return fake_quantize_on_grid(self.merged_weight(), self.scale, self.zero, self.bits,
                                      self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,15 +119,16 @@ class QATLinear(nn.Module):
         from slmkit.nn.quant_linear import QuantLinear
 
         with torch.no_grad():
-            codes = quantize_codes(self.weight.detach(), self.scale, self.zero, self.bits,
-                                   self.group_size)
+            codes = quantize_codes(self.merged_weight().detach(), self.scale, self.zero,
+                                   self.bits, self.group_size)
             return QuantLinear.from_codes(codes, self.scale, self.zero, self.bits,
                                           self.group_size, self.sym, bias=self.bias,
                                           dtype=self.weight.dtype)
 
     def extra_repr(self) -> str:
+        lora = "" if self.lora_A is None else f", lora_rank={self.lora_A.shape[0]}"
         return (f"{self.in_features}, {self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, sym={self.sym}")
+                f"group_size={self.group_size}, sym={self.sym}{lora}")
 
 
 def scheme(cfg):
@@ -250,15 +272,37 @@ def qat_job(cfg, job):
     check that packed logits equal the fake-quantized ones on :data:`PROBE`."""
     from slmkit.nn.quant_linear import set_kernel_mode
 
-    if getattr(cfg, "method", "full") != "full":
-        raise ConfigError(f"--qat trains full weights; --method {cfg.method} keeps them "
-                          "frozen. Use --method full (or merge the adapter, then run QAT).")
+    method = getattr(cfg, "method", "full")
+    if method not in ("full", "lora"):
+        raise ConfigError(f"--qat trains through its own grid; --method {method} already "
+                          "quantizes the base. Use --method lora or full.")
+    lora = None
+    if method == "lora":             # the peft wrappers go; QATLinear carries the adapter
+        peft_model = job.model
+        lora = set(peft_model.peft_config["default"].target_modules)
+        job.model = peft_model.unload()          # B = 0: nothing to merge yet
+        if getattr(peft_model, "slmkit_lineage", None) is not None:
+            job.model.slmkit_lineage = peft_model.slmkit_lineage
     val = job.val_batches[:cfg.qat_eval_batches] if job.val_batches else None
     before = _val_loss(job.model, job.objective, val)            # unquantized
     info = prepare(job.model, job.tok, cfg)
     info["val_loss_unquantized"] = before
     info["val_loss_start"] = _val_loss(job.model, job.objective, val)   # the PTQ start
     inner = job.finish
+    if lora is not None:
+        job.model.requires_grad_(False)
+        adapted = [m for n, m in job.model.named_modules()
+                   if isinstance(m, QATLinear) and n.rsplit(".", 1)[-1] in lora]
+        for m in adapted:
+            m.add_lora(cfg.rank, cfg.alpha)
+        info["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "layers": len(adapted),
+                        "trainable_params": sum(p.numel() for p in job.model.parameters()
+                                                if p.requires_grad)}
+        inner = None                 # sft's finish writes a peft adapter; ours packs
+        job.rows = [r for r in job.rows if r[0] not in ("output", "trainable")] + [
+            ("trainable", f"{info['lora']['trainable_params']:,} (LoRA r={cfg.rank} on "
+                          f"{len(adapted)} layers, trained through the grid)"),
+            ("output", "packed quantized model (W + BA merged on the QAT grid)")]
 
     def finish(state):
         model, extra, rows = inner(state) if inner else (job.model, {}, [])
