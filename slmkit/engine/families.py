@@ -148,12 +148,12 @@ class FamilyRunner(FastRunner):
             logits = torch.tanh(logits / self.final_cap) * self.final_cap
         return logits.float()
 
-    @torch.inference_mode()
-    def forward_rows(self, rows: list[list[int]], slots: list[int],
-                     starts: list[int]) -> list[torch.Tensor]:
-        """Each request's run of tokens, logits of every token (one forward per request)."""
-        return [self.forward(torch.tensor([run]), [s], [p], all_logits=True)[0]
-                for run, s, p in zip(rows, slots, starts)]
+    def _native_rows(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Draft verification on the native step (:meth:`FastRunner.forward_rows`), so each
+        row's logits are a decode step's, bit for bit; the torch loop verifies otherwise."""
+        if self.embed_mult is not None:
+            h = h * self.embed_mult
+        return self._logits(self.native.verify(h, slots, positions))
 
     @property
     def kv_bytes(self) -> int:

@@ -233,12 +233,16 @@ class FastRunner:
                  else self.embed(flat.to(self.device)))                  # [N, hidden]
             row_slots = [s for run, s in zip(rows, slots) for _ in run]
             positions = [p + j for run, p in zip(rows, starts) for j in range(len(run))]
-            logits = self.native.verify(h, row_slots, positions)         # [N, V]
+            logits = self._native_rows(h, row_slots, positions)          # [N, V]
             for run, s, p in zip(rows, slots, starts):
                 self.cache.lengths[s] = p + len(run)
             return list(logits.split([len(run) for run in rows]))
         return [self.forward(torch.tensor([run]), [s], [p], all_logits=True)[0]
                 for run, s, p in zip(rows, slots, starts)]
+
+    def _native_rows(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """The native verify call of :meth:`forward_rows` (families scale and cap around it)."""
+        return self.native.verify(h, slots, positions)
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep the first ``length`` cached tokens of ``slot`` (rejected drafts after them
