@@ -336,6 +336,22 @@ def test_router_train_and_router_mode(tmp_path, small_model, tokenizer, big, cli
         server.stop()
 
 
+def test_cross_validated_router_with_a_training_split():
+    """Every item is scored by a router fitted without it; extra rows join each fit."""
+    from slmkit.route.evaluate import cross_val_router
+    from slmkit.route.router import auc
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    x = rng.normal(size=(20, 3)) + labels[:, None] * 2.0
+    alone = cross_val_router(x, labels, 4, 0)
+    assert auc(-alone, labels == 1) > 0.9      # P(small suffices) is low where big is needed
+    # a training split with the opposite rule drags the held-out scores the other way
+    flipped = cross_val_router(x, labels, 4, 0, extra=(np.repeat(x, 5, 0),
+                                                       np.repeat(1 - labels, 5)))
+    assert auc(-flipped, labels == 1) < 0.5
+
+
 def test_token_router_is_the_router(tokenizer):
     """The served decision for a 0-layer router (embeddings folded per vocabulary token,
     the prompt's tail tokenized) gives the trained router's own scores, for a dense and a

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.route.calibrate import curve, share_below, threshold_at
-from slmkit.route.router import HiddenFeatures, auc, train_router
+from slmkit.route.router import HiddenFeatures, auc, fit_logistic, train_router
 from slmkit.route.scores import all_scores
 
 

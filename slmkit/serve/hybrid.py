@@ -149,7 +149,7 @@ class Hybrid:
         if mode == "router":
             start = time.perf_counter()
             text = prompt_text(body, self.tokenizer)
-            if getattr(self.decide, "lean", False):   # tens of microseconds: no thread hop
+            if getattr(self.decide, "lean", False):   # well under a millisecond: no thread hop
                 score = self.decide(text)
             else:   # decoder layers: a worker thread keeps the event loop free
                 score = await asyncio.to_thread(self.decide, text)
