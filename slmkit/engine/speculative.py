@@ -26,9 +26,12 @@ e.g. a student distilled from the target, with its own KV cache slots).
 
 Pay-off (:class:`SpecState`): k starts at the drafter's ``k0`` (4 for prompt lookup, whose
 drafts are free; 2 for a draft model, whose every draft costs one of its steps), grows by
-one when all drafts pass and shrinks by one when one fails (1..k_max). Each request's first decode steps run without drafts to time a
-plain token; after a few drafted steps, a request whose time per token with drafts is not
-below its plain time per token stops drafting (``Completion.speculative["off"]`` says why).
+one when all drafts pass and shrinks by one when one fails (1..k_max). A request drafts from
+its first decode step; after a few drafted steps it runs two steps without drafts to time a
+plain token (and one more every 32 drafted steps), and stops drafting when its time per
+token with drafts is not below its plain time per token (a draft model's prefill of the
+prompt left out: it is paid once, like the target's). ``Completion.speculative["off"]``
+says why.
 Requests under a grammar decode without drafts.
 """
 
@@ -175,6 +178,13 @@ class ModelDrafter:
             raise ConfigError(f"The draft model {name}: {reason}.")
         self.vocab, self.name, self.chunk = vocab, name, prefill_chunk
         self._pos: dict[int, int] = {}   # request key -> tokens in the draft's cache
+        self._sunk: dict[int, float] = {}   # request key -> seconds of its prompt's prefill
+
+    def sunk(self, r) -> float:
+        """Seconds this step spent prefilling ``r``'s prompt into the draft's cache (once
+        per request: a cost of the prompt, like the target's prefill, so the pay-off check
+        leaves it out); 0 after the first call."""
+        return self._sunk.pop(id(r), 0.0)
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, Vd]`` draft logits as ``[B, V]`` over the target's vocabulary."""
@@ -200,11 +210,14 @@ class ModelDrafter:
             seq = r.prompt + r.completion.token_ids
             pos = self._pos.get(id(r), 0)
             logits = None
+            t0 = time.perf_counter() if pos == 0 else None
             while pos < len(seq):
                 chunk = seq[pos:pos + self.chunk]
                 logits = self.runner.forward(torch.tensor([chunk]), [r.slot], [pos])
                 pos += len(chunk)
             self._pos[id(r)] = pos
+            if t0 is not None:
+                self._sunk[id(r)] = time.perf_counter() - t0
             token, q = self._pick(r, self._fit(logits[0]), [])
             drafts[i].append(token)
             qs[i].append(q)
@@ -231,6 +244,7 @@ class ModelDrafter:
                 self.runner.truncate(r.slot, self._pos[key])
 
     def release(self, r) -> None:
+        self._sunk.pop(id(r), None)
         if self._pos.pop(id(r), None) is not None and r.slot is not None:
             self.runner.release(r.slot)
 
@@ -264,7 +278,7 @@ class SpecState:
 
     k: int
     k_max: int
-    probe: int = 2                 #: plain decode steps still to time before drafting
+    probe: int = 0                 #: plain decode steps to time next (see Speculator)
     on: bool = True
     off: str | None = None
     drafted: int = 0
@@ -277,6 +291,7 @@ class SpecState:
     plain_tokens: int = 0
     since_probe: int = 0
     last_emitted: int = 0
+    timing: bool = False           #: plain steps were asked for the pay-off check
 
     def report(self, name: str) -> dict:
         return {"draft": name, "drafted": self.drafted, "accepted": self.accepted,
@@ -295,8 +310,9 @@ class Speculator:
         k: drafts per step to start with (default: the drafter's ``k0``, 4 for prompt
             lookup, 2 for a draft model); k_max: the most (k adapts in 1..k_max).
         min_steps: drafted steps before the pay-off check; reprobe: drafted steps between
-            plain steps that re-time a plain token; probe_steps: plain steps timed at the
-            start of each request.
+            plain steps that re-time a plain token; probe_steps: plain steps timed when the
+            check first needs them (after ``min_steps`` drafted steps, so a request drafts
+            from its first decode step; 0: no timing, drafting stays on).
     """
 
     def __init__(self, engine, drafter, k: int | None = None, k_max: int = 8,
@@ -316,8 +332,7 @@ class Speculator:
     def state(self, r) -> SpecState:
         s = self.states.get(id(r))
         if s is None:
-            s = self.states[id(r)] = SpecState(k=self.k0, k_max=self.k_max,
-                                               probe=self.probe_steps)
+            s = self.states[id(r)] = SpecState(k=self.k0, k_max=self.k_max)
             if r.grammar is not None:
                 s.on, s.off = False, "grammar-constrained request"
         return s
@@ -365,6 +380,7 @@ class Speculator:
                     s.plain_steps += 1
                     s.plain_s += dt
                     s.plain_tokens += 1
+                    self._decide(s)
             return
         rows = [[r.next_token] + proposals.get(id(r), ([],))[0] for r in decoding]
         outs = e.runner.forward_rows(rows, [r.slot for r in decoding],
@@ -383,6 +399,9 @@ class Speculator:
             if r.slot is not None:
                 e.runner.truncate(r.slot, r.position)
         dt = time.perf_counter() - t0
+        sunk = getattr(self.drafter, "sunk", None)
+        if sunk is not None:             # draft prompt prefills: a one-off cost, not a step's
+            dt = max(0.0, dt - sum(sunk(r) for r in cands))
         for r in decoding:
             s = states[id(r)]
             if id(r) in proposals:
@@ -391,6 +410,7 @@ class Speculator:
                 s.plain_steps += 1
                 s.plain_s += dt
                 s.plain_tokens += 1
+                self._decide(s)
 
     def _verify(self, r, s: SpecState, logits: torch.Tensor, drafts: list[int], qs) -> int:
         """Emit the accepted drafts and one more token; returns drafts accepted.
@@ -434,15 +454,24 @@ class Speculator:
             s.k = min(s.k + 1, s.k_max)
         elif m < n_drafts:
             s.k = max(1, s.k - 1)
-        if s.spec_steps >= self.min_steps and s.plain_tokens:
-            plain = s.plain_s / s.plain_tokens
-            spec = s.spec_s / max(1, s.spec_tokens)
-            if spec >= plain:
-                s.on = False
-                s.off = (f"did not pay: {spec * 1000:.1f} ms per token with drafts vs "
-                         f"{plain * 1000:.1f} ms without (acceptance "
-                         f"{s.accepted}/{s.drafted})")
-                return
+        if s.spec_steps >= self.min_steps and not s.plain_tokens and not s.timing:
+            s.timing, s.probe = True, self.probe_steps    # time plain tokens, then decide
+        if self._decide(s):
+            return
         if s.since_probe >= self.reprobe:       # re-time a plain token now and then
             s.since_probe = 0
             s.probe = 1
+
+    def _decide(self, s: SpecState) -> bool:
+        """After ``min_steps`` drafted steps and the plain steps timed for the check: turn
+        drafting off (True) when a token with drafts costs no less than one without."""
+        if not s.on or s.spec_steps < self.min_steps or not s.plain_tokens or s.probe > 0:
+            return False
+        plain = s.plain_s / s.plain_tokens
+        spec = s.spec_s / max(1, s.spec_tokens)
+        if spec < plain:
+            return False
+        s.on = False
+        s.off = (f"did not pay: {spec * 1000:.1f} ms per token with drafts vs "
+                 f"{plain * 1000:.1f} ms without (acceptance {s.accepted}/{s.drafted})")
+        return True
