@@ -260,6 +260,9 @@ def test_time_limit_still_writes_the_best_so_far(llama_dir, tmp_path, cli):
     report = json.loads((out / "search" / "search.json").read_text())
     assert report["sensitivity_complete"] is False
     assert dir_size(out) <= 0.36e6
+    # the layers it did not reach are written with RTN: no calibration pass after the limit
+    lineage = json.loads((out / "slmkit.json").read_text())
+    assert "RTN" in json.dumps(lineage)
 
 
 def test_rtn_search_refuses_calibration_windows(llama_dir, tmp_path, cli):

@@ -272,7 +272,7 @@ def _runner_kind(model) -> str:
 
 
 def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
-                store=None) -> dict:
+                store=None, rtn_missing: bool = False) -> dict:
     """Quantize ``model`` in place to ``choice``: from the sensitivity pass's stored codes
     (exactly the weights that were scored) through the quantize step's
     :func:`~slmkit.compress.quantize.api.install_codes`, or, for anything not stored,
@@ -280,7 +280,7 @@ def materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option],
     then the dropped decoder blocks are removed (their layers' grids renamed)."""
     gone = dropped_blocks(model, choice)
     choice = {n: o for n, o in choice.items() if not o.dropped}
-    summary = _materialize(model, tok, cfg, choice, store)
+    summary = _materialize(model, tok, cfg, choice, store, rtn_missing)
     if gone:
         from slmkit.search.sensitivity import drop_blocks
 
@@ -301,7 +301,8 @@ def _rename(name: str, renames: dict[str, str]) -> str:
     return name
 
 
-def _materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option], store) -> dict:
+def _materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option], store,
+                 rtn_missing: bool = False) -> dict:
     from slmkit.compress.match import DEFAULT_IGNORE
     from slmkit.compress.quantize.api import install_codes, quantize_model
     from slmkit.compress.quantize.config import QuantizeOptions
@@ -320,20 +321,33 @@ def _materialize(model, tok, cfg: SearchConfig, choice: dict[str, Option], store
     common = Counter((o.bits, o.group_size) for o in quant.values()).most_common(1)[0][0]
     grids = {n: (o.bits, o.group_size) for n, o in quant.items()}
     if store is not None:
-        results = {}
+        results, missing = {}, []
         for n, o in quant.items():
             r = store.load(n, o, linear_shape(model.get_submodule(n))[1])
             if r is None:
-                break
-            results[n] = r
-        else:
-            # the embedding table is not one of the search's choices: it stays as it is
+                missing.append(n)
+            else:
+                results[n] = r
+        if not missing or rtn_missing:
+            # a stopped search: the layers it did not reach get RTN (no calibration pass,
+            # so --time-limit bounds the write too)
+            from slmkit.compress.match import weight_matrix
+            from slmkit.compress.quantize.modifiers import QuantizedLayer
+            from slmkit.nn.packing import quantize_rtn
+
+            for n in missing:
+                o = quant[n]
+                results[n] = QuantizedLayer(*quantize_rtn(
+                    weight_matrix(model.get_submodule(n)).detach().float(), o.bits,
+                    o.group_size, cfg.sym))
             opts = QuantizeOptions(method=cfg.method, bits=common[0], group_size=common[1],
                                    sym=cfg.sym, quantize_embeddings=int8_table,
                                    **({"embedding_bits": 8} if int8_table else {}))
             linears = {n: model.get_submodule(n) for n in quant}
-            return {**install_codes(model, linears, results, opts, grids),
-                    "weights": "stored (the scored variants)"}
+            weights = "stored (the scored variants)" + (
+                f"; {len(missing)} layers the stopped search did not reach: RTN"
+                if missing else "")
+            return {**install_codes(model, linears, results, opts, grids), "weights": weights}
     dense = [re.escape(n) + "$" for n, o in choice.items() if o.dense]
     fields = dict(method=cfg.method, bits=common[0], group_size=common[1], sym=cfg.sym,
                   quantize_embeddings=int8_table,
@@ -548,7 +562,8 @@ def run_search(cfg: SearchConfig) -> StepResult:
                 if cost is not None:
                     chosen["predicted_decode_tok_s"] = cost.predict(choice)
             chosen["refinement"] = info
-        summary = materialize(work, tok, cfg, choice, layer_store(work, cfg))
+        summary = materialize(work, tok, cfg, choice, layer_store(work, cfg),
+                              rtn_missing=not complete)
         chosen["true_kl"] = _true_kl(work, tail)
         report = {"config": cfg.lineage(), "chosen": chosen,
                   "assignment": {n: o.key for n, o in choice.items()},

@@ -427,7 +427,7 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
             return None
         if deadline is not None and time.monotonic() > deadline:
             state["stopped"] = True
-            return None
+            raise _Stopped      # the blocks after it need no forward pass either
         linears = {n: m for n, m in match_linears(block).items()}
         linears = {f"{block_name}.{n}": m for n, m in linears.items()
                    if f"{block_name}.{n}" in layers}
@@ -476,16 +476,23 @@ def measure_sensitivities(model: nn.Module, tokenizer, cfg, deadline: float | No
             log(index + 1, len(blocks), layers)
         return None
 
-    if batches is not None:
-        calibrate_layer_by_layer(model, batches, on_block, desc="layer sensitivities",
-                                 precision=cfg.calib_precision)
-    else:
-        from slmkit.console import track
+    try:
+        if batches is not None:
+            calibrate_layer_by_layer(model, batches, on_block, desc="layer sensitivities",
+                                     precision=cfg.calib_precision)
+        else:
+            from slmkit.console import track
 
-        path_name, _ = find_blocks(model)
-        for i in track(range(len(blocks)), "layer sensitivities"):
-            on_block(i, f"{path_name}.{i}", blocks[i], None)
+            path_name, _ = find_blocks(model)
+            for i in track(range(len(blocks)), "layer sensitivities"):
+                on_block(i, f"{path_name}.{i}", blocks[i], None)
+    except _Stopped:
+        pass
     return layers, path, len(done) == len(blocks)
+
+
+class _Stopped(Exception):
+    """The deadline passed: the sensitivity pass ends at the next block."""
 
 
 @torch.no_grad()
