@@ -42,15 +42,10 @@ class _Cfg:
     qat_calib_data, qat_calib_samples = ["stdlib"], 4
 
 
-def test_trained_logits_equal_packed_logits(tokenizer, tmp_path):
-    """A few optimizer steps through the grid, then the packed model (saved, reloaded)
-    gives exactly the fake-quantized logits."""
-    from slmkit.models import load_model, save_model
-
-    model = build_tiny_model("llama", tokenizer, seed=5)
-    info = prepare(model, tokenizer, _Cfg)
-    assert info["layers"] == 14 and sum(isinstance(m, QATLinear) for m in model.modules()) == 14
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+def _train_a_little(model, tokenizer, params):
+    """Four AdamW steps on a random batch (the loss must fall); returns the batch and the
+    trained model's logits on it, in eval mode."""
+    opt = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(4):
@@ -62,7 +57,18 @@ def test_trained_logits_equal_packed_logits(tokenizer, tmp_path):
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():
-        trained = model(ids).logits
+        return ids, model(ids).logits
+
+
+def test_trained_logits_equal_packed_logits(tokenizer, tmp_path):
+    """A few optimizer steps through the grid, then the packed model (saved, reloaded)
+    gives exactly the fake-quantized logits."""
+    from slmkit.models import load_model, save_model
+
+    model = build_tiny_model("llama", tokenizer, seed=5)
+    info = prepare(model, tokenizer, _Cfg)
+    assert info["layers"] == 14 and sum(isinstance(m, QATLinear) for m in model.modules()) == 14
+    ids, trained = _train_a_little(model, tokenizer, model.parameters())
     convert(model, info)
     assert model.config.slmkit["format"] == "quant"
     out = save_model(model, tokenizer, tmp_path / "qat", step="train", params={})
@@ -144,20 +150,8 @@ def test_qat_lora_trains_the_adapter_through_the_grid(tokenizer):
     frozen = layers[0].weight.detach().clone()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 2 * len(layers)
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(4):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    ids, trained = _train_a_little(model, tokenizer, trainable)
     assert torch.equal(layers[0].weight, frozen) and layers[0].lora_B.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        trained = model(ids).logits
     convert(model, info)
     set_kernel_mode("dequant")
     try:
