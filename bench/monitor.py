@@ -2,18 +2,21 @@
 
 Three parts (``--parts flag,drift,cost``), all offline on real models:
 
-1. **flag**: greedy chat answers of ``builtin:smollm2-135m`` (its chat template, as the
-   server runs it) to questions whose answers are known by construction: which stdlib
-   module provides a function (from the running interpreter: 600 questions) and integer
-   arithmetic (400), every ``--qa-every``-th kept; an answer is wrong when it does not
-   name the module / end in the right number. (The mined stdlib completion tasks did not
-   serve: the instruct model continues their raw-text prompts with a newline or a code
-   fence, so nearly every answer was empty.) The flag's risk model
-   (:class:`slmkit.monitor.confidence.FlagModel`) is fitted on the questions' hash-split
-   *train* 60% (``--fit`` writes ``slmkit/monitor/flag_model.json``) and scored on the
-   other 40%: AUROC of "this answer is wrong" for the risk and for the plain mean token
-   log-probability (the baseline), and precision/recall at the shipped threshold.
-   Bar: AUROC >= 0.70 and >= 5 points above the baseline.
+1. **flag**: greedy chat answers of ``builtin:smollm2-135m`` (its chat template and stop
+   tokens, as the server runs it) to ~700 questions whose answers are checked offline
+   (:func:`label_items`, :func:`is_right`): arithmetic in eight levels from one-digit sums
+   to two-digit products, capitals of 94 countries, opposites of 60 words, which stdlib
+   module provides a function (mostly wrong), and the built-in RAG questions
+   (bench/routing.py's set) with the retrieved source in the prompt and without. Answers
+   and per-token records are cached (``bench/results/monitor_labels_v2.jsonl``), so a
+   refit or a new feature costs no generation; ``--samples K`` adds K sampled answers per
+   question (``monitor_samples_v2.jsonl``) for the consistency check. The flag's feature
+   set is picked by 5-fold cross-validation on the hash-split *train* 60% (``--fit``
+   writes ``slmkit/monitor/flag_model.json``) and scored once on the other 40%: AUROC of
+   "this answer is wrong" with a 95% bootstrap interval, against the plain mean token
+   log-probability on the same answers (paired bootstrap of the gain), per kind,
+   groundedness on the RAG answers, consistency where sampled, and precision / recall at
+   the shipped threshold. Bar: AUROC >= 0.70 and >= 5 points above the baseline.
 2. **drift**: request streams whose prompts come from one domain (stdlib code: function
    sources) and, after ``--shift-at`` requests, from another (stdlib prose: docstrings and
    pydoc topics; a second scenario: text-handling modules' code -> concurrency modules'
@@ -29,7 +32,7 @@ Three parts (``--parts flag,drift,cost``), all offline on real models:
 
 Run (writes ``bench/results/monitor.json``)::
 
-    nice -n 10 .venv/bin/python bench/monitor.py [--fit]
+    nice -n 10 .venv/bin/python bench/monitor.py [--parts flag --fit] [--samples 3]
 """
 
 from __future__ import annotations
@@ -72,12 +75,10 @@ STDLIB_MODULES = ("os", "os.path", "json", "re", "math", "random", "string", "it
                   "sys", "io", "codecs", "pprint", "warnings", "traceback", "contextlib")
 
 
-def qa_items() -> list[dict]:
-    """Chat questions with answers known by construction: which stdlib module defines a
-    function (from the running interpreter), and integer arithmetic of growing size."""
-    import hashlib
+def module_items() -> list[dict]:
+    """Which stdlib module defines a function (from the running interpreter), as chat
+    questions (the 135M model is mostly, and confidently, wrong on these)."""
     import importlib
-    import random
 
     items = []
     for name in STDLIB_MODULES:
@@ -90,115 +91,438 @@ def qa_items() -> list[dict]:
             items.append({"kind": "module", "answer": name, "name": fn,
                           "question": f"In the Python standard library, which module provides "
                                       f"the function `{fn}`? Answer with the module name only."})
-    rng = random.Random(0)
-    for i in range(400):
-        digits = 1 + i % 3
-        a, b = rng.randrange(10 ** (digits - 1), 10 ** digits), rng.randrange(1, 10 ** digits)
-        op = "+-*"[i % 3]
-        items.append({"kind": "arithmetic", "answer": str(eval(f"{a}{op}{b}")),
-                      "question": f"What is {a} {op} {b}? Answer with the number only."})
-    for it in items:  # a stable 60/40 split by the question's hash
-        h = int(hashlib.blake2b(it["question"].encode(), digest_size=4).hexdigest(), 16)
-        it["split"], it["id"], it["h"] = ("train" if h % 10 < 6 else "val"), it["question"], h // 10
     return items
 
 
+#: Country -> capital (and accepted spellings): closed questions the model often knows.
+CAPITALS = {
+    "France": ["Paris"], "Germany": ["Berlin"], "Italy": ["Rome"], "Spain": ["Madrid"],
+    "Portugal": ["Lisbon"], "the United Kingdom": ["London"], "Ireland": ["Dublin"],
+    "Japan": ["Tokyo"], "China": ["Beijing", "Peking"], "Russia": ["Moscow"],
+    "Egypt": ["Cairo"], "Greece": ["Athens"], "Austria": ["Vienna"], "Norway": ["Oslo"],
+    "Sweden": ["Stockholm"], "Finland": ["Helsinki"], "Denmark": ["Copenhagen"],
+    "Poland": ["Warsaw"], "the Netherlands": ["Amsterdam"], "Belgium": ["Brussels"],
+    "Switzerland": ["Bern", "Berne"], "Canada": ["Ottawa"], "Australia": ["Canberra"],
+    "Brazil": ["Brasilia", "Brasília"], "Argentina": ["Buenos Aires"], "Peru": ["Lima"],
+    "Chile": ["Santiago"], "Mexico": ["Mexico City"], "India": ["New Delhi", "Delhi"],
+    "Pakistan": ["Islamabad"], "Turkey": ["Ankara"], "Iran": ["Tehran"],
+    "Iraq": ["Baghdad"], "Saudi Arabia": ["Riyadh"], "Kenya": ["Nairobi"],
+    "Nigeria": ["Abuja"], "Ethiopia": ["Addis Ababa"], "Morocco": ["Rabat"],
+    "South Korea": ["Seoul"], "Thailand": ["Bangkok"], "Vietnam": ["Hanoi"],
+    "Indonesia": ["Jakarta"], "the Philippines": ["Manila"], "Cuba": ["Havana"],
+    "Colombia": ["Bogota", "Bogotá"], "Venezuela": ["Caracas"], "Hungary": ["Budapest"],
+    "the Czech Republic": ["Prague"], "Romania": ["Bucharest"], "Bulgaria": ["Sofia"],
+    "Ukraine": ["Kyiv", "Kiev"], "Iceland": ["Reykjavik", "Reykjavík"],
+    "New Zealand": ["Wellington"], "Afghanistan": ["Kabul"], "Syria": ["Damascus"],
+    "Lebanon": ["Beirut"], "Israel": ["Jerusalem"], "Jordan": ["Amman"],
+    "Bangladesh": ["Dhaka"], "Nepal": ["Kathmandu"],
+    "Sri Lanka": ["Colombo", "Sri Jayawardenepura Kotte"],
+    "Malaysia": ["Kuala Lumpur"], "Singapore": ["Singapore"], "Ghana": ["Accra"],
+    "Senegal": ["Dakar"], "Algeria": ["Algiers"], "Tunisia": ["Tunis"], "Libya": ["Tripoli"],
+    "Sudan": ["Khartoum"], "Uganda": ["Kampala"], "Tanzania": ["Dodoma"],
+    "Zimbabwe": ["Harare"], "Angola": ["Luanda"], "Mongolia": ["Ulaanbaatar", "Ulan Bator"],
+    "Kazakhstan": ["Astana", "Nur-Sultan"], "Uzbekistan": ["Tashkent"],
+    "Georgia": ["Tbilisi"], "Armenia": ["Yerevan"], "Azerbaijan": ["Baku"],
+    "Serbia": ["Belgrade"], "Croatia": ["Zagreb"], "Slovakia": ["Bratislava"],
+    "Slovenia": ["Ljubljana"], "Lithuania": ["Vilnius"], "Latvia": ["Riga"],
+    "Estonia": ["Tallinn"], "Ecuador": ["Quito"], "Bolivia": ["Sucre", "La Paz"],
+    "Uruguay": ["Montevideo"], "Paraguay": ["Asuncion", "Asunción"],
+    "Jamaica": ["Kingston"], "Qatar": ["Doha"], "Oman": ["Muscat"], "Yemen": ["Sanaa", "Sana'a"],
+}
+#: Word -> opposites accepted.
+OPPOSITES = {
+    "hot": ["cold"], "big": ["small", "little"], "fast": ["slow"], "up": ["down"],
+    "open": ["closed", "close", "shut"], "light": ["dark", "heavy"], "happy": ["sad", "unhappy"],
+    "old": ["young", "new"], "early": ["late"], "full": ["empty"], "strong": ["weak"],
+    "rich": ["poor"], "hard": ["soft", "easy"], "wet": ["dry"], "tall": ["short"],
+    "long": ["short"], "high": ["low"], "left": ["right"], "day": ["night"],
+    "true": ["false"], "win": ["lose"], "buy": ["sell"], "push": ["pull"],
+    "inside": ["outside"], "begin": ["end", "finish"], "love": ["hate"],
+    "friend": ["enemy", "foe"], "north": ["south"], "east": ["west"], "clean": ["dirty"],
+    "cheap": ["expensive", "dear"], "thick": ["thin"], "loud": ["quiet", "soft", "silent"],
+    "noisy": ["quiet", "silent"], "wide": ["narrow"], "deep": ["shallow"],
+    "sharp": ["dull", "blunt"], "brave": ["cowardly", "afraid", "scared", "fearful"],
+    "accept": ["reject", "refuse", "decline"], "increase": ["decrease", "reduce"],
+    "maximum": ["minimum"], "ancient": ["modern"], "visible": ["invisible"],
+    "arrive": ["depart", "leave"], "victory": ["defeat", "loss"], "asleep": ["awake"],
+    "generous": ["stingy", "selfish", "mean"], "permanent": ["temporary"],
+    "optimist": ["pessimist"], "transparent": ["opaque"], "expand": ["contract", "shrink"],
+    "import": ["export"], "ascend": ["descend"], "vertical": ["horizontal"],
+    "input": ["output"], "success": ["failure"], "question": ["answer"],
+    "majority": ["minority"], "include": ["exclude"], "entrance": ["exit"],
+}
+#: Arithmetic levels: (name, digits of a, digits of b, operator), easy to hard.
+ARITH_LEVELS = (("1d+1d", 1, 1, "+"), ("1d*1d", 1, 1, "*"), ("2d+1d", 2, 1, "+"),
+                ("2d+2d", 2, 2, "+"), ("2d-2d", 2, 2, "-"), ("2d*1d", 2, 1, "*"),
+                ("3d+3d", 3, 3, "+"), ("2d*2d", 2, 2, "*"))
+
+
+def label_items(rag: int = 100, module_every: int = 5, arith_per_level: int = 30) -> list[dict]:
+    """The labelled questions of the flag bench, each a chat ``messages`` list with a gold
+    answer checked offline by :func:`is_right`: graded arithmetic, capitals, opposites,
+    stdlib modules of functions (mostly wrong), and the built-in RAG questions asked with
+    the retrieved source (``rag``; its text kept for groundedness) and without
+    (``closed``). ``group``: items asked two ways share a split."""
+    import hashlib
+    import random
+
+    items = []
+    rng = random.Random(29)
+    for name, da, db, op in ARITH_LEVELS:
+        for _ in range(arith_per_level):
+            a = rng.randrange(10 ** (da - 1) if da > 1 else 2, 10 ** da)
+            b = rng.randrange(10 ** (db - 1) if db > 1 else 2, 10 ** db)
+            items.append({"kind": "arithmetic", "level": name, "answer": str(eval(f"{a}{op}{b}")),
+                          "question": f"What is {a} {op} {b}? Answer with the number only."})
+    for country, caps in CAPITALS.items():
+        items.append({"kind": "capital", "answer": caps[0], "accept": caps,
+                      "question": f"What is the capital of {country}?"})
+    for word, opp in OPPOSITES.items():
+        items.append({"kind": "opposite", "answer": opp[0], "accept": opp,
+                      "question": f"What is the opposite of the word \"{word}\"? "
+                                  f"Answer with one word."})
+    items += [it for i, it in enumerate(module_items()) if i % module_every == 0]
+    for it in items:
+        it["messages"] = [{"role": "user", "content": it.pop("question")}]
+    if rag:
+        items += rag_items(rag)
+    for it in items:
+        it.setdefault("group", it["messages"][-1]["content"])
+        it["id"] = it["kind"] + ":" + it["messages"][-1]["content"]
+        h = int(hashlib.blake2b(it["group"].encode(), digest_size=4).hexdigest(), 16)
+        it["split"] = "train" if h % 10 < 6 else "val"
+    return items
+
+
+def rag_items(n: int) -> list[dict]:
+    """The built-in RAG questions (bench/routing.py's set) with the best retrieved source in
+    the prompt (``slm rag ask``'s) and without it (its no-retrieval baseline)."""
+    from slmkit.data.corpus import stdlib_root
+    from slmkit.rag.answerer import SYSTEM, SYSTEM_NO_SOURCES, source_block
+    from slmkit.rag.config import IndexConfig
+    from slmkit.rag.evalset import builtin_questions, corpus_files
+    from slmkit.rag.evaluate import builtin_index_dir
+    from slmkit.rag.index import run_index
+    from slmkit.rag.retrieve import Retriever
+
+    root, index_dir = stdlib_root(), builtin_index_dir()
+    run_index(IndexConfig(docs=corpus_files(root), out=str(index_dir)))
+    questions = [q for q in builtin_questions(root, answerable=n, held_out=0) if q.answerable]
+    out = []
+    retriever = Retriever.open(index_dir)
+    try:
+        for q in questions:
+            hits = retriever.search(q.question, k=3)[:1]
+            base = {"answer": q.answer, "group": q.question}
+            out.append({**base, "kind": "rag", "sources": [h.chunk.text for h in hits],
+                        "messages": [{"role": "system", "content": SYSTEM},
+                                     {"role": "user", "content": source_block(hits, q.question)}]})
+            out.append({**base, "kind": "closed", "messages": [
+                {"role": "system", "content": SYSTEM_NO_SOURCES},
+                {"role": "user", "content": q.question}]})
+    finally:
+        retriever.close()
+    return out
+
+
 def is_right(item: dict, text: str) -> bool:
+    """Whether ``text`` answers ``item`` (arithmetic: the number after the last ``=``;
+    capital, opposite: an accepted word; module: the module's name; rag, closed: contains
+    the gold function name, as ``slm rag eval``'s "contains")."""
     import re
 
-    if item["kind"] == "arithmetic":
+    kind = item.get("kind", item.get("task"))
+    if kind == "arithmetic":
         tail = text.rsplit("=", 1)[-1]  # "15 - 34 = -19": the result after the last "="
         m = re.search(r"-?\d[\d,]*", tail)
         return bool(m) and m.group(0).replace(",", "") == item["answer"]
+    if kind in ("capital", "opposite"):
+        return any(re.search(r"\b" + re.escape(a.lower()) + r"\b", text.lower())
+                   for a in item["accept"])
+    if kind in ("rag", "closed"):
+        return item["answer"].lower() in text.lower()
     mods = re.findall(r"[A-Za-z_][\w.]*", text.replace("`", " "))
     return any(m.rstrip(".") == item["answer"] or m.startswith(item["answer"] + "." + item["name"])
                for m in mods)
 
 
-def answer_chat(model, tok, items, batch: int = 8) -> list[dict]:
-    """Greedy chat answers (the template the server uses) with the confidence the server
-    returns: every generated token of the answer."""
-    from slmkit.engine import Engine, SamplingParams
-    from slmkit.engine.generate import chat_stop_ids
-    from slmkit.monitor.confidence import features
+def _chat_ids(tok, messages) -> list[int]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    engine = Engine(model, tok, max_batch=batch, background=False, max_seq_len=512,
+
+def _seed(key: str, j: int) -> int:
+    import hashlib
+
+    return int(hashlib.blake2b(f"{key}/{j}".encode(), digest_size=4).hexdigest(), 16)
+
+
+def _cached(cache: Path) -> dict[str, dict]:
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[r["id"]] = r
+    return done
+
+
+def _answer_cached(model, tok, todo: list[dict], cache: Path, chunk: int, submit, row,
+                   tag: str, total: int) -> dict[str, dict]:
+    """Answer ``todo`` through one engine, ``chunk`` items at a time: ``submit(engine, item,
+    ids, stops)`` returns an item's handle(s), ``row(item, handles)`` the record appended to
+    ``cache`` (JSON lines). Returns the new records by id."""
+    from slmkit.engine import Engine
+    from slmkit.engine.generate import chat_stop_ids
+
+    out = {}
+    if not todo:
+        return out
+    engine = Engine(model, tok, max_batch=8, background=False, max_seq_len=1024,
                     threads=args_threads())
-    stops = chat_stop_ids(tok)
-    handles = []
-    for it in items:
-        ids = tok.apply_chat_template([{"role": "user", "content": it["question"]}],
-                                      add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        handles.append(engine.submit(ids, SamplingParams(max_tokens=24, temperature=0,
-                                                         stop_token_ids=stops,
-                                                         confidence=True)))
-    rows, t0 = [], time.time()
-    for i, (it, h) in enumerate(zip(items, handles)):
-        c = h.result()
-        if (i + 1) % 100 == 0:
-            print(f"[flag] {i + 1}/{len(items)} answered ({time.time() - t0:.0f} s)", flush=True)
-        if c.confidence:
-            rows.append({"id": it["id"], "task": it["kind"], "answer": it["answer"],
-                         "prediction": c.text, "wrong": not is_right(it, c.text),
-                         **features(c.confidence)})
+    stops, t0 = chat_stop_ids(tok), time.time()
+    with cache.open("a") as f:
+        for c0 in range(0, len(todo), chunk):
+            part = todo[c0:c0 + chunk]
+            handles = [submit(engine, it, _chat_ids(tok, it["messages"]), stops)
+                       for it in part]
+            for it, h in zip(part, handles):
+                out[it["id"]] = row(it, h)
+                f.write(json.dumps(out[it["id"]]) + "\n")
+            f.flush()
+            print(f"[{tag}] {total - len(todo) + c0 + len(part)}/{total} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
     engine.close()
-    return rows
+    return out
+
+
+def generate_labels(model, tok, items: list[dict], cache: Path, chunk: int = 40) -> list[dict]:
+    """Each item's greedy chat answer (the server's template and stop tokens) with per-token
+    ``[logprob, entropy, offset, second-best logprob]``, labelled by :func:`is_right`;
+    cached in ``cache`` (JSON lines, resumed by id) so refits and new features cost no
+    generation."""
+    from slmkit.engine import SamplingParams
+
+    def submit(engine, it, ids, stops):
+        return engine.submit(ids, SamplingParams(
+            max_tokens=48 if it["kind"] in ("rag", "closed") else 24, temperature=0,
+            stop_token_ids=stops, confidence=True, top_logprobs=2))
+
+    def row(it, h):
+        g = h.result()
+        top2 = [t[1][1] if t and len(t) > 1 else None for t in g.top_logprobs]
+        return {**it, "text": g.text, "wrong": not is_right(it, g.text),
+                "tokens": [[c[0], c[1], c[2], top2[k]]
+                           for k, c in enumerate(g.confidence or [])]}
+
+    done = _cached(cache)
+    todo = [it for it in items if it["id"] not in done]
+    done.update(_answer_cached(model, tok, todo, cache, chunk, submit, row, "labels",
+                               len(items)))
+    return [done[it["id"]] for it in items]
+
+
+def sample_answers(model, tok, items: list[dict], cache: Path, k: int = 4,
+                   temperature: float = 0.7, max_tokens: int = 16, chunk: int = 16
+                   ) -> dict[str, list[str]]:
+    """``k`` sampled answers per item (SelfCheckGPT's consistency check: a model that knows
+    the answer says it again), cached by id in ``cache``; ``max_tokens`` short (the
+    agreement is read from the answers' first words)."""
+    from slmkit.engine import SamplingParams
+
+    def submit(engine, it, ids, stops):
+        return [engine.submit(ids, SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, stop_token_ids=stops,
+            seed=_seed(it["id"], j))) for j in range(k)]
+
+    def row(it, hs):
+        return {"id": it["id"], "samples": [h.result().text for h in hs],
+                "temperature": temperature}
+
+    done = {i: r["samples"] for i, r in _cached(cache).items() if len(r["samples"]) >= k}
+    todo = [it for it in items if it["id"] not in done]
+    new = _answer_cached(model, tok, todo, cache, chunk, submit, row, "samples", len(items))
+    done.update({i: r["samples"] for i, r in new.items()})
+    return {it["id"]: done[it["id"]] for it in items if it["id"] in done}
+
+
+def label_rows(cache: Path) -> list[dict]:
+    """The cached greedy answers with :func:`slmkit.monitor.confidence.features` (the record's
+    second-best logprob turned into the engine's margin), their groundedness against the
+    retrieved source (``rag`` items; None elsewhere) and, where :func:`sample_answers` has
+    them, their agreement with sampled answers."""
+    from slmkit.monitor.confidence import consistency, features
+    from slmkit.rag.answerer import groundedness
+
+    samples = {i: r["samples"] for i, r in _cached(cache.with_name(
+        cache.name.replace("labels", "samples"))).items()}
+    out = []
+    for r in _cached(cache).values():
+        if not r["tokens"]:
+            continue  # nothing generated: no confidence to score
+        conf = [(lp, ent, off, None if second is None else lp - second)
+                for lp, ent, off, second in r["tokens"]]
+        row = {k: r[k] for k in ("id", "kind", "group", "split", "answer", "text", "wrong")}
+        row.update(features(conf, r["text"], r["group"]))
+        row["groundedness"] = groundedness(r["text"], r["sources"]) if r.get("sources") \
+            else None
+        if r["id"] in samples:
+            row["consistency"] = consistency(r["text"], samples[r["id"]], r["group"])
+        out.append(row)
+    return out
+
+
+def bootstrap(rows: list[dict], scores: dict[str, list[float]], base: str, n: int = 2000,
+              seed: int = 0) -> dict:
+    """AUROC of "wrong" for each score with a 95% bootstrap interval (answers resampled
+    with replacement), and each score's paired gain over ``base`` with its interval."""
+    import numpy as np
+
+    y = np.array([r["wrong"] for r in rows])
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in scores}
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if 0 < y[idx].sum() < len(idx):
+            for k, s in scores.items():
+                draws[k].append(auroc(np.asarray(s)[idx], y[idx]))
+    out = {}
+    for k, s in scores.items():
+        d = np.array(draws[k])
+        gain = d - np.array(draws[base])
+        out[k] = {"auroc": auroc(s, y), "ci95": [float(np.percentile(d, 2.5)),
+                                                 float(np.percentile(d, 97.5))],
+                  "gain_over_" + base: auroc(s, y) - auroc(scores[base], y),
+                  "gain_ci95": [float(np.percentile(gain, 2.5)),
+                                float(np.percentile(gain, 97.5))]}
+    return out
+
+
+#: Feature sets the flag may read (chosen by cross-validation on the train split).
+FLAG_SETS = {
+    "v1 (mean/min logprob, entropy, first, length)": ("mean_logprob", "min_logprob",
+                                                     "mean_entropy", "max_entropy",
+                                                     "first_logprob", "log_tokens"),
+    "mean logprob + margin": ("mean_logprob", "mean_margin", "min_margin"),
+    "answer tokens": ("answer_mean_logprob", "answer_min_logprob", "answer_mean_margin",
+                      "answer_min_margin"),
+    "answer tokens + mean logprob": ("mean_logprob", "answer_mean_logprob",
+                                     "answer_min_logprob", "answer_min_margin"),
+    "all token features": ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy",
+                           "first_logprob", "log_tokens", "mean_margin", "min_margin",
+                           "answer_mean_logprob", "answer_min_logprob",
+                           "answer_mean_margin", "answer_min_margin", "answer_tokens"),
+}
+FLAG_SETS["all token features and their squares"] = FLAG_SETS["all token features"] + tuple(
+    k + "^2" for k in FLAG_SETS["all token features"])
+FLAG_SETS["mean logprob alone"] = ("mean_logprob",)
+
+
+def cv_auroc(rows: list[dict], names, folds: int = 5) -> float:
+    """Mean held-out AUROC of a flag on ``names`` over ``folds`` folds of ``rows`` (split by
+    question group, as train/val are)."""
+    import hashlib
+
+    from slmkit.monitor.confidence import FlagModel
+
+    fold = [int(hashlib.blake2b(r["group"].encode(), digest_size=4).hexdigest(), 16) // 10
+            % folds for r in rows]
+    got = []
+    for f in range(folds):
+        tr = [r for r, k in zip(rows, fold) if k != f]
+        te = [r for r, k in zip(rows, fold) if k == f]
+        flag = FlagModel.fit(tr, [r["wrong"] for r in tr], names=names)
+        got.append(auroc([flag.risk(r) for r in te], [r["wrong"] for r in te]))
+    return sum(got) / len(got)
 
 
 def part_flag(args) -> dict:
     from slmkit.models import load_model
     from slmkit.monitor.confidence import FlagModel
 
+    cache = RESULTS / "monitor_labels_v2.jsonl"
+    items = label_items()
     model, tok = load_model(MODEL)
-    cache = RESULTS / "monitor_labels_qa.json"
-    if cache.exists():
-        rows = json.loads(cache.read_text())
-    else:
-        items = [it for it in qa_items() if it["h"] % args.qa_every == 0]
-        print(f"[flag] {len(items)} questions", flush=True)
-        rows = answer_chat(model, tok, items)
-        split = {it["id"]: it["split"] for it in items}
-        for r in rows:
-            r["split"] = split[r["id"]]
-        cache.write_text(json.dumps(rows))
+    generate_labels(model, tok, items, cache)
+    if args.samples:
+        import random
+
+        order = list(items)
+        random.Random(1).shuffle(order)  # any prefix is a random subset
+        sample_answers(model, tok, order, cache.with_name("monitor_samples_v2.jsonl"),
+                       k=args.samples, max_tokens=12)
+    rows = label_rows(cache)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
+    kinds = sorted({r["kind"] for r in rows})
+    out = {"model": MODEL, "answers": len(rows), "per_kind": {
+        k: {"answers": sum(r["kind"] == k for r in rows),
+            "wrong": sum(r["wrong"] for r in rows if r["kind"] == k)} for k in kinds},
+        "train_answers": len(train), "train_wrong": sum(r["wrong"] for r in train),
+        "val_answers": len(val), "val_wrong": sum(r["wrong"] for r in val)}
+    # the feature set: 5-fold cross-validation on train only; val is scored once
+    out["cv_train"] = {name: cv_auroc(train, names) for name, names in FLAG_SETS.items()}
+    best = max(out["cv_train"], key=out["cv_train"].get)
+    print(f"[flag] cross-validated on train: {json.dumps(out['cv_train'], indent=1)}\n"
+          f"[flag] chosen: {best}", flush=True)
     path = ROOT / "slmkit" / "monitor" / "flag_model.json"
     if args.fit:
-        flag = FlagModel.fit(train, [r["wrong"] for r in train], source={
-            "model": MODEL, "tasks": ["stdlib module of a function", "integer arithmetic"],
-            "split": "train", "items": len(train),
-            "wrong": sum(r["wrong"] for r in train), "fitted_by": "bench/monitor.py --fit"})
+        flag = FlagModel.fit(train, [r["wrong"] for r in train], names=FLAG_SETS[best],
+                             source={"model": MODEL, "set": best, "kinds": kinds,
+                                     "split": "train", "items": len(train),
+                                     "wrong": sum(r["wrong"] for r in train),
+                                     "fitted_by": "bench/monitor.py --parts flag --fit"})
         flag.save(path)
         print(f"[flag] fitted on {len(train)} train answers -> {path}")
     flag = FlagModel.load(path)
-    out = {"train_answers": len(train), "train_wrong": sum(r["wrong"] for r in train),
-           "val_answers": len(val), "val_wrong": sum(r["wrong"] for r in val), "splits": {}}
-    for name, rows in (("val", val), ("train", train)):
-        wrong = [r["wrong"] for r in rows]
-        risk = [flag.risk(r) for r in rows]
-        flagged = [x >= flag.threshold for x in risk]
+    out["shipped_features"] = list(flag.features)
+    for r in rows:
+        r["risk"] = flag.risk(r)
+    signals = {"flag": lambda r: r["risk"], "mean_logprob": lambda r: -r["mean_logprob"],
+               "min_logprob": lambda r: -r["min_logprob"],
+               "mean_entropy": lambda r: r["mean_entropy"],
+               "mean_margin": lambda r: -r["mean_margin"],
+               "answer_mean_logprob": lambda r: -r["answer_mean_logprob"],
+               "answer_min_margin": lambda r: -r["answer_min_margin"]}
+    for name, sub in (("val", val), ("train", train)):
+        wrong = [r["wrong"] for r in sub]
+        res = bootstrap(sub, {k: [f(r) for r in sub] for k, f in signals.items()},
+                        "mean_logprob")
+        flagged = [r["risk"] >= flag.threshold for r in sub]
         tp = sum(f and w for f, w in zip(flagged, wrong))
-        res = {"auroc_flag": auroc(risk, wrong),
-               "auroc_mean_logprob": auroc([-r["mean_logprob"] for r in rows], wrong),
-               "auroc_min_logprob": auroc([-r["min_logprob"] for r in rows], wrong),
-               "auroc_mean_entropy": auroc([r["mean_entropy"] for r in rows], wrong),
-               "threshold": flag.threshold, "flagged": sum(flagged),
-               "precision_at_threshold": tp / max(1, sum(flagged)),
-               "recall_at_threshold": tp / max(1, sum(wrong)), "per_task": {}}
-        for task in ("module", "arithmetic"):
-            sub = [r for r in rows if r["task"] == task]
-            w = [r["wrong"] for r in sub]
+        res["threshold"] = flag.threshold
+        res["flagged"] = sum(flagged)
+        res["precision_at_threshold"] = tp / max(1, sum(flagged))
+        res["recall_at_threshold"] = tp / max(1, sum(wrong))
+        res["right_flagged_share"] = sum(f and not w for f, w in zip(flagged, wrong)) / max(
+            1, len(wrong) - sum(wrong))
+        res["per_kind"] = {}
+        for k in kinds:
+            s = [r for r in sub if r["kind"] == k]
+            w = [r["wrong"] for r in s]
             if 0 < sum(w) < len(w):
-                res["per_task"][task] = {
-                    "n": len(sub), "wrong": sum(w),
-                    "auroc_flag": auroc([flag.risk(r) for r in sub], w),
-                    "auroc_mean_logprob": auroc([-r["mean_logprob"] for r in sub], w)}
-        out["splits"][name] = res
-    v = out["splits"]["val"]
-    out["bar"] = {"auroc_ge_0.70": v["auroc_flag"] >= 0.70,
-                  "gain_ge_5_points": v["auroc_flag"] - v["auroc_mean_logprob"] >= 0.05}
+                res["per_kind"][k] = {"n": len(s), "wrong": sum(w),
+                                      "auroc_flag": auroc([r["risk"] for r in s], w),
+                                      "auroc_mean_logprob": auroc(
+                                          [-r["mean_logprob"] for r in s], w)}
+        # RAG answers: the groundedness against the retrieved source, alone and with the flag
+        g = [r for r in sub if r["groundedness"] is not None]
+        if g and 0 < sum(r["wrong"] for r in g) < len(g):
+            w = [r["wrong"] for r in g]
+            res["rag_groundedness"] = {
+                "n": len(g), "wrong": sum(w),
+                "auroc_groundedness": auroc([-r["groundedness"] for r in g], w),
+                "auroc_flag": auroc([r["risk"] for r in g], w),
+                "auroc_mean_logprob": auroc([-r["mean_logprob"] for r in g], w)}
+        c = [r for r in sub if "consistency" in r]
+        if c and 0 < sum(r["wrong"] for r in c) < len(c):
+            res["consistency"] = {"n": len(c), "wrong": sum(r["wrong"] for r in c), **bootstrap(
+                c, {"consistency": [-r["consistency"] for r in c],
+                    "flag": [r["risk"] for r in c],
+                    "mean_logprob": [-r["mean_logprob"] for r in c]}, "mean_logprob")}
+        out[name] = res
+    v = out["val"]
+    out["bar"] = {"auroc_ge_0.70": v["flag"]["auroc"] >= 0.70,
+                  "gain_ge_5_points": v["flag"]["gain_over_mean_logprob"] >= 0.05}
     print(json.dumps(out, indent=1), flush=True)
     return out
 
@@ -408,8 +732,9 @@ def main() -> None:
     ap.add_argument("--cost-rounds", type=int, default=4)
     ap.add_argument("--cost-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(RESULTS / "monitor.json"))
-    ap.add_argument("--qa-every", type=int, default=3, help="keep every Nth question (the "
-                    "full set is 999; a busy 2-core machine answers ~25 a minute)")
+    ap.add_argument("--samples", type=int, default=0, help="flag: also draw K sampled "
+                    "answers per question (cached) and score their agreement with the greedy "
+                    "one (SelfCheckGPT's consistency; K+1 generations per question)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)

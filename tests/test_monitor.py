@@ -39,6 +39,12 @@ def test_engine_confidence_matches_a_full_forward(tiny, tokenizer):
     got = torch.tensor([x[:2] for x in c.confidence])
     torch.testing.assert_close(got[:, 0], want_lp, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(got[:, 1], want_ent, atol=2e-4, rtol=1e-4)
+    # the margin: the chosen (greedy: the best) token's logprob over the best other one
+    others = lp.scatter(1, torch.tensor(c.token_ids)[:, None], float("-inf"))
+    want_margin = want_lp - others.max(-1).values
+    got_margin = torch.tensor([x[3] for x in c.confidence])
+    torch.testing.assert_close(got_margin, want_margin, atol=2e-4, rtol=1e-4)
+    assert (got_margin >= 0).all()
     assert [x[0] for x in c.confidence] == c.logprobs
     offsets = [x[2] for x in c.confidence]
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(c.text)
@@ -74,7 +80,69 @@ def test_summary_spans_and_flag_model(tmp_path):
     s = summarize(conf, text, again)
     assert 0 <= s["risk"] <= 1 and s["flagged"] == (s["risk"] >= again.threshold)
     shipped = FlagModel.load()
-    assert len(shipped.weights) == len(FEATURES) and shipped.source.get("items", 0) > 100
+    assert len(shipped.weights) == len(shipped.features) and shipped.source["items"] > 300
+    # a flag reads the features named in its file, and refuses names this slmkit lacks
+    custom = FlagModel.fit(rows, wrong, names=("answer_min_logprob", "mean_margin"))
+    again = FlagModel.load(custom.save(tmp_path / "custom.json"))
+    assert again.features == ("answer_min_logprob", "mean_margin")
+    assert [again.risk(r) for r in rows] == [custom.risk(r) for r in rows]
+    bad = json.loads((tmp_path / "custom.json").read_text())
+    bad["features"][0] = "no_such_feature"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="no_such_feature"):
+        FlagModel.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="unknown flag features"):
+        FlagModel.fit(rows, wrong, names=("nope",))
+    square = FlagModel.fit(rows, wrong, names=("mean_logprob", "mean_logprob^2"))
+    assert FlagModel.load(square.save(tmp_path / "sq.json")).risk(rows[0]) == \
+        pytest.approx(square.risk(rows[0]))
+
+
+def test_shipped_flag_passes_a_sure_right_answer_and_flags_a_guess():
+    """The report behind the refit: the old flag gave this right, sure "Paris" risk 0.84.
+    The record is builtin:smollm2-135m's own (greedy chat answer to "What is the capital of
+    France?": logprob, entropy, offset, margin per token, from bench/monitor.py's cache)."""
+    from slmkit.monitor.confidence import FlagModel, summarize
+
+    text = "The capital of France is Paris."
+    sure = [(-1.8827, 3.587, 0, 0.0821), (-0.0197, 0.1586, 3, 4.6617),
+            (-0.0115, 0.078, 11, 4.7483), (-0.0109, 0.0848, 14, 5.0446),
+            (-0.0388, 0.1923, 21, 3.3734), (-0.05, 0.3805, 24, 4.653),
+            (-0.5656, 0.7637, 30, 0.2976)]
+    flag = FlagModel.load()
+    s = summarize(sure, text, flag, question="What is the capital of France?")
+    assert not s["flagged"] and s["risk"] < 0.5
+    # the same words said unsurely (the answer's own token at p = 0.08, a close second)
+    guess = list(sure)
+    guess[5] = (-2.5, 3.0, 24, 0.05)
+    g = summarize(guess, text, flag, question="What is the capital of France?")
+    assert g["risk"] > s["risk"] and g["flagged"]
+
+
+def test_answer_tokens_margins_and_consistency():
+    from slmkit.monitor.confidence import answer_tokens, consistency, features
+
+    # "The capital of France is Paris.": only " Paris" is the answer's own word
+    text = "The capital of France is Paris."
+    offs = [0, 3, 11, 14, 21, 24, 30]
+    conf = [(-0.1, 0.5, o, 3.0) for o in offs]
+    conf[5] = (-1.5, 2.0, 24, 0.2)
+    mask = answer_tokens(conf, text, "What is the capital of France?")
+    assert mask.tolist() == [False, False, False, False, False, True, False]
+    f = features(conf, text, "What is the capital of France?")
+    assert f["answer_mean_logprob"] == f["answer_min_logprob"] == -1.5
+    assert f["answer_min_margin"] == pytest.approx(0.2) and f["answer_tokens"] == 1
+    assert f["mean_logprob"] == pytest.approx((6 * -0.1 - 1.5) / 7)
+    # no text, or no own word: every token counts
+    assert features(conf)["answer_mean_logprob"] == pytest.approx(f["mean_logprob"])
+    # a 3-tuple record (an older cache) gets the margin's lower bound log p - log(1 - p)
+    old = features([(-0.1, 0.5, 0)])
+    assert old["mean_margin"] == pytest.approx(-0.1 - math.log(1 - math.exp(-0.1)))
+    # consistency: the share of the answer's own words the samples say again
+    q = "What is the capital of France?"
+    assert consistency("Paris.", ["It is Paris", "Paris!"], q) == 1.0
+    assert consistency("Paris.", ["Lyon", "Paris"], q) == 0.5
+    assert consistency("The capital of France.", ["Lyon"], q) == 1.0  # nothing of its own
 
 
 def test_language_labels():

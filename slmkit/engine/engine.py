@@ -454,7 +454,7 @@ class Engine:
         if not is_stop_token and r.detok is not None:
             text, stopped = r.stops.push(r.detok.add(choice.token_id))
         if c.confidence is not None and not is_stop_token:
-            c.confidence.append((choice.logprob, choice.entropy, len(c.text)))
+            c.confidence.append((choice.logprob, choice.entropy, len(c.text), choice.margin))
         c.text += text
         self._deliver(r, TokenEvent(r.handle.id, index, choice.token_id, text, choice.logprob,
                                     choice.top_logprobs))

@@ -52,11 +52,12 @@ class Completion:
         ttft_s: seconds from submission to the first token.
         duration_s: seconds from submission to the end.
         error: for ``finish_reason == "error"``, what went wrong.
-        confidence: with ``SamplingParams.confidence``, one ``(logprob, entropy, offset)``
-            per generated token except a final stop token: its log-probability, the entropy
-            (nats) of the distribution it was drawn from, and where its text starts in
-            ``text`` (characters; a token whose text is held back, e.g. a partial stop
-            string, gets the offset at the time it was generated).
+        confidence: with ``SamplingParams.confidence``, one ``(logprob, entropy, offset,
+            margin)`` per generated token except a final stop token: its log-probability,
+            the entropy (nats) of the distribution it was drawn from, where its text starts
+            in ``text`` (characters; a token whose text is held back, e.g. a partial stop
+            string, gets the offset at the time it was generated), and its log-probability
+            minus the best other token's (the top-1 / top-2 margin of a greedy choice).
     """
 
     request_id: str
@@ -70,7 +71,7 @@ class Completion:
     ttft_s: float | None = None
     duration_s: float | None = None
     error: str | None = None
-    confidence: list[tuple[float, float, int]] | None = None
+    confidence: list[tuple[float, float, int, float]] | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -42,9 +42,10 @@ class SamplingParams:
         grammar: the output must match this :class:`~slmkit.engine.grammar.Grammar` (a JSON
             schema, a Lark grammar or a regex); tokens it forbids are never chosen, and the
             request ends with ``"stop"`` once the grammar is complete.
-        confidence: record each generated token's log-probability and the entropy of the
-            distribution it was drawn from (``Completion.confidence``; what
-            :mod:`slmkit.monitor.confidence` summarises). Costs one ``log_softmax`` per token.
+        confidence: record each generated token's log-probability, the entropy of the
+            distribution it was drawn from and its margin over the best other token
+            (``Completion.confidence``; what :mod:`slmkit.monitor.confidence` summarises).
+            Costs one ``log_softmax`` and one top-2 per token.
 
     Log-probabilities are those of the model's raw distribution (``log_softmax`` of the
     logits before penalty, temperature and filters), so they can be compared across
@@ -102,6 +103,9 @@ class Choice:
     top_logprobs: list[tuple[int, float]] | None = None
     #: entropy (nats) of the model's raw distribution at this step, with ``confidence``
     entropy: float | None = None
+    #: with ``confidence``: ``logprob`` minus the best other token's log-probability (the
+    #: top-1 / top-2 margin for a greedy choice; negative when a sample took a lesser token)
+    margin: float | None = None
 
 
 class RequestSampler:
@@ -177,6 +181,9 @@ class RequestSampler:
             if p.confidence:  # H = -sum p log p; 0 * -inf counts as 0
                 probs = logprobs.exp()
                 choice.entropy = float(-torch.special.xlogy(probs, probs).sum())
+                top = torch.topk(logprobs, 2)
+                other = top.values[1] if int(top.indices[0]) == token else top.values[0]
+                choice.margin = choice.logprob - float(other)
             if p.top_logprobs:
                 choice.top_logprobs = ops.top_logprobs(logprobs, p.top_logprobs)
         return choice

@@ -1,31 +1,37 @@
 """Per-answer confidence from the engine's token probabilities, and the hallucination flag.
 
-The engine records, per generated token, its log-probability and the entropy of the
-distribution it was drawn from (``SamplingParams(confidence=True)`` ->
-``Completion.confidence``). :func:`summarize` turns them into the figures every server
-answer carries (its ``confidence`` field):
+The engine records, per generated token, its log-probability, the entropy of the
+distribution it was drawn from and its margin over the best other token
+(``SamplingParams(confidence=True)`` -> ``Completion.confidence``). :func:`summarize` turns
+them into the figures every server answer carries (its ``confidence`` field):
 
 * ``mean_logprob``, ``min_logprob``: the mean and the lowest token log-probability;
-* ``mean_entropy``, ``max_entropy`` (nats);
+* ``mean_entropy``, ``max_entropy`` (nats); ``mean_margin``: the mean top-1 / top-2 gap;
+* ``answer_mean_logprob``, ``answer_min_margin``: the same over the answer's own tokens
+  only (:func:`answer_tokens`: not filler such as "The answer is", not words copied from
+  the question);
 * ``low_confidence_spans``: runs of tokens below ``span_logprob`` (default ``log 0.25``),
   as character ranges of the answer with their text and lowest log-probability;
 * ``risk`` in [0, 1] and ``flagged`` (``risk >= threshold``): the hallucination flag.
 
-The risk is a logistic model over these figures (:class:`FlagModel`): the token-level
-uncertainty signals of Manakul et al. 2023 ("SelfCheckGPT", the grey-box baselines: mean
-and max of ``-log p`` and of entropy) combined instead of read one at a time. Its weights
-ship in ``flag_model.json``, fitted by ``bench/monitor.py --fit`` on the built-in model's
-chat answers to the train 60% of its questions with known answers (which stdlib module
-provides a function; integer arithmetic; label: the answer is wrong) and scored on the
-other 40%. On that held-out set it does *not* beat the plain mean log-probability (see the
-README's figures): refit it with :meth:`FlagModel.fit` on labelled answers of your own
-model and traffic, and serve that with ``slm serve --flag-model``.
+The risk is a logistic model over these figures (:class:`FlagModel`; the grey-box signals
+of Manakul et al. 2023, "SelfCheckGPT", combined instead of read one at a time). The
+shipped weights (``flag_model.json``) are fitted by ``bench/monitor.py --parts flag --fit``
+on the built-in model's chat answers to the train 60% of ~700 questions with answers
+checked offline (graded arithmetic, capitals, opposites, stdlib modules, the built-in RAG
+questions with and without the retrieved source); the feature set is picked by
+cross-validation on train and the bench scores the other 40%. :func:`consistency` (agreement
+of sampled answers with the greedy one, SelfCheckGPT's own check) is measured there but
+costs extra generations and is not part of the served flag. Refit the flag with
+:meth:`FlagModel.fit` on labelled answers of your own model and traffic, and serve it with
+``slm serve --flag-model``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,18 +42,86 @@ import numpy as np
 SPAN_LOGPROB = math.log(0.25)
 #: At most this many spans are reported per answer (the lowest first, then by position).
 MAX_SPANS = 16
-#: The figures the flag model reads, in order.
+#: Every figure :func:`features` computes (the flag model reads a subset, named in its file).
+ALL_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy", "first_logprob",
+                "log_tokens", "mean_margin", "min_margin", "answer_mean_logprob",
+                "answer_min_logprob", "answer_mean_margin", "answer_min_margin",
+                "answer_tokens")
+#: The figures the shipped flag model reads, in order (the default of :class:`FlagModel`).
 FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy", "first_logprob",
             "log_tokens")
+#: Words that never make an answer token: English stop words and the boilerplate of
+#: replies ("The answer is ...", "Sure, here ...").
+_FILLER = frozenset("""a an and are as at be but by for if in into is it its no not of on or
+such that the their then there these they this to was will with i you we he she my your our
+answer answers question sure here yes so which what who where when how does do did has have
+had can could would should may might called named""".split())
+_WORD = re.compile(r"[A-Za-z0-9]+")
 
 
-def features(conf: list[tuple[float, float, int]]) -> dict[str, float]:
-    """The flag model's inputs from ``Completion.confidence`` (non-empty)."""
+def _margins(conf) -> np.ndarray:
+    """Each token's margin over the best other token (the record's 4th element); a record
+    without it (an older cache) gets its lower bound from the token's own probability,
+    ``log p - log(1 - p)``."""
+    out = []
+    for c in conf:
+        if len(c) > 3 and c[3] is not None:
+            out.append(c[3])
+        else:
+            out.append(c[0] - math.log(-math.expm1(min(c[0], -1e-9))))
+    return np.array(out, dtype=np.float64)
+
+
+def answer_tokens(conf, text: str, question: str = "") -> np.ndarray:
+    """Which tokens carry the answer: their text has a word that is neither filler
+    (:data:`_FILLER`) nor a word of the question (copied from the prompt, as in "The capital
+    of France is Paris": only "Paris" counts). Boolean mask over ``conf``."""
+    asked = {w.lower() for w in _WORD.findall(question)} | _FILLER
+    ends = [c[2] for c in conf[1:]] + [len(text)]
+    mask = []
+    for c, end in zip(conf, ends):
+        words = {w.lower() for w in _WORD.findall(text[c[2]:max(end, c[2])])}
+        mask.append(bool(words - asked))
+    return np.array(mask, dtype=bool)
+
+
+def features(conf: list[tuple], text: str = "", question: str = "") -> dict[str, float]:
+    """Every figure of :data:`ALL_FEATURES` from ``Completion.confidence`` (non-empty):
+    over all tokens, and over the answer's own tokens (:func:`answer_tokens`; all tokens
+    when none qualifies, e.g. without ``text``). ``question``: the user's last message."""
     lps = np.array([c[0] for c in conf], dtype=np.float64)
     ents = np.array([c[1] for c in conf], dtype=np.float64)
+    margins = _margins(conf)
+    mask = answer_tokens(conf, text, question) if text else np.zeros(len(lps), dtype=bool)
+    if not mask.any():
+        mask[:] = True
     return {"mean_logprob": float(lps.mean()), "min_logprob": float(lps.min()),
             "mean_entropy": float(ents.mean()), "max_entropy": float(ents.max()),
-            "first_logprob": float(lps[0]), "log_tokens": math.log(len(lps))}
+            "first_logprob": float(lps[0]), "log_tokens": math.log(len(lps)),
+            "mean_margin": float(margins.mean()), "min_margin": float(margins.min()),
+            "answer_mean_logprob": float(lps[mask].mean()),
+            "answer_min_logprob": float(lps[mask].min()),
+            "answer_mean_margin": float(margins[mask].mean()),
+            "answer_min_margin": float(margins[mask].min()),
+            "answer_tokens": float(mask.sum())}
+
+
+def consistency(answer: str, samples: list[str], question: str = "", words: int = 8
+                ) -> float:
+    """SelfCheckGPT's idea (Manakul et al. 2023) read lexically: the share of the answer's
+    first ``words`` own words (not filler, not the question's) that each sampled answer to
+    the same prompt also says, averaged over the samples. 1.0 when the answer has no word
+    of its own. A model that knows the answer says it again; one that guesses drifts."""
+    asked = {w.lower() for w in _WORD.findall(question)} | _FILLER
+    own = []
+    for w in _WORD.findall(answer):
+        if w.lower() not in asked and w.lower() not in own:
+            own.append(w.lower())
+    own = own[:words]
+    if not own or not samples:
+        return 1.0
+    said = [{w.lower() for w in _WORD.findall(s)} for s in samples]
+    return float(np.mean([sum(w in s for w in own) / len(own) for s in said]))
 
 
 def low_confidence_spans(conf: list[tuple[float, float, int]], text: str,
@@ -59,7 +133,7 @@ def low_confidence_spans(conf: list[tuple[float, float, int]], text: str,
         the run's tokens (a run ends where the next token's text starts).
     """
     spans, run = [], None
-    for i, (lp, _, start) in enumerate(conf):
+    for i, (lp, _, start, *_) in enumerate(conf):
         if lp < span_logprob:
             if run is None:
                 run = {"first": i, "start": start, "min_logprob": lp, "tokens": 0}
@@ -107,15 +181,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, eps: float = 1e-
     return p[:-1], float(p[-1]), mean, scale
 
 
+def _value(feats: dict[str, float], name: str) -> float:
+    """A flag input: a feature, or with ``^2`` its square (a quadratic term)."""
+    if name.endswith("^2"):
+        return feats[name[:-2]] ** 2
+    return feats[name]
+
+
 @dataclass
 class FlagModel:
-    """Logistic risk over standardised :data:`FEATURES`; ``flagged = risk >= threshold``.
+    """Logistic risk over standardised :attr:`features` (names from :func:`features`, or
+    such a name with ``^2`` for its square); ``flagged = risk >= threshold``.
 
     Attributes:
         weights, bias: the logistic model over standardised features.
         mean, scale: the standardisation (fitted on the training answers).
         threshold: the operating point (chosen on the training answers).
         source: where the weights came from (model, data, sizes), for the docs and reports.
+        features: the names of the figures it reads, in order.
     """
 
     weights: list[float]
@@ -124,40 +207,47 @@ class FlagModel:
     scale: list[float]
     threshold: float = 0.5
     source: dict = field(default_factory=dict)
+    features: tuple[str, ...] = FEATURES
 
     def risk(self, feats: dict[str, float]) -> float:
-        x = (np.array([feats[k] for k in FEATURES]) - self.mean) / self.scale
+        x = (np.array([_value(feats, k) for k in self.features]) - self.mean) / self.scale
         z = float(np.dot(self.weights, x) + self.bias)
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
     @classmethod
     def fit(cls, rows: list[dict[str, float]], wrong: list[bool], l2: float = 1.0,
-            source: dict | None = None) -> FlagModel:
+            source: dict | None = None, names: tuple[str, ...] = FEATURES) -> FlagModel:
         """Fit by L2-regularised maximum likelihood (scipy L-BFGS); the threshold maximises
-        F1 of "wrong" on the same rows.
+        Youden's J (share of wrong answers flagged minus share of right ones flagged) on
+        the same rows, so it does not drift with the share of wrong answers.
 
         Args:
             rows: :func:`features` of each answer.
             wrong: True where the answer was wrong (what the flag should catch).
+            names: the features to read.
         """
         from scipy.special import expit
 
-        x = np.array([[r[k] for k in FEATURES] for r in rows], dtype=np.float64)
-        y = np.asarray(wrong, dtype=np.float64)
+        unknown = [k for k in names if k.removesuffix("^2") not in ALL_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown flag features {unknown}; use names of {ALL_FEATURES} "
+                             "(a name with '^2' reads its square)")
+        x = np.array([[_value(r, k) for k in names] for r in rows], dtype=np.float64)
+        y = np.asarray(wrong, dtype=bool)
         w, b, mean, scale = fit_logistic(x, y, l2, eps=1e-9)
         risk = expit((x - mean) / scale @ w + b)
-        best, threshold = -1.0, 0.5
+        best, threshold = -2.0, 0.5
         for t in np.unique(np.round(risk, 4)):
             pred = risk >= t
-            tp = float((pred & (y == 1)).sum())
-            f1 = 2 * tp / max(1.0, pred.sum() + y.sum())
-            if f1 > best:
-                best, threshold = f1, float(t)
-        return cls(w.tolist(), b, mean.tolist(), scale.tolist(), threshold, source or {})
+            j = pred[y].mean() - pred[~y].mean() if y.any() and (~y).any() else 0.0
+            if j > best:
+                best, threshold = j, float(t)
+        return cls(w.tolist(), b, mean.tolist(), scale.tolist(), threshold, source or {},
+                   tuple(names))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps({"features": list(FEATURES), "weights": self.weights,
+        path.write_text(json.dumps({"features": list(self.features), "weights": self.weights,
                                     "bias": self.bias, "mean": self.mean, "scale": self.scale,
                                     "threshold": self.threshold, "source": self.source},
                                    indent=1) + "\n", encoding="utf-8")
@@ -172,24 +262,31 @@ class FlagModel:
         else:
             text = Path(path).read_text(encoding="utf-8")
         d = json.loads(text)
-        if list(d.get("features", [])) != list(FEATURES):
-            raise ValueError(f"flag model {path or 'flag_model.json'} was fitted on features "
-                             f"{d.get('features')}, not {list(FEATURES)}; refit it.")
+        names = tuple(d.get("features") or ())
+        unknown = [k for k in names if k.removesuffix("^2") not in ALL_FEATURES]
+        if not names or unknown or len(names) != len(d["weights"]):
+            raise ValueError(f"flag model {path or 'flag_model.json'} reads features "
+                             f"{list(names)}; this slmkit computes {list(ALL_FEATURES)}; "
+                             "refit it.")
         return cls(d["weights"], d["bias"], d["mean"], d["scale"], d["threshold"],
-                   d.get("source", {}))
+                   d.get("source", {}), names)
 
 
-def summarize(conf: list[tuple[float, float, int]] | None, text: str,
-              flag: FlagModel | None = None, span_logprob: float = SPAN_LOGPROB) -> dict | None:
-    """The ``confidence`` field of an answer (None when no token was generated)."""
+def summarize(conf: list[tuple] | None, text: str, flag: FlagModel | None = None,
+              span_logprob: float = SPAN_LOGPROB, question: str = "") -> dict | None:
+    """The ``confidence`` field of an answer (None when no token was generated);
+    ``question``: the user's last message (the answer's own tokens leave its words out)."""
     if not conf:
         return None
-    feats = features(conf)
+    feats = features(conf, text, question)
     out = {"tokens": len(conf),
            "mean_logprob": round(feats["mean_logprob"], 4),
            "min_logprob": round(feats["min_logprob"], 4),
            "mean_entropy": round(feats["mean_entropy"], 4),
            "max_entropy": round(feats["max_entropy"], 4),
+           "mean_margin": round(feats["mean_margin"], 4),
+           "answer_mean_logprob": round(feats["answer_mean_logprob"], 4),
+           "answer_min_margin": round(feats["answer_min_margin"], 4),
            "low_confidence_spans": low_confidence_spans(conf, text, span_logprob)}
     if flag is not None:
         risk = flag.risk(feats)

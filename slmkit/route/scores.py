@@ -21,8 +21,6 @@ signal is oriented "higher = more confident":
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 SIGNALS = ("mean", "min", "q05", "q10", "q25", "q50", "entropy", "max_entropy", "flag")
@@ -42,10 +40,9 @@ def all_scores(conf: list[tuple[float, float, int]] | None) -> dict[str, float]:
         out[name] = float(np.percentile(lps, q))
     flag = _flag_model()
     if flag is not None:   # the monitor's features of the same record
-        out["flag"] = 1.0 - flag.risk({
-            "mean_logprob": out["mean"], "min_logprob": out["min"],
-            "mean_entropy": -out["entropy"], "max_entropy": -out["max_entropy"],
-            "first_logprob": float(lps[0]), "log_tokens": math.log(len(lps))})
+        from slmkit.monitor.confidence import features
+
+        out["flag"] = 1.0 - flag.risk(features(conf))
     return out
 
 

@@ -243,7 +243,9 @@ class GenerationService:
             ttft_ms=None if c.ttft_s is None else round(c.ttft_s * 1000, 1))
         if event.reason not in ("stop", "length"):
             return
-        conf = summarize(c.confidence, c.text, self.flag) if self.config.monitor else None
+        conf = summarize(c.confidence, c.text, self.flag,
+                         question=generation.monitor.get("question", "")) \
+            if self.config.monitor else None
         generation.confidence = conf
         if conf is not None and not generation.monitor.get("canary"):
             self.metrics.record_answer(conf)
@@ -292,6 +294,10 @@ class GenerationService:
         if self.request_log is not None:
             generation.monitor = {"endpoint": "chat" if isinstance(req, ChatRequest)
                                   else "completions", "prompt": self.prompt_text(req)}
+        if self.config.monitor and isinstance(req, ChatRequest):
+            # the flag reads the answer's own tokens: words copied from the question are not
+            users = [m for m in req.messages if m.role == "user"]
+            generation.monitor["question"] = users[-1].text() if users else ""
         watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
         try:
             first = await generation.next_event(deadline)
