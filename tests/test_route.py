@@ -377,6 +377,36 @@ def test_token_router_is_the_router(tokenizer):
         assert [decide(t) for t in texts] == pytest.approx(want, rel=1e-5, abs=1e-9)
 
 
+def test_server_routes_by_a_token_router(tmp_path, small_model, tokenizer, big,
+                                         monkeypatch):
+    """A 0-layer router served on the lean path: the decision the server reports is the
+    router's own score, and it picks the side."""
+    from slmkit.route.router import HiddenFeatures, prompt_text, train_router
+
+    code = [f"def f{i}(x):\n    return x + {i}" for i in range(10)]
+    prose = [f"Please tell me a long story about dragon number {i} and its friends."
+             for i in range(10)]
+    feats = HiddenFeatures(small_model, tokenizer, 0, 128)
+    router = train_router(feats, code + prose, np.array([0] * 10 + [1] * 10), kind="hidden",
+                          layers=0, max_tokens=128)
+    router.save(tmp_path)
+    monkeypatch.setenv("SLM_TEST_FALLBACK_KEY", "big-secret-key")
+    server = serve(small_model, tokenizer, "small", fallback=big.url, fallback_model="big",
+                   route_mode="router", router=str(tmp_path),
+                   fallback_key_env="SLM_TEST_FALLBACK_KEY")
+    try:
+        local = post(server, "/v1/completions", {"model": "small", "prompt": code[3], **GREEDY})
+        body = {"model": "small", **GREEDY, "messages": [{"role": "user", "content": prose[3]}]}
+        away = post(server, "/v1/chat/completions", body)
+        assert local.headers["x-slm-route"] == "local", local.json()["slm_route"]
+        assert away.headers["x-slm-route"] == "fallback", away.json()["slm_route"]
+        want = router.scores(feats([code[3], prompt_text(body)]))
+        got = [local.json()["slm_route"]["score"], away.json()["slm_route"]["score"]]
+        assert got == pytest.approx(want, abs=1e-4)
+    finally:
+        server.stop()
+
+
 def test_calibrate_cli(tmp_path, cli):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"scores": {"mean": -i / 10}, "small_quality": i % 2,
