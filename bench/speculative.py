@@ -16,7 +16,10 @@ Drafts (``Engine(draft=...)``, what ``slm generate/serve --draft`` build):
   g32), built in memory, because no distilled student of the built-in model ships with
   slmkit and training one does not fit in a benchmark. The fp32 target's decode step streams
   4 bytes a weight, the int8 copy's 1 (measured on the loaded box: a draft step costs 0.29 of
-  a target step, int4 0.25) and the int8 copy agrees with the target far more often.
+  a target step, int4 0.25) and the int8 copy agrees with the target far more often. This
+  row drafts with the model alone (a bare ``ModelDrafter``);
+* ``model+lookup``: what ``--draft DIR`` builds: prompt lookup where the prompt and output
+  so far have a match, the same draft model otherwise (``LookupThenModel``).
 
 For every prompt the configurations run in turn (baseline, ngram, model, baseline, ngram,
 ... ``--rounds`` times, A B C A B C), each with its own engine, so a busy machine's drift
@@ -129,7 +132,7 @@ def main() -> None:
                     "machine's second core is often busy, and two threads would then time "
                     "spin barriers rather than decoding)")
     ap.add_argument("--limit", type=int, default=None, help="prompts per set (default all)")
-    ap.add_argument("--drafts", default="ngram,model")
+    ap.add_argument("--drafts", default="ngram,model,model+lookup")
     ap.add_argument("--sets", default="copying,chat")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "speculative.json"))
     args = ap.parse_args()
@@ -144,9 +147,16 @@ def main() -> None:
     names = ["baseline"] + [d for d in args.drafts.split(",") if d]
     drafts = {"baseline": None, "ngram": "ngram"}
     notes = {}
-    if "model" in names:
-        drafts["model"], notes["model draft"] = draft_model(args, model, tok)
     max_seq = 1024
+    if "model" in names or "model+lookup" in names:
+        from slmkit.engine.speculative import ModelDrafter
+        from slmkit.models import load_model
+        from slmkit.models.presets import output_vocab_size
+
+        pair, notes["model draft"] = draft_model(args, model, tok)
+        drafts["model+lookup"] = pair
+        dm = pair[0] if isinstance(pair, tuple) else load_model(pair)[0]
+        drafts["model"] = ModelDrafter(dm, 1, max_seq, output_vocab_size(model), name="model")
     engines = {n: engine_for(model, tok, drafts[n], args.threads, max_seq) for n in names}
     print(f"engine path: {engines['baseline'].path}; threads {args.threads}; "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)

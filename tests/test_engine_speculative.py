@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from slmkit.engine import Engine, SamplingParams
-from slmkit.engine.speculative import ModelDrafter, NgramDrafter, accept_sampled
+from slmkit.engine.speculative import (LookupThenModel, ModelDrafter, NgramDrafter,
+                                       accept_sampled)
 from slmkit.errors import ConfigError
 from tests.conftest import build_tiny_model
 
@@ -93,7 +94,7 @@ def _int4(model, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-int4", "gpt2"])
-@pytest.mark.parametrize("draft", ["ngram", "model"])
+@pytest.mark.parametrize("draft", ["ngram", "model", "model+lookup"])
 def test_greedy_identical_with_drafts_batched(tokenizer, target, other, arch, draft):
     """Three concurrent requests (different lengths, one with a repetition penalty and
     logprobs) give the same tokens and logprobs with drafts as without."""
@@ -109,6 +110,8 @@ def test_greedy_identical_with_drafts_batched(tokenizer, target, other, arch, dr
     expected = [base.generate(p, sp) for p, sp in zip(prompts, params)]
     drafter = "ngram" if draft == "ngram" else ModelDrafter(
         model if arch == "gpt2" else other, 3, 160, base.vocab_size)
+    if draft == "model+lookup":
+        drafter = LookupThenModel(drafter)
     spec = _engine(model, tokenizer, drafter)
     handles = [spec.submit(p, sp) for p, sp in zip(prompts, params)]
     got = [h.result() for h in handles]
@@ -118,6 +121,9 @@ def test_greedy_identical_with_drafts_batched(tokenizer, target, other, arch, dr
     assert got[2].logprobs == pytest.approx(expected[2].logprobs, abs=1e-5)
     assert sum(g.speculative["drafted"] for g in got) > 0
     assert any(g.speculative["accepted"] > 0 for g in got)
+    if draft == "model+lookup":        # the copying prompts draft by lookup, the last by model
+        used = [g.speculative["sources"] for g in got]
+        assert used[0]["lookup"] != "0/0" and used[2]["model"] != "0/0", used
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "granite", "gemma3_text"])

@@ -249,9 +249,62 @@ class ModelDrafter:
             self.runner.release(r.slot)
 
 
-def make_drafter(draft, engine) -> NgramDrafter | ModelDrafter:
-    """``"ngram"``, a model directory / built-in name, a ``(model, tokenizer)`` pair, or a
-    drafter object (used as is)."""
+class LookupThenModel:
+    """A draft model with prompt lookup in front: a request whose prompt and output so far
+    have a match drafts the lookup's continuation (free), the others ask the model. The
+    draft's cache catches up on the skipped tokens in one chunk when the model is next asked.
+
+    Per request, lookup is preferred while its acceptance rate stays at least half the
+    model's (both start at 1/1): on text that copies its input it wins nearly every step;
+    on open chat, where 2-token matches are common but rarely continue, the model takes over.
+    """
+
+    def __init__(self, model: ModelDrafter, lookup: NgramDrafter | None = None):
+        self.model, self.lookup = model, lookup or NgramDrafter()
+        self.name, self.k0 = f"{model.name}+lookup", model.k0
+        self._stats: dict[int, list[int]] = {}   # request key -> [lookup acc, drafted, model acc, drafted]
+        self._src: dict[int, str] = {}
+
+    def sunk(self, r) -> float:
+        return self.model.sunk(r)
+
+    def _prefer_lookup(self, r) -> bool:
+        la, ld, ma, md = self._stats.setdefault(id(r), [0, 0, 0, 0])
+        return (la + 1) / (ld + 1) >= 0.5 * (ma + 1) / (md + 1)
+
+    def propose(self, reqs: list, ks: list[int]) -> list[tuple[list[int], list | None]]:
+        out = self.lookup.propose(reqs, ks)
+        ask = [i for i, (r, (d, _)) in enumerate(zip(reqs, out))
+               if not d or not self._prefer_lookup(r)]
+        for i, r in enumerate(reqs):
+            self._src[id(r)] = "model" if i in ask else "lookup"
+        if ask:
+            for i, got in zip(ask, self.model.propose([reqs[i] for i in ask],
+                                                      [ks[i] for i in ask])):
+                out[i] = got
+        return out
+
+    def accepted(self, r, seq_len: int, n_accepted: int, n_drafted: int) -> None:
+        st = self._stats.setdefault(id(r), [0, 0, 0, 0])
+        j = 0 if self._src.get(id(r)) == "lookup" else 2
+        st[j], st[j + 1] = st[j] + n_accepted, st[j + 1] + n_drafted
+        self.model.accepted(r, seq_len, n_accepted, n_drafted)
+
+    def sources(self, r) -> dict:
+        la, ld, ma, md = self._stats.get(id(r), [0, 0, 0, 0])
+        return {"lookup": f"{la}/{ld}", "model": f"{ma}/{md}"}
+
+    def release(self, r) -> None:
+        self._stats.pop(id(r), None)
+        self._src.pop(id(r), None)
+        self.lookup.release(r)
+        self.model.release(r)
+
+
+def make_drafter(draft, engine) -> NgramDrafter | LookupThenModel:
+    """``"ngram"``, a model directory / built-in name, a ``(model, tokenizer)`` pair (a draft
+    model with prompt lookup in front, :class:`LookupThenModel`), or a drafter object (used
+    as is: a bare :class:`ModelDrafter` drafts with the model alone)."""
     if isinstance(draft, tuple):
         model, tok = draft
         where = "(given in memory)"
@@ -265,8 +318,9 @@ def make_drafter(draft, engine) -> NgramDrafter | ModelDrafter:
     else:
         return draft
     check_shared_tokenizer(engine.tokenizer, tok, where)
-    return ModelDrafter(model, engine.max_batch, engine.max_seq_len, engine.vocab_size,
-                        name=where.strip("'"), prefill_chunk=engine.prefill_chunk)
+    return LookupThenModel(ModelDrafter(model, engine.max_batch, engine.max_seq_len,
+                                        engine.vocab_size, name=where.strip("'"),
+                                        prefill_chunk=engine.prefill_chunk))
 
 
 # --------------------------------------------------------------------------- control
@@ -342,6 +396,8 @@ class Speculator:
         s = self.states.pop(id(r), None)
         if s is not None:
             r.completion.speculative = s.report(self.drafter.name)
+            if hasattr(self.drafter, "sources"):
+                r.completion.speculative["sources"] = self.drafter.sources(r)
         self.drafter.release(r)
 
     def _room(self, r, s: SpecState) -> int:
