@@ -191,7 +191,7 @@ def label_items(rag: int = 100, module_every: int = 5, arith_per_level: int = 30
         it["id"] = it["kind"] + ":" + it["messages"][-1]["content"]
         h = int(hashlib.blake2b(it["group"].encode(), digest_size=4).hexdigest(), 16)
         it["split"] = "train" if h % 10 < 6 else "val"
-    return items
+    return list({it["id"]: it for it in items}.values())  # random sums repeat: one each
 
 
 def rag_items(n: int) -> list[dict]:
