@@ -300,8 +300,9 @@ def test_resident_bytes_count_what_the_kernels_keep():
     assert resident_bytes(64, 128, Option(3, 32), native_step=False) > dense
 
 
+@pytest.mark.slow
 def test_memory_budget_is_predicted_and_remeasured(llama_dir, tmp_path, cli, cache):
-    """--max-memory-mb at 3 streams: the dense model served in a fresh process fits the
+    """Slow: four processes (two searches, two served models). --max-memory-mb at 3 streams: the dense model served in a fresh process fits the
     model's runtime term, the chosen dir is served again and its peak is within the budget
     and close to the prediction; a budget under the runtime alone is refused."""
     out = tmp_path / "mem"
@@ -342,15 +343,13 @@ def test_dropping_a_block_is_in_the_search_space(llama_dir, tmp_path, cli, cache
     from slmkit.models.io import load_model
     from slmkit.nn.quant_linear import QuantLinear
 
-    r = cli("search", str(llama_dir), "--max-size-mb", "0.215", *FAST,
-            "--cache-dir", str(cache), "--out", str(tmp_path / "no"))
-    assert r.returncode == 2 and "cannot be met" in r.stdout + r.stderr
     out = tmp_path / "dropped"
     r = cli("search", str(llama_dir), "--max-size-mb", "0.215", "--drop-layers", "1", *FAST,
             "--cache-dir", str(cache), "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "search" / "search.json").read_text())
     chosen = report["chosen"]
+    assert report["pareto"][0]["size_bytes"] > 0.215e6     # the lightest without a drop
     assert len(chosen["dropped_blocks"]) == 1 and dir_size(out) <= 0.215e6
     assert 0.5 < chosen["true_kl"] / chosen["predicted_kl"] < 2
     gone = chosen["dropped_blocks"][0]
