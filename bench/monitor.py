@@ -27,8 +27,9 @@ Three parts (``--parts flag,drift,cost``), all offline on real models:
    streams (same length, one domain) with any alarm. Bar: caught in all, false alarms <= 5%.
 3. **cost**: the engine's decode speed with monitoring on (per-token confidence) vs off,
    the same greedy requests, runs interleaved A B A B; and the server end to end
-   (confidence + SQLite request log with prompt embeddings) vs ``monitor=False``, over
-   real HTTP on 127.0.0.1. Bar: >= 0.95x.
+   (confidence + SQLite request log with prompt embeddings, and confidence + flag alone)
+   vs ``monitor=False``, over real HTTP on 127.0.0.1, the three servers in turn each
+   round. Bar: >= 0.95x.
 
 Run (writes ``bench/results/monitor.json``)::
 
@@ -680,6 +681,8 @@ def part_cost(args) -> dict:
     servers = {
         "off": LiveServer(create_app(model, tok, ServeConfig(
             name="m", max_concurrency=4, monitor=False, max_seq_len=512))),
+        "flag": LiveServer(create_app(model, tok, ServeConfig(   # confidence + flag only
+            name="m", max_concurrency=4, max_seq_len=512))),
         "on": LiveServer(create_app(model, tok, ServeConfig(
             name="m", max_concurrency=4, max_seq_len=512,
             request_log=str(work / "requests.db"), log_embedder="minilm")))}
@@ -702,16 +705,22 @@ def part_cost(args) -> dict:
             live.service.request_log.flush()  # the embedding and the write count too
         return n / (time.perf_counter() - t0)
 
-    server_round("off"), server_round("on")  # warm-up (MiniLM loads here)
-    off, on = [], []
+    for key in servers:  # warm-up (MiniLM loads here)
+        server_round(key)
+    speed = {key: [] for key in servers}
     for _ in range(args.cost_rounds):
-        off.append(server_round("off"))
-        on.append(server_round("on"))
+        for key in servers:
+            speed[key].append(server_round(key))
     for live in servers.values():
         live.stop()
+    off, on = speed["off"], speed["on"]
     ratios = [b / a for a, b in zip(off, on)]
+    flag_ratios = [b / a for a, b in zip(off, speed["flag"])]
     out["server"] = {"tok_s_off": off, "tok_s_on": on, "ratio_median":
-                     statistics.median(ratios), "ratios": ratios}
+                     statistics.median(ratios), "ratios": ratios,
+                     "tok_s_flag_only": speed["flag"],
+                     "flag_only_ratio_median": statistics.median(flag_ratios),
+                     "flag_only_ratios": flag_ratios}
     out["bar"] = min(out["engine"]["ratio_median"], out["server"]["ratio_median"]) >= 0.95
     print(f"[cost] server: {json.dumps(out['server'])}", flush=True)
     return out
