@@ -278,6 +278,7 @@ class LookupThenModel:
                if not d or not self._prefer_lookup(r)]
         for i, r in enumerate(reqs):
             self._src[id(r)] = "model" if i in ask else "lookup"
+            self._stats.setdefault(id(r), [0, 0, 0, 0])
         if ask:
             for i, got in zip(ask, self.model.propose([reqs[i] for i in ask],
                                                       [ks[i] for i in ask])):
@@ -285,12 +286,14 @@ class LookupThenModel:
         return out
 
     def accepted(self, r, seq_len: int, n_accepted: int, n_drafted: int) -> None:
-        st = self._stats.setdefault(id(r), [0, 0, 0, 0])
-        j = 0 if self._src.get(id(r)) == "lookup" else 2
-        st[j], st[j + 1] = st[j] + n_accepted, st[j + 1] + n_drafted
+        st = self._stats.get(id(r))     # None: the request finished in this step (released)
+        if st is not None:
+            j = 0 if self._src.get(id(r)) == "lookup" else 2
+            st[j], st[j + 1] = st[j] + n_accepted, st[j + 1] + n_drafted
         self.model.accepted(r, seq_len, n_accepted, n_drafted)
 
     def sources(self, r) -> dict:
+        """Accepted/drafted per source, the step that finished the request left out."""
         la, ld, ma, md = self._stats.get(id(r), [0, 0, 0, 0])
         return {"lookup": f"{la}/{ld}", "model": f"{ma}/{md}"}
 
