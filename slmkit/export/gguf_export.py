@@ -132,6 +132,7 @@ def export_gguf(model_ref: str, out: str | os.PathLike, quant: str | None = None
     with progress("packing tensors", total=len(sources)) as update:
         for hf_name, value in sources:
             name = gguf_meta.gguf_tensor_name(name_map, hf_name)
+            value = gguf_meta.llamacpp_tensor(arch, hf_name, value)
             data, qtype, n = _encode(value, quant, model_ref, result)
             heads = _rope_heads(hf_name, config) if permute else None
             if heads:

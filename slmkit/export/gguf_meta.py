@@ -9,6 +9,12 @@ per-architecture ones are columns of :data:`slmkit.models.arch.ARCHS` (``gguf_ar
   Hugging Face Llama rotates the two *halves* of each head (GPT-NeoX style). The Q and K
   projection rows are therefore permuted on export (:func:`permute_rope_rows`). ``qwen2``
   uses NeoX-style RoPE in llama.cpp, so its rows are written as they are.
+* Qwen3, Phi-3, Gemma 2 and Gemma 3 are written as llama.cpp's ``qwen3``, ``phi3``,
+  ``gemma2`` and ``gemma3`` (NeoX RoPE, no permutation). Gemma's RMSNorm weights are stored
+  as ``1 + w`` (llama.cpp multiplies by the weight alone). Where llama.cpp's graph fixes a
+  fact the config could set otherwise (Gemma's query scale, Gemma 3's one-global-in-six
+  layer pattern and local RoPE base), a config that differs is refused
+  (:func:`check_faithful`) instead of being written into a file that would run differently.
 * Byte-level BPE tokenizers are written as tokenizer model ``gpt2`` with a pre-tokenizer name
   from :data:`PRE_TOKENIZERS`; llama.cpp refuses a file whose pre-tokenizer name it does not
   know, so an unrecognised tokenizer is refused here instead.
@@ -56,28 +62,91 @@ def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
     if rope_type not in ("default", "linear"):
         raise ConfigError(f"'{model_ref}' uses RoPE scaling '{rope_type}', which GGUF export "
                           "does not write yet; only default and linear RoPE are supported.")
+    check_faithful(config, facts.gguf_arch, model_ref)
     return facts.gguf_arch, facts.gguf_permute_qk
 
 
-def _rope(config) -> dict:
+def _rope(config, layer_type: str = "full_attention") -> dict:
+    """The RoPE parameters (of ``layer_type``'s layers where they differ per type: Gemma 3)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     params = dict(params or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
         params["rope_theta"] = config.rope_theta
     return params
 
 
-def context_length(config) -> int:
-    """The context to declare: the sliding window when it is shorter than the positions.
+#: Layers llama.cpp's graph makes sliding-window ones: Gemma 2 every other layer from the
+#: first, Gemma 3 five in six (``hparams.set_swa_pattern``); the rest are global.
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+#: Block counts llama.cpp takes for the 27B models, whose query scale is hidden / heads.
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def llamacpp_query_scalar(arch: str, n_blocks: int, hidden: int, heads: int,
+                          hd: int) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's Gemma graph uses (it is not in the file):
+    hidden / heads for the 27B models, the head dim otherwise."""
+    return hidden // heads if n_blocks == _GEMMA_27B_BLOCKS.get(arch) else hd
+
+
+def llamacpp_layer_types(arch: str, n_blocks: int) -> list[str]:
+    period = _SWA_PERIOD[arch]
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+            for i in range(n_blocks)]
+
+
+def check_faithful(config, arch: str, model_ref: str) -> None:
+    """Refuse a config whose behaviour llama.cpp's graph for ``arch`` would not reproduce."""
+    if arch not in _SWA_PERIOD:
+        return
+    n, hd = config.num_hidden_layers, head_dim(config)
+
+    def refuse(what: str) -> None:
+        raise ConfigError(f"'{model_ref}' is a '{config.model_type}' model that {what}, "
+                          f"which llama.cpp's {arch} graph fixes otherwise; GGUF export "
+                          "cannot keep its behaviour.")
+
+    scalar = llamacpp_query_scalar(arch, n, config.hidden_size, config.num_attention_heads, hd)
+    if getattr(config, "query_pre_attn_scalar", scalar) != scalar:
+        refuse(f"scales queries by 1/sqrt({config.query_pre_attn_scalar}), not "
+               f"1/sqrt({scalar})")
+    types = getattr(config, "layer_types", None)
+    if types is not None and list(types) != llamacpp_layer_types(arch, n):
+        refuse(f"has sliding-window layers {list(types)}")
+    local = _rope(config, "sliding_attention").get("rope_theta", 10000.0)
+    if arch == "gemma3" and float(local) != 10000.0:
+        refuse(f"uses a local RoPE base of {local:g}, not 10000")
+    if arch == "gemma3" and (getattr(config, "final_logit_softcapping", None)
+                             or getattr(config, "attn_logit_softcapping", None)):
+        refuse("soft-caps logits")
+
+
+def _window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and getattr(config, "use_sliding_window", True) else None
+
+
+def context_length(config, arch: str = "llama") -> int:
+    """The context to declare: for ``llama`` and ``qwen2``, the sliding window when it is
+    shorter than the positions.
 
     llama.cpp's ``llama`` architecture has no sliding-window attention, so a Mistral model
     behaves the same only within its window; declaring the window keeps users inside it.
+    The architectures whose graphs have a window (:data:`_WINDOWED`) declare it instead.
     """
     ctx = int(max_positions(config))
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        ctx = min(ctx, int(window))
+    window = _window(config)
+    if window and arch not in _WINDOWED:
+        ctx = min(ctx, window)
     return ctx
+
+
+#: llama.cpp architectures whose graph honours ``{arch}.attention.sliding_window``.
+_WINDOWED = ("phi3", "gemma2", "gemma3")
+#: The activation each llama.cpp graph computes in its gated MLP.
+_ACTIVATIONS = {"gemma2": "gelu_pytorch_tanh", "gemma3": "gelu_pytorch_tanh"}
 
 
 def write_hparams(writer, config, arch: str) -> None:
@@ -85,7 +154,7 @@ def write_hparams(writer, config, arch: str) -> None:
     import gguf
 
     hd = head_dim(config)
-    writer.add_context_length(context_length(config))
+    writer.add_context_length(context_length(config, arch))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -94,18 +163,34 @@ def write_hparams(writer, config, arch: str) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     rope = _rope(config)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(hd)
-    if hd != config.hidden_size // config.num_attention_heads:
+    rotary = _rope(config).get("partial_rotary_factor",
+                               getattr(config, "partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(int(hd * (rotary or 1.0)))
+    if hd != config.hidden_size // config.num_attention_heads or arch in _SWA_PERIOD:
         writer.add_key_length(hd)
         writer.add_value_length(hd)
+    if arch in _WINDOWED and _window(config):
+        writer.add_sliding_window(_window(config))
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
     if rope.get("rope_type", rope.get("type")) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_vocab_size(config.vocab_size)
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"This {arch} model uses activation '{config.hidden_act}', but "
-                          "llama.cpp's graph for it is SiLU-gated; GGUF export cannot keep "
-                          "its behaviour.")
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    want = _ACTIVATIONS.get(arch, "silu")
+    if act != want:
+        raise ConfigError(f"This {arch} model uses activation '{act}', but llama.cpp's graph "
+                          f"for it is gated by {want}; GGUF export cannot keep its behaviour.")
+
+
+def llamacpp_tensor(arch: str, hf_name: str, value):
+    """A source tensor as llama.cpp's graph reads it: Gemma's norm weights ``w`` as
+    ``1 + w`` (Hugging Face computes ``x_hat * (1 + w)``, llama.cpp ``x_hat * w``)."""
+    if arch in _SWA_PERIOD and hf_name.endswith("norm.weight"):
+        return value + 1.0
+    return value
 
 
 # ----------------------------------------------------------------------------- tensors

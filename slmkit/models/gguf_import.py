@@ -120,8 +120,39 @@ def _silent():
         yield
 
 
-def read_with_transformers(path: Path, dtype: str, ref: str):
-    """``(model, tokenizer)`` from transformers' GGUF reader, dequantized to ``dtype``."""
+def llamacpp_config(header: GGUFHeader) -> dict:
+    """Config fields a llama.cpp GGUF states (or its graph implies) that transformers'
+    reader leaves at the class defaults: the head dim (``key_length``), Gemma's soft-caps
+    and query scale, Phi-3's window. Without them a Qwen3 with head_dim != hidden / heads
+    does not load, and a Gemma 2 computes another attention."""
+    from slmkit.export.gguf_meta import llamacpp_query_scalar
+
+    arch, meta = header.architecture, header.meta
+
+    def key(name):
+        return meta.get(f"{arch}.{name}")
+
+    fields = {}
+    if key("attention.key_length") and arch in ("qwen3", "gemma2", "gemma3"):
+        fields["head_dim"] = int(key("attention.key_length"))
+    if arch in ("gemma2", "gemma3") and key("block_count") and key("attention.head_count"):
+        hd = fields.get("head_dim") or key("embedding_length") // key("attention.head_count")
+        fields["query_pre_attn_scalar"] = llamacpp_query_scalar(
+            arch, key("block_count"), key("embedding_length"), key("attention.head_count"), hd)
+    if arch == "gemma2":
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key(name) is not None:
+                fields[name] = float(key(name)) or None
+    if arch == "phi3" and key("attention.sliding_window"):
+        fields["sliding_window"] = int(key("attention.sliding_window"))
+    return fields
+
+
+def read_with_transformers(path: Path, dtype: str, ref: str, config: dict | None = None,
+                           byte_level: bool = False):
+    """``(model, tokenizer)`` from transformers' GGUF reader, dequantized to ``dtype``
+    (``config``: fields set on the config it builds; ``byte_level``: the file's tokenizer
+    is byte-level BPE, ``tokenizer.ggml.model`` ``gpt2``)."""
     import tempfile
 
     import transformers
@@ -135,14 +166,38 @@ def read_with_transformers(path: Path, dtype: str, ref: str):
         kw = dict(gguf_file="model.gguf", local_files_only=True)
         try:
             tok = AutoTokenizer.from_pretrained(tmp, **kw)
+            if byte_level:
+                tok = _byte_level_tokenizer(tok, tmp, kw)
             model = AutoModelForCausalLM.from_pretrained(
                 tmp, dtype=resolve_dtype(dtype), quantization_config=GgufConfig(dequantize=True),
-                **kw)
+                **kw, **(config or {}))
         except Exception as e:  # transformers raises many types here
             raise ModelLoadError(f"transformers {transformers.__version__} could not read "
                                  f"'{ref}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}"
                                  "); import the original HF model instead.") from None
     return model, tok
+
+
+def _byte_level_tokenizer(tok, tmp: str, kw: dict):
+    """``tok``, or the generic fast tokenizer where the family's class does not keep a
+    byte-level BPE vocabulary through save and load: in a Gemma GGUF (slmkit's export of a
+    Gemma model with its own tokenizer) it becomes a ``GemmaTokenizer``, which, saved and
+    loaded again, splits on ``▁`` and asks for an ``<unk>`` the vocabulary lacks."""
+    import tempfile
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if type(tok) is PreTrainedTokenizerFast:
+        return tok
+    probe = "def add(a, b):\n    return a + b  # 42"
+    want = tok(probe)["input_ids"]
+    with tempfile.TemporaryDirectory(prefix="slmkit-tok-") as saved:
+        tok.save_pretrained(saved)
+        try:
+            same = AutoTokenizer.from_pretrained(saved)(probe)["input_ids"] == want
+        except Exception:  # the tokenizers library raises a bare Exception on a missing <unk>
+            same = False
+    return tok if same else PreTrainedTokenizerFast.from_pretrained(tmp, **kw)
 
 
 def dense_copy(model, dtype: str):
@@ -182,7 +237,9 @@ def import_gguf(path: Path, out: str | os.PathLike, ref: str, *, dtype: str = "f
     with progress(f"importing {Path(path).name}", total=3) as update:
         digest = digest or sha256_of(path)
         update()
-        model, tok = read_with_transformers(Path(path), dtype, ref)
+        model, tok = read_with_transformers(
+            Path(path), dtype, ref, llamacpp_config(header),
+            byte_level=header.meta.get("tokenizer.ggml.model") == "gpt2")
         update()
         dense = dense_copy(model, dtype)
         del model

@@ -1,0 +1,151 @@
+"""GGUF export of the families llama.cpp has beyond Llama and Qwen2 (Qwen3, Phi-3, Gemma 2,
+Gemma 3), checked by a round trip: the file slmkit writes, imported back by slmkit's own
+GGUF import (transformers' reader, which undoes llama.cpp's conventions), gives the source
+model's logits. f32 exactly; q8_0 / q4_0 equal the source model with its weights rounded
+to the same blocks (so the layout is exact) and stay near the f32 logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slmkit.errors import ConfigError
+from slmkit.export import ggml_blocks
+from slmkit.export.gguf_export import export_gguf
+from tests.conftest import build_tiny_model, run_cli
+
+gguf = pytest.importorskip("gguf")
+
+#: The tiny configs, made llama.cpp-faithful where the shared ones test other things: Gemma
+#: scales queries by 1/sqrt(head_dim) in llama.cpp (the tiny configs use 64 / 256), and
+#: Gemma 3's sliding layers are five in six (the default layer_types), not every other one.
+FAMILIES = {
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {"sliding_window": 24}),
+    "gemma2": ("gemma2", {"query_pre_attn_scalar": 32}),
+    "gemma3_text": ("gemma3", {"query_pre_attn_scalar": 32, "layer_types": None}),
+}
+IDS = torch.tensor([list(range(5, 45))])      # 40 tokens: past the 16- and 24-token windows
+
+
+@pytest.fixture(scope="module")
+def sources(tokenizer, tmp_path_factory):
+    from slmkit.models import save_model
+
+    root = tmp_path_factory.mktemp("gguf-families")
+    out = {}
+    for kind, (_, over) in FAMILIES.items():
+        model = build_tiny_model(kind, tokenizer, seed=1, **over)
+        with torch.no_grad():       # non-trivial norm weights: Gemma's 1 + w must be kept
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.1 * torch.randn_like(p))
+        out[kind] = (model, save_model(model, tokenizer, root / kind, step="init", params={}))
+    return out
+
+
+def _round_trip(model_dir, quant, tmp_path, kind):
+    from slmkit.models import load_model
+    from slmkit.models.gguf_import import import_gguf
+
+    path = tmp_path / f"{kind}-{quant}.gguf"
+    res = export_gguf(str(model_dir), path, quant=quant)
+    back, _ = load_model(str(import_gguf(path, tmp_path / f"{kind}-{quant}", str(path))),
+                         dtype="fp32")
+    return res, back
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits[0]
+
+
+def _rounded(model, quant):
+    """``model`` with every weight the export packs in ``quant`` blocks rounded to them."""
+    import copy
+
+    from gguf.quants import dequantize
+
+    qtype = getattr(gguf.GGMLQuantizationType, quant.upper())
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.dim() == 2 and p.shape[-1] % ggml_blocks.QK == 0:
+                blocks = ggml_blocks.QUANTIZERS[quant](p.detach().float())
+                p.copy_(torch.from_numpy(np.asarray(dequantize(blocks, qtype))).view_as(p))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_f32_round_trip_gives_the_same_logits(kind, sources, tmp_path):
+    model, model_dir = sources[kind]
+    res, back = _round_trip(model_dir, "f32", tmp_path, kind)
+    assert res.arch == FAMILIES[kind][0]
+    assert type(back) is type(model)
+    assert torch.equal(_logits(back), _logits(model))
+
+
+@pytest.mark.parametrize("quant, near", [("q8_0", 0.1), ("q4_0", 0.5)])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text"])
+def test_quantized_round_trip_is_the_block_rounded_model(kind, quant, near, sources, tmp_path):
+    model, model_dir = sources[kind]
+    res, back = _round_trip(model_dir, quant, tmp_path, kind)
+    assert res.types[quant] > 0
+    got, want = _logits(back), _logits(_rounded(model, quant))
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    # and near the dense model: the logits' relative RMS error
+    ref = _logits(model)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    print(f"{kind} {quant}: relative RMS logit error {rel:.4f}")
+    assert rel < near
+
+
+def test_gemma_norms_are_written_as_one_plus_w(sources, tmp_path):
+    model, model_dir = sources["gemma2"]
+    path = tmp_path / "g.gguf"
+    export_gguf(str(model_dir), path, quant="f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    w = model.model.layers[0].post_feedforward_layernorm.weight.detach()
+    np.testing.assert_array_equal(tensors["blk.0.post_ffw_norm.weight"].data, (w + 1).numpy())
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(50.0)
+    assert fields["gemma2.final_logit_softcapping"] == pytest.approx(30.0)
+    assert fields["gemma2.attention.sliding_window"] == 16
+    assert fields["gemma2.attention.key_length"] == 32
+    assert fields["gemma2.context_length"] == 256       # the window is declared, not the ctx
+
+
+@pytest.mark.parametrize("kind, what", [("gemma2", "1/sqrt\\(64\\)"),
+                                        ("gemma3_text", "1/sqrt\\(256\\)")])
+def test_gemma_config_llamacpp_would_run_differently_is_refused(kind, what, tiny_model_dirs,
+                                                                tmp_path):
+    with pytest.raises(ConfigError, match=f"'{kind}' model that scales queries by {what}"):
+        export_gguf(str(tiny_model_dirs[kind]), tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gemma3_layer_pattern_other_than_llamacpps_is_refused(tokenizer, tmp_path):
+    from slmkit.models import save_model
+
+    model = build_tiny_model("gemma3_text", tokenizer, query_pre_attn_scalar=32)
+    src = save_model(model, tokenizer, tmp_path / "m", step="init", params={})
+    with pytest.raises(ConfigError, match="sliding-window layers"):
+        export_gguf(str(src), tmp_path / "x.gguf")
+
+
+@pytest.mark.slow
+def test_cli_export_then_import_gemma3(sources, tmp_path):
+    """The user's path: `slm export --format gguf`, then `slm import`, then `slm generate`
+    on the imported dir writes what the source model writes (greedy)."""
+    _, model_dir = sources["gemma3_text"]
+    path = tmp_path / "m.gguf"
+    r = run_cli("export", model_dir, "--format", "gguf", "--quant", "f32", "--out", path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("import", path, "--out", tmp_path / "back")
+    assert r.returncode == 0, r.stderr
+    outs = [run_cli("generate", d, "def add(a, b):", "--temperature", "0", "--max-tokens", "12")
+            for d in (model_dir, tmp_path / "back")]
+    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+    texts = [o.stdout.split("\nslm generate")[0] for o in outs]   # the text, not the timings
+    assert texts[0] == texts[1] and len(texts[0]) > len("def add(a, b):")
