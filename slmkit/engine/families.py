@@ -127,17 +127,16 @@ class FamilyRunner(FastRunner):
 
     def _native(self):
         """The compiled decode step for these blocks, or why not: it covers blocks with
-        q/k norms (Qwen3), fused q/k/v and gate/up (Phi-3) and Granite's multipliers; not
-        yet Gemma's sandwich norms, soft-capping and per-layer RoPE, sliding rings, partial
-        rotary dims or MoE blocks."""
+        q/k norms (Qwen3), fused q/k/v and gate/up (Phi-3), Granite's multipliers, Gemma's
+        sandwich norms and per-layer RoPE, Gemma 2's attention soft-capping (in the step;
+        the final cap is applied to its logits, :meth:`_logits`); not yet sliding rings,
+        partial rotary dims or MoE blocks."""
         from slmkit.engine.native import NativeStep
 
         if self.rings:
             return None, "sliding-window rings have no native step yet"
         if self.cos.shape[-1] != self.head_dim:
             return None, "partial rotary dims have no native step yet"
-        if self.attn_cap or self.final_cap:
-            return None, "logit soft-capping has no native step yet"
         return NativeStep.create(self)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ class Model(ctypes.Structure):
                 ("attn_scale", ctypes.c_float), ("cos", ctypes.c_void_p),
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32),
-                ("resid_mult", ctypes.c_float), ("act", ctypes.c_int32)]
+                ("resid_mult", ctypes.c_float), ("act", ctypes.c_int32),
+                ("attn_softcap", ctypes.c_float)]
 
 
 #: decode.c's KV cache kinds (model_t.kv_kind), by the cache's torch dtype
@@ -548,6 +549,7 @@ class NativeStep:
         m.kv_kind = KV_KINDS[runner.cache.k[0].dtype]
         m.resid_mult = float(getattr(runner, "residual_mult", None) or 1.0)
         m.act = act_kind or 0
+        m.attn_softcap = float(getattr(runner, "attn_cap", None) or 0.0)   # Gemma 2
         if used is not None:
             return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)

@@ -134,6 +134,8 @@ typedef struct {
                          * with one scale per cached row of head_dim values (KV_I8) */
     float resid_mult;   /* each block's output is added to the residual times this (Granite) */
     int32_t act;        /* gated MLP activation: 0 SiLU, 1 GELU with the tanh approximation */
+    float attn_softcap; /* scores become cap * tanh(scores / cap) before softmax (Gemma 2);
+                         * 0: off */
 } model_t;
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
@@ -962,14 +964,15 @@ static const attend_fn ATTEND_64[3][4] = {
 
 /* One query head, any head dim: the portable path. */
 static void attend_plain(const float *q, const void *K, const void *V, const float *KS,
-                         const float *VS, int lo, int p, int D, float scale, float *sc, float *o,
-                         const int KF) {
+                         const float *VS, int lo, int p, int D, float scale, float cap,
+                         float *sc, float *o, const int KF) {
     float mx = -INFINITY;
     for (int j = lo; j <= p; j++) {
         float acc[16] = {0}, s = 0.f;
         for (int i = 0; i < D; i++) acc[i & 15] += kv_at(K, (int64_t)j * D + i, KF) * q[i];
         for (int i = 0; i < 16; i++) s += acc[i];
         sc[j] = (KF == KV_I8 ? s * KS[j] : s) * scale;
+        if (cap > 0.f) sc[j] = tanhf(sc[j] / cap) * cap;
         mx = sc[j] > mx ? sc[j] : mx;
     }
     const float inv = 1.f / exp_sub_sum(sc + lo, p - lo + 1, mx);
@@ -1022,17 +1025,18 @@ static inline void kv_put(const model_t *m, const layer_t *L, int64_t slot, int 
 
 /* Query heads h0 .. h0 + nh - 1 (all of one KV head) against rows lo..p of that KV head. */
 static void attend(const float *q, const void *K, const void *V, const float *KS,
-                   const float *VS, int lo, int p, int D, float scale, float *sc, int S, float *o,
-                   int nh, int kind) {
+                   const float *VS, int lo, int p, int D, float scale, float cap, float *sc,
+                   int S, float *o, int nh, int kind) {
 #ifdef SLM_AVX512
-    if (D == 64) {
+    /* soft-capped scores (cap > 0: Gemma 2) take the portable path below */
+    if (cap <= 0.f && D == 64) {
         for (int h = 0; h < nh; h += 3) {
             const int n = nh - h < 3 ? nh - h : 3;
             ATTEND_64[kind][n](q + h * D, K, V, KS, VS, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
         }
         return;
     }
-    if (D % 16 == 0 && D <= 128) {
+    if (cap <= 0.f && D % 16 == 0 && D <= 128) {
         for (int h = 0; h < nh; h++)
             ATTEND_ONE[kind][D / 16](q + h * D, K, V, KS, VS, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
         return;
@@ -1040,9 +1044,9 @@ static void attend(const float *q, const void *K, const void *V, const float *KS
 #endif
     for (int h = 0; h < nh; h++) {
         float *sh = sc + (int64_t)h * S, *oh = o + h * D;
-        if (kind == KV_F16) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, sh, oh, KV_F16);
-        else if (kind == KV_I8) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, sh, oh, KV_I8);
-        else attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, sh, oh, KV_F32);
+        if (kind == KV_F16) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, cap, sh, oh, KV_F16);
+        else if (kind == KV_I8) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, cap, sh, oh, KV_I8);
+        else attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, cap, sh, oh, KV_F32);
     }
 }
 
@@ -1073,7 +1077,7 @@ static void attend_group(const model_t *m, const layer_t *L, int b, int h0, int 
     const int i8 = m->kv_kind == KV_I8;
     attend(qkv + (int64_t)b * (nq + 2 * nk) + h0 * D, (const char *)L->kc + at,
            (const char *)L->vc + at, i8 ? L->ks + row0 : NULL, i8 ? L->vs + row0 : NULL, lo, p,
-           D, m->attn_scale, scores + ((int64_t)b * m->n_heads + h0) * S, S,
+           D, m->attn_scale, m->attn_softcap, scores + ((int64_t)b * m->n_heads + h0) * S, S,
            att + (int64_t)b * nq + h0 * D, nh, m->kv_kind);
 }
 
