@@ -28,7 +28,10 @@ Figures (all measured in this run, 2 threads by default):
 * aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams (the
   sweep repeated ``--stream-repeats`` times, each count keeping its median);
 * each as a fraction of the bandwidth limit ``bandwidth / weight bytes`` (about 30 GB/s on
-  the team machines; ``--bandwidth`` to change it).
+  the team machines; ``--bandwidth`` to change it). For a mixture-of-experts shape the
+  bytes are the *active* ones a batch-1 step reads: each layer's experts count top-k / experts
+  of their bytes (the router, shared expert, attention, embedding and head count whole);
+  the total is reported beside them.
 
 llama.cpp is timed with its low-level loop (``Llama.eval`` of the prompt, then one token at
 a time, greedy argmax of the last logits, EOS ignored), so it generates exactly as many
@@ -111,6 +114,14 @@ SHAPES = {
         intermediate_size=3072, vocab_size=32064, max_position_embeddings=2048,
         tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
         pad_token_id=32000)),
+    # Qwen1.5-MoE-A2.7B's routing (60 experts, top 4, a gated shared expert) at a quarter
+    # of its width and 8 of its 24 layers, to fit the 2-core machines' memory and time
+    "qwen2-moe-scaled": ("qwen2_moe", dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+        intermediate_size=1408, moe_intermediate_size=352, shared_expert_intermediate_size=1408,
+        num_experts=60, num_experts_per_tok=4, vocab_size=151936, max_position_embeddings=2048,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=0,
+        eos_token_id=0)),
 }
 ARCH = {"name": "smollm2-135m"}
 
@@ -131,18 +142,24 @@ def build_model(dtype: torch.dtype):
     return model
 
 
-def weight_bytes(model) -> int:
-    """Bytes read per decode step: every parameter once (tied embeddings counted once)."""
+def weight_bytes(model, active: bool = True) -> int:
+    """Bytes read per decode step: every parameter once (tied embeddings counted once); with
+    ``active``, a mixture of experts' expert weights scaled by top-k / experts (a batch-1
+    step reads only the chosen experts)."""
+    cfg = model.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    share = cfg.num_experts_per_tok / experts if experts and active else 1.0
     seen, total = set(), 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+            n = p.numel() * p.element_size()
+            total += n * share if ".experts." in name else n
     for name, b in model.named_buffers():
         if b.data_ptr() not in seen and "inv_freq" not in name:
             seen.add(b.data_ptr())
             total += b.numel() * b.element_size()
-    return total
+    return int(total)
 
 
 def transformers_runner(model, prompt: list[int], n: int):
@@ -411,6 +428,7 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
         from slmkit.engine.runner import kv_cache_dtype
 
         res = {"precision": precision, "weight_bytes": wbytes,
+               "total_weight_bytes": weight_bytes(model, active=False),
                "limit_tok_s": args.bandwidth / wbytes,
                # the engine's default: fp16 for quantized models (llama.cpp's default too)
                "kv_cache": str(kv_cache_dtype(model)).removeprefix("torch."),
@@ -612,6 +630,14 @@ def report(results: dict) -> None:
                 f"-> {results['loadavg_end']:.1f})", rows,
                 header=("precision", "runtime", "weights MB", "prefill tok/s", "TTFT ms",
                         "decode tok/s", "of bandwidth limit"))
+    for run in results["runs"]:
+        total = run.get("total_weight_bytes", run["weight_bytes"])
+        if total != run["weight_bytes"]:          # a mixture of experts
+            print(f"{run['precision']}: mixture of experts: a batch-1 step reads "
+                  f"{run['weight_bytes'] / 1e6:.0f} MB of {total / 1e6:.0f} MB (the chosen "
+                  f"experts only): active-parameter bandwidth limit "
+                  f"{run['limit_tok_s']:.1f} tok/s at {results['bandwidth'] / 1e9:g} GB/s "
+                  f"(all weights: {results['bandwidth'] / total:.1f} tok/s)")
     print_table("continuous batching (Engine, 32-token prompts)", stream_rows,
                 header=("precision", "KV cache", "streams", "tok/s incl. prefill", "vs 1",
                         "decode-phase tok/s", "vs 1", "of limit"))
