@@ -184,8 +184,7 @@ def prepare(model: nn.Module, tok, cfg) -> dict:
             if name in ptq:
                 q = ptq[name]
                 scale, zero = q.scales.float(), q.zero_points().float()
-                lin.weight.copy_(nearest_master(lin.weight, q.dequantize_weight(torch.float32),
-                                                scale, zero, opts.bits, opts.group_size))
+                lin.weight.copy_(q.dequantize_weight(lin.weight.dtype))   # start at GPTQ's
             else:
                 scale, zero = compute_qparams(lin.weight.detach(), opts.bits, opts.group_size,
                                               opts.sym)
@@ -193,23 +192,6 @@ def prepare(model: nn.Module, tok, cfg) -> dict:
                                           opts.sym))
     return {"layers": len(linears), "bits": opts.bits, "group_size": opts.group_size,
             "sym": opts.sym, "start": cfg.qat_start}
-
-
-def nearest_master(w: torch.Tensor, w_hat: torch.Tensor, scale: torch.Tensor,
-                   zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """The master weights of a PTQ start: as near the unquantized ``w`` as the PTQ codes of
-    ``w_hat`` allow, i.e. ``w_hat`` moved towards ``w`` by at most just under half a grid
-    step. The fake-quantized forward is exactly the PTQ model's (checked), but a master is
-    not parked on its grid point: where PTQ kept ``w``'s own code, a small update flips the
-    code as it would from ``w`` itself (the RTN start's situation), instead of needing half
-    a step of updates first. Returns a tensor of ``w``'s dtype and shape."""
-    g = w.shape[1] if group_size == -1 else group_size
-    half = (0.49 * scale.float()).repeat_interleave(g, dim=1)           # [out, in]
-    master = (w_hat + (w.detach().float() - w_hat).clamp(-half, half)).to(w.dtype)
-    codes = quantize_codes(w_hat, scale, zero, bits, group_size)
-    if not torch.equal(quantize_codes(master, scale, zero, bits, group_size), codes):
-        master = w_hat.to(w.dtype)             # rounding of a narrow dtype: park on the grid
-    return master
 
 
 def _auto_group(linears: dict, opts) -> int:
