@@ -11,6 +11,8 @@ temperature, top-k, top-p, min-p, then a multinomial draw (or argmax when
 
 from __future__ import annotations
 
+import math
+
 import random
 from dataclasses import dataclass, field
 
@@ -182,8 +184,10 @@ class RequestSampler:
                 probs = logprobs.exp()
                 choice.entropy = float(-torch.special.xlogy(probs, probs).sum())
                 top = torch.topk(logprobs, 2)
-                other = top.values[1] if int(top.indices[0]) == token else top.values[0]
-                choice.margin = choice.logprob - float(other)
+                other = float(top.values[1] if int(top.indices[0]) == token else top.values[0])
+                # a grammar that allows one token leaves no rival: no margin is recorded
+                # (the monitor then bounds it from the token's own probability)
+                choice.margin = choice.logprob - other if math.isfinite(other) else None
             if p.top_logprobs:
                 choice.top_logprobs = ops.top_logprobs(logprobs, p.top_logprobs)
         return choice
