@@ -12,7 +12,6 @@ temperature, top-k, top-p, min-p, then a multinomial draw (or argmax when
 from __future__ import annotations
 
 import math
-
 import random
 from dataclasses import dataclass, field
 
