@@ -60,6 +60,17 @@ def _train_a_little(model, tokenizer, params):
         return ids, model(ids).logits
 
 
+def _dequant_logits(model, ids):
+    """``model``'s logits on ``ids`` with quantized layers on the dequantizing kernel (the
+    exact one), the kernel choice restored after."""
+    set_kernel_mode("dequant")
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        set_kernel_mode("auto")
+
+
 def test_trained_logits_equal_packed_logits(tokenizer, tmp_path):
     """A few optimizer steps through the grid, then the packed model (saved, reloaded)
     gives exactly the fake-quantized logits."""
@@ -74,12 +85,7 @@ def test_trained_logits_equal_packed_logits(tokenizer, tmp_path):
     out = save_model(model, tokenizer, tmp_path / "qat", step="train", params={})
     served, _ = load_model(out)
     assert sum(isinstance(m, QuantLinear) for m in served.modules()) == 14
-    set_kernel_mode("dequant")
-    try:
-        with torch.no_grad():
-            assert torch.equal(served(ids).logits, trained)
-    finally:
-        set_kernel_mode("auto")
+    assert torch.equal(_dequant_logits(served, ids), trained)
     # GGUF export keeps the trained grid: int4 g32 symmetric is Q4_0, block for block
     gguf = pytest.importorskip("gguf")
     import numpy as np
@@ -109,12 +115,7 @@ def test_gptq_start_is_the_gptq_model(tokenizer):
                                                calib_data=["stdlib"], calib_samples=4,
                                                quantize_embeddings=False))
     ids = torch.arange(40)[None] + 3
-    set_kernel_mode("dequant")
-    try:
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, ref(ids).logits)
-    finally:
-        set_kernel_mode("auto")
+    assert torch.equal(_dequant_logits(model, ids), _dequant_logits(ref, ids))
 
 
 def test_qat_refuses_lora_and_stray_options():
@@ -146,12 +147,7 @@ def test_qat_lora_trains_the_adapter_through_the_grid(tokenizer):
     ids, trained = _train_a_little(model, tokenizer, trainable)
     assert torch.equal(layers[0].weight, frozen) and layers[0].lora_B.abs().sum() > 0
     convert(model, info)
-    set_kernel_mode("dequant")
-    try:
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, trained)
-    finally:
-        set_kernel_mode("auto")
+    assert torch.equal(_dequant_logits(model, ids), trained)
 
 
 @pytest.mark.slow
