@@ -128,6 +128,32 @@ def test_bitmask_unpacking_matches_bit_order():
     assert ok[0].nonzero()[0].tolist() == [0, 2, 63]
 
 
+@pytest.mark.parametrize("native_on", [True, False])
+def test_mask_rows_forbids_exactly_the_clear_bits(native_on, monkeypatch):
+    """The native loop over mask words and the numpy fallback set -inf on the same cells:
+    only the listed rows, only clear bits, never past the logits' width (the mask's last
+    word runs past it), and all-allowed words untouched."""
+    from slmkit.engine import native
+    from slmkit.engine.grammar import mask_rows_
+
+    if native_on and native.load_library() is None:
+        pytest.skip("native library unavailable")
+    monkeypatch.setitem(native._ENABLED, "on", native_on)
+    g = torch.Generator().manual_seed(0)
+    V, words = 1000, 32                       # 32 words = 1024 bits > V
+    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, words), dtype=torch.int32, generator=g)
+    bitmask[1, :10] = -1                      # whole words allowed
+    bitmask[2] = 0                            # nothing allowed
+    logits = torch.randn(5, V, generator=g)
+    want = logits.clone()
+    ok = allowed(bitmask, V)
+    for j, i in enumerate([4, 0, 2]):
+        want[i][~torch.from_numpy(ok[j])] = float("-inf")
+    mask_rows_(logits, [4, 0, 2], bitmask)
+    assert torch.equal(logits, want)
+    assert torch.isinf(logits[2]).all() and not torch.isinf(logits[[1, 3]]).any()
+
+
 def test_slm_generate_json_schema(llama_dir, tmp_path, capsys):
     from slmkit.cli import main
 

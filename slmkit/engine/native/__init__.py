@@ -155,6 +155,9 @@ def load_library():
     lib.slm_linear_work_floats.restype = ctypes.c_int64
     lib.slm_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.slm_argmax.restype = None
+    lib.slm_mask_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_int]
+    lib.slm_mask_rows.restype = None
     lib.slm_embed_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + \
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.slm_embed_rows.restype = ctypes.c_int
@@ -362,6 +365,19 @@ def argmax_rows(x: torch.Tensor) -> list[int]:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.slm_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out.tolist()
+
+
+def mask_rows(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> bool:
+    """``logits[rows[j], t] = -inf`` where ``bitmask[j]`` forbids ``t``, in place, for
+    ``[B, V]`` fp32 contiguous logits; False (nothing done) without the library."""
+    lib = load_library() if _ENABLED["on"] else None
+    if lib is None or logits.dtype != torch.float32 or not logits.is_contiguous() \
+            or logits.dim() != 2 or not bitmask.is_contiguous():
+        return False
+    at = torch.tensor(rows, dtype=torch.int64)
+    lib.slm_mask_rows(logits.data_ptr(), logits.shape[1], at.data_ptr(), len(rows),
+                      bitmask.data_ptr(), bitmask.shape[1])
+    return True
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:

@@ -1135,6 +1135,27 @@ int slm_embed_rows(const uint8_t *qw, const uint16_t *scales, const uint8_t *zer
     return 0;
 }
 
+/* Grammar masks: logits[rows[j], t] = -inf wherever bit t % 32 of word t / 32 of mask row j
+ * ([n, words] uint32, little-endian bits as llguidance writes them) is clear, t < V. Whole
+ * words of allowed tokens (most of a row inside a JSON string) are skipped, so a row costs
+ * one pass over its words instead of numpy's unpack-to-bool and copy (~0.2 ms per row). */
+void slm_mask_rows(float *logits, int V, const int64_t *rows, int n, const uint32_t *mask,
+                   int words) {
+    for (int j = 0; j < n; j++) {
+        float *r = logits + rows[j] * (int64_t)V;
+        const uint32_t *m = mask + (int64_t)j * words;
+        for (int w = 0; w < words && w * 32 < V; w++) {
+            uint32_t off = ~m[w];
+            while (off) {
+                const int t = w * 32 + __builtin_ctz(off);
+                if (t >= V) break;
+                r[t] = -INFINITY;
+                off &= off - 1;
+            }
+        }
+    }
+}
+
 /* out[b] = index of the first maximum of row b of x [B, n] (torch.argmax's tie rule; the
  * engine's greedy pick: torch's argmax runs one element at a time, 0.33 ms for 8 x 49152).
  * Rows are shared out between threads from 4 rows on. */
