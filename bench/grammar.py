@@ -292,7 +292,8 @@ def engine_overhead(model, tok, tokens: int, rounds: int, batches: list[int]) ->
     grammar = Grammar.json_schema(LONG)
     out = {}
     for b in batches:
-        engine = Engine(model, tok, max_batch=b, background=False)
+        engine = Engine(model, tok, max_batch=b, background=False,
+                        threads=torch.get_num_threads())
         engine.grammars.warm()
         _timed_constrain(engine)
         chat = [tok.apply_chat_template([{"role": "user", "content": p}],
@@ -321,7 +322,8 @@ def parse_rate(model, tok, max_tokens: int) -> dict:
     how many answers finish, parse and validate (``jsonschema``)."""
     import jsonschema
 
-    engine = Engine(model, tok, max_batch=len(SCHEMAS), background=False)
+    engine = Engine(model, tok, max_batch=len(SCHEMAS), background=False,
+                    threads=torch.get_num_threads())
     handles = []
     for schema in SCHEMAS:
         ids = tok.apply_chat_template([{"role": "user", "content": "Reply with JSON that "

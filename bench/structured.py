@@ -202,7 +202,8 @@ def compile_times(tok, vocab: int, items: list[dict]) -> dict:
 def validity(model, tok, items: list[dict], max_tokens: int, batch: int) -> dict:
     import jsonschema
 
-    engine = Engine(model, tok, max_batch=batch, background=False)
+    engine = Engine(model, tok, max_batch=batch, background=False,
+                    threads=torch.get_num_threads())  # --threads (Engine sets its own)
     handles = [engine.submit(_prompt(tok, s), SamplingParams(
         max_tokens=max_tokens, temperature=0, grammar=Grammar.json_schema(s))) for s in items]
     parsed = valid = 0
@@ -245,7 +246,8 @@ def _rate(engine: Engine, prompts, grammars, tokens: int) -> float:
 def speed(model, tok, items: list[dict], batches: list[int], tokens: int, rounds: int) -> dict:
     out = {}
     for b in batches:
-        engine = Engine(model, tok, max_batch=b, background=False)
+        engine = Engine(model, tok, max_batch=b, background=False,
+                        threads=torch.get_num_threads())  # --threads
         engine.grammars.warm()
         fit = []  # schemas whose shortest answer fits in --tokens (others are refused)
         for s in items:

@@ -190,8 +190,6 @@ class GrammarCompiler:
         #: per grammar, the closing plan from its start state (None: none found)
         self._start: dict[Grammar, list[int] | None] = {}
         self._need: dict[Grammar, int | None] = {}  # its length
-        #: best-score tokens a plan step tries before computing a mask (:func:`_probe`)
-        self.probe = 8
 
     def _prototype(self, grammar: Grammar):
         with self._lock:
@@ -320,15 +318,12 @@ class GrammarCompiler:
         while not m.is_accepting():
             if len(plan) >= limit or m.is_error():
                 return None
-            # the common case: one of the best few tokens, tried without a mask
-            token = None if short else _probe(m, self._order[lex], self.probe)
-            if token is None:
-                m.unsafe_compute_mask_ptr(bitmask.data_ptr(), self.words * 4)
-            if token is None and not short:  # read the mask in score order, no 49k-wide ops
+            m.unsafe_compute_mask_ptr(bitmask.data_ptr(), self.words * 4)
+            if not short:  # the common case: read the mask in score order, no 49k-wide ops
                 token = _first_allowed(ok.view(np.uint32), self._order[lex], scores[lex])
                 if token is None:
                     return None
-            elif token is None:
+            else:
                 bits = np.unpackbits(ok, bitorder="little").view(bool)
                 bits[self.vocab_size:] = False
                 if not bits.any():
@@ -456,19 +451,6 @@ def _closes(matcher, tokens: list[int]) -> bool:
     if n:
         matcher.rollback(n)
     return ok
-
-
-def _probe(matcher, order: np.ndarray, k: int) -> int | None:
-    """The first of ``order[:k]`` that ``matcher`` accepts (its state unchanged), None if
-    none is: a closing-plan step's token when it is among the ``k`` best scores, found by
-    trying tokens (~microseconds each) instead of computing the whole mask (0.1-0.5 ms on
-    a 49k vocabulary); the same token :func:`_first_allowed` finds in the mask, as the
-    mask allows exactly the tokens the matcher accepts."""
-    for token in order[:k].tolist():
-        if matcher.try_consume_tokens([token]):
-            matcher.rollback(1)
-            return token
-    return None
 
 
 def _first_allowed(words: np.ndarray, order: np.ndarray, scores: np.ndarray,
