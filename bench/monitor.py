@@ -747,6 +747,7 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     parts = {"flag": part_flag, "drift": part_drift, "cost": part_cost}
     for name in args.parts.split(","):
         result = parts[name](args)

@@ -237,3 +237,39 @@ def test_vnni_ceiling_bench_builds_against_the_engine_source(tmp_path):
     rates = dict(line.split() for line in out.stdout.splitlines())
     assert list(rates) == list(NAMES)
     assert all(float(r) > 0 for r in rates.values())
+
+
+@pytest.mark.parametrize("V,token,masked", [(49152, 7, 0), (49152, 3, 48000), (1000, 999, 0),
+                                            (33, 0, 31), (33, 5, 32)])
+def test_confidence_matches_the_torch_formulas(V, token, masked):
+    """One native pass gives the token's log-probability, the entropy and the best other
+    logit that log_softmax / xlogy / topk give in float64 (masked -inf logits count 0;
+    every rival masked: no other logit)."""
+    from slmkit.engine.sampling import RequestSampler, SamplingParams
+
+    g = torch.Generator().manual_seed(V + token)
+    x = torch.randn(V, generator=g) * 4
+    others = torch.tensor([i for i in range(V) if i != token])
+    x[others[torch.randperm(len(others), generator=g)[:masked]]] = float("-inf")
+    lp = torch.log_softmax(x.double(), -1)
+    entropy = float(-torch.special.xlogy(lp.exp(), lp.exp()).sum())
+    other = float(x[others].max())
+    got = native.confidence(x, token)
+    assert got[0] == pytest.approx(float(lp[token]), abs=1e-5)
+    assert got[1] == pytest.approx(entropy, abs=1e-5)
+    assert got[2] == other
+    # the sampler records the same figures with the library on and off
+    choices = []
+    for on in (True, False):
+        native.set_enabled(on)
+        try:
+            s = RequestSampler(SamplingParams(temperature=0, confidence=True), [])
+            choices.append(s.choose(x.clone(), token=token))
+        finally:
+            native.set_enabled(True)
+    a, b = choices
+    assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    assert a.entropy == pytest.approx(b.entropy, abs=1e-5)
+    assert (a.margin is None) == (b.margin is None) == (masked == V - 1)
+    if a.margin is not None:
+        assert a.margin == pytest.approx(b.margin, abs=1e-5)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slmkit.engine import ops
+from slmkit.engine import native, ops
 from slmkit.engine.grammar import Grammar
 from slmkit.errors import ConfigError
 
@@ -176,8 +176,16 @@ class RequestSampler:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self._seen.append(token)
         choice = Choice(token)
+        source = logits if raw is None else raw.float()
+        if p.confidence and not p.top_logprobs:  # one native pass, when built
+            fast = native.confidence(source, token)
+            if fast is not None:
+                choice.logprob, choice.entropy, other = fast
+                # a grammar that allows one token leaves no rival: no margin is recorded
+                choice.margin = float(source[token]) - other if math.isfinite(other) else None
+                return choice
         if p.logprobs or p.top_logprobs or p.confidence:
-            logprobs = torch.log_softmax(logits if raw is None else raw.float(), dim=-1)
+            logprobs = torch.log_softmax(source, dim=-1)
             choice.logprob = float(logprobs[token])
             if p.confidence:  # H = -sum p log p; 0 * -inf counts as 0
                 probs = logprobs.exp()

@@ -158,6 +158,8 @@ def load_library():
     lib.slm_mask_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_int]
     lib.slm_mask_rows.restype = None
+    lib.slm_confidence.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.slm_confidence.restype = None
     lib.slm_embed_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + \
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.slm_embed_rows.restype = ctypes.c_int
@@ -378,6 +380,17 @@ def mask_rows(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> b
     lib.slm_mask_rows(logits.data_ptr(), logits.shape[1], at.data_ptr(), len(rows),
                       bitmask.data_ptr(), bitmask.shape[1])
     return True
+
+
+def confidence(row: torch.Tensor, token: int) -> tuple[float, float, float] | None:
+    """``(log p(token), entropy in nats, largest other logit)`` of a ``[V]`` fp32 logits
+    row in one native pass; None without the library (the caller computes them in torch)."""
+    lib = load_library() if _ENABLED["on"] else None
+    if lib is None or row.dtype != torch.float32 or row.dim() != 1 or not row.is_contiguous():
+        return None
+    out = (ctypes.c_double * 3)()
+    lib.slm_confidence(row.data_ptr(), row.shape[0], int(token), out)
+    return out[0], out[1], out[2]
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:

@@ -1135,6 +1135,50 @@ int slm_embed_rows(const uint8_t *qw, const uint16_t *scales, const uint8_t *zer
     return 0;
 }
 
+/* Per-token confidence of one [V] logits row, in two passes (torch's log_softmax, exp, xlogy
+ * and topk take ~0.3-0.5 ms per token on 49k logits, this ~0.05 ms):
+ * out[0] = log p(token), out[1] = entropy -sum p log p (nats; -inf logits count 0),
+ * out[2] = the largest logit other than x[token] (-inf when every other one is -inf). */
+static float max_range(const float *x, int lo, int hi) {
+    float m = -INFINITY;
+    int i = lo;
+#ifdef SLM_AVX512
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= hi; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
+    m = _mm512_reduce_max_ps(mv);
+#endif
+    for (; i < hi; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+void slm_confidence(const float *x, int V, int token, double *out) {
+    const float a = max_range(x, 0, token), b = max_range(x, token + 1, V);
+    const float other = a > b ? a : b, xt = x[token];
+    const float m = xt > other ? xt : other;
+    double s = 0.0, t = 0.0;
+    int i = 0;
+#ifdef SLM_AVX512
+    const __m512 mv = _mm512_set1_ps(m), lo = _mm512_set1_ps(-87.f);
+    __m512 sv = _mm512_setzero_ps(), tv = _mm512_setzero_ps();
+    for (; i + 16 <= V; i += 16) {
+        const __m512 d = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv), lo);
+        const __m512 e = exp16(d);
+        sv = _mm512_add_ps(sv, e);
+        tv = _mm512_fmadd_ps(e, d, tv);
+    }
+    s = _mm512_reduce_add_ps(sv);
+    t = _mm512_reduce_add_ps(tv);
+#endif
+    for (; i < V; i++) {
+        const float d = x[i] - m > -87.f ? x[i] - m : -87.f, e = expf(d);
+        s += e;
+        t += (double)e * d;
+    }
+    out[0] = (double)xt - m - log(s);
+    out[1] = log(s) - t / s;
+    out[2] = other;
+}
+
 /* Grammar masks: logits[rows[j], t] = -inf wherever bit t % 32 of word t / 32 of mask row j
  * ([n, words] uint32, little-endian bits as llguidance writes them) is clear, t < V. Under
  * AVX-512 a word is two masked 16-lane stores (a JSON grammar forbids most of a row); else
