@@ -1217,16 +1217,9 @@ void slm_argmax(const float *x, int B, int n, int64_t *out) {
     #pragma omp parallel for schedule(static) if (B >= 4)
     for (int b = 0; b < B; b++) {
         const float *r = x + (int64_t)b * n;
-        float m = -INFINITY;
-        int i = 0;
-#ifdef SLM_AVX512
-        __m512 mv = _mm512_set1_ps(-INFINITY);
-        for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(r + i));
-        m = _mm512_reduce_max_ps(mv);
-#endif
-        for (; i < n; i++) m = r[i] > m ? r[i] : m;
+        const float m = max_range(r, 0, n);
         int64_t at = 0;
-        i = 0;
+        int i = 0;
 #ifdef SLM_AVX512
         const __m512 bm = _mm512_set1_ps(m);
         for (; i + 16 <= n; i += 16) {
