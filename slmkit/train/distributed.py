@@ -161,7 +161,16 @@ class Dist:
         previous = signal.signal(signal.SIGTERM, handler)
         try:
             yield
-        finally:
+        except DistributedError:
+            # this rank is already leaving with the error: a SIGTERM that torchrun sends
+            # meanwhile must not kill it before the error is printed (it did, now and then,
+            # when the peer's broken connection was noticed first)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise
+        except BaseException:
+            signal.signal(signal.SIGTERM, previous)
+            raise
+        else:
             signal.signal(signal.SIGTERM, previous)
 
     # ------------------------------------------------------------------ data
