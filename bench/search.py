@@ -137,8 +137,10 @@ def main(argv=None) -> int:
                                         "threads": args.threads, "rows": rows,
                                         "bars": bars(rows)}, indent=1))
 
-    def row(name, fn):
-        if name in rows:
+    def row(name, fn, makes: str | None = None):
+        """``makes``: the model dir under ``--work`` that later rows load; a row cached in
+        ``--out`` whose dir is missing (another ``--work``, a cleaned /tmp) is recomputed."""
+        if name in rows and (makes is None or (args.work / makes).is_dir()):
             return rows[name]
         t = time.time()
         la = load_avg()
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
                                     quantize_embeddings=False))
         return scored(args.work / "uniform", args)
 
-    uni = row("uniform", uniform)
+    uni = row("uniform", uniform, makes="uniform")
 
     def searched_at_size():
         shutil.rmtree(args.work / "cache", ignore_errors=True)     # time it from scratch
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
             counts[o.key] = counts.get(o.key, 0) + 1
         return {**scored(args.work / "q4km", args), "options": counts}
 
-    qk = row("Q4_K_M layout", q4km)
+    qk = row("Q4_K_M layout", q4km, makes="q4km")
 
     def searched_at_q4km():
         res = run_search(search_cfg(args, args.work, "searched-q4km", embeddings=False,
@@ -342,7 +344,8 @@ def main(argv=None) -> int:
                                     calib_samples=args.calib_samples, threads=args.threads))
         return scored(args.work / "uniform-int8", args)     # slm quantize's default table
 
-    u8 = row("uniform, int8 table (slm quantize's default)", uniform_int8_table)
+    u8 = row("uniform, int8 table (slm quantize's default)", uniform_int8_table,
+             makes="uniform-int8")
 
     def memory_budget():
         from slmkit.search.memory import measure_serving
