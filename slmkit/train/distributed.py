@@ -165,12 +165,9 @@ class Dist:
             # this rank is already leaving with the error: a SIGTERM that torchrun sends
             # meanwhile must not kill it before the error is printed (it did, now and then,
             # when the peer's broken connection was noticed first)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = signal.SIG_IGN
             raise
-        except BaseException:
-            signal.signal(signal.SIGTERM, previous)
-            raise
-        else:
+        finally:
             signal.signal(signal.SIGTERM, previous)
 
     # ------------------------------------------------------------------ data
