@@ -264,3 +264,56 @@ def test_ring_rollback_of_rejected_drafts_keeps_the_window(tokenizer):
                                b.forward(ids[:, 50:], [0], [50]))
     with pytest.raises(RuntimeError, match="rolls back at most"):
         a.truncate(0, 60 - RING_SPARE - 1)
+
+
+@pytest.mark.parametrize("kind,extra", [("gemma3_text", {}),
+                                        ("phi3", {"partial_rotary_factor": 0.5})])
+def test_native_step_runs_sliding_rings_and_partial_rotary(kind, extra, tokenizer):
+    """Window 16 in a 96-token cache: the sliding layers keep rings of 16 + RING_SPARE rows
+    and the compiled step decodes through them past the wrap (a window whose rows wrap
+    around the ring, less the ring's stale rows), Phi-3 with RoPE on half of each head.
+    Every step's logits equal the torch loop's (fp32; int8 caches within 5%), one thread (a work
+    item per KV group) and two (per head); a quantized model's 60-token prompt goes
+    through the step in pieces of RING_SPARE + 1 rows and gives the torch loop's logits."""
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.engine.families import RING_SPARE, FamilyRunner
+
+    model = build_tiny_model(kind, tokenizer, initializer_range=0.2, sliding_window=16, **extra)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g) for n in (40, 7)]
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, cache in [(1, "fp32"), (2, "fp32"), (2, "int8")]:
+            torch.set_num_threads(n_threads)
+            fast = FamilyRunner(model, 2, 96, kv_cache=cache)
+            if fast.native is None:
+                pytest.skip(f"no native step here: {fast.native_reason}")
+            assert list(fast.rings) == [16 + RING_SPARE]
+            assert fast.cos.shape[-1] == (fast.head_dim // 2 if extra else fast.head_dim)
+            slow = FamilyRunner(model, 2, 96, native=False, kv_cache=cache)
+            for r in (fast, slow):
+                for slot, p in enumerate(prompts):
+                    r.forward(p[None], [slot], [0])
+            tokens = torch.tensor([[7], [11]])
+            for step in range(40):           # positions 40..79: the ring of 48 wraps at 48
+                starts = [40 + step, 7 + step]
+                a = fast.forward(tokens, [0, 1], starts)
+                b = slow.forward(tokens, [0, 1], starts)
+                if cache == "fp32":
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+                else:   # int8: the torch loop attends to a ring's new key before rounding
+                    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+                tokens = a.argmax(-1, keepdim=True)
+    finally:
+        torch.set_num_threads(threads)
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
+    q, ref = FamilyRunner(model, 1, 96), FamilyRunner(model, 1, 96, native=False)
+    if q.native is None or not q.native.prefills:
+        pytest.skip(f"no int8 native kernel here: {q.native_reason}")
+    ids = torch.randint(3, len(tokenizer), (1, 60), generator=g)
+    a, b = q.forward(ids, [0], [0]), ref.forward(ids, [0], [0])
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+    nxt = torch.tensor([[5]])
+    a, b = q.forward(nxt, [0], [60]), ref.forward(nxt, [0], [60])
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())

@@ -46,6 +46,7 @@ class KVCache:
         shape = (n_slots, n_kv_heads, max_seq_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.dtype = dtype
         self.quantized = dtype == torch.int8
         n_scaled = n_layers if self.quantized else 0
         self.ks = [torch.zeros(shape[:3], device=device) for _ in range(n_scaled)]

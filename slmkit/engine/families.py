@@ -122,6 +122,10 @@ class FamilyRunner(FastRunner):
         self.final_cap = getattr(cfg, "final_logit_softcapping", None)
         self.n_heads, self.n_kv = cfg.num_attention_heads, arch.kv_heads(cfg)
         self.native, self.native_reason = None, "disabled"
+        if self.rings:
+            # the native step writes a chunk's keys before its rows attend: past RING_SPARE
+            # + 1 rows the ring would drop keys the chunk's first rows still see
+            self.native_run = RING_SPARE + 1
         if native:
             self.native, self.native_reason = self._native()
 
@@ -130,13 +134,13 @@ class FamilyRunner(FastRunner):
         q/k norms (Qwen3), fused q/k/v and gate/up (Phi-3), Granite's multipliers, Gemma's
         sandwich norms and per-layer RoPE, Gemma 2's attention soft-capping (in the step;
         the final cap is applied to its logits, :meth:`_logits`); not yet sliding rings,
-        partial rotary dims or MoE blocks."""
+        partial rotary dims (RoPE on the first dims of each head), sliding-window rings
+        (a layer's ring rows go to the step; prompt chunks of rings stay short, see
+        :meth:`forward`); not yet MoE blocks."""
         from slmkit.engine.native import NativeStep
 
-        if self.rings:
-            return None, "sliding-window rings have no native step yet"
-        if self.cos.shape[-1] != self.head_dim:
-            return None, "partial rotary dims have no native step yet"
+        if self.cos.shape[-1] % 2:
+            return None, f"{self.cos.shape[-1]} rotary dims (odd) have no native step"
         return NativeStep.create(self)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -199,8 +203,10 @@ class FamilyRunner(FastRunner):
             if T == 1:
                 logits = native(h, slots, starts)                            # [B, V]
                 self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
-            else:                                                            # a prompt chunk
-                logits = native.prefill(h, slots[0], starts[0])              # [1, V]
+            else:       # a prompt chunk, in pieces of native_run rows (sliding rings)
+                step = int(min(T, self.native_run))
+                for t in range(0, T, step):
+                    logits = native.prefill(h[t:t + step], slots[0], starts[0] + t)  # [1, V]
                 self.cache.lengths[slots[0]] = starts[0] + T
             return self._logits(logits)
         key_len = max(starts) + T

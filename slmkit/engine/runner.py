@@ -102,6 +102,9 @@ class FastRunner:
     """
 
     fast = True
+    #: most rows of one slot a native call takes (a verify run): the step writes every row's
+    #: keys before any row attends (FamilyRunner's sliding rings keep a bound)
+    native_run = float("inf")
 
     def __init__(self, model, n_slots: int, max_seq_len: int, fuse: bool = True,
                  native: bool = True, kv_cache: str = "auto"):
@@ -227,7 +230,7 @@ class FastRunner:
             through one call whose rows are computed exactly as decode steps are; the torch
             loop runs one forward per request.
         """
-        if self.native is not None:
+        if self.native is not None and max(map(len, rows)) <= self.native_run:
             flat = torch.tensor([t for run in rows for t in run])
             h = (self.native.embed(flat) if self.native.embed is not None
                  else self.embed(flat.to(self.device)))                  # [N, hidden]

@@ -51,7 +51,8 @@ class Layer(ctypes.Structure):
                 ("window", ctypes.c_int32), ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p),
                 ("qn", ctypes.c_void_p), ("kn", ctypes.c_void_p),
                 ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
-                ("norm_ao", ctypes.c_void_p), ("norm_mo", ctypes.c_void_p)]
+                ("norm_ao", ctypes.c_void_p), ("norm_mo", ctypes.c_void_p),
+                ("rows", ctypes.c_int32)]
 
 
 class Model(ctypes.Structure):
@@ -64,7 +65,7 @@ class Model(ctypes.Structure):
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32),
                 ("resid_mult", ctypes.c_float), ("act", ctypes.c_int32),
-                ("attn_softcap", ctypes.c_float)]
+                ("attn_softcap", ctypes.c_float), ("rot", ctypes.c_int32)]
 
 
 #: decode.c's KV cache kinds (model_t.kv_kind), by the cache's torch dtype
@@ -471,8 +472,8 @@ class NativeStep:
             return None, f"activation '{act}' is not SiLU or GELU-tanh"
         if runner.head_dim > MAX_HEAD_DIM or runner.head_dim % 2:
             return None, f"head dim {runner.head_dim} is not supported"
-        if runner.cache.k[0].dtype not in KV_KINDS:
-            return None, f"the native step keeps no {runner.cache.k[0].dtype} KV cache"
+        if runner.cache.dtype not in KV_KINDS:
+            return None, f"the native step keeps no {runner.cache.dtype} KV cache"
         vnni = bool(lib.slm_has_vnni())
         used: list = []        # a dry run first: nothing is built or moved for a refusal
         _, reason = cls._assemble(runner, lib, vnni, used)
@@ -546,12 +547,16 @@ class NativeStep:
                 L.gu[j] = lin
             L.n_gu = len(gu)
             L.o, L.down = o, down
-            L.kc = _ptr(runner.cache.k[i], keep)
-            L.vc = _ptr(runner.cache.v[i], keep)
-            if runner.cache.quantized:
-                L.ks = _ptr(runner.cache.ks[i], keep)
-                L.vs = _ptr(runner.cache.vs[i], keep)
+            # FamilyRunner: a sliding layer's ring (rows) or the full cache, at index j
+            rows, j = runner.where[i] if hasattr(runner, "where") else (None, i)
+            cache = runner.cache if rows is None else runner.rings[rows]
+            L.kc = _ptr(cache.k[j], keep)
+            L.vc = _ptr(cache.v[j], keep)
+            if cache.quantized:
+                L.ks = _ptr(cache.ks[j], keep)
+                L.vs = _ptr(cache.vs[j], keep)
             L.window = runner.windows[i] or 0
+            L.rows = rows or 0
             rope = getattr(runner, "rope", None)       # per-layer tables (FamilyRunner)
             if rope is not None and rope[i][0] is not runner.cos:
                 L.cos = _ptr(rope[i][0].contiguous(), keep)
@@ -575,10 +580,11 @@ class NativeStep:
         m.layers = ctypes.cast(layers, ctypes.POINTER(Layer))
         keep.append(layers)
         m.lm_head = head
-        m.kv_kind = KV_KINDS[runner.cache.k[0].dtype]
+        m.kv_kind = KV_KINDS[runner.cache.dtype]
         m.resid_mult = float(getattr(runner, "residual_mult", None) or 1.0)
         m.act = act_kind or 0
         m.attn_softcap = float(getattr(runner, "attn_cap", None) or 0.0)   # Gemma 2
+        m.rot = runner.cos.shape[-1]                     # partial rotary: fewer than head_dim
         if used is not None:
             return None, None
         step = cls(lib, m, keep, runner.n_slots, head.n, cfg.hidden_size)

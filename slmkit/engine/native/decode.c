@@ -121,6 +121,8 @@ typedef struct {
                                      * layers differ), or NULL: the model's */
     const float *norm_ao, *norm_mo; /* RMSNorms on the attention and MLP outputs before the
                                      * residual add (Gemma's sandwich), or NULL */
+    int32_t rows;       /* a sliding layer's ring: position p at row p % rows of its KV head
+                         * (rows > window, see kv_span); 0: a row per position (max_seq) */
 } layer_t;
 
 typedef struct {
@@ -136,7 +138,26 @@ typedef struct {
     int32_t act;        /* gated MLP activation: 0 SiLU, 1 GELU with the tanh approximation */
     float attn_softcap; /* scores become cap * tanh(scores / cap) before softmax (Gemma 2);
                          * 0: off */
+    int32_t rot;        /* RoPE on the first rot dims of each head (partial rotary: Phi-3 /
+                         * Phi-4-mini's partial_rotary_factor); the RoPE tables are [max_seq, rot] */
 } model_t;
+
+/* Rows per KV head of layer L's cache (a ring's, or max_seq). */
+static inline int kv_rows(const model_t *m, const layer_t *L) { return L->rows ? L->rows : m->max_seq; }
+
+/* The cache rows a query at position p of layer L attends to: positions w0..p (w0 = p -
+ * window + 1, or 0), rows lo..hi less g0..g1-1. A ring of R rows holds position q at row
+ * q % R; once p >= R the window's rows wrap around when w0 % R > p % R, and the rows between
+ * (R - window of them, positions before w0) are the gap. Attention does not depend on the
+ * order of its rows, so the wrapped window is the ring less its gap. */
+typedef struct { int lo, g0, g1, hi; } span_t;
+static inline span_t kv_span(const model_t *m, const layer_t *L, int p) {
+    const int w0 = L->window > 0 && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
+    const int R = kv_rows(m, L);
+    span_t s = {w0 % R, p % R + 1, p % R + 1, p % R};
+    if (s.lo > s.hi) { s.g0 = s.hi + 1; s.g1 = s.lo; s.lo = 0; s.hi = R - 1; }
+    return s;
+}
 
 /* A quantized activation: B rows of k int8 values in blocks of 32. prep writes it row-major
  * (rs = 1): q [B, k], d, c and zs [B, k/32], cg [B, k/group]. The int4 tiles (and int8
@@ -785,17 +806,23 @@ static inline void lin_multi(const lin_t *Ls, int nl, const float *x, const act_
 static void kvpf_plan(const model_t *m, const layer_t *L, int B, const int64_t *slots,
                       const int64_t *pos, kvpf_t *pf) {
     const int nt = omp_get_num_threads(), t = omp_get_thread_num(), esz = KV_ESZ[m->kv_kind];
-    const int D = m->head_dim, S = m->max_seq;
+    const int D = m->head_dim, R = kv_rows(m, L);
     int lo, hi, tiles = 0, tlo, thi;
     static_share(B * m->n_kv, t, nt, &lo, &hi);
     pf->nr = pf->cur = 0;
     pf->off = 0;
-    for (int it = lo; it < hi; it++) {
-        const int b = it / m->n_kv, kh = it % m->n_kv, p = (int)pos[b];
-        const int w0 = L->window > 0 && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
-        const int64_t at = (((int64_t)slots[b] * m->n_kv + kh) * S + w0) * D * esz;
-        kvpf_add(pf, (const char *)L->kc + at, (int64_t)(p - w0) * D * esz);
-        kvpf_add(pf, (const char *)L->vc + at, (int64_t)(p - w0) * D * esz);
+    for (int it = lo; it < hi; it++) {   /* the rows cached before this step (up to p - 1) */
+        const int b = it / m->n_kv, kh = it % m->n_kv;
+        const span_t r = kv_span(m, L, (int)pos[b]);
+        const int64_t row0 = ((int64_t)slots[b] * m->n_kv + kh) * R;
+        /* position p's row (g0 - 1) is written in this step; a wrapped window goes on at g1 */
+        const int first = r.g0 - 1 - r.lo, second = r.hi - r.g1 + 1;
+        kvpf_add(pf, (const char *)L->kc + (row0 + r.lo) * D * esz, (int64_t)first * D * esz);
+        kvpf_add(pf, (const char *)L->vc + (row0 + r.lo) * D * esz, (int64_t)first * D * esz);
+        if (r.g0 <= r.hi) {
+            kvpf_add(pf, (const char *)L->kc + (row0 + r.g1) * D * esz, (int64_t)second * D * esz);
+            kvpf_add(pf, (const char *)L->vc + (row0 + r.g1) * D * esz, (int64_t)second * D * esz);
+        }
     }
     for (int j = 0; j < L->n_qkv; j++) tiles += (L->qkv[j].n + tile_rows(&L->qkv[j]) - 1) / tile_rows(&L->qkv[j]);
     static_share(tiles, t, nt, &tlo, &thi);
@@ -877,6 +904,10 @@ static void rms_norm(const float *x, const float *w, int n, float eps, float *y)
 }
 
 
+/* The cache rows a query attends to are lo..p less g0..g1-1 (a ring's rows outside the
+ * window, see kv_span; g0 = g1 = p + 1 when none): the next row after j. */
+#define NEXT_ROW(j, g0, g1) ((j) + 1 == (g0) ? (g1) : (j) + 1)
+
 /* Attention reads the KV cache as fp32, fp16 or int8 codes (KF, a compile-time constant in
  * every caller, so each kind gets its own loop). int8: the code alone; its row's scale is
  * applied once per row, to the key's score and to the value's weight. */
@@ -898,7 +929,8 @@ static inline __m512 kv16(const void *base, int64_t i, const int KF) {
  * so a head's result does not depend on how heads are grouped. */
 static inline __attribute__((always_inline)) void attend_tile(
         const float *q, const void *K, const void *V, const float *KS, const float *VS, int lo,
-        int p, float scale, float *sc, int S, float *o, const int NH, const int NC, const int KF) {
+        int g0, int g1, int p, float scale, float *sc, int S, float *o, const int NH,
+        const int NC, const int KF) {
     const int D = 16 * NC;
     __m512 qv[12], ov[12];
     float mx[12];
@@ -906,7 +938,7 @@ static inline __attribute__((always_inline)) void attend_tile(
         mx[h] = -INFINITY;
         for (int c = 0; c < NC; c++) qv[h * NC + c] = _mm512_loadu_ps(q + h * D + 16 * c);
     }
-    for (int j = lo; j <= p; j++) {
+    for (int j = lo; j <= p; j = NEXT_ROW(j, g0, g1)) {
         __m512 kr[8];
         for (int c = 0; c < NC; c++) kr[c] = kv16(K, (int64_t)j * D + 16 * c, KF);
         for (int h = 0; h < NH; h++) {
@@ -921,10 +953,11 @@ static inline __attribute__((always_inline)) void attend_tile(
     }
     float inv[12];
     for (int h = 0; h < NH; h++) {
-        inv[h] = 1.f / exp_sub_sum(sc + h * S + lo, p - lo + 1, mx[h]);
+        inv[h] = 1.f / (exp_sub_sum(sc + h * S + lo, g0 - lo, mx[h])
+                        + exp_sub_sum(sc + h * S + g1, p - g1 + 1, mx[h]));
         for (int c = 0; c < NC; c++) ov[h * NC + c] = _mm512_setzero_ps();
     }
-    for (int j = lo; j <= p; j++) {          /* o += e_j * v_j, normalized once */
+    for (int j = lo; j <= p; j = NEXT_ROW(j, g0, g1)) {   /* o += e_j * v_j, normalized once */
         __m512 vr[8];
         for (int c = 0; c < NC; c++) vr[c] = kv16(V, (int64_t)j * D + 16 * c, KF);
         for (int h = 0; h < NH; h++) {
@@ -938,8 +971,8 @@ static inline __attribute__((always_inline)) void attend_tile(
 }
 #define ATT(NH, NC, F) static __attribute__((noinline)) void attend_##NH##_##NC##_##F( \
     const float *q, const void *K, const void *V, const float *KS, const float *VS, int lo, \
-    int p, float scale, float *sc, int S, float *o) { \
-    attend_tile(q, K, V, KS, VS, lo, p, scale, sc, S, o, NH, NC, F); }
+    int g0, int g1, int p, float scale, float *sc, int S, float *o) { \
+    attend_tile(q, K, V, KS, VS, lo, g0, g1, p, scale, sc, S, o, NH, NC, F); }
 /* head dim 64 (most small models) in up to 3 heads a pass; other multiples of 16 up to 128
  * one head at a time */
 ATT(1, 4, 0) ATT(2, 4, 0) ATT(3, 4, 0) ATT(1, 4, 1) ATT(2, 4, 1) ATT(3, 4, 1)
@@ -948,7 +981,7 @@ ATT(1, 1, 0) ATT(1, 2, 0) ATT(1, 3, 0) ATT(1, 5, 0) ATT(1, 6, 0) ATT(1, 7, 0) AT
 ATT(1, 1, 1) ATT(1, 2, 1) ATT(1, 3, 1) ATT(1, 5, 1) ATT(1, 6, 1) ATT(1, 7, 1) ATT(1, 8, 1)
 ATT(1, 1, 2) ATT(1, 2, 2) ATT(1, 3, 2) ATT(1, 5, 2) ATT(1, 6, 2) ATT(1, 7, 2) ATT(1, 8, 2)
 typedef void (*attend_fn)(const float *, const void *, const void *, const float *,
-                          const float *, int, int, float, float *, int, float *);
+                          const float *, int, int, int, int, float, float *, int, float *);
 static const attend_fn ATTEND_ONE[3][9] = {
     {NULL, attend_1_1_0, attend_1_2_0, attend_1_3_0, attend_1_4_0, attend_1_5_0, attend_1_6_0,
      attend_1_7_0, attend_1_8_0},
@@ -964,10 +997,10 @@ static const attend_fn ATTEND_64[3][4] = {
 
 /* One query head, any head dim: the portable path. */
 static void attend_plain(const float *q, const void *K, const void *V, const float *KS,
-                         const float *VS, int lo, int p, int D, float scale, float cap,
-                         float *sc, float *o, const int KF) {
+                         const float *VS, int lo, int g0, int g1, int p, int D, float scale,
+                         float cap, float *sc, float *o, const int KF) {
     float mx = -INFINITY;
-    for (int j = lo; j <= p; j++) {
+    for (int j = lo; j <= p; j = NEXT_ROW(j, g0, g1)) {
         float acc[16] = {0}, s = 0.f;
         for (int i = 0; i < D; i++) acc[i & 15] += kv_at(K, (int64_t)j * D + i, KF) * q[i];
         for (int i = 0; i < 16; i++) s += acc[i];
@@ -975,9 +1008,9 @@ static void attend_plain(const float *q, const void *K, const void *V, const flo
         if (cap > 0.f) sc[j] = tanhf(sc[j] / cap) * cap;
         mx = sc[j] > mx ? sc[j] : mx;
     }
-    const float inv = 1.f / exp_sub_sum(sc + lo, p - lo + 1, mx);
+    const float inv = 1.f / (exp_sub_sum(sc + lo, g0 - lo, mx) + exp_sub_sum(sc + g1, p - g1 + 1, mx));
     for (int i = 0; i < D; i++) o[i] = 0.f;
-    for (int j = lo; j <= p; j++) {
+    for (int j = lo; j <= p; j = NEXT_ROW(j, g0, g1)) {
         const float wgt = KF == KV_I8 ? sc[j] * VS[j] : sc[j];
         for (int i = 0; i < D; i++) o[i] += wgt * kv_at(V, (int64_t)j * D + i, KF);
     }
@@ -1017,36 +1050,37 @@ static inline void kv_store(void *base, float *scale, int64_t at, const float *x
 /* KV head kh's key and value of one token (its q/k/v row) into the cache at (slot, pos). */
 static inline void kv_put(const model_t *m, const layer_t *L, int64_t slot, int kh, int64_t pos,
                           const float *row) {
-    const int D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D;
-    const int64_t r = (slot * m->n_kv + kh) * m->max_seq + pos;   /* the cached row */
+    const int D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D, R = kv_rows(m, L);
+    const int64_t r = (slot * m->n_kv + kh) * R + pos % R;   /* the cached row */
     kv_store(L->kc, L->ks ? L->ks + r : NULL, r * D, row + nq + kh * D, D, m->kv_kind);
     kv_store(L->vc, L->vs ? L->vs + r : NULL, r * D, row + nq + nk + kh * D, D, m->kv_kind);
 }
 
 /* Query heads h0 .. h0 + nh - 1 (all of one KV head) against rows lo..p of that KV head. */
 static void attend(const float *q, const void *K, const void *V, const float *KS,
-                   const float *VS, int lo, int p, int D, float scale, float cap, float *sc,
+                   const float *VS, span_t r, int D, float scale, float cap, float *sc,
                    int S, float *o, int nh, int kind) {
+    const int lo = r.lo, g0 = r.g0, g1 = r.g1, p = r.hi;
 #ifdef SLM_AVX512
     /* soft-capped scores (cap > 0: Gemma 2) take the portable path below */
     if (cap <= 0.f && D == 64) {
         for (int h = 0; h < nh; h += 3) {
             const int n = nh - h < 3 ? nh - h : 3;
-            ATTEND_64[kind][n](q + h * D, K, V, KS, VS, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
+            ATTEND_64[kind][n](q + h * D, K, V, KS, VS, lo, g0, g1, p, scale, sc + (int64_t)h * S, S, o + h * D);
         }
         return;
     }
     if (cap <= 0.f && D % 16 == 0 && D <= 128) {
         for (int h = 0; h < nh; h++)
-            ATTEND_ONE[kind][D / 16](q + h * D, K, V, KS, VS, lo, p, scale, sc + (int64_t)h * S, S, o + h * D);
+            ATTEND_ONE[kind][D / 16](q + h * D, K, V, KS, VS, lo, g0, g1, p, scale, sc + (int64_t)h * S, S, o + h * D);
         return;
     }
 #endif
     for (int h = 0; h < nh; h++) {
         float *sh = sc + (int64_t)h * S, *oh = o + h * D;
-        if (kind == KV_F16) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, cap, sh, oh, KV_F16);
-        else if (kind == KV_I8) attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, cap, sh, oh, KV_I8);
-        else attend_plain(q + h * D, K, V, KS, VS, lo, p, D, scale, cap, sh, oh, KV_F32);
+        if (kind == KV_F16) attend_plain(q + h * D, K, V, KS, VS, lo, g0, g1, p, D, scale, cap, sh, oh, KV_F16);
+        else if (kind == KV_I8) attend_plain(q + h * D, K, V, KS, VS, lo, g0, g1, p, D, scale, cap, sh, oh, KV_I8);
+        else attend_plain(q + h * D, K, V, KS, VS, lo, g0, g1, p, D, scale, cap, sh, oh, KV_F32);
     }
 }
 
@@ -1061,9 +1095,9 @@ static inline void rope_head(float *v, const float *cs, const float *sn, int D) 
 
 /* One query or key head: its RMSNorm (w: NULL for none), then RoPE, in place. */
 static inline void qk_head(float *v, const float *w, float eps, const float *cs,
-                           const float *sn, int D) {
+                           const float *sn, int D, int rot) {
     if (w) rms_norm(v, w, D, eps, v);
-    rope_head(v, cs, sn, D);
+    rope_head(v, cs, sn, rot);      /* the first rot dims; the rest pass through */
 }
 
 /* Attention of query heads h0 .. h0 + nh - 1 (one KV group or less) of row b. */
@@ -1071,13 +1105,13 @@ static void attend_group(const model_t *m, const layer_t *L, int b, int h0, int 
                          const float *qkv, const int64_t *slots, const int64_t *pos,
                          float *scores, float *att) {
     const int D = m->head_dim, S = m->max_seq, nq = m->n_heads * D, nk = m->n_kv * D;
-    const int kh = h0 / (m->n_heads / m->n_kv), p = (int)pos[b];
-    const int lo = L->window > 0 && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
-    const int64_t row0 = ((int64_t)slots[b] * m->n_kv + kh) * S, at = row0 * D * KV_ESZ[m->kv_kind];
+    const int kh = h0 / (m->n_heads / m->n_kv);
+    const int64_t row0 = ((int64_t)slots[b] * m->n_kv + kh) * kv_rows(m, L),
+                  at = row0 * D * KV_ESZ[m->kv_kind];
     const int i8 = m->kv_kind == KV_I8;
     attend(qkv + (int64_t)b * (nq + 2 * nk) + h0 * D, (const char *)L->kc + at,
-           (const char *)L->vc + at, i8 ? L->ks + row0 : NULL, i8 ? L->vs + row0 : NULL, lo, p,
-           D, m->attn_scale, m->attn_softcap, scores + ((int64_t)b * m->n_heads + h0) * S, S,
+           (const char *)L->vc + at, i8 ? L->ks + row0 : NULL, i8 ? L->vs + row0 : NULL,
+           kv_span(m, L, (int)pos[b]), D, m->attn_scale, m->attn_softcap, scores + ((int64_t)b * m->n_heads + h0) * S, S,
            att + (int64_t)b * nq + h0 * D, nh, m->kv_kind);
 }
 
@@ -1309,11 +1343,11 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 for (int it = 0; it < B * m->n_kv; it++) {
                     const int b = it / m->n_kv, kh = it % m->n_kv;
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
-                    const float *cs = (L->cos ? L->cos : m->cos) + pos[b] * D,
-                                *sn = (L->sin_signed ? L->sin_signed : m->sin_signed) + pos[b] * D;
-                    qk_head(row + nq + kh * D, L->kn, m->eps, cs, sn, D);
+                    const float *cs = (L->cos ? L->cos : m->cos) + pos[b] * m->rot,
+                                *sn = (L->sin_signed ? L->sin_signed : m->sin_signed) + pos[b] * m->rot;
+                    qk_head(row + nq + kh * D, L->kn, m->eps, cs, sn, D, m->rot);
                     kv_put(m, L, slots[b], kh, pos[b], row);
-                    for (int h = kh * grp; h < (kh + 1) * grp; h++) qk_head(row + h * D, L->qn, m->eps, cs, sn, D);
+                    for (int h = kh * grp; h < (kh + 1) * grp; h++) qk_head(row + h * D, L->qn, m->eps, cs, sn, D, m->rot);
                     attend_group(m, L, b, kh * grp, grp, qkv, slots, pos, scores, att);
                 }
                 bar_wait(&bar);
@@ -1321,10 +1355,10 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 #pragma omp for schedule(static) nowait
                 for (int b = 0; b < B; b++) {      /* RoPE on q and k, then k/v into the cache */
                     float *row = qkv + (int64_t)b * (nq + 2 * nk);
-                    const float *cs = (L->cos ? L->cos : m->cos) + pos[b] * D,
-                                *sn = (L->sin_signed ? L->sin_signed : m->sin_signed) + pos[b] * D;
+                    const float *cs = (L->cos ? L->cos : m->cos) + pos[b] * m->rot,
+                                *sn = (L->sin_signed ? L->sin_signed : m->sin_signed) + pos[b] * m->rot;
                     for (int hh = 0; hh < m->n_heads + m->n_kv; hh++)
-                        qk_head(row + hh * D, hh < m->n_heads ? L->qn : L->kn, m->eps, cs, sn, D);
+                        qk_head(row + hh * D, hh < m->n_heads ? L->qn : L->kn, m->eps, cs, sn, D, m->rot);
                     for (int kh = 0; kh < m->n_kv; kh++) {
                         kv_put(m, L, slots[b], kh, pos[b], row);
                     }
