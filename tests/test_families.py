@@ -317,3 +317,50 @@ def test_native_step_runs_sliding_rings_and_partial_rotary(kind, extra, tokenize
     nxt = torch.tensor([[5]])
     a, b = q.forward(nxt, [0], [60]), ref.forward(nxt, [0], [60])
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_native_step_routes_mixtures_of_experts(kind, tokenizer):
+    """Mixtral (top 2 of 4, renormalised) and Qwen2-MoE (top 2 of 4 by plain softmax
+    probability, plus the sigmoid-gated shared expert) decode on the compiled step: each
+    row's experts are chosen in the step and only those are computed. Logits equal the torch
+    loop's (which calls transformers' MoE block) for two rows at different positions over
+    several steps, at one and two threads, for a native prompt chunk of a model whose
+    attention is int8, and after Qwen2-MoE's shared expert is quantized too."""
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.engine.families import FamilyRunner
+
+    model = build_tiny_model(kind, tokenizer, initializer_range=0.2)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g) for n in (9, 4)]
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            fast, slow = FamilyRunner(model, 2, 48), FamilyRunner(model, 2, 48, native=False)
+            if fast.native is None:
+                pytest.skip(f"no native step here: {fast.native_reason}")
+            for r in (fast, slow):
+                for slot, p in enumerate(prompts):
+                    r.forward(p[None], [slot], [0])
+            tokens = torch.tensor([[7], [11]])
+            for step in range(8):
+                starts = [9 + step, 4 + step]
+                a = fast.forward(tokens, [0, 1], starts)
+                b = slow.forward(tokens, [0, 1], starts)
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+                tokens = a.argmax(-1, keepdim=True)
+    finally:
+        torch.set_num_threads(threads)
+    # int8 attention (and shared expert): the step takes the prompt chunk too
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
+    q, ref = FamilyRunner(model, 1, 48), FamilyRunner(model, 1, 48, native=False)
+    if q.native is None or not q.native.prefills:
+        pytest.skip(f"no int8 native kernel here: {q.native_reason}")
+    ids = torch.randint(3, len(tokenizer), (1, 20), generator=g)
+    a, b = q.forward(ids, [0], [0]), ref.forward(ids, [0], [0])
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+    nxt = a.argmax(-1, keepdim=True)
+    a, b = q.forward(nxt, [0], [20]), ref.forward(nxt, [0], [20])
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())

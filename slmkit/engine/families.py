@@ -27,9 +27,10 @@ config, never from class names:
 
 Like :class:`FastRunner`'s loop it only *calls* the model's modules, so quantized, low-rank
 and LoRA layers run unchanged. Its greedy output equals ``transformers``' at fp32
-(``tests/test_families.py``). Decode steps of Qwen3, Phi-3 and Granite go through the
-native step (:mod:`slmkit.engine.native`: q/k head norms, fused q/k/v and gate/up, the
-residual multiplier); the other families' ``native_reason`` says what it lacks.
+(``tests/test_families.py``). Decode steps of every family here go through the native step
+(:mod:`slmkit.engine.native`: q/k head norms, fused q/k/v and gate/up, the residual
+multiplier, Gemma's norms and caps, sliding rings, partial rotary dims, MoE routing) where
+the model's modules allow; otherwise ``native_reason`` says what it lacks.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class FamilyRunner(FastRunner):
         the final cap is applied to its logits, :meth:`_logits`); not yet sliding rings,
         partial rotary dims (RoPE on the first dims of each head), sliding-window rings
         (a layer's ring rows go to the step; prompt chunks of rings stay short, see
-        :meth:`forward`); not yet MoE blocks."""
+        :meth:`forward`) and MoE blocks with a Mixtral or Qwen-MoE router (top-k routing in
+        the step)."""
         from slmkit.engine.native import NativeStep
 
         if self.cos.shape[-1] % 2:

@@ -92,7 +92,8 @@ ARCHS: dict[str, Arch] = {
                     gguf_permute_qk=True, window_all_layers=True, awq=_LLAMA_ATTN + _LLAMA_MLP),
     "qwen2": Arch(llama_layout=True, rms_norm="Qwen2RMSNorm", gguf_arch="qwen2",
                   awq=_LLAMA_ATTN + _LLAMA_MLP),
-    "mixtral": Arch(awq=_LLAMA_ATTN, fast_decode=True, moe=True, window_all_layers=True),
+    "mixtral": Arch(rms_norm="MixtralRMSNorm", awq=_LLAMA_ATTN, fast_decode=True, moe=True,
+                    window_all_layers=True),
     "gpt2": Arch(conv1d=True),
     "qwen3": Arch(rms_norm="Qwen3RMSNorm", gguf_arch="qwen3", fast_decode=True,
                   awq=_LLAMA_ATTN + _LLAMA_MLP),
@@ -104,7 +105,7 @@ ARCHS: dict[str, Arch] = {
     "phi3": Arch(rms_norm="Phi3RMSNorm", gguf_arch="phi3", fast_decode=True, awq=_PHI3,
                  window_all_layers=True),
     "gpt_neox": Arch(awq=_NEOX),
-    "qwen2_moe": Arch(awq=_LLAMA_ATTN, fast_decode=True, moe=True),
+    "qwen2_moe": Arch(rms_norm="Qwen2MoeRMSNorm", awq=_LLAMA_ATTN, fast_decode=True, moe=True),
 }
 
 #: Families whose code ships with the checkpoint (``auto_map``) and that transformers has

@@ -52,7 +52,11 @@ class Layer(ctypes.Structure):
                 ("qn", ctypes.c_void_p), ("kn", ctypes.c_void_p),
                 ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
                 ("norm_ao", ctypes.c_void_p), ("norm_mo", ctypes.c_void_p),
-                ("rows", ctypes.c_int32)]
+                ("rows", ctypes.c_int32),
+                ("n_exp", ctypes.c_int32), ("top_k", ctypes.c_int32),
+                ("norm_topk", ctypes.c_int32), ("moe_inter", ctypes.c_int32),
+                ("router", ctypes.c_void_p), ("exp_gu", ctypes.c_void_p),
+                ("exp_down", ctypes.c_void_p), ("shared_gate", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -422,6 +426,43 @@ _ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}
 _ACT_MODULES = {"SiLU": 0, "SiLUActivation": 0, "PytorchGELUTanh": 1, "GELUTanh": 1}
 
 
+#: routers whose rule the step computes: softmax over the experts, the top k, renormalised
+#: over them where the config says (Mixtral always; Qwen2/3-MoE's ``norm_topk_prob``)
+_ROUTERS = {"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter"}
+
+
+def _moe(mlp, keep: list) -> dict | str | None:
+    """A mixture-of-experts block's fields for ``layer_t`` (kept fp32 pointers), why the
+    step cannot run it, or None for a plain MLP."""
+    experts, router = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+    if experts is None:
+        return None
+    name = type(router).__name__
+    if name not in _ROUTERS:
+        return f"mixture-of-experts router {name} has no native step"
+    gu, down, w = (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None),
+                   getattr(router, "weight", None))
+    tensors = (gu, down, w)
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_contiguous()
+               and t.device.type == "cpu" for t in tensors) or gu.dim() != 3 \
+            or getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
+        return "mixture-of-experts weights are not fused fp32 [experts, out, in] tensors"
+    if router.top_k > 64:
+        return f"{router.top_k} experts per token (at most 64 in the native step)"
+    gate = getattr(mlp, "shared_expert_gate", None)     # Linear(hidden, 1), maybe quantized
+    if gate is not None:
+        if getattr(gate, "bias", None) is not None or not hasattr(gate, "weight") \
+                and not hasattr(gate, "dense_weight"):
+            return "the shared expert's gate is not a linear without bias"
+        gate = gate.dense_weight() if hasattr(gate, "dense_weight") else gate.weight.detach()
+    return {"n_exp": int(gu.shape[0]), "top_k": int(router.top_k),
+            "norm_topk": int(getattr(router, "norm_topk_prob", True)),
+            "moe_inter": int(down.shape[2]), "router": _ptr(w.detach(), keep),
+            "exp_gu": _ptr(gu.detach(), keep), "exp_down": _ptr(down.detach(), keep),
+            "shared_gate": _ptr(None if gate is None else
+                                gate.float().reshape(-1).contiguous(), keep)}
+
+
 def _norm_eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps"))
 
@@ -494,6 +535,7 @@ class NativeStep:
         layers = (Layer * len(runner.layers))()
         eps = None
         act_kind = None
+        inter = 0          # the widest dense MLP (or shared expert): the step's buffers
         for i, layer in enumerate(runner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             head_norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
@@ -513,27 +555,35 @@ class NativeStep:
                     if eps is not None and e != eps:
                         return None, "the norms do not share one epsilon"
                     eps = e
-            if not hasattr(mlp, "down_proj") or not (hasattr(mlp, "gate_proj")
-                                                     or hasattr(mlp, "gate_up_proj")):
-                return None, "mixture-of-experts blocks have no native step yet"
+            moe = _moe(mlp, keep)
+            if isinstance(moe, str):
+                return None, moe
+            if moe is not None:                    # the shared expert (or none) as the MLP
+                mlp = getattr(mlp, "shared_expert", None)
             if hasattr(attn, "qkv_proj"):          # Phi-3: one linear, rows q | k | v
                 qkv = _group([attn.qkv_proj], keep, vnni, None, used)
             else:
                 qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj], keep, vnni,
                              getattr(attn, "_slmkit_qkv", None) if runner.qkv[i] is not None
                              else None, used)
-            if hasattr(mlp, "gate_up_proj"):       # Phi-3: one linear, rows gate | up
+            if mlp is None:                        # Mixtral: experts only
+                gu, down = [], Lin()
+            elif hasattr(mlp, "gate_up_proj"):     # Phi-3: one linear, rows gate | up
                 gu = _group([mlp.gate_up_proj], keep, vnni, None, used)
             else:
                 gu = _group([mlp.gate_proj, mlp.up_proj], keep, vnni,
                             getattr(mlp, "_slmkit_gate_up", None)
-                            if runner.mlps[i] is not mlp else None, used)
+                            if runner.mlps[i] is not layer.mlp else None, used)
             o = _lin(attn.o_proj, keep, vnni, used=used)
-            down = _lin(mlp.down_proj, keep, vnni, used=used)
+            if mlp is not None:
+                down = _lin(mlp.down_proj, keep, vnni, used=used)
             for part in (qkv, gu, o, down):
                 if isinstance(part, str):
                     return None, part
-            act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+            if gu:
+                inter = max(inter, gu[0].n if len(gu) == 2 else gu[0].n // 2)
+            act = getattr(mlp if mlp is not None else layer.mlp.experts, "act_fn", None) \
+                or getattr(mlp, "activation_fn", None)
             kind = _ACT_MODULES.get(type(act).__name__)
             if kind is None or act_kind not in (None, kind):
                 return None, f"MLP activation {type(act).__name__} is not SiLU or GELU-tanh"
@@ -547,6 +597,11 @@ class NativeStep:
                 L.gu[j] = lin
             L.n_gu = len(gu)
             L.o, L.down = o, down
+            if moe is not None:
+                L.n_exp, L.top_k, L.norm_topk, L.moe_inter = (
+                    moe["n_exp"], moe["top_k"], moe["norm_topk"], moe["moe_inter"])
+                L.router, L.exp_gu, L.exp_down, L.shared_gate = (
+                    moe["router"], moe["exp_gu"], moe["exp_down"], moe["shared_gate"])
             # FamilyRunner: a sliding layer's ring (rows) or the full cache, at index j
             rows, j = runner.where[i] if hasattr(runner, "where") else (None, i)
             cache = runner.cache if rows is None else runner.rings[rows]
@@ -571,7 +626,7 @@ class NativeStep:
         m = Model()
         m.n_layers, m.hidden = len(runner.layers), cfg.hidden_size
         m.n_heads, m.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        m.head_dim, m.inter, m.vocab = runner.head_dim, cfg.intermediate_size, head.n
+        m.head_dim, m.inter, m.vocab = runner.head_dim, inter, head.n
         m.max_seq, m.n_threads = runner.max_seq_len, torch.get_num_threads()
         m.eps, m.attn_scale = float(eps), float(attn0.scaling)
         m.cos = _ptr(runner.cos.contiguous(), keep)
@@ -592,7 +647,8 @@ class NativeStep:
         # tokens: int8 62 vs 300 ms, int4 58 vs 242 ms); fp32 chunks stay with torch's GEMM
         # (237 vs 269 ms)
         step.prefills = head.kind != LIN_F32 or any(
-            layers[i].down.kind != LIN_F32 for i in range(len(runner.layers)))
+            layers[i].down.kind != LIN_F32 or layers[i].o.kind != LIN_F32
+            for i in range(len(runner.layers)))
         step.embed = quant_embedder(lib, runner.embed)
         return step, None
 

@@ -123,6 +123,15 @@ typedef struct {
                                      * residual add (Gemma's sandwich), or NULL */
     int32_t rows;       /* a sliding layer's ring: position p at row p % rows of its KV head
                          * (rows > window, see kv_span); 0: a row per position (max_seq) */
+    /* A mixture of experts in place of the MLP (Mixtral, Qwen2-MoE) when n_exp > 0: router
+     * [n_exp, hidden]; each expert's gate | up [n_exp, 2 moe_inter, hidden] and down
+     * [n_exp, hidden, moe_inter], fp32. A row goes to its top_k experts by softmax
+     * probability, weighted by that probability (renormalised over the top k when
+     * norm_topk); only those experts' weights are read. gu / down then hold the shared
+     * expert (Qwen2-MoE; n_gu = 0: none), scaled by sigmoid(shared_gate . x) when
+     * shared_gate is set. */
+    int32_t n_exp, top_k, norm_topk, moe_inter;
+    const float *router, *exp_gu, *exp_down, *shared_gate;
 } layer_t;
 
 typedef struct {
@@ -1269,12 +1278,14 @@ void slm_argmax(const float *x, int B, int n, int64_t *out) {
 }
 
 /* Workspace floats the step needs for B rows (the caller allocates it). */
+static int64_t moe_floats(const model_t *m, int B);   /* below, with the experts */
 int64_t slm_work_floats(const model_t *m, int B) {
     int64_t nq = (int64_t)m->n_heads * m->head_dim, nk = (int64_t)m->n_kv * m->head_dim;
     int64_t kmax = m->hidden > m->inter ? m->hidden : m->inter;
     if (nq > kmax) kmax = nq;
     int64_t f = B * (m->hidden * 2 + (nq + 2 * nk) + nq + 2 * (int64_t)m->inter + m->inter);
     f += (int64_t)B * m->n_heads * m->max_seq;         /* attention scores */
+    f += moe_floats(m, B);
     f += B * kmax / 4 + 6 * B * kmax / QBLOCK + 64;  /* act_t: q, d, c, cg, zs (and slack) */
     f += (m->n_threads * priv_bytes(B, kmax) + 128) / 4;   /* the threads' interleaved copies */
     return f;
@@ -1295,6 +1306,138 @@ int slm_has_vnni(void) {
  * prefill 2 (verify): runs of consecutive positions of one or more sequences (speculative
  * decoding's drafts): keys and values all written before any row attends, logits of every
  * row. Each row's arithmetic is that of a decode step, so its logits are bit-identical. */
+/* ------------------------------------------------------------------ mixture of experts
+ * A layer's B rows make B * top_k (row, expert) assignments. moe_route picks each row's
+ * experts; moe_group sorts the assignments by expert, so each chosen expert's weights are
+ * read once for all the rows it got (lin_rows over the gathered rows); moe_combine adds a
+ * row's expert outputs up (in expert order, as transformers' loop over experts does) and
+ * the gated shared expert. Buffers (moe_t) sit in the step's workspace. */
+#define MOE_MAX_K 64     /* most experts per token (the step's stack arrays) */
+typedef struct {
+    float *route;       /* [B, n_exp] router logits, then probabilities */
+    int32_t *sel;       /* [B * top_k] expert of each assignment (row-major by row) */
+    float *wt;          /* [B * top_k] its weight */
+    int32_t *ord;       /* [B * top_k] assignments sorted by expert */
+    int32_t *at;        /* [B * top_k] where each assignment sits in ord */
+    int32_t *gst;       /* [n_exp + 1] expert e's assignments are ord[gst[e] .. gst[e + 1]) */
+    float *x, *gu, *act, *y;   /* gathered rows [B * top_k, hidden], gate|up, act, down */
+} moe_t;
+
+static int64_t moe_floats(const model_t *m, int B) {
+    int64_t f = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        const layer_t *L = &m->layers[l];
+        if (!L->n_exp) continue;
+        const int64_t n = (int64_t)B * L->top_k;
+        const int64_t g = (int64_t)B * L->n_exp + 4 * n + L->n_exp + 1
+                        + n * (2 * (int64_t)m->hidden + 3 * (int64_t)L->moe_inter) + 64;
+        if (g > f) f = g;
+    }
+    return f;
+}
+
+static moe_t moe_buffers(const model_t *m, const layer_t *L, int B, float *w) {
+    moe_t e;
+    const int64_t n = (int64_t)B * L->top_k;
+    e.route = w;
+    e.sel = (int32_t *)(e.route + (int64_t)B * L->n_exp);
+    e.wt = (float *)(e.sel + n);
+    e.ord = (int32_t *)(e.wt + n);
+    e.at = e.ord + n;
+    e.gst = e.at + n;
+    e.x = (float *)(e.gst + L->n_exp + 1);
+    e.x += (16 - ((uintptr_t)e.x / sizeof(float)) % 16) % 16;     /* 64-byte aligned rows */
+    e.gu = e.x + n * m->hidden;
+    e.act = e.gu + n * 2 * L->moe_inter;
+    e.y = e.act + n * L->moe_inter;
+    return e;
+}
+
+/* Row b's experts: softmax over the router's logits, the top_k largest (the lower index on
+ * a tie), renormalised over those when norm_topk. */
+static void moe_route(const layer_t *L, const float *x, int H, int b, moe_t *e) {
+    const int E = L->n_exp, K = L->top_k;
+    float *p = e->route + (int64_t)b * E, mx = -INFINITY, sum = 0.f;
+    for (int i = 0; i < E; i++) {
+        p[i] = dot_f32(L->router + (int64_t)i * H, x + (int64_t)b * H, H);
+        mx = p[i] > mx ? p[i] : mx;
+    }
+    for (int i = 0; i < E; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
+    float top = 0.f;
+    for (int j = 0; j < K; j++) {
+        int best = -1;
+        for (int i = 0; i < E; i++) {
+            int taken = 0;
+            for (int t = 0; t < j; t++) taken |= e->sel[b * K + t] == i;
+            if (!taken && (best < 0 || p[i] > p[best])) best = i;
+        }
+        e->sel[b * K + j] = best;
+        e->wt[b * K + j] = p[best] / sum;
+        top += p[best] / sum;
+    }
+    if (L->norm_topk)
+        for (int j = 0; j < K; j++) e->wt[b * K + j] /= top;
+}
+
+/* Counting sort of the B * top_k assignments by expert (one thread). */
+static void moe_group(const layer_t *L, int B, moe_t *e) {
+    const int E = L->n_exp, n = B * L->top_k;
+    for (int i = 0; i <= E; i++) e->gst[i] = 0;
+    for (int i = 0; i < n; i++) e->gst[e->sel[i] + 1]++;
+    for (int i = 0; i < E; i++) e->gst[i + 1] += e->gst[i];
+    for (int i = 0; i < n; i++) e->at[i] = e->gst[e->sel[i]]++;
+    for (int i = E; i > 0; i--) e->gst[i] = e->gst[i - 1];     /* back to the starts */
+    e->gst[0] = 0;
+    for (int i = 0; i < n; i++) e->ord[e->at[i]] = i;
+}
+
+/* One stage of the chosen experts' linears: for every expert with rows, rows [r0, r1) of
+ * its matrix (n x k, expert e at w + e * n * k) over its gathered rows of x (stride k) into
+ * y (stride n); tiles of 8 weight rows shared out over the team. */
+static void moe_lin(const layer_t *L, const float *w, int n, int k, const float *x, float *y,
+                    const moe_t *e, spin_bar_t *bar) {
+    const int tpe = (n + 7) / 8;
+    int used = 0;
+    for (int i = 0; i < L->n_exp; i++) used += e->gst[i + 1] > e->gst[i];
+    #pragma omp for schedule(static) nowait
+    for (int t = 0; t < used * tpe; t++) {
+        int i = -1, u = t / tpe;
+        while (u >= 0) { i++; if (e->gst[i + 1] > e->gst[i]) u--; }   /* the (t / tpe)th used */
+        const int g0 = e->gst[i], rows = e->gst[i + 1] - g0, r0 = (t % tpe) * 8;
+        lin_t Le = {0};
+        Le.kind = LIN_F32; Le.n = n; Le.k = k; Le.group = k;
+        Le.w = w + (int64_t)i * n * k;
+        lin_rows(&Le, x + (int64_t)g0 * k, NULL, NULL, rows, y + (int64_t)g0 * n, n, 0, r0,
+                 r0 + 8 < n ? r0 + 8 : n);
+    }
+    bar_wait(bar);
+}
+
+/* Row b's MoE output into out [H]: its experts' outputs times their weights, added in
+ * expert order, plus the shared expert's (sh, or NULL) times sigmoid(shared_gate . x). */
+static void moe_combine(const layer_t *L, const moe_t *e, int b, int H, const float *x,
+                        const float *sh, float *out) {
+    const int K = L->top_k;
+    int done[MOE_MAX_K] = {0};
+    float w[MOE_MAX_K];
+    const float *y[MOE_MAX_K];
+    for (int j = 0; j < K; j++) {
+        int best = -1;        /* the next of the row's experts in expert order */
+        for (int t = 0; t < K; t++)
+            if (!done[t] && (best < 0 || e->sel[b * K + t] < e->sel[b * K + best])) best = t;
+        done[best] = 1;
+        w[j] = e->wt[b * K + best];
+        y[j] = e->y + (int64_t)e->at[b * K + best] * H;
+    }
+    const float g = !sh ? 0.f : !L->shared_gate ? 1.f
+                  : 1.f / (1.f + expf(-dot_f32(L->shared_gate, x + (int64_t)b * H, H)));
+    for (int i = 0; i < H; i++) {     /* out may be sh: element i is read before written */
+        float acc = 0.f;
+        for (int j = 0; j < K; j++) acc += w[j] * y[j][i];
+        out[i] = sh ? acc + g * sh[i] : acc;
+    }
+}
+
 static int step(const model_t *m, int B, float *h, const int64_t *slots, const int64_t *pos,
                 float *logits, float *work, int prefill) {
     const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nk = m->n_kv * D;
@@ -1303,8 +1446,9 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
     if (nq > kmax) kmax = nq;
     float *xn = work, *tmp = xn + B * H, *qkv = tmp + B * H, *att = qkv + B * (nq + 2 * nk);
     float *gu = att + B * nq, *act = gu + B * 2 * I, *scores = act + B * I;
+    float *moe = scores + (int64_t)B * m->n_heads * S;
     act_t a;
-    a.q = (int8_t *)(scores + (int64_t)B * m->n_heads * S);
+    a.q = (int8_t *)(moe + moe_floats(m, B));
     a.d = (float *)(a.q + B * kmax) ;
     a.c = a.d + B * kmax / QBLOCK;
     a.cg = a.c + B * kmax / QBLOCK;
@@ -1373,31 +1517,59 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             }
             prep(&L->o, att, B, &a);
             lin_multi(&L->o, 1, att, &a, B, tmp);
+            moe_t e;
+            if (L->n_exp) e = moe_buffers(m, L, B, moe);
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
                 if (L->norm_ao) rms_norm(tmp + b * H, L->norm_ao, H, m->eps, tmp + b * H);
                 for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
                 rms_norm(h + b * H, L->norm2, H, m->eps, xn + b * H);
-                prep_row(&L->gu[0], xn, b, &a);
+                if (L->n_gu) prep_row(&L->gu[0], xn, b, &a);
+                if (L->n_exp) moe_route(L, xn, H, b, &e);
             }
             bar_wait(&bar);
-            lin_multi(L->gu, L->n_gu, xn, &a, B, gu);
-            #pragma omp for schedule(static) nowait
-            for (int b = 0; b < B; b++) {      /* SiLU(gate) * up, 16 at a time */
-                for (int i0 = 0; i0 < I; i0 += 16)
-                    (m->act ? gelu_tanh_mul : silu_mul)(
-                        gu + (int64_t)b * 2 * I + i0, gu + (int64_t)b * 2 * I + I + i0,
-                        act + (int64_t)b * I + i0, I - i0 < 16 ? I - i0 : 16);
-                prep_row(&L->down, act, b, &a);
+            if (L->n_exp) {     /* sort the assignments by expert, then gather their rows */
+                #pragma omp for schedule(static) nowait
+                for (int i = 0; i < 1; i++) moe_group(L, B, &e);
+                bar_wait(&bar);
+                #pragma omp for schedule(static) nowait
+                for (int i = 0; i < B * L->top_k; i++)
+                    memcpy(e.x + (int64_t)i * H, xn + (int64_t)(e.ord[i] / L->top_k) * H, H * sizeof(float));
+                if (!L->n_gu) bar_wait(&bar);    /* else the shared expert's first barrier */
             }
-            bar_wait(&bar);
-            lin_multi(&L->down, 1, act, &a, B, tmp);
+            if (L->n_gu) {      /* the MLP, or a MoE layer's shared expert */
+                const int Il = L->n_gu == 2 ? L->gu[0].n : L->gu[0].n / 2;
+                lin_multi(L->gu, L->n_gu, xn, &a, B, gu);
+                #pragma omp for schedule(static) nowait
+                for (int b = 0; b < B; b++) {      /* SiLU(gate) * up, 16 at a time */
+                    for (int i0 = 0; i0 < Il; i0 += 16)
+                        (m->act ? gelu_tanh_mul : silu_mul)(
+                            gu + (int64_t)b * 2 * Il + i0, gu + (int64_t)b * 2 * Il + Il + i0,
+                            act + (int64_t)b * Il + i0, Il - i0 < 16 ? Il - i0 : 16);
+                    prep_row(&L->down, act, b, &a);
+                }
+                bar_wait(&bar);
+                lin_multi(&L->down, 1, act, &a, B, tmp);
+            }
+            if (L->n_exp) {     /* the chosen experts: gate|up, activation, down */
+                const int MI = L->moe_inter;
+                moe_lin(L, L->exp_gu, 2 * MI, H, e.x, e.gu, &e, &bar);
+                #pragma omp for schedule(static) nowait
+                for (int i = 0; i < B * L->top_k; i++)
+                    for (int i0 = 0; i0 < MI; i0 += 16)
+                        (m->act ? gelu_tanh_mul : silu_mul)(
+                            e.gu + (int64_t)i * 2 * MI + i0, e.gu + (int64_t)i * 2 * MI + MI + i0,
+                            e.act + (int64_t)i * MI + i0, MI - i0 < 16 ? MI - i0 : 16);
+                bar_wait(&bar);
+                moe_lin(L, L->exp_down, H, MI, e.act, e.y, &e, &bar);
+            }
             /* residual, then the next layer's input norm (or the final norm) and its
              * activation quantization */
             const float *next_norm = l + 1 < m->n_layers ? m->layers[l + 1].norm1 : m->final_norm;
             const lin_t *next = l + 1 < m->n_layers ? &m->layers[l + 1].qkv[0] : &m->lm_head;
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
+                if (L->n_exp) moe_combine(L, &e, b, H, xn, L->n_gu ? tmp + b * H : NULL, tmp + b * H);
                 if (L->norm_mo) rms_norm(tmp + b * H, L->norm_mo, H, m->eps, tmp + b * H);
                 for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
                 rms_norm(h + b * H, next_norm, H, m->eps, xn + b * H);
