@@ -28,10 +28,10 @@ Figures (all measured in this run, 2 threads by default):
 * aggregate tok/s of the continuous-batching ``Engine`` at 1, 4, 8 and 16 streams (the
   sweep repeated ``--stream-repeats`` times, each count keeping its median);
 * each as a fraction of the bandwidth limit ``bandwidth / weight bytes`` (about 30 GB/s on
-  the team machines; ``--bandwidth`` to change it). For a mixture-of-experts shape the
-  bytes are the *active* ones a batch-1 step reads: each layer's experts count top-k / experts
-  of their bytes (the router, shared expert, attention, embedding and head count whole);
-  the total is reported beside them.
+  the team machines; ``--bandwidth`` to change it), the bytes a batch-1 step reads: an
+  input embedding table the head does not share counts nothing (a step reads one row). For
+  a mixture-of-experts shape each layer's experts count top-k / experts of their bytes (the
+  router, shared expert, attention and head count whole); the total is reported beside.
 
 llama.cpp is timed with its low-level loop (``Llama.eval`` of the prompt, then one token at
 a time, greedy argmax of the last logits, EOS ignored), so it generates exactly as many
@@ -143,13 +143,20 @@ def build_model(dtype: torch.dtype):
 
 
 def weight_bytes(model, active: bool = True) -> int:
-    """Bytes read per decode step: every parameter once (tied embeddings counted once); with
-    ``active``, a mixture of experts' expert weights scaled by top-k / experts (a batch-1
-    step reads only the chosen experts)."""
+    """Bytes read per decode step: every parameter once (tied embeddings counted once), but
+    for an input embedding table the head does not share (untied, or quantized into a
+    copy), of which a step reads only its tokens' rows; with ``active``, a mixture of
+    experts' expert weights scaled by top-k / experts (a batch-1 step reads only the chosen
+    experts). ``active=False``: the whole model."""
     cfg = model.config
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     share = cfg.num_experts_per_tok / experts if experts and active else 1.0
     seen, total = set(), 0
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_ptrs = {t.data_ptr() for t in [*head.parameters(), *head.buffers()]} \
+        if head is not None else set()
+    if active and not any(t.data_ptr() in head_ptrs for t in emb.parameters()):
+        seen |= {t.data_ptr() for t in [*emb.parameters(), *emb.buffers()]}   # rows only
     for name, p in model.named_parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
@@ -315,7 +322,7 @@ def memory_child(model_dir: str, max_seq_len: int, prompt_len: int, new_tokens: 
     engine.generate(prompt, SamplingParams(max_tokens=new_tokens, temperature=0,
                                            ignore_eos=True))
     peak = _vm_hwm()
-    print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weight_bytes": weight_bytes(model),
+    print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weight_bytes": weight_bytes(model, active=False),
                       "kv_bytes": kv}))
 
 
@@ -353,7 +360,8 @@ def export_gguf_of(model, precision: str, work: Path) -> dict:
 
     Returns:
         ``{"path", "quant", "what", "weight_bytes", ...}``; ``weight_bytes`` is the sum of
-        the file's tensor sizes (what a decode step reads).
+        the file's tensor sizes (what a decode step reads; an untied ``token_embd`` left
+        out, as a step reads only its tokens' rows).
     """
     import gguf
 
@@ -368,7 +376,10 @@ def export_gguf_of(model, precision: str, work: Path) -> dict:
                            params={"bench": "decode"})
     quant, what = GGUF_FOR[precision]
     res = export_gguf(str(model_dir), work / f"{precision}.gguf", quant=quant)
-    weight_bytes_ = sum(int(t.n_bytes) for t in gguf.GGUFReader(res.path).tensors)
+    tensors = gguf.GGUFReader(res.path).tensors
+    untied = any(t.name == "output.weight" for t in tensors)    # token_embd: rows only
+    weight_bytes_ = sum(int(t.n_bytes) for t in tensors
+                        if not (untied and t.name == "token_embd.weight"))
     return {"path": str(res.path), "quant": quant, "what": what, "weight_bytes": weight_bytes_,
             "tensor_types": dict(res.types),
             "exact_layers": f"{res.from_quantized - res.requantized}/{res.from_quantized}"}
@@ -429,6 +440,8 @@ def bench_precision(precision: str, args, prompt: list[int]) -> dict:
 
         res = {"precision": precision, "weight_bytes": wbytes,
                "total_weight_bytes": weight_bytes(model, active=False),
+               "moe": bool(getattr(model.config, "num_experts", None)
+                           or getattr(model.config, "num_local_experts", None)),
                "limit_tok_s": args.bandwidth / wbytes,
                # the engine's default: fp16 for quantized models (llama.cpp's default too)
                "kv_cache": str(kv_cache_dtype(model)).removeprefix("torch."),
@@ -632,10 +645,10 @@ def report(results: dict) -> None:
                         "decode tok/s", "of bandwidth limit"))
     for run in results["runs"]:
         total = run.get("total_weight_bytes", run["weight_bytes"])
-        if total != run["weight_bytes"]:          # a mixture of experts
+        if run.get("moe"):
             print(f"{run['precision']}: mixture of experts: a batch-1 step reads "
                   f"{run['weight_bytes'] / 1e6:.0f} MB of {total / 1e6:.0f} MB (the chosen "
-                  f"experts only): active-parameter bandwidth limit "
+                  f"experts and the embedding's rows only): active-parameter bandwidth limit "
                   f"{run['limit_tok_s']:.1f} tok/s at {results['bandwidth'] / 1e9:g} GB/s "
                   f"(all weights: {results['bandwidth'] / total:.1f} tok/s)")
     print_table("continuous batching (Engine, 32-token prompts)", stream_rows,

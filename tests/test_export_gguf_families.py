@@ -149,3 +149,61 @@ def test_cli_export_then_import_gemma3(sources, tmp_path):
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     texts = [o.stdout.split("\nslm generate")[0] for o in outs]   # the text, not the timings
     assert texts[0] == texts[1] and len(texts[0]) > len("def add(a, b):")
+
+
+@pytest.fixture(scope="module")
+def granite(tokenizer, tmp_path_factory):
+    from slmkit.models import save_model
+
+    model = build_tiny_model("granite", tokenizer, seed=1, initializer_range=0.2)
+    root = tmp_path_factory.mktemp("gguf-granite")
+    return model, save_model(model, tokenizer, root / "granite", step="init", params={})
+
+
+def test_granite_writes_llamacpps_multipliers_and_rope_rows(granite, tmp_path):
+    """llama.cpp's granite graph scales the embedding, the residual adds, the attention
+    scores and the logits by four keys of the file; q/k rows go in llama.cpp's RoPE order."""
+    from slmkit.export.gguf_meta import permute_rope_rows
+
+    model, model_dir = granite
+    path = tmp_path / "granite.gguf"
+    export_gguf(str(model_dir), path, quant="f32")
+    reader = gguf.GGUFReader(path)
+    cfg = model.config
+
+    def value(key):
+        field = reader.fields[key]
+        return float(field.parts[field.data[0]][0])
+
+    assert reader.fields["general.architecture"].contents() == "granite"
+    for key, want in [("embedding_scale", cfg.embedding_multiplier),
+                      ("residual_scale", cfg.residual_multiplier),
+                      ("attention.scale", cfg.attention_multiplier),
+                      ("logit_scale", cfg.logits_scaling)]:
+        assert value(f"granite.{key}") == pytest.approx(want), key
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    src = model.model.layers[0].self_attn.q_proj.weight.detach()
+    want = permute_rope_rows(src, cfg.num_attention_heads).numpy()
+    np.testing.assert_array_equal(np.asarray(q.data).reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("quant,rel", [("f32", 1e-4), ("q8_0", 0.05)])
+def test_granite_gguf_gives_the_models_logits_in_llamacpp(granite, quant, rel, tmp_path):
+    """transformers' GGUF reader has no granite, so the file is checked by llama.cpp itself
+    (llama-cpp-python, the ``llamacpp`` extra; skipped without it): its logits over 40
+    tokens equal the source model's (f32), or stay near them (q8_0)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, model_dir = granite
+    path = tmp_path / f"granite-{quant}.gguf"
+    export_gguf(str(model_dir), path, quant=quant)
+    ids = IDS[0].tolist()
+    with torch.no_grad():
+        want = model(IDS).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True,
+                          verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(got - want).max() < rel * np.abs(want).max()

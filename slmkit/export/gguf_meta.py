@@ -171,6 +171,11 @@ def write_hparams(writer, config, arch: str) -> None:
         writer.add_value_length(hd)
     if arch in _WINDOWED and _window(config):
         writer.add_sliding_window(_window(config))
+    if arch == "granite":       # llama.cpp's granite graph reads the four multipliers
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_attention_scale(float(config.attention_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
