@@ -1,5 +1,5 @@
 """GGUF export of the families llama.cpp has beyond Llama and Qwen2 (Qwen3, Phi-3, Gemma 2,
-Gemma 3), checked by a round trip: the file slmkit writes, imported back by slmkit's own
+Gemma 3, Qwen2-MoE), checked by a round trip: the file slmkit writes, imported back by slmkit's own
 GGUF import (transformers' reader, which undoes llama.cpp's conventions), gives the source
 model's logits. f32 exactly; q8_0 / q4_0 equal the source model with its weights rounded
 to the same blocks (so the layout is exact) and stay near the f32 logits."""
@@ -25,6 +25,7 @@ FAMILIES = {
     "phi3": ("phi3", {"sliding_window": 24}),
     "gemma2": ("gemma2", {"query_pre_attn_scalar": 32}),
     "gemma3_text": ("gemma3", {"query_pre_attn_scalar": 32, "layer_types": None}),
+    "qwen2_moe": ("qwen2moe", {}),    # 3-D experts split into gate / up, shared expert
 }
 IDS = torch.tensor([list(range(5, 45))])      # 40 tokens: past the 16- and 24-token windows
 
@@ -70,9 +71,11 @@ def _rounded(model, quant):
     qtype = getattr(gguf.GGMLQuantizationType, quant.upper())
     out = copy.deepcopy(model)
     with torch.no_grad():
-        for p in out.parameters():
-            if p.dim() == 2 and p.shape[-1] % ggml_blocks.QK == 0:
-                blocks = ggml_blocks.QUANTIZERS[quant](p.detach().float())
+        for name, p in out.named_parameters():   # matrices, a mixture's 3-D experts
+            if name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight"):
+                continue                              # the routers stay f32
+            if p.dim() in (2, 3) and p.shape[-1] % ggml_blocks.QK == 0:
+                blocks = ggml_blocks.QUANTIZERS[quant](p.detach().float().reshape(-1, p.shape[-1]))
                 p.copy_(torch.from_numpy(np.asarray(dequantize(blocks, qtype))).view_as(p))
     return out
 
@@ -87,7 +90,7 @@ def test_f32_round_trip_gives_the_same_logits(kind, sources, tmp_path):
 
 
 @pytest.mark.parametrize("quant, near", [("q8_0", 0.1), ("q4_0", 0.5)])
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text", "qwen2_moe"])
 def test_quantized_round_trip_is_the_block_rounded_model(kind, quant, near, sources, tmp_path):
     model, model_dir = sources[kind]
     res, back = _round_trip(model_dir, quant, tmp_path, kind)
@@ -187,20 +190,24 @@ def test_granite_writes_llamacpps_multipliers_and_rope_rows(granite, tmp_path):
     np.testing.assert_array_equal(np.asarray(q.data).reshape(want.shape), want)
 
 
-@pytest.mark.parametrize("quant,rel", [("f32", 1e-4), ("q8_0", 0.05)])
-def test_granite_gguf_gives_the_models_logits_in_llamacpp(granite, quant, rel, tmp_path):
-    """transformers' GGUF reader has no granite, so the file is checked by llama.cpp itself
-    (llama-cpp-python, the ``llamacpp`` extra; skipped without it): its logits over 40
-    tokens equal the source model's (f32), or stay near them (q8_0)."""
+@pytest.mark.parametrize("kind,quant,rel", [("granite", "f32", 1e-4), ("granite", "q8_0", 0.05),
+                                            ("qwen2_moe", "f32", 1e-4)])
+def test_gguf_gives_the_models_logits_in_llamacpp(kind, quant, rel, granite, sources,
+                                                  tmp_path):
+    """The file run by llama.cpp itself (llama-cpp-python, the ``llamacpp`` extra; skipped
+    without it), with an f32 KV cache: its logits over 40 tokens equal the source model's
+    (f32), or stay near them (q8_0, where llama.cpp also rounds activations). Granite has no
+    transformers GGUF reader, so this is its only check; Qwen2-MoE's routing and shared
+    expert are llama.cpp's own graph here."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model, model_dir = granite
-    path = tmp_path / f"granite-{quant}.gguf"
+    model, model_dir = granite if kind == "granite" else sources[kind]
+    path = tmp_path / f"{kind}-{quant}.gguf"
     export_gguf(str(model_dir), path, quant=quant)
     ids = IDS[0].tolist()
     with torch.no_grad():
         want = model(IDS).logits[0].numpy()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True,
-                          verbose=False)
+                          verbose=False, type_k=0, type_v=0)     # GGML_TYPE_F32 cache
     try:
         llm.eval(ids)
         got = np.asarray(llm.scores[:len(ids)])

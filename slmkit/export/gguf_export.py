@@ -133,7 +133,10 @@ def export_gguf(model_ref: str, out: str | os.PathLike, quant: str | None = None
         for hf_name, value in sources:
             name = gguf_meta.gguf_tensor_name(name_map, hf_name)
             value = gguf_meta.llamacpp_tensor(arch, hf_name, value)
-            data, qtype, n = _encode(value, quant, model_ref, result)
+            # a mixture's router stays f32, as llama.cpp's converter keeps ffn_gate_inp: a
+            # rounded router flips which experts a token gets
+            data, qtype, n = _encode(value, "f32" if name.endswith("ffn_gate_inp.weight")
+                                     else quant, model_ref, result)
             heads = _rope_heads(hf_name, config) if permute else None
             if heads:
                 data = gguf_meta.permute_rope_rows(torch.from_numpy(data), heads).numpy()
@@ -179,6 +182,17 @@ def _source_tensors(model, config):
             continue                      # llama.cpp reuses token_embd when output is absent
         if "rotary_emb" in name:
             continue
+        if name.endswith(".experts.gate_up_proj"):     # fused [E, 2 I, H]: gate | up
+            gate, up = value.chunk(2, dim=1)
+            yield owner + ".gate_proj.weight", gate
+            yield owner + ".up_proj.weight", up
+            continue
+        if name.endswith(".experts.down_proj"):
+            yield name + ".weight", value
+            continue
+        if name.endswith(".shared_expert_gate.weight"):  # [1, hidden]: llama.cpp's is 1-D
+            yield name, value.reshape(-1)
+            continue
         if owner in quant:
             if name.endswith(".qweight"):
                 yield owner + ".weight", quant[owner]
@@ -213,7 +227,8 @@ def _encode(value, quant: str, model_ref: str, result: GGUFResult) -> tuple[np.n
         return ggml_blocks.to_bf16_bytes(t), "bf16", n
     if quant == "f16" or t.shape[-1] % ggml_blocks.QK:
         return ggml_blocks.to_f16(t), "f16", n     # rows not a whole number of blocks
-    return ggml_blocks.QUANTIZERS[quant](t), quant, n
+    rows = ggml_blocks.QUANTIZERS[quant](t.reshape(-1, t.shape[-1]))   # experts: 3-D
+    return rows.reshape(*t.shape[:-1], rows.shape[-1]), quant, n
 
 
 def _rope_heads(hf_name: str, config) -> int | None:

@@ -54,7 +54,7 @@ def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
         known = ", ".join(supporting("gguf_arch"))
         raise ConfigError(f"'{model_ref}' is a '{kind}' model, which GGUF export does not "
                           f"support yet (supported: {known}); {onnx}.")
-    if getattr(config, "num_local_experts", 0) or facts.moe:
+    if getattr(config, "num_local_experts", 0) and not facts.moe:
         raise ConfigError(f"'{model_ref}' is a '{kind}' mixture-of-experts model, which GGUF "
                           f"export does not support yet; {onnx}.")
     rope = _rope(config)
@@ -99,6 +99,19 @@ def llamacpp_layer_types(arch: str, n_blocks: int) -> list[str]:
 
 def check_faithful(config, arch: str, model_ref: str) -> None:
     """Refuse a config whose behaviour llama.cpp's graph for ``arch`` would not reproduce."""
+    if arch == "qwen2moe":
+        # llama.cpp's qwen2moe graph: a mixture in every block, weights not renormalised
+        # over the top k
+        if getattr(config, "norm_topk_prob", False):
+            raise ConfigError(f"'{model_ref}' is a 'qwen2_moe' model that renormalises its "
+                              "experts' weights (norm_topk_prob), which llama.cpp's qwen2moe "
+                              "graph does not; GGUF export cannot keep its behaviour.")
+        if getattr(config, "mlp_only_layers", None) or \
+                getattr(config, "decoder_sparse_step", 1) != 1:
+            raise ConfigError(f"'{model_ref}' is a 'qwen2_moe' model with dense MLP blocks "
+                              "(mlp_only_layers / decoder_sparse_step), which llama.cpp's "
+                              "qwen2moe graph does not have; GGUF export cannot keep its "
+                              "behaviour.")
     if arch not in _SWA_PERIOD:
         return
     n, hd = config.num_hidden_layers, head_dim(config)
@@ -171,6 +184,11 @@ def write_hparams(writer, config, arch: str) -> None:
         writer.add_value_length(hd)
     if arch in _WINDOWED and _window(config):
         writer.add_sliding_window(_window(config))
+    if arch == "qwen2moe":
+        writer.add_expert_count(int(config.num_experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+        writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
     if arch == "granite":       # llama.cpp's granite graph reads the four multipliers
         writer.add_embedding_scale(float(config.embedding_multiplier))
         writer.add_residual_scale(float(config.residual_multiplier))

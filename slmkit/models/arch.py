@@ -106,7 +106,8 @@ ARCHS: dict[str, Arch] = {
     "phi3": Arch(rms_norm="Phi3RMSNorm", gguf_arch="phi3", fast_decode=True, awq=_PHI3,
                  window_all_layers=True),
     "gpt_neox": Arch(awq=_NEOX),
-    "qwen2_moe": Arch(rms_norm="Qwen2MoeRMSNorm", awq=_LLAMA_ATTN, fast_decode=True, moe=True),
+    "qwen2_moe": Arch(rms_norm="Qwen2MoeRMSNorm", gguf_arch="qwen2moe", awq=_LLAMA_ATTN,
+                      fast_decode=True, moe=True),
 }
 
 #: Families whose code ships with the checkpoint (``auto_map``) and that transformers has

@@ -80,7 +80,9 @@ def check_importable(header: GGUFHeader, ref: str) -> None:
     """Refuse, in one sentence, a GGUF whose architecture or tensor types cannot be read."""
     arch = header.architecture
     archs = mappable_architectures()
-    if arch not in archs and arch.replace("-", "_") not in archs:
+    # transformers reads llama.cpp's qwen2moe / qwen3moe as qwen2_moe / qwen3_moe
+    if arch not in archs and arch.replace("-", "_") not in archs \
+            and arch.replace("moe", "_moe") not in archs:
         import transformers
 
         why = ("is an encoder-decoder, not a causal LM" if arch in _ENCODER_DECODER else
@@ -123,7 +125,7 @@ def _silent():
 def llamacpp_config(header: GGUFHeader) -> dict:
     """Config fields a llama.cpp GGUF states (or its graph implies) that transformers'
     reader leaves at the class defaults: the head dim (``key_length``), Gemma's soft-caps
-    and query scale, Phi-3's window. Without them a Qwen3 with head_dim != hidden / heads
+    and query scale, Phi-3's window, Qwen2-MoE's expert widths. Without them a Qwen3 with head_dim != hidden / heads
     does not load, and a Gemma 2 computes another attention."""
     from slmkit.export.gguf_meta import llamacpp_query_scalar
 
@@ -145,6 +147,12 @@ def llamacpp_config(header: GGUFHeader) -> dict:
                 fields[name] = float(key(name)) or None
     if arch == "phi3" and key("attention.sliding_window"):
         fields["sliding_window"] = int(key("attention.sliding_window"))
+    if arch == "qwen2moe":      # the experts' widths; llama.cpp's graph: every block a
+        if key("expert_feed_forward_length"):            # mixture, weights not renormalised
+            fields["moe_intermediate_size"] = int(key("expert_feed_forward_length"))
+        if key("expert_shared_feed_forward_length"):
+            fields["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length"))
+        fields.update(norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[])
     return fields
 
 
