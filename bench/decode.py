@@ -360,8 +360,9 @@ def export_gguf_of(model, precision: str, work: Path) -> dict:
 
     Returns:
         ``{"path", "quant", "what", "weight_bytes", ...}``; ``weight_bytes`` is the sum of
-        the file's tensor sizes (what a decode step reads; an untied ``token_embd`` left
-        out, as a step reads only its tokens' rows).
+        the file's tensor sizes (what a decode step reads: an untied ``token_embd`` left
+        out, as a step reads only its tokens' rows; a mixture's experts times top-k /
+        experts, as for the slmkit rows).
     """
     import gguf
 
@@ -378,8 +379,11 @@ def export_gguf_of(model, precision: str, work: Path) -> dict:
     res = export_gguf(str(model_dir), work / f"{precision}.gguf", quant=quant)
     tensors = gguf.GGUFReader(res.path).tensors
     untied = any(t.name == "output.weight" for t in tensors)    # token_embd: rows only
-    weight_bytes_ = sum(int(t.n_bytes) for t in tensors
-                        if not (untied and t.name == "token_embd.weight"))
+    cfg = model.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    share = cfg.num_experts_per_tok / experts if experts else 1.0  # the chosen experts' bytes
+    weight_bytes_ = int(sum(int(t.n_bytes) * (share if "_exps." in t.name else 1.0)
+                            for t in tensors if not (untied and t.name == "token_embd.weight")))
     return {"path": str(res.path), "quant": quant, "what": what, "weight_bytes": weight_bytes_,
             "tensor_types": dict(res.types),
             "exact_layers": f"{res.from_quantized - res.requantized}/{res.from_quantized}"}

@@ -276,3 +276,112 @@ def test_padding_rows_past_the_tokenizer_are_unused_tokens(tokenizer, tmp_path):
     assert len(types) == n + 16
     assert all(types[i] == int(gguf.TokenType.UNUSED) for i in range(n, n + 16))
     assert types[0] == int(gguf.TokenType.NORMAL) or types[0] == int(gguf.TokenType.CONTROL)
+
+
+# ------------------------------------------------------- SentencePiece-style tokenizers
+
+def _sentencepiece_tokenizer(prefix: bool):
+    """A small SentencePiece-style BPE (byte fallback, '▁' for a space) trained on the
+    stdlib, as transformers converts Llama 2's (``prefix``: a '▁' before the text) or
+    Gemma's (none) ``tokenizer.model``; the ``<0xNN>`` pieces in the vocabulary."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slmkit.models.tokenizer import stdlib_sample
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    pieces = [f"<0x{i:02X}>" for i in range(256)]
+    texts = list(stdlib_sample(max_files=20, max_bytes=300_000))
+    # trained on words ('▁' starts one: SentencePiece's pieces), then run without a
+    # pre-tokenizer as transformers' converted tokenizers are (training on the unsplit text
+    # takes a minute)
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"] + pieces,
+        limit_alphabet=120, show_progress=False))
+    bpe.pre_tokenizer = None
+    spec = json.loads(bpe.to_str())            # byte pieces are vocabulary, not added tokens
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in pieces]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    snippets = [t[i:i + 300] for t in texts for i in range(0, min(len(t), 12000), 300)]
+    return tok, snippets + ["héllo wörld ✓ 𝔘 tab\there  two  spaces\n", "  leading", "x"]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["llama2-style", "gemma-style"])
+def sentencepiece_gguf(request, tmp_path_factory):
+    from slmkit.models import save_model
+    from tests.conftest import build_tiny_model
+
+    tok, texts = _sentencepiece_tokenizer(request.param)
+    root = tmp_path_factory.mktemp("spm")
+    model = build_tiny_model("llama", tok, seed=1)
+    model_dir = save_model(model, tok, root / "src", step="init", params={})
+    path = root / "spm.gguf"
+    export_gguf(str(model_dir), path, quant="f32")
+    return tok, texts, path, request.param, root
+
+
+def test_sentencepiece_tokenizer_is_written_as_llamacpps_llama_model(sentencepiece_gguf):
+    """tokenizer.ggml.model 'llama': the pieces, a score each (minus the rank of the merge
+    that makes the piece), <0xNN> pieces BYTE, the unknown piece UNKNOWN, and whether a
+    space goes before the text."""
+    import gguf
+
+    tok, _, path, prefix, _ = sentencepiece_gguf
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    assert field("tokenizer.ggml.model") == "llama"
+    assert bool(field("tokenizer.ggml.add_space_prefix")) is prefix
+    tokens, types, scores = (field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"),
+                             field("tokenizer.ggml.scores"))
+    vocab = tok.get_vocab()
+    assert types[vocab["<0x41>"]] == 6 and types[vocab["<unk>"]] == 2
+    assert types[vocab["<s>"]] == 3 and tokens[vocab["<0x41>"]] == "<0x41>"
+    merges = tok.backend_tokenizer.to_str()
+    import json
+
+    first = json.loads(merges)["model"]["merges"][0]
+    a, b = first.split(" ") if isinstance(first, str) else first
+    assert scores[vocab[a + b]] == 0.0 and min(scores[:len(vocab)]) < -100
+
+
+def test_sentencepiece_tokenizer_round_trips_through_import(sentencepiece_gguf):
+    """`slm import` of the file (transformers' reader, with llama.cpp's text preparation
+    put back: a '▁' before the text only where the file says so) tokenizes stdlib snippets,
+    unicode past the vocabulary (byte fallback) and leading spaces as the source did."""
+    from slmkit.models import load_model
+    from slmkit.models.gguf_import import import_gguf
+
+    tok, texts, path, _, root = sentencepiece_gguf
+    _, back = load_model(str(import_gguf(path, root / f"back-{path.stat().st_mtime_ns}",
+                                         str(path))), dtype="fp32")
+    for text in texts:
+        assert back(text, add_special_tokens=False)["input_ids"] == \
+            tok(text, add_special_tokens=False)["input_ids"], text[:60]
+        assert back.decode(tok(text, add_special_tokens=False)["input_ids"]) == \
+            tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_sentencepiece_tokenizer_tokenizes_the_same_in_llamacpp(sentencepiece_gguf):
+    """llama.cpp itself (llama-cpp-python; skipped without it) splits every snippet into
+    the source tokenizer's ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok, texts, path, _, _ = sentencepiece_gguf
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+                tok(text, add_special_tokens=False)["input_ids"], text[:60]
+    finally:
+        llm.close()

@@ -23,6 +23,7 @@ per-architecture ones are columns of :data:`slmkit.models.arch.ARCHS` (``gguf_ar
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,9 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {"llama-bpe": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
 
-# llama.cpp token types (gguf.TokenType values; 6 is BYTE, which would make padding ids
-# detokenize as stray bytes).
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# llama.cpp token types (gguf.TokenType values; BYTE marks a SentencePiece byte-fallback
+# piece ``<0xNN>``: padding ids must not be BYTE, or they detokenize as stray bytes).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def gguf_architecture(config, model_ref: str) -> tuple[str, bool]:
@@ -268,6 +269,12 @@ class TokenizerMeta:
     eot_id: int | None
     add_bos: bool
     chat_template: str | None
+    #: ``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece BPE with byte fallback: pieces
+    #: with ``▁`` for a space, a score per piece instead of merges)
+    model: str = "gpt2"
+    scores: list[float] | None = None
+    add_space_prefix: bool = False
+    unk_id: int | None = None
 
 
 def detect_pre_tokenizer(pre: dict | None, model_ref: str) -> str:
@@ -304,10 +311,12 @@ def tokenizer_meta(model_dir: Path, tokenizer, vocab_size: int, model_ref: str) 
                           "tokenizer), which GGUF export needs; re-save the tokenizer.")
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ConfigError(f"'{model_ref}' has a {model.get('type', '?')} tokenizer"
-                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
-                          "; GGUF export supports byte-level BPE tokenizers only.")
+    if model.get("type") != "BPE":
+        raise ConfigError(f"'{model_ref}' has a {model.get('type', '?')} tokenizer; GGUF "
+                          "export supports BPE tokenizers (byte-level, or SentencePiece-style "
+                          "with byte fallback) only.")
+    if model.get("byte_fallback"):
+        return _sentencepiece_meta(spec, tokenizer, vocab_size, model_ref)
     pre = detect_pre_tokenizer(spec.get("pre_tokenizer"), model_ref)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
@@ -333,12 +342,79 @@ def tokenizer_meta(model_dir: Path, tokenizer, vocab_size: int, model_ref: str) 
                          chat_template=getattr(tokenizer, "chat_template", None))
 
 
+def _sentencepiece_meta(spec: dict, tokenizer, vocab_size: int, model_ref: str) -> TokenizerMeta:
+    """A SentencePiece-style BPE (``byte_fallback``: Llama 2, Gemma, Phi-3; what transformers
+    converts a ``tokenizer.model`` into) as llama.cpp's ``llama`` tokenizer model.
+
+    llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose joined
+    piece has the highest score; Hugging Face's BPE applies its merges by rank. So a piece's
+    score is minus the rank of the first merge that makes it (the converter made the merges
+    from SentencePiece's scores in that order); pieces no merge makes score below all.
+    ``<0xNN>`` pieces are BYTE, the unknown piece UNKNOWN, added special tokens CONTROL."""
+    model = spec["model"]
+    norm = json.dumps(spec.get("normalizer") or {})
+    pre = spec.get("pre_tokenizer") or {}
+    if '"Replace"' not in norm and pre.get("type") != "Metaspace":
+        raise ConfigError(f"'{model_ref}' has a SentencePiece-style tokenizer whose text "
+                          "preparation llama.cpp would not reproduce (spaces are not replaced "
+                          "by '▁'); GGUF export cannot keep its tokenization.")
+    # a leading '▁' before the text: Prepend in the normalizer (Llama 2) or Metaspace's
+    # prepend scheme (transformers 5), not Gemma's
+    space_prefix = '"Prepend"' in norm or (pre.get("type") == "Metaspace" and
+                                           pre.get("prepend_scheme", "always") != "never")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise ConfigError(f"'{model_ref}' has a tokenizer of {n} tokens but an embedding of "
+                          f"only {vocab_size} rows; the model and tokenizer do not match.")
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    rank: dict[str, int] = {}
+    for i, (a, b) in enumerate(merges):
+        rank.setdefault(a + b, i)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [UNUSED] * vocab_size
+    scores = [-1e9] * vocab_size
+    unk = model.get("unk_token")
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types[i] = BYTE
+        elif text == unk:
+            types[i] = UNKNOWN
+        elif t is not None:
+            types[i] = CONTROL if t.get("special") else USER_DEFINED
+        else:
+            types[i] = NORMAL
+        if text in rank:
+            scores[i] = -float(rank[text])
+        elif len(text) == 1 or types[i] != NORMAL:
+            scores[i] = 0.0          # single characters: never made by a merge
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    add_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    return TokenizerMeta(tokens=tokens, types=types, merges=[], pre="default",
+                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, eot_id=None, add_bos=add_bos,
+                         chat_template=getattr(tokenizer, "chat_template", None),
+                         model="llama", scores=scores, add_space_prefix=space_prefix,
+                         unk_id=vocab.get(unk) if unk else None)
+
+
 def write_tokenizer(writer, meta: TokenizerMeta) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(meta.model)
     writer.add_tokenizer_pre(meta.pre)
     writer.add_token_list(meta.tokens)
     writer.add_token_types(meta.types)
-    writer.add_token_merges(meta.merges)
+    if meta.model == "llama":
+        writer.add_token_scores(meta.scores)
+        writer.add_add_space_prefix(meta.add_space_prefix)
+        if meta.unk_id is not None:
+            writer.add_unk_token_id(int(meta.unk_id))
+    else:
+        writer.add_token_merges(meta.merges)
     for value, add in ((meta.bos_id, writer.add_bos_token_id),
                        (meta.eos_id, writer.add_eos_token_id),
                        (meta.pad_id, writer.add_pad_token_id),
