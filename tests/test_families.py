@@ -275,8 +275,6 @@ def test_native_step_runs_sliding_rings_and_partial_rotary(kind, extra, tokenize
     Every step's logits equal the torch loop's (fp32; int8 caches within 5%), one thread (a work
     item per KV group) and two (per head); a quantized model's 60-token prompt goes
     through the step in pieces of RING_SPARE + 1 rows and gives the torch loop's logits."""
-    from slmkit.compress.quantize import quantize_model
-    from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.engine.families import RING_SPARE, FamilyRunner
 
     model = build_tiny_model(kind, tokenizer, initializer_range=0.2, sliding_window=16, **extra)
@@ -307,16 +305,7 @@ def test_native_step_runs_sliding_rings_and_partial_rotary(kind, extra, tokenize
                 tokens = a.argmax(-1, keepdim=True)
     finally:
         torch.set_num_threads(threads)
-    quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
-    q, ref = FamilyRunner(model, 1, 96), FamilyRunner(model, 1, 96, native=False)
-    if q.native is None or not q.native.prefills:
-        pytest.skip(f"no int8 native kernel here: {q.native_reason}")
-    ids = torch.randint(3, len(tokenizer), (1, 60), generator=g)
-    a, b = q.forward(ids, [0], [0]), ref.forward(ids, [0], [0])
-    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
-    nxt = torch.tensor([[5]])
-    a, b = q.forward(nxt, [0], [60]), ref.forward(nxt, [0], [60])
-    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+    _check_int8_prompt(model, tokenizer, g, 96, 60)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
@@ -327,8 +316,6 @@ def test_native_step_routes_mixtures_of_experts(kind, tokenizer):
     loop's (which calls transformers' MoE block) for two rows at different positions over
     several steps, at one and two threads, for a native prompt chunk of a model whose
     attention is int8, and after Qwen2-MoE's shared expert is quantized too."""
-    from slmkit.compress.quantize import quantize_model
-    from slmkit.compress.quantize.config import QuantizeOptions
     from slmkit.engine.families import FamilyRunner
 
     model = build_tiny_model(kind, tokenizer, initializer_range=0.2)
@@ -353,14 +340,24 @@ def test_native_step_routes_mixtures_of_experts(kind, tokenizer):
                 tokens = a.argmax(-1, keepdim=True)
     finally:
         torch.set_num_threads(threads)
-    # int8 attention (and shared expert): the step takes the prompt chunk too
+    _check_int8_prompt(model, tokenizer, g, 48, 20)   # int8 attention and shared expert
+
+
+def _check_int8_prompt(model, tokenizer, g, max_seq: int, n: int) -> None:
+    """With its linears RTN int8, ``model``'s n-token prompt goes through the native step
+    (as one chunk, or in pieces where it has sliding rings) and, like the next decode
+    step, gives the torch loop's logits (within 5%: the step rounds activations to int8)."""
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.engine.families import FamilyRunner
+
     quantize_model(model, None, QuantizeOptions(method="rtn", bits=8, group_size=-1))
-    q, ref = FamilyRunner(model, 1, 48), FamilyRunner(model, 1, 48, native=False)
+    q, ref = FamilyRunner(model, 1, max_seq), FamilyRunner(model, 1, max_seq, native=False)
     if q.native is None or not q.native.prefills:
         pytest.skip(f"no int8 native kernel here: {q.native_reason}")
-    ids = torch.randint(3, len(tokenizer), (1, 20), generator=g)
+    ids = torch.randint(3, len(tokenizer), (1, n), generator=g)
     a, b = q.forward(ids, [0], [0]), ref.forward(ids, [0], [0])
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
     nxt = a.argmax(-1, keepdim=True)
-    a, b = q.forward(nxt, [0], [20]), ref.forward(nxt, [0], [20])
+    a, b = q.forward(nxt, [0], [n]), ref.forward(nxt, [0], [n])
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())

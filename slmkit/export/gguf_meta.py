@@ -318,14 +318,7 @@ def tokenizer_meta(model_dir: Path, tokenizer, vocab_size: int, model_ref: str) 
     if model.get("byte_fallback"):
         return _sentencepiece_meta(spec, tokenizer, vocab_size, model_ref)
     pre = detect_pre_tokenizer(spec.get("pre_tokenizer"), model_ref)
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in spec.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    n = max(vocab.values()) + 1
-    if n > vocab_size:
-        raise ConfigError(f"'{model_ref}' has a tokenizer of {n} tokens but an embedding of "
-                          f"only {vocab_size} rows; the model and tokenizer do not match.")
+    vocab, added = _vocabulary(spec, vocab_size, model_ref)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size
     for text, i in vocab.items():
@@ -340,6 +333,20 @@ def tokenizer_meta(model_dir: Path, tokenizer, vocab_size: int, model_ref: str) 
                          bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                          pad_id=tokenizer.pad_token_id, eot_id=eot, add_bos=add_bos,
                          chat_template=getattr(tokenizer, "chat_template", None))
+
+
+def _vocabulary(spec: dict, vocab_size: int, model_ref: str) -> tuple[dict[str, int], dict]:
+    """``(piece -> id with the added tokens, added token entries by content)`` of a
+    ``tokenizer.json``, refused when it has more ids than the embedding has rows."""
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise ConfigError(f"'{model_ref}' has a tokenizer of {n} tokens but an embedding of "
+                          f"only {vocab_size} rows; the model and tokenizer do not match.")
+    return vocab, added
 
 
 def _sentencepiece_meta(spec: dict, tokenizer, vocab_size: int, model_ref: str) -> TokenizerMeta:
@@ -362,14 +369,7 @@ def _sentencepiece_meta(spec: dict, tokenizer, vocab_size: int, model_ref: str) 
     # prepend scheme (transformers 5), not Gemma's
     space_prefix = '"Prepend"' in norm or (pre.get("type") == "Metaspace" and
                                            pre.get("prepend_scheme", "always") != "never")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in spec.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    n = max(vocab.values()) + 1
-    if n > vocab_size:
-        raise ConfigError(f"'{model_ref}' has a tokenizer of {n} tokens but an embedding of "
-                          f"only {vocab_size} rows; the model and tokenizer do not match.")
+    vocab, added = _vocabulary(spec, vocab_size, model_ref)
     merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
     rank: dict[str, int] = {}
     for i, (a, b) in enumerate(merges):
