@@ -27,6 +27,8 @@ FAMILIES = {
     "gemma3_text": ("gemma3", {"query_pre_attn_scalar": 32, "layer_types": None}),
     "qwen2_moe": ("qwen2moe", {}),    # 3-D experts split into gate / up, shared expert
 }
+#: families llama.cpp runs whose files transformers cannot read back: checked by llama.cpp
+LLAMACPP_ONLY = {"granite": "granite", "mixtral": "llama"}
 IDS = torch.tensor([list(range(5, 45))])      # 40 tokens: past the 16- and 24-token windows
 
 
@@ -155,12 +157,21 @@ def test_cli_export_then_import_gemma3(sources, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def granite(tokenizer, tmp_path_factory):
+def llamacpp_only(tokenizer, tmp_path_factory):
+    """``{kind: (model, dir)}`` of :data:`LLAMACPP_ONLY` (larger weights: logits far from flat)."""
     from slmkit.models import save_model
 
-    model = build_tiny_model("granite", tokenizer, seed=1, initializer_range=0.2)
-    root = tmp_path_factory.mktemp("gguf-granite")
-    return model, save_model(model, tokenizer, root / "granite", step="init", params={})
+    root = tmp_path_factory.mktemp("gguf-llamacpp-only")
+    out = {}
+    for kind in LLAMACPP_ONLY:
+        model = build_tiny_model(kind, tokenizer, seed=1, initializer_range=0.2)
+        out[kind] = (model, save_model(model, tokenizer, root / kind, step="init", params={}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def granite(llamacpp_only):
+    return llamacpp_only["granite"]
 
 
 def test_granite_writes_llamacpps_multipliers_and_rope_rows(granite, tmp_path):
@@ -191,16 +202,16 @@ def test_granite_writes_llamacpps_multipliers_and_rope_rows(granite, tmp_path):
 
 
 @pytest.mark.parametrize("kind,quant,rel", [("granite", "f32", 1e-4), ("granite", "q8_0", 0.05),
-                                            ("qwen2_moe", "f32", 1e-4)])
-def test_gguf_gives_the_models_logits_in_llamacpp(kind, quant, rel, granite, sources,
+                                            ("qwen2_moe", "f32", 1e-4), ("mixtral", "f32", 1e-4)])
+def test_gguf_gives_the_models_logits_in_llamacpp(kind, quant, rel, llamacpp_only, sources,
                                                   tmp_path):
     """The file run by llama.cpp itself (llama-cpp-python, the ``llamacpp`` extra; skipped
     without it), with an f32 KV cache: its logits over 40 tokens equal the source model's
-    (f32), or stay near them (q8_0, where llama.cpp also rounds activations). Granite has no
-    transformers GGUF reader, so this is its only check; Qwen2-MoE's routing and shared
-    expert are llama.cpp's own graph here."""
+    (f32), or stay near them (q8_0, where llama.cpp also rounds activations). Granite and
+    Mixtral have no transformers GGUF reader, so this is their only check; Qwen2-MoE's and
+    Mixtral's routing are llama.cpp's own graphs here."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model, model_dir = granite if kind == "granite" else sources[kind]
+    model, model_dir = llamacpp_only[kind] if kind in LLAMACPP_ONLY else sources[kind]
     path = tmp_path / f"{kind}-{quant}.gguf"
     export_gguf(str(model_dir), path, quant=quant)
     ids = IDS[0].tolist()
@@ -214,3 +225,33 @@ def test_gguf_gives_the_models_logits_in_llamacpp(kind, quant, rel, granite, sou
     finally:
         llm.close()
     assert np.abs(got - want).max() < rel * np.abs(want).max()
+
+
+def test_mixtral_is_written_as_llamas_graph_with_experts_and_import_refuses_it(
+        tokenizer, tmp_path):
+    """Mixtral goes to llama.cpp's ``llama`` graph with ``expert_count`` / ``expert_used_count``
+    and the fused experts split into ``ffn_gate_exps`` / ``ffn_up_exps`` (router f32).
+    transformers would read such a file back as a plain Llama without experts, so `slm
+    import` refuses it in one sentence."""
+    from slmkit.errors import ModelLoadError
+    from slmkit.models import save_model
+    from slmkit.models.gguf_import import import_gguf
+
+    model = build_tiny_model("mixtral", tokenizer, seed=1)
+    model_dir = save_model(model, tokenizer, tmp_path / "mixtral", step="init", params={})
+    path = tmp_path / "mixtral.gguf"
+    res = export_gguf(str(model_dir), path, quant="q8_0")
+    assert res.arch == "llama"
+    reader = gguf.GGUFReader(path)
+    cfg = model.config
+    assert reader.fields["llama.expert_count"].contents() == cfg.num_local_experts
+    assert reader.fields["llama.expert_used_count"].contents() == cfg.num_experts_per_tok
+    tensors = {t.name: t for t in reader.tensors}
+    gate = tensors["blk.0.ffn_gate_exps.weight"]
+    assert [int(d) for d in gate.shape] == [cfg.hidden_size, cfg.intermediate_size,
+                                            cfg.num_local_experts]
+    assert gate.tensor_type.name == "Q8_0"
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    with pytest.raises(ModelLoadError, match="mixture of experts.*'llama' graph"):
+        import_gguf(path, tmp_path / "back", str(path))
+    assert not (tmp_path / "back").exists()

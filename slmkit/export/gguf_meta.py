@@ -185,6 +185,9 @@ def write_hparams(writer, config, arch: str) -> None:
         writer.add_value_length(hd)
     if arch in _WINDOWED and _window(config):
         writer.add_sliding_window(_window(config))
+    if getattr(config, "num_local_experts", 0):      # Mixtral: llama.cpp's llama graph
+        writer.add_expert_count(int(config.num_local_experts))   # with experts, weights
+        writer.add_expert_used_count(int(config.num_experts_per_tok))  # renormalised
     if arch == "qwen2moe":
         writer.add_expert_count(int(config.num_experts))
         writer.add_expert_used_count(int(config.num_experts_per_tok))

@@ -90,6 +90,10 @@ def check_importable(header: GGUFHeader, ref: str) -> None:
                f"{transformers.__version__} maps {', '.join(archs)})")
         raise ModelLoadError(f"'{ref}' has GGUF architecture '{arch}', which {why}; import a "
                              "GGUF of a supported architecture or the original HF model.")
+    if arch == "llama" and header.meta.get("llama.expert_count"):
+        raise ModelLoadError(f"'{ref}' is a mixture of experts in llama.cpp's 'llama' graph "
+                             "(Mixtral), which transformers' GGUF reader would load without its "
+                             "experts; import the original HF model instead.")
     bad = sorted(set(header.tensor_types()) - dequantizable_types())
     if bad:
         raise ModelLoadError(f"'{ref}' stores tensors as {', '.join(bad)}, which the gguf "
