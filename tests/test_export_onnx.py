@@ -17,27 +17,56 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}),
-                                            ("mistral", {"sliding_window": 6})])
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 6}),
+    # the other families: q/k norms, fused q/k/v with RoPE on half of each head, Granite's
+    # multipliers, Gemma's four norms, caps and sliding layers (window 16: 24 tokens pass it)
+    ("qwen3", {}), ("phi3", {"partial_rotary_factor": 0.5}), ("granite", {}),
+    ("gemma2", {"attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0}),
+    ("gemma3_text", {})])
 def test_decoder_graph_matches_hf_in_prefill_and_cached_steps(arch, overrides, tokenizer):
     from slmkit.export.onnx_graph import ExportDecoder
 
-    model = build_tiny_model(arch, tokenizer, **overrides)
+    model = build_tiny_model(arch, tokenizer, initializer_range=0.2, **overrides)
     if arch == "mistral":
         model.config._attn_implementation = "eager"
     decoder = ExportDecoder(model).eval()
-    ids = torch.randint(0, len(tokenizer), (2, 14), generator=torch.Generator().manual_seed(0))
+    n = 24
+    ids = torch.randint(0, len(tokenizer), (2, n), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = model(ids).logits                                   # [2, 14, V]
+        want = model(ids).logits                                   # [2, n, V]
         out = decoder(ids[:, :9], *decoder.empty_past(2))          # prefill 9
         parts, past = [out[0]], out[1:]
-        for j in range(9, 14):                                     # 5 cached steps
+        for j in range(9, n):                                      # cached steps
             out = decoder(ids[:, j:j + 1], *past)
             parts.append(out[0])
             past = out[1:]
     got = torch.cat(parts, dim=1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert past[0].shape == (2, 2, 14, 16)
+    assert past[0].shape == (2, decoder.n_kv, n, decoder.head_dim)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", pytest.param("phi3", marks=pytest.mark.slow)])
+def test_family_export_runs_in_onnx_runtime(arch, tokenizer, tmp_path):
+    """The whole export of a non-Llama family: ONNX Runtime's logits over a 40-token probe
+    (prefill and cached steps, past the window of 16) and its greedy tokens match PyTorch."""
+    from slmkit.export.onnx_export import export_onnx
+    from slmkit.models import save_model
+
+    extra = {"partial_rotary_factor": 0.5} if arch == "phi3" else {}
+    model = build_tiny_model(arch, tokenizer, seed=1, initializer_range=0.2, **extra)
+    src = save_model(model, tokenizer, tmp_path / arch, step="init", params={})
+    res = export_onnx(str(src), tmp_path / "onnx", probe_tokens=40)
+    assert res.max_logit_error < 1e-4 and res.greedy_match
+
+
+def test_decoder_refuses_mixtures_of_experts(tiny_model_dirs):
+    from slmkit.export.onnx_graph import ExportDecoder
+    from slmkit.models import load_model
+
+    model, _ = load_model(tiny_model_dirs["mixtral"])
+    with pytest.raises(ConfigError, match="'mixtral'.*experts are chosen per token"):
+        ExportDecoder(model)
 
 
 def test_decoder_refuses_other_architectures(tiny_model_dirs):

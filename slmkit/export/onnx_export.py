@@ -75,7 +75,8 @@ def _require_onnx():
 
 def export_onnx(model_ref: str, out: str | os.PathLike, int8: bool = False,
                 overwrite: bool = False, probe_tokens: int = 16) -> OnnxResult:
-    """Export a Llama/Qwen2/Mistral model dir to an ONNX Runtime directory.
+    """Export a model dir (the Llama layout or a dense `fast_decode` family) to an ONNX
+    Runtime directory.
 
     Args:
         model_ref: model dir or hub id.

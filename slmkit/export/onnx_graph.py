@@ -17,7 +17,9 @@ so the weights are exactly the model's; only the attention and RoPE arithmetic i
 out here, in plain tensor ops that ``torch.onnx`` turns into standard ONNX operators. It
 covers the Llama family (Llama, Mistral with its sliding window, Qwen2 with q/k/v biases):
 RMSNorm, rotary embeddings in the Hugging Face "rotate half" convention (Su et al., 2021,
-"RoFormer"), grouped-query attention (Ainslie et al., 2023) and a SiLU-gated MLP.
+"RoFormer"), grouped-query attention (Ainslie et al., 2023) and a SiLU-gated MLP; and the
+dense families of :mod:`slmkit.engine.families` (Qwen3, Phi-3, Granite, Gemma 2 / 3), whose
+blocks it computes as ``FamilyRunner`` does, calling their norm and MLP modules.
 """
 
 from __future__ import annotations
@@ -69,21 +71,31 @@ class ExportDecoder(nn.Module):
     """A causal LM's forward pass with the KV cache as explicit tensors (see module doc).
 
     Args:
-        model: a loaded Llama / Mistral / Qwen2 ``*ForCausalLM`` (dense linears).
+        model: a loaded ``*ForCausalLM`` of the Llama layout or a dense ``fast_decode``
+            family (dense linears).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         cfg = model.config
-        if not arch.arch_of(cfg.model_type).llama_layout:
-            known = ", ".join(arch.supporting("llama_layout"))
-            raise ConfigError(f"ONNX export supports {known}, not '{cfg.model_type}'; use a "
-                              "Llama-family model (slm generate / slm serve run "
-                              f"'{cfg.model_type}' models as they are).")
+        facts = arch.arch_of(cfg.model_type)
+        self.family = not facts.llama_layout
+        if not (facts.llama_layout or facts.fast_decode) or facts.moe:
+            known = ", ".join(sorted(set(arch.supporting("llama_layout"))
+                                     | {k for k, a in arch.ARCHS.items()
+                                        if a.fast_decode and not a.moe}))
+            why = " (its experts are chosen per token, which the graph does not trace)" \
+                if facts.moe else ""
+            raise ConfigError(f"ONNX export supports {known}, not '{cfg.model_type}'{why}; "
+                              f"slm generate / slm serve run '{cfg.model_type}' models as "
+                              "they are.")
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
-        if rope.get("rope_type", "default") != "default":
+        kinds = [v.get("rope_type", "default") for v in rope.values()
+                 if isinstance(v, dict)] or [rope.get("rope_type", "default")]
+        if any(k != "default" for k in kinds):
             raise ConfigError(f"ONNX export does not support RoPE scaling "
-                              f"'{rope['rope_type']}' yet; use a model with default RoPE.")
+                              f"'{next(k for k in kinds if k != 'default')}' yet; use a model "
+                              "with default RoPE.")
         self.model = model
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
@@ -97,9 +109,44 @@ class ExportDecoder(nn.Module):
         inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32)
                               / self.head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
+        if self.family:
+            self._family_setup(cfg)
+
+    def _family_setup(self, cfg) -> None:
+        """The per-layer facts of the other families, read from the model as
+        :class:`~slmkit.engine.families.FamilyRunner` reads them: RoPE frequencies per layer
+        type (partial rotary: fewer than the head dim), windows, scaling, caps, Granite's
+        multipliers."""
+        from slmkit.engine.runner import sliding_windows
+
+        core = self.model.model
+        rotary = core.rotary_emb
+        types = getattr(cfg, "layer_types", None) or [None] * self.n_layers
+        self.windows = sliding_windows(cfg, self.n_layers)
+        self.rope_of = []
+        for t in types:
+            name = f"rope_{t or 'all'}"
+            if not hasattr(self, name):
+                inv = getattr(rotary, f"{t}_inv_freq", None) if t else None
+                if inv is None:
+                    inv = rotary.inv_freq
+                scale = getattr(rotary, f"{t}_attention_scaling", None) if t else None
+                scale = float(scale if scale is not None
+                              else getattr(rotary, "attention_scaling", 1.0) or 1.0)
+                self.register_buffer(name, inv.detach().float().clone(), persistent=False)
+                setattr(self, name + "_scale", scale)
+            self.rope_of.append(name)
+        granite = cfg.model_type == "granite"
+        self.embed_mult = float(cfg.embedding_multiplier) if granite else None
+        self.residual_mult = float(cfg.residual_multiplier) if granite else None
+        self.logits_div = float(cfg.logits_scaling) if granite else None
+        self.attn_cap = getattr(cfg, "attn_logit_softcapping", None)
+        self.final_cap = getattr(cfg, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
         """See the module docstring for shapes. Returns ``(logits, *present)``."""
+        if self.family:
+            return self._family_forward(input_ids, *past)
         core = self.model.model
         b, t = input_ids.shape
         p = past[0].shape[2]
@@ -125,13 +172,80 @@ class ExportDecoder(nn.Module):
         h = rms_norm(h, core.norm.weight, self.eps)
         return (self.model.lm_head(h), *present)
 
-    def _attend(self, q, k, v, mask, b: int, t: int) -> torch.Tensor:
+    def _family_forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        """The other families' blocks, as ``FamilyRunner.forward`` computes them: fused
+        q/k/v (Phi-3), q/k head norms (Qwen3, Gemma 3), a RoPE table per layer type and
+        partial rotary dims, per-layer windows and scaling, soft-capping and Gemma's four
+        norms, Granite's multipliers; the norms, MLPs and embedding are the model's own
+        modules."""
+        core = self.model.model
+        b, t = input_ids.shape
+        p = past[0].shape[2]
+        pos = torch.arange(t) + p                                     # [T]
+        H, KVH, D = self.n_heads, self.n_kv, self.head_dim
+        h = core.embed_tokens(input_ids)                              # [B, T, D]
+        if self.embed_mult is not None:
+            h = h * self.embed_mult
+        present = []
+        for i, layer in enumerate(core.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            if hasattr(attn, "qkv_proj"):
+                y = attn.qkv_proj(x)
+                q, k, v = y[..., :H * D], y[..., H * D:(H + KVH) * D], y[..., (H + KVH) * D:]
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k = q.view(b, t, H, D), k.view(b, t, KVH, D)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)               # [B, H|KVH, T, D]
+            v = v.view(b, t, KVH, D).transpose(1, 2)
+            name = self.rope_of[i]
+            cos, sin = rope_cos_sin(pos, getattr(self, name))         # [T, R]
+            scale = getattr(self, name + "_scale")
+            cos, sin = cos * scale, sin * scale
+            r = cos.shape[-1]
+            if r == D:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:                                                     # partial rotary
+                q = torch.cat([apply_rope(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+                k = torch.cat([apply_rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+            k = torch.cat([past[2 * i], k], dim=2)                    # [B, KVH, P + T, D]
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            present += [k, v]
+            mask = causal_mask(pos, p + t, self.windows[i])
+            o = attn.o_proj(self._attend(q, k, v, mask, b, t, attn.scaling, self.attn_cap))
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")    # Gemma 2 / 3
+            if sandwich:
+                o = layer.post_attention_layernorm(o)
+            h = h + (o if self.residual_mult is None else o * self.residual_mult)
+            x = layer.pre_feedforward_layernorm(h) if sandwich else \
+                layer.post_attention_layernorm(h)
+            m = layer.mlp(x)
+            if sandwich:
+                m = layer.post_feedforward_layernorm(m)
+            h = h + (m if self.residual_mult is None else m * self.residual_mult)
+        logits = self.model.lm_head(core.norm(h))
+        if self.logits_div is not None:
+            logits = logits / self.logits_div
+        if self.final_cap:
+            logits = torch.tanh(logits / self.final_cap) * self.final_cap
+        return (logits, *present)
+
+    def _attend(self, q, k, v, mask, b: int, t: int, scaling: float | None = None,
+                cap: float | None = None) -> torch.Tensor:
         """Grouped-query attention: ``q`` ``[B, H, T, hd]``, ``k, v`` ``[B, KVH, S, hd]``
-        -> ``[B, T, H * hd]``."""
+        -> ``[B, T, H * hd]`` (``scaling``: the query scale, default 1/sqrt(hd); ``cap``:
+        scores soft-capped to ``cap * tanh(s / cap)``)."""
         group = self.n_heads // self.n_kv
         s = k.shape[2]
         q = q.reshape(b, self.n_kv, group * t, self.head_dim)         # heads of a group stacked
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)   # [B, KVH, G*T, S]
+        if scaling is None:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)   # [B, KVH, G*T, S]
+        else:
+            scores = (q @ k.transpose(-1, -2)) * scaling
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
         scores = scores.reshape(b, self.n_kv, group, t, s)
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1).reshape(b, self.n_kv, group * t, s)
