@@ -148,7 +148,7 @@ def test_every_verb_on_every_family(kind, tiny_model_dirs, corpus, task_file, tm
         _runs(out)
     structured = PruneConfig(model=src, out=str(tmp_path / "ps"), structured=True,
                              mlp_channels=32, **_calib(corpus))
-    if facts.llama_layout:
+    if facts.llama_layout or (facts.fast_decode and not facts.moe):
         run_prune(structured)
         _runs(tmp_path / "ps")
     else:

@@ -135,3 +135,68 @@ def test_cli_structured(llama_dir, tmp_path, calib_corpus):  # noqa: F811
 
     cfg = AutoConfig.from_pretrained(out)
     assert (cfg.num_attention_heads, cfg.intermediate_size) == (2, 96)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "gemma3_text"])
+def test_family_dead_units_are_removed_exactly(arch, tokenizer, tmp_path,
+                                               calib_corpus):  # noqa: F811
+    """The other dense families (Qwen3's head norms, Granite's multipliers, Phi-3's fused
+    q/k/v and gate/up, Gemma's four norms): zero half the MLP channels, one whole block and,
+    where there are two KV groups, one group; pruning exactly those keeps the logits. Gemma's
+    single KV group loses query heads within it instead (the pruned model saves, loads in
+    plain transformers and runs)."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.models import save_model
+
+    model = build_tiny_model(arch, tokenizer)
+    cfg = model.config
+    d, kv, n_inter = arch_head_dim(cfg), cfg.num_key_value_heads, cfg.intermediate_size
+    q_width = cfg.num_attention_heads * d
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if hasattr(attn, "qkv_proj"):      # rows q | k | v; gate | up
+                if kv > 1:
+                    attn.qkv_proj.weight[q_width + kv * d + d:].zero_()
+                mlp.gate_up_proj.weight[n_inter::2].zero_()
+            else:
+                if kv > 1:
+                    attn.v_proj.weight[d:].zero_()
+                mlp.up_proj.weight[::2].zero_()
+        last = model.model.layers[1]
+        last.self_attn.o_proj.weight.zero_()
+        last.mlp.down_proj.weight.zero_()
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    heads = 2 if kv > 1 else 0
+    res = structured_prune(model, tokenizer, _settings(calib_corpus, heads=heads or None,
+                                                       mlp_channels=n_inter // 2,
+                                                       drop_layers=1))
+    assert res.dropped == [1] and res.after["mlp_channels"] == n_inter // 2
+    assert res.after["heads"] == cfg.num_attention_heads - heads
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    if kv == 1:                                  # Gemma: heads within the one KV group
+        res = structured_prune(model, tokenizer, _settings(calib_corpus, heads=2))
+        assert (res.after["heads"], res.after["kv_heads"]) == (2, 1)
+        out = save_model(res.model, tokenizer, tmp_path / "small", step="prune")
+        plain = AutoModelForCausalLM.from_pretrained(out)
+        assert plain.model.layers[0].self_attn.q_proj.weight.shape == (2 * d, cfg.hidden_size)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).logits, res.model(ids).logits)
+        with pytest.raises(ConfigError, match="sqrt\\(hidden size\\)"):
+            structured_prune(model, tokenizer, _settings(calib_corpus, hidden=16))
+
+
+def test_mixture_of_experts_is_refused(tokenizer):
+    with pytest.raises(ConfigError, match="not 'mixtral' \\(its experts"):
+        structured_prune(build_tiny_model("mixtral", tokenizer), tokenizer,
+                         StructuredOptions(heads=1))
+
+
+def arch_head_dim(cfg) -> int:
+    from slmkit.models.arch import head_dim
+
+    return head_dim(cfg)

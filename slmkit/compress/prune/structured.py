@@ -25,7 +25,7 @@ from torch import nn
 
 from slmkit.compress.prune import structured_ops as sops
 from slmkit.errors import ConfigError
-from slmkit.models.arch import arch_of, head_dim, supporting
+from slmkit.models.arch import ARCHS, arch_of, head_dim, supporting
 from slmkit.compress.prune.config import StructuredOptions
 
 
@@ -86,11 +86,22 @@ def _shape(config) -> dict:
 
 
 def check_supported(model: nn.Module) -> None:
+    """The Llama layout and the dense ``fast_decode`` families (Qwen3, Granite, Gemma 2/3,
+    Phi-3 with its fused q/k/v and gate/up): the same q/k/v/o and gate/up/down shapes."""
     kind = getattr(model.config, "model_type", "?")
-    if not arch_of(kind).llama_layout:
-        known = ", ".join(supporting("llama_layout"))
+    facts = arch_of(kind)
+    if not (facts.llama_layout or (facts.fast_decode and not facts.moe)):
+        known = ", ".join(sorted(set(supporting("llama_layout"))
+                                 | {k for k, a in ARCHS.items() if a.fast_decode and not a.moe}))
+        why = " (its experts are not channels of one MLP)" if facts.moe else ""
         raise ConfigError(f"Structured pruning supports {known} models, not "
-                          f"'{kind}'; use unstructured pruning (--method wanda) instead.")
+                          f"'{kind}'{why}; use unstructured pruning (--method wanda) instead.")
+
+
+def scaled_embedding(config) -> bool:
+    """Gemma multiplies its embedding by sqrt(hidden size) from the config: removing hidden
+    channels would change that factor, so --hidden is refused there."""
+    return bool(arch_of(config.model_type).norm_offset)
 
 
 def head_mode(config, remove: int) -> str:
@@ -112,6 +123,10 @@ def check_plan(config, plan: Plan) -> None:
     """Refuse plans that remove everything (or more) of some dimension."""
     if plan.heads:
         head_mode(config, plan.heads)
+    if plan.hidden and scaled_embedding(config):
+        raise ConfigError(f"--hidden {plan.hidden} would change the sqrt(hidden size) factor "
+                          f"'{config.model_type}' multiplies its embedding by; prune heads, "
+                          "MLP channels or layers instead.")
     for flag, n, total in (("--mlp-channels", plan.mlp_channels, config.intermediate_size),
                            ("--hidden", plan.hidden, config.hidden_size),
                            ("--drop-layers", plan.drop_layers, config.num_hidden_layers)):
@@ -240,7 +255,13 @@ def apply_plan(model: nn.Module, imp: Importance, plan: Plan) -> tuple[nn.Module
         cuts = {"self_attn.q_proj": (q_rows, hid), "self_attn.k_proj": (kv_rows, hid),
                 "self_attn.v_proj": (kv_rows, hid), "self_attn.o_proj": (hid, q_rows),
                 "mlp.gate_proj": (m_rows, hid), "mlp.up_proj": (m_rows, hid),
-                "mlp.down_proj": (hid, m_rows)}
+                "mlp.down_proj": (hid, m_rows),
+                # Phi-3's fused linears: rows q | k | v and gate | up
+                "self_attn.qkv_proj": (_fused_rows([(q_rows, cfg.num_attention_heads * d),
+                                                    (kv_rows, cfg.num_key_value_heads * d),
+                                                    (kv_rows, cfg.num_key_value_heads * d)]),
+                                       hid),
+                "mlp.gate_up_proj": (_fused_rows([(m_rows, cfg.intermediate_size)] * 2), hid)}
         for key, value in sd.items():
             if not key.startswith(src):
                 continue
@@ -263,6 +284,18 @@ def apply_plan(model: nn.Module, imp: Importance, plan: Plan) -> tuple[nn.Module
                            f"missing={missing[:3]} unexpected={unexpected[:3]}")
     new.tie_weights()
     return new.eval(), drop
+
+
+def _fused_rows(parts: list[tuple[torch.Tensor | None, int]]) -> torch.Tensor | None:
+    """Rows kept of a fused linear whose outputs are ``parts`` side by side, each
+    ``(rows kept or None for all, its width)``; None when every row is kept."""
+    if all(rows is None for rows, _ in parts):
+        return None
+    out, off = [], 0
+    for rows, width in parts:
+        out.append((torch.arange(width) if rows is None else rows) + off)
+        off += width
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- search
@@ -298,7 +331,8 @@ def candidate_plans(config, target: int) -> list[Plan]:
     # quantizes with groups of 32 (int4 kernels, GGUF Q4_0/Q8_0 blocks).
     step_h = 32 if d % 32 == 0 else 8
     step_m = 32 if config.intermediate_size % 32 == 0 else 8
-    hidden_opts = sorted({0} | {int(d * f) // step_h * step_h for f in (0.125, 0.25)})
+    hidden_opts = [0] if scaled_embedding(config) else \
+        sorted({0} | {int(d * f) // step_h * step_h for f in (0.125, 0.25)})
     plans = []
     for drop in range(0, n_layers // 2 + 1):
         for heads in head_opts:
