@@ -147,8 +147,9 @@ def test_every_verb_on_every_family(kind, tiny_model_dirs, corpus, task_file, tm
                               sparsity=0.5, **_calib(corpus)))
         _runs(out)
     structured = PruneConfig(model=src, out=str(tmp_path / "ps"), structured=True,
-                             mlp_channels=32, **_calib(corpus))
-    if facts.llama_layout or (facts.fast_decode and not facts.moe):
+                             **({"experts": 1} if facts.moe else {"mlp_channels": 32}),
+                             **_calib(corpus))
+    if facts.llama_layout or facts.fast_decode:
         run_prune(structured)
         _runs(tmp_path / "ps")
     else:

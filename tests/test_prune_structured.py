@@ -190,13 +190,68 @@ def test_family_dead_units_are_removed_exactly(arch, tokenizer, tmp_path,
             structured_prune(model, tokenizer, _settings(calib_corpus, hidden=16))
 
 
-def test_mixture_of_experts_is_refused(tokenizer):
-    with pytest.raises(ConfigError, match="not 'mixtral' \\(its experts"):
-        structured_prune(build_tiny_model("mixtral", tokenizer), tokenizer,
-                         StructuredOptions(heads=1))
+def test_experts_on_a_dense_model_are_refused(tokenizer):
+    with pytest.raises(ConfigError, match="'llama' is not a mixture of experts"):
+        structured_prune(build_tiny_model("llama", tokenizer), tokenizer,
+                         StructuredOptions(experts=1))
 
 
 def arch_head_dim(cfg) -> int:
     from slmkit.models.arch import head_dim
 
     return head_dim(cfg)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_experts_are_removed_as_the_router_would_skip_them(arch, tokenizer, tmp_path,
+                                                           calib_corpus):  # noqa: F811
+    """--experts drops, per layer, the experts the router gives the least probability on
+    the calibration text: the router's rows and the experts' slices go, the rest is kept.
+    The pruned model equals the original whose router never picks the dropped experts (their
+    logits set to -inf before the softmax: a slow reference router written here), for
+    Mixtral's renormalised top-k and Qwen2-MoE's plain one; it saves and loads in plain
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.models import save_model
+
+    model = build_tiny_model(arch, tokenizer, initializer_range=0.2)
+    cfg = model.config
+    n = cfg.num_local_experts if arch == "mixtral" else cfg.num_experts
+    res = structured_prune(model, tokenizer, _settings(calib_corpus, experts=1))
+    assert (res.before["experts"], res.after["experts"]) == (n, n - 1)
+    assert res.params_after < res.params_before
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    dropped = []
+    for old, new in zip(model.model.layers, res.model.model.layers):
+        kept = [e for e in range(n) if any(torch.equal(old.mlp.gate.weight[e], w)
+                                           for w in new.mlp.gate.weight)]
+        assert len(kept) == n - 1
+        torch.testing.assert_close(new.mlp.experts.down_proj, old.mlp.experts.down_proj[kept])
+        dropped.append(next(e for e in range(n) if e not in kept))
+
+    def masked_router(router, gone):
+        def forward(x):            # the router's rule, with the dropped expert never chosen
+            x = x.reshape(-1, router.hidden_dim)
+            logits = torch.nn.functional.linear(x, router.weight)
+            logits[:, gone] = float("-inf")
+            probs = logits.float().softmax(-1)
+            top, idx = torch.topk(probs, router.top_k, dim=-1)
+            if getattr(router, "norm_topk_prob", True):
+                top = top / top.sum(-1, keepdim=True)
+            return logits, top.to(logits.dtype), idx
+        return forward
+
+    for layer, gone in zip(model.model.layers, dropped):
+        layer.mlp.gate.forward = masked_router(layer.mlp.gate, gone)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(ids).logits, model(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+    out = save_model(res.model, tokenizer, tmp_path / "small", step="prune")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, res.model(ids).logits)
+    with pytest.raises(ConfigError, match="fewer than the 2 experts each token uses"):
+        structured_prune(model, tokenizer, _settings(calib_corpus, experts=n - 1))
+    with pytest.raises(ConfigError, match="--mlp-channels and --hidden do not slice"):
+        structured_prune(model, tokenizer, _settings(calib_corpus, mlp_channels=16))

@@ -75,19 +75,22 @@ class StructuredOptions(Calibration):
                                "(embedding) channels to remove.")
     drop_layers: int | None = Field(default=None, ge=0, description="Structured: whole "
                                     "layers to remove.")
+    experts: int | None = Field(default=None, ge=0, description="Structured: experts to "
+                                "remove from each mixture-of-experts layer (those the router "
+                                "gives the least probability on the calibration text).")
 
     def explicit(self) -> bool:
         return any(v is not None for v in (self.heads, self.mlp_channels, self.hidden,
-                                            self.drop_layers))
+                                            self.drop_layers, self.experts))
 
     def check_target(self) -> None:
         """One kind of target: a parameter fraction or explicit counts."""
         if self.target_params is not None and self.explicit():
             raise ConfigError("--target-params and explicit --heads/--mlp-channels/--hidden/"
-                              "--drop-layers were both given; pass one or the other.")
+                              "--drop-layers/--experts were both given; pass one or the other.")
         if self.target_params is None and not self.explicit():
             raise ConfigError("--structured needs --target-params (e.g. 0.75) or at least one "
-                              "of --heads, --mlp-channels, --hidden, --drop-layers.")
+                              "of --heads, --mlp-channels, --hidden, --drop-layers, --experts.")
 
 
 class PruneConfig(ModelStep, PruneOptions, StructuredOptions):
@@ -111,9 +114,9 @@ class PruneConfig(ModelStep, PruneOptions, StructuredOptions):
             if self.structured:
                 self.check_target()
             elif self.target_params is not None or self.explicit():
-                raise ConfigError("--target-params, --heads, --mlp-channels, --hidden and "
-                                  "--drop-layers apply to --structured pruning; add "
-                                  "--structured or drop them.")
+                raise ConfigError("--target-params, --heads, --mlp-channels, --hidden, "
+                                  "--drop-layers and --experts apply to --structured pruning; "
+                                  "add --structured or drop them.")
         except ConfigError as e:     # a ValueError, so recipes name the file and step
             raise ValueError(str(e)) from None
         if self.structured:

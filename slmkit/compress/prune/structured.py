@@ -37,6 +37,7 @@ class Plan:
     mlp_channels: int = 0
     hidden: int = 0
     drop_layers: int = 0
+    experts: int = 0
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Importance:
     mlp: torch.Tensor  # [L, I]
     hidden: torch.Tensor  # [D]
     layers: torch.Tensor  # [L] block influence
+    experts: torch.Tensor | None = None  # [L, E] router probability mass (mixtures)
 
 
 @dataclass
@@ -73,16 +75,29 @@ class StructuredResult:
 
     def removed_rows(self) -> list[tuple]:
         rows = []
-        for key in ("layers", "heads", "kv_heads", "mlp_channels", "hidden"):
+        for key in ("layers", "heads", "kv_heads", "mlp_channels", "hidden", "experts"):
+            if key not in self.before:
+                continue
             b, a = self.before[key], self.after[key]
             rows.append((key, b, a, b - a))
         return rows
 
 
 def _shape(config) -> dict:
-    return {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads, "mlp_channels": config.intermediate_size,
-            "hidden": config.hidden_size}
+    shape = {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
+             "kv_heads": config.num_key_value_heads, "mlp_channels": config.intermediate_size,
+             "hidden": config.hidden_size}
+    if _experts_key(config):
+        shape["experts"] = getattr(config, _experts_key(config))
+    return shape
+
+
+def _experts_key(config) -> str | None:
+    """The config field counting a mixture's experts (Mixtral's or Qwen-MoE's), or None."""
+    for key in ("num_local_experts", "num_experts"):
+        if getattr(config, key, None):
+            return key
+    return None
 
 
 def check_supported(model: nn.Module) -> None:
@@ -90,12 +105,11 @@ def check_supported(model: nn.Module) -> None:
     Phi-3 with its fused q/k/v and gate/up): the same q/k/v/o and gate/up/down shapes."""
     kind = getattr(model.config, "model_type", "?")
     facts = arch_of(kind)
-    if not (facts.llama_layout or (facts.fast_decode and not facts.moe)):
+    if not (facts.llama_layout or facts.fast_decode):
         known = ", ".join(sorted(set(supporting("llama_layout"))
-                                 | {k for k, a in ARCHS.items() if a.fast_decode and not a.moe}))
-        why = " (its experts are not channels of one MLP)" if facts.moe else ""
+                                 | {k for k, a in ARCHS.items() if a.fast_decode}))
         raise ConfigError(f"Structured pruning supports {known} models, not "
-                          f"'{kind}'{why}; use unstructured pruning (--method wanda) instead.")
+                          f"'{kind}'; use unstructured pruning (--method wanda) instead.")
 
 
 def scaled_embedding(config) -> bool:
@@ -123,6 +137,20 @@ def check_plan(config, plan: Plan) -> None:
     """Refuse plans that remove everything (or more) of some dimension."""
     if plan.heads:
         head_mode(config, plan.heads)
+    key = _experts_key(config)
+    if key is None and plan.experts:
+        raise ConfigError(f"--experts {plan.experts}: '{config.model_type}' is not a mixture "
+                          "of experts; prune heads, MLP channels, hidden channels or layers.")
+    if key is not None and (plan.mlp_channels or plan.hidden):
+        raise ConfigError(f"'{config.model_type}' is a mixture of experts, whose fused experts "
+                          "--mlp-channels and --hidden do not slice; remove whole experts "
+                          "(--experts), heads or layers instead.")
+    if key is not None and plan.experts and \
+            getattr(config, key) - plan.experts < config.num_experts_per_tok:
+        raise ConfigError(f"--experts {plan.experts} would leave fewer than the "
+                          f"{config.num_experts_per_tok} experts each token uses of the "
+                          f"{getattr(config, key)}; remove at most "
+                          f"{getattr(config, key) - config.num_experts_per_tok}.")
     if plan.hidden and scaled_embedding(config):
         raise ConfigError(f"--hidden {plan.hidden} would change the sqrt(hidden size) factor "
                           f"'{config.model_type}' multiplies its embedding by; prune heads, "
@@ -165,9 +193,15 @@ def collect_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importa
     def flat(x):
         return x.reshape(-1, x.shape[-1])  # [B, T, C] -> [B*T, C]
 
+    key = _experts_key(cfg)
+    experts = torch.zeros(n_layers, getattr(cfg, key), dtype=torch.float64) if key else None
     for i, layer in enumerate(layers):
         def on_o(_m, args, i=i):
             heads[i] += sops.head_energy(flat(args[0]), n_heads)
+
+        def on_router(m, args, i=i):      # the router's softmax mass per expert
+            logits = torch.nn.functional.linear(flat(args[0]).float(), m.weight.float())
+            experts[i] += logits.softmax(-1).sum(0).double()
 
         def on_down(_m, args, i=i):
             mlp[i] += sops.channel_abs_sum(flat(args[0]))
@@ -182,8 +216,10 @@ def collect_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importa
             influence[i] += s
             tokens[i] += n
 
-        handles += [layer.self_attn.o_proj.register_forward_pre_hook(on_o),
-                    layer.mlp.down_proj.register_forward_pre_hook(on_down),
+        ffn = layer.mlp
+        handles += [ffn.gate.register_forward_pre_hook(on_router) if hasattr(ffn, "experts")
+                    else ffn.down_proj.register_forward_pre_hook(on_down),
+                    layer.self_attn.o_proj.register_forward_pre_hook(on_o),
                     layer.input_layernorm.register_forward_hook(on_norm),
                     layer.post_attention_layernorm.register_forward_hook(on_norm),
                     layer.register_forward_hook(on_block, with_kwargs=True)]
@@ -194,7 +230,7 @@ def collect_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importa
     finally:
         for h in handles:
             h.remove()
-    return Importance(heads, mlp, hidden, influence / tokens.clamp_min(1))
+    return Importance(heads, mlp, hidden, influence / tokens.clamp_min(1), experts)
 
 
 # --------------------------------------------------------------------------- slicing
@@ -215,6 +251,9 @@ def pruned_config(config, plan: Plan, kept_layers: list[int]):
         new.layer_types = [config.layer_types[i] for i in kept_layers]
     if hasattr(new, "max_window_layers"):
         new.max_window_layers = min(new.max_window_layers, len(kept_layers))
+    if plan.experts:
+        key = _experts_key(config)
+        setattr(new, key, getattr(config, key) - plan.experts)
     return new
 
 
@@ -262,11 +301,19 @@ def apply_plan(model: nn.Module, imp: Importance, plan: Plan) -> tuple[nn.Module
                                                     (kv_rows, cfg.num_key_value_heads * d)]),
                                        hid),
                 "mlp.gate_up_proj": (_fused_rows([(m_rows, cfg.intermediate_size)] * 2), hid)}
+        kept_experts = None
+        if plan.experts and imp.experts is not None:
+            kept_experts = sops.keep_top(imp.experts[old_i],
+                                         imp.experts.shape[1] - plan.experts)
         for key, value in sd.items():
             if not key.startswith(src):
                 continue
             local = key[len(src):]
             module, _, kind = local.rpartition(".")
+            if kept_experts is not None and (local == "mlp.gate.weight"
+                                             or module == "mlp.experts"):
+                out[dst + local] = value.index_select(0, kept_experts).clone()  # router rows,
+                continue                                                      # expert slices
             if module in cuts:
                 rows, cols = cuts[module]
                 out[dst + local] = sops.take(value, rows=rows, cols=cols if kind == "weight"
@@ -371,7 +418,7 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredOptions) -
     cfg = model.config
     if settings.explicit():
         plans = [Plan(settings.heads or 0, settings.mlp_channels or 0, settings.hidden or 0,
-                      settings.drop_layers or 0)]
+                      settings.drop_layers or 0, settings.experts or 0)]
         check_plan(cfg, plans[0])
     batches = calibration_batches(tokenizer, settings.calib_data, n_samples=settings.calib_samples,
                                   seq_len=settings.calib_seq_len, seed=settings.seed)
@@ -381,6 +428,9 @@ def structured_prune(model: nn.Module, tokenizer, settings: StructuredOptions) -
     with block_precision(precision):
         imp = collect_importance(model, list(track(batches, "importance")))
     params_before = count_params(cfg)
+    if not settings.explicit() and _experts_key(cfg):
+        raise ConfigError(f"--target-params is not searched for '{cfg.model_type}' (a mixture "
+                          "of experts) yet; give --experts, --heads or --drop-layers.")
     if not settings.explicit():
         plans = candidate_plans(cfg, int(settings.target_params * params_before))
         if not plans:
