@@ -180,7 +180,7 @@ def test_every_verb_on_every_family(kind, tiny_model_dirs, corpus, task_file, tm
                               max_tokens=256)).figures
     assert res["ppl"] > 1 and "task_score" in res, res
     onnx = ExportConfig(model=src, format="onnx", out=str(tmp_path / "onnx"))
-    if facts.llama_layout or (facts.fast_decode and not facts.moe):
+    if facts.llama_layout or facts.fast_decode:
         run_export(onnx)
     else:
         with pytest.raises(ConfigError, match=kind):

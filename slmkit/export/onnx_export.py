@@ -75,7 +75,7 @@ def _require_onnx():
 
 def export_onnx(model_ref: str, out: str | os.PathLike, int8: bool = False,
                 overwrite: bool = False, probe_tokens: int = 16) -> OnnxResult:
-    """Export a model dir (the Llama layout or a dense `fast_decode` family) to an ONNX
+    """Export a model dir (the Llama layout or a `fast_decode` family) to an ONNX
     Runtime directory.
 
     Args:

@@ -18,8 +18,9 @@ out here, in plain tensor ops that ``torch.onnx`` turns into standard ONNX opera
 covers the Llama family (Llama, Mistral with its sliding window, Qwen2 with q/k/v biases):
 RMSNorm, rotary embeddings in the Hugging Face "rotate half" convention (Su et al., 2021,
 "RoFormer"), grouped-query attention (Ainslie et al., 2023) and a SiLU-gated MLP; and the
-dense families of :mod:`slmkit.engine.families` (Qwen3, Phi-3, Granite, Gemma 2 / 3), whose
-blocks it computes as ``FamilyRunner`` does, calling their norm and MLP modules.
+families of :mod:`slmkit.engine.families` (Qwen3, Phi-3, Granite, Gemma 2 / 3, Mixtral and
+Qwen2-MoE), whose blocks it computes as ``FamilyRunner`` does, calling their norm and MLP
+modules (a mixture as :meth:`ExportDecoder._moe`).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class ExportDecoder(nn.Module):
     """A causal LM's forward pass with the KV cache as explicit tensors (see module doc).
 
     Args:
-        model: a loaded ``*ForCausalLM`` of the Llama layout or a dense ``fast_decode``
-            family (dense linears).
+        model: a loaded ``*ForCausalLM`` of the Llama layout or a ``fast_decode`` family
+            (dense linears).
     """
 
     def __init__(self, model: nn.Module):
@@ -80,13 +81,10 @@ class ExportDecoder(nn.Module):
         cfg = model.config
         facts = arch.arch_of(cfg.model_type)
         self.family = not facts.llama_layout
-        if not (facts.llama_layout or facts.fast_decode) or facts.moe:
+        if not (facts.llama_layout or facts.fast_decode):
             known = ", ".join(sorted(set(arch.supporting("llama_layout"))
-                                     | {k for k, a in arch.ARCHS.items()
-                                        if a.fast_decode and not a.moe}))
-            why = " (its experts are chosen per token, which the graph does not trace)" \
-                if facts.moe else ""
-            raise ConfigError(f"ONNX export supports {known}, not '{cfg.model_type}'{why}; "
+                                     | {k for k, a in arch.ARCHS.items() if a.fast_decode}))
+            raise ConfigError(f"ONNX export supports {known}, not '{cfg.model_type}'; "
                               f"slm generate / slm serve run '{cfg.model_type}' models as "
                               "they are.")
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -221,7 +219,7 @@ class ExportDecoder(nn.Module):
             h = h + (o if self.residual_mult is None else o * self.residual_mult)
             x = layer.pre_feedforward_layernorm(h) if sandwich else \
                 layer.post_attention_layernorm(h)
-            m = layer.mlp(x)
+            m = self._moe(layer.mlp, x) if hasattr(layer.mlp, "experts") else layer.mlp(x)
             if sandwich:
                 m = layer.post_feedforward_layernorm(m)
             h = h + (m if self.residual_mult is None else m * self.residual_mult)
@@ -231,6 +229,30 @@ class ExportDecoder(nn.Module):
         if self.final_cap:
             logits = torch.tanh(logits / self.final_cap) * self.final_cap
         return (logits, *present)
+
+    @staticmethod
+    def _moe(block, x: torch.Tensor) -> torch.Tensor:
+        """A mixture-of-experts block in traceable ops: the router's softmax and top k
+        (renormalised where the router does) scattered into an ``[N, experts]`` weight
+        matrix, every expert computed for every token and weighted by it (zero for the
+        experts not chosen), plus Qwen2-MoE's sigmoid-gated shared expert. The same
+        function as the block's per-expert loop, which the exporter cannot trace; it reads
+        every expert, so ONNX Runtime runs a mixture at its total, not its active, size."""
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)                                       # [N, D]
+        router = block.gate
+        probs = F.linear(flat, router.weight).float().softmax(-1)     # [N, E]
+        top, idx = torch.topk(probs, router.top_k, dim=-1)
+        if getattr(router, "norm_topk_prob", True):
+            top = top / top.sum(-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(1, idx, top).to(flat.dtype)
+        experts = block.experts
+        gate, up = torch.einsum("nd,efd->nef", flat, experts.gate_up_proj).chunk(2, dim=-1)
+        y = torch.einsum("nei,edi->ned", experts.act_fn(gate) * up, experts.down_proj)
+        out = (y * weights[..., None]).sum(1)                         # [N, D]
+        if hasattr(block, "shared_expert"):
+            out = out + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
+        return out.reshape(b, t, d)
 
     def _attend(self, q, k, v, mask, b: int, t: int, scaling: float | None = None,
                 cap: float | None = None) -> torch.Tensor:
