@@ -155,3 +155,13 @@ def test_bad_input(onnx_dir, tiny_model_dirs, tmp_path):
     assert not (tmp_path / "g").exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(ModelLoadError, match="not an ONNX export"):
         OnnxRunner(tiny_model_dirs["llama"])
+
+
+def test_int8_on_a_mixture_of_experts_is_refused(tiny_model_dirs, tmp_path):
+    """Dynamic int8 would leave the experts' Einsum fp32: refused before anything is
+    written, rather than quantizing only the attention."""
+    from slmkit.export.onnx_export import export_onnx
+
+    with pytest.raises(ConfigError, match="--int8 on 'mixtral'.*export without --int8"):
+        export_onnx(tiny_model_dirs["mixtral"], tmp_path / "onnx", int8=True)
+    assert not (tmp_path / "onnx").exists()

@@ -134,11 +134,10 @@ class FamilyRunner(FastRunner):
         """The compiled decode step for these blocks, or why not: it covers blocks with
         q/k norms (Qwen3), fused q/k/v and gate/up (Phi-3), Granite's multipliers, Gemma's
         sandwich norms and per-layer RoPE, Gemma 2's attention soft-capping (in the step;
-        the final cap is applied to its logits, :meth:`_logits`); not yet sliding rings,
-        partial rotary dims (RoPE on the first dims of each head), sliding-window rings
-        (a layer's ring rows go to the step; prompt chunks of rings stay short, see
-        :meth:`forward`) and MoE blocks with a Mixtral or Qwen-MoE router (top-k routing in
-        the step)."""
+        the final cap is applied to its logits, :meth:`_logits`), partial rotary dims (RoPE
+        on the first dims of each head), sliding-window rings (a layer's ring rows go to the
+        step; prompt chunks of rings stay short, see :meth:`forward`) and MoE blocks with a
+        Mixtral or Qwen-MoE router (top-k routing in the step)."""
         from slmkit.engine.native import NativeStep
 
         if self.cos.shape[-1] % 2:

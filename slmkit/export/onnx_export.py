@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.models import arch
 from slmkit.nn.quant_linear import QuantLinear
 from slmkit.nn.surgery import set_module
 
@@ -96,6 +97,10 @@ def export_onnx(model_ref: str, out: str | os.PathLike, int8: bool = False,
     model, tok = load_model(model_ref, dtype="fp32")
     dequantized = _to_dense(model)
     ExportDecoder(model)                          # refuses other architectures before writing
+    if int8 and arch.arch_of(model.config.model_type).moe:
+        raise ConfigError(f"--int8 on '{model.config.model_type}' would quantize only its "
+                          "attention: ONNX Runtime's dynamic quantization leaves the experts' "
+                          "fused weights (Einsum) fp32; export without --int8.")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_decoder(model, tmp, int8=int8, eos_token_id=tok.eos_token_id)
         model.config.save_pretrained(tmp)

@@ -129,8 +129,8 @@ def _silent():
 def llamacpp_config(header: GGUFHeader) -> dict:
     """Config fields a llama.cpp GGUF states (or its graph implies) that transformers'
     reader leaves at the class defaults: the head dim (``key_length``), Gemma's soft-caps
-    and query scale, Phi-3's window, Qwen2-MoE's expert widths. Without them a Qwen3 with head_dim != hidden / heads
-    does not load, and a Gemma 2 computes another attention."""
+    and query scale, Phi-3's window, Qwen2-MoE's expert widths. Without them a Qwen3 with
+    head_dim != hidden / heads does not load, and a Gemma 2 computes another attention."""
     from slmkit.export.gguf_meta import llamacpp_query_scalar
 
     arch, meta = header.architecture, header.meta
@@ -155,7 +155,8 @@ def llamacpp_config(header: GGUFHeader) -> dict:
         if key("expert_feed_forward_length"):            # mixture, weights not renormalised
             fields["moe_intermediate_size"] = int(key("expert_feed_forward_length"))
         if key("expert_shared_feed_forward_length"):
-            fields["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length"))
+            fields["shared_expert_intermediate_size"] = int(
+                key("expert_shared_feed_forward_length"))
         fields.update(norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[])
     return fields
 

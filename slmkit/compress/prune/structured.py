@@ -101,8 +101,9 @@ def _experts_key(config) -> str | None:
 
 
 def check_supported(model: nn.Module) -> None:
-    """The Llama layout and the dense ``fast_decode`` families (Qwen3, Granite, Gemma 2/3,
-    Phi-3 with its fused q/k/v and gate/up): the same q/k/v/o and gate/up/down shapes."""
+    """The Llama layout and the ``fast_decode`` families: Qwen3, Granite, Gemma 2/3, Phi-3
+    with its fused q/k/v and gate/up (the same q/k/v/o and gate/up/down shapes), and the
+    mixtures of experts (whole experts, see :func:`check_plan`)."""
     kind = getattr(model.config, "model_type", "?")
     facts = arch_of(kind)
     if not (facts.llama_layout or facts.fast_decode):
