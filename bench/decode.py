@@ -162,10 +162,11 @@ def weight_bytes(model, active: bool = True) -> int:
             seen.add(p.data_ptr())
             n = p.numel() * p.element_size()
             total += n * share if ".experts." in name else n
-    for name, b in model.named_buffers():
+    for name, b in model.named_buffers():     # quantized layers' codes (experts' too)
         if b.data_ptr() not in seen and "inv_freq" not in name:
             seen.add(b.data_ptr())
-            total += b.numel() * b.element_size()
+            n = b.numel() * b.element_size()
+            total += n * share if ".experts." in name else n
     return int(total)
 
 
@@ -278,8 +279,10 @@ def time_streams(model, streams: int, prompt_len: int, n: int) -> dict:
 def quantize(model, precision: str):
     """RTN int8 (per channel) / int4 (groups of 32) through slmkit's QuantLinear, in place.
 
-    The embedding table and the tied LM head are quantized too (``quantize_embeddings``), as
-    llama.cpp's Q8_0 / Q4_0 files quantize ``token_embd``: the head is 21% of the weights.
+    The embedding table and the LM head are quantized too, as llama.cpp's Q8_0 / Q4_0 files
+    quantize ``token_embd`` and ``output``: a tied head with the table
+    (``quantize_embeddings``; 21% of SmolLM2's weights), an untied one as a linear (Phi-3's,
+    the MoE shape's: 46% of its int8 weights).
     """
     if precision == "fp32":
         return model
@@ -287,8 +290,10 @@ def quantize(model, precision: str):
     from slmkit.compress.quantize.config import QuantizeOptions
 
     bits, group = (8, -1) if precision == "int8" else (4, 32)  # int4 in Q4_0-sized blocks
+    untied = not getattr(model.config, "tie_word_embeddings", False)
     quantize_model(model, None, QuantizeOptions(method="rtn", bits=bits, group_size=group,
-                                               quantize_embeddings=True))
+                                               quantize_embeddings=True,
+                                               **({"ignore": []} if untied else {})))
     return model
 
 

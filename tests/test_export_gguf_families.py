@@ -255,3 +255,43 @@ def test_mixtral_is_written_as_llamas_graph_with_experts_and_import_refuses_it(
     with pytest.raises(ModelLoadError, match="mixture of experts.*'llama' graph"):
         import_gguf(path, tmp_path / "back", str(path))
     assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_are_carried_into_gguf_exactly(bits, sources, tmp_path):
+    """A Qwen2-MoE whose experts slmkit quantized (split, one linear per expert) is written
+    with its experts' own codes stacked into ``ffn_{gate,up,down}_exps`` (q8_0 / q4_0): read
+    back by `slm import`, its logits equal the quantized model's (dequantized) ones."""
+    import copy
+
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.api import dequantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.models import load_model, save_model
+
+    model, _ = sources["qwen2_moe"]
+    model = copy.deepcopy(model)
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=bits, group_size=32,
+                                                quantize_embeddings=False))
+    src = save_model(model, None, tmp_path / "q", step="quantize", params={})
+    _copy_tokenizer(sources, src)
+    res, back = _round_trip(src, f"q{bits}_0", tmp_path, "qwen2_moe-q")
+    experts = sum(p.numel() for n, p in back.named_parameters() if ".experts." in n)
+    assert experts > 0 and res.requantized == 0
+    assert res.from_quantized == len([n for n, m in model.named_modules()   # the shared
+                                      if type(m).__name__ == "QuantLinear"      # gate: f32
+                                      and not n.endswith("shared_expert_gate")])
+    # the tensors left dense (embedding, head) go to q8_0 / q4_0 blocks; the quantized
+    # layers keep their codes
+    want = _logits(dequantize_model(_rounded(load_model(str(src), dtype="fp32")[0],
+                                             f"q{bits}_0")))
+    torch.testing.assert_close(_logits(back), want, atol=1e-5, rtol=0)
+
+
+def _copy_tokenizer(sources, dst) -> None:
+    import shutil
+
+    _, model_dir = sources["qwen2_moe"]
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, dst / f.name)

@@ -365,3 +365,25 @@ def test_gptq_true_sequential_off_collects_every_hessian_in_one_pass(tokenizer, 
                      for n in ("self_attn.q_proj", "mlp.down_proj")}
     assert torch.equal(first[True]["self_attn.q_proj"], first[False]["self_attn.q_proj"])
     assert not torch.equal(first[True]["mlp.down_proj"], first[False]["mlp.down_proj"])
+
+
+def test_untied_head_quantized_as_a_linear_loads_on_the_linears_grid(tokenizer, tmp_path):
+    """An untied LM head selected by the patterns is on the linears' grid (4-bit here), the
+    table on its own (int8 per row): both come back as saved, and `slm info` counts each
+    on its own grid."""
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.models.info import model_info
+
+    model = build_tiny_model("llama", tokenizer, tie_word_embeddings=False)
+    dense = sum(p.numel() for p in model.parameters())
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=4, group_size=32,
+                                                ignore=[]))
+    assert model.lm_head.bits == 4 and model.model.embed_tokens.bits == 8
+    ids = torch.tensor([[5, 9, 30, 7]])
+    out = save_model(model, tokenizer, tmp_path / "q", step="quantize", params={})
+    back, _ = load_model(str(out), dtype="fp32")
+    assert back.lm_head.bits == 4 and back.model.embed_tokens.bits == 8
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert model_info(out)["params"] == dense

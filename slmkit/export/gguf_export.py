@@ -22,6 +22,7 @@ import torch
 from slmkit.errors import ConfigError, OutputError
 from slmkit.export import ggml_blocks, gguf_meta, quant_map
 from slmkit.models import arch
+from slmkit.nn.experts import SplitExperts
 from slmkit.nn.quant_linear import QuantLinear
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -176,8 +177,21 @@ def _source_tensors(model, config):
     """``(hf_name, tensor or QuantLinear)`` for every weight the GGUF file needs."""
     quant = _quant_layers(model)
     tied = getattr(config, "tie_word_embeddings", False) or _same_codes(model)
+    split = {n: m for n, m in model.named_modules() if isinstance(m, SplitExperts)}
     for name, value in model.state_dict().items():
         owner = name.rsplit(".", 1)[0]
+        prefix = next((p for p in split if name.startswith(p + ".")), None)
+        if prefix is not None:            # quantized experts, one linear each: stacked
+            if name == f"{prefix}.gate_up.0.{name.rsplit('.', 1)[1]}" and \
+                    name.endswith((".qweight", ".weight")):
+                experts = split[prefix]
+                inter = experts.down[0].in_features
+                yield prefix + ".gate_proj.weight", ExpertStack(
+                    [_rows(m, 0, inter) for m in experts.gate_up])
+                yield prefix + ".up_proj.weight", ExpertStack(
+                    [_rows(m, inter, 2 * inter) for m in experts.gate_up], halves=True)
+                yield prefix + ".down_proj.weight", ExpertStack(list(experts.down))
+            continue
         if tied and (name == "lm_head.weight" or owner == "lm_head"):
             continue                      # llama.cpp reuses token_embd when output is absent
         if "rotary_emb" in name:
@@ -193,6 +207,10 @@ def _source_tensors(model, config):
         if name.endswith(".shared_expert_gate.weight"):  # [1, hidden]: llama.cpp's is 1-D
             yield name, value.reshape(-1)
             continue
+        if owner in quant and owner.endswith(".shared_expert_gate"):
+            if name.endswith(".qweight"):     # llama.cpp reads this gate 1-D, as f32
+                yield owner + ".weight", quant[owner].dense_weight().reshape(-1)
+            continue
         if owner in quant:
             if name.endswith(".qweight"):
                 yield owner + ".weight", quant[owner]
@@ -200,6 +218,28 @@ def _source_tensors(model, config):
                 yield name, value
             continue                      # scales / zeros / input_scale live in the blocks
         yield name, value
+
+
+class ExpertStack(list):
+    """The experts' linears (``QuantLinear``, or dense weights) of one stage, written as one
+    ``[experts, out, in]`` GGUF tensor: each expert's blocks one after another. ``halves``:
+    the second halves of linears already counted (gate|up written as gate and up)."""
+
+    def __init__(self, parts, halves: bool = False):
+        super().__init__(parts)
+        self.halves = halves
+
+
+def _rows(layer, lo: int, hi: int):
+    """Output rows ``lo:hi`` of a linear: a dense weight, or a ``QuantLinear`` holding
+    those rows' codes and grid (exact: rows are quantized independently)."""
+    if not isinstance(layer, QuantLinear):
+        return layer.weight.detach()[lo:hi]
+    part = QuantLinear(layer.in_features, hi - lo, layer.bits, layer.group_size, layer.sym,
+                       input_scale=layer.input_scale is not None)
+    part.load_state_dict({k: v[lo:hi] if k != "input_scale" else v
+                          for k, v in layer.state_dict().items()})
+    return part
 
 
 def _same_codes(model) -> bool:
@@ -214,6 +254,16 @@ def _same_codes(model) -> bool:
 
 def _encode(value, quant: str, model_ref: str, result: GGUFResult) -> tuple[np.ndarray, str, int]:
     """One tensor -> ``(array for the writer, ggml type name, parameter count)``."""
+    if isinstance(value, ExpertStack):
+        before = (result.from_quantized, result.requantized)
+        parts = [_encode(v, quant, model_ref, result) for v in value]
+        if value.halves:
+            result.from_quantized, result.requantized = before
+        if len({qtype for _, qtype, _ in parts}) != 1:
+            raise ConfigError(f"'{model_ref}' has experts of one layer on different "
+                              "quantization grids, which one GGUF tensor cannot hold; "
+                              "re-quantize them alike or export the dense parent.")
+        return np.stack([d for d, _, _ in parts]), parts[0][1], sum(n for _, _, n in parts)
     if not isinstance(value, torch.Tensor):           # a QuantLinear
         data, qtype, exact = quant_map.encode_quant_linear(value, model_ref)
         result.from_quantized += 1

@@ -39,7 +39,9 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     fmt = formats.format_of(config)
     quant = getattr(config, "slmkit", None) or {}
     quant_bits = quant.get("bits") if quant.get("format") == "quant" else None
-    grids = (quant.get("layer_grids") or {}) if quant_bits else {}   # mixed precision
+    grids = dict(quant.get("layer_grids") or {}) if quant_bits else {}   # mixed precision
+    for name in quant.get("embedding_layers") or [] if quant_bits else []:  # the table's grid
+        grids[name] = (quant.get("embedding_bits", quant_bits), quant.get("embedding_group_size"))
     # slm prune --compact: a layer's kept values stand for its dense out x in weights
     nm_layers = quant.get("layers") if quant.get("format") == "nm_sparse" else None
     nm_dense = {f"{k}.weight_nm_values": v[0] * v[1] for k, v in (nm_layers or {}).items()}

@@ -22,6 +22,8 @@ from slmkit.compress.quantize.config import QuantizeConfig, QuantizeOptions
 from slmkit.compress.quantize.ops import check_scheme
 from slmkit.errors import ConfigError
 from slmkit.models.memory import release_file_pages, trim_heap
+from slmkit.nn.experts import fuse as fuse_experts
+from slmkit.nn.experts import split as split_experts
 from slmkit.nn.quant_linear import QuantLinear
 from slmkit.nn.surgery import is_conv1d, linear_shape, set_module
 from slmkit.step import StepResult
@@ -70,12 +72,24 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeOptions,
             scheme does not fit a layer's shape.
         DataError: calibration data too short.
     """
-    from slmkit.compress.calibrate import calibrate_layer_by_layer, calibration_batches
-    from slmkit.compress.quantize.modifiers import MODIFIERS
-
     if is_quantized(model):
         raise ConfigError("This model is already quantized; quantize the original dense "
                           "model instead (or `slm quantize --dequantize` it first).")
+    # a mixture's fused experts become one linear per expert and stage, which the
+    # patterns select like any other (``.experts.gate_up.<e>``, ``.experts.down.<e>``);
+    # those left dense are fused back before the model is returned
+    split_experts(model)
+    try:
+        summary = _quantize_split(model, tokenizer, cfg, grids)
+    finally:
+        fuse_experts(model)
+    return summary
+
+
+def _quantize_split(model, tokenizer, cfg: QuantizeOptions, grids) -> dict[str, Any]:
+    from slmkit.compress.calibrate import calibrate_layer_by_layer, calibration_batches
+    from slmkit.compress.quantize.modifiers import MODIFIERS
+
     linears = match_linears(model, cfg.targets, cfg.ignore)
     if not linears:
         raise ConfigError(f"No linear layer matches --targets {cfg.targets} (minus --ignore "
@@ -153,6 +167,12 @@ def install_codes(model: nn.Module, linears: dict[str, nn.Module], results: dict
     _mark_config(model, cfg, results, bpw)
     if "tied lm_head" in summary.get("embeddings", ""):
         model.config.slmkit["tied_head"] = True     # the head is a copy of the table's codes
+    if cfg.quantize_embeddings:                     # on the table's grid (slm info counts)
+        table = {id(model.get_input_embeddings())}
+        if model.config.slmkit.get("tied_head"):
+            table.add(id(model.get_output_embeddings()))
+        model.config.slmkit["embedding_layers"] = [n for n, m in model.named_modules()
+                                                   if id(m) in table]
     own = {n: list(g) for n, g in grids.items()
            if n in results and tuple(g) != (cfg.bits, cfg.group_size)}
     if own:
@@ -219,6 +239,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             set_module(model, name, module.to_dense())
+    fuse_experts(model)           # split experts, now dense, back to the fused layout
     for attr in ("slmkit", "quantization_config"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)

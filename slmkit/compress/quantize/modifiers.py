@@ -31,6 +31,7 @@ from slmkit.compress.quantize.awq_ops import (
 from slmkit.compress.quantize.config import QuantizeConfig
 from slmkit.compress.quantize.gptq_ops import gptq_quantize_weight
 from slmkit.compress.quantize.ops import fake_quantize
+from slmkit.nn.experts import CHILD
 from slmkit.nn.packing import dequantize_codes, quantize_rtn
 
 
@@ -132,25 +133,53 @@ class GPTQModifier(QuantizeModifier):
                 for n, m in heads.items()}
         if not cfg.true_sequential:   # every group's Hessian from one pass over the block
             feed_linears(block, inputs, heads, lambda n, x: accs[n].add(x))
-        for group in groups:
-            acc = accs[group[0]]
-            if cfg.true_sequential:   # after the groups before it were quantized
-                feed_linears(block, inputs, {group[0]: heads[group[0]]},
-                             lambda n, x: acc.add(x))
-            # GPTQ treats every output row on its own given the shared Hessian, so the
-            # group's linears on one grid are stacked row-wise and solved in one call (same
-            # codes, fewer trips through the column loop)
-            for grid in dict.fromkeys(self.grid(name) for name in group):
-                names = [name for name in group if self.grid(name) == grid]
-                ws = [weight_matrix(linears[name]) for name in names]
-                codes, scale, zero = gptq_quantize_weight(
-                    torch.cat(ws), acc.hessian, *grid, cfg.sym, damp=cfg.damp,
-                    block_size=cfg.block_size, act_order=cfg.act_order,
-                    preserve_zeros=cfg.preserve_zeros, clip_search=cfg.gptq_clip)
-                rows = [w.shape[0] for w in ws]
-                for name, c, sc, z in zip(names, codes.split(rows), scale.split(rows),
-                                          zero.split(rows)):
-                    self.record(name, c, sc, z)
+        for fed in expert_passes(groups):
+            if cfg.true_sequential:   # after the groups before them were quantized
+                feed_linears(block, inputs, {g[0]: heads[g[0]] for g in fed},
+                             lambda n, x: accs[n].add(x))
+            for group in fed:
+                self._solve(group, linears, accs[group[0]])
+
+    def _solve(self, group: list[str], linears: dict[str, nn.Module], acc) -> None:
+        cfg = self.cfg
+        if acc.num_tokens == 0:     # an expert no calibration token was routed to
+            for name in group:
+                self.quantize_rtn(name)
+            return
+        # GPTQ treats every output row on its own given the shared Hessian, so the
+        # group's linears on one grid are stacked row-wise and solved in one call (same
+        # codes, fewer trips through the column loop)
+        for grid in dict.fromkeys(self.grid(name) for name in group):
+            names = [name for name in group if self.grid(name) == grid]
+            ws = [weight_matrix(linears[name]) for name in names]
+            codes, scale, zero = gptq_quantize_weight(
+                torch.cat(ws), acc.hessian, *grid, cfg.sym, damp=cfg.damp,
+                block_size=cfg.block_size, act_order=cfg.act_order,
+                preserve_zeros=cfg.preserve_zeros, clip_search=cfg.gptq_clip)
+            rows = [w.shape[0] for w in ws]
+            for name, c, sc, z in zip(names, codes.split(rows), scale.split(rows),
+                                      zero.split(rows)):
+                self.record(name, c, sc, z)
+
+
+def expert_passes(groups: list[list[str]]) -> list[list[list[str]]]:
+    """``groups`` (in execution order) batched into block passes: one group a pass, except
+    a split mixture of experts' (:mod:`slmkit.nn.experts`), whose gate|up linears read
+    disjoint tokens of one input and so share a pass, then all their downs; placed where
+    the first of them ran (experts no token reached run last in ``groups``)."""
+    passes: list[list[list[str]]] = []
+    stages: dict[tuple[str, str], list[list[str]]] = {}
+    for group in groups:
+        m = CHILD.match(group[0])
+        if m is None or len(group) != 1:
+            passes.append([group])
+            continue
+        prefix = m.group("prefix")
+        if (prefix, "gate_up") not in stages:
+            stages[prefix, "gate_up"], stages[prefix, "down"] = [], []
+            passes += [stages[prefix, "gate_up"], stages[prefix, "down"]]
+        stages[prefix, m.group("stage")].append(group)
+    return [p for p in passes if p]
 
 
 class AWQModifier(QuantizeModifier):

@@ -55,8 +55,8 @@ class Layer(ctypes.Structure):
                 ("rows", ctypes.c_int32),
                 ("n_exp", ctypes.c_int32), ("top_k", ctypes.c_int32),
                 ("norm_topk", ctypes.c_int32), ("moe_inter", ctypes.c_int32),
-                ("router", ctypes.c_void_p), ("exp_gu", ctypes.c_void_p),
-                ("exp_down", ctypes.c_void_p), ("shared_gate", ctypes.c_void_p)]
+                ("router", ctypes.c_void_p), ("exp_lin", ctypes.c_void_p),
+                ("shared_gate", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -431,34 +431,58 @@ _ACT_MODULES = {"SiLU": 0, "SiLUActivation": 0, "PytorchGELUTanh": 1, "GELUTanh"
 _ROUTERS = {"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter"}
 
 
-def _moe(mlp, keep: list) -> dict | str | None:
-    """A mixture-of-experts block's fields for ``layer_t`` (kept fp32 pointers), why the
-    step cannot run it, or None for a plain MLP."""
+def _moe(mlp, keep: list, vnni: bool, used: list | None) -> dict | str | None:
+    """A mixture-of-experts block's fields for ``layer_t`` (the router and shared gate as
+    kept fp32 pointers, ``exp_lin`` a kept array of each expert's gate|up then down
+    :class:`Lin`: slices of transformers' fused fp32 tensors, or the linears of a
+    :class:`~slmkit.nn.experts.SplitExperts`, quantized or not), why the step cannot run
+    it, or None for a plain MLP."""
+    from slmkit.nn.experts import SplitExperts, is_fused
+
     experts, router = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
     if experts is None:
         return None
     name = type(router).__name__
     if name not in _ROUTERS:
         return f"mixture-of-experts router {name} has no native step"
-    gu, down, w = (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None),
-                   getattr(router, "weight", None))
-    tensors = (gu, down, w)
-    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_contiguous()
-               and t.device.type == "cpu" for t in tensors) or gu.dim() != 3 \
-            or getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
-        return "mixture-of-experts weights are not fused fp32 [experts, out, in] tensors"
+    w = getattr(router, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.device.type != "cpu":
+        return "the mixture-of-experts router is not an fp32 weight on the CPU"
     if router.top_k > 64:
         return f"{router.top_k} experts per token (at most 64 in the native step)"
+    if isinstance(experts, SplitExperts):
+        lins = [_lin(m, keep, vnni, used=used) for m in [*experts.gate_up, *experts.down]]
+        for lin in lins:
+            if isinstance(lin, str):
+                return "an expert: " + lin
+        E = experts.num_experts
+        if len({lin.n for lin in lins[:E]}) != 1 or len({lin.n for lin in lins[E:]}) != 1 \
+                or any(lin.kind == LIN_F32 and lin.bias for lin in lins):
+            return "the experts' linears differ in shape"
+        inter = lins[E].k
+    elif is_fused(experts):
+        gu, down = experts.gate_up_proj, experts.down_proj
+        if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                   for t in (gu, down)):
+            return "mixture-of-experts weights are not fused fp32 [experts, out, in] tensors"
+        lins = [_lin(None, keep, vnni, (t[e], None))
+                for t in (gu.detach(), down.detach()) for e in range(gu.shape[0])]
+        E, inter = int(gu.shape[0]), int(down.shape[2])
+    else:
+        return f"mixture-of-experts weights of {type(experts).__name__} are not fused " \
+               "[experts, out, in] tensors"
     gate = getattr(mlp, "shared_expert_gate", None)     # Linear(hidden, 1), maybe quantized
     if gate is not None:
         if getattr(gate, "bias", None) is not None or not hasattr(gate, "weight") \
                 and not hasattr(gate, "dense_weight"):
             return "the shared expert's gate is not a linear without bias"
         gate = gate.dense_weight() if hasattr(gate, "dense_weight") else gate.weight.detach()
-    return {"n_exp": int(gu.shape[0]), "top_k": int(router.top_k),
+    table = (Lin * len(lins))(*lins)
+    keep.append(table)
+    return {"n_exp": E, "top_k": int(router.top_k),
             "norm_topk": int(getattr(router, "norm_topk_prob", True)),
-            "moe_inter": int(down.shape[2]), "router": _ptr(w.detach(), keep),
-            "exp_gu": _ptr(gu.detach(), keep), "exp_down": _ptr(down.detach(), keep),
+            "moe_inter": int(inter), "router": _ptr(w.detach(), keep),
+            "exp_lin": ctypes.addressof(table),
             "shared_gate": _ptr(None if gate is None else
                                 gate.float().reshape(-1).contiguous(), keep)}
 
@@ -555,7 +579,7 @@ class NativeStep:
                     if eps is not None and e != eps:
                         return None, "the norms do not share one epsilon"
                     eps = e
-            moe = _moe(mlp, keep)
+            moe = _moe(mlp, keep, vnni, used)
             if isinstance(moe, str):
                 return None, moe
             if moe is not None:                    # the shared expert (or none) as the MLP
@@ -600,8 +624,8 @@ class NativeStep:
             if moe is not None:
                 L.n_exp, L.top_k, L.norm_topk, L.moe_inter = (
                     moe["n_exp"], moe["top_k"], moe["norm_topk"], moe["moe_inter"])
-                L.router, L.exp_gu, L.exp_down, L.shared_gate = (
-                    moe["router"], moe["exp_gu"], moe["exp_down"], moe["shared_gate"])
+                L.router, L.exp_lin, L.shared_gate = (
+                    moe["router"], moe["exp_lin"], moe["shared_gate"])
             # FamilyRunner: a sliding layer's ring (rows) or the full cache, at index j
             rows, j = runner.where[i] if hasattr(runner, "where") else (None, i)
             cache = runner.cache if rows is None else runner.rings[rows]

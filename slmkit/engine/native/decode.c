@@ -124,14 +124,16 @@ typedef struct {
     int32_t rows;       /* a sliding layer's ring: position p at row p % rows of its KV head
                          * (rows > window, see kv_span); 0: a row per position (max_seq) */
     /* A mixture of experts in place of the MLP (Mixtral, Qwen2-MoE) when n_exp > 0: router
-     * [n_exp, hidden]; each expert's gate | up [n_exp, 2 moe_inter, hidden] and down
-     * [n_exp, hidden, moe_inter], fp32. A row goes to its top_k experts by softmax
-     * probability, weighted by that probability (renormalised over the top k when
-     * norm_topk); only those experts' weights are read. gu / down then hold the shared
-     * expert (Qwen2-MoE; n_gu = 0: none), scaled by sigmoid(shared_gate . x) when
-     * shared_gate is set. */
+     * [n_exp, hidden] fp32; exp_lin [2 n_exp]: each expert's gate | up linear (2 moe_inter
+     * x hidden), then each one's down (hidden x moe_inter), of any kind (fp32, int8, int4,
+     * each on its own grid). A row goes to its top_k experts by softmax probability,
+     * weighted by that probability (renormalised over the top k when norm_topk); only
+     * those experts' weights are read. gu / down then hold the shared expert (Qwen2-MoE;
+     * n_gu = 0: none), scaled by sigmoid(shared_gate . x) when shared_gate is set. */
     int32_t n_exp, top_k, norm_topk, moe_inter;
-    const float *router, *exp_gu, *exp_down, *shared_gate;
+    const float *router;
+    const lin_t *exp_lin;
+    const float *shared_gate;
 } layer_t;
 
 typedef struct {
@@ -1321,22 +1323,31 @@ typedef struct {
     int32_t *at;        /* [B * top_k] where each assignment sits in ord */
     int32_t *gst;       /* [n_exp + 1] expert e's assignments are ord[gst[e] .. gst[e + 1]) */
     float *x, *gu, *act, *y;   /* gathered rows [B * top_k, hidden], gate|up, act, down */
+    act_t a;            /* the gathered rows' quantized activations (quantized experts), in
+                         * sorted order, laid out for width kq = max(hidden, moe_inter) */
+    int kq;
 } moe_t;
+
+static inline int moe_kq(const model_t *m, const layer_t *L) {
+    return m->hidden > L->moe_inter ? m->hidden : L->moe_inter;
+}
 
 static int64_t moe_floats(const model_t *m, int B) {
     int64_t f = 0;
     for (int l = 0; l < m->n_layers; l++) {
         const layer_t *L = &m->layers[l];
         if (!L->n_exp) continue;
-        const int64_t n = (int64_t)B * L->top_k;
+        const int64_t n = (int64_t)B * L->top_k, kq = moe_kq(m, L);
         const int64_t g = (int64_t)B * L->n_exp + 4 * n + L->n_exp + 1
-                        + n * (2 * (int64_t)m->hidden + 3 * (int64_t)L->moe_inter) + 64;
+                        + n * (2 * (int64_t)m->hidden + 3 * (int64_t)L->moe_inter) + 64
+                        + n * kq / 4 + 4 * n * kq / QBLOCK + 64
+                        + (m->n_threads * priv_bytes(B, kq) + 128) / 4;
         if (g > f) f = g;
     }
     return f;
 }
 
-static moe_t moe_buffers(const model_t *m, const layer_t *L, int B, float *w) {
+static moe_t moe_buffers(const model_t *m, const layer_t *L, int B, float *w, const act_t *a) {
     moe_t e;
     const int64_t n = (int64_t)B * L->top_k;
     e.route = w;
@@ -1350,7 +1361,43 @@ static moe_t moe_buffers(const model_t *m, const layer_t *L, int B, float *w) {
     e.gu = e.x + n * m->hidden;
     e.act = e.gu + n * 2 * L->moe_inter;
     e.y = e.act + n * L->moe_inter;
+    e.kq = moe_kq(m, L);
+    e.a = *a;           /* rs, bar */
+    e.a.d = e.y + n * m->hidden;
+    e.a.c = e.a.d + n * e.kq / QBLOCK;
+    e.a.cg = e.a.c + n * e.kq / QBLOCK;
+    e.a.zs = (int32_t *)(e.a.cg + n * e.kq / QBLOCK);
+    e.a.q = (int8_t *)(e.a.zs + n * e.kq / QBLOCK);
+    e.a.priv_bytes = priv_bytes(B, e.kq);
+    e.a.priv = e.a.q + n * e.kq + 64;
+    e.a.priv += (64 - ((uintptr_t)e.a.priv & 63)) & 63;
     return e;
+}
+
+/* The quantized activations of the gathered rows from sorted position g0 on, as an act_t
+ * whose row 0 is that position (each expert reads its own rows; the layout is for width
+ * kq, so any k <= kq and any group size fit). */
+static inline act_t moe_view(const moe_t *e, int g0) {
+    act_t v = e->a;
+    const int64_t nb = e->kq / QBLOCK;
+    v.q = e->a.q + (int64_t)g0 * e->kq;
+    v.d = e->a.d + g0 * nb;
+    v.c = e->a.c + g0 * nb;
+    v.cg = e->a.cg + g0 * nb;
+    v.zs = e->a.zs + g0 * nb;
+    return v;
+}
+
+/* Sorted position i's expert. */
+static inline int moe_expert(const moe_t *e, int i) { return e->sel[e->ord[i]]; }
+
+/* Quantize gathered row i (x holds the gathered rows at stride L->k) for its expert's
+ * linear L: row i - gst[e] of expert e's view, at stride L->k as the kernels read it. */
+static inline void moe_prep(const moe_t *e, const lin_t *L, const float *x, int i) {
+    if (L->kind == LIN_F32) return;
+    const int g0 = e->gst[moe_expert(e, i)];
+    act_t v = moe_view(e, g0);
+    prep_row(L, x + (int64_t)g0 * L->k, i - g0, &v);
 }
 
 /* Row b's experts: softmax over the router's logits, the top_k largest (the lower index on
@@ -1391,24 +1438,38 @@ static void moe_group(const layer_t *L, int B, moe_t *e) {
     for (int i = 0; i < n; i++) e->ord[e->at[i]] = i;
 }
 
-/* One stage of the chosen experts' linears: for every expert with rows, rows [r0, r1) of
- * its matrix (n x k, expert e at w + e * n * k) over its gathered rows of x (stride k) into
- * y (stride n); tiles of 8 weight rows shared out over the team. */
-static void moe_lin(const layer_t *L, const float *w, int n, int k, const float *x, float *y,
-                    const moe_t *e, spin_bar_t *bar) {
-    const int tpe = (n + 7) / 8;
+/* One stage of the chosen experts' linears (stage 0: gate|up, 1: down): for every expert
+ * with rows, its linear over its gathered rows of x (stride k) into y (stride n); tiles
+ * (8 rows, or a 16-row panel) shared out over the team. A thread that starts on an
+ * expert whose kernels read interleaved activations (int4 from 2 rows, int8 from 8)
+ * makes its own copy of that expert's rows first. */
+static void moe_lin(const layer_t *L, int stage, const float *x, float *y, const moe_t *e,
+                    spin_bar_t *bar) {
+    const lin_t *lins = L->exp_lin + (int64_t)stage * L->n_exp;
+    const int tpe = (lins[0].n + tile_rows(&lins[0]) - 1) / tile_rows(&lins[0]);
     int used = 0;
     for (int i = 0; i < L->n_exp; i++) used += e->gst[i + 1] > e->gst[i];
+    int cur = -1;
+    act_t v, vi;
     #pragma omp for schedule(static) nowait
     for (int t = 0; t < used * tpe; t++) {
         int i = -1, u = t / tpe;
         while (u >= 0) { i++; if (e->gst[i + 1] > e->gst[i]) u--; }   /* the (t / tpe)th used */
-        const int g0 = e->gst[i], rows = e->gst[i + 1] - g0, r0 = (t % tpe) * 8;
-        lin_t Le = {0};
-        Le.kind = LIN_F32; Le.n = n; Le.k = k; Le.group = k;
-        Le.w = w + (int64_t)i * n * k;
-        lin_rows(&Le, x + (int64_t)g0 * k, NULL, NULL, rows, y + (int64_t)g0 * n, n, 0, r0,
-                 r0 + 8 < n ? r0 + 8 : n);
+        const lin_t *Le = &lins[i];
+        const int g0 = e->gst[i], rows = e->gst[i + 1] - g0, T = tile_rows(Le);
+        const int r0 = (t % tpe) * T, n = Le->n, k = Le->k;
+        if (i != cur) {
+            cur = i;
+            v = moe_view(e, g0);
+            vi = v;
+#ifdef SLM_VNNI
+            if (Le->pw && ((Le->kind == LIN_Q4 && rows >= 2) || (Le->kind == LIN_Q8 && rows >= 8))) {
+                interleave_rows(&v, rows, k, e->a.priv + omp_get_thread_num() * e->a.priv_bytes, &vi);
+            }
+#endif
+        }
+        lin_rows(Le, x + (int64_t)g0 * k, Le->kind == LIN_Q4 ? &vi : &v, &vi, rows,
+                 y + (int64_t)g0 * n, n, 0, r0, r0 + T < n ? r0 + T : n);
     }
     bar_wait(bar);
 }
@@ -1518,7 +1579,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             prep(&L->o, att, B, &a);
             lin_multi(&L->o, 1, att, &a, B, tmp);
             moe_t e;
-            if (L->n_exp) e = moe_buffers(m, L, B, moe);
+            if (L->n_exp) e = moe_buffers(m, L, B, moe, &a);
             #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; b++) {
                 if (L->norm_ao) rms_norm(tmp + b * H, L->norm_ao, H, m->eps, tmp + b * H);
@@ -1533,8 +1594,10 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 for (int i = 0; i < 1; i++) moe_group(L, B, &e);
                 bar_wait(&bar);
                 #pragma omp for schedule(static) nowait
-                for (int i = 0; i < B * L->top_k; i++)
+                for (int i = 0; i < B * L->top_k; i++) {
                     memcpy(e.x + (int64_t)i * H, xn + (int64_t)(e.ord[i] / L->top_k) * H, H * sizeof(float));
+                    moe_prep(&e, &L->exp_lin[moe_expert(&e, i)], e.x, i);
+                }
                 if (!L->n_gu) bar_wait(&bar);    /* else the shared expert's first barrier */
             }
             if (L->n_gu) {      /* the MLP, or a MoE layer's shared expert */
@@ -1553,15 +1616,17 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
             }
             if (L->n_exp) {     /* the chosen experts: gate|up, activation, down */
                 const int MI = L->moe_inter;
-                moe_lin(L, L->exp_gu, 2 * MI, H, e.x, e.gu, &e, &bar);
+                moe_lin(L, 0, e.x, e.gu, &e, &bar);
                 #pragma omp for schedule(static) nowait
-                for (int i = 0; i < B * L->top_k; i++)
+                for (int i = 0; i < B * L->top_k; i++) {
                     for (int i0 = 0; i0 < MI; i0 += 16)
                         (m->act ? gelu_tanh_mul : silu_mul)(
                             e.gu + (int64_t)i * 2 * MI + i0, e.gu + (int64_t)i * 2 * MI + MI + i0,
                             e.act + (int64_t)i * MI + i0, MI - i0 < 16 ? MI - i0 : 16);
+                    moe_prep(&e, &L->exp_lin[L->n_exp + moe_expert(&e, i)], e.act, i);
+                }
                 bar_wait(&bar);
-                moe_lin(L, L->exp_down, H, MI, e.act, e.y, &e, &bar);
+                moe_lin(L, 1, e.act, e.y, &e, &bar);
             }
             /* residual, then the next layer's input norm (or the final norm) and its
              * activation quantization */
