@@ -120,3 +120,24 @@ def test_cli_compact_prune_and_info(llama_dir, tmp_path):
                   tmp_path / "bad")
     assert bad.returncode == 2 and "--pattern" in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_mixture_experts_are_pruned_and_the_compact_model_loads(kind, tiny_model_dirs,
+                                                                tmp_path):
+    """A mixture's experts are pruned like its other linears (split one per expert, fused
+    back as 2:4-sparse 3-D tensors), and its compact dir, whose experts stay in the fused
+    layout, loads through the family's own checkpoint layout to the same weights."""
+    src = tiny_model_dirs[kind]
+    dense_res = _prune(src, tmp_path / "dense")
+    res = _prune(src, tmp_path / "compact", compact=True)
+    experts = [n for n in res["layer_sparsity"] if ".experts." in n]
+    assert experts and all(res["layer_sparsity"][n] == 0.5 for n in experts)
+    assert res["compact_layers"] == len(res["layer_sparsity"]) - len(experts)
+    a, _ = load_model(tmp_path / "dense")
+    b, _ = load_model(tmp_path / "compact")
+    fused = a.model.layers[0].mlp.experts.gate_up_proj
+    assert fused.dim() == 3 and float((fused == 0).float().mean()) == 0.5
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert dense_res["layer_sparsity"] == res["layer_sparsity"]

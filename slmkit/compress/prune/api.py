@@ -61,7 +61,11 @@ def _unstructured(cfg: PruneConfig, net, tok) -> StepResult:
         from slmkit.compress.prune import nm_format
 
         nm = cfg.nm()
-        state, compact = nm_format.compact_state_dict(net, list(report.layers), *nm)
+        from slmkit.nn.experts import CHILD
+
+        # a mixture's experts are fused 3-D tensors again: they stay in that (dense) layout
+        state, compact = nm_format.compact_state_dict(
+            net, [n for n in report.layers if not CHILD.match(n)], *nm)
         net.config.slmkit = {"format": nm_format.FORMAT, "pattern": f"{nm[0]}:{nm[1]}",
                              "layers": compact}
     metrics = {"sparsity": round(report.overall, 6),

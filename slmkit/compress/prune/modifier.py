@@ -24,6 +24,8 @@ from torch import nn
 from slmkit.compress.match import match_linears, set_weight_matrix, weight_matrix
 from slmkit.compress.prune import ops
 from slmkit.errors import ConfigError
+from slmkit.nn.experts import fuse as fuse_experts
+from slmkit.nn.experts import split as split_experts
 from slmkit.compress.prune.config import PruneOptions
 
 @dataclass
@@ -91,6 +93,16 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneOptions) -> PruneRep
     """
     nm = settings.nm()
     refuse_compressed(model, "prune")
+    # a mixture's fused experts: one linear per expert and stage while pruning (selected by
+    # the patterns like any linear), fused back afterwards (still dense, now sparse)
+    split_experts(model)
+    try:
+        return _prune_split(model, tokenizer, settings, nm)
+    finally:
+        fuse_experts(model)
+
+
+def _prune_split(model: nn.Module, tokenizer, settings: PruneOptions, nm) -> PruneReport:
     linears = _select(model, settings, nm)
     report = PruneReport()
     if settings.method == "magnitude":
@@ -132,7 +144,9 @@ def _wanda_block(linears, block, inputs, settings, nm, report) -> None:
         inputs.run(block)
     for name, module in linears.items():
         w = weight_matrix(module).float()
-        scores = ops.wanda_scores(w, sq[name].sqrt().float().to(w.device))
+        norms = sq[name].sqrt().float().to(w.device)
+        # an expert no calibration token reached has no activation norms: magnitude
+        scores = ops.wanda_scores(w, norms) if norms.any() else ops.magnitude_scores(w)
         _apply(module, w * _mask(scores, settings, nm))
         report.add(name, weight_matrix(module))
 
@@ -140,20 +154,39 @@ def _wanda_block(linears, block, inputs, settings, nm, report) -> None:
 def _sparsegpt_block(linears, block, inputs, settings, nm, report) -> None:
     """SparseGPT on one block, group by group (true sequential)."""
     from slmkit.compress.calibrate import feed_linears, sequential_groups
-    from slmkit.compress.hessian import HessianAccumulator, cholesky_inverse_upper, dead_inputs
+    from slmkit.compress.hessian import HessianAccumulator
 
-    for group in sequential_groups(block, inputs, linears):
-        # the group's linears read the very same input: one Hessian and one factor serve all
-        acc = HessianAccumulator.for_layer(linears[group[0]], bf16=inputs.precision == "bf16")
-        feed_linears(block, inputs, {group[0]: linears[group[0]]}, lambda n, x: acc.add(x))
-        h = acc.hessian
-        dead = dead_inputs(h)
-        hinv = cholesky_inverse_upper(h, settings.damp)
+    from slmkit.compress.quantize.modifiers import expert_passes
+
+    for fed in expert_passes(sequential_groups(block, inputs, linears)):
+        # a group's linears read the very same input: one Hessian and one factor serve all;
+        # a mixture's experts of one stage fill theirs in one pass
+        accs = {g[0]: HessianAccumulator.for_layer(linears[g[0]],
+                                                   bf16=inputs.precision == "bf16")
+                for g in fed}
+        feed_linears(block, inputs, {g[0]: linears[g[0]] for g in fed},
+                     lambda n, x: accs[n].add(x))
+        for group in fed:
+            _sparsegpt_group(group, linears, accs[group[0]], settings, nm, report)
+
+
+def _sparsegpt_group(group, linears, acc, settings, nm, report) -> None:
+    from slmkit.compress.hessian import cholesky_inverse_upper, dead_inputs
+
+    if acc.num_tokens == 0:     # an expert no calibration token reached: magnitude
         for name in group:
-            module = linears[name]
-            w = weight_matrix(module).float().clone()
-            w[:, dead] = 0.0  # inputs that were always zero carry no signal
-            pruned, _ = ops.sparsegpt_prune(w, hinv, sparsity=settings.sparsity, nm=nm,
-                                            block_size=settings.block_size)
-            _apply(module, pruned)
-            report.add(name, weight_matrix(module))
+            w = weight_matrix(linears[name]).float()
+            _apply(linears[name], w * _mask(ops.magnitude_scores(w), settings, nm))
+            report.add(name, weight_matrix(linears[name]))
+        return
+    h = acc.hessian
+    dead = dead_inputs(h)
+    hinv = cholesky_inverse_upper(h, settings.damp)
+    for name in group:
+        module = linears[name]
+        w = weight_matrix(module).float().clone()
+        w[:, dead] = 0.0  # inputs that were always zero carry no signal
+        pruned, _ = ops.sparsegpt_prune(w, hinv, sparsity=settings.sparsity, nm=nm,
+                                        block_size=settings.block_size)
+        _apply(module, pruned)
+        report.add(name, weight_matrix(module))
