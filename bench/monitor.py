@@ -436,9 +436,54 @@ def cv_auroc(rows: list[dict], names, folds: int = 5) -> float:
     return sum(got) / len(got)
 
 
+def hidden_means(model, tok, cache: Path, rows: list[dict], afters) -> dict[int, dict]:
+    """``{after: {id: mean hidden state}}``: each cached answer re-run through the model
+    after its chat prompt, the hidden states after ``after`` blocks averaged over the
+    answer's tokens -- what the engine's decode-step taps average for the same answer
+    (``Completion.hidden_mean``; tests/test_monitor.py checks the two agree)."""
+    import torch
+
+    records = _cached(cache)
+    out: dict[int, dict] = {a: {} for a in afters}
+    with torch.inference_mode():
+        for r in rows:
+            rec = records[r["id"]]
+            prompt = _chat_ids(tok, rec["messages"])
+            answer = tok(rec["text"], add_special_tokens=False)["input_ids"]
+            if not answer:
+                continue
+            hs = model(torch.tensor([prompt + answer]), output_hidden_states=True).hidden_states
+            for a in afters:
+                out[a][r["id"]] = hs[a][0, len(prompt):].float().mean(0).numpy()
+    return out
+
+
+def cv_probe(rows: list[dict], hidden: dict, l2: float, folds: int = 5) -> float:
+    """:func:`cv_auroc` for a hidden-state probe (same folds, by question group)."""
+    import hashlib
+
+    from slmkit.monitor.confidence import HiddenProbe
+
+    rows = [r for r in rows if r["id"] in hidden]
+    fold = [int(hashlib.blake2b(r["group"].encode(), digest_size=4).hexdigest(), 16) // 10
+            % folds for r in rows]
+    got = []
+    for f in range(folds):
+        tr = [r for r, k in zip(rows, fold) if k != f]
+        te = [r for r, k in zip(rows, fold) if k == f]
+        probe = HiddenProbe.fit([hidden[r["id"]] for r in tr], [r["wrong"] for r in tr],
+                                0, "", l2=l2)
+        got.append(auroc([probe.risk(hidden[r["id"]]) for r in te], [r["wrong"] for r in te]))
+    return sum(got) / len(got)
+
+
+#: the hidden-state probe's choices, picked by cross-validation on train
+PROBE_L2 = (10.0, 30.0, 100.0, 300.0, 1000.0)
+
+
 def part_flag(args) -> dict:
     from slmkit.models import load_model
-    from slmkit.monitor.confidence import FlagModel
+    from slmkit.monitor.confidence import FlagModel, HiddenProbe, model_fingerprint
 
     cache = RESULTS / "monitor_labels_v2.jsonl"
     items = label_items()
@@ -465,6 +510,16 @@ def part_flag(args) -> dict:
     best = max(out["cv_train"], key=out["cv_train"].get)
     print(f"[flag] cross-validated on train: {json.dumps(out['cv_train'], indent=1)}\n"
           f"[flag] chosen: {best}", flush=True)
+    # the hidden-state probe: mean hidden state over the answer's tokens after half or
+    # three quarters of the blocks, L2 strength by the same cross-validation on train
+    n_layers = model.config.num_hidden_layers
+    hidden = hidden_means(model, tok, cache, rows, (n_layers // 2, 3 * n_layers // 4))
+    out["cv_probe_train"] = {f"after {a} blocks, l2 {l2:g}": cv_probe(train, hidden[a], l2)
+                             for a in hidden for l2 in PROBE_L2}
+    best_probe = max(out["cv_probe_train"], key=out["cv_probe_train"].get)
+    after, l2 = int(best_probe.split()[1]), float(best_probe.rsplit(" ", 1)[1])
+    print(f"[flag] probe cross-validated on train: {json.dumps(out['cv_probe_train'], indent=1)}"
+          f"\n[flag] probe chosen: {best_probe}", flush=True)
     path = ROOT / "slmkit" / "monitor" / "flag_model.json"
     if args.fit:
         flag = FlagModel.fit(train, [r["wrong"] for r in train], names=FLAG_SETS[best],
@@ -472,13 +527,30 @@ def part_flag(args) -> dict:
                                      "split": "train", "items": len(train),
                                      "wrong": sum(r["wrong"] for r in train),
                                      "fitted_by": "bench/monitor.py --parts flag --fit"})
+        held = [r for r in train if r["id"] in hidden[after]]
+        flag.probe = HiddenProbe.fit(
+            [hidden[after][r["id"]] for r in held], [r["wrong"] for r in held], after,
+            model_fingerprint(model), l2=l2,
+            source={"model": MODEL, "choice": best_probe, "split": "train",
+                    "items": len(held), "fitted_by": "bench/monitor.py --parts flag --fit"})
         flag.save(path)
         print(f"[flag] fitted on {len(train)} train answers -> {path}")
     flag = FlagModel.load(path)
     out["shipped_features"] = list(flag.features)
+    probe = flag.probe_for(model)
+    out["shipped_probe"] = None if probe is None else {
+        "after_blocks": probe.after, "source": probe.source, "threshold": probe.threshold}
+    if probe is not None and probe.after not in hidden:
+        hidden.update(hidden_means(model, tok, cache, rows, (probe.after,)))
     for r in rows:
-        r["risk"] = flag.risk(r)
-    signals = {"flag": lambda r: r["risk"], "mean_logprob": lambda r: -r["mean_logprob"],
+        r["risk_logprobs"] = flag.risk(r)
+        # what the server reports: the probe where the answer's hidden states were tapped
+        h = None if probe is None else hidden[probe.after].get(r["id"])
+        r["risk"] = r["risk_logprobs"] if h is None else probe.risk(h)
+        r["threshold"] = flag.threshold if h is None else probe.threshold
+    signals = {"flag": lambda r: r["risk"],
+               "flag from token logprobs only": lambda r: r["risk_logprobs"],
+               "mean_logprob": lambda r: -r["mean_logprob"],
                "min_logprob": lambda r: -r["min_logprob"],
                "mean_entropy": lambda r: r["mean_entropy"],
                "mean_margin": lambda r: -r["mean_margin"],
@@ -488,9 +560,9 @@ def part_flag(args) -> dict:
         wrong = [r["wrong"] for r in sub]
         res = bootstrap(sub, {k: [f(r) for r in sub] for k, f in signals.items()},
                         "mean_logprob")
-        flagged = [r["risk"] >= flag.threshold for r in sub]
+        flagged = [r["risk"] >= r["threshold"] for r in sub]
         tp = sum(f and w for f, w in zip(flagged, wrong))
-        res["threshold"] = flag.threshold
+        res["threshold"] = sorted({r["threshold"] for r in sub})
         res["flagged"] = sum(flagged)
         res["precision_at_threshold"] = tp / max(1, sum(flagged))
         res["recall_at_threshold"] = tp / max(1, sum(wrong))
@@ -653,7 +725,12 @@ def part_cost(args) -> dict:
     engine = Engine(model, tok, max_batch=4, background=False, max_seq_len=512,
                     threads=args_threads())
 
+    from slmkit.monitor.confidence import FlagModel
+
+    probe = FlagModel.load().probe_for(model)   # what `slm serve --monitor` taps
+
     def engine_round(on: bool) -> float:
+        engine.set_hidden_tap(probe.after if on and probe is not None else 0)
         t0 = time.perf_counter()
         hs = [engine.submit(p, SamplingParams(max_tokens=args.cost_tokens, temperature=0,
                                               ignore_eos=True, confidence=on))

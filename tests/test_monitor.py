@@ -50,6 +50,114 @@ def test_engine_confidence_matches_a_full_forward(tiny, tokenizer):
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(c.text)
 
 
+@pytest.mark.parametrize("kind,native", [("llama", True), ("llama", False),
+                                         ("qwen3", True), ("qwen3", False), ("gpt_neox", None)])
+def test_engine_taps_the_answer_hidden_states(kind, native, tokenizer):
+    """With a hidden-state tap after block n, a request with confidence on gets the mean of
+    transformers' ``hidden_states[n]`` over its generated tokens that were fed back (all
+    but the last): on the native step and on the torch loop (FastRunner and FamilyRunner),
+    for two requests decoding side by side. The generic runner has no taps: None."""
+    from slmkit.engine import Engine, SamplingParams, native as native_mod
+
+    model = build_tiny_model(kind, tokenizer, seed=4)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("def parse(self, text):\n    ", "import os\nimport")]
+    params = SamplingParams(max_tokens=9, temperature=0, confidence=True, ignore_eos=True)
+    if native is not None:
+        native_mod.set_enabled(native)
+    try:
+        with Engine(model, tokenizer, max_batch=2, background=False) as engine:
+            engine.set_hidden_tap(1)
+            handles = [engine.submit(p, params) for p in prompts]
+            while engine.step():
+                pass
+            done = [h.completion for h in handles]
+            plain = engine.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        native_mod.set_enabled(True)
+    assert plain.hidden_mean is None                         # confidence off: nothing kept
+    for p, c in zip(prompts, done):
+        if kind == "gpt_neox":
+            assert c.hidden_mean is None and c.confidence     # no taps on transformers' forward
+            continue
+        ids = torch.tensor([p + c.token_ids])
+        with torch.no_grad():
+            hs = model(ids, output_hidden_states=True).hidden_states[1][0]
+        want = hs[len(p):len(p) + len(c.token_ids) - 1].mean(0)
+        torch.testing.assert_close(torch.tensor(c.hidden_mean), want, atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_probe_fits_saves_and_applies_to_its_own_model_only(tokenizer, tmp_path):
+    from slmkit.monitor.confidence import FlagModel, HiddenProbe, model_fingerprint, summarize
+
+    rng = np.random.default_rng(1)
+    wrong = [bool(rng.random() < 0.5) for _ in range(200)]
+    hidden = [rng.normal(0.8 if w else 0.0, 1.0, size=8) for w in wrong]
+    model, other = build_tiny_model("llama", tokenizer, seed=5), \
+        build_tiny_model("llama", tokenizer, seed=6)
+    probe = HiddenProbe.fit(hidden, wrong, 1, model_fingerprint(model), l2=10.0)
+    risks = [probe.risk(h) for h in hidden]
+    pos = [r for r, w in zip(risks, wrong) if w]
+    neg = [r for r, w in zip(risks, wrong) if not w]
+    assert np.mean([p > n for p in pos for n in neg]) > 0.85
+    flag = FlagModel.load()
+    flag.probe = probe
+    again = FlagModel.load(flag.save(tmp_path / "flag.json"))
+    assert again.probe == probe
+    assert again.probe_for(model) == probe and again.probe_for(other) is None
+    conf = [(-0.01, 0.1, 0, 3.0), (-0.2, 0.5, 3, 1.0)]
+    s = summarize(conf, "Yes it", again, hidden=hidden[0], probe=probe)
+    assert s["risk_from"] == "hidden state" and s["risk"] == pytest.approx(risks[0], abs=1e-4)
+    assert s["flagged"] == (risks[0] >= probe.threshold)
+    s = summarize(conf, "Yes it", again, hidden=None, probe=probe)   # no taps: the logprobs
+    assert s["risk_from"] == "token logprobs"
+    bad = json.loads((tmp_path / "flag.json").read_text())
+    bad["probe"]["weights"] = bad["probe"]["weights"][:3]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="hidden-state probe"):
+        FlagModel.load(tmp_path / "bad.json")
+
+
+@pytest.mark.real
+def test_shipped_probe_reads_the_built_in_models_taps():
+    """The shipped flag model's hidden-state probe applies to the built-in model as `slm
+    serve` loads it; the engine's taps give the answer's mean hidden state the benchmark
+    fitted on (a full forward over prompt and answer); a sure right answer is passed and a
+    wrong sum flagged."""
+    from slmkit.engine import Engine, SamplingParams
+    from slmkit.models import load_model
+    from slmkit.monitor.confidence import FlagModel, summarize
+
+    model, tok = load_model("builtin:smollm2-135m")
+    flag = FlagModel.load()
+    probe = flag.probe_for(model)
+    assert probe is not None and probe.after == model.config.num_hidden_layers // 2
+    params = SamplingParams(max_tokens=24, temperature=0, confidence=True)
+    risks = {}
+    with Engine(model, tok, max_batch=1, background=False) as engine:
+        engine.set_hidden_tap(probe.after)
+        for q in ("What is the capital of France?",
+                  "What is 37 + 48? Answer with the number only."):
+            msgs = [{"role": "user", "content": q}]
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            c = engine.generate(prompt, params)
+            answer = tok(c.text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                hs = model(torch.tensor([prompt + answer]), output_hidden_states=True)
+            want = hs.hidden_states[probe.after][0, len(prompt):].mean(0)
+            got = torch.tensor(c.hidden_mean)
+            assert float(torch.cosine_similarity(got, want, dim=0)) > 0.999
+            s = summarize(c.confidence, c.text, flag, question=q, hidden=c.hidden_mean,
+                          probe=probe)
+            assert s["risk_from"] == "hidden state"
+            assert s["risk"] == pytest.approx(probe.risk(want.numpy()), abs=0.02)
+            risks[q] = (c.text, s)
+    (paris, sure), (total, guess) = risks.values()
+    assert "Paris" in paris and not sure["flagged"]
+    assert "85" not in total and guess["flagged"]
+
+
 def test_summary_spans_and_flag_model(tmp_path):
     from slmkit.monitor.confidence import FEATURES, FlagModel, features, summarize
 

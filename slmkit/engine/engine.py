@@ -153,6 +153,9 @@ class _Request:
                                      top_logprobs=[] if params.top_logprobs else None,
                                      confidence=[] if params.confidence else None)
         self.t0 = time.perf_counter()
+        self.hidden_sum = None      # the tapped hidden states' sum (Engine.set_hidden_tap)
+        self.hidden_n = 0
+        self.hidden_ok = True
 
     @property
     def position(self) -> int:
@@ -396,12 +399,31 @@ class Engine:
         tokens = torch.tensor([[r.next_token] for r in decoding])   # [B, 1]
         logits = self.runner.forward(tokens, [r.slot for r in decoding],
                                      [r.position for r in decoding])  # [B, V]
+        if self.runner.tap_after:
+            self._take_taps(decoding, self.runner.tapped)
         raw = self._constrain(decoding, logits)
         # one argmax over the batch for the greedy rows (a call per row cost ~0.1 ms)
         greedy = native.argmax_rows(logits) if any(
             r.sampler.plain_greedy for r in decoding) else [None] * len(decoding)
         for i, (r, row, best) in enumerate(zip(decoding, logits, greedy)):
             self._emit_token(r, row, best, raw.get(i))
+
+    def set_hidden_tap(self, after: int) -> None:
+        """Keep, for requests with confidence on, the mean hidden state after ``after``
+        blocks over their generated tokens (``Completion.hidden_mean``; 0: off)."""
+        self.runner.set_tap(after)
+
+    @staticmethod
+    def _take_taps(decoding: list[_Request], tapped: torch.Tensor | None) -> None:
+        for i, r in enumerate(decoding):
+            if r.completion.confidence is None or not r.hidden_ok:
+                continue
+            if tapped is None:
+                r.hidden_ok = False
+            else:
+                r.hidden_sum = tapped[i].clone() if r.hidden_sum is None \
+                    else r.hidden_sum.add_(tapped[i])
+                r.hidden_n += 1
 
     def _constrain(self, reqs: list[_Request], logits: torch.Tensor) -> dict[int, torch.Tensor]:
         """Mask, in place, the ``[B, V]`` logits rows of requests under a grammar.
@@ -472,6 +494,8 @@ class Engine:
         c = r.completion
         c.text += tail
         c.finish_reason, c.error = reason, error
+        if r.hidden_ok and r.hidden_n and r.hidden_sum is not None:
+            c.hidden_mean = (r.hidden_sum / r.hidden_n).tolist()
         c.duration_s = time.perf_counter() - r.t0
         if r in self._active:
             self._active.remove(r)

@@ -58,6 +58,11 @@ class Completion:
             in ``text`` (characters; a token whose text is held back, e.g. a partial stop
             string, gets the offset at the time it was generated), and its log-probability
             minus the best other token's (the top-1 / top-2 margin of a greedy choice).
+        hidden_mean: with confidence on and a hidden-state tap set
+            (:meth:`~slmkit.engine.Engine.set_hidden_tap`), the mean over the generated
+            tokens fed back as inputs of the hidden state after the tapped block (the
+            monitor's probe reads it); None when some step had no tap (the generic runner,
+            speculative verification) or no token was fed back.
     """
 
     request_id: str
@@ -72,6 +77,7 @@ class Completion:
     duration_s: float | None = None
     error: str | None = None
     confidence: list[tuple[float, float, int, float]] | None = None
+    hidden_mean: list[float] | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -195,6 +195,7 @@ class FamilyRunner(FastRunner):
         row's last token (``[B, T, V]`` of every token with ``all_logits``)."""
         B, T = tokens.shape
         native = self.native if not all_logits else None
+        self.tapped = None
         if native is not None and (T == 1 or (B == 1 and native.prefills)):
             ids = tokens[:, 0] if T == 1 else tokens[0]                      # [B] or [T]
             h = native.embed(ids) if native.embed is not None else \
@@ -203,6 +204,7 @@ class FamilyRunner(FastRunner):
                 h = h * self.embed_mult
             if T == 1:
                 logits = native(h, slots, starts)                            # [B, V]
+                self.tapped = native.tapped
                 self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
             else:       # a prompt chunk, in pieces of native_run rows (sliding rings)
                 step = int(min(T, self.native_run))
@@ -271,6 +273,8 @@ class FamilyRunner(FastRunner):
             if sandwich:
                 m = layer.post_feedforward_layernorm(m)
             h = h + (m if self.residual_mult is None else m * self.residual_mult)
+            if T == 1 and i + 1 == self.tap_after:
+                self.tapped = h[:, -1].float().clone()
         self.cache.lengths[slot_t] = start_t + T
         return self._logits(self.lm_head(self.norm(h if all_logits else h[:, -1])))
 

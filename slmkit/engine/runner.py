@@ -105,6 +105,18 @@ class FastRunner:
     #: most rows of one slot a native call takes (a verify run): the step writes every row's
     #: keys before any row attends (FamilyRunner's sliding rings keep a bound)
     native_run = float("inf")
+    #: with set_tap(n): each decode step (one token per row) leaves the rows' hidden states
+    #: after n blocks (transformers' ``hidden_states[n]``) in ``tapped`` [B, hidden] fp32
+    tap_after = 0
+    tapped = None
+
+    def set_tap(self, after: int) -> None:
+        """Tap the hidden states after ``after`` blocks on decode steps (0: off)."""
+        if not 0 <= after <= len(self.layers):
+            raise ValueError(f"tap after {after} blocks: the model has {len(self.layers)}")
+        self.tap_after = after
+        if self.native is not None:
+            self.native.tap_after = after
 
     def __init__(self, model, n_slots: int, max_seq_len: int, fuse: bool = True,
                  native: bool = True, kv_cache: str = "auto"):
@@ -162,10 +174,12 @@ class FastRunner:
         """
         B, T = tokens.shape
         native = self.native if not all_logits else None
+        self.tapped = None
         if T == 1 and native is not None:
             h = (self.native.embed(tokens[:, 0]) if self.native.embed is not None
                  else self.embed(tokens.to(self.device))[:, 0])          # [B, hidden]
             logits = self.native(h, slots, starts)                       # [B, V]
+            self.tapped = native.tapped
             self.cache.lengths[torch.tensor(slots)] = torch.tensor(starts) + 1
             return logits
         if B == 1 and native is not None and native.prefills:   # a prompt chunk
@@ -209,6 +223,8 @@ class FastRunner:
             o = o.transpose(1, 2).reshape(B, T, -1)                  # [B, T, H * D]
             h = h + attn.o_proj(o)
             h = h + self.mlps[i](norm_post(h))
+            if T == 1 and i + 1 == self.tap_after:
+                self.tapped = h[:, -1].float().clone()
         self.cache.lengths[slot_t] = start_t + T
         if all_logits:
             return self.lm_head(self.final_norm(h)).float()              # [B, T, V]
@@ -281,6 +297,11 @@ class GenericRunner:
     """
 
     fast = False
+    tap_after = 0
+    tapped = None       # no hidden-state taps on transformers' own forward
+
+    def set_tap(self, after: int) -> None:
+        self.tap_after = after
 
     def __init__(self, model, n_slots: int, max_seq_len: int):
         self.model = model

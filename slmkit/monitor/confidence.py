@@ -188,6 +188,72 @@ def _value(feats: dict[str, float], name: str) -> float:
     return feats[name]
 
 
+def model_fingerprint(model) -> str:
+    """A short digest of a model's shape and input-embedding values (rounded), so a probe
+    fitted on one model's hidden states is applied to that model only (a quantized or
+    fine-tuned variant has other hidden states)."""
+    import hashlib
+
+    import torch
+
+    cfg = model.config
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        rows = emb(torch.arange(min(16, cfg.vocab_size))).float()
+    key = f"{cfg.model_type}/{cfg.hidden_size}/{cfg.num_hidden_layers}/{cfg.vocab_size}/"
+    digest = hashlib.sha256(key.encode() + np.round(rows.numpy(), 3).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class HiddenProbe:
+    """Logistic risk over a model's mean hidden state after :attr:`after` blocks, over an
+    answer's generated tokens (``Completion.hidden_mean``); valid for the model whose
+    :func:`model_fingerprint` it holds. ``flagged = risk >= threshold``."""
+
+    after: int
+    fingerprint: str
+    weights: list[float]
+    bias: float
+    mean: list[float]
+    scale: list[float]
+    threshold: float = 0.5
+    source: dict = field(default_factory=dict)
+
+    def risk(self, hidden) -> float:
+        x = (np.asarray(hidden, dtype=np.float64) - self.mean) / self.scale
+        z = float(np.dot(self.weights, x) + self.bias)
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+    @classmethod
+    def fit(cls, hidden: list, wrong: list[bool], after: int, fingerprint: str,
+            l2: float = 100.0, source: dict | None = None) -> HiddenProbe:
+        """L2-regularised logistic fit; threshold at Youden's J on the same rows."""
+        x = np.asarray(hidden, dtype=np.float64)
+        y = np.asarray(wrong, dtype=bool)
+        w, b, mean, scale = fit_logistic(x, y, l2)
+        threshold = youden_threshold(1.0 / (1.0 + np.exp(-((x - mean) / scale @ w + b))), y)
+        return cls(after, fingerprint, w.tolist(), float(b), mean.tolist(), scale.tolist(),
+                   threshold, source or {})
+
+    def to_dict(self) -> dict:
+        return {"after": self.after, "fingerprint": self.fingerprint, "weights": self.weights,
+                "bias": self.bias, "mean": self.mean, "scale": self.scale,
+                "threshold": self.threshold, "source": self.source}
+
+
+def youden_threshold(risk: np.ndarray, y: np.ndarray) -> float:
+    """The risk threshold maximising Youden's J (share of wrong answers flagged minus share
+    of right ones flagged): it does not drift with the share of wrong answers."""
+    best, threshold = -2.0, 0.5
+    for t in np.unique(np.round(risk, 4)):
+        pred = risk >= t
+        j = pred[y].mean() - pred[~y].mean() if y.any() and (~y).any() else 0.0
+        if j > best:
+            best, threshold = j, float(t)
+    return threshold
+
+
 @dataclass
 class FlagModel:
     """Logistic risk over standardised :attr:`features` (names from :func:`features`, or
@@ -199,6 +265,8 @@ class FlagModel:
         threshold: the operating point (chosen on the training answers).
         source: where the weights came from (model, data, sizes), for the docs and reports.
         features: the names of the figures it reads, in order.
+        probe: for the one model it was fitted on, a :class:`HiddenProbe` that replaces the
+            logprob features where an answer's hidden states were tapped.
     """
 
     weights: list[float]
@@ -208,6 +276,14 @@ class FlagModel:
     threshold: float = 0.5
     source: dict = field(default_factory=dict)
     features: tuple[str, ...] = FEATURES
+    probe: HiddenProbe | None = None
+
+    def probe_for(self, model) -> HiddenProbe | None:
+        """The hidden-state probe when it was fitted on ``model``, else None."""
+        if self.probe is None or self.probe.after > model.config.num_hidden_layers \
+                or model_fingerprint(model) != self.probe.fingerprint:
+            return None
+        return self.probe
 
     def risk(self, feats: dict[str, float]) -> float:
         x = (np.array([_value(feats, k) for k in self.features]) - self.mean) / self.scale
@@ -235,13 +311,7 @@ class FlagModel:
         x = np.array([[_value(r, k) for k in names] for r in rows], dtype=np.float64)
         y = np.asarray(wrong, dtype=bool)
         w, b, mean, scale = fit_logistic(x, y, l2, eps=1e-9)
-        risk = expit((x - mean) / scale @ w + b)
-        best, threshold = -2.0, 0.5
-        for t in np.unique(np.round(risk, 4)):
-            pred = risk >= t
-            j = pred[y].mean() - pred[~y].mean() if y.any() and (~y).any() else 0.0
-            if j > best:
-                best, threshold = j, float(t)
+        threshold = youden_threshold(expit((x - mean) / scale @ w + b), y)
         return cls(w.tolist(), b, mean.tolist(), scale.tolist(), threshold, source or {},
                    tuple(names))
 
@@ -249,7 +319,8 @@ class FlagModel:
         path = Path(path)
         path.write_text(json.dumps({"features": list(self.features), "weights": self.weights,
                                     "bias": self.bias, "mean": self.mean, "scale": self.scale,
-                                    "threshold": self.threshold, "source": self.source},
+                                    "threshold": self.threshold, "source": self.source,
+                                    **({"probe": self.probe.to_dict()} if self.probe else {})},
                                    indent=1) + "\n", encoding="utf-8")
         return path
 
@@ -268,14 +339,27 @@ class FlagModel:
             raise ValueError(f"flag model {path or 'flag_model.json'} reads features "
                              f"{list(names)}; this slmkit computes {list(ALL_FEATURES)}; "
                              "refit it.")
+        probe = d.get("probe")
+        if probe is not None:
+            try:
+                probe = HiddenProbe(**probe)
+            except TypeError as e:
+                raise ValueError(f"flag model {path or 'flag_model.json'} has a malformed "
+                                 f"hidden-state probe ({e}); refit it.") from None
+            if not len(probe.weights) == len(probe.mean) == len(probe.scale):
+                raise ValueError(f"flag model {path or 'flag_model.json'} has a hidden-state "
+                                 "probe of mismatched sizes; refit it.")
         return cls(d["weights"], d["bias"], d["mean"], d["scale"], d["threshold"],
-                   d.get("source", {}), names)
+                   d.get("source", {}), names, probe)
 
 
 def summarize(conf: list[tuple] | None, text: str, flag: FlagModel | None = None,
-              span_logprob: float = SPAN_LOGPROB, question: str = "") -> dict | None:
+              span_logprob: float = SPAN_LOGPROB, question: str = "",
+              hidden=None, probe: HiddenProbe | None = None) -> dict | None:
     """The ``confidence`` field of an answer (None when no token was generated);
-    ``question``: the user's last message (the answer's own tokens leave its words out)."""
+    ``question``: the user's last message (the answer's own tokens leave its words out);
+    ``hidden``: the answer's mean tapped hidden state, which ``probe`` (the flag model's,
+    for this model) scores instead of the logprob features."""
     if not conf:
         return None
     feats = features(conf, text, question)
@@ -288,7 +372,12 @@ def summarize(conf: list[tuple] | None, text: str, flag: FlagModel | None = None
            "answer_mean_logprob": round(feats["answer_mean_logprob"], 4),
            "answer_min_margin": round(feats["answer_min_margin"], 4),
            "low_confidence_spans": low_confidence_spans(conf, text, span_logprob)}
-    if flag is not None:
+    if flag is not None and probe is not None and hidden is not None:
+        risk = probe.risk(hidden)
+        out.update(risk=round(risk, 4), flagged=bool(risk >= probe.threshold),
+                   risk_from="hidden state")
+    elif flag is not None:
         risk = flag.risk(feats)
-        out.update(risk=round(risk, 4), flagged=bool(risk >= flag.threshold))
+        out.update(risk=round(risk, 4), flagged=bool(risk >= flag.threshold),
+                   risk_from="token logprobs")
     return out

@@ -94,6 +94,11 @@ class GenerationService:
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"Cannot read the flag model {config.flag_model} ({e}); pass "
                                   "a JSON file FlagModel.save wrote.") from None
+        # the flag model's hidden-state probe, where it was fitted on this very model: decode
+        # steps then tap its block's hidden states (a copy per step), read once per answer
+        self.probe = self.flag.probe_for(engine.model) if self.flag is not None else None
+        if self.probe is not None:
+            engine.set_hidden_tap(self.probe.after)
         self.request_log = make_request_log(config, self._drift_gauges)
         # the grammar compiler's one-off first mask (~1.5 s on a 49k vocabulary) is paid in
         # the background now instead of by the first JSON-schema or tool request
@@ -244,7 +249,8 @@ class GenerationService:
         if event.reason not in ("stop", "length"):
             return
         conf = summarize(c.confidence, c.text, self.flag,
-                         question=generation.monitor.get("question", "")) \
+                         question=generation.monitor.get("question", ""),
+                         hidden=c.hidden_mean, probe=self.probe) \
             if self.config.monitor else None
         generation.confidence = conf
         if conf is not None and not generation.monitor.get("canary"):

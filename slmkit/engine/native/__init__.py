@@ -69,7 +69,8 @@ class Model(ctypes.Structure):
                 ("sin_signed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("layers", ctypes.POINTER(Layer)), ("lm_head", Lin), ("kv_kind", ctypes.c_int32),
                 ("resid_mult", ctypes.c_float), ("act", ctypes.c_int32),
-                ("attn_softcap", ctypes.c_float), ("rot", ctypes.c_int32)]
+                ("attn_softcap", ctypes.c_float), ("rot", ctypes.c_int32),
+                ("tap_after", ctypes.c_int32), ("tap", ctypes.c_void_p)]
 
 
 #: decode.c's KV cache kinds (model_t.kv_kind), by the cache's torch dtype
@@ -520,6 +521,8 @@ class NativeStep:
         self.max_rows = max_rows
         self.prefills = False   # whether the runner sends prompt chunks here (see create)
         self.embed = None       # a native row lookup for a quantized embedding (see create)
+        self.tap_after = 0      # decode steps copy the rows' hidden states after this many
+        self.tapped = None      # blocks into tapped [B, hidden] (0: off)
 
     @classmethod
     def create(cls, runner) -> tuple[NativeStep | None, str | None]:
@@ -693,6 +696,7 @@ class NativeStep:
         slot_t = torch.full((T,), slot, dtype=torch.int64)
         pos_t = torch.arange(start, start + T, dtype=torch.int64)
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
+        self.struct.tap = None      # taps are for decode steps
         self.lib.slm_prefill(ctypes.byref(self.struct), T, h.data_ptr(), slot_t.data_ptr(),
                              pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
         return logits
@@ -709,6 +713,7 @@ class NativeStep:
         slot_t = torch.tensor(slots, dtype=torch.int64)
         pos_t = torch.tensor(positions, dtype=torch.int64)
         logits = torch.empty(N, self.vocab, dtype=torch.float32)
+        self.struct.tap = None      # taps are for decode steps
         self.lib.slm_verify(ctypes.byref(self.struct), N, h.data_ptr(), slot_t.data_ptr(),
                             pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
         return logits
@@ -722,6 +727,12 @@ class NativeStep:
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
         if torch.get_num_threads() != self.struct.n_threads:
             self._ensure_work(self.max_rows)
+        self.tapped = None
+        if self.tap_after:          # the hidden states after tap_after blocks, per row
+            self.tapped = torch.empty(B, self.hidden, dtype=torch.float32)
+            self.struct.tap_after, self.struct.tap = self.tap_after, self.tapped.data_ptr()
+        else:
+            self.struct.tap = None
         self.lib.slm_decode(ctypes.byref(self.struct), B, h.data_ptr(), slot_t.data_ptr(),
                             pos_t.data_ptr(), logits.data_ptr(), self.work.data_ptr())
         return logits

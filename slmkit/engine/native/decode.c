@@ -151,6 +151,10 @@ typedef struct {
                          * 0: off */
     int32_t rot;        /* RoPE on the first rot dims of each head (partial rotary: Phi-3 /
                          * Phi-4-mini's partial_rotary_factor); the RoPE tables are [max_seq, rot] */
+    int32_t tap_after;  /* with tap set: each row's hidden state after this many blocks
+                         * (transformers' hidden_states[tap_after]) is copied to tap [B, hidden]
+                         * (the monitor's hidden-state probe) */
+    float *tap;
 } model_t;
 
 /* Rows per KV head of layer L's cache (a ring's, or max_seq). */
@@ -1637,6 +1641,7 @@ static int step(const model_t *m, int B, float *h, const int64_t *slots, const i
                 if (L->n_exp) moe_combine(L, &e, b, H, xn, L->n_gu ? tmp + b * H : NULL, tmp + b * H);
                 if (L->norm_mo) rms_norm(tmp + b * H, L->norm_mo, H, m->eps, tmp + b * H);
                 for (int i = 0; i < H; i++) h[b * H + i] += m->resid_mult * tmp[b * H + i];
+                if (m->tap && l + 1 == m->tap_after) memcpy(m->tap + (int64_t)b * H, h + (int64_t)b * H, H * sizeof(float));
                 rms_norm(h + b * H, next_norm, H, m->eps, xn + b * H);
                 prep_row(next, xn, b, &a);
             }
