@@ -446,6 +446,39 @@ def test_slm_monitor_cli_report_gauges_and_refusals(tmp_path, cli):
         run(MonitorConfig(log=str(path), reference=1000))
 
 
+def test_slm_monitor_model_answers_prompts_offline(tiny_model_dirs, tmp_path, cli):
+    """`slm monitor MODEL --prompts FILE`: the model answers every prompt (greedy, with the
+    confidence figures and flag the server reports) into a request log, which the same
+    drift report reads; code prompts then prose ones drift in length. Flags that only a
+    model takes are refused for a log, and a model needs --prompts."""
+    from slmkit.monitor.log import read_rows
+
+    code = [f"def f{i}(x):\n    return x * {i} + len(str(x))" for i in range(12)]
+    prose = [f"the cat number {i} sat" for i in range(12)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in code + prose))
+    saved = tmp_path / "logs" / "offline.db"
+    model = tiny_model_dirs["llama"]
+    r = cli("monitor", str(model), "--prompts", str(prompts), "--reference", "12",
+            "--window", "12", "--max-tokens", "6", "--save-log", str(saved), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["requests"] == 24 and "length" in data["drift"]
+    rows = read_rows(saved)
+    assert len(rows) == 24 and all(row["completion_tokens"] == 6 for row in rows)
+    assert all(row["mean_logprob"] is not None and row["risk"] is not None for row in rows)
+    assert [row["prompt_chars"] for row in rows] == [len(p) for p in code + prose]
+    assert all(row["embedding"] is not None and row["embedder"] == "minilm" for row in rows)
+    again = cli("monitor", str(saved), "--reference", "12", "--window", "12", "--json")
+    assert json.loads(again.stdout)["drift"] == data["drift"]
+    for args, what in (((str(saved), "--prompts", str(prompts)), "--prompts is for a MODEL"),
+                       ((str(model),), "pass --prompts"),
+                       ((str(model), "--prompts", str(prompts), "--save-log", str(saved)),
+                        "already exists")):
+        bad = cli("monitor", *args, "--reference", "12")
+        assert bad.returncode == 2 and what in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_live_drift_gauges_from_the_request_log(tmp_path):
     from slmkit.monitor.log import RequestLog
     from slmkit.serve.metrics import Metrics

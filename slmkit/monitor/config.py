@@ -12,8 +12,17 @@ class MonitorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    log: str = Field(description="The request log (SQLite) `slm serve --request-log` writes.",
+    log: str = Field(description="The request log (SQLite) `slm serve --request-log` writes, "
+                     "or a model (dir, .gguf, builtin:NAME) to answer --prompts offline.",
                      json_schema_extra=cli(argument=True))
+    prompts: str | None = Field(default=None, description="With a MODEL: the requests to "
+                                "answer and score, a text file (one per line) or JSONL; the "
+                                "first --reference are the reference window unless "
+                                "--reference-file.")
+    max_tokens: int = Field(default=64, ge=1, le=4096, description="With a MODEL: tokens per "
+                            "answer (greedy).")
+    save_log: str | None = Field(default=None, description="With a MODEL: keep the request "
+                                 "log it writes at this path (default: a temporary file).")
     out: str | None = Field(default=None, description="HTML report to write (default: none).",
                             json_schema_extra=cli(short="-o"))
     reference: int = Field(default=100, ge=5, description="The first N requests are the "

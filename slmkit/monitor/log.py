@@ -82,6 +82,21 @@ def connect(path: str | Path, create: bool = False) -> sqlite3.Connection:
     return db
 
 
+def answer_row(model: str, endpoint: str | None, completion, finish_reason: str | None,
+               confidence: dict | None, request_id: str | None = None,
+               canary: bool = False) -> dict:
+    """A request-log row (:data:`COLUMNS`) for one finished generation: its counts, times
+    and the confidence figures and flag of its ``confidence`` field."""
+    c = completion
+    return {"ts": time.time(), "request_id": request_id, "model": model, "endpoint": endpoint,
+            "finish_reason": finish_reason, "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "latency_ms": None if c.duration_s is None else c.duration_s * 1000,
+            "ttft_ms": None if c.ttft_s is None else c.ttft_s * 1000, "canary": canary,
+            **({k: confidence.get(k) for k in ("mean_logprob", "min_logprob", "mean_entropy",
+                                               "risk", "flagged")} if confidence else {})}
+
+
 def read_rows(path: str | Path, since: float | None = None,
               include_canary: bool = False) -> list[dict]:
     """Every logged request in time order (embeddings as float32 arrays)."""

@@ -185,6 +185,51 @@ def prometheus_text(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _log_of(cfg: MonitorConfig, embed):
+    """The request log to read, and the temporary directory holding it (or None): ``log``
+    itself, or with a MODEL the log of its answers to ``--prompts``."""
+    import tempfile
+
+    from slmkit.monitor.offline import (is_request_log, looks_like_model, read_prompts,
+                                        score_prompts)
+
+    model_only = [f"--{k.replace('_', '-')}" for k in ("prompts", "max_tokens", "save_log")
+                  if k in cfg.model_fields_set]
+    if is_request_log(cfg.log) or not looks_like_model(cfg.log):
+        if model_only:
+            raise ConfigError(f"{model_only[0]} is for a MODEL; '{cfg.log}' is a request log "
+                              "(drop the flag, or pass the model instead).")
+        return cfg.log, None
+    if not cfg.prompts:
+        raise ConfigError(f"'{cfg.log}' is a model: pass --prompts FILE with the requests to "
+                          "answer and score (or give the request log `slm serve "
+                          "--request-log` wrote).")
+    prompts = read_prompts(cfg.prompts)
+    need = 5 if cfg.reference_file else cfg.reference + 5
+    if len(prompts) < need:
+        raise ConfigError(f"--prompts {cfg.prompts} holds {len(prompts)} prompts, too few for "
+                          f"a reference of {cfg.reference} and a recent window; give at least "
+                          f"{need}, lower --reference or pass --reference-file.")
+    if cfg.save_log and Path(cfg.save_log).exists():
+        raise ConfigError(f"--save-log {cfg.save_log} already exists; remove it or pick "
+                          "another path.")
+    scratch = tempfile.TemporaryDirectory(prefix="slm-monitor-")
+    path = Path(scratch.name) / "requests.db"
+    try:
+        score_prompts(cfg.log, prompts, path, embed=embed, max_tokens=cfg.max_tokens)
+        if cfg.save_log:
+            import shutil
+
+            out = Path(cfg.save_log)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out.with_name(out.name + ".tmp"))
+            out.with_name(out.name + ".tmp").replace(out)
+    except BaseException:
+        scratch.cleanup()
+        raise
+    return str(path), scratch
+
+
 def run(cfg: MonitorConfig, embed=None) -> StepResult:
     """``slm monitor`` (``embed``: MiniLM's ``texts -> [n, 384]``, for ``--reference-file``;
     the CLI passes :class:`slmkit.rag.embed.Embedder`'s, as the server logs with it)."""
@@ -192,7 +237,12 @@ def run(cfg: MonitorConfig, embed=None) -> StepResult:
     from slmkit.monitor.log import read_rows
 
     t0 = time.time()
-    rows = read_rows(cfg.log)
+    log, scratch = _log_of(cfg, embed)
+    try:
+        rows = read_rows(log)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     if cfg.reference_file:
         if embed is None:
             raise ConfigError("--reference-file needs an embedder; run it through `slm "

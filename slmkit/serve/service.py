@@ -42,6 +42,7 @@ from slmkit.serve.backend import AsyncEngine, Generation
 from slmkit.serve.config import ServeConfig
 from slmkit.serve.metrics import Metrics
 from slmkit.monitor.confidence import FlagModel, summarize
+from slmkit.monitor.log import answer_row
 from slmkit.serve.protocol import (MAX_TOP_LOGPROBS, APIError, ChatRequest, CompletionRequest,
                                    check_common, error_body, stop_list)
 from slmkit.serve.structured import OutputPlan, ToolCallReader, chat_messages
@@ -259,16 +260,9 @@ class GenerationService:
                 "mean_logprob", "min_logprob", "mean_entropy", "risk", "flagged") if k in conf})
         if self.request_log is not None:
             monitor = generation.monitor
-            self.request_log.record({
-                "ts": time.time(), "request_id": generation.context.get("request_id"),
-                "model": self.config.name, "endpoint": monitor.get("endpoint"),
-                "finish_reason": reason, "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "latency_ms": None if c.duration_s is None else c.duration_s * 1000,
-                "ttft_ms": None if c.ttft_s is None else c.ttft_s * 1000,
-                "canary": bool(monitor.get("canary")),
-                **({k: conf.get(k) for k in ("mean_logprob", "min_logprob", "mean_entropy",
-                                             "risk", "flagged")} if conf else {})},
+            self.request_log.record(
+                answer_row(self.config.name, monitor.get("endpoint"), c, reason, conf,
+                           generation.context.get("request_id"), bool(monitor.get("canary"))),
                 prompt=monitor.get("prompt"), answer=c.text)
 
     def _drift_gauges(self, signals: dict) -> None:
