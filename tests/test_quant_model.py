@@ -387,3 +387,23 @@ def test_untied_head_quantized_as_a_linear_loads_on_the_linears_grid(tokenizer, 
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
     assert model_info(out)["params"] == dense
+    config = json.loads((out / "config.json").read_text())   # a dir from before the record
+    del config["slmkit"]["embedding_layers"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert model_info(out)["params"] == dense
+
+
+def test_expert_passes_batch_a_stage_of_split_experts():
+    """GPTQ / SparseGPT feed a block once per group, except a split mixture's experts: all
+    gate|up linears of a module in one pass, then all downs, where the first of them ran
+    (groups in execution order interleave them; unused experts come last)."""
+    from slmkit.compress.quantize.modifiers import expert_passes
+
+    e = "model.layers.0.mlp.experts"
+    groups = [["q", "k", "v"], ["o"], ["shared.gate", "shared.up"], [f"{e}.gate_up.2"],
+              [f"{e}.down.2"], [f"{e}.gate_up.0"], [f"{e}.down.0"], ["shared.down"],
+              [f"{e}.gate_up.1"], [f"{e}.down.1"]]
+    assert expert_passes(groups) == [
+        [["q", "k", "v"]], [["o"]], [["shared.gate", "shared.up"]],
+        [[f"{e}.gate_up.2"], [f"{e}.gate_up.0"], [f"{e}.gate_up.1"]],
+        [[f"{e}.down.2"], [f"{e}.down.0"], [f"{e}.down.1"]], [["shared.down"]]]

@@ -28,6 +28,10 @@ def dir_size(path: Path) -> int:
                if f.is_file() and not NOT_MODEL.intersection(f.relative_to(path).parts[:-1]))
 
 
+#: input-embedding module names (models quantized before ``embedding_layers`` was recorded)
+EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
+
+
 def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     """Describe a model: architecture, parameters, dtypes, size, format and lineage.
 
@@ -40,7 +44,12 @@ def model_info(ref: str | os.PathLike, sparsity: bool = True) -> dict[str, Any]:
     quant = getattr(config, "slmkit", None) or {}
     quant_bits = quant.get("bits") if quant.get("format") == "quant" else None
     grids = dict(quant.get("layer_grids") or {}) if quant_bits else {}   # mixed precision
-    for name in quant.get("embedding_layers") or [] if quant_bits else []:  # the table's grid
+    table = quant.get("embedding_layers")
+    if table is None and quant_bits and quant.get("embeddings"):   # written before the record
+        owners = {n.rpartition(".")[0] for h in headers for n in h if n.endswith(".qweight")}
+        table = [o for o in owners if o.endswith(EMBEDDING_NAMES)
+                 or (quant.get("tied_head") and o == "lm_head")]
+    for name in table or [] if quant_bits else []:          # on the table's grid
         grids[name] = (quant.get("embedding_bits", quant_bits), quant.get("embedding_group_size"))
     # slm prune --compact: a layer's kept values stand for its dense out x in weights
     nm_layers = quant.get("layers") if quant.get("format") == "nm_sparse" else None
