@@ -418,19 +418,24 @@ FLAG_SETS["all token features and their squares"] = FLAG_SETS["all token feature
 FLAG_SETS["mean logprob alone"] = ("mean_logprob",)
 
 
-def cv_auroc(rows: list[dict], names, folds: int = 5) -> float:
-    """Mean held-out AUROC of a flag on ``names`` over ``folds`` folds of ``rows`` (split by
-    question group, as train/val are)."""
+def group_folds(rows: list[dict], folds: int):
+    """``(train, test)`` row lists of each fold, split by question group (as train/val)."""
     import hashlib
-
-    from slmkit.monitor.confidence import FlagModel
 
     fold = [int(hashlib.blake2b(r["group"].encode(), digest_size=4).hexdigest(), 16) // 10
             % folds for r in rows]
-    got = []
     for f in range(folds):
-        tr = [r for r, k in zip(rows, fold) if k != f]
-        te = [r for r, k in zip(rows, fold) if k == f]
+        yield ([r for r, k in zip(rows, fold) if k != f],
+               [r for r, k in zip(rows, fold) if k == f])
+
+
+def cv_auroc(rows: list[dict], names, folds: int = 5) -> float:
+    """Mean held-out AUROC of a flag on ``names`` over ``folds`` folds of ``rows`` (split by
+    question group, as train/val are)."""
+    from slmkit.monitor.confidence import FlagModel
+
+    got = []
+    for tr, te in group_folds(rows, folds):
         flag = FlagModel.fit(tr, [r["wrong"] for r in tr], names=names)
         got.append(auroc([flag.risk(r) for r in te], [r["wrong"] for r in te]))
     return sum(got) / len(got)
@@ -460,17 +465,10 @@ def hidden_means(model, tok, cache: Path, rows: list[dict], afters) -> dict[int,
 
 def cv_probe(rows: list[dict], hidden: dict, l2: float, folds: int = 5) -> float:
     """:func:`cv_auroc` for a hidden-state probe (same folds, by question group)."""
-    import hashlib
-
     from slmkit.monitor.confidence import HiddenProbe
 
-    rows = [r for r in rows if r["id"] in hidden]
-    fold = [int(hashlib.blake2b(r["group"].encode(), digest_size=4).hexdigest(), 16) // 10
-            % folds for r in rows]
     got = []
-    for f in range(folds):
-        tr = [r for r, k in zip(rows, fold) if k != f]
-        te = [r for r, k in zip(rows, fold) if k == f]
+    for tr, te in group_folds([r for r in rows if r["id"] in hidden], folds):
         probe = HiddenProbe.fit([hidden[r["id"]] for r in tr], [r["wrong"] for r in tr],
                                 0, "", l2=l2)
         got.append(auroc([probe.risk(hidden[r["id"]]) for r in te], [r["wrong"] for r in te]))

@@ -38,6 +38,30 @@ def format_of(config) -> str | None:
     return None
 
 
+def load_dense_part(model_dir, config, dtype, remake: str):
+    """The model of ``config`` (its slmkit and quantization sections dropped) with every
+    tensor the dir stores in transformers' layout, loaded by transformers, which knows each
+    family's checkpoint names (a mixture's per-expert keys, Mixtral's ``block_sparse_moe``,
+    GPT-NeoX's ``embed_out``); a format's own layers are reported missing there, and its
+    loader fills them in. ``remake``: the command that re-creates such a dir."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    dense_config = copy.deepcopy(config)
+    for attr in ("quantization_config", "slmkit"):
+        if hasattr(dense_config, attr):
+            delattr(dense_config, attr)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, config=dense_config, dtype=dtype, use_safetensors=True,
+            local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ModelLoadError(f"'{model_dir}' could not be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]}); re-create it with "
+                             f"`{remake}`.") from None
+
+
 def read_weights(model_dir) -> dict:
     """Every tensor of a model dir's safetensors files, by name."""
     from safetensors.torch import load_file

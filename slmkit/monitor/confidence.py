@@ -206,13 +206,10 @@ def model_fingerprint(model) -> str:
 
 
 @dataclass
-class HiddenProbe:
-    """Logistic risk over a model's mean hidden state after :attr:`after` blocks, over an
-    answer's generated tokens (``Completion.hidden_mean``); valid for the model whose
-    :func:`model_fingerprint` it holds. ``flagged = risk >= threshold``."""
+class _Logistic:
+    """A fitted logistic risk: ``sigmoid(weights . (x - mean) / scale + bias)``, flagged at
+    ``threshold``; ``source`` says where the weights came from."""
 
-    after: int
-    fingerprint: str
     weights: list[float]
     bias: float
     mean: list[float]
@@ -220,10 +217,18 @@ class HiddenProbe:
     threshold: float = 0.5
     source: dict = field(default_factory=dict)
 
+
+@dataclass
+class HiddenProbe(_Logistic):
+    """Logistic risk over a model's mean hidden state after :attr:`after` blocks, over an
+    answer's generated tokens (``Completion.hidden_mean``); valid for the model whose
+    :func:`model_fingerprint` it holds. ``flagged = risk >= threshold``."""
+
+    after: int = 0
+    fingerprint: str = ""
+
     def risk(self, hidden) -> float:
-        x = (np.asarray(hidden, dtype=np.float64) - self.mean) / self.scale
-        z = float(np.dot(self.weights, x) + self.bias)
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        return _logistic(self, np.asarray(hidden, dtype=np.float64))
 
     @classmethod
     def fit(cls, hidden: list, wrong: list[bool], after: int, fingerprint: str,
@@ -233,13 +238,19 @@ class HiddenProbe:
         y = np.asarray(wrong, dtype=bool)
         w, b, mean, scale = fit_logistic(x, y, l2)
         threshold = youden_threshold(1.0 / (1.0 + np.exp(-((x - mean) / scale @ w + b))), y)
-        return cls(after, fingerprint, w.tolist(), float(b), mean.tolist(), scale.tolist(),
-                   threshold, source or {})
+        return cls(w.tolist(), float(b), mean.tolist(), scale.tolist(), threshold,
+                   source or {}, after=after, fingerprint=fingerprint)
 
     def to_dict(self) -> dict:
         return {"after": self.after, "fingerprint": self.fingerprint, "weights": self.weights,
                 "bias": self.bias, "mean": self.mean, "scale": self.scale,
                 "threshold": self.threshold, "source": self.source}
+
+
+def _logistic(m, x: np.ndarray) -> float:
+    """``sigmoid(w . (x - mean) / scale + b)`` of a fitted model ``m`` (a flag or a probe)."""
+    z = float(np.dot(m.weights, (x - m.mean) / m.scale) + m.bias)
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
 def youden_threshold(risk: np.ndarray, y: np.ndarray) -> float:
@@ -255,7 +266,7 @@ def youden_threshold(risk: np.ndarray, y: np.ndarray) -> float:
 
 
 @dataclass
-class FlagModel:
+class FlagModel(_Logistic):
     """Logistic risk over standardised :attr:`features` (names from :func:`features`, or
     such a name with ``^2`` for its square); ``flagged = risk >= threshold``.
 
@@ -269,12 +280,6 @@ class FlagModel:
             logprob features where an answer's hidden states were tapped.
     """
 
-    weights: list[float]
-    bias: float
-    mean: list[float]
-    scale: list[float]
-    threshold: float = 0.5
-    source: dict = field(default_factory=dict)
     features: tuple[str, ...] = FEATURES
     probe: HiddenProbe | None = None
 
@@ -286,9 +291,7 @@ class FlagModel:
         return self.probe
 
     def risk(self, feats: dict[str, float]) -> float:
-        x = (np.array([_value(feats, k) for k in self.features]) - self.mean) / self.scale
-        z = float(np.dot(self.weights, x) + self.bias)
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        return _logistic(self, np.array([_value(feats, k) for k in self.features]))
 
     @classmethod
     def fit(cls, rows: list[dict[str, float]], wrong: list[bool], l2: float = 1.0,

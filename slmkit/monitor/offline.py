@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slmkit.errors import ConfigError
-
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -34,48 +32,12 @@ def looks_like_model(ref: str) -> bool:
     return not p.exists() and ref.count("/") == 1 and not ref.endswith((".db", ".sqlite"))
 
 
-def read_prompts(path: str) -> list[str]:
-    """The prompts of a text file (one per line) or JSONL (``prompt``, ``text`` or
-    ``messages``: the last user message)."""
-    import json
-
-    p = Path(path).expanduser()
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Cannot read --prompts {p} ({e}); pass a UTF-8 text or JSONL file "
-                          "of prompts.") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if p.suffix != ".jsonl":
-            out.append(line)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"--prompts {p} line {n} is not JSON; write one object per line "
-                              "with a 'prompt', 'text' or 'messages' field.") from None
-        text = (obj.get("prompt") or obj.get("text")) if isinstance(obj, dict) else None
-        if text is None and isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-            users = [m for m in obj["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-            text = users[-1].get("content") if users else None
-        if not isinstance(text, str) or not text:
-            raise ConfigError(f"--prompts {p} line {n} has no 'prompt', 'text' or user "
-                              "message; add one.")
-        out.append(text)
-    if not out:
-        raise ConfigError(f"--prompts {p} holds no prompt; write one per line.")
-    return out
-
-
-def score_prompts(model_ref: str, prompts: list[str], log_path: Path, embed=None,
+def score_prompts(model_ref: str, prompts: list[dict], log_path: Path, embed=None,
                   max_tokens: int = 64, batch: int = 8) -> int:
-    """Answer ``prompts`` with the model and write a request log of them at ``log_path``
-    (prompt embeddings with ``embed``, as MiniLM's); returns the rows written."""
+    """Answer ``prompts`` (:func:`~slmkit.monitor.text.read_prompts`'s) with the model and
+    write a request log of them at ``log_path`` (prompt embeddings with ``embed``, as
+    MiniLM's); returns the rows written."""
     from slmkit.engine import Engine, SamplingParams
-    from slmkit.engine.generate import encode_prompt
     from slmkit.models import load_model
     from slmkit.monitor.confidence import FlagModel, summarize
     from slmkit.monitor.log import RequestLog, answer_row
@@ -91,14 +53,29 @@ def score_prompts(model_ref: str, prompts: list[str], log_path: Path, embed=None
         with Engine(model, tok, max_batch=batch) as engine:
             if probe is not None:
                 engine.set_hidden_tap(probe.after)
-            handles = [engine.submit(encode_prompt(tok, p, chat=chat), params) for p in prompts]
+            handles = [engine.submit(_ids(tok, p, chat), params) for p in prompts]
             for p, h in zip(prompts, handles):
                 c = h.result()
-                conf = summarize(c.confidence, c.text, flag, question=p if chat else "",
+                users = [m["content"] for m in p["messages"] or [] if m.get("role") == "user"]
+                question = (users[-1] if users else p["text"]) if chat else ""
+                conf = summarize(c.confidence, c.text, flag, question=question,
                                  hidden=c.hidden_mean, probe=probe)
                 log.record(answer_row(model_ref, "chat" if chat else "completions", c,
-                                      c.finish_reason, conf), prompt=p, answer=c.text)
+                                      c.finish_reason, conf), prompt=p["text"], answer=c.text)
         log.flush()
     finally:
         log.close()
     return len(prompts)
+
+
+def _ids(tok, prompt: dict, chat: bool) -> list[int]:
+    """A prompt's ids: its messages (or its text as one user turn) through the chat
+    template, or the plain text where the tokenizer has no template."""
+    from slmkit.engine.generate import encode_prompt
+
+    if not chat or not prompt["messages"]:
+        return encode_prompt(tok, prompt["text"], chat=chat)
+    ids = tok.apply_chat_template(prompt["messages"], add_generation_prompt=True,
+                                  tokenize=True)
+    return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+

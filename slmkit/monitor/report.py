@@ -28,35 +28,9 @@ SIGNALS = ("embedding", "length", "language", "confidence", "flag_rate")
 def reference_rows(path: str, embed) -> list[dict]:
     """Rows for a file of typical prompts: embedding (``embed(texts) -> [n, d]``), length
     and language of each."""
-    from slmkit.monitor.text import language
+    from slmkit.monitor.text import language, read_prompts
 
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Cannot read the reference file {p} ({e}); pass a UTF-8 text "
-                          "or JSONL file of prompts.") from None
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{p} line {n} is not JSON; write one object per line "
-                                  "with a 'prompt', 'text' or 'messages' field.") from None
-            text = obj.get("prompt") or obj.get("text") if isinstance(obj, dict) else None
-            if text is None and isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                text = "\n".join(str(m.get("content") or "") for m in obj["messages"])
-            if not isinstance(text, str):
-                raise ConfigError(f"{p} line {n} has no 'prompt', 'text' or 'messages'; add "
-                                  "one.")
-            prompts.append(text)
-        else:
-            prompts.append(line)
-    if len(prompts) < 5:
-        raise ConfigError(f"The reference file {p} has {len(prompts)} prompts; give at least 5.")
+    prompts = [p["text"] for p in read_prompts(path, "the reference file", least=5)]
     vectors = embed(prompts)
     return [{"prompt_chars": len(t), "language": language(t), "embedding": v,
              "embedder": "minilm"} for t, v in zip(prompts, vectors)]
@@ -190,8 +164,8 @@ def _log_of(cfg: MonitorConfig, embed):
     itself, or with a MODEL the log of its answers to ``--prompts``."""
     import tempfile
 
-    from slmkit.monitor.offline import (is_request_log, looks_like_model, read_prompts,
-                                        score_prompts)
+    from slmkit.monitor.offline import is_request_log, looks_like_model, score_prompts
+    from slmkit.monitor.text import read_prompts
 
     model_only = [f"--{k.replace('_', '-')}" for k in ("prompts", "max_tokens", "save_log")
                   if k in cfg.model_fields_set]
@@ -204,7 +178,7 @@ def _log_of(cfg: MonitorConfig, embed):
         raise ConfigError(f"'{cfg.log}' is a model: pass --prompts FILE with the requests to "
                           "answer and score (or give the request log `slm serve "
                           "--request-log` wrote).")
-    prompts = read_prompts(cfg.prompts)
+    prompts = read_prompts(cfg.prompts, "--prompts")
     need = 5 if cfg.reference_file else cfg.reference + 5
     if len(prompts) < need:
         raise ConfigError(f"--prompts {cfg.prompts} holds {len(prompts)} prompts, too few for "

@@ -54,3 +54,48 @@ def language(text: str) -> str:
     hits = {lang: sum(w in vocab for w in words) for lang, vocab in _VOCAB.items()}
     best = max(hits, key=hits.get)
     return best if words and hits[best] >= max(2, 0.15 * len(words)) else "latin"
+
+
+def read_prompts(path: str, flag: str, least: int = 1) -> list[dict]:
+    """The prompts of a text file (one per line) or JSONL (a ``prompt`` or ``text`` field,
+    or ``messages``): ``{"text", "messages"}`` each, ``text`` as the request log holds a
+    prompt (a chat's messages joined by lines, as the server logs them), ``messages`` the
+    chat's (else None). ``flag`` names the option in errors; at least ``least`` prompts."""
+    import json
+    from pathlib import Path
+
+    from slmkit.errors import ConfigError
+
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Cannot read {flag} {p} ({e}); pass a UTF-8 text or JSONL file "
+                          "of prompts.") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            out.append({"text": line, "messages": None})
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{flag} {p} line {n} is not JSON; write one object per line "
+                              "with a 'prompt', 'text' or 'messages' field.") from None
+        obj = obj if isinstance(obj, dict) else {}
+        text, messages = obj.get("prompt") or obj.get("text"), obj.get("messages")
+        if text is None and isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            text = "\n".join(m["content"] for m in messages)
+        else:
+            messages = None
+        if not isinstance(text, str) or not text:
+            raise ConfigError(f"{flag} {p} line {n} has no 'prompt', 'text' or 'messages'; "
+                              "add one.")
+        out.append({"text": text, "messages": messages})
+    if len(out) < least:
+        raise ConfigError(f"{flag} {p} has {len(out)} prompts; give at least {least}.")
+    return out
+

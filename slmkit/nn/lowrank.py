@@ -105,26 +105,10 @@ def merge_lowrank(model: nn.Module) -> int:
 
 def load_lowrank(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
     """Format loader for ``"lowrank"``: build the skeleton, swap in factors, load weights."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    from slmkit.models.formats import read_weights
+    from slmkit.models.formats import load_dense_part, read_weights
 
     ranks = (config.slmkit or {}).get("ranks") or {}
-    # Dense tensors load through transformers, which knows each family's checkpoint names
-    # (GPT-NeoX's embed_out, Mixtral's block_sparse_moe); the factorized layers' dense
-    # weights are reported missing there, and their factors are filled in below.
-    dense_config = copy.deepcopy(config)
-    delattr(dense_config, "slmkit")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=dense_config, dtype=dtype, use_safetensors=True,
-            local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ModelLoadError(f"'{model_dir}' could not be loaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160]}); re-create it with "
-                             "`slm factorize`.") from None
+    model = load_dense_part(model_dir, config, dtype, "slm factorize")
     model.config.slmkit = config.slmkit
     state = read_weights(model_dir)
     for name, rank in ranks.items():

@@ -14,13 +14,13 @@ loader, registered with :mod:`slmkit.models.formats` by :mod:`slmkit.nn`.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from slmkit.errors import ModelLoadError
+from slmkit.models.formats import load_dense_part
 from slmkit.nn import experts
 from slmkit.nn.quant_embedding import QuantEmbedding, embedding_scale
 from slmkit.nn.quant_linear import QuantLinear
@@ -29,8 +29,6 @@ from slmkit.nn.surgery import is_conv1d, linear_shape, set_module
 
 def load(model_dir: Path, config, dtype: torch.dtype, device: str):
     """Loader of the ``"quant"`` format: the dense model with its quantized layers rebuilt."""
-    from transformers import AutoModelForCausalLM
-
     from slmkit.models import checks
 
     section = config.slmkit
@@ -39,21 +37,7 @@ def load(model_dir: Path, config, dtype: torch.dtype, device: str):
     except (KeyError, TypeError):
         raise ModelLoadError(f"'{model_dir}' has an incomplete slmkit quant section in "
                              "config.json; re-create it with `slm quantize`.") from None
-    # Dense tensors load through transformers (it knows each architecture's checkpoint
-    # layout, e.g. Mixtral's per-expert keys); the quantized layers' own weights are
-    # reported missing there and filled in below.
-    dense_config = copy.deepcopy(config)
-    for attr in ("quantization_config", "slmkit"):
-        if hasattr(dense_config, attr):
-            delattr(dense_config, attr)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=dense_config, dtype=dtype, use_safetensors=True,
-            local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ModelLoadError(f"'{model_dir}' could not be loaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160]}); re-create it with "
-                             "`slm quantize`.") from None
+    model = load_dense_part(model_dir, config, dtype, "slm quantize")
     model.config.slmkit = config.slmkit
     model.config.quantization_config = getattr(config, "quantization_config", None)
     state = _quantized_tensors(checks.weight_files(model_dir))

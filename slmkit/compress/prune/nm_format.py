@@ -104,30 +104,14 @@ def compact_state_dict(model: nn.Module, names: list[str], n: int, m: int
 
 def load(model_dir: Path, config, dtype: torch.dtype, device: str) -> nn.Module:
     """Format loader for ``"nm_sparse"``: the dense model, weights rebuilt exactly."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    from slmkit.models.formats import read_weights
+    from slmkit.models.formats import load_dense_part, read_weights
 
     section = dict(getattr(config, "slmkit", None) or {})
     layers = section.get("layers")
     if not isinstance(layers, dict):
         raise ModelLoadError(f"'{model_dir}' has an incomplete nm_sparse section in "
                              "config.json (no layers); re-create it with `slm prune --compact`.")
-    # the other tensors load through transformers, which knows each family's checkpoint
-    # layout (a mixture's per-expert keys, Mixtral's block_sparse_moe); the compact layers'
-    # weights are reported missing there and rebuilt below
-    dense_config = copy.deepcopy(config)
-    del dense_config.slmkit     # what gets built is an ordinary dense model
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=dense_config, dtype=dtype, use_safetensors=True,
-            local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ModelLoadError(f"'{model_dir}' could not be loaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160]}); re-create it with "
-                             "`slm prune --compact`.") from None
+    model = load_dense_part(model_dir, config, dtype, "slm prune --compact")
     state = read_weights(model_dir)
     for name, shape in layers.items():
         try:
