@@ -256,6 +256,14 @@ def test_scores_and_calibration_math():
     assert s["entropy"] == pytest.approx(-1.3) and s["max_entropy"] == -3.0
     assert s["q50"] == pytest.approx(-1.25) and s["min"] <= s["q05"] <= s["q10"] <= s["q25"]
     assert all_scores([])["mean"] == float("-inf")
+    # with the local model's hidden-state probe and the answer's tapped mean, 'flag' reads
+    # the probe (as the monitor does); without them, the token-logprob flag
+    from slmkit.monitor.confidence import HiddenProbe
+
+    probe = HiddenProbe([1.0, -2.0], 0.5, [0.0, 0.0], [1.0, 1.0], after=1)
+    assert all_scores(conf, [0.3, 0.1], probe)["flag"] == pytest.approx(
+        1 - probe.risk([0.3, 0.1]))
+    assert all_scores(conf, None, probe)["flag"] == all_scores(conf)["flag"]
     scores = np.array([0.9, 0.1, 0.5, 0.3])
     small = np.array([1.0, 0.0, 1.0, 0.0])
     big = np.array([1.0, 1.0, 1.0, 1.0])

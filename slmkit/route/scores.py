@@ -15,7 +15,8 @@ signal is oriented "higher = more confident":
                 low quantiles beat the plain sequence probability as deferral signal
 ``entropy``     minus the mean per-token entropy (nats)
 ``max_entropy`` minus the largest per-token entropy
-``flag``        1 - the monitor's hallucination risk (its logistic model over these)
+``flag``        1 - the monitor's hallucination risk (its logistic model over these, or
+                its hidden-state probe where one was fitted on the local model)
 ==============  =================================================================
 """
 
@@ -27,9 +28,12 @@ SIGNALS = ("mean", "min", "q05", "q10", "q25", "q50", "entropy", "max_entropy", 
 _QUANTILES = {"q05": 5, "q10": 10, "q25": 25, "q50": 50}
 
 
-def all_scores(conf: list[tuple[float, float, int]] | None) -> dict[str, float]:
+def all_scores(conf: list[tuple[float, float, int]] | None, hidden=None,
+               probe=None) -> dict[str, float]:
     """Every signal of one answer (``Completion.confidence``); an answer with no token
-    scores ``-inf`` everywhere (nothing to trust: escalate)."""
+    scores ``-inf`` everywhere (nothing to trust: escalate). With the answer's tapped
+    ``hidden`` mean and the flag model's ``probe`` for the local model, ``flag`` reads the
+    probe, as the monitor does."""
     if not conf:
         return dict.fromkeys(SIGNALS, float("-inf"))
     lps = np.array([c[0] for c in conf], dtype=np.float64)
@@ -39,7 +43,9 @@ def all_scores(conf: list[tuple[float, float, int]] | None) -> dict[str, float]:
     for name, q in _QUANTILES.items():
         out[name] = float(np.percentile(lps, q))
     flag = _flag_model()
-    if flag is not None:   # the monitor's features of the same record
+    if probe is not None and hidden is not None:
+        out["flag"] = 1.0 - probe.risk(hidden)
+    elif flag is not None:   # the monitor's features of the same record
         from slmkit.monitor.confidence import features
 
         out["flag"] = 1.0 - flag.risk(features(conf))
@@ -51,11 +57,13 @@ def available_signals() -> tuple[str, ...]:
     return SIGNALS if _flag_model() is not None else SIGNALS[:-1]
 
 
-def score(conf: list[tuple[float, float, int]] | None, signal: str) -> float:
-    """One signal of one answer (see the module table)."""
+def score(conf: list[tuple[float, float, int]] | None, signal: str, hidden=None,
+          probe=None) -> float:
+    """One signal of one answer (see the module table; ``hidden`` / ``probe`` as
+    :func:`all_scores`)."""
     if signal not in SIGNALS:
         raise ValueError(f"unknown cascade signal {signal!r}; use one of {', '.join(SIGNALS)}")
-    scores = all_scores(conf)
+    scores = all_scores(conf, hidden, probe)
     if signal not in scores:
         raise ValueError("the 'flag' signal needs the monitor's flag model "
                          "(slmkit/monitor/flag_model.json), which is not installed")

@@ -169,7 +169,8 @@ class Hybrid:
         if isinstance(local, Response):
             return local  # the client left, or an error response
         answer, completion = local
-        score = cascade_score(completion.confidence, signal)
+        score = cascade_score(completion.confidence, signal, completion.hidden_mean,
+                              getattr(self.service, "probe", None))
         info.update(signal=signal, score=round(score, 4) if score > -1e30 else None,
                     threshold=threshold, local_ms=round((time.perf_counter() - start) * 1000, 1))
         record["route_score"] = info["score"]
