@@ -141,6 +141,12 @@ def test_every_verb_on_every_family(kind, tiny_model_dirs, corpus, task_file, tm
                                           group_size=32, **extra))
         assert not any(row[0] == "left dense" for row in res.rows)   # experts too (split)
         _runs(out)
+    if facts.moe:   # experts the patterns leave out stay dense, and the output says so
+        res = run_quantize(QuantizeConfig(model=src, out=str(tmp_path / "q-ign"), method="rtn",
+                                          bits=4, group_size=32, ignore=["experts"]))
+        row = dict(res.rows)["left dense"]
+        assert "not selected by --targets / --ignore" in row
+        _runs(tmp_path / "q-ign")
     for pattern in (None, "2:4"):
         out = tmp_path / f"p-{pattern}"
         run_prune(PruneConfig(model=src, out=str(out), method="wanda", pattern=pattern,

@@ -286,16 +286,17 @@ def run_quantize(cfg: QuantizeConfig) -> StepResult:
                              f"{human_bytes(dir_size(resolve_ref(cfg.model)))})"),
             ("written to", str(saved))]
     experts = dense_experts(model)
-    if experts:   # fused 3-D expert tensors are no linear layers: say what stays dense
+    if experts:   # experts the patterns left out are fused back dense: say so
         rows.insert(4, ("left dense", f"{experts:,} expert weights of this "
-                                      f"{model.config.model_type} model (fused 3-D tensors, "
-                                      "not linear layers)"))
+                                      f"{model.config.model_type} model (not selected by "
+                                      "--targets / --ignore)"))
     return StepResult("quantize", str(saved), {**summary, "size_on_disk": size}, rows)
 
 
 def dense_experts(model: nn.Module) -> int:
     """Weights in a mixture-of-experts model's fused expert tensors (``[experts, out, in]``
-    parameters under an ``experts`` module), which linear-wise compression leaves dense."""
+    parameters under an ``experts`` module): the experts quantization left dense (those
+    the patterns did not select are fused back)."""
     return sum(p.numel() for name, p in model.named_parameters()
                if p.dim() == 3 and ".experts." in f".{name}")
 
