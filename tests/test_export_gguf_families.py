@@ -295,3 +295,40 @@ def _copy_tokenizer(sources, dst) -> None:
     for f in model_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, dst / f.name)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("bits,near", [(8, 0.03), (4, 0.03)])
+def test_quantized_experts_run_in_llamacpp(kind, bits, near, tokenizer, tmp_path):
+    """llama.cpp itself runs a mixture whose experts slmkit quantized (skipped without
+    llama-cpp-python): over 40 tokens its logits stay near the quantized model's own (the
+    embedding table rounded to the file's blocks as the export does; llama.cpp also rounds
+    activations to 8 bits). A decisive router keeps that rounding from flipping experts."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.compress.quantize.api import dequantize_model
+    from slmkit.compress.quantize.config import QuantizeOptions
+    from slmkit.models import load_model, save_model
+
+    model = build_tiny_model(kind, tokenizer, seed=1, initializer_range=0.05)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(8)
+    quantize_model(model, None, QuantizeOptions(method="rtn", bits=bits, group_size=32,
+                                                quantize_embeddings=False, ignore=[]))
+    src = save_model(model, tokenizer, tmp_path / "q", step="quantize", params={})
+    path = tmp_path / "q.gguf"
+    res = export_gguf(str(src), path)
+    assert res.requantized == 0 and res.types[f"q{bits}_0"] > 0
+    ref = dequantize_model(_rounded(load_model(str(src), dtype="fp32")[0], f"q{bits}_0"))
+    want = _logits(ref).numpy()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(IDS[0].tolist())
+        got = np.asarray(llm.scores[:IDS.shape[1]])
+    finally:
+        llm.close()
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"{kind} q{bits}_0 in llama.cpp: relative RMS logit error {rel:.4f}")
+    assert rel < near
