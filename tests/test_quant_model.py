@@ -397,7 +397,7 @@ def test_expert_passes_batch_a_stage_of_split_experts():
     """GPTQ / SparseGPT feed a block once per group, except a split mixture's experts: all
     gate|up linears of a module in one pass, then all downs, where the first of them ran
     (groups in execution order interleave them; unused experts come last)."""
-    from slmkit.compress.quantize.modifiers import expert_passes
+    from slmkit.compress.calibrate import expert_passes
 
     e = "model.layers.0.mlp.experts"
     groups = [["q", "k", "v"], ["o"], ["shared.gate", "shared.up"], [f"{e}.gate_up.2"],

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import DataError, ModelLoadError
+from slmkit.nn.experts import CHILD
 
 #: Where decoder blocks live in common architectures (tried in order).
 BLOCK_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
@@ -325,6 +326,26 @@ def sequential_groups(block: nn.Module, inputs: BlockInputs,
         last_key = key
     groups += [[n] for n in linears if n not in seen]  # never ran (e.g. unused experts)
     return groups
+
+
+def expert_passes(groups: list[list[str]]) -> list[list[list[str]]]:
+    """``groups`` (in execution order) batched into block passes: one group a pass, except
+    a split mixture of experts' (:mod:`slmkit.nn.experts`), whose gate|up linears read
+    disjoint tokens of one input and so share a pass, then all their downs; placed where
+    the first of them ran (experts no token reached run last in ``groups``)."""
+    passes: list[list[list[str]]] = []
+    stages: dict[tuple[str, str], list[list[str]]] = {}
+    for group in groups:
+        m = CHILD.match(group[0])
+        if m is None or len(group) != 1:
+            passes.append([group])
+            continue
+        prefix = m.group("prefix")
+        if (prefix, "gate_up") not in stages:
+            stages[prefix, "gate_up"], stages[prefix, "down"] = [], []
+            passes += [stages[prefix, "gate_up"], stages[prefix, "down"]]
+        stages[prefix, m.group("stage")].append(group)
+    return [p for p in passes if p]
 
 
 BlockCallback = Callable[[int, str, nn.Module, BlockInputs], "list[torch.Tensor] | None"]

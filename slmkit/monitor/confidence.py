@@ -234,10 +234,12 @@ class HiddenProbe(_Logistic):
     def fit(cls, hidden: list, wrong: list[bool], after: int, fingerprint: str,
             l2: float = 100.0, source: dict | None = None) -> HiddenProbe:
         """L2-regularised logistic fit; threshold at Youden's J on the same rows."""
+        from scipy.special import expit
+
         x = np.asarray(hidden, dtype=np.float64)
         y = np.asarray(wrong, dtype=bool)
         w, b, mean, scale = fit_logistic(x, y, l2)
-        threshold = youden_threshold(1.0 / (1.0 + np.exp(-((x - mean) / scale @ w + b))), y)
+        threshold = youden_threshold(expit((x - mean) / scale @ w + b), y)
         return cls(w.tolist(), float(b), mean.tolist(), scale.tolist(), threshold,
                    source or {}, after=after, fingerprint=fingerprint)
 

@@ -153,10 +153,8 @@ def _wanda_block(linears, block, inputs, settings, nm, report) -> None:
 
 def _sparsegpt_block(linears, block, inputs, settings, nm, report) -> None:
     """SparseGPT on one block, group by group (true sequential)."""
-    from slmkit.compress.calibrate import feed_linears, sequential_groups
+    from slmkit.compress.calibrate import expert_passes, feed_linears, sequential_groups
     from slmkit.compress.hessian import HessianAccumulator
-
-    from slmkit.compress.quantize.modifiers import expert_passes
 
     for fed in expert_passes(sequential_groups(block, inputs, linears)):
         # a group's linears read the very same input: one Hessian and one factor serve all;

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slmkit.compress.calibrate import (BlockInputs, capture_linear_inputs, feed_linears,
-                                      sequential_groups)
+from slmkit.compress.calibrate import (BlockInputs, capture_linear_inputs, expert_passes,
+                                      feed_linears, sequential_groups)
 from slmkit.compress.hessian import HessianAccumulator
 from slmkit.compress.match import set_weight_matrix, weight_matrix
 from slmkit.compress.quantize.awq_mappings import block_mappings, fold_scale
@@ -31,7 +31,6 @@ from slmkit.compress.quantize.awq_ops import (
 from slmkit.compress.quantize.config import QuantizeConfig
 from slmkit.compress.quantize.gptq_ops import gptq_quantize_weight
 from slmkit.compress.quantize.ops import fake_quantize
-from slmkit.nn.experts import CHILD
 from slmkit.nn.packing import dequantize_codes, quantize_rtn
 
 
@@ -160,26 +159,6 @@ class GPTQModifier(QuantizeModifier):
             for name, c, sc, z in zip(names, codes.split(rows), scale.split(rows),
                                       zero.split(rows)):
                 self.record(name, c, sc, z)
-
-
-def expert_passes(groups: list[list[str]]) -> list[list[list[str]]]:
-    """``groups`` (in execution order) batched into block passes: one group a pass, except
-    a split mixture of experts' (:mod:`slmkit.nn.experts`), whose gate|up linears read
-    disjoint tokens of one input and so share a pass, then all their downs; placed where
-    the first of them ran (experts no token reached run last in ``groups``)."""
-    passes: list[list[list[str]]] = []
-    stages: dict[tuple[str, str], list[list[str]]] = {}
-    for group in groups:
-        m = CHILD.match(group[0])
-        if m is None or len(group) != 1:
-            passes.append([group])
-            continue
-        prefix = m.group("prefix")
-        if (prefix, "gate_up") not in stages:
-            stages[prefix, "gate_up"], stages[prefix, "down"] = [], []
-            passes += [stages[prefix, "gate_up"], stages[prefix, "down"]]
-        stages[prefix, m.group("stage")].append(group)
-    return [p for p in passes if p]
 
 
 class AWQModifier(QuantizeModifier):

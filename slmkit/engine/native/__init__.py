@@ -457,8 +457,7 @@ def _moe(mlp, keep: list, vnni: bool, used: list | None) -> dict | str | None:
             if isinstance(lin, str):
                 return "an expert: " + lin
         E = experts.num_experts
-        if len({lin.n for lin in lins[:E]}) != 1 or len({lin.n for lin in lins[E:]}) != 1 \
-                or any(lin.kind == LIN_F32 and lin.bias for lin in lins):
+        if len({lin.n for lin in lins[:E]}) != 1 or len({lin.n for lin in lins[E:]}) != 1:
             return "the experts' linears differ in shape"
         inter = lins[E].k
     elif is_fused(experts):
