@@ -92,8 +92,10 @@ def test_quantized_model_runs_in_llama_cpp(trained_ish, tokenizer, tmp_path):
     quantize_model(model, tok, make_config(method="rtn", bits=4, group_size=32, sym=False))
     qdir = save_model(model, tok, tmp_path / "q", step="quantize")
     path = tmp_path / "q.gguf"
-    res = export_gguf(str(qdir), path, quant="f32")   # embedding / lm_head stay as in torch
-    assert res.types["q4_1"] == res.from_quantized == 14
+    res = export_gguf(str(qdir), path, quant="f32")   # every layer keeps its own codes
+    # 14 linears as q4_1, and the int8 table (slm quantize's default since bd2eeb5; the tied
+    # head reuses it) carried as q8_0
+    assert res.types["q4_1"] == 14 and res.types["q8_0"] == 1 and res.from_quantized == 15
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].float().numpy()
